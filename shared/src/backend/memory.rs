@@ -1,0 +1,538 @@
+//! The embedded default: the same operations as the Redis backend, on in-process maps.
+//!
+//! Expiry uses `tokio::time::Instant`, so tests can pause and advance time. Expired entries are
+//! invisible at once (every read checks the deadline) and are swept by [`MemoryBackend::janitor_pass`].
+//! Messages are published by calling [`Bus::dispatch`] with the exact wire formats Redis would
+//! carry, so the bus code is the same in both modes.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::time::Instant;
+
+use super::{BackendConfig, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome};
+use crate::{
+    bus::{self, Bus, ListKind},
+    ids::{EventId, ReplicaTag},
+    metrics::Metrics,
+};
+
+#[derive(Debug)]
+struct SessionRecord {
+    init: String,
+    fields: HashMap<String, String>,
+    subscriptions: HashSet<String>,
+    feed: Option<String>,
+    expires_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct EventLog {
+    entries: VecDeque<LoggedEvent>,
+    expires_at: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sessions: HashMap<String, SessionRecord>,
+    logs: HashMap<String, EventLog>,
+    subscribers: HashMap<String, HashSet<String>>,
+    kv: BTreeMap<String, String>,
+    last_id: EventId,
+}
+
+impl State {
+    fn live_session(&mut self, session: &str, now: Instant) -> Option<&mut SessionRecord> {
+        match self.sessions.get(session) {
+            Some(record) if record.expires_at > now => self.sessions.get_mut(session),
+            _ => None,
+        }
+    }
+
+    fn next_id(&mut self) -> EventId {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        self.last_id = if ms > self.last_id.ms {
+            EventId { ms, seq: 0 }
+        } else {
+            EventId {
+                ms: self.last_id.ms,
+                seq: self.last_id.seq + 1,
+            }
+        };
+        self.last_id
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Mutex<State>,
+    config: BackendConfig,
+    bus: Bus,
+    metrics: Metrics,
+}
+
+/// Shared state in process memory (one replica). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct MemoryBackend {
+    inner: Arc<Inner>,
+}
+
+impl MemoryBackend {
+    /// An empty in-memory backend publishing into `bus`.
+    pub fn new(config: BackendConfig, bus: Bus, metrics: Metrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::default(),
+                config,
+                bus,
+                metrics,
+            }),
+        }
+    }
+
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, channel: &str, message: &str) {
+        self.inner.bus.dispatch(channel, message.as_bytes());
+    }
+
+    pub(super) fn ping(&self) {}
+
+    pub(super) fn session_create(&self, session: &str, init: &str) {
+        let expires_at = Instant::now() + self.inner.config.session_ttl;
+        self.state().sessions.insert(
+            session.to_owned(),
+            SessionRecord {
+                init: init.to_owned(),
+                fields: HashMap::new(),
+                subscriptions: HashSet::new(),
+                feed: None,
+                expires_at,
+            },
+        );
+    }
+
+    pub(super) fn session_touch(&self, session: &str) -> bool {
+        let now = Instant::now();
+        let ttl = self.inner.config.session_ttl;
+        let mut state = self.state();
+        match state.live_session(session, now) {
+            Some(record) => {
+                record.expires_at = now + ttl;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn session_load(&self, session: &str) -> Option<String> {
+        let now = Instant::now();
+        let ttl = self.inner.config.session_ttl;
+        let mut state = self.state();
+        state.live_session(session, now).map(|record| {
+            record.expires_at = now + ttl;
+            record.init.clone()
+        })
+    }
+
+    pub(super) fn session_delete(&self, session: &str) -> bool {
+        let existed = {
+            let mut state = self.state();
+            let now = Instant::now();
+            let live = state.live_session(session, now).is_some();
+            if let Some(record) = state.sessions.remove(session) {
+                for uri in record.subscriptions {
+                    if let Some(set) = state.subscribers.get_mut(&uri) {
+                        set.remove(session);
+                    }
+                }
+            }
+            state.logs.remove(session);
+            live
+        };
+        self.publish(
+            &self.inner.bus.keys().control_channel(),
+            &bus::encode_session_deleted(session),
+        );
+        existed
+    }
+
+    pub(super) fn session_set_field(&self, session: &str, field: &str, value: &str) -> bool {
+        let now = Instant::now();
+        let ttl = self.inner.config.session_ttl;
+        let mut state = self.state();
+        match state.live_session(session, now) {
+            Some(record) => {
+                record.fields.insert(field.to_owned(), value.to_owned());
+                record.expires_at = now + ttl;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn session_get_field(&self, session: &str, field: &str) -> Option<String> {
+        let mut state = self.state();
+        state
+            .live_session(session, Instant::now())
+            .and_then(|record| record.fields.get(field).cloned())
+    }
+
+    pub(super) fn subscribe(&self, session: &str, uri: &str) -> SubscribeOutcome {
+        let now = Instant::now();
+        let ttl = self.inner.config.session_ttl;
+        let max = self.inner.config.max_subscriptions_per_session as usize;
+        let mut state = self.state();
+        let Some(record) = state.live_session(session, now) else {
+            return SubscribeOutcome::SessionGone;
+        };
+        if !record.subscriptions.contains(uri) && record.subscriptions.len() >= max {
+            return SubscribeOutcome::TooMany;
+        }
+        record.subscriptions.insert(uri.to_owned());
+        record.expires_at = now + ttl;
+        state
+            .subscribers
+            .entry(uri.to_owned())
+            .or_default()
+            .insert(session.to_owned());
+        SubscribeOutcome::Subscribed
+    }
+
+    pub(super) fn unsubscribe(&self, session: &str, uri: &str) {
+        let mut state = self.state();
+        if let Some(record) = state.sessions.get_mut(session) {
+            record.subscriptions.remove(uri);
+        }
+        if let Some(set) = state.subscribers.get_mut(uri) {
+            set.remove(session);
+            if set.is_empty() {
+                state.subscribers.remove(uri);
+            }
+        }
+    }
+
+    /// Appends under the state lock and returns the message to publish, if any.
+    fn append_locked(&self, state: &mut State, session: &str, payload: &str) -> (EventId, Option<String>) {
+        let id = state.next_id();
+        let max_len = self.inner.config.event_log_max_len as usize;
+        let expires_at = Instant::now() + self.inner.config.event_retention;
+        let log = state.logs.entry(session.to_owned()).or_default();
+        log.entries.push_back(LoggedEvent {
+            id,
+            payload: Arc::from(payload),
+        });
+        while log.entries.len() > max_len {
+            log.entries.pop_front();
+        }
+        log.expires_at = Some(expires_at);
+        let message = state
+            .sessions
+            .get(session)
+            .and_then(|record| record.feed.as_deref())
+            .and_then(|feed| feed.split_once(':'))
+            .and_then(|(tag, stream)| Some((tag.to_owned(), stream.parse::<u64>().ok()?)))
+            .map(|(tag, stream)| {
+                (
+                    self.inner.bus.keys().replica_channel(&tag),
+                    bus::encode_feed_event(session, stream, id, payload),
+                )
+            });
+        (
+            id,
+            message.map(|(channel, message)| format!("{channel}\n{message}")),
+        )
+    }
+
+    fn publish_framed(&self, framed: &str) {
+        if let Some((channel, message)) = framed.split_once('\n') {
+            self.publish(channel, message);
+        }
+    }
+
+    pub(super) fn event_append(&self, session: &str, payload: &str) -> Option<EventId> {
+        let (id, message) = {
+            let mut state = self.state();
+            state.live_session(session, Instant::now())?;
+            self.append_locked(&mut state, session, payload)
+        };
+        if let Some(message) = message {
+            self.publish_framed(&message);
+        }
+        Some(id)
+    }
+
+    pub(super) fn feed_open(
+        &self,
+        session: &str,
+        holder: &str,
+        after: Option<EventId>,
+        limit: u64,
+    ) -> Option<FeedStart> {
+        let now = Instant::now();
+        let ttl = self.inner.config.session_ttl;
+        let mut state = self.state();
+        let record = state.live_session(session, now)?;
+        record.feed = Some(holder.to_owned());
+        record.expires_at = now + ttl;
+        let log = state
+            .logs
+            .get(session)
+            .filter(|log| log.expires_at.is_some_and(|at| at > now));
+        Some(match after {
+            None => FeedStart::Fresh(
+                log.and_then(|log| log.entries.back())
+                    .map_or(EventId::ZERO, |event| event.id),
+            ),
+            Some(after) => FeedStart::Resumed(
+                log.map(|log| {
+                    log.entries
+                        .iter()
+                        .filter(|event| event.id > after)
+                        .take(limit as usize)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default(),
+            ),
+        })
+    }
+
+    pub(super) fn events_after(&self, session: &str, after: EventId, limit: u64) -> Vec<LoggedEvent> {
+        let now = Instant::now();
+        let state = self.state();
+        state
+            .logs
+            .get(session)
+            .filter(|log| log.expires_at.is_some_and(|at| at > now))
+            .map(|log| {
+                log.entries
+                    .iter()
+                    .filter(|event| event.id > after)
+                    .take(limit as usize)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(super) fn resource_updated(&self, uri: &str, legacy_payload: &str) -> u64 {
+        let now = Instant::now();
+        let messages = {
+            let mut state = self.state();
+            let sessions: Vec<String> = state
+                .subscribers
+                .get(uri)
+                .map(|set| set.iter().cloned().collect())
+                .unwrap_or_default();
+            let mut messages = Vec::new();
+            for session in sessions {
+                if state.live_session(&session, now).is_some() {
+                    let (_, message) = self.append_locked(&mut state, &session, legacy_payload);
+                    messages.push(message);
+                } else if let Some(set) = state.subscribers.get_mut(uri) {
+                    set.remove(&session);
+                }
+            }
+            messages
+        };
+        let delivered = messages.len() as u64;
+        for message in messages.into_iter().flatten() {
+            self.publish_framed(&message);
+        }
+        self.publish(
+            &self.inner.bus.keys().resource_channel(),
+            &bus::encode_resource_updated(uri),
+        );
+        delivered
+    }
+
+    pub(super) fn list_changed(&self, list: ListKind) {
+        self.publish(
+            &self.inner.bus.keys().resource_channel(),
+            &bus::encode_list_changed(list),
+        );
+    }
+
+    pub(super) fn publish_forward(&self, target: &ReplicaTag, session: &str, payload: &str) {
+        self.publish(
+            &self.inner.bus.keys().replica_channel(target.as_str()),
+            &bus::encode_forward(session, payload),
+        );
+    }
+
+    pub(super) fn publish_cancel(&self, session: &str, payload: &str) {
+        // One replica: nothing else can run the request.
+        let _ = (session, payload);
+    }
+
+    pub(super) fn kv_set(&self, key: &str, value: &str) -> KvSetOutcome {
+        let mut state = self.state();
+        if !state.kv.contains_key(key) && state.kv.len() as u64 >= self.inner.config.kv_max_keys {
+            return KvSetOutcome::Full;
+        }
+        match state.kv.insert(key.to_owned(), value.to_owned()) {
+            None => KvSetOutcome::Created,
+            Some(_) => KvSetOutcome::Updated,
+        }
+    }
+
+    pub(super) fn kv_get(&self, key: &str) -> Option<String> {
+        self.state().kv.get(key).cloned()
+    }
+
+    pub(super) fn kv_delete(&self, key: &str) -> bool {
+        self.state().kv.remove(key).is_some()
+    }
+
+    pub(super) fn kv_list(&self, after: Option<&str>, limit: u64) -> Vec<String> {
+        use std::ops::Bound;
+        let state = self.state();
+        let lower = after.map_or(Bound::Unbounded, |after| Bound::Excluded(after.to_owned()));
+        state
+            .kv
+            .range((lower, Bound::Unbounded))
+            .take(limit as usize)
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    pub(super) fn janitor_pass(&self, _holder: &ReplicaTag, _lease: Duration) -> u64 {
+        let now = Instant::now();
+        let mut state = self.state();
+        let before = state.sessions.len() + state.logs.len();
+        state.sessions.retain(|_, record| record.expires_at > now);
+        state
+            .logs
+            .retain(|_, log| log.expires_at.is_some_and(|at| at > now));
+        let State {
+            sessions,
+            subscribers,
+            ..
+        } = &mut *state;
+        for set in subscribers.values_mut() {
+            set.retain(|session| sessions.contains_key(session));
+        }
+        subscribers.retain(|_, set| !set.is_empty());
+        (before - state.sessions.len() - state.logs.len()) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{backend::Backend, bus::ControlMessage, keys::Keys};
+
+    fn config() -> BackendConfig {
+        BackendConfig {
+            session_ttl: Duration::from_secs(60),
+            event_log_max_len: 3,
+            event_retention: Duration::from_secs(600),
+            max_subscriptions_per_session: 2,
+            kv_max_keys: 2,
+            redis_timeout: Duration::from_secs(1),
+            redis_pool_size: 1,
+        }
+    }
+
+    fn backend() -> (Backend, Bus, tokio::sync::mpsc::Receiver<ControlMessage>) {
+        let metrics = Metrics::new();
+        let (bus, control) = Bus::new(Keys::new("t"), ReplicaTag::generate(), metrics.clone());
+        let backend = Backend::Memory(MemoryBackend::new(config(), bus.clone(), metrics));
+        (backend, bus, control)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_slide_and_expire() {
+        let (backend, _bus, _control) = backend();
+        backend.session_create("s1", "{}").await.expect("create");
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert!(backend.session_touch("s1").await.expect("touch"));
+        tokio::time::advance(Duration::from_secs(50)).await;
+        assert_eq!(backend.session_load("s1").await.expect("load").as_deref(), Some("{}"));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!backend.session_touch("s1").await.expect("touch"));
+        assert_eq!(backend.session_load("s1").await.expect("load"), None);
+        assert!(backend.janitor_pass(&ReplicaTag::generate(), Duration::from_secs(1)).await.expect("janitor") >= 1);
+    }
+
+    #[tokio::test]
+    async fn events_reach_the_feed_holder_and_are_bounded() {
+        let (backend, bus, _control) = backend();
+        backend.session_create("s1", "{}").await.expect("create");
+        let mut feed = bus.register_feed("s1").expect("feed");
+        let holder = bus::feed_holder(bus.tag(), feed.stream());
+        let Some(FeedStart::Fresh(start)) = backend.feed_open("s1", &holder, None, 10).await.expect("open") else {
+            panic!("expected a fresh start");
+        };
+        assert_eq!(start, EventId::ZERO);
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            ids.push(backend.event_append("s1", &format!("{{\"n\":{n}}}")).await.expect("append").expect("live"));
+        }
+        for id in &ids {
+            assert_eq!(feed.events.recv().await.expect("event").id, *id);
+        }
+        // Only the last three are kept.
+        let kept = backend.events_after("s1", EventId::ZERO, 10).await.expect("read");
+        assert_eq!(kept.iter().map(|e| e.id).collect::<Vec<_>>(), ids[2..]);
+        let Some(FeedStart::Resumed(events)) = backend.feed_open("s1", &holder, Some(ids[3]), 10).await.expect("open")
+        else {
+            panic!("expected a resumed start");
+        };
+        assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[4]]);
+        assert!(backend.event_append("gone", "{}").await.expect("append").is_none());
+    }
+
+    #[tokio::test]
+    async fn subscriptions_fan_out_and_are_bounded() {
+        let (backend, _bus, _control) = backend();
+        backend.session_create("a", "{}").await.expect("create");
+        backend.session_create("b", "{}").await.expect("create");
+        assert_eq!(backend.subscribe("a", "kv://x").await.expect("sub"), SubscribeOutcome::Subscribed);
+        assert_eq!(backend.subscribe("b", "kv://x").await.expect("sub"), SubscribeOutcome::Subscribed);
+        assert_eq!(backend.subscribe("a", "kv://y").await.expect("sub"), SubscribeOutcome::Subscribed);
+        assert_eq!(backend.subscribe("a", "kv://z").await.expect("sub"), SubscribeOutcome::TooMany);
+        assert_eq!(backend.subscribe("nope", "kv://x").await.expect("sub"), SubscribeOutcome::SessionGone);
+        assert_eq!(backend.resource_updated("kv://x", "{}").await.expect("update"), 2);
+        backend.unsubscribe("b", "kv://x").await.expect("unsub");
+        assert_eq!(backend.resource_updated("kv://x", "{}").await.expect("update"), 1);
+        assert!(backend.session_delete("a").await.expect("delete"));
+        assert_eq!(backend.resource_updated("kv://x", "{}").await.expect("update"), 0);
+    }
+
+    #[tokio::test]
+    async fn deletion_is_broadcast() {
+        let (backend, _bus, mut control) = backend();
+        backend.session_create("a", "{}").await.expect("create");
+        assert!(backend.session_delete("a").await.expect("delete"));
+        assert!(!backend.session_delete("a").await.expect("delete"));
+        assert_eq!(control.recv().await, Some(ControlMessage::SessionDeleted { session: "a".into() }));
+    }
+
+    #[tokio::test]
+    async fn kv_is_bounded_and_listed_in_order() {
+        let (backend, _bus, _control) = backend();
+        assert_eq!(backend.kv_set("b", "1").await.expect("set"), KvSetOutcome::Created);
+        assert_eq!(backend.kv_set("a", "2").await.expect("set"), KvSetOutcome::Created);
+        assert_eq!(backend.kv_set("a", "3").await.expect("set"), KvSetOutcome::Updated);
+        assert_eq!(backend.kv_set("c", "4").await.expect("set"), KvSetOutcome::Full);
+        assert_eq!(backend.kv_list(None, 10).await.expect("list"), vec!["a", "b"]);
+        assert_eq!(backend.kv_list(Some("a"), 10).await.expect("list"), vec!["b"]);
+        assert_eq!(backend.kv_get("a").await.expect("get").as_deref(), Some("3"));
+        assert!(backend.kv_delete("a").await.expect("delete"));
+        assert_eq!(backend.kv_get("a").await.expect("get"), None);
+    }
+}

@@ -1,0 +1,386 @@
+//! The shared-state backend: Redis for a cluster, memory for the embedded default.
+//!
+//! [`Backend`] is the one door through which replicas touch shared state: legacy session records
+//! with their sliding idle TTL, the per-session event logs behind resumable GET streams, resource
+//! subscriptions, the kv scratchpad, and publishing on the cluster bus. Both variants implement the
+//! same operations with the same semantics and publish the same wire messages into the same
+//! [`Bus`], so the embedded default exercises the code paths of the cluster.
+//!
+//! It knows bytes, JSON text and ids; it does not know MCP.
+
+mod memory;
+mod redis;
+mod scripts;
+
+use std::{sync::Arc, time::Duration};
+
+use secrecy::SecretString;
+
+pub use self::{memory::MemoryBackend, redis::RedisBackend};
+use crate::{
+    bus::{Bus, ListKind},
+    ids::{EventId, ReplicaTag},
+    metrics::Metrics,
+};
+
+/// Limits and lifetimes the backend enforces.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// Idle TTL of a legacy session.
+    pub session_ttl: Duration,
+    /// Maximum events kept per session log.
+    pub event_log_max_len: u64,
+    /// Lifetime of an event log after its last event.
+    pub event_retention: Duration,
+    /// Maximum resource subscriptions of one session.
+    pub max_subscriptions_per_session: u64,
+    /// Maximum keys in the kv scratchpad.
+    pub kv_max_keys: u64,
+    /// Timeout of each Redis command.
+    pub redis_timeout: Duration,
+    /// Redis connections for commands.
+    pub redis_pool_size: usize,
+}
+
+impl BackendConfig {
+    fn session_ttl_secs(&self) -> u64 {
+        self.session_ttl.as_secs().max(1)
+    }
+    fn retention_secs(&self) -> u64 {
+        self.event_retention.as_secs().max(1)
+    }
+}
+
+/// A backend operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Redis answered with an error, timed out or is unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// Redis answered something this version does not understand.
+    #[error("unexpected reply from redis: {0}")]
+    Protocol(String),
+}
+
+impl BackendError {
+    /// Whether retrying later may succeed (connection trouble, timeouts).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackendError::Redis(error) => !matches!(
+                error.kind(),
+                fred::error::ErrorKind::InvalidArgument
+                    | fred::error::ErrorKind::InvalidCommand
+                    | fred::error::ErrorKind::Parse
+            ),
+            BackendError::Protocol(_) => false,
+        }
+    }
+}
+
+/// Result of a backend operation.
+pub type BackendResult<T> = Result<T, BackendError>;
+
+/// One event read from a session log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    /// Its id.
+    pub id: EventId,
+    /// The serialized JSON-RPC message.
+    pub payload: Arc<str>,
+}
+
+/// Where a GET stream starts, as read atomically with claiming the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedStart {
+    /// A fresh stream: events after this id will be published to it.
+    Fresh(EventId),
+    /// A resumed stream: these events (up to the read limit) followed the resume point.
+    Resumed(Vec<LoggedEvent>),
+}
+
+/// Outcome of a legacy `resources/subscribe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeOutcome {
+    /// Subscribed.
+    Subscribed,
+    /// The session no longer exists.
+    SessionGone,
+    /// The session reached its subscription limit.
+    TooMany,
+}
+
+/// Outcome of a kv write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvSetOutcome {
+    /// A new key.
+    Created,
+    /// An existing key got a new value.
+    Updated,
+    /// The scratchpad is full.
+    Full,
+}
+
+/// The shared-state backend of a replica. Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Redis: state shared by every replica using the same prefix.
+    Redis(RedisBackend),
+    /// In-process memory: the embedded default, one replica.
+    Memory(MemoryBackend),
+}
+
+macro_rules! delegate {
+    ($self:ident, $op:literal, $call:ident ( $($arg:expr),* )) => {{
+        let result = match $self {
+            Backend::Redis(backend) => backend.$call($($arg),*).await,
+            Backend::Memory(backend) => Ok(backend.$call($($arg),*)),
+        };
+        if let Err(error) = &result {
+            $self.metrics().backend_error($op);
+            tracing::debug!(operation = $op, error = %error, "backend operation failed");
+        }
+        result
+    }};
+}
+
+impl Backend {
+    /// Connects to Redis when `redis_url` is set (commands start working as soon as Redis is
+    /// reachable; until then they fail fast), or creates the in-memory backend.
+    ///
+    /// # Errors
+    /// Returns an error when the Redis URL is malformed.
+    pub async fn connect(
+        redis_url: Option<&SecretString>,
+        config: BackendConfig,
+        bus: Bus,
+        metrics: Metrics,
+    ) -> BackendResult<Self> {
+        Ok(match redis_url {
+            Some(url) => Backend::Redis(RedisBackend::connect(url, config, bus, metrics).await?),
+            None => Backend::Memory(MemoryBackend::new(config, bus, metrics)),
+        })
+    }
+
+    /// `redis` or `memory`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::Redis(_) => "redis",
+            Backend::Memory(_) => "memory",
+        }
+    }
+
+    fn metrics(&self) -> &Metrics {
+        match self {
+            Backend::Redis(backend) => backend.metrics(),
+            Backend::Memory(backend) => backend.metrics(),
+        }
+    }
+
+    /// Whether the backend is currently reachable, as far as the connection state tells (no round
+    /// trip). Used to answer 503 instead of 500 while Redis is down.
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Backend::Redis(backend) => backend.is_connected(),
+            Backend::Memory(_) => true,
+        }
+    }
+
+    /// One round trip to the backend.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable or does not answer within the command timeout.
+    pub async fn ping(&self) -> BackendResult<()> {
+        delegate!(self, "ping", ping())
+    }
+
+    /// Records a new legacy session with its initialize params (JSON).
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable; the session must then not be handed to the client.
+    pub async fn session_create(&self, session: &str, init: &str) -> BackendResult<()> {
+        delegate!(self, "session_create", session_create(session, init))
+    }
+
+    /// Slides the session's idle TTL. Returns `false` when the session does not exist (deleted or
+    /// expired).
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn session_touch(&self, session: &str) -> BackendResult<bool> {
+        delegate!(self, "session_touch", session_touch(session))
+    }
+
+    /// Loads a session's initialize params (JSON), sliding its TTL.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn session_load(&self, session: &str) -> BackendResult<Option<String>> {
+        delegate!(self, "session_load", session_load(session))
+    }
+
+    /// Deletes a session everywhere: its record, event log and subscriptions; every replica is told
+    /// on the control channel. Returns whether it existed.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn session_delete(&self, session: &str) -> BackendResult<bool> {
+        delegate!(self, "session_delete", session_delete(session))
+    }
+
+    /// Sets a small per-session field (e.g. the logging level). Returns `false` when the session is
+    /// gone.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn session_set_field(&self, session: &str, field: &str, value: &str) -> BackendResult<bool> {
+        delegate!(self, "session_set_field", session_set_field(session, field, value))
+    }
+
+    /// Reads a per-session field.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn session_get_field(&self, session: &str, field: &str) -> BackendResult<Option<String>> {
+        delegate!(self, "session_get_field", session_get_field(session, field))
+    }
+
+    /// Subscribes a legacy session to updates of `uri`.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn subscribe(&self, session: &str, uri: &str) -> BackendResult<SubscribeOutcome> {
+        delegate!(self, "subscribe", subscribe(session, uri))
+    }
+
+    /// Removes a legacy subscription.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn unsubscribe(&self, session: &str, uri: &str) -> BackendResult<()> {
+        delegate!(self, "unsubscribe", unsubscribe(session, uri))
+    }
+
+    /// Appends a server message (JSON) to the session's event log and delivers it to the replica
+    /// holding the session's GET stream. Returns `None` when the session is gone.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn event_append(&self, session: &str, payload: &str) -> BackendResult<Option<EventId>> {
+        let result = delegate!(self, "event_append", event_append(session, payload));
+        if let Ok(Some(_)) = result {
+            self.metrics().event_appended();
+        }
+        result
+    }
+
+    /// Claims the session's GET stream for `holder` (see [`crate::bus::feed_holder`]) and reads
+    /// where it starts. Returns `None` when the session is gone.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn feed_open(
+        &self,
+        session: &str,
+        holder: &str,
+        after: Option<EventId>,
+        limit: u64,
+    ) -> BackendResult<Option<FeedStart>> {
+        delegate!(self, "feed_open", feed_open(session, holder, after, limit))
+    }
+
+    /// Reads up to `limit` events after `after` from the session's log.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn events_after(
+        &self,
+        session: &str,
+        after: EventId,
+        limit: u64,
+    ) -> BackendResult<Vec<LoggedEvent>> {
+        delegate!(self, "events_after", events_after(session, after, limit))
+    }
+
+    /// A resource changed: append `legacy_payload` (the serialized
+    /// `notifications/resources/updated`) to the log of every legacy subscriber, and broadcast the
+    /// change for `subscriptions/listen` streams. Returns the number of legacy sessions notified.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn resource_updated(&self, uri: &str, legacy_payload: &str) -> BackendResult<u64> {
+        delegate!(self, "resource_updated", resource_updated(uri, legacy_payload))
+    }
+
+    /// Broadcasts that a list changed (for `subscriptions/listen` streams).
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn list_changed(&self, list: ListKind) -> BackendResult<()> {
+        delegate!(self, "list_changed", list_changed(list))
+    }
+
+    /// Sends a client's JSON-RPC response to the replica `target` that is waiting for it.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn publish_forward(&self, target: &ReplicaTag, session: &str, payload: &str) -> BackendResult<()> {
+        delegate!(self, "publish_forward", publish_forward(target, session, payload))
+    }
+
+    /// Broadcasts a client's `notifications/cancelled` to every other replica.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn publish_cancel(&self, session: &str, payload: &str) -> BackendResult<()> {
+        delegate!(self, "publish_cancel", publish_cancel(session, payload))
+    }
+
+    /// Writes a kv entry.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn kv_set(&self, key: &str, value: &str) -> BackendResult<KvSetOutcome> {
+        delegate!(self, "kv_set", kv_set(key, value))
+    }
+
+    /// Reads a kv entry.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn kv_get(&self, key: &str) -> BackendResult<Option<String>> {
+        delegate!(self, "kv_get", kv_get(key))
+    }
+
+    /// Deletes a kv entry; returns whether it existed.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn kv_delete(&self, key: &str) -> BackendResult<bool> {
+        delegate!(self, "kv_delete", kv_delete(key))
+    }
+
+    /// Lists up to `limit` kv keys in byte order, starting after `after`.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn kv_list(&self, after: Option<&str>, limit: u64) -> BackendResult<Vec<String>> {
+        delegate!(self, "kv_list", kv_list(after, limit))
+    }
+
+    /// Housekeeping that needs no single owner: drops expired sessions from subscriber sets (Redis,
+    /// elected by a lease so one replica does it at a time) or expired entries (memory). Returns the
+    /// number of entries removed.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn janitor_pass(&self, lease_holder: &ReplicaTag, lease: Duration) -> BackendResult<u64> {
+        delegate!(self, "janitor", janitor_pass(lease_holder, lease))
+    }
+
+    /// Closes connections (after the server stopped using the backend).
+    pub async fn shutdown(&self) {
+        if let Backend::Redis(backend) = self {
+            backend.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! The Redis backend: a small pool of auto-pipelining connections for commands, and one subscriber
+//! connection per replica for the bus.
+//!
+//! Connection policy: commands fail fast while Redis is unreachable (no unbounded queueing), every
+//! command has a timeout, and both the pool and the subscriber reconnect with capped exponential
+//! backoff for ever, so a replica recovers by itself when Redis returns. After the subscriber
+//! reconnects, every GET stream re-reads its event log, so nothing published meanwhile is lost.
+
+use std::{sync::Arc, time::Duration};
+
+use fred::{
+    clients::{Pool, SubscriberClient},
+    interfaces::{ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface, StreamsInterface},
+    prelude::{Builder, Config as FredConfig, Expiration, ReconnectPolicy, SetOptions, Value},
+    types::{Limit, scripts::Script},
+};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{
+    BackendConfig, BackendError, BackendResult, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome, scripts,
+};
+use crate::{
+    bus::{self, Bus, ListKind},
+    ids::{EventId, ReplicaTag},
+    keys::Keys,
+    metrics::Metrics,
+};
+
+/// Capacity of fred's broadcast channel of pub/sub messages; if the bus dispatcher falls this far
+/// behind, feeds re-read their logs.
+const SUBSCRIBER_BROADCAST_CAPACITY: usize = 16 * 1024;
+
+struct Scripts {
+    session_create: Script,
+    session_load: Script,
+    session_delete: Script,
+    session_set_field: Script,
+    subscribe: Script,
+    unsubscribe: Script,
+    event_append: Script,
+    feed_open: Script,
+    resource_updated: Script,
+    prune_subscribers: Script,
+    kv_set: Script,
+    kv_delete: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            session_create: Script::from_lua(scripts::SESSION_CREATE),
+            session_load: Script::from_lua(scripts::SESSION_LOAD),
+            session_delete: Script::from_lua(scripts::SESSION_DELETE),
+            session_set_field: Script::from_lua(scripts::SESSION_SET_FIELD),
+            subscribe: Script::from_lua(scripts::SUBSCRIBE),
+            unsubscribe: Script::from_lua(scripts::UNSUBSCRIBE),
+            event_append: Script::from_lua(scripts::event_append()),
+            feed_open: Script::from_lua(scripts::FEED_OPEN),
+            resource_updated: Script::from_lua(scripts::resource_updated()),
+            prune_subscribers: Script::from_lua(scripts::PRUNE_SUBSCRIBERS),
+            kv_set: Script::from_lua(scripts::KV_SET),
+            kv_delete: Script::from_lua(scripts::KV_DELETE),
+        }
+    }
+}
+
+struct Inner {
+    pool: Pool,
+    subscriber: SubscriberClient,
+    keys: Keys,
+    config: BackendConfig,
+    scripts: Scripts,
+    metrics: Metrics,
+    origin: ReplicaTag,
+    session_prefix: String,
+    log_prefix: String,
+    replica_prefix: String,
+    subscribers_prefix: String,
+}
+
+/// Shared state in Redis. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("prefix", &self.inner.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+fn builder(url: &SecretString, config: &BackendConfig) -> BackendResult<Builder> {
+    let mut fred_config = FredConfig::from_url(url.expose_secret())?;
+    // Fail commands at once while disconnected instead of queueing them without bound.
+    fred_config.fail_fast = true;
+    let timeout = config.redis_timeout;
+    let mut builder = Builder::from_config(fred_config);
+    builder
+        .with_performance_config(|performance| {
+            performance.default_command_timeout = timeout;
+            performance.broadcast_channel_capacity = SUBSCRIBER_BROADCAST_CAPACITY;
+        })
+        .with_connection_config(|connection| {
+            connection.connection_timeout = timeout;
+            connection.internal_command_timeout = timeout;
+            connection.max_command_attempts = 1;
+            connection.tcp.nodelay = Some(true);
+        })
+        // Unlimited attempts, 50 ms doubling up to 2 s.
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    Ok(builder)
+}
+
+impl RedisBackend {
+    pub(super) async fn connect(
+        url: &SecretString,
+        config: BackendConfig,
+        bus: Bus,
+        metrics: Metrics,
+    ) -> BackendResult<Self> {
+        let builder = builder(url, &config)?;
+        let pool = builder.build_pool(config.redis_pool_size)?;
+        let subscriber = builder.build_subscriber_client()?;
+        pool.connect();
+        subscriber.connect();
+        // Resubscribes to the tracked channels after every reconnect.
+        subscriber.manage_subscriptions();
+        let keys = bus.keys().clone();
+        let inner = Inner {
+            session_prefix: format!("{}:sess:", keys.prefix()),
+            log_prefix: format!("{}:ev:", keys.prefix()),
+            replica_prefix: format!("{}:r:", keys.prefix()),
+            subscribers_prefix: format!("{}:subs:", keys.prefix()),
+            origin: bus.tag().clone(),
+            pool,
+            subscriber,
+            keys,
+            config,
+            scripts: Scripts::new(),
+            metrics,
+        };
+        let backend = Self {
+            inner: Arc::new(inner),
+        };
+        backend.spawn_subscriber(bus);
+        // Give a reachable Redis a moment so the first requests find it connected; an unreachable
+        // one does not block start-up (the replica reports not-ready until it is back).
+        let wait = backend.inner.config.redis_timeout;
+        if tokio::time::timeout(wait, backend.inner.pool.wait_for_connect())
+            .await
+            .is_err()
+        {
+            tracing::warn!("redis is not reachable yet; commands fail until it is");
+        }
+        Ok(backend)
+    }
+
+    fn spawn_subscriber(&self, bus: Bus) {
+        let subscriber = self.inner.subscriber.clone();
+        let channels: Vec<String> = bus.channels().iter().map(|c| (*c).to_owned()).collect();
+        let mut messages = subscriber.message_rx();
+        let mut reconnects = subscriber.reconnect_rx();
+        tokio::spawn(async move {
+            // The first SUBSCRIBE may fail while Redis is down; `manage_subscriptions` replays the
+            // tracked channels after each reconnect, so keep trying until it is tracked once.
+            loop {
+                match subscriber.subscribe(channels.clone()).await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::debug!(%error, "bus subscribe failed, retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if !subscriber.is_connected() {
+                            let _ = subscriber.wait_for_connect().await;
+                        }
+                    }
+                }
+            }
+            loop {
+                tokio::select! {
+                    message = messages.recv() => match message {
+                        Ok(message) => {
+                            let payload = match &message.value {
+                                Value::String(s) => s.as_bytes(),
+                                Value::Bytes(b) => b.as_ref(),
+                                _ => continue,
+                            };
+                            bus.dispatch(&message.channel, payload);
+                        }
+                        Err(RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "bus subscriber lagged; GET streams re-read their logs");
+                            bus.all_feeds_lagged();
+                        }
+                        Err(RecvError::Closed) => break,
+                    },
+                    reconnect = reconnects.recv() => match reconnect {
+                        Ok(server) => {
+                            tracing::info!(%server, "bus subscriber reconnected; GET streams re-read their logs");
+                            bus.all_feeds_lagged();
+                        }
+                        Err(RecvError::Lagged(_)) => bus.all_feeds_lagged(),
+                        Err(RecvError::Closed) => break,
+                    },
+                }
+            }
+        });
+    }
+
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(super) fn is_connected(&self) -> bool {
+        self.inner.pool.next().is_connected()
+    }
+
+    async fn eval<R: fred::types::FromValue>(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> BackendResult<R> {
+        Ok(script
+            .evalsha_with_reload(self.inner.pool.next(), keys, args)
+            .await?)
+    }
+
+    pub(super) async fn ping(&self) -> BackendResult<()> {
+        let _: Value = self.inner.pool.next().ping(None).await?;
+        Ok(())
+    }
+
+    fn ttl(&self) -> Value {
+        Value::from(self.inner.config.session_ttl_secs() as i64)
+    }
+
+    pub(super) async fn session_create(&self, session: &str, init: &str) -> BackendResult<()> {
+        let _: Value = self
+            .eval(
+                &self.inner.scripts.session_create,
+                vec![self.inner.keys.session(session)],
+                vec![init.into(), self.ttl()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn session_touch(&self, session: &str) -> BackendResult<bool> {
+        let ttl = self.inner.config.session_ttl_secs() as i64;
+        Ok(self
+            .inner
+            .pool
+            .expire(self.inner.keys.session(session), ttl, None)
+            .await?)
+    }
+
+    pub(super) async fn session_load(&self, session: &str) -> BackendResult<Option<String>> {
+        self.eval(
+            &self.inner.scripts.session_load,
+            vec![self.inner.keys.session(session)],
+            vec![self.ttl()],
+        )
+        .await
+    }
+
+    pub(super) async fn session_delete(&self, session: &str) -> BackendResult<bool> {
+        let existed: i64 = self
+            .eval(
+                &self.inner.scripts.session_delete,
+                vec![self.inner.keys.session(session), self.inner.keys.event_log(session)],
+                vec![
+                    self.inner.subscribers_prefix.as_str().into(),
+                    session.into(),
+                    self.inner.keys.control_channel().into(),
+                    bus::encode_session_deleted(session).into(),
+                ],
+            )
+            .await?;
+        Ok(existed == 1)
+    }
+
+    pub(super) async fn session_set_field(&self, session: &str, field: &str, value: &str) -> BackendResult<bool> {
+        let set: i64 = self
+            .eval(
+                &self.inner.scripts.session_set_field,
+                vec![self.inner.keys.session(session)],
+                vec![field.into(), value.into(), self.ttl()],
+            )
+            .await?;
+        Ok(set == 1)
+    }
+
+    pub(super) async fn session_get_field(&self, session: &str, field: &str) -> BackendResult<Option<String>> {
+        Ok(self.inner.pool.hget(self.inner.keys.session(session), field).await?)
+    }
+
+    pub(super) async fn subscribe(&self, session: &str, uri: &str) -> BackendResult<SubscribeOutcome> {
+        let outcome: i64 = self
+            .eval(
+                &self.inner.scripts.subscribe,
+                vec![self.inner.keys.session(session), self.inner.keys.subscribers(uri)],
+                vec![
+                    uri.into(),
+                    session.into(),
+                    self.ttl(),
+                    Value::from(self.inner.config.max_subscriptions_per_session as i64 + 4),
+                ],
+            )
+            .await?;
+        match outcome {
+            1 => Ok(SubscribeOutcome::Subscribed),
+            -1 => Ok(SubscribeOutcome::SessionGone),
+            -2 => Ok(SubscribeOutcome::TooMany),
+            other => Err(BackendError::Protocol(format!("subscribe returned {other}"))),
+        }
+    }
+
+    pub(super) async fn unsubscribe(&self, session: &str, uri: &str) -> BackendResult<()> {
+        let _: Value = self
+            .eval(
+                &self.inner.scripts.unsubscribe,
+                vec![self.inner.keys.session(session), self.inner.keys.subscribers(uri)],
+                vec![uri.into(), session.into()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn event_append(&self, session: &str, payload: &str) -> BackendResult<Option<EventId>> {
+        let id: Option<String> = self
+            .eval(
+                &self.inner.scripts.event_append,
+                vec![self.inner.keys.session(session), self.inner.keys.event_log(session)],
+                vec![
+                    payload.into(),
+                    Value::from(self.inner.config.event_log_max_len as i64),
+                    Value::from(self.inner.config.retention_secs() as i64),
+                    self.inner.replica_prefix.as_str().into(),
+                    session.into(),
+                ],
+            )
+            .await?;
+        id.map(|id| parse_id(&id)).transpose()
+    }
+
+    pub(super) async fn feed_open(
+        &self,
+        session: &str,
+        holder: &str,
+        after: Option<EventId>,
+        limit: u64,
+    ) -> BackendResult<Option<FeedStart>> {
+        let reply: Option<Vec<Value>> = self
+            .eval(
+                &self.inner.scripts.feed_open,
+                vec![self.inner.keys.session(session), self.inner.keys.event_log(session)],
+                vec![
+                    holder.into(),
+                    after.map(|id| id.to_string()).unwrap_or_default().into(),
+                    Value::from(limit as i64),
+                    self.ttl(),
+                ],
+            )
+            .await?;
+        let Some(reply) = reply else {
+            return Ok(None);
+        };
+        if after.is_none() {
+            let last = reply
+                .first()
+                .and_then(Value::as_str)
+                .ok_or_else(|| BackendError::Protocol("feed_open: missing last id".into()))?;
+            return Ok(Some(FeedStart::Fresh(parse_id(&last)?)));
+        }
+        let mut events = Vec::with_capacity(reply.len() / 2);
+        for pair in reply.chunks(2) {
+            let [id, payload] = pair else {
+                return Err(BackendError::Protocol("feed_open: odd reply".into()));
+            };
+            events.push(LoggedEvent {
+                id: parse_id(&id.as_str().unwrap_or_default())?,
+                payload: Arc::from(payload.as_str().unwrap_or_default().as_ref()),
+            });
+        }
+        Ok(Some(FeedStart::Resumed(events)))
+    }
+
+    pub(super) async fn events_after(&self, session: &str, after: EventId, limit: u64) -> BackendResult<Vec<LoggedEvent>> {
+        let entries: Vec<(String, Vec<(String, String)>)> = self
+            .inner
+            .pool
+            .next()
+            .xrange(self.inner.keys.event_log(session), format!("({after}"), "+", Some(limit))
+            .await?;
+        entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let payload = fields
+                    .into_iter()
+                    .find(|(name, _)| name == "m")
+                    .map(|(_, value)| value)
+                    .ok_or_else(|| BackendError::Protocol("event without payload".into()))?;
+                Ok(LoggedEvent {
+                    id: parse_id(&id)?,
+                    payload: Arc::from(payload),
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn resource_updated(&self, uri: &str, legacy_payload: &str) -> BackendResult<u64> {
+        let delivered: i64 = self
+            .eval(
+                &self.inner.scripts.resource_updated,
+                vec![self.inner.keys.subscribers(uri)],
+                vec![
+                    self.inner.session_prefix.as_str().into(),
+                    self.inner.log_prefix.as_str().into(),
+                    legacy_payload.into(),
+                    Value::from(self.inner.config.event_log_max_len as i64),
+                    Value::from(self.inner.config.retention_secs() as i64),
+                    self.inner.replica_prefix.as_str().into(),
+                    self.inner.keys.resource_channel().into(),
+                    bus::encode_resource_updated(uri).into(),
+                ],
+            )
+            .await?;
+        Ok(delivered.max(0) as u64)
+    }
+
+    pub(super) async fn list_changed(&self, list: ListKind) -> BackendResult<()> {
+        let _: i64 = self
+            .inner
+            .pool
+            .next()
+            .publish(self.inner.keys.resource_channel(), bus::encode_list_changed(list))
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn publish_forward(&self, target: &ReplicaTag, session: &str, payload: &str) -> BackendResult<()> {
+        let _: i64 = self
+            .inner
+            .pool
+            .next()
+            .publish(
+                self.inner.keys.replica_channel(target.as_str()),
+                bus::encode_forward(session, payload),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn publish_cancel(&self, session: &str, payload: &str) -> BackendResult<()> {
+        let _: i64 = self
+            .inner
+            .pool
+            .next()
+            .publish(
+                self.inner.keys.control_channel(),
+                bus::encode_cancel(&self.inner.origin, session, payload),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn kv_set(&self, key: &str, value: &str) -> BackendResult<KvSetOutcome> {
+        let outcome: i64 = self
+            .eval(
+                &self.inner.scripts.kv_set,
+                vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
+                vec![key.into(), value.into(), Value::from(self.inner.config.kv_max_keys as i64)],
+            )
+            .await?;
+        Ok(match outcome {
+            1 => KvSetOutcome::Created,
+            0 => KvSetOutcome::Updated,
+            _ => KvSetOutcome::Full,
+        })
+    }
+
+    pub(super) async fn kv_get(&self, key: &str) -> BackendResult<Option<String>> {
+        Ok(self.inner.pool.hget(self.inner.keys.kv(), key).await?)
+    }
+
+    pub(super) async fn kv_delete(&self, key: &str) -> BackendResult<bool> {
+        let existed: i64 = self
+            .eval(
+                &self.inner.scripts.kv_delete,
+                vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
+                vec![key.into()],
+            )
+            .await?;
+        Ok(existed == 1)
+    }
+
+    pub(super) async fn kv_list(&self, after: Option<&str>, limit: u64) -> BackendResult<Vec<String>> {
+        use fred::interfaces::SortedSetsInterface;
+        let min = match after {
+            Some(after) => format!("({after}"),
+            None => "-".to_owned(),
+        };
+        Ok(self
+            .inner
+            .pool
+            .zrange(
+                self.inner.keys.kv_index(),
+                min,
+                "+",
+                Some(fred::types::sorted_sets::ZSort::ByLex),
+                false,
+                Some(Limit::from((0, limit as i64))),
+                false,
+            )
+            .await?)
+    }
+
+    pub(super) async fn janitor_pass(&self, lease_holder: &ReplicaTag, lease: Duration) -> BackendResult<u64> {
+        use futures::TryStreamExt;
+        let won: Option<String> = self
+            .inner
+            .pool
+            .set(
+                self.inner.keys.janitor_lease(),
+                lease_holder.as_str(),
+                Some(Expiration::EX(lease.as_secs().max(1) as i64)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        if won.is_none() {
+            return Ok(0);
+        }
+        let client = self.inner.pool.next();
+        let sets: Vec<fred::types::Key> = client
+            .scan_buffered(self.inner.keys.subscribers_pattern(), Some(200), None)
+            .try_collect()
+            .await?;
+        let mut removed = 0;
+        for set in sets {
+            let Some(set) = set.as_str().map(str::to_owned) else {
+                continue;
+            };
+            let pruned: i64 = self
+                .eval(
+                    &self.inner.scripts.prune_subscribers,
+                    vec![set],
+                    vec![self.inner.session_prefix.as_str().into()],
+                )
+                .await?;
+            removed += pruned.max(0) as u64;
+        }
+        Ok(removed)
+    }
+
+    pub(super) async fn shutdown(&self) {
+        let _ = self.inner.subscriber.quit().await;
+        let _ = self.inner.pool.quit().await;
+    }
+}
+
+fn parse_id(id: &str) -> BackendResult<EventId> {
+    id.parse()
+        .map_err(|_| BackendError::Protocol(format!("malformed stream id {id:?}")))
+}

@@ -1,0 +1,172 @@
+//! Lua scripts run by Redis. Each one makes a multi-key operation atomic and costs the replica a
+//! single round trip. Key names that depend on data (session ids read from a set, the holder of a
+//! feed) are rebuilt from prefixes passed in ARGV, matching [`crate::keys::Keys`]; this ties the
+//! deployment to a standalone (or Sentinel-managed) Redis, not Redis Cluster.
+//!
+//! Message formats published here are the ones [`crate::bus::Bus::dispatch`] parses.
+
+/// Shared helper: append `payload` to a session's log and, when some replica holds the session's
+/// GET stream, publish the event to that replica. Returns the event id.
+const APPEND_FN: &str = r"
+local function append(skey, lkey, sid, payload, maxlen, retention, rprefix)
+  local id = redis.call('XADD', lkey, 'MAXLEN', '~', maxlen, '*', 'm', payload)
+  redis.call('EXPIRE', lkey, retention)
+  local feed = redis.call('HGET', skey, 'feed')
+  if feed then
+    local sep = string.find(feed, ':', 1, true)
+    if sep then
+      redis.call('PUBLISH', rprefix .. string.sub(feed, 1, sep - 1),
+        'ev ' .. sid .. ' ' .. string.sub(feed, sep + 1) .. ' ' .. id .. '\n' .. payload)
+    end
+  end
+  return id
+end
+";
+
+/// KEYS: session. ARGV: initialize params JSON, ttl.
+pub const SESSION_CREATE: &str = r"
+redis.call('HSET', KEYS[1], 'init', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// KEYS: session. ARGV: ttl. Returns the initialize params and slides the TTL.
+pub const SESSION_LOAD: &str = r"
+local init = redis.call('HGET', KEYS[1], 'init')
+if init then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return init
+";
+
+/// KEYS: session, event log. ARGV: subscriber-set prefix, session id, control channel, message.
+/// Removes the session from every subscriber set, deletes its keys and tells every replica.
+pub const SESSION_DELETE: &str = r"
+local fields = redis.call('HKEYS', KEYS[1])
+for _, field in ipairs(fields) do
+  if string.sub(field, 1, 4) == 'sub:' then
+    redis.call('SREM', ARGV[1] .. string.sub(field, 5), ARGV[2])
+  end
+end
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return existed
+";
+
+/// KEYS: session. ARGV: field, value, ttl. Returns 0 when the session is gone.
+pub const SESSION_SET_FIELD: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// KEYS: session, subscriber set. ARGV: uri, session id, ttl, max subscriptions per session.
+/// Returns 1 (subscribed), -1 (session gone) or -2 (too many subscriptions).
+pub const SUBSCRIBE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local field = 'sub:' .. ARGV[1]
+if redis.call('HEXISTS', KEYS[1], field) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
+  return -2
+end
+redis.call('HSET', KEYS[1], field, '1')
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// KEYS: session, subscriber set. ARGV: uri, session id.
+pub const UNSUBSCRIBE: &str = r"
+redis.call('HDEL', KEYS[1], 'sub:' .. ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+if redis.call('SCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
+return 1
+";
+
+/// KEYS: session, event log. ARGV: payload, max length, retention, replica-channel prefix, session
+/// id. Returns the event id, or nil when the session is gone.
+pub fn event_append() -> String {
+    format!(
+        "{APPEND_FN}
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return append(KEYS[1], KEYS[2], ARGV[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+"
+    )
+}
+
+/// KEYS: session, event log. ARGV: feed holder (`tag:stream`), resume-after id or '' for a fresh
+/// stream, max events, session ttl.
+///
+/// Atomically names the caller as the holder of the session's GET stream and reads where to start:
+/// every event appended afterwards is published to the caller, every earlier one is in the reply,
+/// so nothing falls in between. Returns nil when the session is gone, `{last id}` for a fresh
+/// stream, or `{id1, payload1, id2, payload2, ...}` when resuming.
+pub const FEED_OPEN: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'feed', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if ARGV[2] == '' then
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if #last == 0 then return {'0-0'} end
+  return {last[1][1]}
+end
+local entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[2], '+', 'COUNT', ARGV[3])
+local out = {}
+for _, entry in ipairs(entries) do
+  out[#out + 1] = entry[1]
+  out[#out + 1] = entry[2][2]
+end
+return out
+";
+
+/// KEYS: subscriber set. ARGV: session prefix, event-log prefix, payload, max length, retention,
+/// replica-channel prefix, resource channel, resource message. Appends the notification to the log
+/// of every live subscriber (dropping expired ones from the set) and broadcasts the change for
+/// `subscriptions/listen` streams. Returns the number of sessions notified.
+pub fn resource_updated() -> String {
+    format!(
+        "{APPEND_FN}
+local sids = redis.call('SMEMBERS', KEYS[1])
+local delivered = 0
+for _, sid in ipairs(sids) do
+  local skey = ARGV[1] .. sid
+  if redis.call('EXISTS', skey) == 1 then
+    append(skey, ARGV[2] .. sid, sid, ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+    delivered = delivered + 1
+  else
+    redis.call('SREM', KEYS[1], sid)
+  end
+end
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return delivered
+"
+    )
+}
+
+/// KEYS: subscriber set. ARGV: session prefix. Drops members whose session expired.
+pub const PRUNE_SUBSCRIBERS: &str = r"
+local sids = redis.call('SMEMBERS', KEYS[1])
+local removed = 0
+for _, sid in ipairs(sids) do
+  if redis.call('EXISTS', ARGV[1] .. sid) == 0 then
+    redis.call('SREM', KEYS[1], sid)
+    removed = removed + 1
+  end
+end
+return removed
+";
+
+/// KEYS: kv hash, kv key index (sorted set). ARGV: key, value, max keys. Returns 1 (created),
+/// 0 (updated) or -1 (full).
+pub const KV_SET: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return -1
+end
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+";
+
+/// KEYS: kv hash, kv key index. ARGV: key. Returns 1 when the key existed.
+pub const KV_DELETE: &str = r"
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+";

@@ -1,0 +1,693 @@
+//! The in-process side of the cluster bus: it demultiplexes the messages one replica receives on its
+//! single subscriber connection (or, in the embedded default, from the in-memory backend) to the
+//! local streams and tasks that want them.
+//!
+//! Three kinds of consumer register here:
+//! - **feeds**: the GET streams of legacy sessions held by this replica. At most one feed per session
+//!   is the *primary* that receives events; older ones become silent shadows (the MCP transport
+//!   forbids sending one message on two streams).
+//! - **listeners**: `subscriptions/listen` streams of 2026-07-28 clients, indexed by resource URI.
+//! - **control**: one task of the server that closes local session workers, forwards cancellations
+//!   and client responses into them.
+//!
+//! Dispatch never blocks and never awaits: a consumer that cannot keep up loses live messages but is
+//! told so (feeds re-read the durable event log; see [`crate::feed`]), so one slow client never delays
+//! another. Wire formats of the messages are defined here too (`encode_*` / [`Bus::dispatch`]).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    ids::{EventId, ReplicaTag},
+    keys::Keys,
+    metrics::Metrics,
+};
+
+/// Capacity of one feed's live channel; past it the feed falls back to reading the event log.
+pub const FEED_CHANNEL_CAPACITY: usize = 256;
+/// Capacity of one listener's channel.
+pub const LISTENER_CHANNEL_CAPACITY: usize = 256;
+/// Capacity of the control channel to the server.
+pub const CONTROL_CHANNEL_CAPACITY: usize = 4096;
+
+/// An event of a session's event log, delivered live to the feed holding the session's GET stream.
+#[derive(Debug, Clone)]
+pub struct FeedEvent {
+    /// Its id in the session's event log.
+    pub id: EventId,
+    /// The JSON-RPC message, serialized.
+    pub payload: Arc<str>,
+}
+
+/// A message for the server's control task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlMessage {
+    /// A session was deleted somewhere in the cluster: drop its local worker.
+    SessionDeleted {
+        /// The session.
+        session: String,
+    },
+    /// A client's `notifications/cancelled` arrived at another replica: deliver it to the local
+    /// worker of the session, which cancels the request if it runs here.
+    Cancel {
+        /// The session.
+        session: String,
+        /// The notification, serialized.
+        payload: String,
+    },
+    /// A client's JSON-RPC response to a request this replica sent (sampling, elicitation, ping)
+    /// arrived at another replica: deliver it to the local worker of the session.
+    Forward {
+        /// The session.
+        session: String,
+        /// The response, serialized.
+        payload: String,
+    },
+}
+
+/// What a `subscriptions/listen` stream is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenEvent {
+    /// `notifications/resources/updated` for this URI.
+    ResourceUpdated(String),
+    /// A list changed.
+    ListChanged(ListKind),
+}
+
+/// Which list changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListKind {
+    /// `notifications/tools/list_changed`.
+    Tools,
+    /// `notifications/prompts/list_changed`.
+    Prompts,
+    /// `notifications/resources/list_changed`.
+    Resources,
+}
+
+impl ListKind {
+    fn code(self) -> &'static str {
+        match self {
+            ListKind::Tools => "tools",
+            ListKind::Prompts => "prompts",
+            ListKind::Resources => "resources",
+        }
+    }
+    fn parse(code: &str) -> Option<Self> {
+        match code {
+            "tools" => Some(ListKind::Tools),
+            "prompts" => Some(ListKind::Prompts),
+            "resources" => Some(ListKind::Resources),
+            _ => None,
+        }
+    }
+}
+
+/// The handle a feed keeps while it is registered; dropping it unregisters the feed.
+#[derive(Debug)]
+pub struct FeedRegistration {
+    bus: Bus,
+    session: String,
+    stream: u64,
+    /// Live events for this feed while it is the primary; closed when a newer feed of the same
+    /// session on this replica takes over (the feed then becomes a shadow).
+    pub events: mpsc::Receiver<FeedEvent>,
+    /// Set when live events were dropped (full channel, bus reconnect): re-read the log.
+    pub lagged: Arc<LagSignal>,
+    /// Cancelled when the session is deleted anywhere in the cluster, or this replica shuts its
+    /// streams down.
+    pub gone: CancellationToken,
+}
+
+impl FeedRegistration {
+    /// The feed's identity within this replica, as written into the session's `feed` field.
+    pub fn stream(&self) -> u64 {
+        self.stream
+    }
+}
+
+impl Drop for FeedRegistration {
+    fn drop(&mut self) {
+        self.bus.unregister_feed(&self.session, self.stream);
+    }
+}
+
+/// A flag with a wake-up: set by the dispatcher when live messages were lost.
+#[derive(Debug, Default)]
+pub struct LagSignal {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl LagSignal {
+    /// Marks the feed as lagged and wakes it.
+    pub fn raise(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+    /// Returns whether the feed lagged since the last call, clearing the flag.
+    pub fn take(&self) -> bool {
+        self.flag.swap(false, Ordering::SeqCst)
+    }
+    /// Waits until [`LagSignal::raise`] is called.
+    pub async fn raised(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// The handle a listener keeps; dropping it unregisters the listener.
+#[derive(Debug)]
+pub struct ListenerRegistration {
+    bus: Bus,
+    id: u64,
+    /// Events matching the listener's filter.
+    pub events: mpsc::Receiver<ListenEvent>,
+}
+
+impl Drop for ListenerRegistration {
+    fn drop(&mut self) {
+        self.bus.unregister_listener(self.id);
+    }
+}
+
+#[derive(Debug)]
+struct PrimaryFeed {
+    stream: u64,
+    tx: mpsc::Sender<FeedEvent>,
+    lagged: Arc<LagSignal>,
+}
+
+#[derive(Debug)]
+struct SessionFeeds {
+    primary: Option<PrimaryFeed>,
+    gone: CancellationToken,
+    streams: usize,
+}
+
+#[derive(Debug)]
+struct Listener {
+    uris: HashSet<String>,
+    lists: HashSet<ListKind>,
+    tx: mpsc::Sender<ListenEvent>,
+}
+
+#[derive(Debug, Default)]
+struct Listeners {
+    by_id: HashMap<u64, Listener>,
+    by_uri: HashMap<String, HashSet<u64>>,
+}
+
+#[derive(Debug)]
+struct BusInner {
+    keys: Keys,
+    tag: ReplicaTag,
+    replica_channel: String,
+    control_channel: String,
+    resource_channel: String,
+    feeds: Mutex<HashMap<String, SessionFeeds>>,
+    listeners: Mutex<Listeners>,
+    next_id: AtomicU64,
+    control_tx: mpsc::Sender<ControlMessage>,
+    shutdown: CancellationToken,
+    metrics: Metrics,
+}
+
+/// The replica's message demultiplexer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    inner: Arc<BusInner>,
+}
+
+impl Bus {
+    /// A bus for the replica `tag`; control messages go to the returned receiver.
+    pub fn new(keys: Keys, tag: ReplicaTag, metrics: Metrics) -> (Self, mpsc::Receiver<ControlMessage>) {
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
+        let inner = BusInner {
+            replica_channel: keys.replica_channel(tag.as_str()),
+            control_channel: keys.control_channel(),
+            resource_channel: keys.resource_channel(),
+            keys,
+            tag,
+            feeds: Mutex::default(),
+            listeners: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            control_tx,
+            shutdown: CancellationToken::new(),
+            metrics,
+        };
+        (
+            Self {
+                inner: Arc::new(inner),
+            },
+            control_rx,
+        )
+    }
+
+    /// This replica's tag.
+    pub fn tag(&self) -> &ReplicaTag {
+        &self.inner.tag
+    }
+
+    /// Key and channel names.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// The channels this replica must be subscribed to.
+    pub fn channels(&self) -> [&str; 3] {
+        [
+            &self.inner.replica_channel,
+            &self.inner.control_channel,
+            &self.inner.resource_channel,
+        ]
+    }
+
+    /// Registers a feed (GET stream) for `session`. It becomes the session's primary feed on this
+    /// replica; a previous primary is demoted to a shadow.
+    ///
+    /// # Errors
+    /// Returns `None` when the replica is shutting its streams down.
+    pub fn register_feed(&self, session: &str) -> Option<FeedRegistration> {
+        if self.inner.shutdown.is_cancelled() {
+            return None;
+        }
+        let stream = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(FEED_CHANNEL_CAPACITY);
+        let lagged = Arc::new(LagSignal::default());
+        let mut feeds = self.inner.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = feeds
+            .entry(session.to_owned())
+            .or_insert_with(|| SessionFeeds {
+                primary: None,
+                gone: self.inner.shutdown.child_token(),
+                streams: 0,
+            });
+        entry.streams += 1;
+        entry.primary = Some(PrimaryFeed {
+            stream,
+            tx,
+            lagged: lagged.clone(),
+        });
+        let gone = entry.gone.clone();
+        drop(feeds);
+        Some(FeedRegistration {
+            bus: self.clone(),
+            session: session.to_owned(),
+            stream,
+            events: rx,
+            lagged,
+            gone,
+        })
+    }
+
+    fn unregister_feed(&self, session: &str, stream: u64) {
+        let mut feeds = self.inner.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = feeds.get_mut(session) {
+            entry.streams = entry.streams.saturating_sub(1);
+            if entry.primary.as_ref().is_some_and(|p| p.stream == stream) {
+                entry.primary = None;
+            }
+            if entry.streams == 0 {
+                feeds.remove(session);
+            }
+        }
+    }
+
+    /// Registers a `subscriptions/listen` stream interested in `uris` and `lists`.
+    ///
+    /// Returns `None` when the replica is shutting its streams down.
+    pub fn register_listener(
+        &self,
+        uris: impl IntoIterator<Item = String>,
+        lists: impl IntoIterator<Item = ListKind>,
+    ) -> Option<ListenerRegistration> {
+        if self.inner.shutdown.is_cancelled() {
+            return None;
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(LISTENER_CHANNEL_CAPACITY);
+        let listener = Listener {
+            uris: uris.into_iter().collect(),
+            lists: lists.into_iter().collect(),
+            tx,
+        };
+        let mut listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        for uri in &listener.uris {
+            listeners.by_uri.entry(uri.clone()).or_default().insert(id);
+        }
+        listeners.by_id.insert(id, listener);
+        drop(listeners);
+        Some(ListenerRegistration {
+            bus: self.clone(),
+            id,
+            events: rx,
+        })
+    }
+
+    fn unregister_listener(&self, id: u64) {
+        let mut listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(listener) = listeners.by_id.remove(&id) {
+            for uri in listener.uris {
+                if let Some(ids) = listeners.by_uri.get_mut(&uri) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        listeners.by_uri.remove(&uri);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Number of feeds and listeners registered (for tests and gauges).
+    pub fn stream_counts(&self) -> (usize, usize) {
+        let feeds = self
+            .inner
+            .feeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|f| f.streams)
+            .sum();
+        let listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .len();
+        (feeds, listeners)
+    }
+
+    /// Ends every feed and refuses new streams and listeners (graceful shutdown: clients reconnect
+    /// to another replica). Listeners are told through [`Bus::shutdown_token`].
+    pub fn shut_down_streams(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Cancelled once [`Bus::shut_down_streams`] was called.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Marks every feed as lagged: live messages may have been lost (subscriber reconnect or a
+    /// lagging subscriber), so each feed re-reads its session's log.
+    pub fn all_feeds_lagged(&self) {
+        let feeds = self.inner.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        for entry in feeds.values() {
+            if let Some(primary) = &entry.primary {
+                primary.lagged.raise();
+            }
+        }
+    }
+
+    /// Delivers one message received on `channel`. Never blocks.
+    pub fn dispatch(&self, channel: &str, payload: &[u8]) {
+        let Ok(payload) = std::str::from_utf8(payload) else {
+            self.inner.metrics.bus_message("invalid");
+            tracing::warn!(channel, "dropping non-UTF-8 bus message");
+            return;
+        };
+        let outcome = if channel == self.inner.replica_channel {
+            self.dispatch_directed(payload)
+        } else if channel == self.inner.control_channel {
+            self.dispatch_control(payload)
+        } else if channel == self.inner.resource_channel {
+            self.dispatch_resource(payload)
+        } else {
+            Err("unknown channel")
+        };
+        match outcome {
+            Ok(kind) => self.inner.metrics.bus_message(kind),
+            Err(reason) => {
+                self.inner.metrics.bus_message("invalid");
+                tracing::warn!(channel, reason, "dropping malformed bus message");
+            }
+        }
+    }
+
+    fn dispatch_directed(&self, payload: &str) -> Result<&'static str, &'static str> {
+        let (head, body) = payload.split_once('\n').ok_or("missing body")?;
+        let mut words = head.split(' ');
+        match words.next() {
+            Some("ev") => {
+                let session = words.next().ok_or("missing session")?;
+                let stream: u64 = words
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("bad stream")?;
+                let id: EventId = words
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("bad event id")?;
+                self.deliver_feed_event(session, stream, id, body);
+                Ok("event")
+            }
+            Some("fwd") => {
+                let session = words.next().ok_or("missing session")?;
+                self.control(ControlMessage::Forward {
+                    session: session.to_owned(),
+                    payload: body.to_owned(),
+                });
+                Ok("forward")
+            }
+            _ => Err("unknown directed message"),
+        }
+    }
+
+    fn deliver_feed_event(&self, session: &str, stream: u64, id: EventId, body: &str) {
+        let feeds = self.inner.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(primary) = feeds.get(session).and_then(|f| f.primary.as_ref()) else {
+            return; // the stream closed, or a newer stream on another replica took over
+        };
+        if primary.stream != stream {
+            return;
+        }
+        let event = FeedEvent {
+            id,
+            payload: Arc::from(body),
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = primary.tx.try_send(event) {
+            self.inner.metrics.feed_lagged();
+            primary.lagged.raise();
+        }
+    }
+
+    fn dispatch_control(&self, payload: &str) -> Result<&'static str, &'static str> {
+        let (head, body) = payload.split_once('\n').unwrap_or((payload, ""));
+        let mut words = head.split(' ');
+        match words.next() {
+            Some("del") => {
+                let session = words.next().ok_or("missing session")?;
+                if let Some(entry) = self
+                    .inner
+                    .feeds
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(session)
+                {
+                    entry.gone.cancel();
+                }
+                self.control(ControlMessage::SessionDeleted {
+                    session: session.to_owned(),
+                });
+                Ok("deleted")
+            }
+            Some("cancel") => {
+                let origin = words.next().ok_or("missing origin")?;
+                let session = words.next().ok_or("missing session")?;
+                if origin != self.inner.tag.as_str() {
+                    self.control(ControlMessage::Cancel {
+                        session: session.to_owned(),
+                        payload: body.to_owned(),
+                    });
+                }
+                Ok("cancel")
+            }
+            _ => Err("unknown control message"),
+        }
+    }
+
+    fn dispatch_resource(&self, payload: &str) -> Result<&'static str, &'static str> {
+        let (kind, arg) = payload.split_once(' ').ok_or("missing argument")?;
+        let listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let (event, targets): (ListenEvent, Vec<&Listener>) = match kind {
+            "u" => (
+                ListenEvent::ResourceUpdated(arg.to_owned()),
+                listeners
+                    .by_uri
+                    .get(arg)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| listeners.by_id.get(id))
+                    .collect(),
+            ),
+            "l" => {
+                let list = ListKind::parse(arg).ok_or("unknown list")?;
+                (
+                    ListenEvent::ListChanged(list),
+                    listeners
+                        .by_id
+                        .values()
+                        .filter(|l| l.lists.contains(&list))
+                        .collect(),
+                )
+            }
+            _ => return Err("unknown resource message"),
+        };
+        for listener in targets {
+            if listener.tx.try_send(event.clone()).is_err() {
+                self.inner.metrics.listener_dropped();
+            }
+        }
+        Ok("resource")
+    }
+
+    fn control(&self, message: ControlMessage) {
+        if self.inner.control_tx.try_send(message).is_err() {
+            self.inner.metrics.bus_message("control_dropped");
+            tracing::warn!("control channel full, dropping a cluster control message");
+        }
+    }
+}
+
+/// Wire format of a session event for the replica holding the session's GET stream. Built by the
+/// Lua scripts in Redis; this function exists for the in-memory backend and the tests.
+pub fn encode_feed_event(session: &str, stream: u64, id: EventId, payload: &str) -> String {
+    format!("ev {session} {stream} {id}\n{payload}")
+}
+
+/// Wire format of a forwarded client response.
+pub fn encode_forward(session: &str, payload: &str) -> String {
+    format!("fwd {session}\n{payload}")
+}
+
+/// Wire format of "session deleted".
+pub fn encode_session_deleted(session: &str) -> String {
+    format!("del {session}")
+}
+
+/// Wire format of a cancellation broadcast from replica `origin`.
+pub fn encode_cancel(origin: &ReplicaTag, session: &str, payload: &str) -> String {
+    format!("cancel {origin} {session}\n{payload}")
+}
+
+/// Wire format of "resource updated".
+pub fn encode_resource_updated(uri: &str) -> String {
+    format!("u {uri}")
+}
+
+/// Wire format of "list changed".
+pub fn encode_list_changed(list: ListKind) -> String {
+    format!("l {}", list.code())
+}
+
+/// The value of a session's `feed` field: which replica and stream hold its GET stream.
+pub fn feed_holder(tag: &ReplicaTag, stream: u64) -> String {
+    format!("{tag}:{stream}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bus() -> (Bus, mpsc::Receiver<ControlMessage>) {
+        Bus::new(Keys::new("t"), ReplicaTag::generate(), Metrics::new())
+    }
+
+    fn replica_channel(bus: &Bus) -> String {
+        bus.keys().replica_channel(bus.tag().as_str())
+    }
+
+    #[tokio::test]
+    async fn feed_events_reach_only_the_primary_feed() {
+        let (bus, _control) = bus();
+        let mut old = bus.register_feed("s1").expect("register");
+        let mut new = bus.register_feed("s1").expect("register");
+        let id = EventId { ms: 1, seq: 0 };
+        bus.dispatch(&replica_channel(&bus), encode_feed_event("s1", new.stream(), id, "{}").as_bytes());
+        // The old feed was demoted: its live channel is closed and it received nothing.
+        assert!(old.events.recv().await.is_none());
+        let event = new.events.recv().await.expect("event");
+        assert_eq!(event.id, id);
+        assert_eq!(&*event.payload, "{}");
+        // A message naming a stale stream is dropped.
+        bus.dispatch(&replica_channel(&bus), encode_feed_event("s1", old.stream(), id, "{}").as_bytes());
+        assert!(new.events.try_recv().is_err());
+        drop(old);
+        drop(new);
+        assert_eq!(bus.stream_counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn full_feed_is_marked_lagged() {
+        let (bus, _control) = bus();
+        let feed = bus.register_feed("s1").expect("register");
+        for seq in 0..=FEED_CHANNEL_CAPACITY as u64 {
+            let id = EventId { ms: 1, seq };
+            bus.dispatch(&replica_channel(&bus), encode_feed_event("s1", feed.stream(), id, "{}").as_bytes());
+        }
+        assert!(feed.lagged.take());
+        assert!(!feed.lagged.take());
+    }
+
+    #[tokio::test]
+    async fn session_deletion_ends_feeds_and_tells_the_server() {
+        let (bus, mut control) = bus();
+        let feed = bus.register_feed("s1").expect("register");
+        bus.dispatch(&bus.keys().control_channel(), encode_session_deleted("s1").as_bytes());
+        assert!(feed.gone.is_cancelled());
+        assert_eq!(
+            control.recv().await,
+            Some(ControlMessage::SessionDeleted { session: "s1".into() })
+        );
+    }
+
+    #[tokio::test]
+    async fn own_cancellations_are_not_echoed() {
+        let (bus, mut control) = bus();
+        let other = ReplicaTag::generate();
+        bus.dispatch(&bus.keys().control_channel(), encode_cancel(bus.tag(), "s1", "{}").as_bytes());
+        bus.dispatch(&bus.keys().control_channel(), encode_cancel(&other, "s1", "{\"x\":1}").as_bytes());
+        assert_eq!(
+            control.recv().await,
+            Some(ControlMessage::Cancel { session: "s1".into(), payload: "{\"x\":1}".into() })
+        );
+        assert!(control.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn listeners_get_their_uris_and_lists() {
+        let (bus, _control) = bus();
+        let mut a = bus.register_listener(["kv://a".to_owned()], []).expect("register");
+        let mut b = bus
+            .register_listener(["kv://b".to_owned()], [ListKind::Resources])
+            .expect("register");
+        let channel = bus.keys().resource_channel();
+        bus.dispatch(&channel, encode_resource_updated("kv://a").as_bytes());
+        bus.dispatch(&channel, encode_list_changed(ListKind::Resources).as_bytes());
+        assert_eq!(a.events.recv().await, Some(ListenEvent::ResourceUpdated("kv://a".into())));
+        assert!(a.events.try_recv().is_err());
+        assert_eq!(b.events.recv().await, Some(ListenEvent::ListChanged(ListKind::Resources)));
+        drop(a);
+        drop(b);
+        assert_eq!(bus.stream_counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn shutdown_refuses_new_streams() {
+        let (bus, _control) = bus();
+        let feed = bus.register_feed("s1").expect("register");
+        bus.shut_down_streams();
+        assert!(feed.gone.is_cancelled());
+        assert!(bus.register_feed("s2").is_none());
+        assert!(bus.register_listener([], []).is_none());
+    }
+}

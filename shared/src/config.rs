@@ -1,0 +1,370 @@
+//! The single configuration tree of a replica.
+//!
+//! Every setting is a command-line flag with an environment equivalent (`SHOAL_*`), so the same
+//! binary is configured by flags in development and by the environment in containers. Defaults live
+//! here and nowhere else; `docs/configuration.md` lists them. Validation of cross-field rules happens
+//! once in [`Config::validate`]. Toolset names are validated by the server, which owns the toolsets.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use secrecy::{ExposeSecret, SecretString};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// JSON when standard error is not a terminal, human-readable text otherwise.
+    Auto,
+    /// One JSON object per line (production).
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// Configuration of one shoal replica.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "shoal-server",
+    version,
+    about = "shoal: one replica of a horizontally scaled MCP server cluster",
+    long_about = "shoal: one replica of a horizontally scaled MCP server cluster.\n\n\
+        Replicas keep MCP session state, the resumable event log, subscriptions and the cluster bus in \
+        Redis, so any replica behind any load balancer serves any request. Without SHOAL_REDIS_URL the \
+        replica runs alone on in-memory backends.\n\n\
+        Every flag can also be set through the environment variable shown with it."
+)]
+pub struct Config {
+    /// Address to listen on (host:port).
+    #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL for the shared cluster state (redis://[user:password@]host:port[/db]). When unset
+    /// (and REDIS_URL is unset too) the replica runs alone on embedded in-memory backends.
+    #[arg(long, env = "SHOAL_REDIS_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub redis_url: Option<SecretString>,
+
+    /// Prefix of every Redis key and channel, so environments and tests sharing a Redis never collide.
+    #[arg(long, env = "SHOAL_KEY_PREFIX", default_value = "shoal")]
+    pub key_prefix: String,
+
+    /// Comma-separated Host header values accepted on /mcp (DNS-rebinding protection). Behind a
+    /// balancer, list the public host names clients use. An entry without a port matches any port.
+    #[arg(
+        long,
+        env = "SHOAL_ALLOWED_HOSTS",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1,::1"
+    )]
+    pub allowed_hosts: Vec<String>,
+
+    /// Comma-separated browser origins accepted on /mcp (scheme://host[:port], `:*` for any port).
+    /// When empty, `http(s)://<host>:*` is accepted for every allowed host. Requests without an
+    /// Origin header are not affected.
+    #[arg(long, env = "SHOAL_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Comma-separated toolsets to serve (kv, conformance).
+    #[arg(long, env = "SHOAL_TOOLSETS", value_delimiter = ',', default_value = "kv")]
+    pub toolsets: Vec<String>,
+
+    /// Seconds a legacy session may stay idle before it expires everywhere (its Redis keys too).
+    /// Every request, and every open GET stream, slides the window.
+    #[arg(long, env = "SHOAL_SESSION_IDLE_TTL_SECS", default_value_t = 1800)]
+    pub session_idle_ttl_secs: u64,
+
+    /// Seconds an idle session keeps its in-memory worker on one replica before the worker is
+    /// dropped (it is restored from Redis on the next request). Capped at the session idle TTL.
+    #[arg(long, env = "SHOAL_WORKER_IDLE_SECS", default_value_t = 300)]
+    pub worker_idle_secs: u64,
+
+    /// Maximum session workers held in memory by one replica; beyond it, new sessions get 503.
+    #[arg(long, env = "SHOAL_MAX_LOCAL_SESSIONS", default_value_t = 20_000)]
+    pub max_local_sessions: usize,
+
+    /// Maximum open server-to-client streams (GET streams and subscriptions/listen) on one replica;
+    /// beyond it, new streams get 503.
+    #[arg(long, env = "SHOAL_MAX_STREAMS", default_value_t = 10_000)]
+    pub max_streams: usize,
+
+    /// Maximum events kept in one session's resumable event log (approximate, trimmed by Redis).
+    #[arg(long, env = "SHOAL_EVENT_LOG_MAX_LEN", default_value_t = 1000)]
+    pub event_log_max_len: u64,
+
+    /// Seconds an event log is kept after its last event; resuming from an older event id replays
+    /// what is left.
+    #[arg(long, env = "SHOAL_EVENT_RETENTION_SECS", default_value_t = 900)]
+    pub event_retention_secs: u64,
+
+    /// Maximum size of a POST body in bytes; larger bodies get 413.
+    #[arg(long, env = "SHOAL_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Seconds between SSE keep-alive comments on open streams (also how fast a vanished client
+    /// is noticed).
+    #[arg(long, env = "SHOAL_SSE_KEEPALIVE_SECS", default_value_t = 15)]
+    pub sse_keepalive_secs: u64,
+
+    /// Milliseconds clients are told to wait before reconnecting a closed stream (SSE `retry:`).
+    #[arg(long, env = "SHOAL_SSE_RETRY_MS", default_value_t = 1000)]
+    pub sse_retry_ms: u64,
+
+    /// Timeout of every Redis command, in milliseconds.
+    #[arg(long, env = "SHOAL_REDIS_TIMEOUT_MS", default_value_t = 2000)]
+    pub redis_timeout_ms: u64,
+
+    /// Redis connections used for commands (the bus subscriber has one more of its own).
+    #[arg(long, env = "SHOAL_REDIS_POOL_SIZE", default_value_t = 2)]
+    pub redis_pool_size: usize,
+
+    /// Seconds to wait for in-flight requests on shutdown before the rest is cut off.
+    #[arg(long, env = "SHOAL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+
+    /// Maximum number of keys in the kv scratchpad.
+    #[arg(long, env = "SHOAL_KV_MAX_KEYS", default_value_t = 10_000)]
+    pub kv_max_keys: u64,
+
+    /// Maximum size of one kv value in bytes.
+    #[arg(long, env = "SHOAL_KV_MAX_VALUE_BYTES", default_value_t = 64 * 1024)]
+    pub kv_max_value_bytes: usize,
+
+    /// Log format.
+    #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+
+    /// Human-readable replica name for logs and metrics (defaults to the host name).
+    #[arg(long, env = "SHOAL_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+}
+
+fn parse_secret(value: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(value.to_owned()))
+}
+
+/// A configuration rule was broken.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Parses flags and environment, applies the standard fallbacks (`REDIS_URL`) and validates.
+    ///
+    /// # Errors
+    /// Returns a [`ConfigError`] naming the first rule that is broken.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::from_args(std::env::args_os())
+    }
+
+    /// Like [`Config::load`], with explicit arguments (the first one is the program name).
+    ///
+    /// # Errors
+    /// Returns a [`ConfigError`] when parsing or validation fails. `--help` and `--version` exit
+    /// the process, as command-line tools do.
+    pub fn from_args<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut config = match Self::try_parse_from(args) {
+            Ok(config) => config,
+            Err(error) if error.use_stderr() => return Err(ConfigError(error.to_string())),
+            Err(error) => error.exit(),
+        };
+        if config.redis_url.is_none()
+            && let Ok(url) = std::env::var("REDIS_URL")
+            && !url.is_empty()
+        {
+            config.redis_url = Some(SecretString::from(url));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules that involve more than one field and normalises lists.
+    ///
+    /// # Errors
+    /// Returns a [`ConfigError`] naming the broken rule.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        let nonzero = [
+            ("SHOAL_SESSION_IDLE_TTL_SECS", self.session_idle_ttl_secs),
+            ("SHOAL_WORKER_IDLE_SECS", self.worker_idle_secs),
+            ("SHOAL_EVENT_LOG_MAX_LEN", self.event_log_max_len),
+            ("SHOAL_EVENT_RETENTION_SECS", self.event_retention_secs),
+            ("SHOAL_SSE_KEEPALIVE_SECS", self.sse_keepalive_secs),
+            ("SHOAL_REDIS_TIMEOUT_MS", self.redis_timeout_ms),
+            ("SHOAL_KV_MAX_KEYS", self.kv_max_keys),
+        ];
+        if let Some((name, _)) = nonzero.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError(format!("{name} must be greater than zero")));
+        }
+        if self.max_local_sessions == 0 || self.max_streams == 0 || self.redis_pool_size == 0 {
+            return Err(ConfigError(
+                "SHOAL_MAX_LOCAL_SESSIONS, SHOAL_MAX_STREAMS and SHOAL_REDIS_POOL_SIZE must be greater than zero"
+                    .into(),
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(ConfigError("SHOAL_MAX_BODY_BYTES must be at least 1024".into()));
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError(
+                "SHOAL_KEY_PREFIX must be non-empty and contain no whitespace".into(),
+            ));
+        }
+        // An idle worker never outlives its session: a replica holds no memory for expired sessions.
+        self.worker_idle_secs = self.worker_idle_secs.min(self.session_idle_ttl_secs);
+        for list in [&mut self.allowed_hosts, &mut self.allowed_origins, &mut self.toolsets] {
+            list.iter_mut().for_each(|item| *item = item.trim().to_owned());
+            list.retain(|item| !item.is_empty());
+            list.dedup();
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.expose_secret().starts_with("redis://")
+                || url.expose_secret().starts_with("rediss://"))
+        {
+            return Err(ConfigError(
+                "SHOAL_REDIS_URL must start with redis:// or rediss://".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The session idle TTL.
+    pub fn session_idle_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_idle_ttl_secs)
+    }
+
+    /// The idle time after which a replica drops a session's in-memory worker.
+    pub fn worker_idle(&self) -> Duration {
+        Duration::from_secs(self.worker_idle_secs)
+    }
+
+    /// The Redis URL with any password replaced by `***`, for logs.
+    pub fn redis_url_redacted(&self) -> Option<String> {
+        self.redis_url
+            .as_ref()
+            .map(|url| redact_url(url.expose_secret()))
+    }
+
+    /// Origins accepted on /mcp: the configured list, or one derived from the allowed hosts.
+    pub fn effective_allowed_origins(&self) -> Vec<String> {
+        if !self.allowed_origins.is_empty() {
+            return self.allowed_origins.clone();
+        }
+        self.allowed_hosts
+            .iter()
+            .filter_map(|host| {
+                let bare = host_without_port(host);
+                (!bare.is_empty()).then(|| {
+                    let bare = if bare.contains(':') {
+                        format!("[{bare}]")
+                    } else {
+                        bare.to_owned()
+                    };
+                    [format!("http://{bare}:*"), format!("https://{bare}:*")]
+                })
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// A human-readable replica name.
+    pub fn replica_name(&self) -> String {
+        self.replica_name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "shoal".to_owned())
+    }
+}
+
+fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or_default();
+    }
+    match host.rsplit_once(':') {
+        // `::1` and other bare IPv6 addresses have more than one colon: no port.
+        Some((bare, port)) if !bare.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => {
+            bare
+        }
+        _ => host,
+    }
+}
+
+/// Replaces the password of a URL (`scheme://user:password@host`) with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["shoal-server"];
+        all.extend_from_slice(args);
+        Config::from_args(all)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]).expect("defaults parse");
+        assert_eq!(config.key_prefix, "shoal");
+        assert_eq!(config.toolsets, vec!["kv"]);
+        assert_eq!(config.session_idle_ttl_secs, 1800);
+    }
+
+    #[test]
+    fn lists_are_split_and_trimmed() {
+        let config = parse(&["--toolsets", "kv, conformance,,", "--allowed-hosts", "a.example, b:8080"])
+            .expect("parse");
+        assert_eq!(config.toolsets, vec!["kv", "conformance"]);
+        assert_eq!(config.allowed_hosts, vec!["a.example", "b:8080"]);
+    }
+
+    #[test]
+    fn worker_idle_is_capped_by_session_ttl() {
+        let config = parse(&["--session-idle-ttl-secs", "5", "--worker-idle-secs", "300"]).expect("parse");
+        assert_eq!(config.worker_idle_secs, 5);
+    }
+
+    #[test]
+    fn zero_ttl_is_rejected() {
+        let error = parse(&["--session-idle-ttl-secs", "0"]).expect_err("must fail");
+        assert!(error.0.contains("SHOAL_SESSION_IDLE_TTL_SECS"), "{error}");
+    }
+
+    #[test]
+    fn redis_url_scheme_is_checked_and_redacted() {
+        assert!(parse(&["--redis-url", "http://x"]).is_err());
+        let config = parse(&["--redis-url", "redis://user:hunter2@db:6379/0"]).expect("parse");
+        assert_eq!(config.redis_url_redacted().as_deref(), Some("redis://user:***@db:6379/0"));
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn origins_are_derived_from_hosts() {
+        let config = parse(&["--allowed-hosts", "localhost:8080,::1,[::2]:9,lb.example"]).expect("parse");
+        assert_eq!(
+            config.effective_allowed_origins(),
+            vec![
+                "http://localhost:*",
+                "https://localhost:*",
+                "http://[::1]:*",
+                "https://[::1]:*",
+                "http://[::2]:*",
+                "https://[::2]:*",
+                "http://lb.example:*",
+                "https://lb.example:*",
+            ]
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! The only place where Redis key and channel names are built.
+//!
+//! Every name starts with the configured prefix, so environments and tests that share one Redis never
+//! collide. The layout is documented in `docs/architecture.md`; the Lua scripts in
+//! [`crate::backend`] rebuild some of these names from the prefix they receive, and the unit tests
+//! below pin the shapes they rely on.
+
+/// Builds key and channel names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Key names under `prefix`.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Hash holding one legacy session: `init` (initialize params), `feed` (who holds the GET
+    /// stream), `log` (logging level) and one `sub:{uri}` field per resource subscription.
+    pub fn session(&self, sid: &str) -> String {
+        format!("{}:sess:{sid}", self.prefix)
+    }
+
+    /// Redis Stream: the resumable event log of one session's GET stream.
+    pub fn event_log(&self, sid: &str) -> String {
+        format!("{}:ev:{sid}", self.prefix)
+    }
+
+    /// Set of session ids subscribed (legacy `resources/subscribe`) to one resource URI.
+    pub fn subscribers(&self, uri: &str) -> String {
+        format!("{}:subs:{uri}", self.prefix)
+    }
+
+    /// Pattern matching every subscriber set (for the janitor's SCAN).
+    pub fn subscribers_pattern(&self) -> String {
+        format!("{}:subs:*", self.prefix)
+    }
+
+    /// Hash of the kv scratchpad.
+    pub fn kv(&self) -> String {
+        format!("{}:kv", self.prefix)
+    }
+
+    /// Sorted set of kv keys (all with score 0), for ordered, paginated listing.
+    pub fn kv_index(&self) -> String {
+        format!("{}:kvkeys", self.prefix)
+    }
+
+    /// Lease key that elects the replica running the subscriber-set janitor.
+    pub fn janitor_lease(&self) -> String {
+        format!("{}:lease:janitor", self.prefix)
+    }
+
+    /// Channel of messages addressed to one replica (GET-stream events, forwarded responses).
+    pub fn replica_channel(&self, replica_tag: &str) -> String {
+        format!("{}:r:{replica_tag}", self.prefix)
+    }
+
+    /// Broadcast channel for cluster control (session deleted, cancellation).
+    pub fn control_channel(&self) -> String {
+        format!("{}:ctl", self.prefix)
+    }
+
+    /// Broadcast channel for resource changes, consumed by `subscriptions/listen` streams.
+    pub fn resource_channel(&self) -> String {
+        format!("{}:res", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Keys;
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let keys = Keys::new("t1");
+        assert_eq!(keys.session("abc"), "t1:sess:abc");
+        assert_eq!(keys.event_log("abc"), "t1:ev:abc");
+        assert_eq!(keys.subscribers("kv://a"), "t1:subs:kv://a");
+        assert_eq!(keys.subscribers_pattern(), "t1:subs:*");
+        assert_eq!(keys.kv(), "t1:kv");
+        assert_eq!(keys.kv_index(), "t1:kvkeys");
+        assert_eq!(keys.replica_channel("r9"), "t1:r:r9");
+        assert_eq!(keys.control_channel(), "t1:ctl");
+        assert_eq!(keys.resource_channel(), "t1:res");
+    }
+}

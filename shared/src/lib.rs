@@ -1,0 +1,27 @@
+//! shoal's infrastructure: everything a replica needs that is not MCP.
+//!
+//! This crate knows bytes, JSON text, Redis and HTTP; it does not depend on rmcp. The server crate
+//! adapts it to rmcp's traits.
+//!
+//! Layout:
+//! - [`config`]: the single configuration tree (flags and `SHOAL_*` variables).
+//! - [`keys`]: the only place Redis key and channel names are built.
+//! - [`ids`]: replica tags and event ids.
+//! - [`backend`]: shared state in Redis, or in memory for the embedded default.
+//! - [`bus`]: the in-process demultiplexer of cluster messages.
+//! - [`feed`]: resumable, cluster-wide GET streams over the event log.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`telemetry`]: logging set-up.
+//! - `testkit` (feature `testkit`): a raw MCP client and a launcher for local cluster topologies.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod bus;
+pub mod config;
+pub mod feed;
+pub mod ids;
+pub mod keys;
+pub mod metrics;
+pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;

@@ -1,0 +1,299 @@
+//! Prometheus metrics of one replica, rendered as text on `GET /metrics`.
+//!
+//! Every label value is a `&'static str` from a closed set (method names are normalised by the
+//! server, unknown ones become `other`), so no client can blow up cardinality. Session ids, URIs and
+//! arguments never become labels. The full list is in `docs/telemetry.md`.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabel {
+    operation: &'static str,
+}
+
+struct Inner {
+    registry: Registry,
+    sessions_active: Gauge,
+    streams_active: Family<KindLabel, Gauge>,
+    mcp_requests: Family<RequestLabels, Counter>,
+    mcp_duration: Family<MethodLabel, Histogram>,
+    http_rejections: Family<ReasonLabel, Counter>,
+    session_restores: Counter,
+    session_creates: Counter,
+    forwards: Family<KindLabel, Counter>,
+    bus_messages: Family<KindLabel, Counter>,
+    feed_lagged: Counter,
+    listener_dropped: Counter,
+    backend_errors: Family<OperationLabel, Counter>,
+    events_appended: Counter,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// The replica's metric families. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn histogram() -> Histogram {
+    // 100 µs .. ~52 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let sessions_active = Gauge::default();
+        registry.register(
+            "shoal_sessions_active",
+            "Legacy sessions with an in-memory worker on this replica",
+            sessions_active.clone(),
+        );
+        let streams_active = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "shoal_streams_active",
+            "Open server-to-client streams on this replica (kind=get|listen)",
+            streams_active.clone(),
+        );
+        let mcp_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "shoal_mcp_requests",
+            "MCP requests handled, by JSON-RPC method and outcome (ok|error|tool_error|cancelled)",
+            mcp_requests.clone(),
+        );
+        let mcp_duration = Family::<MethodLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
+        registry.register(
+            "shoal_mcp_request_duration_seconds",
+            "Time to handle an MCP request, by JSON-RPC method",
+            mcp_duration.clone(),
+        );
+        let http_rejections = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "shoal_http_rejections",
+            "HTTP requests rejected before MCP handling, by reason",
+            http_rejections.clone(),
+        );
+        let session_creates = Counter::default();
+        registry.register(
+            "shoal_session_creates",
+            "Legacy sessions initialized on this replica",
+            session_creates.clone(),
+        );
+        let session_restores = Counter::default();
+        registry.register(
+            "shoal_session_restores",
+            "Legacy sessions restored from the shared store onto this replica",
+            session_restores.clone(),
+        );
+        let forwards = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "shoal_forwards",
+            "Client messages forwarded to another replica (kind=response|cancel)",
+            forwards.clone(),
+        );
+        let bus_messages = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "shoal_bus_messages",
+            "Cluster bus messages received, by kind",
+            bus_messages.clone(),
+        );
+        let feed_lagged = Counter::default();
+        registry.register(
+            "shoal_feed_lagged",
+            "Times a GET stream fell behind live delivery and re-read the event log",
+            feed_lagged.clone(),
+        );
+        let listener_dropped = Counter::default();
+        registry.register(
+            "shoal_listener_dropped",
+            "Notifications dropped because a subscriptions/listen stream was full",
+            listener_dropped.clone(),
+        );
+        let backend_errors = Family::<OperationLabel, Counter>::default();
+        registry.register(
+            "shoal_backend_errors",
+            "Failed operations on the shared state backend, by operation",
+            backend_errors.clone(),
+        );
+        let events_appended = Counter::default();
+        registry.register(
+            "shoal_events_appended",
+            "Events appended to session event logs by this replica",
+            events_appended.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                sessions_active,
+                streams_active,
+                mcp_requests,
+                mcp_duration,
+                http_rejections,
+                session_restores,
+                session_creates,
+                forwards,
+                bus_messages,
+                feed_lagged,
+                listener_dropped,
+                backend_errors,
+                events_appended,
+            }),
+        }
+    }
+
+    /// Renders every family in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// A session worker was created or restored (+1) or dropped (-1).
+    pub fn sessions_active_add(&self, delta: i64) {
+        self.inner.sessions_active.inc_by(delta);
+    }
+
+    /// A legacy session was initialized here.
+    pub fn session_created(&self) {
+        self.inner.session_creates.inc();
+    }
+
+    /// A legacy session was restored here.
+    pub fn session_restored(&self) {
+        self.inner.session_restores.inc();
+    }
+
+    /// A stream of `kind` (`get` or `listen`) opened (+1) or closed (-1).
+    pub fn streams_active_add(&self, kind: &'static str, delta: i64) {
+        self.inner
+            .streams_active
+            .get_or_create(&KindLabel { kind })
+            .inc_by(delta);
+    }
+
+    /// Open streams of `kind`.
+    pub fn streams_active(&self, kind: &'static str) -> i64 {
+        self.inner.streams_active.get_or_create(&KindLabel { kind }).get()
+    }
+
+    /// One MCP request finished.
+    pub fn mcp_request(&self, method: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.inner
+            .mcp_requests
+            .get_or_create(&RequestLabels { method, outcome })
+            .inc();
+        self.inner
+            .mcp_duration
+            .get_or_create(&MethodLabel { method })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// An HTTP request was rejected before reaching the MCP layer.
+    pub fn http_rejection(&self, reason: &'static str) {
+        self.inner
+            .http_rejections
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A client message was forwarded to another replica.
+    pub fn forwarded(&self, kind: &'static str) {
+        self.inner.forwards.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A bus message of `kind` was received.
+    pub fn bus_message(&self, kind: &'static str) {
+        self.inner.bus_messages.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A feed's live channel overflowed.
+    pub fn feed_lagged(&self) {
+        self.inner.feed_lagged.inc();
+    }
+
+    /// A listener's channel overflowed.
+    pub fn listener_dropped(&self) {
+        self.inner.listener_dropped.inc();
+    }
+
+    /// A backend operation failed.
+    pub fn backend_error(&self, operation: &'static str) {
+        self.inner
+            .backend_errors
+            .get_or_create(&OperationLabel { operation })
+            .inc();
+    }
+
+    /// An event was appended to a session log.
+    pub fn event_appended(&self) {
+        self.inner.events_appended.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_render_with_their_labels() {
+        let metrics = Metrics::new();
+        metrics.sessions_active_add(2);
+        metrics.streams_active_add("get", 1);
+        metrics.mcp_request("tools/call", "ok", Duration::from_millis(3));
+        metrics.http_rejection("body_too_large");
+        let text = metrics.render();
+        assert!(text.contains("shoal_sessions_active 2"), "{text}");
+        assert!(text.contains("shoal_streams_active{kind=\"get\"} 1"), "{text}");
+        assert!(
+            text.contains("shoal_mcp_requests_total{method=\"tools/call\",outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("shoal_mcp_request_duration_seconds_bucket"), "{text}");
+        assert!(text.contains("shoal_http_rejections_total{reason=\"body_too_large\"} 1"), "{text}");
+    }
+}
