@@ -86,6 +86,10 @@ pub struct Config {
     #[arg(long, env = "SHOAL_MAX_STREAMS", default_value_t = 10_000)]
     pub max_streams: usize,
 
+    /// Maximum `resources/subscribe` subscriptions of one legacy session.
+    #[arg(long, env = "SHOAL_MAX_SUBSCRIPTIONS_PER_SESSION", default_value_t = 1000)]
+    pub max_subscriptions_per_session: u64,
+
     /// Maximum events kept in one session's resumable event log (approximate, trimmed by Redis).
     #[arg(long, env = "SHOAL_EVENT_LOG_MAX_LEN", default_value_t = 1000)]
     pub event_log_max_len: u64,

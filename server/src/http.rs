@@ -1,0 +1,536 @@
+//! The HTTP front of a replica: routing, the checks that run before MCP, and the connection loop
+//! with graceful shutdown.
+//!
+//! Routes: `/mcp` (MCP Streamable HTTP: POST, GET, DELETE), `/healthz` (alive), `/readyz` (ready:
+//! not draining and the shared state reachable), `/metrics` (Prometheus text).
+//!
+//! Before a message reaches rmcp this layer enforces, each with its status and a JSON-RPC error
+//! body where the client speaks JSON-RPC: Host and Origin allow-lists (403), the body size limit
+//! (413), a body read timeout (408), JSON syntax (400, -32700), JSON-RPC framing (400, -32600),
+//! the replica's session and stream limits (503), and a shared state that is down (503 instead of
+//! rmcp's 500). DELETE is handled here entirely, so that a session is only reported deleted once
+//! it is gone from the shared state.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use rmcp::{model::ProtocolVersion, transport::streamable_http_server::StreamableHttpService};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::{
+    mcp::{cluster::ClusterSessionManager, handler::ShoalHandler},
+    state::AppState,
+};
+
+/// Response body type shared with rmcp.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+type McpService = StreamableHttpService<ShoalHandler, ClusterSessionManager>;
+
+/// How long a client may take to send a request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The replica's HTTP service. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpService {
+    state: Arc<AppState>,
+    sessions: Arc<ClusterSessionManager>,
+    mcp: McpService,
+    policy: Arc<OriginPolicy>,
+}
+
+impl HttpService {
+    /// The service over `mcp`, whose session manager is `sessions`.
+    pub fn new(state: Arc<AppState>, sessions: Arc<ClusterSessionManager>, mcp: McpService) -> Self {
+        let policy = Arc::new(OriginPolicy::new(
+            &state.config.allowed_hosts,
+            &state.config.effective_allowed_origins(),
+        ));
+        Self {
+            state,
+            sessions,
+            mcp,
+            policy,
+        }
+    }
+
+    /// Handles one request.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let path = request.uri().path();
+        match (request.method(), path) {
+            (_, "/mcp") => self.mcp(request).await,
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => self.readyz().await,
+            (&Method::GET, "/metrics") => Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+                .body(full(self.state.metrics.render()))
+                .expect("valid response"),
+            (_, "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    async fn readyz(&self) -> Response<Body> {
+        if self.state.draining.load(Ordering::SeqCst) {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.state.backend.ping()).await {
+            Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
+            _ => text(StatusCode::SERVICE_UNAVAILABLE, "shared state unreachable\n"),
+        }
+    }
+
+    fn reject(&self, reason: &'static str, response: Response<Body>) -> Response<Body> {
+        self.state.metrics.http_rejection(reason);
+        response
+    }
+
+    async fn mcp(&self, request: Request<Incoming>) -> Response<Body> {
+        if let Err((reason, response)) = self.policy.check(request.uri(), request.headers()) {
+            tracing::info!(reason, "rejected request: host or origin not allowed");
+            return self.reject(reason, response);
+        }
+        match *request.method() {
+            Method::POST => self.post(request).await,
+            Method::GET => {
+                if self.streams_full() {
+                    return self.reject("streams_full", busy("this replica has too many open streams"));
+                }
+                let (parts, _) = request.into_parts();
+                self.forward(Request::from_parts(parts, Full::new(Bytes::new()))).await
+            }
+            Method::DELETE => self.delete(request.headers()).await,
+            _ => method_not_allowed("GET, POST, DELETE"),
+        }
+    }
+
+    fn streams_full(&self) -> bool {
+        let open = self.state.metrics.streams_active("get") + self.state.metrics.streams_active("listen");
+        open.max(0) as usize >= self.state.config.max_streams
+    }
+
+    async fn post(&self, request: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = request.into_parts();
+        // Accept and Content-Type are checked by rmcp (406, 415) before it reads the body: send it
+        // nothing to read when they are wrong.
+        if !is_json(&parts.headers) {
+            return self.forward(Request::from_parts(parts, Full::new(Bytes::new()))).await;
+        }
+        let limit = self.state.config.max_body_bytes;
+        let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
+        let bytes = match collected {
+            Err(_) => {
+                return self.reject(
+                    "body_timeout",
+                    jsonrpc_error(StatusCode::REQUEST_TIMEOUT, -32600, "request body not received in time"),
+                );
+            }
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+                tracing::info!(limit, "rejected request: body too large");
+                return self.reject(
+                    "body_too_large",
+                    jsonrpc_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        -32600,
+                        &format!("request body exceeds {limit} bytes"),
+                    ),
+                );
+            }
+            Ok(Err(_)) => {
+                return self.reject(
+                    "body_read",
+                    jsonrpc_error(StatusCode::BAD_REQUEST, -32600, "request body could not be read"),
+                );
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        let envelope = match Envelope::peek(&bytes) {
+            Ok(envelope) => envelope,
+            Err((code, message)) => {
+                tracing::info!(code, message, "rejected request: malformed JSON-RPC");
+                let reason = if code == -32700 { "parse_error" } else { "invalid_request" };
+                return self.reject(reason, jsonrpc_error(StatusCode::BAD_REQUEST, code, message));
+            }
+        };
+        if envelope.is_initialize
+            && self.sessions.local_sessions().await >= self.state.config.max_local_sessions
+        {
+            return self.reject("sessions_full", busy("this replica holds too many sessions"));
+        }
+        self.forward(Request::from_parts(parts, Full::new(bytes))).await
+    }
+
+    async fn forward(&self, request: Request<Full<Bytes>>) -> Response<Body> {
+        let response = self.mcp.handle(request).await;
+        if response.status() == StatusCode::INTERNAL_SERVER_ERROR && !self.state.backend.is_connected() {
+            // rmcp reports a failed session lookup as 500; the cause is a shared state that is down,
+            // which clients should retry.
+            return self.reject("backend_unavailable", unavailable());
+        }
+        response
+    }
+
+    async fn delete(&self, headers: &HeaderMap) -> Response<Body> {
+        if let Some(version) = headers.get("mcp-protocol-version") {
+            let Some(version) = version.to_str().ok().and_then(known_version) else {
+                return text(StatusCode::BAD_REQUEST, "Bad Request: Unsupported MCP-Protocol-Version\n");
+            };
+            if version.as_str() >= ProtocolVersion::V_2026_07_28.as_str() {
+                return method_not_allowed("GET, POST"); // no sessions from 2026-07-28 on
+            }
+        }
+        let Some(session) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) else {
+            return text(StatusCode::BAD_REQUEST, "Bad Request: Session ID is required\n");
+        };
+        match self.state.backend.session_delete(session).await {
+            Ok(existed) => {
+                self.sessions.close_local(session).await;
+                if existed {
+                    empty(StatusCode::ACCEPTED)
+                } else {
+                    text(StatusCode::NOT_FOUND, "Not Found: Session not found\n")
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "DELETE failed: shared state unavailable");
+                self.reject("backend_unavailable", unavailable())
+            }
+        }
+    }
+}
+
+fn known_version(value: &str) -> Option<ProtocolVersion> {
+    ProtocolVersion::KNOWN_VERSIONS
+        .iter()
+        .find(|version| version.as_str() == value)
+        .cloned()
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// What this layer needs to know of a JSON-RPC message, read without building it.
+#[derive(Debug, Default)]
+struct Envelope {
+    is_initialize: bool,
+}
+
+#[derive(Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(borrow, default)]
+    jsonrpc: Option<&'a str>,
+    #[serde(borrow, default)]
+    method: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    result: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+impl Envelope {
+    /// Checks JSON syntax and JSON-RPC framing: `(code, message)` on failure.
+    fn peek(bytes: &[u8]) -> Result<Self, (i64, &'static str)> {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first == Some(&b'[') {
+            // Still check the syntax, so malformed JSON is a parse error whatever its shape.
+            serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|_| (-32700, "Parse error: invalid JSON"))?;
+            return Err((-32600, "Invalid Request: JSON-RPC batches are not supported"));
+        }
+        let raw: RawEnvelope<'_> = match serde_json::from_slice(bytes) {
+            Ok(raw) => raw,
+            Err(error) if error.is_data() => {
+                return Err((-32600, "Invalid Request: expected a JSON-RPC message object"));
+            }
+            Err(_) => return Err((-32700, "Parse error: invalid JSON")),
+        };
+        if raw.jsonrpc != Some("2.0") {
+            return Err((-32600, "Invalid Request: jsonrpc must be \"2.0\""));
+        }
+        if raw.method.is_none() && raw.result.is_none() && raw.error.is_none() {
+            return Err((-32600, "Invalid Request: a message needs a method, a result or an error"));
+        }
+        Ok(Envelope {
+            is_initialize: raw.method.as_deref() == Some("initialize"),
+        })
+    }
+}
+
+/// The Host and Origin allow-lists (DNS-rebinding protection), with the same matching rules as
+/// rmcp's, which enforces them again behind this layer.
+#[derive(Debug)]
+struct OriginPolicy {
+    hosts: Vec<(String, Option<u16>)>,
+    origins: Vec<(String, String, PortRule)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortRule {
+    Any,
+    Exact(u16),
+}
+
+fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
+    let authority: http::uri::Authority = authority.trim().parse().ok()?;
+    let host = authority.host().trim_matches(['[', ']']).to_ascii_lowercase();
+    Some((host, authority.port_u16()))
+}
+
+impl OriginPolicy {
+    fn new(hosts: &[String], origins: &[String]) -> Self {
+        let hosts = hosts
+            .iter()
+            .filter_map(|host| {
+                // Bare IPv6 addresses (`::1`) do not parse as authorities.
+                split_authority(host).or_else(|| Some((host.trim_matches(['[', ']']).to_ascii_lowercase(), None)))
+            })
+            .collect();
+        let origins = origins
+            .iter()
+            .filter_map(|origin| {
+                let (base, any_port) = match origin.strip_suffix(":*") {
+                    Some(base) => (base, true),
+                    None => (origin.as_str(), false),
+                };
+                let (scheme, authority) = base.split_once("://")?;
+                let (host, port) = split_authority(authority)?;
+                let rule = match (any_port, port) {
+                    (true, _) | (false, None) => PortRule::Any,
+                    (false, Some(port)) => PortRule::Exact(port),
+                };
+                Some((scheme.to_ascii_lowercase(), host, rule))
+            })
+            .collect();
+        Self { hosts, origins }
+    }
+
+    fn check(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<(), (&'static str, Response<Body>)> {
+        let forbidden = |reason, message: &'static str| (reason, text(StatusCode::FORBIDDEN, message));
+        if !self.hosts.is_empty() {
+            let authority = match headers.get(header::HOST) {
+                Some(value) => value
+                    .to_str()
+                    .ok()
+                    .and_then(split_authority)
+                    .ok_or(("bad_host", text(StatusCode::BAD_REQUEST, "Bad Request: Invalid Host header\n")))?,
+                None => uri
+                    .authority()
+                    .and_then(|a| split_authority(a.as_str()))
+                    .ok_or(("bad_host", text(StatusCode::BAD_REQUEST, "Bad Request: missing Host header\n")))?,
+            };
+            let allowed = self
+                .hosts
+                .iter()
+                .any(|(host, port)| *host == authority.0 && port.is_none_or(|p| Some(p) == authority.1));
+            if !allowed {
+                return Err(forbidden("host", "Forbidden: Host header is not allowed\n"));
+            }
+        }
+        if self.origins.is_empty() {
+            return Ok(());
+        }
+        let Some(origin) = headers.get(header::ORIGIN) else {
+            return Ok(());
+        };
+        let parsed = origin.to_str().ok().and_then(|origin| {
+            let (scheme, authority) = origin.split_once("://")?;
+            let (host, port) = split_authority(authority)?;
+            let scheme = scheme.to_ascii_lowercase();
+            let port = port.or(match scheme.as_str() {
+                "http" => Some(80),
+                "https" => Some(443),
+                _ => None,
+            });
+            Some((scheme, host, port))
+        });
+        let Some((scheme, host, port)) = parsed else {
+            return Err(forbidden("origin", "Forbidden: Invalid Origin header\n"));
+        };
+        let allowed = self.origins.iter().any(|(s, h, rule)| {
+            *s == scheme
+                && *h == host
+                && match rule {
+                    PortRule::Any => true,
+                    PortRule::Exact(p) => Some(*p) == port,
+                }
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(forbidden("origin", "Forbidden: Origin header is not allowed\n"))
+        }
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed()
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(body))
+        .expect("valid response")
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(full(Bytes::new()))
+        .expect("valid response")
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::METHOD_NOT_ALLOWED)
+        .header(header::ALLOW, allow)
+        .body(full("Method Not Allowed\n"))
+        .expect("valid response")
+}
+
+fn jsonrpc_error(status: StatusCode, code: i64, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": { "code": code, "message": message },
+    });
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(body.to_string()))
+        .expect("valid response")
+}
+
+fn busy(message: &str) -> Response<Body> {
+    let mut response = jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32000, &format!("{message}; retry shortly"));
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+fn unavailable() -> Response<Body> {
+    busy("shared session state is unavailable")
+}
+
+/// Accepts connections until `shutdown` resolves, then drains: stops accepting, lets `on_drain`
+/// end the long-lived streams, and waits up to `grace` for in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    service: HttpService,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    on_drain: impl FnOnce(),
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    // rmcp writes an SSE reply in several small writes: without NODELAY, Nagle's
+                    // algorithm holds each reply for the client's delayed ACK (~40 ms).
+                    let _ = stream.set_nodelay(true);
+                    let service = service.clone();
+                    let handler = hyper::service::service_fn(move |request| {
+                        let service = service.clone();
+                        async move { Ok::<_, Infallible>(service.handle(request).await) }
+                    });
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), handler)
+                        .into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%error, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    on_drain();
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections drained"),
+        Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; cutting remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_are_checked() {
+        assert!(Envelope::peek(br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#).expect("ok").is_initialize);
+        assert!(!Envelope::peek(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#).expect("ok").is_initialize);
+        assert_eq!(Envelope::peek(b"{nope").expect_err("parse").0, -32700);
+        assert_eq!(Envelope::peek(b"[1,").expect_err("parse").0, -32700);
+        assert_eq!(Envelope::peek(b"[]").expect_err("batch").0, -32600);
+        assert_eq!(Envelope::peek(b"42").expect_err("shape").0, -32600);
+        assert_eq!(Envelope::peek(br#"{"id":1,"method":"x"}"#).expect_err("version").0, -32600);
+        assert_eq!(Envelope::peek(br#"{"jsonrpc":"2.0","id":1}"#).expect_err("empty").0, -32600);
+    }
+
+    fn headers(host: &str, origin: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_str(host).expect("header"));
+        if let Some(origin) = origin {
+            headers.insert(header::ORIGIN, HeaderValue::from_str(origin).expect("header"));
+        }
+        headers
+    }
+
+    #[test]
+    fn hosts_and_origins_are_enforced() {
+        let hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned(), "lb.example:8080".to_owned()];
+        let origins = vec!["http://localhost:*".to_owned(), "https://app.example".to_owned()];
+        let policy = OriginPolicy::new(&hosts, &origins);
+        let uri = http::Uri::from_static("/mcp");
+        assert!(policy.check(&uri, &headers("localhost:3000", None)).is_ok());
+        assert!(policy.check(&uri, &headers("[::1]:3000", None)).is_ok());
+        assert!(policy.check(&uri, &headers("lb.example:8080", None)).is_ok());
+        assert_eq!(policy.check(&uri, &headers("lb.example:9090", None)).map_err(|e| e.0), Err("host"));
+        assert_eq!(policy.check(&uri, &headers("evil.example.com", None)).map_err(|e| e.0), Err("host"));
+        assert!(policy.check(&uri, &headers("localhost", Some("http://localhost:5173"))).is_ok());
+        assert!(policy.check(&uri, &headers("localhost", Some("https://app.example"))).is_ok());
+        assert_eq!(
+            policy.check(&uri, &headers("localhost", Some("http://evil.example.com"))).map_err(|e| e.0),
+            Err("origin")
+        );
+    }
+}

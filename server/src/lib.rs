@@ -1,0 +1,197 @@
+//! shoal-server: one replica of a horizontally scaled MCP server cluster.
+//!
+//! [`App::build`] wires a replica from its [`Config`]; [`App::run`] serves it on a listener until a
+//! shutdown future resolves, then drains. `main.rs` only loads the configuration, sets up
+//! telemetry and calls these two; tests drive the same wiring.
+//!
+//! Modules:
+//! - [`http`]: routing, pre-MCP checks, connection loop and graceful shutdown.
+//! - [`mcp`]: the MCP handler, the cluster-aware session manager and the session-store adapter.
+//! - [`tools`]: the toolsets.
+//! - [`state`]: the state every request shares.
+
+pub mod http;
+pub mod mcp;
+pub mod state;
+pub mod tools;
+
+use std::{
+    future::Future,
+    sync::{Arc, atomic::AtomicBool, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use shoal_shared::{
+    backend::{Backend, BackendConfig},
+    bus::Bus,
+    config::Config,
+    feed::FeedOptions,
+    ids::ReplicaTag,
+    keys::Keys,
+    metrics::Metrics,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use shoal_shared::config;
+
+use crate::{
+    http::HttpService,
+    mcp::{
+        cluster::{ClusterOptions, ClusterSessionManager},
+        handler::{ShoalHandler, server_info},
+        store::ClusterSessionStore,
+    },
+    state::AppState,
+    tools::{Catalog, Toolsets},
+};
+
+/// How often the janitor sweeps expired entries.
+const JANITOR_EVERY: Duration = Duration::from_secs(60);
+
+/// A wired replica, ready to serve.
+pub struct App {
+    state: Arc<AppState>,
+    http: HttpService,
+    mcp_shutdown: CancellationToken,
+    background: CancellationToken,
+}
+
+impl App {
+    /// Builds a replica: connects the backend (Redis is not required to be up yet), starts the bus
+    /// and the background tasks, and mounts the MCP service.
+    ///
+    /// # Errors
+    /// Fails on configuration the server rejects (unknown toolsets, malformed Redis URL).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let toolsets = Toolsets::parse(&config.toolsets).map_err(anyhow::Error::msg)?;
+        let config = Arc::new(config);
+        let metrics = Metrics::new();
+        let tag = ReplicaTag::generate();
+        let (bus, control) = Bus::new(Keys::new(config.key_prefix.clone()), tag.clone(), metrics.clone());
+        let backend_config = BackendConfig {
+            session_ttl: config.session_idle_ttl(),
+            event_log_max_len: config.event_log_max_len,
+            event_retention: Duration::from_secs(config.event_retention_secs),
+            max_subscriptions_per_session: config.max_subscriptions_per_session,
+            kv_max_keys: config.kv_max_keys,
+            redis_timeout: Duration::from_millis(config.redis_timeout_ms),
+            redis_pool_size: config.redis_pool_size,
+        };
+        let backend = Backend::connect(config.redis_url.as_ref(), backend_config, bus.clone(), metrics.clone())
+            .await
+            .context("connecting the shared state backend")?;
+        tracing::info!(
+            replica = %tag,
+            name = %config.replica_name(),
+            backend = backend.kind(),
+            redis = config.redis_url_redacted().as_deref().unwrap_or("-"),
+            prefix = %config.key_prefix,
+            toolsets = ?config.toolsets,
+            "replica configured"
+        );
+
+        let state = Arc::new(AppState {
+            tools: toolsets.tool_router(),
+            catalog: Catalog::new(toolsets),
+            server_info: server_info(),
+            config: config.clone(),
+            backend: backend.clone(),
+            bus: bus.clone(),
+            metrics: metrics.clone(),
+            draining: AtomicBool::new(false),
+        });
+
+        let sse_retry = Duration::from_millis(config.sse_retry_ms);
+        let cluster_options = ClusterOptions {
+            feed: FeedOptions {
+                touch_every: (config.session_idle_ttl() / 3).max(Duration::from_secs(1)),
+                read_batch: config.event_log_max_len.clamp(1, 1000),
+                output_capacity: 64,
+            },
+            sse_retry,
+            max_local_sessions: config.max_local_sessions,
+        };
+        let sessions = Arc::new(ClusterSessionManager::new(
+            backend.clone(),
+            bus.clone(),
+            metrics.clone(),
+            config.worker_idle(),
+            cluster_options,
+        ));
+
+        let mcp_shutdown = CancellationToken::new();
+        let mut mcp_config = StreamableHttpServerConfig::default()
+            .with_allowed_hosts(config.allowed_hosts.clone())
+            .with_allowed_origins(config.effective_allowed_origins())
+            .with_sse_keep_alive(Some(Duration::from_secs(config.sse_keepalive_secs)))
+            .with_sse_retry(Some(sse_retry))
+            .with_json_response(true)
+            .with_max_request_body_bytes(config.max_body_bytes)
+            .with_cancellation_token(mcp_shutdown.clone());
+        mcp_config.session_store = Some(Arc::new(ClusterSessionStore::new(backend.clone())));
+        let handler_state = state.clone();
+        let mcp = StreamableHttpService::new(
+            move || Ok(ShoalHandler::new(handler_state.clone())),
+            sessions.clone(),
+            mcp_config,
+        );
+
+        let background = CancellationToken::new();
+        tokio::spawn(sessions.clone().run_control(control));
+        tokio::spawn(janitor(backend.clone(), tag, background.clone()));
+
+        Ok(Self {
+            http: HttpService::new(state.clone(), sessions, mcp),
+            state,
+            mcp_shutdown,
+            background,
+        })
+    }
+
+    /// The shared state (for tests).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then drains: `/readyz` turns 503, the
+    /// listener closes, GET and listen streams end (clients reconnect to other replicas), in-flight
+    /// requests get up to `SHOAL_SHUTDOWN_GRACE_SECS` to finish, and the rest is cut.
+    ///
+    /// # Errors
+    /// Never fails today; the `Result` leaves room for fatal serving errors.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let addr = listener.local_addr().context("reading the listen address")?;
+        tracing::info!(%addr, "listening");
+        let state = self.state.clone();
+        let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);
+        http::serve(listener, self.http, shutdown, grace, || {
+            tracing::info!("shutting down: draining");
+            state.draining.store(true, Ordering::SeqCst);
+            state.bus.shut_down_streams();
+        })
+        .await;
+        self.mcp_shutdown.cancel();
+        self.background.cancel();
+        self.state.backend.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn janitor(backend: Backend, tag: ReplicaTag, stop: CancellationToken) {
+    let mut every = tokio::time::interval(JANITOR_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => match backend.janitor_pass(&tag, JANITOR_EVERY).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::debug!(removed, "janitor removed expired entries"),
+                Err(error) => tracing::debug!(%error, "janitor pass failed"),
+            },
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The MCP handler: one cheap value per session (legacy) or per request (2026-07-28), all state in
+//! [`AppState`].
+//!
+//! Every request method goes through [`ShoalHandler::observe`], the one place that measures MCP
+//! requests. Tools come from the enabled toolsets' routers; resources and prompts from
+//! [`crate::tools::Catalog`].
+
+#![allow(deprecated, reason = "logging, subscribe and unsubscribe are legacy-era features still served to legacy clients")]
+
+use std::{borrow::Cow, future::Future, sync::Arc, time::Instant};
+
+use rmcp::{
+    ErrorData as McpError, RoleServer, ServerHandler,
+    handler::server::tool::ToolCallContext,
+    model::{
+        CallToolRequestParams, CallToolResponse, CompleteRequestParams, CompleteResult, CompletionInfo,
+        GetPromptRequestParams, GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult,
+        ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
+        PaginatedRequestParams, ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse,
+        ServerCapabilities, ServerConfig, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+        UnsubscribeRequestParams,
+    },
+    service::{NotificationContext, RequestContext, SubscriptionContext},
+};
+use shoal_shared::{backend::SubscribeOutcome, bus::{ListKind, ListenEvent}};
+
+use crate::{mcp::error, state::AppState};
+
+/// The handler rmcp instantiates per session (legacy) or per request (2026-07-28).
+#[derive(Clone)]
+pub struct ShoalHandler {
+    pub(crate) state: Arc<AppState>,
+}
+
+impl std::fmt::Debug for ShoalHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShoalHandler")
+    }
+}
+
+/// The `Mcp-Session-Id` of the HTTP request behind `context`, if any (legacy sessions only).
+pub(crate) fn session_id(context: &RequestContext<RoleServer>) -> Option<String> {
+    context
+        .extensions
+        .get::<http::request::Parts>()
+        .and_then(|parts| parts.headers.get("mcp-session-id"))
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
+impl ShoalHandler {
+    /// A handler over the shared state.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    /// Measures one request: duration and outcome by method.
+    async fn observe<T>(
+        &self,
+        method: &'static str,
+        future: impl Future<Output = Result<T, McpError>>,
+    ) -> Result<T, McpError> {
+        let start = Instant::now();
+        let result = future.await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.state.metrics.mcp_request(method, outcome, start.elapsed());
+        result
+    }
+
+    async fn subscribe_legacy(&self, uri: &str, context: &RequestContext<RoleServer>) -> Result<(), McpError> {
+        if !self.state.catalog.is_subscribable(uri) {
+            return Err(McpError::resource_not_found(
+                "no such resource to subscribe to",
+                Some(serde_json::json!({ "uri": uri })),
+            ));
+        }
+        let session = session_id(context).ok_or_else(|| McpError::invalid_request("resources/subscribe needs a session", None))?;
+        match self.state.backend.subscribe(&session, uri).await {
+            Ok(SubscribeOutcome::Subscribed) => Ok(()),
+            Ok(SubscribeOutcome::SessionGone) => Err(McpError::invalid_request("session not found", None)),
+            Ok(SubscribeOutcome::TooMany) => Err(McpError::invalid_request(
+                format!(
+                    "too many subscriptions for this session (limit {})",
+                    self.state.config.max_subscriptions_per_session
+                ),
+                None,
+            )),
+            Err(cause) => Err(error::unavailable("subscribe", &cause)),
+        }
+    }
+}
+
+impl ServerHandler for ShoalHandler {
+    fn get_info(&self) -> ServerConfig {
+        self.state.server_info.clone()
+    }
+
+    fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
+        Cow::Borrowed(ProtocolVersion::KNOWN_VERSIONS)
+    }
+
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, McpError> {
+        // Replayed on every replica that restores the session (SessionRestoreMarker): it has no
+        // side effects besides remembering the client's parameters in this replica's worker.
+        self.observe("initialize", async {
+            context.peer.set_peer_info(request.clone());
+            self.negotiate_initialize(&request)
+        })
+        .await
+    }
+
+    async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {}
+
+    async fn ping(&self, _context: RequestContext<RoleServer>) -> Result<(), McpError> {
+        self.observe("ping", async { Ok(()) }).await
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        self.observe("tools/list", async {
+            let mut result = ListToolsResult::with_all_items(self.state.tools.list_all());
+            self.state.catalog.cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+            Ok(result)
+        })
+        .await
+    }
+
+    fn get_tool(&self, name: &str) -> Option<rmcp::model::Tool> {
+        self.state.tools.get(name).cloned()
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let start = Instant::now();
+        let result = self
+            .state
+            .tools
+            .call(ToolCallContext::new(self, request, context))
+            .await;
+        let outcome = match &result {
+            Ok(CallToolResponse::Complete(done)) if done.is_error == Some(true) => "tool_error",
+            Ok(_) => "ok",
+            Err(_) => "error",
+        };
+        self.state.metrics.mcp_request("tools/call", outcome, start.elapsed());
+        result
+    }
+
+    async fn list_resources(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, McpError> {
+        self.observe("resources/list", async {
+            let cursor = request.and_then(|r| r.cursor);
+            self.state.catalog.list_resources(&self.state, cursor.as_deref()).await
+        })
+        .await
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, McpError> {
+        self.observe("resources/templates/list", async {
+            let mut result = ListResourceTemplatesResult::with_all_items(self.state.catalog.templates.clone());
+            self.state.catalog.cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+            Ok(result)
+        })
+        .await
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, McpError> {
+        self.observe("resources/read", async {
+            self.state
+                .catalog
+                .read(&self.state, &request.uri)
+                .await
+                .map(ReadResourceResponse::Complete)
+        })
+        .await
+    }
+
+    async fn subscribe(&self, request: SubscribeRequestParams, context: RequestContext<RoleServer>) -> Result<(), McpError> {
+        self.observe("resources/subscribe", self.subscribe_legacy(&request.uri, &context)).await
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.observe("resources/unsubscribe", async {
+            let session =
+                session_id(&context).ok_or_else(|| McpError::invalid_request("resources/unsubscribe needs a session", None))?;
+            self.state
+                .backend
+                .unsubscribe(&session, &request.uri)
+                .await
+                .map_err(|cause| error::unavailable("unsubscribe", &cause))
+        })
+        .await
+    }
+
+    fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+        let mut accepted = requested.clone();
+        if let Some(uris) = &mut accepted.resource_subscriptions {
+            uris.retain(|uri| self.state.catalog.is_subscribable(uri));
+        }
+        Some(accepted)
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
+        let start = Instant::now();
+        let result = self.run_listener(&context).await;
+        self.state.metrics.mcp_request(
+            "subscriptions/listen",
+            if result.is_ok() { "ok" } else { "error" },
+            start.elapsed(),
+        );
+        result
+    }
+
+    async fn set_level(&self, request: SetLevelRequestParams, context: RequestContext<RoleServer>) -> Result<(), McpError> {
+        self.observe("logging/setLevel", async {
+            let Some(session) = session_id(&context) else {
+                return Ok(());
+            };
+            let level = serde_json::to_value(request.level)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "info".to_owned());
+            match self.state.backend.session_set_field(&session, "log", &level).await {
+                Ok(_) => Ok(()),
+                Err(cause) => Err(error::unavailable("set_level", &cause)),
+            }
+        })
+        .await
+    }
+
+    async fn complete(&self, request: CompleteRequestParams, _context: RequestContext<RoleServer>) -> Result<CompleteResult, McpError> {
+        self.observe("completion/complete", async {
+            let values = self.state.catalog.complete(&request);
+            let completion =
+                CompletionInfo::with_all_values(values).map_err(|message| McpError::internal_error(message, None))?;
+            Ok(CompleteResult::new(completion))
+        })
+        .await
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, McpError> {
+        self.observe("prompts/list", async {
+            let mut result = ListPromptsResult::with_all_items(self.state.catalog.prompts.clone());
+            self.state.catalog.cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+            Ok(result)
+        })
+        .await
+    }
+
+    async fn get_prompt(&self, request: GetPromptRequestParams, _context: RequestContext<RoleServer>) -> Result<GetPromptResponse, McpError> {
+        self.observe("prompts/get", async {
+            self.state
+                .catalog
+                .get_prompt(&request)
+                .map(GetPromptResponse::Complete)
+        })
+        .await
+    }
+}
+
+impl ShoalHandler {
+    /// Serves one `subscriptions/listen` stream until the client goes away or the replica shuts its
+    /// streams down (then the SDK sends the final result, so the client knows to reconnect).
+    async fn run_listener(&self, context: &SubscriptionContext) -> Result<(), McpError> {
+        let accepted = context.accepted().clone();
+        let mut lists = Vec::new();
+        if accepted.tools_list_changed == Some(true) {
+            lists.push(ListKind::Tools);
+        }
+        if accepted.prompts_list_changed == Some(true) {
+            lists.push(ListKind::Prompts);
+        }
+        if accepted.resources_list_changed == Some(true) {
+            lists.push(ListKind::Resources);
+        }
+        let (get, listen) = (
+            self.state.metrics.streams_active("get"),
+            self.state.metrics.streams_active("listen"),
+        );
+        if (get + listen).max(0) as usize >= self.state.config.max_streams {
+            return Err(McpError::internal_error("this replica has too many open streams; retry later", None));
+        }
+        let Some(mut registration) = self
+            .state
+            .bus
+            .register_listener(accepted.resource_subscriptions.clone().unwrap_or_default(), lists)
+        else {
+            return Ok(()); // shutting down: end at once, the client reconnects elsewhere
+        };
+        let _gauge = StreamGauge::new(&self.state.metrics, "listen");
+        let shutdown = self.state.bus.shutdown_token();
+        let sink = context.sink();
+        loop {
+            tokio::select! {
+                () = context.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => return Ok(()),
+                event = registration.events.recv() => {
+                    let Some(event) = event else { return Ok(()) };
+                    let sent = match event {
+                        ListenEvent::ResourceUpdated(uri) => sink.notify_resource_updated(uri).await,
+                        ListenEvent::ListChanged(ListKind::Tools) => sink.notify_tool_list_changed().await,
+                        ListenEvent::ListChanged(ListKind::Prompts) => sink.notify_prompt_list_changed().await,
+                        ListenEvent::ListChanged(ListKind::Resources) => sink.notify_resource_list_changed().await,
+                    };
+                    if let Err(error) = sent {
+                        tracing::debug!(%error, "listen stream closed");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Counts an open stream in the `shoal_streams_active` gauge while it lives.
+struct StreamGauge {
+    metrics: shoal_shared::metrics::Metrics,
+    kind: &'static str,
+}
+
+impl StreamGauge {
+    fn new(metrics: &shoal_shared::metrics::Metrics, kind: &'static str) -> Self {
+        metrics.streams_active_add(kind, 1);
+        Self {
+            metrics: metrics.clone(),
+            kind,
+        }
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.metrics.streams_active_add(self.kind, -1);
+    }
+}
+
+/// The server description announced in `initialize` and `server/discover`.
+pub fn server_info() -> ServerConfig {
+    let capabilities = ServerCapabilities::builder()
+        .enable_tools()
+        .enable_tool_list_changed()
+        .enable_resources()
+        .enable_resources_subscribe()
+        .enable_resources_list_changed()
+        .enable_prompts()
+        .enable_prompts_list_changed()
+        .enable_logging()
+        .enable_completions()
+        .build();
+    ServerConfig::new(capabilities)
+        .with_server_info(Implementation::new("shoal", env!("CARGO_PKG_VERSION")))
+        .with_instructions(
+            "shoal: a horizontally scaled MCP server. The kv tools share a scratchpad across the whole \
+             cluster; subscribe to kv://{key} to be told when a value changes.",
+        )
+}

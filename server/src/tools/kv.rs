@@ -1,0 +1,309 @@
+//! Toolset `kv`: a small scratchpad shared by the whole cluster, which doubles as the cluster's own
+//! test surface (cross-replica notifications, cancellation, progress).
+//!
+//! - `kv_set {key, value}` stores a value and notifies every subscriber of `kv://{key}`, on every
+//!   replica, in both protocol eras.
+//! - `kv_get {key}` returns the value (an `isError` result when the key is missing).
+//! - `kv_delete {key}` removes a key (and notifies subscribers).
+//! - `sleep {ms}` waits, reports progress about every second when asked to, and stops promptly when
+//!   cancelled.
+//! - Resource template `kv://{key}` (text/plain), subscribable.
+
+use std::time::Duration;
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use rmcp::{
+    ErrorData as McpError, RoleServer,
+    handler::server::wrapper::Parameters,
+    model::{
+        CacheScope, CallToolResult, ContentBlock, ProgressNotificationParam, ReadResourceResult, Resource,
+        ResourceContents, ResourceTemplate,
+    },
+    service::RequestContext,
+    tool, tool_router,
+};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use shoal_shared::{backend::KvSetOutcome, bus::ListKind};
+
+use crate::{mcp::handler::ShoalHandler, state::AppState, tools::model};
+
+const SCHEME: &str = "kv://";
+const MAX_KEY_LEN: usize = 256;
+/// Upper bound of `sleep`.
+pub const MAX_SLEEP_MS: u64 = 10 * 60 * 1000;
+
+/// Arguments of `kv_set`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct KvSetParams {
+    /// Key: 1 to 256 characters from A-Z a-z 0-9 and `. _ - : / @`.
+    pub key: String,
+    /// Value: UTF-8 text, at most 64 KiB unless the operator configured otherwise.
+    pub value: String,
+}
+
+/// Arguments of `kv_get` and `kv_delete`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct KvKeyParams {
+    /// Key: 1 to 256 characters from A-Z a-z 0-9 and `. _ - : / @`.
+    pub key: String,
+}
+
+/// Arguments of `sleep`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct SleepParams {
+    /// How long to sleep, in milliseconds (0 to 600000).
+    pub ms: u64,
+}
+
+fn valid_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(format!("key must be 1 to {MAX_KEY_LEN} characters long"));
+    }
+    if let Some(bad) = key
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/' | '@')))
+    {
+        return Err(format!("key contains {bad:?}; allowed are A-Z a-z 0-9 and . _ - : / @"));
+    }
+    Ok(())
+}
+
+/// The key named by a `kv://` URI.
+pub fn key_of(uri: &str) -> Option<&str> {
+    uri.strip_prefix(SCHEME).filter(|key| valid_key(key).is_ok())
+}
+
+/// The URI of `key`.
+pub fn uri_of(key: &str) -> String {
+    format!("{SCHEME}{key}")
+}
+
+/// The resource entry of a key.
+pub fn resource(key: &str) -> Resource {
+    model(serde_json::json!({
+        "uri": uri_of(key),
+        "name": key,
+        "mimeType": "text/plain",
+        "description": "A value of the cluster-wide kv scratchpad",
+    }))
+}
+
+/// The `kv://{key}` template.
+pub fn template() -> ResourceTemplate {
+    model(serde_json::json!({
+        "uriTemplate": "kv://{key}",
+        "name": "kv",
+        "title": "kv scratchpad entry",
+        "mimeType": "text/plain",
+        "description": "A value of the cluster-wide kv scratchpad. Subscribe to be notified when it changes.",
+    }))
+}
+
+/// Encodes a `resources/list` cursor.
+pub fn encode_cursor(last_key: &str) -> String {
+    URL_SAFE_NO_PAD.encode(last_key)
+}
+
+/// Decodes a `resources/list` cursor.
+pub fn decode_cursor(cursor: &str) -> Option<String> {
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let key = String::from_utf8(bytes).ok()?;
+    valid_key(&key).ok()?;
+    Some(key)
+}
+
+/// `resources/read` of `kv://{key}`.
+///
+/// # Errors
+/// `resource_not_found` when the key is missing.
+pub async fn read(state: &AppState, uri: &str, key: &str) -> Result<ReadResourceResult, McpError> {
+    let value = state
+        .backend
+        .kv_get(key)
+        .await
+        .map_err(|cause| crate::mcp::error::unavailable("kv_get", &cause))?
+        .ok_or_else(|| super::resource_not_found(uri))?;
+    let mut result = ReadResourceResult::new(vec![ResourceContents::text(value, uri)]);
+    // Values change at any time; subscribers are told when they do.
+    result.ttl_ms = Some(0);
+    result.cache_scope = Some(CacheScope::Public);
+    Ok(result)
+}
+
+fn updated_notification(uri: &str) -> String {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "method": "notifications/resources/updated",
+        "params": { "uri": uri },
+    })
+    .to_string()
+}
+
+impl ShoalHandler {
+    async fn notify_changed(&self, key: &str, list_changed: bool) {
+        let uri = uri_of(key);
+        if let Err(error) = self.state.backend.resource_updated(&uri, &updated_notification(&uri)).await {
+            tracing::warn!(%error, "resource update notification lost");
+        }
+        if list_changed && let Err(error) = self.state.backend.list_changed(ListKind::Resources).await {
+            tracing::warn!(%error, "list-changed notification lost");
+        }
+    }
+}
+
+#[tool_router(router = kv_tools, vis = "pub(crate)")]
+impl ShoalHandler {
+    #[tool(
+        description = "Store a text value under a key in the scratchpad shared by every replica of the cluster. \
+                       Clients subscribed to the resource kv://{key} are notified. Keys: 1-256 characters from \
+                       A-Z a-z 0-9 and . _ - : / @; values: UTF-8 text up to 64 KiB.",
+        annotations(idempotent_hint = true, destructive_hint = false, open_world_hint = false)
+    )]
+    async fn kv_set(&self, Parameters(params): Parameters<KvSetParams>) -> Result<CallToolResult, McpError> {
+        if let Err(message) = valid_key(&params.key) {
+            return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
+        }
+        let limit = self.state.config.kv_max_value_bytes;
+        if params.value.len() > limit {
+            return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "value is {} bytes; the limit is {limit} bytes",
+                params.value.len()
+            ))]));
+        }
+        match self.state.backend.kv_set(&params.key, &params.value).await {
+            Ok(KvSetOutcome::Full) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "the scratchpad is full ({} keys); delete keys first",
+                self.state.config.kv_max_keys
+            ))])),
+            Ok(outcome) => {
+                self.notify_changed(&params.key, outcome == KvSetOutcome::Created).await;
+                Ok(CallToolResult::success(vec![ContentBlock::text(format!("stored {}", params.key))]))
+            }
+            Err(cause) => {
+                tracing::warn!(error = %cause, "kv_set failed");
+                Ok(CallToolResult::error(vec![ContentBlock::text(
+                    "the scratchpad is temporarily unavailable; retry shortly",
+                )]))
+            }
+        }
+    }
+
+    #[tool(
+        description = "Read the text value stored under a key in the cluster-wide scratchpad. Fails when the key \
+                       does not exist.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn kv_get(&self, Parameters(params): Parameters<KvKeyParams>) -> Result<CallToolResult, McpError> {
+        if let Err(message) = valid_key(&params.key) {
+            return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
+        }
+        match self.state.backend.kv_get(&params.key).await {
+            Ok(Some(value)) => Ok(CallToolResult::success(vec![ContentBlock::text(value)])),
+            Ok(None) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "no value is stored under {}",
+                params.key
+            ))])),
+            Err(cause) => {
+                tracing::warn!(error = %cause, "kv_get failed");
+                Ok(CallToolResult::error(vec![ContentBlock::text(
+                    "the scratchpad is temporarily unavailable; retry shortly",
+                )]))
+            }
+        }
+    }
+
+    #[tool(
+        description = "Delete a key from the cluster-wide scratchpad. Subscribers of kv://{key} are notified.",
+        annotations(idempotent_hint = true, destructive_hint = true, open_world_hint = false)
+    )]
+    async fn kv_delete(&self, Parameters(params): Parameters<KvKeyParams>) -> Result<CallToolResult, McpError> {
+        if let Err(message) = valid_key(&params.key) {
+            return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
+        }
+        match self.state.backend.kv_delete(&params.key).await {
+            Ok(existed) => {
+                if existed {
+                    self.notify_changed(&params.key, true).await;
+                }
+                Ok(CallToolResult::success(vec![ContentBlock::text(if existed {
+                    format!("deleted {}", params.key)
+                } else {
+                    format!("{} did not exist", params.key)
+                })]))
+            }
+            Err(cause) => {
+                tracing::warn!(error = %cause, "kv_delete failed");
+                Ok(CallToolResult::error(vec![ContentBlock::text(
+                    "the scratchpad is temporarily unavailable; retry shortly",
+                )]))
+            }
+        }
+    }
+
+    #[tool(
+        description = "Wait for the given number of milliseconds (at most 600000), then answer. Sends progress \
+                       notifications about every second when the request carries a progress token, and stops \
+                       promptly when the request is cancelled. Useful to test long-running calls.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn sleep(
+        &self,
+        Parameters(params): Parameters<SleepParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        if params.ms > MAX_SLEEP_MS {
+            return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "ms must be at most {MAX_SLEEP_MS}"
+            ))]));
+        }
+        let total = Duration::from_millis(params.ms);
+        let start = tokio::time::Instant::now();
+        let deadline = start + total;
+        let token = context.meta.get_progress_token();
+        let mut tick = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = context.ct.cancelled() => {
+                    return Ok(CallToolResult::error(vec![ContentBlock::text("cancelled")]));
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+                _ = tick.tick(), if token.is_some() => {
+                    if let Some(token) = &token {
+                        let elapsed = start.elapsed().as_millis().min(u128::from(params.ms)) as f64;
+                        let progress = ProgressNotificationParam::new(token.clone(), elapsed)
+                            .with_total(params.ms as f64)
+                            .with_message(format!("slept {elapsed} of {} ms", params.ms));
+                        if let Err(error) = context.peer.notify_progress(progress).await {
+                            tracing::debug!(%error, "progress notification not delivered");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(CallToolResult::success(vec![ContentBlock::text(format!("slept {} ms", params.ms))]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_validated() {
+        assert!(valid_key("user:42/profile@v1.2_x-y").is_ok());
+        assert!(valid_key("").is_err());
+        assert!(valid_key("has space").is_err());
+        assert!(valid_key("brace{").is_err());
+        assert!(valid_key(&"k".repeat(257)).is_err());
+        assert_eq!(key_of("kv://a.b"), Some("a.b"));
+        assert_eq!(key_of("kv://"), None);
+        assert_eq!(key_of("file://a"), None);
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        assert_eq!(decode_cursor(&encode_cursor("a/b:c")).as_deref(), Some("a/b:c"));
+        assert_eq!(decode_cursor("!!"), None);
+    }
+}

@@ -1,0 +1,198 @@
+//! Toolsets: groups of tools, resources and prompts enabled by `SHOAL_TOOLSETS`.
+//!
+//! Each toolset lives in a module of its own and contributes a tool router (tools are methods of
+//! [`ShoalHandler`]) plus resources, templates and prompts to the [`Catalog`].
+
+pub mod conformance;
+pub mod kv;
+
+use rmcp::{
+    ErrorData as McpError,
+    handler::server::router::tool::ToolRouter,
+    model::{
+        CacheScope, CompleteRequestParams, GetPromptRequestParams, GetPromptResult, ListResourcesResult, Prompt,
+        ReadResourceResult, Resource, ResourceTemplate,
+    },
+};
+
+use crate::{mcp::handler::ShoalHandler, state::AppState};
+
+/// The toolsets this build knows.
+pub const KNOWN_TOOLSETS: [&str; 2] = ["kv", "conformance"];
+
+/// How long clients may cache lists that only change with a deployment (SEP-2549 `ttlMs`).
+const STATIC_TTL_MS: u64 = 5 * 60 * 1000;
+/// Page size of `resources/list`.
+const PAGE_SIZE: u64 = 100;
+
+/// Which toolsets are enabled.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Toolsets {
+    /// The kv scratchpad.
+    pub kv: bool,
+    /// The conformance-suite fixtures.
+    pub conformance: bool,
+}
+
+impl Toolsets {
+    /// Parses `SHOAL_TOOLSETS`.
+    ///
+    /// # Errors
+    /// Names an unknown toolset.
+    pub fn parse(names: &[String]) -> Result<Self, String> {
+        let mut toolsets = Toolsets::default();
+        for name in names {
+            match name.as_str() {
+                "kv" => toolsets.kv = true,
+                "conformance" => toolsets.conformance = true,
+                other => {
+                    return Err(format!(
+                        "unknown toolset {other:?} in SHOAL_TOOLSETS (known: {})",
+                        KNOWN_TOOLSETS.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(toolsets)
+    }
+
+    /// The tool router of every enabled toolset.
+    pub fn tool_router(&self) -> ToolRouter<ShoalHandler> {
+        let mut router = ToolRouter::new();
+        if self.kv {
+            router += ShoalHandler::kv_tools();
+        }
+        if self.conformance {
+            router += ShoalHandler::conformance_tools();
+        }
+        router
+    }
+}
+
+/// Resources, templates and prompts of the enabled toolsets.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    toolsets: Toolsets,
+    /// Fixed resources listed first by `resources/list`.
+    pub resources: Vec<Resource>,
+    /// Resource templates.
+    pub templates: Vec<ResourceTemplate>,
+    /// Prompts.
+    pub prompts: Vec<Prompt>,
+}
+
+impl Catalog {
+    /// The catalog of `toolsets`.
+    pub fn new(toolsets: Toolsets) -> Self {
+        let mut catalog = Catalog {
+            toolsets,
+            resources: Vec::new(),
+            templates: Vec::new(),
+            prompts: Vec::new(),
+        };
+        if toolsets.kv {
+            catalog.templates.push(kv::template());
+        }
+        if toolsets.conformance {
+            catalog.resources.extend(conformance::resources());
+            catalog.templates.extend(conformance::templates());
+            catalog.prompts.extend(conformance::prompts());
+        }
+        catalog
+    }
+
+    /// Sets the cache hints of results that only change with a deployment.
+    pub fn cache_hint_static(&self, ttl_ms: &mut Option<u64>, scope: &mut Option<CacheScope>) {
+        *ttl_ms = Some(STATIC_TTL_MS);
+        *scope = Some(CacheScope::Public);
+    }
+
+    /// Whether `uri` names a resource clients may subscribe to.
+    pub fn is_subscribable(&self, uri: &str) -> bool {
+        (self.toolsets.kv && kv::key_of(uri).is_some())
+            || (self.toolsets.conformance && conformance::is_resource(uri))
+    }
+
+    /// `resources/list`: the fixed resources, then kv keys in byte order, paginated. The cursor is
+    /// the last kv key of the previous page.
+    ///
+    /// # Errors
+    /// Fails when the shared state is unavailable.
+    pub async fn list_resources(&self, state: &AppState, cursor: Option<&str>) -> Result<ListResourcesResult, McpError> {
+        let mut resources = if cursor.is_none() { self.resources.clone() } else { Vec::new() };
+        let mut next_cursor = None;
+        if self.toolsets.kv {
+            let after = match cursor {
+                Some(cursor) => Some(
+                    kv::decode_cursor(cursor).ok_or_else(|| McpError::invalid_params("invalid cursor", None))?,
+                ),
+                None => None,
+            };
+            let keys = state
+                .backend
+                .kv_list(after.as_deref(), PAGE_SIZE)
+                .await
+                .map_err(|cause| crate::mcp::error::unavailable("kv_list", &cause))?;
+            if keys.len() as u64 == PAGE_SIZE {
+                next_cursor = keys.last().map(|key| kv::encode_cursor(key));
+            }
+            resources.extend(keys.iter().map(|key| kv::resource(key)));
+        } else if cursor.is_some() {
+            return Err(McpError::invalid_params("invalid cursor", None));
+        }
+        let mut result = ListResourcesResult::with_all_items(resources);
+        result.next_cursor = next_cursor;
+        // The kv keys change at any time: clients should not reuse the list.
+        result.ttl_ms = Some(0);
+        result.cache_scope = Some(CacheScope::Public);
+        Ok(result)
+    }
+
+    /// `resources/read`.
+    ///
+    /// # Errors
+    /// `resource_not_found` for unknown URIs; internal errors when shared state is unavailable.
+    pub async fn read(&self, state: &AppState, uri: &str) -> Result<ReadResourceResult, McpError> {
+        if self.toolsets.kv
+            && let Some(key) = kv::key_of(uri)
+        {
+            return kv::read(state, uri, key).await;
+        }
+        if self.toolsets.conformance
+            && let Some(result) = conformance::read(uri)
+        {
+            return Ok(result);
+        }
+        Err(resource_not_found(uri))
+    }
+
+    /// `completion/complete` values.
+    pub fn complete(&self, request: &CompleteRequestParams) -> Vec<String> {
+        if self.toolsets.conformance {
+            conformance::complete(request)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `prompts/get`.
+    ///
+    /// # Errors
+    /// `invalid_params` for unknown prompts or missing arguments.
+    pub fn get_prompt(&self, request: &GetPromptRequestParams) -> Result<GetPromptResult, McpError> {
+        if self.toolsets.conformance {
+            return conformance::get_prompt(request);
+        }
+        Err(McpError::invalid_params(format!("unknown prompt: {}", request.name), None))
+    }
+}
+
+/// The error for a resource that does not exist (SEP-2164: `-32602` with the URI in `data`).
+pub fn resource_not_found(uri: &str) -> McpError {
+    McpError::resource_not_found("resource not found", Some(serde_json::json!({ "uri": uri })))
+}
+
+/// Deserializes a model value from JSON built in code (static fixtures).
+pub(crate) fn model<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+    serde_json::from_value(value).expect("static model value matches its schema")
+}
