@@ -52,6 +52,7 @@ pub struct HttpService {
     sessions: Arc<ClusterSessionManager>,
     mcp: McpService,
     policy: Arc<OriginPolicy>,
+    replica: HeaderValue,
 }
 
 impl HttpService {
@@ -61,16 +62,26 @@ impl HttpService {
             &state.config.allowed_hosts,
             &state.config.effective_allowed_origins(),
         ));
+        // Names the replica that answered: operators and tests see where a balancer sent a request.
+        let replica = HeaderValue::from_str(&state.config.replica_name())
+            .unwrap_or_else(|_| HeaderValue::from_static("shoal"));
         Self {
             state,
             sessions,
             mcp,
             policy,
+            replica,
         }
     }
 
     /// Handles one request.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let mut response = self.route(request).await;
+        response.headers_mut().insert("x-shoal-replica", self.replica.clone());
+        response
+    }
+
+    async fn route(&self, request: Request<Incoming>) -> Response<Body> {
         let path = request.uri().path();
         match (request.method(), path) {
             (_, "/mcp") => self.mcp(request).await,

@@ -132,6 +132,12 @@ impl FeedRegistration {
     pub fn stream(&self) -> u64 {
         self.stream
     }
+
+    /// Whether [`FeedRegistration::gone`] fired because the session was deleted (rather than
+    /// because the replica shuts its streams down).
+    pub fn session_deleted(&self) -> bool {
+        self.gone.is_cancelled() && !self.bus.inner.shutdown.is_cancelled()
+    }
 }
 
 impl Drop for FeedRegistration {

@@ -6,6 +6,11 @@
 //! (a slow client, a bus reconnect) the feed re-reads the log from the last event it emitted. So a
 //! feed emits every event of the log exactly once and in order, whatever happened to the bus, and a
 //! client that reconnects with `Last-Event-ID` on any replica continues where it left off.
+//!
+//! A fresh GET stream (no `Last-Event-ID`) starts where the session's previous stream stopped, so
+//! events raised while no stream was open (before the first one, or between a clean close and the
+//! next) are delivered too. While open, a feed checkpoints how far it got and keeps its session
+//! alive; when it ends it releases the session with a final checkpoint.
 
 use std::time::Duration;
 
@@ -21,6 +26,7 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeedItem {
     /// A fresh stream starts after this event: clients resume from here if nothing else arrives.
+    /// Only fresh streams emit it, first.
     Start(EventId),
     /// One event.
     Event(LoggedEvent),
@@ -29,8 +35,8 @@ pub enum FeedItem {
 /// How a feed behaves.
 #[derive(Debug, Clone)]
 pub struct FeedOptions {
-    /// How often the feed slides the session's idle TTL while it is open (an open GET stream keeps
-    /// its session alive) and checks that the session still exists.
+    /// How often the feed checkpoints, slides the session's idle TTL while it is open (an open GET
+    /// stream keeps its session alive) and checks that the session still exists.
     pub touch_every: Duration,
     /// Events read from the log per round trip when catching up.
     pub read_batch: u64,
@@ -75,18 +81,20 @@ pub async fn open(
     let task = FeedTask {
         backend: backend.clone(),
         session: session.to_owned(),
+        holder,
         registration,
         out: tx,
-        last: after.unwrap_or(EventId::ZERO),
+        last: start.from,
         options,
     };
-    tokio::spawn(task.run(start));
+    tokio::spawn(task.run(start, after.is_none()));
     Ok(rx)
 }
 
 struct FeedTask {
     backend: Backend,
     session: String,
+    holder: String,
     registration: FeedRegistration,
     out: mpsc::Sender<FeedItem>,
     last: EventId,
@@ -96,57 +104,80 @@ struct FeedTask {
 /// The feed's consumer is gone.
 struct Closed;
 
+/// Why a feed stopped.
+enum End {
+    /// The consumer went away, or the replica shuts its streams down: release the session.
+    Release,
+    /// The session is gone.
+    SessionGone,
+}
+
 impl FeedTask {
-    async fn run(mut self, start: FeedStart) {
-        let _ = self.drive(start).await;
+    async fn run(mut self, start: FeedStart, fresh: bool) {
+        if let End::Release = self.drive(start, fresh).await {
+            // Record how far this stream got, so the client's next fresh stream continues there.
+            let _ = self
+                .backend
+                .feed_checkpoint(&self.session, &self.holder, self.last, true)
+                .await;
+        }
     }
 
-    async fn drive(&mut self, start: FeedStart) -> Result<(), Closed> {
-        match start {
-            FeedStart::Fresh(last) => {
-                self.last = last;
-                self.send(FeedItem::Start(last)).await?;
-            }
-            FeedStart::Resumed(events) => {
-                let full = events.len() as u64 >= self.options.read_batch;
-                self.emit_all(events).await?;
-                if full {
-                    self.catch_up().await?;
-                }
-            }
+    async fn drive(&mut self, start: FeedStart, fresh: bool) -> End {
+        if fresh && self.send(FeedItem::Start(start.from)).await.is_err() {
+            return End::Release;
+        }
+        let full = start.events.len() as u64 >= self.options.read_batch;
+        if self.emit_all(start.events).await.is_err() {
+            return End::Release;
+        }
+        if full && self.catch_up().await.is_err() {
+            return End::Release;
         }
         let mut touch = tokio::time::interval(self.options.touch_every);
         touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         touch.tick().await; // the first tick is immediate; the open itself just touched
         let mut primary = true;
         loop {
-            tokio::select! {
+            let step: Result<(), Closed> = tokio::select! {
                 biased;
-                () = self.registration.gone.cancelled() => return Ok(()),
-                () = self.out.closed() => return Err(Closed),
+                () = self.registration.gone.cancelled() => {
+                    // Deleted (nothing to release) or shutting down (release for the next stream).
+                    return if self.registration.session_deleted() { End::SessionGone } else { End::Release };
+                }
+                () = self.out.closed() => return End::Release,
                 _ = touch.tick() => {
-                    if let Ok(false) = self.backend.session_touch(&self.session).await {
-                        return Ok(()); // expired or deleted
+                    match self.backend.feed_checkpoint(&self.session, &self.holder, self.last, false).await {
+                        Ok(false) => return End::SessionGone, // expired or deleted
+                        _ => Ok(()),
                     }
                 }
                 () = self.registration.lagged.raised(), if primary => {
                     self.registration.lagged.take();
-                    self.catch_up().await?;
+                    self.catch_up().await
                 }
                 event = self.registration.events.recv(), if primary => match event {
                     Some(event) => {
+                        let mut step = Ok(());
                         if event.id > self.last {
                             self.last = event.id;
-                            self.send(FeedItem::Event(LoggedEvent { id: event.id, payload: event.payload })).await?;
+                            step = self.send(FeedItem::Event(LoggedEvent { id: event.id, payload: event.payload })).await;
                         }
-                        if self.registration.lagged.take() {
-                            self.catch_up().await?;
+                        if step.is_ok() && self.registration.lagged.take() {
+                            step = self.catch_up().await;
                         }
+                        step
                     }
                     // A newer GET stream of the session on this replica took over: stay open as a
                     // silent shadow so the client does not reconnect in a loop.
-                    None => primary = false,
+                    None => {
+                        primary = false;
+                        Ok(())
+                    }
                 },
+            };
+            if step.is_err() {
+                return End::Release;
             }
         }
     }
@@ -187,7 +218,7 @@ impl FeedTask {
                     tracing::debug!(%error, "feed catch-up failed, retrying");
                     tokio::select! {
                         () = self.out.closed() => return Err(Closed),
-                        () = self.registration.gone.cancelled() => return Ok(()),
+                        () = self.registration.gone.cancelled() => return Err(Closed),
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -263,11 +294,41 @@ mod tests {
             ids.push(backend.event_append("s", &n.to_string()).await.expect("append").expect("live"));
         }
         let mut rx = open(&backend, &bus, "s", Some(ids[2]), options()).await.expect("open");
+        // A resumed stream emits no start marker: the client already has an id.
         for id in &ids[3..] {
             assert_eq!(next_event(&mut rx).await.id, *id);
         }
         let live = backend.event_append("s", "live").await.expect("append").expect("live");
         assert_eq!(next_event(&mut rx).await.id, live);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_stream_continues_where_the_last_one_stopped() {
+        let (backend, bus) = setup(1000);
+        backend.session_create("s", "{}").await.expect("create");
+        // Raised before any GET stream was open: the first stream delivers it.
+        let early = backend.event_append("s", "early").await.expect("append").expect("live");
+        let mut rx = open(&backend, &bus, "s", None, options()).await.expect("open");
+        assert_eq!(rx.recv().await, Some(FeedItem::Start(EventId::ZERO)));
+        assert_eq!(next_event(&mut rx).await.id, early);
+        let seen = backend.event_append("s", "seen").await.expect("append").expect("live");
+        assert_eq!(next_event(&mut rx).await.id, seen);
+        drop(rx);
+        // The feed task releases the session, then drops its registration.
+        for _ in 0..500 {
+            if bus.stream_counts() == (0, 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(bus.stream_counts(), (0, 0), "the closed feed ended");
+        let missed = backend.event_append("s", "missed").await.expect("append").expect("live");
+        let mut rx = open(&backend, &bus, "s", None, options()).await.expect("open");
+        assert_eq!(rx.recv().await, Some(FeedItem::Start(seen)));
+        assert_eq!(next_event(&mut rx).await.id, missed);
+        // A second fresh stream while this one holds the session starts at the end of the log.
+        let mut other = open(&backend, &bus, "s", None, options()).await.expect("open");
+        assert_eq!(other.recv().await, Some(FeedItem::Start(missed)));
     }
 
     #[tokio::test]

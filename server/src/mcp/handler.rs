@@ -142,12 +142,14 @@ impl ServerHandler for ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let start = Instant::now();
+        let cancelled = context.ct.clone();
         let result = self
             .state
             .tools
             .call(ToolCallContext::new(self, request, context))
             .await;
         let outcome = match &result {
+            _ if cancelled.is_cancelled() => "cancelled",
             Ok(CallToolResponse::Complete(done)) if done.is_error == Some(true) => "tool_error",
             Ok(_) => "ok",
             Err(_) => "error",

@@ -26,6 +26,7 @@ struct SessionRecord {
     fields: HashMap<String, String>,
     subscriptions: HashSet<String>,
     feed: Option<String>,
+    cursor: Option<EventId>,
     expires_at: Instant,
 }
 
@@ -119,6 +120,7 @@ impl MemoryBackend {
                 fields: HashMap::new(),
                 subscriptions: HashSet::new(),
                 feed: None,
+                cursor: None,
                 expires_at,
             },
         );
@@ -285,29 +287,50 @@ impl MemoryBackend {
         let ttl = self.inner.config.session_ttl;
         let mut state = self.state();
         let record = state.live_session(session, now)?;
-        record.feed = Some(holder.to_owned());
+        let previous = record.feed.replace(holder.to_owned());
+        let cursor = record.cursor;
         record.expires_at = now + ttl;
         let log = state
             .logs
             .get(session)
             .filter(|log| log.expires_at.is_some_and(|at| at > now));
-        Some(match after {
-            None => FeedStart::Fresh(
-                log.and_then(|log| log.entries.back())
-                    .map_or(EventId::ZERO, |event| event.id),
-            ),
-            Some(after) => FeedStart::Resumed(
-                log.map(|log| {
-                    log.entries
-                        .iter()
-                        .filter(|event| event.id > after)
-                        .take(limit as usize)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default(),
-            ),
-        })
+        let from = match after {
+            Some(after) => after,
+            // Another stream holds the session: start at the end of the log (see FEED_OPEN).
+            None if previous.is_some() => {
+                let last = log.and_then(|log| log.entries.back()).map_or(EventId::ZERO, |e| e.id);
+                return Some(FeedStart { from: last, events: Vec::new() });
+            }
+            None => cursor.unwrap_or(EventId::ZERO),
+        };
+        let events = log
+            .map(|log| {
+                log.entries
+                    .iter()
+                    .filter(|event| event.id > from)
+                    .take(limit as usize)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(FeedStart { from, events })
+    }
+
+    pub(super) fn feed_checkpoint(&self, session: &str, holder: &str, last: EventId, release: bool) -> bool {
+        let now = Instant::now();
+        let ttl = self.inner.config.session_ttl;
+        let mut state = self.state();
+        let Some(record) = state.live_session(session, now) else {
+            return false;
+        };
+        if record.feed.as_deref() == Some(holder) {
+            record.cursor = Some(last);
+            if release {
+                record.feed = None;
+            }
+        }
+        record.expires_at = now + ttl;
+        true
     }
 
     pub(super) fn events_after(&self, session: &str, after: EventId, limit: u64) -> Vec<LoggedEvent> {
@@ -474,10 +497,8 @@ mod tests {
         backend.session_create("s1", "{}").await.expect("create");
         let mut feed = bus.register_feed("s1").expect("feed");
         let holder = bus::feed_holder(bus.tag(), feed.stream());
-        let Some(FeedStart::Fresh(start)) = backend.feed_open("s1", &holder, None, 10).await.expect("open") else {
-            panic!("expected a fresh start");
-        };
-        assert_eq!(start, EventId::ZERO);
+        let start = backend.feed_open("s1", &holder, None, 10).await.expect("open").expect("live");
+        assert_eq!(start, FeedStart { from: EventId::ZERO, events: Vec::new() });
         let mut ids = Vec::new();
         for n in 0..5 {
             ids.push(backend.event_append("s1", &format!("{{\"n\":{n}}}")).await.expect("append").expect("live"));
@@ -488,11 +509,8 @@ mod tests {
         // Only the last three are kept.
         let kept = backend.events_after("s1", EventId::ZERO, 10).await.expect("read");
         assert_eq!(kept.iter().map(|e| e.id).collect::<Vec<_>>(), ids[2..]);
-        let Some(FeedStart::Resumed(events)) = backend.feed_open("s1", &holder, Some(ids[3]), 10).await.expect("open")
-        else {
-            panic!("expected a resumed start");
-        };
-        assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[4]]);
+        let start = backend.feed_open("s1", &holder, Some(ids[3]), 10).await.expect("open").expect("live");
+        assert_eq!(start.events.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[4]]);
         assert!(backend.event_append("gone", "{}").await.expect("append").is_none());
     }
 

@@ -89,13 +89,14 @@ pub struct LoggedEvent {
     pub payload: Arc<str>,
 }
 
-/// Where a GET stream starts, as read atomically with claiming the stream.
+/// Where a GET stream starts, as read atomically with claiming the stream: every event after
+/// `from` is either in `events` (up to the read limit) or will be published to the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FeedStart {
-    /// A fresh stream: events after this id will be published to it.
-    Fresh(EventId),
-    /// A resumed stream: these events (up to the read limit) followed the resume point.
-    Resumed(Vec<LoggedEvent>),
+pub struct FeedStart {
+    /// The stream starts after this event.
+    pub from: EventId,
+    /// The first events after `from`.
+    pub events: Vec<LoggedEvent>,
 }
 
 /// Outcome of a legacy `resources/subscribe`.
@@ -274,7 +275,8 @@ impl Backend {
     }
 
     /// Claims the session's GET stream for `holder` (see [`crate::bus::feed_holder`]) and reads
-    /// where it starts. Returns `None` when the session is gone.
+    /// where it starts: after `after` when resuming, else where the previous stream stopped (see
+    /// the `FEED_OPEN` script). Returns `None` when the session is gone.
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
@@ -286,6 +288,15 @@ impl Backend {
         limit: u64,
     ) -> BackendResult<Option<FeedStart>> {
         delegate!(self, "feed_open", feed_open(session, holder, after, limit))
+    }
+
+    /// Records how far the feed `holder` got, and with `release` that it no longer holds the
+    /// session; slides the session TTL. Returns `false` when the session is gone.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn feed_checkpoint(&self, session: &str, holder: &str, last: EventId, release: bool) -> BackendResult<bool> {
+        delegate!(self, "feed_checkpoint", feed_checkpoint(session, holder, last, release))
     }
 
     /// Reads up to `limit` events after `after` from the session's log.

@@ -40,6 +40,7 @@ struct Scripts {
     unsubscribe: Script,
     event_append: Script,
     feed_open: Script,
+    feed_checkpoint: Script,
     resource_updated: Script,
     prune_subscribers: Script,
     kv_set: Script,
@@ -57,6 +58,7 @@ impl Scripts {
             unsubscribe: Script::from_lua(scripts::UNSUBSCRIBE),
             event_append: Script::from_lua(scripts::event_append()),
             feed_open: Script::from_lua(scripts::FEED_OPEN),
+            feed_checkpoint: Script::from_lua(scripts::FEED_CHECKPOINT),
             resource_updated: Script::from_lua(scripts::resource_updated()),
             prune_subscribers: Script::from_lua(scripts::PRUNE_SUBSCRIBERS),
             kv_set: Script::from_lua(scripts::KV_SET),
@@ -368,15 +370,12 @@ impl RedisBackend {
         let Some(reply) = reply else {
             return Ok(None);
         };
-        if after.is_none() {
-            let last = reply
-                .first()
-                .and_then(Value::as_str)
-                .ok_or_else(|| BackendError::Protocol("feed_open: missing last id".into()))?;
-            return Ok(Some(FeedStart::Fresh(parse_id(&last)?)));
-        }
-        let mut events = Vec::with_capacity(reply.len() / 2);
-        for pair in reply.chunks(2) {
+        let (from, rest) = reply
+            .split_first()
+            .ok_or_else(|| BackendError::Protocol("feed_open: empty reply".into()))?;
+        let from = parse_id(&from.as_str().unwrap_or_default())?;
+        let mut events = Vec::with_capacity(rest.len() / 2);
+        for pair in rest.chunks(2) {
             let [id, payload] = pair else {
                 return Err(BackendError::Protocol("feed_open: odd reply".into()));
             };
@@ -385,7 +384,23 @@ impl RedisBackend {
                 payload: Arc::from(payload.as_str().unwrap_or_default().as_ref()),
             });
         }
-        Ok(Some(FeedStart::Resumed(events)))
+        Ok(Some(FeedStart { from, events }))
+    }
+
+    pub(super) async fn feed_checkpoint(&self, session: &str, holder: &str, last: EventId, release: bool) -> BackendResult<bool> {
+        let live: i64 = self
+            .eval(
+                &self.inner.scripts.feed_checkpoint,
+                vec![self.inner.keys.session(session)],
+                vec![
+                    holder.into(),
+                    last.to_string().into(),
+                    self.ttl(),
+                    if release { "1" } else { "0" }.into(),
+                ],
+            )
+            .await?;
+        Ok(live == 1)
     }
 
     pub(super) async fn events_after(&self, session: &str, after: EventId, limit: u64) -> BackendResult<Vec<LoggedEvent>> {

@@ -96,26 +96,49 @@ return append(KEYS[1], KEYS[2], ARGV[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 /// KEYS: session, event log. ARGV: feed holder (`tag:stream`), resume-after id or '' for a fresh
 /// stream, max events, session ttl.
 ///
-/// Atomically names the caller as the holder of the session's GET stream and reads where to start:
-/// every event appended afterwards is published to the caller, every earlier one is in the reply,
-/// so nothing falls in between. Returns nil when the session is gone, `{last id}` for a fresh
-/// stream, or `{id1, payload1, id2, payload2, ...}` when resuming.
+/// Atomically names the caller as the holder of the session's GET stream and reads where it starts:
+/// every event appended afterwards is published to the caller and every earlier one after the
+/// start is in the reply, so nothing falls in between. A resumed stream starts after the client's
+/// `Last-Event-ID`. A fresh stream starts where the session's previous GET stream stopped (its
+/// `cursor`), or at the beginning of the log if it never had one, so events raised while no stream
+/// was open are delivered; but if another stream still holds the session (or its replica died
+/// holding it), a fresh stream starts at the end of the log, to never deliver an event twice.
+/// Returns nil when the session is gone, else `{start id, id1, payload1, id2, payload2, ...}`.
 pub const FEED_OPEN: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local previous = redis.call('HGET', KEYS[1], 'feed')
 redis.call('HSET', KEYS[1], 'feed', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-if ARGV[2] == '' then
-  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  if #last == 0 then return {'0-0'} end
-  return {last[1][1]}
+local start = ARGV[2]
+if start == '' then
+  if previous then
+    local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+    if #last == 0 then return {'0-0'} end
+    return {last[1][1]}
+  end
+  start = redis.call('HGET', KEYS[1], 'cursor') or '0-0'
 end
-local entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[2], '+', 'COUNT', ARGV[3])
-local out = {}
+local out = {start}
+local entries = redis.call('XRANGE', KEYS[2], '(' .. start, '+', 'COUNT', ARGV[3])
 for _, entry in ipairs(entries) do
   out[#out + 1] = entry[1]
   out[#out + 1] = entry[2][2]
 end
 return out
+";
+
+/// KEYS: session. ARGV: feed holder, last delivered id, session ttl, '1' to release the session.
+/// While `holder` holds the session's GET stream, records how far it got (and, when releasing,
+/// that no stream holds it any more). Slides the session TTL: an open GET stream keeps its
+/// session alive. Returns 0 when the session is gone.
+pub const FEED_CHECKPOINT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'feed') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'cursor', ARGV[2])
+  if ARGV[4] == '1' then redis.call('HDEL', KEYS[1], 'feed') end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
 ";
 
 /// KEYS: subscriber set. ARGV: session prefix, event-log prefix, payload, max length, retention,

@@ -1,0 +1,160 @@
+//! Shared helpers: real topologies of this build's `shoal-server`, metric scraping, waiting for
+//! events with generous timeouts, and reading Redis from the outside.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde_json::{Value, json};
+use shoal_shared::testkit::{
+    client::{EventStream, Exchange, McpClient},
+    topology::{Topology, TopologyOptions},
+};
+
+/// Generous upper bound for anything a test waits for.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn server_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_shoal-server"))
+}
+
+/// Options for `replicas` replicas on Redis behind nginx, with the test toolsets and fast
+/// keep-alives (so vanished clients are noticed within a second or two).
+pub fn cluster_options(replicas: usize) -> TopologyOptions {
+    TopologyOptions::cluster(server_bin(), replicas)
+        .env("SHOAL_TOOLSETS", "kv,conformance")
+        .env("SHOAL_SSE_KEEPALIVE_SECS", 1)
+        .env("SHOAL_SHUTDOWN_GRACE_SECS", 10)
+}
+
+pub async fn cluster(replicas: usize) -> Topology {
+    start(cluster_options(replicas)).await
+}
+
+pub async fn start(options: TopologyOptions) -> Topology {
+    match Topology::start(options).await {
+        Ok(topology) => topology,
+        Err(error) => panic!("cannot start the test topology: {error}"),
+    }
+}
+
+/// The replica that answered.
+pub fn replica_of(headers: &reqwest::header::HeaderMap) -> String {
+    headers
+        .get("x-shoal-replica")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_owned()
+}
+
+/// A legacy client on `url`, initialized.
+pub async fn legacy_client(url: &str) -> McpClient {
+    let mut client = McpClient::legacy(url);
+    client.initialize().await.expect("initialize");
+    client
+}
+
+/// Calls a tool and asserts it succeeded (no JSON-RPC error, no `isError`); returns the exchange.
+pub async fn call_ok(client: &McpClient, name: &str, arguments: Value) -> Exchange {
+    let exchange = client
+        .request("tools/call", json!({"name": name, "arguments": arguments}))
+        .await
+        .expect("tools/call");
+    let result = exchange.result().unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_ne!(result.get("isError"), Some(&json!(true)), "{name} failed: {result}");
+    exchange
+}
+
+/// The text of the first content item of a tool result.
+pub fn text_of(result: &Value) -> String {
+    result
+        .pointer("/content/0/text")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Waits until `probe` returns `Some`, polling every 50 ms, for at most `timeout`.
+pub async fn eventually<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of the metric sample `series` (name with labels, exactly as rendered) on the replica
+/// at `base_url`, or 0 when the series does not exist yet.
+pub async fn metric(base_url: &str, series: &str) -> f64 {
+    let text = reqwest::get(format!("{base_url}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// The sum of `series` over every replica of the topology.
+pub async fn metric_sum(topology: &Topology, series: &str) -> f64 {
+    let mut sum = 0.0;
+    for replica in &topology.replicas {
+        sum += metric(&replica.base_url(), series).await;
+    }
+    sum
+}
+
+/// Runs `redis-cli` against the topology's Redis.
+pub async fn redis_cli(topology: &Topology, args: &[&str]) -> String {
+    let port = topology.redis.as_ref().expect("topology has redis").port().to_string();
+    let output = tokio::process::Command::new("redis-cli")
+        .args(["-p", &port])
+        .args(args)
+        .output()
+        .await
+        .expect("redis-cli (install redis-tools)");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The Redis keys of the topology that mention `needle`.
+pub async fn redis_keys_with(topology: &Topology, needle: &str) -> Vec<String> {
+    let pattern = format!("{}:*{needle}*", topology.prefix);
+    redis_cli(topology, &["--scan", "--pattern", &pattern])
+        .await
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Reads messages from `stream` until one satisfies `matches`, failing after `WAIT`.
+pub async fn next_matching(stream: &mut EventStream, what: &str, matches: impl Fn(&Value) -> bool) -> (Option<String>, Value) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match stream.next_message(remaining).await {
+            Ok(Some(event)) => {
+                let message = event.message.expect("message event");
+                if matches(&message) {
+                    return (event.id, message);
+                }
+            }
+            Ok(None) => panic!("stream ended while waiting for {what}"),
+            Err(()) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// Whether `message` is `notifications/resources/updated` for `uri`.
+pub fn is_update_of(message: &Value, uri: &str) -> bool {
+    message.get("method").and_then(Value::as_str) == Some("notifications/resources/updated")
+        && message.pointer("/params/uri").and_then(Value::as_str) == Some(uri)
+}

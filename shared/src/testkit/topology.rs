@@ -1,0 +1,502 @@
+//! Local cluster topologies from real processes: a Redis server, N shoal replicas and an nginx
+//! round-robin balancer, each on a free loopback port, with files in a temporary directory that is
+//! removed afterwards. Used by the integration tests, the benchmarks and `shoal-cluster`.
+//!
+//! The balancer's proxy settings come from `deploy/nginx/mcp-proxy.conf`, the same file the
+//! docker-compose balancer includes.
+
+use std::{
+    net::TcpListener as StdListener,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::process::{Child, Command};
+
+/// Errors while starting or controlling processes.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// A process could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// Which process.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A process did not become ready in time.
+    #[error("{0} did not become ready in time; see its log in {1}")]
+    NotReady(String, PathBuf),
+    /// Other I/O.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Result of topology operations.
+pub type TopologyResult<T> = Result<T, TopologyError>;
+
+/// How long processes get to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn signal(child: &Child, signal: Signal) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
+    }
+}
+
+async fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> TopologyResult<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(TopologyError::NotReady(what.to_owned(), log.to_owned()))
+}
+
+/// The repository root (where `deploy/` lives), found from this crate's manifest directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// A redis-server process.
+#[derive(Debug)]
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free port with its files in `dir`.
+    ///
+    /// # Errors
+    /// When the binary is missing or the server does not come up.
+    pub async fn start(dir: &Path) -> TopologyResult<Self> {
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir: dir.join("redis"),
+        };
+        std::fs::create_dir_all(&server.dir)?;
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    async fn spawn(&mut self) -> TopologyResult<()> {
+        let log = self.dir.join("redis.log");
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", &self.dir.to_string_lossy(), "--logfile", &log.to_string_lossy()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| TopologyError::Spawn {
+                what: "redis-server (install the redis-server package)".into(),
+                source,
+            })?;
+        wait_for_port(self.port, &mut child, "redis-server", &log).await?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts the server again on the same port (after [`RedisServer::kill`]); its data is gone.
+    ///
+    /// # Errors
+    /// When it does not come up.
+    pub async fn restart(&mut self) -> TopologyResult<()> {
+        self.kill().await;
+        self.spawn().await
+    }
+}
+
+/// One shoal replica process.
+#[derive(Debug)]
+pub struct Replica {
+    /// Its name (`SHOAL_REPLICA_NAME`), e.g. `r1`.
+    pub name: String,
+    child: Option<Child>,
+    port: u16,
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl Replica {
+    /// Starts `bin` as replica `name` on a free port with `env`, logging to `dir/<name>.log`.
+    ///
+    /// # Errors
+    /// When it does not answer `/healthz` in time.
+    pub async fn start(bin: &Path, name: &str, dir: &Path, env: &[(String, String)]) -> TopologyResult<Self> {
+        let mut replica = Self {
+            name: name.to_owned(),
+            child: None,
+            port: free_port(),
+            bin: bin.to_owned(),
+            env: env.to_vec(),
+            log: dir.join(format!("{name}.log")),
+        };
+        replica.spawn().await?;
+        Ok(replica)
+    }
+
+    async fn spawn(&mut self) -> TopologyResult<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut child = Command::new(&self.bin)
+            .env("SHOAL_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("SHOAL_REPLICA_NAME", &self.name)
+            .env("SHOAL_LOG_FORMAT", "text")
+            .env("RUST_LOG", std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| TopologyError::Spawn {
+                what: self.bin.display().to_string(),
+                source,
+            })?;
+        wait_for_port(self.port, &mut child, &self.name, &self.log).await?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The MCP endpoint.
+    pub fn mcp_url(&self) -> String {
+        format!("{}/mcp", self.base_url())
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL: the replica dies without any cleanup.
+    pub async fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a graceful exit. Returns the exit status, or `None`
+    /// when it had to be killed.
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        signal(&child, Signal::SIGTERM);
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                let _ = child.kill().await;
+                None
+            }
+        }
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn send_sigterm(&self) {
+        if let Some(child) = &self.child {
+            signal(child, Signal::SIGTERM);
+        }
+    }
+
+    /// Waits for the process to exit (after [`Replica::send_sigterm`]).
+    pub async fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status = tokio::time::timeout(timeout, child.wait()).await.ok()?.ok();
+        self.child = None;
+        status
+    }
+
+    /// Starts the replica again on the same port with the same environment.
+    ///
+    /// # Errors
+    /// When it does not come up.
+    pub async fn restart(&mut self) -> TopologyResult<()> {
+        self.kill9().await;
+        self.spawn().await
+    }
+}
+
+/// An nginx round-robin balancer in front of replicas.
+#[derive(Debug)]
+pub struct Balancer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Balancer {
+    /// Starts nginx on a free port, balancing over `upstream_ports`.
+    ///
+    /// # Errors
+    /// When nginx is missing or does not come up.
+    pub async fn start(dir: &Path, upstream_ports: &[u16]) -> TopologyResult<Self> {
+        let dir = dir.join("nginx");
+        for sub in ["", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let port = free_port();
+        let servers: String = upstream_ports
+            .iter()
+            .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"))
+            .collect();
+        let include = repo_root().join("deploy/nginx/mcp-proxy.conf");
+        // nginx started as root switches its workers to `nobody` unless told otherwise.
+        let user = if nix::unistd::geteuid().is_root() { "user root;\n" } else { "" };
+        let d = dir.display();
+        let config = format!(
+            "{user}daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{\n    access_log off;\n\
+             client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
+             upstream shoal {{\n{servers}        keepalive 64;\n    }}\n\
+             server {{\n        listen 127.0.0.1:{port};\n        location / {{\n            include {include};\n        }}\n    }}\n}}\n",
+            include = include.display(),
+        );
+        let config_path = dir.join("nginx.conf");
+        std::fs::write(&config_path, config)?;
+        let log = dir.join("error.log");
+        let mut child = Command::new("nginx")
+            .args(["-p", &dir.to_string_lossy(), "-c", &config_path.to_string_lossy()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| TopologyError::Spawn {
+                what: "nginx (install the nginx package)".into(),
+                source,
+            })?;
+        wait_for_port(port, &mut child, "nginx", &log).await?;
+        Ok(Self {
+            child: Some(child),
+            port,
+            dir,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The balanced MCP endpoint.
+    pub fn mcp_url(&self) -> String {
+        format!("{}/mcp", self.base_url())
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its working directory (config, error log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        // SIGTERM lets the master take its workers down with it; SIGKILL would orphan them.
+        if let Some(child) = &self.child {
+            signal(child, Signal::SIGTERM);
+        }
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct TopologyOptions {
+    /// The shoal-server binary.
+    pub server_bin: PathBuf,
+    /// Number of replicas.
+    pub replicas: usize,
+    /// Start Redis and point the replicas at it (otherwise they run embedded).
+    pub redis: bool,
+    /// Start an nginx balancer in front.
+    pub balancer: bool,
+    /// Extra environment for every replica.
+    pub env: Vec<(String, String)>,
+    /// Keep the working directory (logs) after the topology is dropped.
+    pub keep_dir: bool,
+}
+
+impl TopologyOptions {
+    /// `replicas` replicas of `server_bin` on Redis behind nginx.
+    pub fn cluster(server_bin: impl Into<PathBuf>, replicas: usize) -> Self {
+        Self {
+            server_bin: server_bin.into(),
+            replicas,
+            redis: true,
+            balancer: true,
+            env: Vec::new(),
+            keep_dir: false,
+        }
+    }
+
+    /// Adds an environment variable for every replica.
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.push((key.to_owned(), value.to_string()));
+        self
+    }
+}
+
+/// A running topology; everything stops when it is dropped.
+#[derive(Debug)]
+pub struct Topology {
+    /// The balancer, if started.
+    pub balancer: Option<Balancer>,
+    /// The replicas.
+    pub replicas: Vec<Replica>,
+    /// Redis, if started.
+    pub redis: Option<RedisServer>,
+    /// The key prefix shared by the replicas (unique per topology).
+    pub prefix: String,
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl Topology {
+    /// Starts Redis, the replicas and the balancer.
+    ///
+    /// # Errors
+    /// When a process cannot start or does not become ready.
+    pub async fn start(options: TopologyOptions) -> TopologyResult<Self> {
+        let dir = tempfile::Builder::new().prefix("shoal-topology-").tempdir()?;
+        let path = dir.path().to_owned();
+        let redis = if options.redis {
+            Some(RedisServer::start(&path).await?)
+        } else {
+            None
+        };
+        let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+        let mut env = vec![
+            ("SHOAL_KEY_PREFIX".to_owned(), prefix.clone()),
+            ("SHOAL_ALLOWED_HOSTS".to_owned(), "localhost,127.0.0.1,::1".to_owned()),
+        ];
+        if let Some(redis) = &redis {
+            env.push(("SHOAL_REDIS_URL".to_owned(), redis.url()));
+        }
+        env.extend(options.env.iter().cloned());
+        let mut replicas = Vec::with_capacity(options.replicas);
+        for n in 1..=options.replicas {
+            replicas.push(Replica::start(&options.server_bin, &format!("r{n}"), &path, &env).await?);
+        }
+        let balancer = if options.balancer {
+            let ports: Vec<u16> = replicas.iter().map(Replica::port).collect();
+            Some(Balancer::start(&path, &ports).await?)
+        } else {
+            None
+        };
+        let dir = if options.keep_dir {
+            let _ = dir.keep();
+            None
+        } else {
+            Some(dir)
+        };
+        Ok(Self {
+            balancer,
+            replicas,
+            redis,
+            prefix,
+            dir,
+            path,
+        })
+    }
+
+    /// The MCP URL clients use: the balancer's, or the first replica's.
+    pub fn mcp_url(&self) -> String {
+        match &self.balancer {
+            Some(balancer) => balancer.mcp_url(),
+            None => self.replicas[0].mcp_url(),
+        }
+    }
+
+    /// The working directory (logs of every process).
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// The replica called `name`.
+    pub fn replica(&mut self, name: &str) -> Option<&mut Replica> {
+        self.replicas.iter_mut().find(|r| r.name == name)
+    }
+
+    /// The last `lines` lines of every replica log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for replica in &self.replicas {
+            let text = std::fs::read_to_string(replica.log()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            out.push_str(&format!("--- {} ---\n", replica.name));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Replicas and Redis are killed by kill_on_drop, the balancer by its own Drop.
+        if self.dir.is_none() {
+            eprintln!("topology files kept in {}", self.path.display());
+        }
+    }
+}
