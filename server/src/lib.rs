@@ -102,6 +102,7 @@ impl App {
             bus: bus.clone(),
             metrics: metrics.clone(),
             draining: AtomicBool::new(false),
+            request_state: tokio::sync::OnceCell::new(),
         });
 
         let sse_retry = Duration::from_millis(config.sse_retry_ms);

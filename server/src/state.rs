@@ -2,8 +2,19 @@
 
 use std::sync::{Arc, atomic::AtomicBool};
 
-use rmcp::{handler::server::router::tool::ToolRouter, model::ServerConfig};
-use shoal_shared::{backend::Backend, bus::Bus, config::Config, metrics::Metrics};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use rmcp::{
+    handler::server::router::tool::ToolRouter,
+    model::{RequestStateCodec, ServerConfig},
+};
+use secrecy::ExposeSecret;
+use shoal_shared::{
+    backend::{Backend, BackendError},
+    bus::Bus,
+    config::Config,
+    metrics::Metrics,
+};
+use tokio::sync::OnceCell;
 
 use crate::{mcp::handler::ShoalHandler, tools::Catalog};
 
@@ -25,4 +36,33 @@ pub struct AppState {
     pub server_info: ServerConfig,
     /// Set when shutdown began: `/readyz` answers 503.
     pub draining: AtomicBool,
+    /// Seals MRTR `requestState`; created on first use (see [`AppState::request_state`]).
+    pub request_state: OnceCell<RequestStateCodec>,
+}
+
+impl AppState {
+    /// The codec that seals MRTR `requestState`. Every replica must use the same key, since each
+    /// round of a request may land on another replica: `SHOAL_REQUEST_STATE_KEY` when set, else a
+    /// random key the first replica stores in the shared backend for the others.
+    ///
+    /// # Errors
+    /// Fails when the key cannot be read from the shared backend.
+    pub async fn request_state(&self) -> Result<&RequestStateCodec, BackendError> {
+        self.request_state
+            .get_or_try_init(|| async {
+                let key = match &self.config.request_state_key {
+                    Some(key) => key.expose_secret().as_bytes().to_vec(),
+                    None => {
+                        let candidate: [u8; 32] = rand::random();
+                        let shared = self
+                            .backend
+                            .shared_secret("request-state", &URL_SAFE_NO_PAD.encode(candidate))
+                            .await?;
+                        shared.into_bytes()
+                    }
+                };
+                Ok(RequestStateCodec::new_unchecked(key))
+            })
+            .await
+    }
 }

@@ -132,6 +132,12 @@ pub struct Config {
     #[arg(long, env = "SHOAL_KV_MAX_VALUE_BYTES", default_value_t = 64 * 1024)]
     pub kv_max_value_bytes: usize,
 
+    /// Key that seals MRTR `requestState` values (HMAC-SHA256, at least 32 bytes). When unset,
+    /// replicas on the same Redis share a random key generated once and kept in Redis; the
+    /// embedded default uses a random key per process.
+    #[arg(long, env = "SHOAL_REQUEST_STATE_KEY", value_parser = parse_secret, hide_env_values = true)]
+    pub request_state_key: Option<SecretString>,
+
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
@@ -221,6 +227,13 @@ impl Config {
             list.iter_mut().for_each(|item| *item = item.trim().to_owned());
             list.retain(|item| !item.is_empty());
             list.dedup();
+        }
+        if self
+            .request_state_key
+            .as_ref()
+            .is_some_and(|key| key.expose_secret().len() < 32)
+        {
+            return Err(ConfigError("SHOAL_REQUEST_STATE_KEY must be at least 32 bytes long".into()));
         }
         if let Some(url) = &self.redis_url
             && !(url.expose_secret().starts_with("redis://")

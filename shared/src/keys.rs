@@ -55,6 +55,11 @@ impl Keys {
         format!("{}:kvkeys", self.prefix)
     }
 
+    /// A secret shared by every replica (e.g. the MRTR request-state key), created by the first.
+    pub fn secret(&self, name: &str) -> String {
+        format!("{}:secret:{name}", self.prefix)
+    }
+
     /// Lease key that elects the replica running the subscriber-set janitor.
     pub fn janitor_lease(&self) -> String {
         format!("{}:lease:janitor", self.prefix)

@@ -280,6 +280,9 @@ impl ServerHandler for ShoalHandler {
 
     async fn get_prompt(&self, request: GetPromptRequestParams, _context: RequestContext<RoleServer>) -> Result<GetPromptResponse, McpError> {
         self.observe("prompts/get", async {
+            if self.state.catalog.is_input_required_prompt(&request.name) {
+                return self.input_required_prompt(&request).await;
+            }
             self.state
                 .catalog
                 .get_prompt(&request)

@@ -31,6 +31,9 @@ const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42
 /// A 44-byte WAV header with one silent 8-bit sample.
 const WAV_SILENCE: &str = "UklGRiUAAABXQVZFZm10IBAAAAABAAEAQB8AAEAfAAABAAgAZGF0YQEAAACA";
 
+/// The multi round-trip prompt (served by [`crate::tools::mrtr`]).
+pub const INPUT_REQUIRED_PROMPT: &str = "test_input_required_result_prompt";
+
 const STATIC_TEXT: &str = "This is the content of the static text resource.";
 
 /// Arguments of `test_sampling`.
@@ -115,6 +118,8 @@ pub fn prompts() -> Vec<Prompt> {
         model(json!({"name": "test_prompt_with_embedded_resource", "description": "A prompt embedding a resource",
             "arguments": [{"name": "resourceUri", "description": "URI of the resource to embed", "required": true}]})),
         model(json!({"name": "test_prompt_with_image", "description": "A prompt with an image"})),
+        model(json!({"name": INPUT_REQUIRED_PROMPT,
+            "description": "A prompt that asks the client for context first (multi round-trip)"})),
     ]
 }
 
@@ -359,6 +364,41 @@ impl ShoalHandler {
     }
 }
 
+/// `json_schema_2020_12_tool`: a tool whose input schema uses JSON Schema 2020-12 features that
+/// must reach clients unchanged.
+pub fn json_schema_tool() -> rmcp::handler::server::router::tool::ToolRoute<ShoalHandler> {
+    let tool: rmcp::model::Tool = model(json!({
+        "name": "json_schema_2020_12_tool",
+        "description": "Conformance fixture: an input schema with $schema, $defs and additionalProperties.",
+        "inputSchema": {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "type": "object",
+            "$defs": {
+                "address": {
+                    "type": "object",
+                    "properties": {"street": {"type": "string"}, "city": {"type": "string"}},
+                    "required": ["street", "city"]
+                }
+            },
+            "properties": {"name": {"type": "string"}, "address": {"$ref": "#/$defs/address"}},
+            "required": ["name"],
+            "additionalProperties": false
+        }
+    }));
+    rmcp::handler::server::router::tool::ToolRoute::new_dyn(tool, |context| {
+        let name = context
+            .arguments
+            .as_ref()
+            .and_then(|arguments| arguments.get("name"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("nobody")
+            .to_owned();
+        Box::pin(async move {
+            Ok(CallToolResult::success(vec![ContentBlock::text(format!("schema ok for {name}"))]).into())
+        })
+    })
+}
+
 fn elicitation(params: serde_json::Value) -> Result<ElicitRequestParams, McpError> {
     serde_json::from_value(params).map_err(|error| McpError::internal_error(format!("elicitation fixture: {error}"), None))
 }
@@ -387,7 +427,7 @@ mod tests {
     fn fixtures_deserialize() {
         assert_eq!(resources().len(), 3);
         assert_eq!(templates().len(), 1);
-        assert_eq!(prompts().len(), 4);
+        assert_eq!(prompts().len(), 5);
         for uri in ["test://static-text", "test://static-binary", "test://watched-resource", "test://template/123/data"] {
             assert!(is_resource(uri), "{uri}");
             assert!(read(uri).is_some(), "{uri}");

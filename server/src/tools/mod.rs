@@ -5,6 +5,7 @@
 
 pub mod conformance;
 pub mod kv;
+pub mod mrtr;
 
 use rmcp::{
     ErrorData as McpError,
@@ -64,6 +65,8 @@ impl Toolsets {
         }
         if self.conformance {
             router += ShoalHandler::conformance_tools();
+            router += ShoalHandler::mrtr_tools();
+            router.add_route(conformance::json_schema_tool());
         }
         router
     }
@@ -175,15 +178,23 @@ impl Catalog {
         }
     }
 
+    /// Whether `prompts/get` of `name` is a multi round-trip prompt served by the handler.
+    pub fn is_input_required_prompt(&self, name: &str) -> bool {
+        self.toolsets.conformance && name == conformance::INPUT_REQUIRED_PROMPT
+    }
+
     /// `prompts/get`.
     ///
     /// # Errors
     /// `invalid_params` for unknown prompts or missing arguments.
     pub fn get_prompt(&self, request: &GetPromptRequestParams) -> Result<GetPromptResult, McpError> {
-        if self.toolsets.conformance {
-            return conformance::get_prompt(request);
-        }
-        Err(McpError::invalid_params(format!("unknown prompt: {}", request.name), None))
+        let mut result = if self.toolsets.conformance {
+            conformance::get_prompt(request)?
+        } else {
+            return Err(McpError::invalid_params(format!("unknown prompt: {}", request.name), None));
+        };
+        result.result_type = Some(rmcp::model::ResultType::COMPLETE);
+        Ok(result)
     }
 }
 

@@ -42,6 +42,7 @@ struct State {
     logs: HashMap<String, EventLog>,
     subscribers: HashMap<String, HashSet<String>>,
     kv: BTreeMap<String, String>,
+    secrets: HashMap<String, String>,
     last_id: EventId,
 }
 
@@ -430,6 +431,14 @@ impl MemoryBackend {
             .take(limit as usize)
             .map(|(key, _)| key.clone())
             .collect()
+    }
+
+    pub(super) fn shared_secret(&self, name: &str, candidate: &str) -> String {
+        self.state()
+            .secrets
+            .entry(name.to_owned())
+            .or_insert_with(|| candidate.to_owned())
+            .clone()
     }
 
     pub(super) fn janitor_pass(&self, _holder: &ReplicaTag, _lease: Duration) -> u64 {

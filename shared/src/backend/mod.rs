@@ -378,6 +378,15 @@ impl Backend {
         delegate!(self, "kv_list", kv_list(after, limit))
     }
 
+    /// A secret shared by every replica: `candidate` is stored unless one exists; the stored value
+    /// is returned.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn shared_secret(&self, name: &str, candidate: &str) -> BackendResult<String> {
+        delegate!(self, "shared_secret", shared_secret(name, candidate))
+    }
+
     /// Housekeeping that needs no single owner: drops expired sessions from subscriber sets (Redis,
     /// elected by a lease so one replica does it at a time) or expired entries (memory). Returns the
     /// number of entries removed.

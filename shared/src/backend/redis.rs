@@ -45,6 +45,7 @@ struct Scripts {
     prune_subscribers: Script,
     kv_set: Script,
     kv_delete: Script,
+    shared_secret: Script,
 }
 
 impl Scripts {
@@ -63,6 +64,7 @@ impl Scripts {
             prune_subscribers: Script::from_lua(scripts::PRUNE_SUBSCRIBERS),
             kv_set: Script::from_lua(scripts::KV_SET),
             kv_delete: Script::from_lua(scripts::KV_DELETE),
+            shared_secret: Script::from_lua(scripts::SHARED_SECRET),
         }
     }
 }
@@ -531,6 +533,15 @@ impl RedisBackend {
                 false,
             )
             .await?)
+    }
+
+    pub(super) async fn shared_secret(&self, name: &str, candidate: &str) -> BackendResult<String> {
+        self.eval(
+            &self.inner.scripts.shared_secret,
+            vec![self.inner.keys.secret(name)],
+            vec![candidate.into()],
+        )
+        .await
     }
 
     pub(super) async fn janitor_pass(&self, lease_holder: &ReplicaTag, lease: Duration) -> BackendResult<u64> {

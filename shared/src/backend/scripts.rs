@@ -193,3 +193,10 @@ pub const KV_DELETE: &str = r"
 redis.call('ZREM', KEYS[2], ARGV[1])
 return redis.call('HDEL', KEYS[1], ARGV[1])
 ";
+
+/// KEYS: secret. ARGV: candidate value. Stores the candidate unless a value exists; returns the
+/// stored value, so every replica ends up with the same one.
+pub const SHARED_SECRET: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then return ARGV[1] end
+return redis.call('GET', KEYS[1])
+";

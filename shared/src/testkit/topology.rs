@@ -278,16 +278,16 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// Starts nginx on a free port, balancing over `upstream_ports`.
+    /// Starts nginx on `port` (a free one when `None`), balancing over `upstream_ports`.
     ///
     /// # Errors
     /// When nginx is missing or does not come up.
-    pub async fn start(dir: &Path, upstream_ports: &[u16]) -> TopologyResult<Self> {
+    pub async fn start(dir: &Path, port: Option<u16>, upstream_ports: &[u16]) -> TopologyResult<Self> {
         let dir = dir.join("nginx");
         for sub in ["", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
-        let port = free_port();
+        let port = port.unwrap_or_else(free_port);
         let servers: String = upstream_ports
             .iter()
             .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"))
@@ -373,6 +373,8 @@ pub struct TopologyOptions {
     pub env: Vec<(String, String)>,
     /// Keep the working directory (logs) after the topology is dropped.
     pub keep_dir: bool,
+    /// Port of the balancer (a free one when `None`).
+    pub balancer_port: Option<u16>,
 }
 
 impl TopologyOptions {
@@ -385,6 +387,7 @@ impl TopologyOptions {
             balancer: true,
             env: Vec::new(),
             keep_dir: false,
+            balancer_port: None,
         }
     }
 
@@ -438,7 +441,7 @@ impl Topology {
         }
         let balancer = if options.balancer {
             let ports: Vec<u16> = replicas.iter().map(Replica::port).collect();
-            Some(Balancer::start(&path, &ports).await?)
+            Some(Balancer::start(&path, options.balancer_port, &ports).await?)
         } else {
             None
         };

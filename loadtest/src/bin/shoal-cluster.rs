@@ -1,0 +1,103 @@
+//! `shoal-cluster`: starts a local shoal topology from real processes (Redis, N replicas, an nginx
+//! round-robin balancer) for people without Docker, scripts and benchmarks. Stops everything on
+//! Ctrl-C / SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use shoal_shared::testkit::topology::{Topology, TopologyOptions};
+
+/// Start a local shoal cluster: Redis, replicas and an nginx balancer on loopback ports.
+#[derive(Debug, Parser)]
+#[command(name = "shoal-cluster", version)]
+struct Args {
+    /// Number of replicas.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// One replica on in-memory backends: no Redis, no balancer.
+    #[arg(long)]
+    embedded: bool,
+    /// Do not start the balancer (clients talk to replicas directly).
+    #[arg(long)]
+    no_balancer: bool,
+    /// Port of the balancer (a free port when unset).
+    #[arg(long)]
+    port: Option<u16>,
+    /// The shoal-server binary (default: next to this binary).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Extra environment for every replica, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Write the endpoints as JSON to this file once everything is ready.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Keep the working directory (logs) after stopping.
+    #[arg(long)]
+    keep_logs: bool,
+}
+
+fn parse_env(value: &str) -> Result<(String, String), String> {
+    value
+        .split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {value:?}"))
+}
+
+fn default_server_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    Ok(exe.with_file_name("shoal-server"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let server_bin = match args.server_bin {
+        Some(bin) => bin,
+        None => default_server_bin()?,
+    };
+    anyhow::ensure!(
+        server_bin.exists(),
+        "{} not found: build it first (cargo build --release -p shoal-server) or pass --server-bin",
+        server_bin.display()
+    );
+    let mut options = TopologyOptions::cluster(server_bin, if args.embedded { 1 } else { args.replicas.max(1) });
+    options.redis = !args.embedded;
+    options.balancer = !args.embedded && !args.no_balancer;
+    options.balancer_port = args.port;
+    options.keep_dir = args.keep_logs;
+    options.env = args.env;
+    let topology = Topology::start(options).await.context("starting the topology")?;
+
+    println!("shoal cluster is up (logs in {})", topology.dir().display());
+    println!("  MCP endpoint: {}", topology.mcp_url());
+    if let Some(redis) = &topology.redis {
+        println!("  redis:        {} (key prefix {})", redis.url(), topology.prefix);
+    }
+    for replica in &topology.replicas {
+        println!("  replica {}:   {} (metrics: {}/metrics)", replica.name, replica.mcp_url(), replica.base_url());
+    }
+    println!("Press Ctrl-C to stop.");
+    if let Some(path) = &args.ready_file {
+        let ready = serde_json::json!({
+            "mcp_url": topology.mcp_url(),
+            "redis_url": topology.redis.as_ref().map(|r| r.url()),
+            "prefix": topology.prefix,
+            "replicas": topology.replicas.iter().map(|r| serde_json::json!({
+                "name": r.name, "mcp_url": r.mcp_url(), "base_url": r.base_url(), "log": r.log(),
+            })).collect::<Vec<_>>(),
+            "dir": topology.dir(),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&ready)?).context("writing the ready file")?;
+    }
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    println!("stopping");
+    drop(topology);
+    Ok(())
+}
