@@ -57,7 +57,11 @@ pub struct HttpService {
 
 impl HttpService {
     /// The service over `mcp`, whose session manager is `sessions`.
-    pub fn new(state: Arc<AppState>, sessions: Arc<ClusterSessionManager>, mcp: McpService) -> Self {
+    pub fn new(
+        state: Arc<AppState>,
+        sessions: Arc<ClusterSessionManager>,
+        mcp: McpService,
+    ) -> Self {
         let policy = Arc::new(OriginPolicy::new(
             &state.config.allowed_hosts,
             &state.config.effective_allowed_origins(),
@@ -77,7 +81,9 @@ impl HttpService {
     /// Handles one request.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let mut response = self.route(request).await;
-        response.headers_mut().insert("x-shoal-replica", self.replica.clone());
+        response
+            .headers_mut()
+            .insert("x-shoal-replica", self.replica.clone());
         response
     }
 
@@ -89,7 +95,10 @@ impl HttpService {
             (&Method::GET, "/readyz") => self.readyz().await,
             (&Method::GET, "/metrics") => Response::builder()
                 .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+                .header(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
                 .body(full(self.state.metrics.render()))
                 .expect("valid response"),
             (_, "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
@@ -103,7 +112,10 @@ impl HttpService {
         }
         match tokio::time::timeout(Duration::from_secs(2), self.state.backend.ping()).await {
             Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-            _ => text(StatusCode::SERVICE_UNAVAILABLE, "shared state unreachable\n"),
+            _ => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shared state unreachable\n",
+            ),
         }
     }
 
@@ -113,18 +125,25 @@ impl HttpService {
     }
 
     async fn mcp(&self, request: Request<Incoming>) -> Response<Body> {
-        if let Err((reason, response)) = self.policy.check(request.uri(), request.headers()) {
-            tracing::info!(reason, "rejected request: host or origin not allowed");
-            return self.reject(reason, response);
+        if let Err(rejection) = self.policy.check(request.uri(), request.headers()) {
+            tracing::info!(
+                reason = rejection.reason,
+                "rejected request: host or origin not allowed"
+            );
+            return self.reject(rejection.reason, text(rejection.status, rejection.message));
         }
         match *request.method() {
             Method::POST => self.post(request).await,
             Method::GET => {
                 if self.streams_full() {
-                    return self.reject("streams_full", busy("this replica has too many open streams"));
+                    return self.reject(
+                        "streams_full",
+                        busy("this replica has too many open streams"),
+                    );
                 }
                 let (parts, _) = request.into_parts();
-                self.forward(Request::from_parts(parts, Full::new(Bytes::new()))).await
+                self.forward(Request::from_parts(parts, Full::new(Bytes::new())))
+                    .await
             }
             Method::DELETE => self.delete(request.headers()).await,
             _ => method_not_allowed("GET, POST, DELETE"),
@@ -132,7 +151,8 @@ impl HttpService {
     }
 
     fn streams_full(&self) -> bool {
-        let open = self.state.metrics.streams_active("get") + self.state.metrics.streams_active("listen");
+        let open =
+            self.state.metrics.streams_active("get") + self.state.metrics.streams_active("listen");
         open.max(0) as usize >= self.state.config.max_streams
     }
 
@@ -141,15 +161,22 @@ impl HttpService {
         // Accept and Content-Type are checked by rmcp (406, 415) before it reads the body: send it
         // nothing to read when they are wrong.
         if !is_json(&parts.headers) {
-            return self.forward(Request::from_parts(parts, Full::new(Bytes::new()))).await;
+            return self
+                .forward(Request::from_parts(parts, Full::new(Bytes::new())))
+                .await;
         }
         let limit = self.state.config.max_body_bytes;
-        let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
+        let collected =
+            tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
         let bytes = match collected {
             Err(_) => {
                 return self.reject(
                     "body_timeout",
-                    jsonrpc_error(StatusCode::REQUEST_TIMEOUT, -32600, "request body not received in time"),
+                    jsonrpc_error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        -32600,
+                        "request body not received in time",
+                    ),
                 );
             }
             Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
@@ -166,7 +193,11 @@ impl HttpService {
             Ok(Err(_)) => {
                 return self.reject(
                     "body_read",
-                    jsonrpc_error(StatusCode::BAD_REQUEST, -32600, "request body could not be read"),
+                    jsonrpc_error(
+                        StatusCode::BAD_REQUEST,
+                        -32600,
+                        "request body could not be read",
+                    ),
                 );
             }
             Ok(Ok(collected)) => collected.to_bytes(),
@@ -175,21 +206,34 @@ impl HttpService {
             Ok(envelope) => envelope,
             Err((code, message)) => {
                 tracing::info!(code, message, "rejected request: malformed JSON-RPC");
-                let reason = if code == -32700 { "parse_error" } else { "invalid_request" };
-                return self.reject(reason, jsonrpc_error(StatusCode::BAD_REQUEST, code, message));
+                let reason = if code == -32700 {
+                    "parse_error"
+                } else {
+                    "invalid_request"
+                };
+                return self.reject(
+                    reason,
+                    jsonrpc_error(StatusCode::BAD_REQUEST, code, message),
+                );
             }
         };
         if envelope.is_initialize
             && self.sessions.local_sessions().await >= self.state.config.max_local_sessions
         {
-            return self.reject("sessions_full", busy("this replica holds too many sessions"));
+            return self.reject(
+                "sessions_full",
+                busy("this replica holds too many sessions"),
+            );
         }
-        self.forward(Request::from_parts(parts, Full::new(bytes))).await
+        self.forward(Request::from_parts(parts, Full::new(bytes)))
+            .await
     }
 
     async fn forward(&self, request: Request<Full<Bytes>>) -> Response<Body> {
         let response = self.mcp.handle(request).await;
-        if response.status() == StatusCode::INTERNAL_SERVER_ERROR && !self.state.backend.is_connected() {
+        if response.status() == StatusCode::INTERNAL_SERVER_ERROR
+            && !self.state.backend.is_connected()
+        {
             // rmcp reports a failed session lookup as 500; the cause is a shared state that is down,
             // which clients should retry.
             return self.reject("backend_unavailable", unavailable());
@@ -200,14 +244,20 @@ impl HttpService {
     async fn delete(&self, headers: &HeaderMap) -> Response<Body> {
         if let Some(version) = headers.get("mcp-protocol-version") {
             let Some(version) = version.to_str().ok().and_then(known_version) else {
-                return text(StatusCode::BAD_REQUEST, "Bad Request: Unsupported MCP-Protocol-Version\n");
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request: Unsupported MCP-Protocol-Version\n",
+                );
             };
             if version.as_str() >= ProtocolVersion::V_2026_07_28.as_str() {
                 return method_not_allowed("GET, POST"); // no sessions from 2026-07-28 on
             }
         }
         let Some(session) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) else {
-            return text(StatusCode::BAD_REQUEST, "Bad Request: Session ID is required\n");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "Bad Request: Session ID is required\n",
+            );
         };
         match self.state.backend.session_delete(session).await {
             Ok(existed) => {
@@ -265,13 +315,20 @@ impl Envelope {
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
         if first == Some(&b'[') {
             // Still check the syntax, so malformed JSON is a parse error whatever its shape.
-            serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|_| (-32700, "Parse error: invalid JSON"))?;
-            return Err((-32600, "Invalid Request: JSON-RPC batches are not supported"));
+            serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+                .map_err(|_| (-32700, "Parse error: invalid JSON"))?;
+            return Err((
+                -32600,
+                "Invalid Request: JSON-RPC batches are not supported",
+            ));
         }
         let raw: RawEnvelope<'_> = match serde_json::from_slice(bytes) {
             Ok(raw) => raw,
             Err(error) if error.is_data() => {
-                return Err((-32600, "Invalid Request: expected a JSON-RPC message object"));
+                return Err((
+                    -32600,
+                    "Invalid Request: expected a JSON-RPC message object",
+                ));
             }
             Err(_) => return Err((-32700, "Parse error: invalid JSON")),
         };
@@ -279,7 +336,10 @@ impl Envelope {
             return Err((-32600, "Invalid Request: jsonrpc must be \"2.0\""));
         }
         if raw.method.is_none() && raw.result.is_none() && raw.error.is_none() {
-            return Err((-32600, "Invalid Request: a message needs a method, a result or an error"));
+            return Err((
+                -32600,
+                "Invalid Request: a message needs a method, a result or an error",
+            ));
         }
         Ok(Envelope {
             is_initialize: raw.method.as_deref() == Some("initialize"),
@@ -295,6 +355,14 @@ struct OriginPolicy {
     origins: Vec<(String, String, PortRule)>,
 }
 
+/// Why the Host/Origin check refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rejection {
+    reason: &'static str,
+    status: StatusCode,
+    message: &'static str,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PortRule {
     Any,
@@ -303,7 +371,10 @@ enum PortRule {
 
 fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
     let authority: http::uri::Authority = authority.trim().parse().ok()?;
-    let host = authority.host().trim_matches(['[', ']']).to_ascii_lowercase();
+    let host = authority
+        .host()
+        .trim_matches(['[', ']'])
+        .to_ascii_lowercase();
     Some((host, authority.port_u16()))
 }
 
@@ -313,7 +384,8 @@ impl OriginPolicy {
             .iter()
             .filter_map(|host| {
                 // Bare IPv6 addresses (`::1`) do not parse as authorities.
-                split_authority(host).or_else(|| Some((host.trim_matches(['[', ']']).to_ascii_lowercase(), None)))
+                split_authority(host)
+                    .or_else(|| Some((host.trim_matches(['[', ']']).to_ascii_lowercase(), None)))
             })
             .collect();
         let origins = origins
@@ -335,24 +407,32 @@ impl OriginPolicy {
         Self { hosts, origins }
     }
 
-    fn check(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<(), (&'static str, Response<Body>)> {
-        let forbidden = |reason, message: &'static str| (reason, text(StatusCode::FORBIDDEN, message));
+    fn check(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<(), Rejection> {
+        let forbidden = |reason, message| Rejection {
+            reason,
+            status: StatusCode::FORBIDDEN,
+            message,
+        };
+        let bad_host = |message| Rejection {
+            reason: "bad_host",
+            status: StatusCode::BAD_REQUEST,
+            message,
+        };
         if !self.hosts.is_empty() {
             let authority = match headers.get(header::HOST) {
                 Some(value) => value
                     .to_str()
                     .ok()
                     .and_then(split_authority)
-                    .ok_or(("bad_host", text(StatusCode::BAD_REQUEST, "Bad Request: Invalid Host header\n")))?,
+                    .ok_or(bad_host("Bad Request: Invalid Host header\n"))?,
                 None => uri
                     .authority()
                     .and_then(|a| split_authority(a.as_str()))
-                    .ok_or(("bad_host", text(StatusCode::BAD_REQUEST, "Bad Request: missing Host header\n")))?,
+                    .ok_or(bad_host("Bad Request: missing Host header\n"))?,
             };
-            let allowed = self
-                .hosts
-                .iter()
-                .any(|(host, port)| *host == authority.0 && port.is_none_or(|p| Some(p) == authority.1));
+            let allowed = self.hosts.iter().any(|(host, port)| {
+                *host == authority.0 && port.is_none_or(|p| Some(p) == authority.1)
+            });
             if !allowed {
                 return Err(forbidden("host", "Forbidden: Host header is not allowed\n"));
             }
@@ -388,7 +468,10 @@ impl OriginPolicy {
         if allowed {
             Ok(())
         } else {
-            Err(forbidden("origin", "Forbidden: Origin header is not allowed\n"))
+            Err(forbidden(
+                "origin",
+                "Forbidden: Origin header is not allowed\n",
+            ))
         }
     }
 }
@@ -434,7 +517,11 @@ fn jsonrpc_error(status: StatusCode, code: i64, message: &str) -> Response<Body>
 }
 
 fn busy(message: &str) -> Response<Body> {
-    let mut response = jsonrpc_error(StatusCode::SERVICE_UNAVAILABLE, -32000, &format!("{message}; retry shortly"));
+    let mut response = jsonrpc_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        -32000,
+        &format!("{message}; retry shortly"),
+    );
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -497,7 +584,10 @@ pub async fn serve(
     on_drain();
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections drained"),
-        Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; cutting remaining connections"),
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "grace period over; cutting remaining connections"
+        ),
     }
 }
 
@@ -507,40 +597,93 @@ mod tests {
 
     #[test]
     fn envelopes_are_checked() {
-        assert!(Envelope::peek(br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#).expect("ok").is_initialize);
-        assert!(!Envelope::peek(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#).expect("ok").is_initialize);
+        assert!(
+            Envelope::peek(br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#)
+                .expect("ok")
+                .is_initialize
+        );
+        assert!(
+            !Envelope::peek(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#)
+                .expect("ok")
+                .is_initialize
+        );
         assert_eq!(Envelope::peek(b"{nope").expect_err("parse").0, -32700);
         assert_eq!(Envelope::peek(b"[1,").expect_err("parse").0, -32700);
         assert_eq!(Envelope::peek(b"[]").expect_err("batch").0, -32600);
         assert_eq!(Envelope::peek(b"42").expect_err("shape").0, -32600);
-        assert_eq!(Envelope::peek(br#"{"id":1,"method":"x"}"#).expect_err("version").0, -32600);
-        assert_eq!(Envelope::peek(br#"{"jsonrpc":"2.0","id":1}"#).expect_err("empty").0, -32600);
+        assert_eq!(
+            Envelope::peek(br#"{"id":1,"method":"x"}"#)
+                .expect_err("version")
+                .0,
+            -32600
+        );
+        assert_eq!(
+            Envelope::peek(br#"{"jsonrpc":"2.0","id":1}"#)
+                .expect_err("empty")
+                .0,
+            -32600
+        );
     }
 
     fn headers(host: &str, origin: Option<&str>) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_str(host).expect("header"));
         if let Some(origin) = origin {
-            headers.insert(header::ORIGIN, HeaderValue::from_str(origin).expect("header"));
+            headers.insert(
+                header::ORIGIN,
+                HeaderValue::from_str(origin).expect("header"),
+            );
         }
         headers
     }
 
     #[test]
     fn hosts_and_origins_are_enforced() {
-        let hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned(), "lb.example:8080".to_owned()];
-        let origins = vec!["http://localhost:*".to_owned(), "https://app.example".to_owned()];
+        let hosts = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+            "lb.example:8080".to_owned(),
+        ];
+        let origins = vec![
+            "http://localhost:*".to_owned(),
+            "https://app.example".to_owned(),
+        ];
         let policy = OriginPolicy::new(&hosts, &origins);
         let uri = http::Uri::from_static("/mcp");
         assert!(policy.check(&uri, &headers("localhost:3000", None)).is_ok());
         assert!(policy.check(&uri, &headers("[::1]:3000", None)).is_ok());
-        assert!(policy.check(&uri, &headers("lb.example:8080", None)).is_ok());
-        assert_eq!(policy.check(&uri, &headers("lb.example:9090", None)).map_err(|e| e.0), Err("host"));
-        assert_eq!(policy.check(&uri, &headers("evil.example.com", None)).map_err(|e| e.0), Err("host"));
-        assert!(policy.check(&uri, &headers("localhost", Some("http://localhost:5173"))).is_ok());
-        assert!(policy.check(&uri, &headers("localhost", Some("https://app.example"))).is_ok());
+        assert!(
+            policy
+                .check(&uri, &headers("lb.example:8080", None))
+                .is_ok()
+        );
         assert_eq!(
-            policy.check(&uri, &headers("localhost", Some("http://evil.example.com"))).map_err(|e| e.0),
+            policy
+                .check(&uri, &headers("lb.example:9090", None))
+                .map_err(|e| e.reason),
+            Err("host")
+        );
+        assert_eq!(
+            policy
+                .check(&uri, &headers("evil.example.com", None))
+                .map_err(|e| e.reason),
+            Err("host")
+        );
+        assert!(
+            policy
+                .check(&uri, &headers("localhost", Some("http://localhost:5173")))
+                .is_ok()
+        );
+        assert!(
+            policy
+                .check(&uri, &headers("localhost", Some("https://app.example")))
+                .is_ok()
+        );
+        assert_eq!(
+            policy
+                .check(&uri, &headers("localhost", Some("http://evil.example.com")))
+                .map_err(|e| e.reason),
             Err("origin")
         );
     }

@@ -70,7 +70,11 @@ impl App {
         let config = Arc::new(config);
         let metrics = Metrics::new();
         let tag = ReplicaTag::generate();
-        let (bus, control) = Bus::new(Keys::new(config.key_prefix.clone()), tag.clone(), metrics.clone());
+        let (bus, control) = Bus::new(
+            Keys::new(config.key_prefix.clone()),
+            tag.clone(),
+            metrics.clone(),
+        );
         let backend_config = BackendConfig {
             session_ttl: config.session_idle_ttl(),
             event_log_max_len: config.event_log_max_len,
@@ -80,9 +84,14 @@ impl App {
             redis_timeout: Duration::from_millis(config.redis_timeout_ms),
             redis_pool_size: config.redis_pool_size,
         };
-        let backend = Backend::connect(config.redis_url.as_ref(), backend_config, bus.clone(), metrics.clone())
-            .await
-            .context("connecting the shared state backend")?;
+        let backend = Backend::connect(
+            config.redis_url.as_ref(),
+            backend_config,
+            bus.clone(),
+            metrics.clone(),
+        )
+        .await
+        .context("connecting the shared state backend")?;
         tracing::info!(
             replica = %tag,
             name = %config.replica_name(),
@@ -163,8 +172,14 @@ impl App {
     ///
     /// # Errors
     /// Never fails today; the `Result` leaves room for fatal serving errors.
-    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let addr = listener.local_addr().context("reading the listen address")?;
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let addr = listener
+            .local_addr()
+            .context("reading the listen address")?;
         tracing::info!(%addr, "listening");
         let state = self.state.clone();
         let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);

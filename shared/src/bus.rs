@@ -234,7 +234,11 @@ pub struct Bus {
 
 impl Bus {
     /// A bus for the replica `tag`; control messages go to the returned receiver.
-    pub fn new(keys: Keys, tag: ReplicaTag, metrics: Metrics) -> (Self, mpsc::Receiver<ControlMessage>) {
+    pub fn new(
+        keys: Keys,
+        tag: ReplicaTag,
+        metrics: Metrics,
+    ) -> (Self, mpsc::Receiver<ControlMessage>) {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
         let inner = BusInner {
             replica_channel: keys.replica_channel(tag.as_str()),
@@ -345,7 +349,11 @@ impl Bus {
             lists: lists.into_iter().collect(),
             tx,
         };
-        let mut listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let mut listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for uri in &listener.uris {
             listeners.by_uri.entry(uri.clone()).or_default().insert(id);
         }
@@ -359,7 +367,11 @@ impl Bus {
     }
 
     fn unregister_listener(&self, id: u64) {
-        let mut listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let mut listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(listener) = listeners.by_id.remove(&id) {
             for uri in listener.uris {
                 if let Some(ids) = listeners.by_uri.get_mut(&uri) {
@@ -523,7 +535,11 @@ impl Bus {
 
     fn dispatch_resource(&self, payload: &str) -> Result<&'static str, &'static str> {
         let (kind, arg) = payload.split_once(' ').ok_or("missing argument")?;
-        let listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let (event, targets): (ListenEvent, Vec<&Listener>) = match kind {
             "u" => (
                 ListenEvent::ResourceUpdated(arg.to_owned()),
@@ -618,14 +634,20 @@ mod tests {
         let mut old = bus.register_feed("s1").expect("register");
         let mut new = bus.register_feed("s1").expect("register");
         let id = EventId { ms: 1, seq: 0 };
-        bus.dispatch(&replica_channel(&bus), encode_feed_event("s1", new.stream(), id, "{}").as_bytes());
+        bus.dispatch(
+            &replica_channel(&bus),
+            encode_feed_event("s1", new.stream(), id, "{}").as_bytes(),
+        );
         // The old feed was demoted: its live channel is closed and it received nothing.
         assert!(old.events.recv().await.is_none());
         let event = new.events.recv().await.expect("event");
         assert_eq!(event.id, id);
         assert_eq!(&*event.payload, "{}");
         // A message naming a stale stream is dropped.
-        bus.dispatch(&replica_channel(&bus), encode_feed_event("s1", old.stream(), id, "{}").as_bytes());
+        bus.dispatch(
+            &replica_channel(&bus),
+            encode_feed_event("s1", old.stream(), id, "{}").as_bytes(),
+        );
         assert!(new.events.try_recv().is_err());
         drop(old);
         drop(new);
@@ -638,7 +660,10 @@ mod tests {
         let feed = bus.register_feed("s1").expect("register");
         for seq in 0..=FEED_CHANNEL_CAPACITY as u64 {
             let id = EventId { ms: 1, seq };
-            bus.dispatch(&replica_channel(&bus), encode_feed_event("s1", feed.stream(), id, "{}").as_bytes());
+            bus.dispatch(
+                &replica_channel(&bus),
+                encode_feed_event("s1", feed.stream(), id, "{}").as_bytes(),
+            );
         }
         assert!(feed.lagged.take());
         assert!(!feed.lagged.take());
@@ -648,11 +673,16 @@ mod tests {
     async fn session_deletion_ends_feeds_and_tells_the_server() {
         let (bus, mut control) = bus();
         let feed = bus.register_feed("s1").expect("register");
-        bus.dispatch(&bus.keys().control_channel(), encode_session_deleted("s1").as_bytes());
+        bus.dispatch(
+            &bus.keys().control_channel(),
+            encode_session_deleted("s1").as_bytes(),
+        );
         assert!(feed.gone.is_cancelled());
         assert_eq!(
             control.recv().await,
-            Some(ControlMessage::SessionDeleted { session: "s1".into() })
+            Some(ControlMessage::SessionDeleted {
+                session: "s1".into()
+            })
         );
     }
 
@@ -660,11 +690,20 @@ mod tests {
     async fn own_cancellations_are_not_echoed() {
         let (bus, mut control) = bus();
         let other = ReplicaTag::generate();
-        bus.dispatch(&bus.keys().control_channel(), encode_cancel(bus.tag(), "s1", "{}").as_bytes());
-        bus.dispatch(&bus.keys().control_channel(), encode_cancel(&other, "s1", "{\"x\":1}").as_bytes());
+        bus.dispatch(
+            &bus.keys().control_channel(),
+            encode_cancel(bus.tag(), "s1", "{}").as_bytes(),
+        );
+        bus.dispatch(
+            &bus.keys().control_channel(),
+            encode_cancel(&other, "s1", "{\"x\":1}").as_bytes(),
+        );
         assert_eq!(
             control.recv().await,
-            Some(ControlMessage::Cancel { session: "s1".into(), payload: "{\"x\":1}".into() })
+            Some(ControlMessage::Cancel {
+                session: "s1".into(),
+                payload: "{\"x\":1}".into()
+            })
         );
         assert!(control.try_recv().is_err());
     }
@@ -672,16 +711,27 @@ mod tests {
     #[tokio::test]
     async fn listeners_get_their_uris_and_lists() {
         let (bus, _control) = bus();
-        let mut a = bus.register_listener(["kv://a".to_owned()], []).expect("register");
+        let mut a = bus
+            .register_listener(["kv://a".to_owned()], [])
+            .expect("register");
         let mut b = bus
             .register_listener(["kv://b".to_owned()], [ListKind::Resources])
             .expect("register");
         let channel = bus.keys().resource_channel();
         bus.dispatch(&channel, encode_resource_updated("kv://a").as_bytes());
-        bus.dispatch(&channel, encode_list_changed(ListKind::Resources).as_bytes());
-        assert_eq!(a.events.recv().await, Some(ListenEvent::ResourceUpdated("kv://a".into())));
+        bus.dispatch(
+            &channel,
+            encode_list_changed(ListKind::Resources).as_bytes(),
+        );
+        assert_eq!(
+            a.events.recv().await,
+            Some(ListenEvent::ResourceUpdated("kv://a".into()))
+        );
         assert!(a.events.try_recv().is_err());
-        assert_eq!(b.events.recv().await, Some(ListenEvent::ListChanged(ListKind::Resources)));
+        assert_eq!(
+            b.events.recv().await,
+            Some(ListenEvent::ListChanged(ListKind::Resources))
+        );
         drop(a);
         drop(b);
         assert_eq!(bus.stream_counts(), (0, 0));

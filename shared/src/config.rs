@@ -64,7 +64,12 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
 
     /// Comma-separated toolsets to serve (kv, conformance).
-    #[arg(long, env = "SHOAL_TOOLSETS", value_delimiter = ',', default_value = "kv")]
+    #[arg(
+        long,
+        env = "SHOAL_TOOLSETS",
+        value_delimiter = ',',
+        default_value = "kv"
+    )]
     pub toolsets: Vec<String>,
 
     /// Seconds a legacy session may stay idle before it expires everywhere (its Redis keys too).
@@ -87,7 +92,11 @@ pub struct Config {
     pub max_streams: usize,
 
     /// Maximum `resources/subscribe` subscriptions of one legacy session.
-    #[arg(long, env = "SHOAL_MAX_SUBSCRIPTIONS_PER_SESSION", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "SHOAL_MAX_SUBSCRIPTIONS_PER_SESSION",
+        default_value_t = 1000
+    )]
     pub max_subscriptions_per_session: u64,
 
     /// Maximum events kept in one session's resumable event log (approximate, trimmed by Redis).
@@ -214,7 +223,9 @@ impl Config {
             ));
         }
         if self.max_body_bytes < 1024 {
-            return Err(ConfigError("SHOAL_MAX_BODY_BYTES must be at least 1024".into()));
+            return Err(ConfigError(
+                "SHOAL_MAX_BODY_BYTES must be at least 1024".into(),
+            ));
         }
         if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError(
@@ -223,8 +234,13 @@ impl Config {
         }
         // An idle worker never outlives its session: a replica holds no memory for expired sessions.
         self.worker_idle_secs = self.worker_idle_secs.min(self.session_idle_ttl_secs);
-        for list in [&mut self.allowed_hosts, &mut self.allowed_origins, &mut self.toolsets] {
-            list.iter_mut().for_each(|item| *item = item.trim().to_owned());
+        for list in [
+            &mut self.allowed_hosts,
+            &mut self.allowed_origins,
+            &mut self.toolsets,
+        ] {
+            list.iter_mut()
+                .for_each(|item| *item = item.trim().to_owned());
             list.retain(|item| !item.is_empty());
             list.dedup();
         }
@@ -233,7 +249,9 @@ impl Config {
             .as_ref()
             .is_some_and(|key| key.expose_secret().len() < 32)
         {
-            return Err(ConfigError("SHOAL_REQUEST_STATE_KEY must be at least 32 bytes long".into()));
+            return Err(ConfigError(
+                "SHOAL_REQUEST_STATE_KEY must be at least 32 bytes long".into(),
+            ));
         }
         if let Some(url) = &self.redis_url
             && !(url.expose_secret().starts_with("redis://")
@@ -341,15 +359,21 @@ mod tests {
 
     #[test]
     fn lists_are_split_and_trimmed() {
-        let config = parse(&["--toolsets", "kv, conformance,,", "--allowed-hosts", "a.example, b:8080"])
-            .expect("parse");
+        let config = parse(&[
+            "--toolsets",
+            "kv, conformance,,",
+            "--allowed-hosts",
+            "a.example, b:8080",
+        ])
+        .expect("parse");
         assert_eq!(config.toolsets, vec!["kv", "conformance"]);
         assert_eq!(config.allowed_hosts, vec!["a.example", "b:8080"]);
     }
 
     #[test]
     fn worker_idle_is_capped_by_session_ttl() {
-        let config = parse(&["--session-idle-ttl-secs", "5", "--worker-idle-secs", "300"]).expect("parse");
+        let config =
+            parse(&["--session-idle-ttl-secs", "5", "--worker-idle-secs", "300"]).expect("parse");
         assert_eq!(config.worker_idle_secs, 5);
     }
 
@@ -363,13 +387,17 @@ mod tests {
     fn redis_url_scheme_is_checked_and_redacted() {
         assert!(parse(&["--redis-url", "http://x"]).is_err());
         let config = parse(&["--redis-url", "redis://user:hunter2@db:6379/0"]).expect("parse");
-        assert_eq!(config.redis_url_redacted().as_deref(), Some("redis://user:***@db:6379/0"));
+        assert_eq!(
+            config.redis_url_redacted().as_deref(),
+            Some("redis://user:***@db:6379/0")
+        );
         assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]
     fn origins_are_derived_from_hosts() {
-        let config = parse(&["--allowed-hosts", "localhost:8080,::1,[::2]:9,lb.example"]).expect("parse");
+        let config =
+            parse(&["--allowed-hosts", "localhost:8080,::1,[::2]:9,lb.example"]).expect("parse");
         assert_eq!(
             config.effective_allowed_origins(),
             vec![

@@ -250,7 +250,10 @@ mod tests {
             redis_timeout: Duration::from_secs(1),
             redis_pool_size: 1,
         };
-        (Backend::Memory(MemoryBackend::new(config, bus.clone(), metrics)), bus)
+        (
+            Backend::Memory(MemoryBackend::new(config, bus.clone(), metrics)),
+            bus,
+        )
     }
 
     fn options() -> FeedOptions {
@@ -272,12 +275,20 @@ mod tests {
     async fn a_slow_consumer_loses_nothing() {
         let (backend, bus) = setup(1000);
         backend.session_create("s", "{}").await.expect("create");
-        let mut rx = open(&backend, &bus, "s", None, options()).await.expect("open");
+        let mut rx = open(&backend, &bus, "s", None, options())
+            .await
+            .expect("open");
         assert_eq!(rx.recv().await, Some(FeedItem::Start(EventId::ZERO)));
         // Far more events than the live channel and the output hold, before anything is read.
         let mut ids = Vec::new();
         for n in 0..(crate::bus::FEED_CHANNEL_CAPACITY + 50) {
-            ids.push(backend.event_append("s", &n.to_string()).await.expect("append").expect("live"));
+            ids.push(
+                backend
+                    .event_append("s", &n.to_string())
+                    .await
+                    .expect("append")
+                    .expect("live"),
+            );
         }
         for (n, id) in ids.iter().enumerate() {
             let event = next_event(&mut rx).await;
@@ -291,14 +302,26 @@ mod tests {
         backend.session_create("s", "{}").await.expect("create");
         let mut ids = Vec::new();
         for n in 0..10 {
-            ids.push(backend.event_append("s", &n.to_string()).await.expect("append").expect("live"));
+            ids.push(
+                backend
+                    .event_append("s", &n.to_string())
+                    .await
+                    .expect("append")
+                    .expect("live"),
+            );
         }
-        let mut rx = open(&backend, &bus, "s", Some(ids[2]), options()).await.expect("open");
+        let mut rx = open(&backend, &bus, "s", Some(ids[2]), options())
+            .await
+            .expect("open");
         // A resumed stream emits no start marker: the client already has an id.
         for id in &ids[3..] {
             assert_eq!(next_event(&mut rx).await.id, *id);
         }
-        let live = backend.event_append("s", "live").await.expect("append").expect("live");
+        let live = backend
+            .event_append("s", "live")
+            .await
+            .expect("append")
+            .expect("live");
         assert_eq!(next_event(&mut rx).await.id, live);
     }
 
@@ -307,11 +330,21 @@ mod tests {
         let (backend, bus) = setup(1000);
         backend.session_create("s", "{}").await.expect("create");
         // Raised before any GET stream was open: the first stream delivers it.
-        let early = backend.event_append("s", "early").await.expect("append").expect("live");
-        let mut rx = open(&backend, &bus, "s", None, options()).await.expect("open");
+        let early = backend
+            .event_append("s", "early")
+            .await
+            .expect("append")
+            .expect("live");
+        let mut rx = open(&backend, &bus, "s", None, options())
+            .await
+            .expect("open");
         assert_eq!(rx.recv().await, Some(FeedItem::Start(EventId::ZERO)));
         assert_eq!(next_event(&mut rx).await.id, early);
-        let seen = backend.event_append("s", "seen").await.expect("append").expect("live");
+        let seen = backend
+            .event_append("s", "seen")
+            .await
+            .expect("append")
+            .expect("live");
         assert_eq!(next_event(&mut rx).await.id, seen);
         drop(rx);
         // The feed task releases the session, then drops its registration.
@@ -322,12 +355,20 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(bus.stream_counts(), (0, 0), "the closed feed ended");
-        let missed = backend.event_append("s", "missed").await.expect("append").expect("live");
-        let mut rx = open(&backend, &bus, "s", None, options()).await.expect("open");
+        let missed = backend
+            .event_append("s", "missed")
+            .await
+            .expect("append")
+            .expect("live");
+        let mut rx = open(&backend, &bus, "s", None, options())
+            .await
+            .expect("open");
         assert_eq!(rx.recv().await, Some(FeedItem::Start(seen)));
         assert_eq!(next_event(&mut rx).await.id, missed);
         // A second fresh stream while this one holds the session starts at the end of the log.
-        let mut other = open(&backend, &bus, "s", None, options()).await.expect("open");
+        let mut other = open(&backend, &bus, "s", None, options())
+            .await
+            .expect("open");
         assert_eq!(other.recv().await, Some(FeedItem::Start(missed)));
     }
 
@@ -335,7 +376,9 @@ mod tests {
     async fn a_deleted_session_ends_its_feed() {
         let (backend, bus) = setup(1000);
         backend.session_create("s", "{}").await.expect("create");
-        let mut rx = open(&backend, &bus, "s", None, options()).await.expect("open");
+        let mut rx = open(&backend, &bus, "s", None, options())
+            .await
+            .expect("open");
         assert!(matches!(rx.recv().await, Some(FeedItem::Start(_))));
         backend.session_delete("s").await.expect("delete");
         assert_eq!(rx.recv().await, None);

@@ -105,7 +105,8 @@ impl Metrics {
             "MCP requests handled, by JSON-RPC method and outcome (ok|error|tool_error|cancelled)",
             mcp_requests.clone(),
         );
-        let mcp_duration = Family::<MethodLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
+        let mcp_duration =
+            Family::<MethodLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
         registry.register(
             "shoal_mcp_request_duration_seconds",
             "Time to handle an MCP request, by JSON-RPC method",
@@ -218,7 +219,10 @@ impl Metrics {
 
     /// Open streams of `kind`.
     pub fn streams_active(&self, kind: &'static str) -> i64 {
-        self.inner.streams_active.get_or_create(&KindLabel { kind }).get()
+        self.inner
+            .streams_active
+            .get_or_create(&KindLabel { kind })
+            .get()
     }
 
     /// One MCP request finished.
@@ -248,7 +252,10 @@ impl Metrics {
 
     /// A bus message of `kind` was received.
     pub fn bus_message(&self, kind: &'static str) {
-        self.inner.bus_messages.get_or_create(&KindLabel { kind }).inc();
+        self.inner
+            .bus_messages
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 
     /// A feed's live channel overflowed.
@@ -288,12 +295,21 @@ mod tests {
         metrics.http_rejection("body_too_large");
         let text = metrics.render();
         assert!(text.contains("shoal_sessions_active 2"), "{text}");
-        assert!(text.contains("shoal_streams_active{kind=\"get\"} 1"), "{text}");
+        assert!(
+            text.contains("shoal_streams_active{kind=\"get\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("shoal_mcp_requests_total{method=\"tools/call\",outcome=\"ok\"} 1"),
             "{text}"
         );
-        assert!(text.contains("shoal_mcp_request_duration_seconds_bucket"), "{text}");
-        assert!(text.contains("shoal_http_rejections_total{reason=\"body_too_large\"} 1"), "{text}");
+        assert!(
+            text.contains("shoal_mcp_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shoal_http_rejections_total{reason=\"body_too_large\"} 1"),
+            "{text}"
+        );
     }
 }

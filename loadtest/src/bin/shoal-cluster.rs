@@ -62,21 +62,39 @@ async fn main() -> anyhow::Result<()> {
         "{} not found: build it first (cargo build --release -p shoal-server) or pass --server-bin",
         server_bin.display()
     );
-    let mut options = TopologyOptions::cluster(server_bin, if args.embedded { 1 } else { args.replicas.max(1) });
+    let mut options = TopologyOptions::cluster(
+        server_bin,
+        if args.embedded {
+            1
+        } else {
+            args.replicas.max(1)
+        },
+    );
     options.redis = !args.embedded;
     options.balancer = !args.embedded && !args.no_balancer;
     options.balancer_port = args.port;
     options.keep_dir = args.keep_logs;
     options.env = args.env;
-    let topology = Topology::start(options).await.context("starting the topology")?;
+    let topology = Topology::start(options)
+        .await
+        .context("starting the topology")?;
 
     println!("shoal cluster is up (logs in {})", topology.dir().display());
     println!("  MCP endpoint: {}", topology.mcp_url());
     if let Some(redis) = &topology.redis {
-        println!("  redis:        {} (key prefix {})", redis.url(), topology.prefix);
+        println!(
+            "  redis:        {} (key prefix {})",
+            redis.url(),
+            topology.prefix
+        );
     }
     for replica in &topology.replicas {
-        println!("  replica {}:   {} (metrics: {}/metrics)", replica.name, replica.mcp_url(), replica.base_url());
+        println!(
+            "  replica {}:   {} (metrics: {}/metrics)",
+            replica.name,
+            replica.mcp_url(),
+            replica.base_url()
+        );
     }
     println!("Press Ctrl-C to stop.");
     if let Some(path) = &args.ready_file {
@@ -89,7 +107,8 @@ async fn main() -> anyhow::Result<()> {
             })).collect::<Vec<_>>(),
             "dir": topology.dir(),
         });
-        std::fs::write(path, serde_json::to_vec_pretty(&ready)?).context("writing the ready file")?;
+        std::fs::write(path, serde_json::to_vec_pretty(&ready)?)
+            .context("writing the ready file")?;
     }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -29,7 +29,10 @@ use std::{sync::Arc, time::Duration};
 use futures::{Stream, StreamExt};
 use rmcp::{
     RoleServer,
-    model::{ClientJsonRpcMessage, ClientNotification, ClientRequest, GetExtensions, JsonRpcMessage, RequestId, ServerJsonRpcMessage, ServerNotification},
+    model::{
+        ClientJsonRpcMessage, ClientNotification, ClientRequest, GetExtensions, JsonRpcMessage,
+        RequestId, ServerJsonRpcMessage, ServerNotification,
+    },
     service::{RxJsonRpcMessage, TxJsonRpcMessage},
     transport::{
         Transport, WorkerTransport,
@@ -167,7 +170,8 @@ impl ClusterSessionManager {
         while let Some(message) = control.recv().await {
             match message {
                 ControlMessage::SessionDeleted { session } => self.close_local(&session).await,
-                ControlMessage::Cancel { session, payload } | ControlMessage::Forward { session, payload } => {
+                ControlMessage::Cancel { session, payload }
+                | ControlMessage::Forward { session, payload } => {
                     self.deliver_forwarded(&session, &payload).await;
                 }
             }
@@ -240,7 +244,14 @@ impl ClusterSessionManager {
         id: &SessionId,
         after: Option<shoal_shared::ids::EventId>,
     ) -> Result<FeedStream, ClusterError> {
-        let receiver = feed::open(&self.backend, &self.bus, id, after, self.options.feed.clone()).await?;
+        let receiver = feed::open(
+            &self.backend,
+            &self.bus,
+            id,
+            after,
+            self.options.feed.clone(),
+        )
+        .await?;
         Ok(FeedStream::new(
             receiver,
             id.to_string(),
@@ -249,10 +260,16 @@ impl ClusterSessionManager {
         ))
     }
 
-    async fn route_response(&self, id: &SessionId, request_id: &RequestId, message: ClientJsonRpcMessage) -> Result<(), ClusterError> {
+    async fn route_response(
+        &self,
+        id: &SessionId,
+        request_id: &RequestId,
+        message: ClientJsonRpcMessage,
+    ) -> Result<(), ClusterError> {
         match decode_request_id(request_id) {
             Some((tag, _)) if tag != *self.tag => {
-                let payload = serde_json::to_string(&message).map_err(|_| ClusterError::BadInitialize)?;
+                let payload =
+                    serde_json::to_string(&message).map_err(|_| ClusterError::BadInitialize)?;
                 self.backend.publish_forward(&tag, id, &payload).await?;
                 self.metrics.forwarded("response");
                 Ok(())
@@ -281,14 +298,19 @@ impl SessionManager for ClusterSessionManager {
         let ClientJsonRpcMessage::Request(request) = &message else {
             return Err(ClusterError::BadInitialize);
         };
-        let restoring = request.request.extensions().get::<SessionRestoreMarker>().is_some();
+        let restoring = request
+            .request
+            .extensions()
+            .get::<SessionRestoreMarker>()
+            .is_some();
         if !restoring {
             let ClientRequest::InitializeRequest(initialize) = &request.request else {
                 return Err(ClusterError::BadInitialize);
             };
             // Written before the client can learn the session id: if Redis is unavailable the
             // handshake fails instead of handing out a session no other replica knows.
-            let params = serde_json::to_string(&initialize.params).map_err(|_| ClusterError::BadInitialize)?;
+            let params = serde_json::to_string(&initialize.params)
+                .map_err(|_| ClusterError::BadInitialize)?;
             if let Err(error) = self.backend.session_create(id, &params).await {
                 tracing::warn!(%error, "cannot record a new session");
                 let _ = self.local.close_session(id).await;
@@ -346,7 +368,11 @@ impl SessionManager for ClusterSessionManager {
         }))
     }
 
-    async fn accept_message(&self, id: &SessionId, message: ClientJsonRpcMessage) -> Result<(), Self::Error> {
+    async fn accept_message(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> Result<(), Self::Error> {
         match &message {
             ClientJsonRpcMessage::Response(response) => {
                 let request_id = response.id.clone();
@@ -357,10 +383,14 @@ impl SessionManager for ClusterSessionManager {
                 self.route_response(id, &request_id, message).await
             }
             ClientJsonRpcMessage::Notification(notification)
-                if matches!(notification.notification, ClientNotification::CancelledNotification(_)) =>
+                if matches!(
+                    notification.notification,
+                    ClientNotification::CancelledNotification(_)
+                ) =>
             {
                 // The request may run on any replica holding a worker for the session.
-                let payload = serde_json::to_string(&message).map_err(|_| ClusterError::BadInitialize)?;
+                let payload =
+                    serde_json::to_string(&message).map_err(|_| ClusterError::BadInitialize)?;
                 self.local.accept_message(id, message).await?;
                 self.backend.publish_cancel(id, &payload).await?;
                 self.metrics.forwarded("cancel");
@@ -404,7 +434,10 @@ impl SessionManager for ClusterSessionManager {
             .right_stream())
     }
 
-    async fn restore_session(&self, id: SessionId) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
+    async fn restore_session(
+        &self,
+        id: SessionId,
+    ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
         self.ensure_capacity().await?;
         match self.local.restore_session(id).await? {
             RestoreOutcome::Restored(transport) => {
@@ -434,7 +467,12 @@ pub struct FeedStream {
 }
 
 impl FeedStream {
-    fn new(receiver: mpsc::Receiver<FeedItem>, session: String, retry: Duration, metrics: Metrics) -> Self {
+    fn new(
+        receiver: mpsc::Receiver<FeedItem>,
+        session: String,
+        retry: Duration,
+        metrics: Metrics,
+    ) -> Self {
         metrics.streams_active_add("get", 1);
         Self {
             inner: ReceiverStream::new(receiver),
@@ -454,7 +492,10 @@ impl Drop for FeedStream {
 impl Stream for FeedStream {
     type Item = ServerSseMessage;
 
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
         loop {
             let item = match self.inner.poll_next_unpin(cx) {
                 std::task::Poll::Ready(Some(item)) => item,
@@ -466,15 +507,19 @@ impl Stream for FeedStream {
                     let id = ClientEventId::format(&self.session, last);
                     return std::task::Poll::Ready(Some(ServerSseMessage::priming(id, self.retry)));
                 }
-                FeedItem::Event(event) => match serde_json::from_str::<ServerJsonRpcMessage>(&event.payload) {
-                    Ok(message) => {
-                        let id = ClientEventId::format(&self.session, event.id);
-                        return std::task::Poll::Ready(Some(ServerSseMessage::new(id, message)));
+                FeedItem::Event(event) => {
+                    match serde_json::from_str::<ServerJsonRpcMessage>(&event.payload) {
+                        Ok(message) => {
+                            let id = ClientEventId::format(&self.session, event.id);
+                            return std::task::Poll::Ready(Some(ServerSseMessage::new(
+                                id, message,
+                            )));
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "skipping an unparsable logged event");
+                        }
                     }
-                    Err(error) => {
-                        tracing::warn!(%error, "skipping an unparsable logged event");
-                    }
-                },
+                }
             }
         }
     }
@@ -491,11 +536,17 @@ pub struct ClusterTransport {
 impl Transport<RoleServer> for ClusterTransport {
     type Error = <WorkerTransport<LocalSessionWorker> as Transport<RoleServer>>::Error;
 
-    fn send(&mut self, mut item: TxJsonRpcMessage<RoleServer>) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+    fn send(
+        &mut self,
+        mut item: TxJsonRpcMessage<RoleServer>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
         match &mut item {
-            JsonRpcMessage::Request(request) => request.id = encode_request_id(&self.tag, &request.id),
+            JsonRpcMessage::Request(request) => {
+                request.id = encode_request_id(&self.tag, &request.id)
+            }
             JsonRpcMessage::Notification(notification) => {
-                if let ServerNotification::CancelledNotification(cancelled) = &mut notification.notification
+                if let ServerNotification::CancelledNotification(cancelled) =
+                    &mut notification.notification
                     && let Some(request_id) = &cancelled.params.request_id
                 {
                     cancelled.params.request_id = Some(encode_request_id(&self.tag, request_id));
@@ -566,12 +617,19 @@ mod tests {
     #[test]
     fn request_ids_round_trip_through_tags() {
         let tag = ReplicaTag::generate();
-        for original in [RequestId::Number(0), RequestId::Number(42), RequestId::String(Arc::from("abc-1"))] {
+        for original in [
+            RequestId::Number(0),
+            RequestId::Number(42),
+            RequestId::String(Arc::from("abc-1")),
+        ] {
             let encoded = encode_request_id(&tag, &original);
             assert_eq!(decode_request_id(&encoded), Some((tag.clone(), original)));
         }
         assert_eq!(decode_request_id(&RequestId::Number(3)), None);
-        assert_eq!(decode_request_id(&RequestId::String(Arc::from("client-7"))), None);
+        assert_eq!(
+            decode_request_id(&RequestId::String(Arc::from("client-7"))),
+            None
+        );
     }
 
     #[test]

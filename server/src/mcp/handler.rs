@@ -5,7 +5,10 @@
 //! requests. Tools come from the enabled toolsets' routers; resources and prompts from
 //! [`crate::tools::Catalog`].
 
-#![allow(deprecated, reason = "logging, subscribe and unsubscribe are legacy-era features still served to legacy clients")]
+#![allow(
+    deprecated,
+    reason = "logging, subscribe and unsubscribe are legacy-era features still served to legacy clients"
+)]
 
 use std::{borrow::Cow, future::Future, sync::Arc, time::Instant};
 
@@ -13,16 +16,20 @@ use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
     handler::server::tool::ToolCallContext,
     model::{
-        CallToolRequestParams, CallToolResponse, CompleteRequestParams, CompleteResult, CompletionInfo,
-        GetPromptRequestParams, GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult,
-        ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
-        PaginatedRequestParams, ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse,
-        ServerCapabilities, ServerConfig, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+        CallToolRequestParams, CallToolResponse, CompleteRequestParams, CompleteResult,
+        CompletionInfo, GetPromptRequestParams, GetPromptResponse, Implementation,
+        InitializeRequestParams, InitializeResult, ListPromptsResult, ListResourceTemplatesResult,
+        ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProtocolVersion,
+        ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig,
+        SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
         UnsubscribeRequestParams,
     },
     service::{NotificationContext, RequestContext, SubscriptionContext},
 };
-use shoal_shared::{backend::SubscribeOutcome, bus::{ListKind, ListenEvent}};
+use shoal_shared::{
+    backend::SubscribeOutcome,
+    bus::{ListKind, ListenEvent},
+};
 
 use crate::{mcp::error, state::AppState};
 
@@ -63,21 +70,31 @@ impl ShoalHandler {
         let start = Instant::now();
         let result = future.await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.state.metrics.mcp_request(method, outcome, start.elapsed());
+        self.state
+            .metrics
+            .mcp_request(method, outcome, start.elapsed());
         result
     }
 
-    async fn subscribe_legacy(&self, uri: &str, context: &RequestContext<RoleServer>) -> Result<(), McpError> {
+    async fn subscribe_legacy(
+        &self,
+        uri: &str,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
         if !self.state.catalog.is_subscribable(uri) {
             return Err(McpError::resource_not_found(
                 "no such resource to subscribe to",
                 Some(serde_json::json!({ "uri": uri })),
             ));
         }
-        let session = session_id(context).ok_or_else(|| McpError::invalid_request("resources/subscribe needs a session", None))?;
+        let session = session_id(context).ok_or_else(|| {
+            McpError::invalid_request("resources/subscribe needs a session", None)
+        })?;
         match self.state.backend.subscribe(&session, uri).await {
             Ok(SubscribeOutcome::Subscribed) => Ok(()),
-            Ok(SubscribeOutcome::SessionGone) => Err(McpError::invalid_request("session not found", None)),
+            Ok(SubscribeOutcome::SessionGone) => {
+                Err(McpError::invalid_request("session not found", None))
+            }
             Ok(SubscribeOutcome::TooMany) => Err(McpError::invalid_request(
                 format!(
                     "too many subscriptions for this session (limit {})",
@@ -126,7 +143,9 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<ListToolsResult, McpError> {
         self.observe("tools/list", async {
             let mut result = ListToolsResult::with_all_items(self.state.tools.list_all());
-            self.state.catalog.cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+            self.state
+                .catalog
+                .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
             Ok(result)
         })
         .await
@@ -154,7 +173,9 @@ impl ServerHandler for ShoalHandler {
             Ok(_) => "ok",
             Err(_) => "error",
         };
-        self.state.metrics.mcp_request("tools/call", outcome, start.elapsed());
+        self.state
+            .metrics
+            .mcp_request("tools/call", outcome, start.elapsed());
         result
     }
 
@@ -165,7 +186,10 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<ListResourcesResult, McpError> {
         self.observe("resources/list", async {
             let cursor = request.and_then(|r| r.cursor);
-            self.state.catalog.list_resources(&self.state, cursor.as_deref()).await
+            self.state
+                .catalog
+                .list_resources(&self.state, cursor.as_deref())
+                .await
         })
         .await
     }
@@ -176,8 +200,11 @@ impl ServerHandler for ShoalHandler {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
         self.observe("resources/templates/list", async {
-            let mut result = ListResourceTemplatesResult::with_all_items(self.state.catalog.templates.clone());
-            self.state.catalog.cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+            let mut result =
+                ListResourceTemplatesResult::with_all_items(self.state.catalog.templates.clone());
+            self.state
+                .catalog
+                .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
             Ok(result)
         })
         .await
@@ -198,8 +225,16 @@ impl ServerHandler for ShoalHandler {
         .await
     }
 
-    async fn subscribe(&self, request: SubscribeRequestParams, context: RequestContext<RoleServer>) -> Result<(), McpError> {
-        self.observe("resources/subscribe", self.subscribe_legacy(&request.uri, &context)).await
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.observe(
+            "resources/subscribe",
+            self.subscribe_legacy(&request.uri, &context),
+        )
+        .await
     }
 
     async fn unsubscribe(
@@ -208,8 +243,9 @@ impl ServerHandler for ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
         self.observe("resources/unsubscribe", async {
-            let session =
-                session_id(&context).ok_or_else(|| McpError::invalid_request("resources/unsubscribe needs a session", None))?;
+            let session = session_id(&context).ok_or_else(|| {
+                McpError::invalid_request("resources/unsubscribe needs a session", None)
+            })?;
             self.state
                 .backend
                 .unsubscribe(&session, &request.uri)
@@ -219,7 +255,10 @@ impl ServerHandler for ShoalHandler {
         .await
     }
 
-    fn accepted_subscription_filter(&self, requested: &SubscriptionFilter) -> Option<SubscriptionFilter> {
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
         let mut accepted = requested.clone();
         if let Some(uris) = &mut accepted.resource_subscriptions {
             uris.retain(|uri| self.state.catalog.is_subscribable(uri));
@@ -238,7 +277,11 @@ impl ServerHandler for ShoalHandler {
         result
     }
 
-    async fn set_level(&self, request: SetLevelRequestParams, context: RequestContext<RoleServer>) -> Result<(), McpError> {
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
         self.observe("logging/setLevel", async {
             let Some(session) = session_id(&context) else {
                 return Ok(());
@@ -247,7 +290,12 @@ impl ServerHandler for ShoalHandler {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_else(|| "info".to_owned());
-            match self.state.backend.session_set_field(&session, "log", &level).await {
+            match self
+                .state
+                .backend
+                .session_set_field(&session, "log", &level)
+                .await
+            {
                 Ok(_) => Ok(()),
                 Err(cause) => Err(error::unavailable("set_level", &cause)),
             }
@@ -255,11 +303,15 @@ impl ServerHandler for ShoalHandler {
         .await
     }
 
-    async fn complete(&self, request: CompleteRequestParams, _context: RequestContext<RoleServer>) -> Result<CompleteResult, McpError> {
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, McpError> {
         self.observe("completion/complete", async {
             let values = self.state.catalog.complete(&request);
-            let completion =
-                CompletionInfo::with_all_values(values).map_err(|message| McpError::internal_error(message, None))?;
+            let completion = CompletionInfo::with_all_values(values)
+                .map_err(|message| McpError::internal_error(message, None))?;
             Ok(CompleteResult::new(completion))
         })
         .await
@@ -272,13 +324,19 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<ListPromptsResult, McpError> {
         self.observe("prompts/list", async {
             let mut result = ListPromptsResult::with_all_items(self.state.catalog.prompts.clone());
-            self.state.catalog.cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+            self.state
+                .catalog
+                .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
             Ok(result)
         })
         .await
     }
 
-    async fn get_prompt(&self, request: GetPromptRequestParams, _context: RequestContext<RoleServer>) -> Result<GetPromptResponse, McpError> {
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, McpError> {
         self.observe("prompts/get", async {
             if self.state.catalog.is_input_required_prompt(&request.name) {
                 return self.input_required_prompt(&request).await;
@@ -312,13 +370,15 @@ impl ShoalHandler {
             self.state.metrics.streams_active("listen"),
         );
         if (get + listen).max(0) as usize >= self.state.config.max_streams {
-            return Err(McpError::internal_error("this replica has too many open streams; retry later", None));
+            return Err(McpError::internal_error(
+                "this replica has too many open streams; retry later",
+                None,
+            ));
         }
-        let Some(mut registration) = self
-            .state
-            .bus
-            .register_listener(accepted.resource_subscriptions.clone().unwrap_or_default(), lists)
-        else {
+        let Some(mut registration) = self.state.bus.register_listener(
+            accepted.resource_subscriptions.clone().unwrap_or_default(),
+            lists,
+        ) else {
             return Ok(()); // shutting down: end at once, the client reconnects elsewhere
         };
         let _gauge = StreamGauge::new(&self.state.metrics, "listen");

@@ -29,7 +29,11 @@ impl SessionStore for ClusterSessionStore {
         Ok(Some(SessionState::new(params)))
     }
 
-    async fn store(&self, _session_id: &str, _state: &SessionState) -> Result<(), SessionStoreError> {
+    async fn store(
+        &self,
+        _session_id: &str,
+        _state: &SessionState,
+    ) -> Result<(), SessionStoreError> {
         // Already written by ClusterSessionManager::initialize_session, where a failure can still
         // fail the handshake (rmcp ignores errors returned here and hands the session out anyway).
         Ok(())

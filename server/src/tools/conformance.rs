@@ -2,7 +2,10 @@
 //! `docs/conformance.md`). Names and behaviours follow the suite's reference server; values are
 //! our own.
 
-#![allow(deprecated, reason = "sampling, elicitation and logging are legacy-era features the suite still exercises")]
+#![allow(
+    deprecated,
+    reason = "sampling, elicitation and logging are legacy-era features the suite still exercises"
+)]
 
 use std::time::Duration;
 
@@ -10,9 +13,10 @@ use rmcp::{
     ErrorData as McpError, RoleServer,
     handler::server::wrapper::Parameters,
     model::{
-        CacheScope, CallToolResult, CompleteRequestParams, ContentBlock, CreateMessageRequestParams, ElicitRequestParams,
-        GetPromptRequestParams, GetPromptResult, LoggingLevel, LoggingMessageNotificationParam,
-        ProgressNotificationParam, Prompt, ReadResourceResult, Resource, ResourceContents, ResourceTemplate,
+        CacheScope, CallToolResult, CompleteRequestParams, ContentBlock,
+        CreateMessageRequestParams, ElicitRequestParams, GetPromptRequestParams, GetPromptResult,
+        LoggingLevel, LoggingMessageNotificationParam, ProgressNotificationParam, Prompt,
+        ReadResourceResult, Resource, ResourceContents, ResourceTemplate,
     },
     service::RequestContext,
     tool, tool_router,
@@ -53,12 +57,18 @@ pub struct ElicitationParams {
 /// Fixed resources.
 pub fn resources() -> Vec<Resource> {
     vec![
-        model(json!({"uri": "test://static-text", "name": "static-text", "mimeType": "text/plain",
-            "description": "A static text resource"})),
-        model(json!({"uri": "test://static-binary", "name": "static-binary", "mimeType": "image/png",
-            "description": "A static binary resource (a 1x1 PNG)"})),
-        model(json!({"uri": "test://watched-resource", "name": "watched-resource", "mimeType": "text/plain",
-            "description": "A resource clients may subscribe to"})),
+        model(
+            json!({"uri": "test://static-text", "name": "static-text", "mimeType": "text/plain",
+            "description": "A static text resource"}),
+        ),
+        model(
+            json!({"uri": "test://static-binary", "name": "static-binary", "mimeType": "image/png",
+            "description": "A static binary resource (a 1x1 PNG)"}),
+        ),
+        model(
+            json!({"uri": "test://watched-resource", "name": "watched-resource", "mimeType": "text/plain",
+            "description": "A resource clients may subscribe to"}),
+        ),
     ]
 }
 
@@ -74,8 +84,10 @@ pub fn templates() -> Vec<ResourceTemplate> {
 
 /// Whether `uri` is a resource of this toolset.
 pub fn is_resource(uri: &str) -> bool {
-    matches!(uri, "test://static-text" | "test://static-binary" | "test://watched-resource")
-        || template_id(uri).is_some()
+    matches!(
+        uri,
+        "test://static-text" | "test://static-binary" | "test://watched-resource"
+    ) || template_id(uri).is_some()
 }
 
 fn template_id(uri: &str) -> Option<&str> {
@@ -94,12 +106,20 @@ fn static_result(contents: ResourceContents) -> ReadResourceResult {
 /// `resources/read` of this toolset's resources.
 pub fn read(uri: &str) -> Option<ReadResourceResult> {
     let contents: ResourceContents = match uri {
-        "test://static-text" => model(json!({"uri": uri, "mimeType": "text/plain", "text": STATIC_TEXT})),
-        "test://static-binary" => model(json!({"uri": uri, "mimeType": "image/png", "blob": PNG_1X1})),
-        "test://watched-resource" => model(json!({"uri": uri, "mimeType": "text/plain", "text": "watched"})),
+        "test://static-text" => {
+            model(json!({"uri": uri, "mimeType": "text/plain", "text": STATIC_TEXT}))
+        }
+        "test://static-binary" => {
+            model(json!({"uri": uri, "mimeType": "image/png", "blob": PNG_1X1}))
+        }
+        "test://watched-resource" => {
+            model(json!({"uri": uri, "mimeType": "text/plain", "text": "watched"}))
+        }
         _ => {
             let id = template_id(uri)?;
-            let text = json!({"id": id, "templateTest": true, "data": format!("Data for ID: {id}")}).to_string();
+            let text =
+                json!({"id": id, "templateTest": true, "data": format!("Data for ID: {id}")})
+                    .to_string();
             model(json!({"uri": uri, "mimeType": "application/json", "text": text}))
         }
     };
@@ -110,13 +130,17 @@ pub fn read(uri: &str) -> Option<ReadResourceResult> {
 pub fn prompts() -> Vec<Prompt> {
     vec![
         model(json!({"name": "test_simple_prompt", "description": "A prompt without arguments"})),
-        model(json!({"name": "test_prompt_with_arguments", "description": "A prompt with two required arguments",
+        model(
+            json!({"name": "test_prompt_with_arguments", "description": "A prompt with two required arguments",
             "arguments": [
                 {"name": "arg1", "description": "First argument", "required": true},
                 {"name": "arg2", "description": "Second argument", "required": true}
-            ]})),
-        model(json!({"name": "test_prompt_with_embedded_resource", "description": "A prompt embedding a resource",
-            "arguments": [{"name": "resourceUri", "description": "URI of the resource to embed", "required": true}]})),
+            ]}),
+        ),
+        model(
+            json!({"name": "test_prompt_with_embedded_resource", "description": "A prompt embedding a resource",
+            "arguments": [{"name": "resourceUri", "description": "URI of the resource to embed", "required": true}]}),
+        ),
         model(json!({"name": "test_prompt_with_image", "description": "A prompt with an image"})),
         model(json!({"name": INPUT_REQUIRED_PROMPT,
             "description": "A prompt that asks the client for context first (multi round-trip)"})),
@@ -158,7 +182,12 @@ pub fn get_prompt(request: &GetPromptRequestParams) -> Result<GetPromptResult, M
             {"role": "user", "content": {"type": "image", "data": PNG_1X1, "mimeType": "image/png"}},
             {"role": "user", "content": {"type": "text", "text": "Please analyze the image above."}}
         ]),
-        other => return Err(McpError::invalid_params(format!("unknown prompt: {other}"), None)),
+        other => {
+            return Err(McpError::invalid_params(
+                format!("unknown prompt: {other}"),
+                None,
+            ));
+        }
     };
     serde_json::from_value(json!({"description": request.name, "messages": messages}))
         .map_err(|error| McpError::internal_error(format!("prompt fixture: {error}"), None))
@@ -192,24 +221,34 @@ fn level_rank(level: &str) -> u8 {
 impl ShoalHandler {
     #[tool(description = "Conformance fixture: returns a simple text result.")]
     async fn test_simple_text(&self) -> Result<CallToolResult, McpError> {
-        Ok(CallToolResult::success(vec![ContentBlock::text("This is a simple text response for testing.")]))
+        Ok(CallToolResult::success(vec![ContentBlock::text(
+            "This is a simple text response for testing.",
+        )]))
     }
 
     #[tool(description = "Conformance fixture: returns an image (a 1x1 PNG).")]
     async fn test_image_content(&self) -> Result<CallToolResult, McpError> {
-        Ok(CallToolResult::success(vec![ContentBlock::image(PNG_1X1, "image/png")]))
+        Ok(CallToolResult::success(vec![ContentBlock::image(
+            PNG_1X1,
+            "image/png",
+        )]))
     }
 
     #[tool(description = "Conformance fixture: returns audio (a silent WAV).")]
     async fn test_audio_content(&self) -> Result<CallToolResult, McpError> {
-        Ok(CallToolResult::success(vec![ContentBlock::audio(WAV_SILENCE, "audio/wav")]))
+        Ok(CallToolResult::success(vec![ContentBlock::audio(
+            WAV_SILENCE,
+            "audio/wav",
+        )]))
     }
 
     #[tool(description = "Conformance fixture: returns an embedded text resource.")]
     async fn test_embedded_resource(&self) -> Result<CallToolResult, McpError> {
-        Ok(CallToolResult::success(vec![ContentBlock::resource(model(json!({
-            "uri": "test://embedded-resource", "mimeType": "text/plain", "text": "This is an embedded resource content."
-        })))]))
+        Ok(CallToolResult::success(vec![ContentBlock::resource(
+            model(json!({
+                "uri": "test://embedded-resource", "mimeType": "text/plain", "text": "This is an embedded resource content."
+            })),
+        )]))
     }
 
     #[tool(description = "Conformance fixture: returns text, an image and an embedded resource.")]
@@ -225,15 +264,28 @@ impl ShoalHandler {
     }
 
     #[tool(description = "Conformance fixture: sends three log messages while it runs.")]
-    async fn test_tool_with_logging(&self, context: RequestContext<RoleServer>) -> Result<CallToolResult, McpError> {
+    async fn test_tool_with_logging(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         let threshold = match session_id(&context) {
-            Some(session) => self.state.backend.session_get_field(&session, "log").await.ok().flatten(),
+            Some(session) => self
+                .state
+                .backend
+                .session_get_field(&session, "log")
+                .await
+                .ok()
+                .flatten(),
             None => None,
         };
         let threshold = level_rank(threshold.as_deref().unwrap_or("debug"));
-        for (n, text) in ["Tool execution started", "Tool processing data", "Tool execution completed"]
-            .into_iter()
-            .enumerate()
+        for (n, text) in [
+            "Tool execution started",
+            "Tool processing data",
+            "Tool execution completed",
+        ]
+        .into_iter()
+        .enumerate()
         {
             if n > 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -244,11 +296,16 @@ impl ShoalHandler {
                 let _ = context.peer.notify_logging_message(message).await;
             }
         }
-        Ok(CallToolResult::success(vec![ContentBlock::text("Tool with logging executed successfully")]))
+        Ok(CallToolResult::success(vec![ContentBlock::text(
+            "Tool with logging executed successfully",
+        )]))
     }
 
     #[tool(description = "Conformance fixture: reports progress 0, 50 and 100 of 100.")]
-    async fn test_tool_with_progress(&self, context: RequestContext<RoleServer>) -> Result<CallToolResult, McpError> {
+    async fn test_tool_with_progress(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         if let Some(token) = context.meta.get_progress_token() {
             for (n, progress) in [0.0, 50.0, 100.0].into_iter().enumerate() {
                 if n > 0 {
@@ -260,7 +317,9 @@ impl ShoalHandler {
                 let _ = context.peer.notify_progress(param).await;
             }
         }
-        Ok(CallToolResult::success(vec![ContentBlock::text("Tool with progress executed successfully")]))
+        Ok(CallToolResult::success(vec![ContentBlock::text(
+            "Tool with progress executed successfully",
+        )]))
     }
 
     #[tool(description = "Conformance fixture: always fails with a tool error.")]
@@ -270,7 +329,9 @@ impl ShoalHandler {
         )]))
     }
 
-    #[tool(description = "Conformance fixture: asks the client's model to answer a prompt (sampling).")]
+    #[tool(
+        description = "Conformance fixture: asks the client's model to answer a prompt (sampling)."
+    )]
     async fn test_sampling(
         &self,
         Parameters(params): Parameters<SamplingParams>,
@@ -284,9 +345,13 @@ impl ShoalHandler {
         match context.peer.create_message(request).await {
             Ok(result) => {
                 let answer = serde_json::to_value(&result.message.content).unwrap_or_default();
-                Ok(CallToolResult::success(vec![ContentBlock::text(format!("LLM response: {answer}"))]))
+                Ok(CallToolResult::success(vec![ContentBlock::text(format!(
+                    "LLM response: {answer}"
+                ))]))
             }
-            Err(error) => Ok(CallToolResult::error(vec![ContentBlock::text(format!("sampling failed: {error}"))])),
+            Err(error) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "sampling failed: {error}"
+            ))])),
         }
     }
 
@@ -310,8 +375,13 @@ impl ShoalHandler {
         self.run_elicitation(request, &context).await
     }
 
-    #[tool(description = "Conformance fixture: elicitation whose schema carries default values (SEP-1034).")]
-    async fn test_elicitation_sep1034_defaults(&self, context: RequestContext<RoleServer>) -> Result<CallToolResult, McpError> {
+    #[tool(
+        description = "Conformance fixture: elicitation whose schema carries default values (SEP-1034)."
+    )]
+    async fn test_elicitation_sep1034_defaults(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         let request = elicitation(json!({
             "message": "Please review and update the form fields with defaults",
             "requestedSchema": {
@@ -331,7 +401,10 @@ impl ShoalHandler {
     }
 
     #[tool(description = "Conformance fixture: elicitation with every enum form (SEP-1330).")]
-    async fn test_elicitation_sep1330_enums(&self, context: RequestContext<RoleServer>) -> Result<CallToolResult, McpError> {
+    async fn test_elicitation_sep1330_enums(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         let request = elicitation(json!({
             "message": "Please select options from the enum fields",
             "requestedSchema": {
@@ -394,13 +467,17 @@ pub fn json_schema_tool() -> rmcp::handler::server::router::tool::ToolRoute<Shoa
             .unwrap_or("nobody")
             .to_owned();
         Box::pin(async move {
-            Ok(CallToolResult::success(vec![ContentBlock::text(format!("schema ok for {name}"))]).into())
+            Ok(
+                CallToolResult::success(vec![ContentBlock::text(format!("schema ok for {name}"))])
+                    .into(),
+            )
         })
     })
 }
 
 fn elicitation(params: serde_json::Value) -> Result<ElicitRequestParams, McpError> {
-    serde_json::from_value(params).map_err(|error| McpError::internal_error(format!("elicitation fixture: {error}"), None))
+    serde_json::from_value(params)
+        .map_err(|error| McpError::internal_error(format!("elicitation fixture: {error}"), None))
 }
 
 impl ShoalHandler {
@@ -412,9 +489,13 @@ impl ShoalHandler {
         match context.peer.create_elicitation(request).await {
             Ok(result) => {
                 let answer = serde_json::to_value(&result).unwrap_or_default();
-                Ok(CallToolResult::success(vec![ContentBlock::text(format!("User response: {answer}"))]))
+                Ok(CallToolResult::success(vec![ContentBlock::text(format!(
+                    "User response: {answer}"
+                ))]))
             }
-            Err(error) => Ok(CallToolResult::error(vec![ContentBlock::text(format!("elicitation failed: {error}"))])),
+            Err(error) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "elicitation failed: {error}"
+            ))])),
         }
     }
 }
@@ -428,7 +509,12 @@ mod tests {
         assert_eq!(resources().len(), 3);
         assert_eq!(templates().len(), 1);
         assert_eq!(prompts().len(), 5);
-        for uri in ["test://static-text", "test://static-binary", "test://watched-resource", "test://template/123/data"] {
+        for uri in [
+            "test://static-text",
+            "test://static-binary",
+            "test://watched-resource",
+            "test://template/123/data",
+        ] {
             assert!(is_resource(uri), "{uri}");
             assert!(read(uri).is_some(), "{uri}");
         }

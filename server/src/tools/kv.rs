@@ -16,8 +16,8 @@ use rmcp::{
     ErrorData as McpError, RoleServer,
     handler::server::wrapper::Parameters,
     model::{
-        CacheScope, CallToolResult, ContentBlock, ProgressNotificationParam, ReadResourceResult, Resource,
-        ResourceContents, ResourceTemplate,
+        CacheScope, CallToolResult, ContentBlock, ProgressNotificationParam, ReadResourceResult,
+        Resource, ResourceContents, ResourceTemplate,
     },
     service::RequestContext,
     tool, tool_router,
@@ -64,14 +64,17 @@ fn valid_key(key: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/' | '@')))
     {
-        return Err(format!("key contains {bad:?}; allowed are A-Z a-z 0-9 and . _ - : / @"));
+        return Err(format!(
+            "key contains {bad:?}; allowed are A-Z a-z 0-9 and . _ - : / @"
+        ));
     }
     Ok(())
 }
 
 /// The key named by a `kv://` URI.
 pub fn key_of(uri: &str) -> Option<&str> {
-    uri.strip_prefix(SCHEME).filter(|key| valid_key(key).is_ok())
+    uri.strip_prefix(SCHEME)
+        .filter(|key| valid_key(key).is_ok())
 }
 
 /// The URI of `key`.
@@ -143,10 +146,17 @@ fn updated_notification(uri: &str) -> String {
 impl ShoalHandler {
     async fn notify_changed(&self, key: &str, list_changed: bool) {
         let uri = uri_of(key);
-        if let Err(error) = self.state.backend.resource_updated(&uri, &updated_notification(&uri)).await {
+        if let Err(error) = self
+            .state
+            .backend
+            .resource_updated(&uri, &updated_notification(&uri))
+            .await
+        {
             tracing::warn!(%error, "resource update notification lost");
         }
-        if list_changed && let Err(error) = self.state.backend.list_changed(ListKind::Resources).await {
+        if list_changed
+            && let Err(error) = self.state.backend.list_changed(ListKind::Resources).await
+        {
             tracing::warn!(%error, "list-changed notification lost");
         }
     }
@@ -158,9 +168,16 @@ impl ShoalHandler {
         description = "Store a text value under a key in the scratchpad shared by every replica of the cluster. \
                        Clients subscribed to the resource kv://{key} are notified. Keys: 1-256 characters from \
                        A-Z a-z 0-9 and . _ - : / @; values: UTF-8 text up to 64 KiB.",
-        annotations(idempotent_hint = true, destructive_hint = false, open_world_hint = false)
+        annotations(
+            idempotent_hint = true,
+            destructive_hint = false,
+            open_world_hint = false
+        )
     )]
-    async fn kv_set(&self, Parameters(params): Parameters<KvSetParams>) -> Result<CallToolResult, McpError> {
+    async fn kv_set(
+        &self,
+        Parameters(params): Parameters<KvSetParams>,
+    ) -> Result<CallToolResult, McpError> {
         if let Err(message) = valid_key(&params.key) {
             return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
         }
@@ -177,8 +194,12 @@ impl ShoalHandler {
                 self.state.config.kv_max_keys
             ))])),
             Ok(outcome) => {
-                self.notify_changed(&params.key, outcome == KvSetOutcome::Created).await;
-                Ok(CallToolResult::success(vec![ContentBlock::text(format!("stored {}", params.key))]))
+                self.notify_changed(&params.key, outcome == KvSetOutcome::Created)
+                    .await;
+                Ok(CallToolResult::success(vec![ContentBlock::text(format!(
+                    "stored {}",
+                    params.key
+                ))]))
             }
             Err(cause) => {
                 tracing::warn!(error = %cause, "kv_set failed");
@@ -194,7 +215,10 @@ impl ShoalHandler {
                        does not exist.",
         annotations(read_only_hint = true, open_world_hint = false)
     )]
-    async fn kv_get(&self, Parameters(params): Parameters<KvKeyParams>) -> Result<CallToolResult, McpError> {
+    async fn kv_get(
+        &self,
+        Parameters(params): Parameters<KvKeyParams>,
+    ) -> Result<CallToolResult, McpError> {
         if let Err(message) = valid_key(&params.key) {
             return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
         }
@@ -215,9 +239,16 @@ impl ShoalHandler {
 
     #[tool(
         description = "Delete a key from the cluster-wide scratchpad. Subscribers of kv://{key} are notified.",
-        annotations(idempotent_hint = true, destructive_hint = true, open_world_hint = false)
+        annotations(
+            idempotent_hint = true,
+            destructive_hint = true,
+            open_world_hint = false
+        )
     )]
-    async fn kv_delete(&self, Parameters(params): Parameters<KvKeyParams>) -> Result<CallToolResult, McpError> {
+    async fn kv_delete(
+        &self,
+        Parameters(params): Parameters<KvKeyParams>,
+    ) -> Result<CallToolResult, McpError> {
         if let Err(message) = valid_key(&params.key) {
             return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
         }
@@ -226,11 +257,13 @@ impl ShoalHandler {
                 if existed {
                     self.notify_changed(&params.key, true).await;
                 }
-                Ok(CallToolResult::success(vec![ContentBlock::text(if existed {
-                    format!("deleted {}", params.key)
-                } else {
-                    format!("{} did not exist", params.key)
-                })]))
+                Ok(CallToolResult::success(vec![ContentBlock::text(
+                    if existed {
+                        format!("deleted {}", params.key)
+                    } else {
+                        format!("{} did not exist", params.key)
+                    },
+                )]))
             }
             Err(cause) => {
                 tracing::warn!(error = %cause, "kv_delete failed");
@@ -261,7 +294,8 @@ impl ShoalHandler {
         let start = tokio::time::Instant::now();
         let deadline = start + total;
         let token = context.meta.get_progress_token();
-        let mut tick = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+        let mut tick =
+            tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
         loop {
             tokio::select! {
                 () = context.ct.cancelled() => {
@@ -281,7 +315,10 @@ impl ShoalHandler {
                 }
             }
         }
-        Ok(CallToolResult::success(vec![ContentBlock::text(format!("slept {} ms", params.ms))]))
+        Ok(CallToolResult::success(vec![ContentBlock::text(format!(
+            "slept {} ms",
+            params.ms
+        ))]))
     }
 }
 
@@ -303,7 +340,10 @@ mod tests {
 
     #[test]
     fn cursors_round_trip() {
-        assert_eq!(decode_cursor(&encode_cursor("a/b:c")).as_deref(), Some("a/b:c"));
+        assert_eq!(
+            decode_cursor(&encode_cursor("a/b:c")).as_deref(),
+            Some("a/b:c")
+        );
         assert_eq!(decode_cursor("!!"), None);
     }
 }

@@ -11,8 +11,8 @@ use rmcp::{
     ErrorData as McpError,
     handler::server::router::tool::ToolRouter,
     model::{
-        CacheScope, CompleteRequestParams, GetPromptRequestParams, GetPromptResult, ListResourcesResult, Prompt,
-        ReadResourceResult, Resource, ResourceTemplate,
+        CacheScope, CompleteRequestParams, GetPromptRequestParams, GetPromptResult,
+        ListResourcesResult, Prompt, ReadResourceResult, Resource, ResourceTemplate,
     },
 };
 
@@ -121,13 +121,22 @@ impl Catalog {
     ///
     /// # Errors
     /// Fails when the shared state is unavailable.
-    pub async fn list_resources(&self, state: &AppState, cursor: Option<&str>) -> Result<ListResourcesResult, McpError> {
-        let mut resources = if cursor.is_none() { self.resources.clone() } else { Vec::new() };
+    pub async fn list_resources(
+        &self,
+        state: &AppState,
+        cursor: Option<&str>,
+    ) -> Result<ListResourcesResult, McpError> {
+        let mut resources = if cursor.is_none() {
+            self.resources.clone()
+        } else {
+            Vec::new()
+        };
         let mut next_cursor = None;
         if self.toolsets.kv {
             let after = match cursor {
                 Some(cursor) => Some(
-                    kv::decode_cursor(cursor).ok_or_else(|| McpError::invalid_params("invalid cursor", None))?,
+                    kv::decode_cursor(cursor)
+                        .ok_or_else(|| McpError::invalid_params("invalid cursor", None))?,
                 ),
                 None => None,
             };
@@ -187,11 +196,17 @@ impl Catalog {
     ///
     /// # Errors
     /// `invalid_params` for unknown prompts or missing arguments.
-    pub fn get_prompt(&self, request: &GetPromptRequestParams) -> Result<GetPromptResult, McpError> {
+    pub fn get_prompt(
+        &self,
+        request: &GetPromptRequestParams,
+    ) -> Result<GetPromptResult, McpError> {
         let mut result = if self.toolsets.conformance {
             conformance::get_prompt(request)?
         } else {
-            return Err(McpError::invalid_params(format!("unknown prompt: {}", request.name), None));
+            return Err(McpError::invalid_params(
+                format!("unknown prompt: {}", request.name),
+                None,
+            ));
         };
         result.result_type = Some(rmcp::model::ResultType::COMPLETE);
         Ok(result)
@@ -200,7 +215,10 @@ impl Catalog {
 
 /// The error for a resource that does not exist (SEP-2164: `-32602` with the URI in `data`).
 pub fn resource_not_found(uri: &str) -> McpError {
-    McpError::resource_not_found("resource not found", Some(serde_json::json!({ "uri": uri })))
+    McpError::resource_not_found(
+        "resource not found",
+        Some(serde_json::json!({ "uri": uri })),
+    )
 }
 
 /// Deserializes a model value from JSON built in code (static fixtures).

@@ -6,7 +6,10 @@
 //! on any replica, so the state is self-contained and sealed with an HMAC key every replica shares
 //! (see [`crate::state::AppState::request_state`]): a tampered state is rejected with -32602.
 
-#![allow(deprecated, reason = "sampling, roots and logging are exercised by the suite")]
+#![allow(
+    deprecated,
+    reason = "sampling, roots and logging are exercised by the suite"
+)]
 
 use std::time::Duration;
 
@@ -14,9 +17,9 @@ use rmcp::{
     ErrorData as McpError, RoleServer,
     handler::server::tool::{InputResponses, RequestState},
     model::{
-        CallToolResponse, CallToolResult, ClientCapabilities, ContentBlock, GetPromptRequestParams, GetPromptResponse,
-        GetPromptResult, InputRequest, InputRequests, InputRequiredResult, LoggingLevel,
-        LoggingMessageNotificationParam, RequestStateCodec, ResultType, SealOptions,
+        CallToolResponse, CallToolResult, ClientCapabilities, ContentBlock, GetPromptRequestParams,
+        GetPromptResponse, GetPromptResult, InputRequest, InputRequests, InputRequiredResult,
+        LoggingLevel, LoggingMessageNotificationParam, RequestStateCodec, ResultType, SealOptions,
     },
     service::RequestContext,
     tool, tool_router,
@@ -43,7 +46,8 @@ struct Round {
 }
 
 fn input(value: Value) -> Result<InputRequest, McpError> {
-    serde_json::from_value(value).map_err(|error| McpError::internal_error(format!("input request fixture: {error}"), None))
+    serde_json::from_value(value)
+        .map_err(|error| McpError::internal_error(format!("input request fixture: {error}"), None))
 }
 
 fn elicit(message: &str, property: &str, kind: &str) -> Result<InputRequest, McpError> {
@@ -71,7 +75,10 @@ fn roots() -> Result<InputRequest, McpError> {
 }
 
 fn requests(entries: Vec<(&str, InputRequest)>) -> InputRequests {
-    entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    entries
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
 }
 
 fn complete(text: impl Into<String>) -> CallToolResponse {
@@ -83,16 +90,23 @@ fn invalid(message: &str) -> McpError {
 }
 
 /// The accepted content of an elicitation answer: `Ok(None)` when the key was not answered.
-fn accepted<'a>(responses: &'a Option<rmcp::model::InputResponses>, key: &str) -> Result<Option<&'a Value>, McpError> {
+fn accepted<'a>(
+    responses: &'a Option<rmcp::model::InputResponses>,
+    key: &str,
+) -> Result<Option<&'a Value>, McpError> {
     let Some(answer) = responses.as_ref().and_then(|r| r.get(key)) else {
         return Ok(None);
     };
-    let object = answer
-        .as_object()
-        .ok_or_else(|| invalid(&format!("inputResponses.{key} must be an elicitation result object")))?;
+    let object = answer.as_object().ok_or_else(|| {
+        invalid(&format!(
+            "inputResponses.{key} must be an elicitation result object"
+        ))
+    })?;
     match object.get("action").and_then(Value::as_str) {
         Some("accept") => Ok(Some(object.get("content").unwrap_or(&Value::Null))),
-        Some(_) => Err(invalid(&format!("the user did not accept the {key} request"))),
+        Some(_) => Err(invalid(&format!(
+            "the user did not accept the {key} request"
+        ))),
         None => Err(invalid(&format!("inputResponses.{key} has no action"))),
     }
 }
@@ -117,7 +131,10 @@ impl ShoalHandler {
     async fn codec(&self) -> Result<&RequestStateCodec, McpError> {
         self.state.request_state().await.map_err(|error| {
             tracing::warn!(%error, "request-state key unavailable");
-            McpError::internal_error("request state cannot be sealed right now; retry shortly", None)
+            McpError::internal_error(
+                "request state cannot be sealed right now; retry shortly",
+                None,
+            )
         })
     }
 
@@ -129,13 +146,21 @@ impl ShoalHandler {
             nonce: rand::random(),
         };
         codec
-            .seal_json_with(&payload, &SealOptions::new().associated_data(tool.as_bytes()).ttl(STATE_TTL))
-            .map_err(|error| McpError::internal_error(format!("sealing request state: {error}"), None))
+            .seal_json_with(
+                &payload,
+                &SealOptions::new()
+                    .associated_data(tool.as_bytes())
+                    .ttl(STATE_TTL),
+            )
+            .map_err(|error| {
+                McpError::internal_error(format!("sealing request state: {error}"), None)
+            })
     }
 
     /// Opens a state sealed for `tool`; a forged, tampered or expired one is -32602.
     async fn open(&self, tool: &str, state: Option<String>) -> Result<Round, McpError> {
-        let state = state.ok_or_else(|| invalid("requestState is required to continue this request"))?;
+        let state =
+            state.ok_or_else(|| invalid("requestState is required to continue this request"))?;
         self.codec()
             .await?
             .open_json_with(&state, tool.as_bytes())
@@ -143,83 +168,112 @@ impl ShoalHandler {
     }
 
     /// `prompts/get` of `test_input_required_result_prompt`.
-    pub(crate) async fn input_required_prompt(&self, request: &GetPromptRequestParams) -> Result<GetPromptResponse, McpError> {
+    pub(crate) async fn input_required_prompt(
+        &self,
+        request: &GetPromptRequestParams,
+    ) -> Result<GetPromptResponse, McpError> {
         match accepted(&request.input_responses, "user_context")? {
             Some(content) => {
-                let context = content.get("context").and_then(Value::as_str).unwrap_or("none");
+                let context = content
+                    .get("context")
+                    .and_then(Value::as_str)
+                    .unwrap_or("none");
                 let mut result: GetPromptResult = serde_json::from_value(json!({
                     "description": "A prompt that needed input",
                     "messages": [{"role": "user", "content": {"type": "text",
                         "text": format!("Answer using this context: {context}")}}]
                 }))
-                .map_err(|error| McpError::internal_error(format!("prompt fixture: {error}"), None))?;
+                .map_err(|error| {
+                    McpError::internal_error(format!("prompt fixture: {error}"), None)
+                })?;
                 result.result_type = Some(ResultType::COMPLETE);
                 Ok(GetPromptResponse::Complete(result))
             }
-            None => Ok(GetPromptResponse::InputRequired(InputRequiredResult::from_input_requests(requests(vec![(
-                "user_context",
-                elicit("What context should the prompt use?", "context", "string")?,
-            )])))),
+            None => Ok(GetPromptResponse::InputRequired(
+                InputRequiredResult::from_input_requests(requests(vec![(
+                    "user_context",
+                    elicit("What context should the prompt use?", "context", "string")?,
+                )])),
+            )),
         }
     }
 }
 
 #[tool_router(router = mrtr_tools, vis = "pub(crate)")]
 impl ShoalHandler {
-    #[tool(description = "Conformance fixture (MRTR): asks the user's name through an input request, then greets.")]
+    #[tool(
+        description = "Conformance fixture (MRTR): asks the user's name through an input request, then greets."
+    )]
     async fn test_input_required_result_elicitation(
         &self,
         InputResponses(responses): InputResponses,
     ) -> Result<CallToolResponse, McpError> {
         match accepted(&responses, "user_name")? {
             Some(content) => {
-                let name = content
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| invalid("inputResponses.user_name.content.name must be a string"))?;
+                let name = content.get("name").and_then(Value::as_str).ok_or_else(|| {
+                    invalid("inputResponses.user_name.content.name must be a string")
+                })?;
                 Ok(complete(format!("Hello, {name}!")))
             }
             // First round, or answers that miss the key: ask (again).
-            None => Ok(CallToolResponse::InputRequired(InputRequiredResult::from_input_requests(requests(vec![(
-                "user_name",
-                elicit("What is your name?", "name", "string")?,
-            )])))),
+            None => Ok(CallToolResponse::InputRequired(
+                InputRequiredResult::from_input_requests(requests(vec![(
+                    "user_name",
+                    elicit("What is your name?", "name", "string")?,
+                )])),
+            )),
         }
     }
 
-    #[tool(description = "Conformance fixture (MRTR): asks the client's model a question through an input request.")]
+    #[tool(
+        description = "Conformance fixture (MRTR): asks the client's model a question through an input request."
+    )]
     async fn test_input_required_result_sampling(
         &self,
         InputResponses(responses): InputResponses,
     ) -> Result<CallToolResponse, McpError> {
         if responses.is_none() {
-            return Ok(CallToolResponse::InputRequired(InputRequiredResult::from_input_requests(requests(vec![(
-                "capital_question",
-                sample("What is the capital of France?", 100)?,
-            )]))));
+            return Ok(CallToolResponse::InputRequired(
+                InputRequiredResult::from_input_requests(requests(vec![(
+                    "capital_question",
+                    sample("What is the capital of France?", 100)?,
+                )])),
+            ));
         }
         let answer = answered(&responses, "capital_question")?;
-        let text = answer.pointer("/content/text").and_then(Value::as_str).unwrap_or_default();
+        let text = answer
+            .pointer("/content/text")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         Ok(complete(format!("The model answered: {text}")))
     }
 
-    #[tool(description = "Conformance fixture (MRTR): asks the client for its roots through an input request.")]
+    #[tool(
+        description = "Conformance fixture (MRTR): asks the client for its roots through an input request."
+    )]
     async fn test_input_required_result_list_roots(
         &self,
         InputResponses(responses): InputResponses,
     ) -> Result<CallToolResponse, McpError> {
         if responses.is_none() {
-            return Ok(CallToolResponse::InputRequired(InputRequiredResult::from_input_requests(requests(vec![(
-                "client_roots",
-                roots()?,
-            )]))));
+            return Ok(CallToolResponse::InputRequired(
+                InputRequiredResult::from_input_requests(requests(vec![(
+                    "client_roots",
+                    roots()?,
+                )])),
+            ));
         }
         let answer = answered(&responses, "client_roots")?;
-        let count = answer.get("roots").and_then(Value::as_array).map_or(0, Vec::len);
+        let count = answer
+            .get("roots")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
         Ok(complete(format!("The client has {count} root(s)")))
     }
 
-    #[tool(description = "Conformance fixture (MRTR): needs a confirmation and carries sealed request state between rounds.")]
+    #[tool(
+        description = "Conformance fixture (MRTR): needs a confirmation and carries sealed request state between rounds."
+    )]
     async fn test_input_required_result_request_state(
         &self,
         InputResponses(responses): InputResponses,
@@ -229,7 +283,10 @@ impl ShoalHandler {
         if responses.is_none() && state.is_none() {
             let state = self.seal(TOOL, 1, Value::Null).await?;
             return Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
-                Some(requests(vec![("confirm", elicit("Please confirm", "ok", "boolean")?)])),
+                Some(requests(vec![(
+                    "confirm",
+                    elicit("Please confirm", "ok", "boolean")?,
+                )])),
                 Some(state),
             )));
         }
@@ -241,7 +298,9 @@ impl ShoalHandler {
         Ok(complete(format!("state-ok: confirmed={ok}")))
     }
 
-    #[tool(description = "Conformance fixture (MRTR): asks for elicitation, sampling and roots in one round.")]
+    #[tool(
+        description = "Conformance fixture (MRTR): asks for elicitation, sampling and roots in one round."
+    )]
     async fn test_input_required_result_multiple_inputs(
         &self,
         InputResponses(responses): InputResponses,
@@ -266,13 +325,21 @@ impl ShoalHandler {
             .unwrap_or("someone")
             .to_owned();
         let greeting = answered(&responses, "greeting")?;
-        let greeting = greeting.pointer("/content/text").and_then(Value::as_str).unwrap_or_default();
+        let greeting = greeting
+            .pointer("/content/text")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let roots = answered(&responses, "client_roots")?;
-        let count = roots.get("roots").and_then(Value::as_array).map_or(0, Vec::len);
+        let count = roots
+            .get("roots")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
         Ok(complete(format!("{greeting} {name}; {count} root(s)")))
     }
 
-    #[tool(description = "Conformance fixture (MRTR): asks two questions in two rounds, carrying the first answer in sealed state.")]
+    #[tool(
+        description = "Conformance fixture (MRTR): asks two questions in two rounds, carrying the first answer in sealed state."
+    )]
     async fn test_input_required_result_multi_round(
         &self,
         InputResponses(responses): InputResponses,
@@ -282,7 +349,10 @@ impl ShoalHandler {
         if responses.is_none() && state.is_none() {
             let state = self.seal(TOOL, 1, Value::Null).await?;
             return Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
-                Some(requests(vec![("step1", elicit("Step 1: What is your name?", "name", "string")?)])),
+                Some(requests(vec![(
+                    "step1",
+                    elicit("Step 1: What is your name?", "name", "string")?,
+                )])),
                 Some(state),
             )));
         }
@@ -296,7 +366,10 @@ impl ShoalHandler {
                     .to_owned();
                 let state = self.seal(TOOL, 2, json!({"name": name})).await?;
                 Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
-                    Some(requests(vec![("step2", elicit("Step 2: What is your favorite color?", "color", "string")?)])),
+                    Some(requests(vec![(
+                        "step2",
+                        elicit("Step 2: What is your favorite color?", "color", "string")?,
+                    )])),
                     Some(state),
                 )))
             }
@@ -306,14 +379,20 @@ impl ShoalHandler {
                     .and_then(Value::as_str)
                     .ok_or_else(|| invalid("step2 needs a color"))?
                     .to_owned();
-                let name = round.carried.get("name").and_then(Value::as_str).unwrap_or("someone");
+                let name = round
+                    .carried
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("someone");
                 Ok(complete(format!("{name} likes {color}")))
             }
             _ => Err(invalid("requestState names an unknown round")),
         }
     }
 
-    #[tool(description = "Conformance fixture (MRTR): rejects a request state that was tampered with.")]
+    #[tool(
+        description = "Conformance fixture (MRTR): rejects a request state that was tampered with."
+    )]
     async fn test_input_required_result_tampered_state(
         &self,
         InputResponses(responses): InputResponses,
@@ -323,7 +402,10 @@ impl ShoalHandler {
         if responses.is_none() && state.is_none() {
             let state = self.seal(TOOL, 1, Value::Null).await?;
             return Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
-                Some(requests(vec![("confirm", elicit("Please confirm", "ok", "boolean")?)])),
+                Some(requests(vec![(
+                    "confirm",
+                    elicit("Please confirm", "ok", "boolean")?,
+                )])),
                 Some(state),
             )));
         }
@@ -331,7 +413,9 @@ impl ShoalHandler {
         Ok(complete("state verified"))
     }
 
-    #[tool(description = "Conformance fixture (MRTR): only asks for what the client declared it can do.")]
+    #[tool(
+        description = "Conformance fixture (MRTR): only asks for what the client declared it can do."
+    )]
     async fn test_input_required_result_capabilities(
         &self,
         context: RequestContext<RoleServer>,
@@ -352,13 +436,22 @@ impl ShoalHandler {
             asked.push(("client_roots", roots()?));
         }
         if asked.is_empty() {
-            return Ok(complete("the client declared no capability this tool could use"));
+            return Ok(complete(
+                "the client declared no capability this tool could use",
+            ));
         }
-        Ok(CallToolResponse::InputRequired(InputRequiredResult::from_input_requests(requests(asked))))
+        Ok(CallToolResponse::InputRequired(
+            InputRequiredResult::from_input_requests(requests(asked)),
+        ))
     }
 
-    #[tool(description = "Conformance fixture (SEP-2575): needs the client's sampling capability and says so when it is missing.")]
-    async fn test_missing_capability(&self, context: RequestContext<RoleServer>) -> Result<CallToolResponse, McpError> {
+    #[tool(
+        description = "Conformance fixture (SEP-2575): needs the client's sampling capability and says so when it is missing."
+    )]
+    async fn test_missing_capability(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
         if !supports(&context.client_capabilities(), "sampling") {
             let mut required = ClientCapabilities::default();
             required.sampling = Some(Default::default());
@@ -367,44 +460,79 @@ impl ShoalHandler {
         Ok(complete("the client supports sampling"))
     }
 
-    #[tool(description = "Conformance fixture (SEP-2575): asks for input through an input-required result, never a request frame.")]
-    async fn test_streaming_elicitation(&self, InputResponses(responses): InputResponses) -> Result<CallToolResponse, McpError> {
+    #[tool(
+        description = "Conformance fixture (SEP-2575): asks for input through an input-required result, never a request frame."
+    )]
+    async fn test_streaming_elicitation(
+        &self,
+        InputResponses(responses): InputResponses,
+    ) -> Result<CallToolResponse, McpError> {
         if responses.is_some() {
             return Ok(complete("thanks"));
         }
-        Ok(CallToolResponse::InputRequired(InputRequiredResult::from_input_requests(requests(vec![(
-            "user_name",
-            elicit("What is your name?", "name", "string")?,
-        )]))))
+        Ok(CallToolResponse::InputRequired(
+            InputRequiredResult::from_input_requests(requests(vec![(
+                "user_name",
+                elicit("What is your name?", "name", "string")?,
+            )])),
+        ))
     }
 
-    #[tool(description = "Conformance fixture (SEP-2575): logs only when the request asks for a log level.")]
-    async fn test_logging_tool(&self, context: RequestContext<RoleServer>) -> Result<CallToolResult, McpError> {
+    #[tool(
+        description = "Conformance fixture (SEP-2575): logs only when the request asks for a log level."
+    )]
+    async fn test_logging_tool(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         if let Some(level) = context.meta.log_level() {
-            let rank = |level: LoggingLevel| serde_json::to_value(level).ok().and_then(|v| v.as_str().map(str::to_owned));
+            let rank = |level: LoggingLevel| {
+                serde_json::to_value(level)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+            };
             let wanted = rank(level).unwrap_or_default();
             if matches!(wanted.as_str(), "debug" | "info") {
-                let message = LoggingMessageNotificationParam::new(LoggingLevel::Info, json!("test_logging_tool ran"))
-                    .with_logger("conformance");
+                let message = LoggingMessageNotificationParam::new(
+                    LoggingLevel::Info,
+                    json!("test_logging_tool ran"),
+                )
+                .with_logger("conformance");
                 let _ = context.peer.notify_logging_message(message).await;
             }
         }
-        Ok(CallToolResult::success(vec![ContentBlock::text("logging tool done")]))
+        Ok(CallToolResult::success(vec![ContentBlock::text(
+            "logging tool done",
+        )]))
     }
 
-    #[tool(description = "Conformance fixture: announces that the tool list changed, on every replica.")]
-    async fn test_trigger_tool_change(&self, context: RequestContext<RoleServer>) -> Result<CallToolResult, McpError> {
+    #[tool(
+        description = "Conformance fixture: announces that the tool list changed, on every replica."
+    )]
+    async fn test_trigger_tool_change(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         self.announce(ListKind::Tools, &context).await
     }
 
-    #[tool(description = "Conformance fixture: announces that the prompt list changed, on every replica.")]
-    async fn test_trigger_prompt_change(&self, context: RequestContext<RoleServer>) -> Result<CallToolResult, McpError> {
+    #[tool(
+        description = "Conformance fixture: announces that the prompt list changed, on every replica."
+    )]
+    async fn test_trigger_prompt_change(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         self.announce(ListKind::Prompts, &context).await
     }
 }
 
 impl ShoalHandler {
-    async fn announce(&self, list: ListKind, context: &RequestContext<RoleServer>) -> Result<CallToolResult, McpError> {
+    async fn announce(
+        &self,
+        list: ListKind,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
         // subscriptions/listen streams anywhere in the cluster...
         if let Err(cause) = self.state.backend.list_changed(list).await {
             return Err(crate::mcp::error::unavailable("list_changed", &cause));
@@ -420,6 +548,8 @@ impl ShoalHandler {
                 tracing::debug!(%error, "list-changed notification not delivered");
             }
         }
-        Ok(CallToolResult::success(vec![ContentBlock::text("announced")]))
+        Ok(CallToolResult::success(vec![ContentBlock::text(
+            "announced",
+        )]))
     }
 }

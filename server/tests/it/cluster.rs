@@ -16,7 +16,12 @@ async fn legacy_session_roams_across_all_replicas() {
     let client = legacy_client(&topology.mcp_url()).await;
     let mut served = HashSet::new();
     for n in 0..9 {
-        let exchange = call_ok(&client, "kv_set", json!({"key": format!("roam{n}"), "value": format!("v{n}")})).await;
+        let exchange = call_ok(
+            &client,
+            "kv_set",
+            json!({"key": format!("roam{n}"), "value": format!("v{n}")}),
+        )
+        .await;
         served.insert(replica_of(&exchange.headers));
     }
     for n in 0..9 {
@@ -24,8 +29,15 @@ async fn legacy_session_roams_across_all_replicas() {
         assert_eq!(text_of(exchange.result().expect("result")), format!("v{n}"));
         served.insert(replica_of(&exchange.headers));
     }
-    assert_eq!(served.len(), 3, "round robin spread the session over every replica: {served:?}");
-    assert_eq!(metric_sum(&topology, "shoal_session_creates_total").await, 1.0);
+    assert_eq!(
+        served.len(),
+        3,
+        "round robin spread the session over every replica: {served:?}"
+    );
+    assert_eq!(
+        metric_sum(&topology, "shoal_session_creates_total").await,
+        1.0
+    );
     assert!(
         metric_sum(&topology, "shoal_session_restores_total").await >= 2.0,
         "the replicas that did not initialize the session restored it"
@@ -56,8 +68,14 @@ async fn resource_update_reaches_the_get_stream_on_another_replica() {
             break;
         }
     }
-    assert_ne!(written_on, holder, "a write landed on another replica than the GET stream");
-    let (id, _) = next_matching(&mut stream, "the update notification", |m| is_update_of(m, "kv://fan")).await;
+    assert_ne!(
+        written_on, holder,
+        "a write landed on another replica than the GET stream"
+    );
+    let (id, _) = next_matching(&mut stream, "the update notification", |m| {
+        is_update_of(m, "kv://fan")
+    })
+    .await;
     let id = id.expect("the event has an id");
     assert!(
         id.starts_with(&format!("{}.", subscriber.session_id().expect("session"))),
@@ -92,7 +110,10 @@ async fn killed_replica_stream_resumes_without_loss_or_duplicates() {
     }
     topology.replica(&holder).expect("holder").kill9().await;
     // The stream breaks with its replica.
-    assert!(matches!(stream.next_message(WAIT).await, Ok(None)), "the stream ended with its replica");
+    assert!(
+        matches!(stream.next_message(WAIT).await, Ok(None)),
+        "the stream ended with its replica"
+    );
 
     for key in &keys[10..20] {
         call_ok(&writer, "kv_set", json!({"key": key, "value": "2"})).await;
@@ -100,7 +121,11 @@ async fn killed_replica_stream_resumes_without_loss_or_duplicates() {
     let last = received.last().expect("events before the kill").0.clone();
     let mut resumed = subscriber.open_get(Some(&last)).await.expect("resume");
     assert_eq!(resumed.status, 200);
-    assert_ne!(replica_of(&resumed.headers), holder, "resumed on a surviving replica");
+    assert_ne!(
+        replica_of(&resumed.headers),
+        holder,
+        "resumed on a surviving replica"
+    );
     for key in &keys[10..20] {
         receive(&mut resumed, key, &mut received).await;
     }
@@ -114,12 +139,20 @@ async fn killed_replica_stream_resumes_without_loss_or_duplicates() {
         other => panic!("unexpected extra event: {other:?}"),
     }
     let order: Vec<&String> = received.iter().map(|(_, key)| key).collect();
-    assert_eq!(order, keys.iter().collect::<Vec<_>>(), "every event, in order");
+    assert_eq!(
+        order,
+        keys.iter().collect::<Vec<_>>(),
+        "every event, in order"
+    );
     let ids: HashSet<&String> = received.iter().map(|(id, _)| id).collect();
     assert_eq!(ids.len(), keys.len(), "no event delivered twice");
 }
 
-async fn receive(stream: &mut shoal_shared::testkit::client::EventStream, key: &str, received: &mut Vec<(String, String)>) {
+async fn receive(
+    stream: &mut shoal_shared::testkit::client::EventStream,
+    key: &str,
+    received: &mut Vec<(String, String)>,
+) {
     let uri = format!("kv://{key}");
     let (id, _) = next_matching(stream, &uri, |m| is_update_of(m, &uri)).await;
     received.push((id.expect("event id"), key.to_owned()));
@@ -145,17 +178,40 @@ async fn delete_ends_the_session_everywhere() {
     assert_eq!(stream.status, 200);
 
     assert_eq!(client.delete().await.expect("DELETE"), 202);
-    assert!(matches!(stream.next_message(WAIT).await, Ok(None)), "the GET stream ended");
+    assert!(
+        matches!(stream.next_message(WAIT).await, Ok(None)),
+        "the GET stream ended"
+    );
     let mut answered = HashSet::new();
     for _ in 0..6 {
-        let exchange = client.request("tools/list", Value::Null).await.expect("request");
-        assert_eq!(exchange.status, 404, "deleted session is unknown everywhere");
+        let exchange = client
+            .request("tools/list", Value::Null)
+            .await
+            .expect("request");
+        assert_eq!(
+            exchange.status, 404,
+            "deleted session is unknown everywhere"
+        );
         answered.insert(replica_of(&exchange.headers));
     }
     assert_eq!(answered.len(), 3, "asked every replica: {answered:?}");
-    assert_eq!(client.delete().await.expect("DELETE"), 404, "deleting twice");
-    assert!(redis_keys_with(&topology, &session).await.is_empty(), "no Redis key left");
-    assert_eq!(redis_cli(&topology, &["SCARD", &format!("{}:subs:kv://del", topology.prefix)]).await, "0");
+    assert_eq!(
+        client.delete().await.expect("DELETE"),
+        404,
+        "deleting twice"
+    );
+    assert!(
+        redis_keys_with(&topology, &session).await.is_empty(),
+        "no Redis key left"
+    );
+    assert_eq!(
+        redis_cli(
+            &topology,
+            &["SCARD", &format!("{}:subs:kv://del", topology.prefix)]
+        )
+        .await,
+        "0"
+    );
     eventually("every replica dropped its worker", WAIT, async || {
         (metric_sum(&topology, "shoal_sessions_active").await == 0.0).then_some(())
     })
@@ -171,9 +227,15 @@ async fn idle_sessions_expire_everywhere() {
     for _ in 0..3 {
         call_ok(&client, "test_simple_text", json!({})).await;
     }
-    assert!(metric_sum(&topology, "shoal_sessions_active").await >= 3.0, "every replica holds a worker");
+    assert!(
+        metric_sum(&topology, "shoal_sessions_active").await >= 3.0,
+        "every replica holds a worker"
+    );
     eventually("the session record to expire in Redis", WAIT, async || {
-        redis_keys_with(&topology, &session).await.is_empty().then_some(())
+        redis_keys_with(&topology, &session)
+            .await
+            .is_empty()
+            .then_some(())
     })
     .await;
     eventually("every replica to drop its worker", WAIT, async || {
@@ -182,7 +244,10 @@ async fn idle_sessions_expire_everywhere() {
     .await;
     let mut answered = HashSet::new();
     for _ in 0..3 {
-        let exchange = client.request("tools/list", Value::Null).await.expect("request");
+        let exchange = client
+            .request("tools/list", Value::Null)
+            .await
+            .expect("request");
         assert_eq!(exchange.status, 404);
         answered.insert(replica_of(&exchange.headers));
     }
@@ -196,12 +261,17 @@ async fn sampling_response_is_forwarded_to_the_waiting_replica() {
     let topology = cluster(3).await;
     let client = legacy_client(&topology.mcp_url()).await;
     let (id, mut stream) = client
-        .open_request("tools/call", json!({"name": "test_sampling", "arguments": {"prompt": "say hi"}}))
+        .open_request(
+            "tools/call",
+            json!({"name": "test_sampling", "arguments": {"prompt": "say hi"}}),
+        )
         .await
         .expect("tools/call");
     let runner = replica_of(&stream.headers);
-    let (_, request) =
-        next_matching(&mut stream, "sampling/createMessage", |m| m.get("method") == Some(&json!("sampling/createMessage"))).await;
+    let (_, request) = next_matching(&mut stream, "sampling/createMessage", |m| {
+        m.get("method") == Some(&json!("sampling/createMessage"))
+    })
+    .await;
     let status_and_replica = {
         let response = json!({
             "role": "assistant",
@@ -224,12 +294,29 @@ async fn sampling_response_is_forwarded_to_the_waiting_replica() {
         (response.status(), replica_of(response.headers()))
     };
     assert_eq!(status_and_replica.0, 202);
-    assert_ne!(status_and_replica.1, runner, "the response landed on another replica");
-    let (_, result) = next_matching(&mut stream, "the tool result", |m| m.get("id") == Some(&json!(id))).await;
+    assert_ne!(
+        status_and_replica.1, runner,
+        "the response landed on another replica"
+    );
+    let (_, result) = next_matching(&mut stream, "the tool result", |m| {
+        m.get("id") == Some(&json!(id))
+    })
+    .await;
     let text = text_of(&result["result"]);
     assert!(text.contains("hi from the model"), "{result}");
-    let receiver = topology.replicas.iter().find(|r| r.name == status_and_replica.1).expect("replica");
-    assert_eq!(metric(&receiver.base_url(), "shoal_forwards_total{kind=\"response\"}").await, 1.0);
+    let receiver = topology
+        .replicas
+        .iter()
+        .find(|r| r.name == status_and_replica.1)
+        .expect("replica");
+    assert_eq!(
+        metric(
+            &receiver.base_url(),
+            "shoal_forwards_total{kind=\"response\"}"
+        )
+        .await,
+        1.0
+    );
 }
 
 /// §3.6: `notifications/cancelled` posted to another replica cancels the tool where it runs.
@@ -245,7 +332,10 @@ async fn cancellation_reaches_the_replica_running_the_tool() {
         .await
         .expect("tools/call");
     let runner = replica_of(&stream.headers);
-    next_matching(&mut stream, "a progress notification", |m| m.get("method") == Some(&json!("notifications/progress"))).await;
+    next_matching(&mut stream, "a progress notification", |m| {
+        m.get("method") == Some(&json!("notifications/progress"))
+    })
+    .await;
     let body = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id, "reason": "test"}});
     let response = client
         .http()
@@ -259,21 +349,38 @@ async fn cancellation_reaches_the_replica_running_the_tool() {
         .await
         .expect("cancel");
     assert_eq!(response.status(), 202);
-    assert_ne!(replica_of(response.headers()), runner, "the cancellation landed on another replica");
+    assert_ne!(
+        replica_of(response.headers()),
+        runner,
+        "the cancellation landed on another replica"
+    );
     // The request stream ends without a result, long before the 60 s sleep would.
     loop {
         match stream.next_message(WAIT).await {
             Ok(Some(event)) => {
                 let message = event.message.expect("message");
-                assert!(message.get("result").is_none(), "a cancelled request gets no result: {message}");
+                assert!(
+                    message.get("result").is_none(),
+                    "a cancelled request gets no result: {message}"
+                );
             }
             Ok(None) => break,
             Err(()) => panic!("the cancelled tool kept running"),
         }
     }
-    let runner_url = topology.replicas.iter().find(|r| r.name == runner).expect("runner").base_url();
+    let runner_url = topology
+        .replicas
+        .iter()
+        .find(|r| r.name == runner)
+        .expect("runner")
+        .base_url();
     eventually("the tool to stop as cancelled", WAIT, async || {
-        (metric(&runner_url, "shoal_mcp_requests_total{method=\"tools/call\",outcome=\"cancelled\"}").await == 1.0)
+        (metric(
+            &runner_url,
+            "shoal_mcp_requests_total{method=\"tools/call\",outcome=\"cancelled\"}",
+        )
+        .await
+            == 1.0)
             .then_some(())
     })
     .await;
@@ -299,7 +406,10 @@ async fn listen_stream_receives_changes_from_other_replicas() {
         m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
     })
     .await;
-    assert_eq!(ack.pointer("/params/_meta/io.modelcontextprotocol~1subscriptionId"), Some(&json!(id)));
+    assert_eq!(
+        ack.pointer("/params/_meta/io.modelcontextprotocol~1subscriptionId"),
+        Some(&json!(id))
+    );
 
     let writer = McpClient::modern(topology.mcp_url());
     let mut written_on = holder.clone();
@@ -311,8 +421,14 @@ async fn listen_stream_receives_changes_from_other_replicas() {
         }
     }
     assert_ne!(written_on, holder);
-    let (_, update) = next_matching(&mut stream, "the update", |m| is_update_of(m, "kv://listen")).await;
-    assert_eq!(update.pointer("/params/_meta/io.modelcontextprotocol~1subscriptionId"), Some(&json!(id)));
+    let (_, update) = next_matching(&mut stream, "the update", |m| {
+        is_update_of(m, "kv://listen")
+    })
+    .await;
+    assert_eq!(
+        update.pointer("/params/_meta/io.modelcontextprotocol~1subscriptionId"),
+        Some(&json!(id))
+    );
 }
 
 /// §3.7: listen handlers end when their client goes away.
@@ -329,8 +445,16 @@ async fn listen_handlers_end_when_the_client_goes_away() {
         m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
     })
     .await;
-    let url = topology.replicas.iter().find(|r| r.name == holder).expect("holder").base_url();
-    assert_eq!(metric(&url, "shoal_streams_active{kind=\"listen\"}").await, 1.0);
+    let url = topology
+        .replicas
+        .iter()
+        .find(|r| r.name == holder)
+        .expect("holder")
+        .base_url();
+    assert_eq!(
+        metric(&url, "shoal_streams_active{kind=\"listen\"}").await,
+        1.0
+    );
     drop(stream);
     drop(listener);
     eventually("the listen handler to end", WAIT, async || {

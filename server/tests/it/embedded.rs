@@ -17,7 +17,9 @@ fn embedded() -> TopologyOptions {
 async fn embedded_default_serves_both_eras_alone() {
     let topology = start(embedded()).await;
     let url = topology.mcp_url();
-    let health = reqwest::get(format!("{}/readyz", topology.replicas[0].base_url())).await.expect("readyz");
+    let health = reqwest::get(format!("{}/readyz", topology.replicas[0].base_url()))
+        .await
+        .expect("readyz");
     assert_eq!(health.status(), 200, "ready without Redis");
 
     // Legacy: subscribe, GET stream, notification, resume, DELETE.
@@ -30,21 +32,37 @@ async fn embedded_default_serves_both_eras_alone() {
         .expect("subscribed");
     let mut stream = client.open_get(None).await.expect("GET");
     call_ok(&client, "kv_set", json!({"key": "solo", "value": "1"})).await;
-    let (first, _) = next_matching(&mut stream, "the first update", |m| is_update_of(m, "kv://solo")).await;
+    let (first, _) = next_matching(&mut stream, "the first update", |m| {
+        is_update_of(m, "kv://solo")
+    })
+    .await;
     drop(stream);
     call_ok(&client, "kv_set", json!({"key": "solo", "value": "2"})).await;
     let mut resumed = client.open_get(first.as_deref()).await.expect("resume");
-    let (second, _) = next_matching(&mut resumed, "the missed update", |m| is_update_of(m, "kv://solo")).await;
+    let (second, _) = next_matching(&mut resumed, "the missed update", |m| {
+        is_update_of(m, "kv://solo")
+    })
+    .await;
     assert_ne!(first, second);
     let exchange = call_ok(&client, "kv_get", json!({"key": "solo"})).await;
     assert_eq!(text_of(exchange.result().expect("result")), "2");
     assert_eq!(client.delete().await.expect("DELETE"), 202);
-    assert_eq!(client.request("tools/list", serde_json::Value::Null).await.expect("request").status, 404);
+    assert_eq!(
+        client
+            .request("tools/list", serde_json::Value::Null)
+            .await
+            .expect("request")
+            .status,
+        404
+    );
 
     // 2026-07-28: listen and a change.
     let listener = McpClient::modern(&url);
     let (_, mut listen) = listener
-        .open_request("subscriptions/listen", json!({"notifications": {"resourceSubscriptions": ["kv://solo"]}}))
+        .open_request(
+            "subscriptions/listen",
+            json!({"notifications": {"resourceSubscriptions": ["kv://solo"]}}),
+        )
         .await
         .expect("listen");
     next_matching(&mut listen, "the acknowledgment", |m| {

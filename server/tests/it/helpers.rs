@@ -59,7 +59,11 @@ pub async fn call_ok(client: &McpClient, name: &str, arguments: Value) -> Exchan
         .await
         .expect("tools/call");
     let result = exchange.result().unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_ne!(result.get("isError"), Some(&json!(true)), "{name} failed: {result}");
+    assert_ne!(
+        result.get("isError"),
+        Some(&json!(true)),
+        "{name} failed: {result}"
+    );
     exchange
 }
 
@@ -73,7 +77,11 @@ pub fn text_of(result: &Value) -> String {
 }
 
 /// Waits until `probe` returns `Some`, polling every 50 ms, for at most `timeout`.
-pub async fn eventually<T>(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(value) = probe().await {
@@ -98,7 +106,9 @@ pub async fn metric(base_url: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| {
             let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse::<f64>().ok()).flatten()
+            (name == series)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
         })
         .unwrap_or(0.0)
 }
@@ -114,7 +124,12 @@ pub async fn metric_sum(topology: &Topology, series: &str) -> f64 {
 
 /// Runs `redis-cli` against the topology's Redis.
 pub async fn redis_cli(topology: &Topology, args: &[&str]) -> String {
-    let port = topology.redis.as_ref().expect("topology has redis").port().to_string();
+    let port = topology
+        .redis
+        .as_ref()
+        .expect("topology has redis")
+        .port()
+        .to_string();
     let output = tokio::process::Command::new("redis-cli")
         .args(["-p", &port])
         .args(args)
@@ -136,7 +151,11 @@ pub async fn redis_keys_with(topology: &Topology, needle: &str) -> Vec<String> {
 }
 
 /// Reads messages from `stream` until one satisfies `matches`, failing after `WAIT`.
-pub async fn next_matching(stream: &mut EventStream, what: &str, matches: impl Fn(&Value) -> bool) -> (Option<String>, Value) {
+pub async fn next_matching(
+    stream: &mut EventStream,
+    what: &str,
+    matches: impl Fn(&Value) -> bool,
+) -> (Option<String>, Value) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());

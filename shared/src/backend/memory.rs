@@ -228,7 +228,12 @@ impl MemoryBackend {
     }
 
     /// Appends under the state lock and returns the message to publish, if any.
-    fn append_locked(&self, state: &mut State, session: &str, payload: &str) -> (EventId, Option<String>) {
+    fn append_locked(
+        &self,
+        state: &mut State,
+        session: &str,
+        payload: &str,
+    ) -> (EventId, Option<String>) {
         let id = state.next_id();
         let max_len = self.inner.config.event_log_max_len as usize;
         let expires_at = Instant::now() + self.inner.config.event_retention;
@@ -299,8 +304,13 @@ impl MemoryBackend {
             Some(after) => after,
             // Another stream holds the session: start at the end of the log (see FEED_OPEN).
             None if previous.is_some() => {
-                let last = log.and_then(|log| log.entries.back()).map_or(EventId::ZERO, |e| e.id);
-                return Some(FeedStart { from: last, events: Vec::new() });
+                let last = log
+                    .and_then(|log| log.entries.back())
+                    .map_or(EventId::ZERO, |e| e.id);
+                return Some(FeedStart {
+                    from: last,
+                    events: Vec::new(),
+                });
             }
             None => cursor.unwrap_or(EventId::ZERO),
         };
@@ -317,7 +327,13 @@ impl MemoryBackend {
         Some(FeedStart { from, events })
     }
 
-    pub(super) fn feed_checkpoint(&self, session: &str, holder: &str, last: EventId, release: bool) -> bool {
+    pub(super) fn feed_checkpoint(
+        &self,
+        session: &str,
+        holder: &str,
+        last: EventId,
+        release: bool,
+    ) -> bool {
         let now = Instant::now();
         let ttl = self.inner.config.session_ttl;
         let mut state = self.state();
@@ -334,7 +350,12 @@ impl MemoryBackend {
         true
     }
 
-    pub(super) fn events_after(&self, session: &str, after: EventId, limit: u64) -> Vec<LoggedEvent> {
+    pub(super) fn events_after(
+        &self,
+        session: &str,
+        after: EventId,
+        limit: u64,
+    ) -> Vec<LoggedEvent> {
         let now = Instant::now();
         let state = self.state();
         state
@@ -493,11 +514,20 @@ mod tests {
         tokio::time::advance(Duration::from_secs(50)).await;
         assert!(backend.session_touch("s1").await.expect("touch"));
         tokio::time::advance(Duration::from_secs(50)).await;
-        assert_eq!(backend.session_load("s1").await.expect("load").as_deref(), Some("{}"));
+        assert_eq!(
+            backend.session_load("s1").await.expect("load").as_deref(),
+            Some("{}")
+        );
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(!backend.session_touch("s1").await.expect("touch"));
         assert_eq!(backend.session_load("s1").await.expect("load"), None);
-        assert!(backend.janitor_pass(&ReplicaTag::generate(), Duration::from_secs(1)).await.expect("janitor") >= 1);
+        assert!(
+            backend
+                .janitor_pass(&ReplicaTag::generate(), Duration::from_secs(1))
+                .await
+                .expect("janitor")
+                >= 1
+        );
     }
 
     #[tokio::test]
@@ -506,21 +536,53 @@ mod tests {
         backend.session_create("s1", "{}").await.expect("create");
         let mut feed = bus.register_feed("s1").expect("feed");
         let holder = bus::feed_holder(bus.tag(), feed.stream());
-        let start = backend.feed_open("s1", &holder, None, 10).await.expect("open").expect("live");
-        assert_eq!(start, FeedStart { from: EventId::ZERO, events: Vec::new() });
+        let start = backend
+            .feed_open("s1", &holder, None, 10)
+            .await
+            .expect("open")
+            .expect("live");
+        assert_eq!(
+            start,
+            FeedStart {
+                from: EventId::ZERO,
+                events: Vec::new()
+            }
+        );
         let mut ids = Vec::new();
         for n in 0..5 {
-            ids.push(backend.event_append("s1", &format!("{{\"n\":{n}}}")).await.expect("append").expect("live"));
+            ids.push(
+                backend
+                    .event_append("s1", &format!("{{\"n\":{n}}}"))
+                    .await
+                    .expect("append")
+                    .expect("live"),
+            );
         }
         for id in &ids {
             assert_eq!(feed.events.recv().await.expect("event").id, *id);
         }
         // Only the last three are kept.
-        let kept = backend.events_after("s1", EventId::ZERO, 10).await.expect("read");
+        let kept = backend
+            .events_after("s1", EventId::ZERO, 10)
+            .await
+            .expect("read");
         assert_eq!(kept.iter().map(|e| e.id).collect::<Vec<_>>(), ids[2..]);
-        let start = backend.feed_open("s1", &holder, Some(ids[3]), 10).await.expect("open").expect("live");
-        assert_eq!(start.events.iter().map(|e| e.id).collect::<Vec<_>>(), vec![ids[4]]);
-        assert!(backend.event_append("gone", "{}").await.expect("append").is_none());
+        let start = backend
+            .feed_open("s1", &holder, Some(ids[3]), 10)
+            .await
+            .expect("open")
+            .expect("live");
+        assert_eq!(
+            start.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![ids[4]]
+        );
+        assert!(
+            backend
+                .event_append("gone", "{}")
+                .await
+                .expect("append")
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -528,16 +590,49 @@ mod tests {
         let (backend, _bus, _control) = backend();
         backend.session_create("a", "{}").await.expect("create");
         backend.session_create("b", "{}").await.expect("create");
-        assert_eq!(backend.subscribe("a", "kv://x").await.expect("sub"), SubscribeOutcome::Subscribed);
-        assert_eq!(backend.subscribe("b", "kv://x").await.expect("sub"), SubscribeOutcome::Subscribed);
-        assert_eq!(backend.subscribe("a", "kv://y").await.expect("sub"), SubscribeOutcome::Subscribed);
-        assert_eq!(backend.subscribe("a", "kv://z").await.expect("sub"), SubscribeOutcome::TooMany);
-        assert_eq!(backend.subscribe("nope", "kv://x").await.expect("sub"), SubscribeOutcome::SessionGone);
-        assert_eq!(backend.resource_updated("kv://x", "{}").await.expect("update"), 2);
+        assert_eq!(
+            backend.subscribe("a", "kv://x").await.expect("sub"),
+            SubscribeOutcome::Subscribed
+        );
+        assert_eq!(
+            backend.subscribe("b", "kv://x").await.expect("sub"),
+            SubscribeOutcome::Subscribed
+        );
+        assert_eq!(
+            backend.subscribe("a", "kv://y").await.expect("sub"),
+            SubscribeOutcome::Subscribed
+        );
+        assert_eq!(
+            backend.subscribe("a", "kv://z").await.expect("sub"),
+            SubscribeOutcome::TooMany
+        );
+        assert_eq!(
+            backend.subscribe("nope", "kv://x").await.expect("sub"),
+            SubscribeOutcome::SessionGone
+        );
+        assert_eq!(
+            backend
+                .resource_updated("kv://x", "{}")
+                .await
+                .expect("update"),
+            2
+        );
         backend.unsubscribe("b", "kv://x").await.expect("unsub");
-        assert_eq!(backend.resource_updated("kv://x", "{}").await.expect("update"), 1);
+        assert_eq!(
+            backend
+                .resource_updated("kv://x", "{}")
+                .await
+                .expect("update"),
+            1
+        );
         assert!(backend.session_delete("a").await.expect("delete"));
-        assert_eq!(backend.resource_updated("kv://x", "{}").await.expect("update"), 0);
+        assert_eq!(
+            backend
+                .resource_updated("kv://x", "{}")
+                .await
+                .expect("update"),
+            0
+        );
     }
 
     #[tokio::test]
@@ -546,19 +641,45 @@ mod tests {
         backend.session_create("a", "{}").await.expect("create");
         assert!(backend.session_delete("a").await.expect("delete"));
         assert!(!backend.session_delete("a").await.expect("delete"));
-        assert_eq!(control.recv().await, Some(ControlMessage::SessionDeleted { session: "a".into() }));
+        assert_eq!(
+            control.recv().await,
+            Some(ControlMessage::SessionDeleted {
+                session: "a".into()
+            })
+        );
     }
 
     #[tokio::test]
     async fn kv_is_bounded_and_listed_in_order() {
         let (backend, _bus, _control) = backend();
-        assert_eq!(backend.kv_set("b", "1").await.expect("set"), KvSetOutcome::Created);
-        assert_eq!(backend.kv_set("a", "2").await.expect("set"), KvSetOutcome::Created);
-        assert_eq!(backend.kv_set("a", "3").await.expect("set"), KvSetOutcome::Updated);
-        assert_eq!(backend.kv_set("c", "4").await.expect("set"), KvSetOutcome::Full);
-        assert_eq!(backend.kv_list(None, 10).await.expect("list"), vec!["a", "b"]);
-        assert_eq!(backend.kv_list(Some("a"), 10).await.expect("list"), vec!["b"]);
-        assert_eq!(backend.kv_get("a").await.expect("get").as_deref(), Some("3"));
+        assert_eq!(
+            backend.kv_set("b", "1").await.expect("set"),
+            KvSetOutcome::Created
+        );
+        assert_eq!(
+            backend.kv_set("a", "2").await.expect("set"),
+            KvSetOutcome::Created
+        );
+        assert_eq!(
+            backend.kv_set("a", "3").await.expect("set"),
+            KvSetOutcome::Updated
+        );
+        assert_eq!(
+            backend.kv_set("c", "4").await.expect("set"),
+            KvSetOutcome::Full
+        );
+        assert_eq!(
+            backend.kv_list(None, 10).await.expect("list"),
+            vec!["a", "b"]
+        );
+        assert_eq!(
+            backend.kv_list(Some("a"), 10).await.expect("list"),
+            vec!["b"]
+        );
+        assert_eq!(
+            backend.kv_get("a").await.expect("get").as_deref(),
+            Some("3")
+        );
         assert!(backend.kv_delete("a").await.expect("delete"));
         assert_eq!(backend.kv_get("a").await.expect("get"), None);
     }

@@ -233,15 +233,28 @@ impl Backend {
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
-    pub async fn session_set_field(&self, session: &str, field: &str, value: &str) -> BackendResult<bool> {
-        delegate!(self, "session_set_field", session_set_field(session, field, value))
+    pub async fn session_set_field(
+        &self,
+        session: &str,
+        field: &str,
+        value: &str,
+    ) -> BackendResult<bool> {
+        delegate!(
+            self,
+            "session_set_field",
+            session_set_field(session, field, value)
+        )
     }
 
     /// Reads a per-session field.
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
-    pub async fn session_get_field(&self, session: &str, field: &str) -> BackendResult<Option<String>> {
+    pub async fn session_get_field(
+        &self,
+        session: &str,
+        field: &str,
+    ) -> BackendResult<Option<String>> {
         delegate!(self, "session_get_field", session_get_field(session, field))
     }
 
@@ -266,7 +279,11 @@ impl Backend {
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
-    pub async fn event_append(&self, session: &str, payload: &str) -> BackendResult<Option<EventId>> {
+    pub async fn event_append(
+        &self,
+        session: &str,
+        payload: &str,
+    ) -> BackendResult<Option<EventId>> {
         let result = delegate!(self, "event_append", event_append(session, payload));
         if let Ok(Some(_)) = result {
             self.metrics().event_appended();
@@ -295,8 +312,18 @@ impl Backend {
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
-    pub async fn feed_checkpoint(&self, session: &str, holder: &str, last: EventId, release: bool) -> BackendResult<bool> {
-        delegate!(self, "feed_checkpoint", feed_checkpoint(session, holder, last, release))
+    pub async fn feed_checkpoint(
+        &self,
+        session: &str,
+        holder: &str,
+        last: EventId,
+        release: bool,
+    ) -> BackendResult<bool> {
+        delegate!(
+            self,
+            "feed_checkpoint",
+            feed_checkpoint(session, holder, last, release)
+        )
     }
 
     /// Reads up to `limit` events after `after` from the session's log.
@@ -319,7 +346,11 @@ impl Backend {
     /// # Errors
     /// Fails when Redis is unreachable.
     pub async fn resource_updated(&self, uri: &str, legacy_payload: &str) -> BackendResult<u64> {
-        delegate!(self, "resource_updated", resource_updated(uri, legacy_payload))
+        delegate!(
+            self,
+            "resource_updated",
+            resource_updated(uri, legacy_payload)
+        )
     }
 
     /// Broadcasts that a list changed (for `subscriptions/listen` streams).
@@ -334,8 +365,17 @@ impl Backend {
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
-    pub async fn publish_forward(&self, target: &ReplicaTag, session: &str, payload: &str) -> BackendResult<()> {
-        delegate!(self, "publish_forward", publish_forward(target, session, payload))
+    pub async fn publish_forward(
+        &self,
+        target: &ReplicaTag,
+        session: &str,
+        payload: &str,
+    ) -> BackendResult<()> {
+        delegate!(
+            self,
+            "publish_forward",
+            publish_forward(target, session, payload)
+        )
     }
 
     /// Broadcasts a client's `notifications/cancelled` to every other replica.
@@ -393,7 +433,11 @@ impl Backend {
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
-    pub async fn janitor_pass(&self, lease_holder: &ReplicaTag, lease: Duration) -> BackendResult<u64> {
+    pub async fn janitor_pass(
+        &self,
+        lease_holder: &ReplicaTag,
+        lease: Duration,
+    ) -> BackendResult<u64> {
         delegate!(self, "janitor", janitor_pass(lease_holder, lease))
     }
 

@@ -10,7 +10,10 @@ use std::{sync::Arc, time::Duration};
 
 use fred::{
     clients::{Pool, SubscriberClient},
-    interfaces::{ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface, StreamsInterface},
+    interfaces::{
+        ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface,
+        StreamsInterface,
+    },
     prelude::{Builder, Config as FredConfig, Expiration, ReconnectPolicy, SetOptions, Value},
     types::{Limit, scripts::Script},
 };
@@ -18,7 +21,8 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{
-    BackendConfig, BackendError, BackendResult, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome, scripts,
+    BackendConfig, BackendError, BackendResult, FeedStart, KvSetOutcome, LoggedEvent,
+    SubscribeOutcome, scripts,
 };
 use crate::{
     bus::{self, Bus, ListKind},
@@ -274,7 +278,10 @@ impl RedisBackend {
         let existed: i64 = self
             .eval(
                 &self.inner.scripts.session_delete,
-                vec![self.inner.keys.session(session), self.inner.keys.event_log(session)],
+                vec![
+                    self.inner.keys.session(session),
+                    self.inner.keys.event_log(session),
+                ],
                 vec![
                     self.inner.subscribers_prefix.as_str().into(),
                     session.into(),
@@ -286,7 +293,12 @@ impl RedisBackend {
         Ok(existed == 1)
     }
 
-    pub(super) async fn session_set_field(&self, session: &str, field: &str, value: &str) -> BackendResult<bool> {
+    pub(super) async fn session_set_field(
+        &self,
+        session: &str,
+        field: &str,
+        value: &str,
+    ) -> BackendResult<bool> {
         let set: i64 = self
             .eval(
                 &self.inner.scripts.session_set_field,
@@ -297,15 +309,30 @@ impl RedisBackend {
         Ok(set == 1)
     }
 
-    pub(super) async fn session_get_field(&self, session: &str, field: &str) -> BackendResult<Option<String>> {
-        Ok(self.inner.pool.hget(self.inner.keys.session(session), field).await?)
+    pub(super) async fn session_get_field(
+        &self,
+        session: &str,
+        field: &str,
+    ) -> BackendResult<Option<String>> {
+        Ok(self
+            .inner
+            .pool
+            .hget(self.inner.keys.session(session), field)
+            .await?)
     }
 
-    pub(super) async fn subscribe(&self, session: &str, uri: &str) -> BackendResult<SubscribeOutcome> {
+    pub(super) async fn subscribe(
+        &self,
+        session: &str,
+        uri: &str,
+    ) -> BackendResult<SubscribeOutcome> {
         let outcome: i64 = self
             .eval(
                 &self.inner.scripts.subscribe,
-                vec![self.inner.keys.session(session), self.inner.keys.subscribers(uri)],
+                vec![
+                    self.inner.keys.session(session),
+                    self.inner.keys.subscribers(uri),
+                ],
                 vec![
                     uri.into(),
                     session.into(),
@@ -318,7 +345,9 @@ impl RedisBackend {
             1 => Ok(SubscribeOutcome::Subscribed),
             -1 => Ok(SubscribeOutcome::SessionGone),
             -2 => Ok(SubscribeOutcome::TooMany),
-            other => Err(BackendError::Protocol(format!("subscribe returned {other}"))),
+            other => Err(BackendError::Protocol(format!(
+                "subscribe returned {other}"
+            ))),
         }
     }
 
@@ -326,18 +355,28 @@ impl RedisBackend {
         let _: Value = self
             .eval(
                 &self.inner.scripts.unsubscribe,
-                vec![self.inner.keys.session(session), self.inner.keys.subscribers(uri)],
+                vec![
+                    self.inner.keys.session(session),
+                    self.inner.keys.subscribers(uri),
+                ],
                 vec![uri.into(), session.into()],
             )
             .await?;
         Ok(())
     }
 
-    pub(super) async fn event_append(&self, session: &str, payload: &str) -> BackendResult<Option<EventId>> {
+    pub(super) async fn event_append(
+        &self,
+        session: &str,
+        payload: &str,
+    ) -> BackendResult<Option<EventId>> {
         let id: Option<String> = self
             .eval(
                 &self.inner.scripts.event_append,
-                vec![self.inner.keys.session(session), self.inner.keys.event_log(session)],
+                vec![
+                    self.inner.keys.session(session),
+                    self.inner.keys.event_log(session),
+                ],
                 vec![
                     payload.into(),
                     Value::from(self.inner.config.event_log_max_len as i64),
@@ -360,7 +399,10 @@ impl RedisBackend {
         let reply: Option<Vec<Value>> = self
             .eval(
                 &self.inner.scripts.feed_open,
-                vec![self.inner.keys.session(session), self.inner.keys.event_log(session)],
+                vec![
+                    self.inner.keys.session(session),
+                    self.inner.keys.event_log(session),
+                ],
                 vec![
                     holder.into(),
                     after.map(|id| id.to_string()).unwrap_or_default().into(),
@@ -389,7 +431,13 @@ impl RedisBackend {
         Ok(Some(FeedStart { from, events }))
     }
 
-    pub(super) async fn feed_checkpoint(&self, session: &str, holder: &str, last: EventId, release: bool) -> BackendResult<bool> {
+    pub(super) async fn feed_checkpoint(
+        &self,
+        session: &str,
+        holder: &str,
+        last: EventId,
+        release: bool,
+    ) -> BackendResult<bool> {
         let live: i64 = self
             .eval(
                 &self.inner.scripts.feed_checkpoint,
@@ -405,12 +453,22 @@ impl RedisBackend {
         Ok(live == 1)
     }
 
-    pub(super) async fn events_after(&self, session: &str, after: EventId, limit: u64) -> BackendResult<Vec<LoggedEvent>> {
+    pub(super) async fn events_after(
+        &self,
+        session: &str,
+        after: EventId,
+        limit: u64,
+    ) -> BackendResult<Vec<LoggedEvent>> {
         let entries: Vec<(String, Vec<(String, String)>)> = self
             .inner
             .pool
             .next()
-            .xrange(self.inner.keys.event_log(session), format!("({after}"), "+", Some(limit))
+            .xrange(
+                self.inner.keys.event_log(session),
+                format!("({after}"),
+                "+",
+                Some(limit),
+            )
             .await?;
         entries
             .into_iter()
@@ -428,7 +486,11 @@ impl RedisBackend {
             .collect()
     }
 
-    pub(super) async fn resource_updated(&self, uri: &str, legacy_payload: &str) -> BackendResult<u64> {
+    pub(super) async fn resource_updated(
+        &self,
+        uri: &str,
+        legacy_payload: &str,
+    ) -> BackendResult<u64> {
         let delivered: i64 = self
             .eval(
                 &self.inner.scripts.resource_updated,
@@ -453,12 +515,20 @@ impl RedisBackend {
             .inner
             .pool
             .next()
-            .publish(self.inner.keys.resource_channel(), bus::encode_list_changed(list))
+            .publish(
+                self.inner.keys.resource_channel(),
+                bus::encode_list_changed(list),
+            )
             .await?;
         Ok(())
     }
 
-    pub(super) async fn publish_forward(&self, target: &ReplicaTag, session: &str, payload: &str) -> BackendResult<()> {
+    pub(super) async fn publish_forward(
+        &self,
+        target: &ReplicaTag,
+        session: &str,
+        payload: &str,
+    ) -> BackendResult<()> {
         let _: i64 = self
             .inner
             .pool
@@ -489,7 +559,11 @@ impl RedisBackend {
             .eval(
                 &self.inner.scripts.kv_set,
                 vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
-                vec![key.into(), value.into(), Value::from(self.inner.config.kv_max_keys as i64)],
+                vec![
+                    key.into(),
+                    value.into(),
+                    Value::from(self.inner.config.kv_max_keys as i64),
+                ],
             )
             .await?;
         Ok(match outcome {
@@ -514,7 +588,11 @@ impl RedisBackend {
         Ok(existed == 1)
     }
 
-    pub(super) async fn kv_list(&self, after: Option<&str>, limit: u64) -> BackendResult<Vec<String>> {
+    pub(super) async fn kv_list(
+        &self,
+        after: Option<&str>,
+        limit: u64,
+    ) -> BackendResult<Vec<String>> {
         use fred::interfaces::SortedSetsInterface;
         let min = match after {
             Some(after) => format!("({after}"),
@@ -544,7 +622,11 @@ impl RedisBackend {
         .await
     }
 
-    pub(super) async fn janitor_pass(&self, lease_holder: &ReplicaTag, lease: Duration) -> BackendResult<u64> {
+    pub(super) async fn janitor_pass(
+        &self,
+        lease_holder: &ReplicaTag,
+        lease: Duration,
+    ) -> BackendResult<u64> {
         use futures::TryStreamExt;
         let won: Option<String> = self
             .inner

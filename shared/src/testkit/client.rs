@@ -77,8 +77,9 @@ impl Exchange {
 
     /// The response to the request (result or error).
     pub fn response(&self) -> Option<&Value> {
-        self.messages()
-            .find(|m| m.get("id") == Some(&self.id) && (m.get("result").is_some() || m.get("error").is_some()))
+        self.messages().find(|m| {
+            m.get("id") == Some(&self.id) && (m.get("result").is_some() || m.get("error").is_some())
+        })
     }
 
     /// The `result`, or an error describing what came instead.
@@ -86,9 +87,12 @@ impl Exchange {
     /// # Errors
     /// When the server answered with a JSON-RPC error or no response.
     pub fn result(&self) -> ClientResult<&Value> {
-        let response = self
-            .response()
-            .ok_or_else(|| ClientError::Protocol(format!("no response (status {}): {:?}", self.status, self.events)))?;
+        let response = self.response().ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "no response (status {}): {:?}",
+                self.status, self.events
+            ))
+        })?;
         response
             .get("result")
             .ok_or_else(|| ClientError::Protocol(format!("error response: {response}")))
@@ -96,10 +100,13 @@ impl Exchange {
 
     /// Notifications with `method` received before the response.
     pub fn notifications<'a>(&'a self, method: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.messages()
-            .filter(move |m| m.get("method").and_then(Value::as_str) == Some(method) && m.get("id").is_none())
+        self.messages().filter(move |m| {
+            m.get("method").and_then(Value::as_str) == Some(method) && m.get("id").is_none()
+        })
     }
 }
+
+type SseItems = Pin<Box<dyn Stream<Item = Result<Sse, sse_stream::Error>> + Send>>;
 
 /// An open SSE response (a GET stream, or a POST response read incrementally).
 pub struct EventStream {
@@ -107,13 +114,15 @@ pub struct EventStream {
     pub status: StatusCode,
     /// Response headers.
     pub headers: HeaderMap,
-    inner: Option<Pin<Box<dyn Stream<Item = Result<Sse, sse_stream::Error>> + Send>>>,
+    inner: Option<SseItems>,
     body: Option<String>,
 }
 
 impl std::fmt::Debug for EventStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventStream").field("status", &self.status).finish_non_exhaustive()
+        f.debug_struct("EventStream")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,7 +140,10 @@ impl EventStream {
         loop {
             match inner.next().await? {
                 Ok(sse) => {
-                    if sse.id.is_none() && sse.retry.is_none() && sse.data.as_deref().is_none_or(str::is_empty) {
+                    if sse.id.is_none()
+                        && sse.retry.is_none()
+                        && sse.data.as_deref().is_none_or(str::is_empty)
+                    {
                         continue; // keep-alive comment
                     }
                     let message = sse
@@ -275,12 +287,16 @@ impl McpClient {
         {
             let meta = object.entry("_meta").or_insert_with(|| json!({}));
             if let Some(meta) = meta.as_object_mut() {
-                meta.insert("io.modelcontextprotocol/protocolVersion".into(), json!(MODERN_VERSION));
+                meta.insert(
+                    "io.modelcontextprotocol/protocolVersion".into(),
+                    json!(MODERN_VERSION),
+                );
                 meta.insert(
                     "io.modelcontextprotocol/clientInfo".into(),
                     json!({"name": "shoal-testkit", "version": "0.1.0"}),
                 );
-                meta.entry("io.modelcontextprotocol/clientCapabilities").or_insert_with(|| json!({}));
+                meta.entry("io.modelcontextprotocol/clientCapabilities")
+                    .or_insert_with(|| json!({}));
             }
         }
         json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
@@ -291,8 +307,10 @@ impl McpClient {
     /// # Errors
     /// When the server refuses or answers without a session id.
     pub async fn initialize(&mut self) -> ClientResult<Value> {
-        self.initialize_with(json!({"sampling": {}, "elicitation": {}, "roots": {"listChanged": true}}))
-            .await
+        self.initialize_with(
+            json!({"sampling": {}, "elicitation": {}, "roots": {"listChanged": true}}),
+        )
+        .await
     }
 
     /// [`McpClient::initialize`] with explicit client capabilities.
@@ -315,12 +333,21 @@ impl McpClient {
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
-            .ok_or_else(|| ClientError::Protocol(format!("initialize without session id: {:?}", exchange.events)))?;
+            .ok_or_else(|| {
+                ClientError::Protocol(format!(
+                    "initialize without session id: {:?}",
+                    exchange.events
+                ))
+            })?;
         let result = exchange.result()?.clone();
         self.session = Some(session);
-        let status = self.notify("notifications/initialized", Value::Null).await?;
+        let status = self
+            .notify("notifications/initialized", Value::Null)
+            .await?;
         if status != StatusCode::ACCEPTED {
-            return Err(ClientError::Protocol(format!("notifications/initialized answered {status}")));
+            return Err(ClientError::Protocol(format!(
+                "notifications/initialized answered {status}"
+            )));
         }
         Ok(result)
     }
@@ -339,7 +366,9 @@ impl McpClient {
     /// # Errors
     /// On transport failures and JSON-RPC errors.
     pub async fn call_tool(&self, name: &str, arguments: Value) -> ClientResult<Value> {
-        let exchange = self.request("tools/call", json!({"name": name, "arguments": arguments})).await?;
+        let exchange = self
+            .request("tools/call", json!({"name": name, "arguments": arguments}))
+            .await?;
         exchange.result().cloned()
     }
 
@@ -366,7 +395,11 @@ impl McpClient {
     ///
     /// # Errors
     /// On transport failures.
-    pub async fn open_request(&self, method: &str, params: Value) -> ClientResult<(i64, EventStream)> {
+    pub async fn open_request(
+        &self,
+        method: &str,
+        params: Value,
+    ) -> ClientResult<(i64, EventStream)> {
         let id = self.next_id();
         let body = self.request_body(id, method, params);
         Ok((id, self.open(body).await?))
@@ -392,7 +425,9 @@ impl McpClient {
             EventStream {
                 status,
                 headers,
-                inner: Some(Box::pin(SseStream::from_bytes_stream(response.bytes_stream()))),
+                inner: Some(Box::pin(SseStream::from_bytes_stream(
+                    response.bytes_stream(),
+                ))),
                 body: None,
             }
         } else {

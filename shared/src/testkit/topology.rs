@@ -57,7 +57,10 @@ fn signal(child: &Child, signal: Signal) {
 async fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> TopologyResult<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         if let Ok(Some(_)) = child.try_wait() {
@@ -103,8 +106,22 @@ impl RedisServer {
     async fn spawn(&mut self) -> TopologyResult<()> {
         let log = self.dir.join("redis.log");
         let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--dir", &self.dir.to_string_lossy(), "--logfile", &log.to_string_lossy()])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--dir",
+                &self.dir.to_string_lossy(),
+                "--logfile",
+                &log.to_string_lossy(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -163,7 +180,12 @@ impl Replica {
     ///
     /// # Errors
     /// When it does not answer `/healthz` in time.
-    pub async fn start(bin: &Path, name: &str, dir: &Path, env: &[(String, String)]) -> TopologyResult<Self> {
+    pub async fn start(
+        bin: &Path,
+        name: &str,
+        dir: &Path,
+        env: &[(String, String)],
+    ) -> TopologyResult<Self> {
         let mut replica = Self {
             name: name.to_owned(),
             child: None,
@@ -177,12 +199,18 @@ impl Replica {
     }
 
     async fn spawn(&mut self) -> TopologyResult<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let mut child = Command::new(&self.bin)
             .env("SHOAL_LISTEN", format!("127.0.0.1:{}", self.port))
             .env("SHOAL_REPLICA_NAME", &self.name)
             .env("SHOAL_LOG_FORMAT", "text")
-            .env("RUST_LOG", std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -220,7 +248,9 @@ impl Replica {
 
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
     /// SIGKILL: the replica dies without any cleanup.
@@ -282,7 +312,11 @@ impl Balancer {
     ///
     /// # Errors
     /// When nginx is missing or does not come up.
-    pub async fn start(dir: &Path, port: Option<u16>, upstream_ports: &[u16]) -> TopologyResult<Self> {
+    pub async fn start(
+        dir: &Path,
+        port: Option<u16>,
+        upstream_ports: &[u16],
+    ) -> TopologyResult<Self> {
         let dir = dir.join("nginx");
         for sub in ["", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             std::fs::create_dir_all(dir.join(sub))?;
@@ -294,7 +328,11 @@ impl Balancer {
             .collect();
         let include = repo_root().join("deploy/nginx/mcp-proxy.conf");
         // nginx started as root switches its workers to `nobody` unless told otherwise.
-        let user = if nix::unistd::geteuid().is_root() { "user root;\n" } else { "" };
+        let user = if nix::unistd::geteuid().is_root() {
+            "user root;\n"
+        } else {
+            ""
+        };
         let d = dir.display();
         let config = format!(
             "{user}daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
@@ -310,7 +348,12 @@ impl Balancer {
         std::fs::write(&config_path, config)?;
         let log = dir.join("error.log");
         let mut child = Command::new("nginx")
-            .args(["-p", &dir.to_string_lossy(), "-c", &config_path.to_string_lossy()])
+            .args([
+                "-p",
+                &dir.to_string_lossy(),
+                "-c",
+                &config_path.to_string_lossy(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -419,7 +462,9 @@ impl Topology {
     /// # Errors
     /// When a process cannot start or does not become ready.
     pub async fn start(options: TopologyOptions) -> TopologyResult<Self> {
-        let dir = tempfile::Builder::new().prefix("shoal-topology-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("shoal-topology-")
+            .tempdir()?;
         let path = dir.path().to_owned();
         let redis = if options.redis {
             Some(RedisServer::start(&path).await?)
@@ -429,7 +474,10 @@ impl Topology {
         let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
         let mut env = vec![
             ("SHOAL_KEY_PREFIX".to_owned(), prefix.clone()),
-            ("SHOAL_ALLOWED_HOSTS".to_owned(), "localhost,127.0.0.1,::1".to_owned()),
+            (
+                "SHOAL_ALLOWED_HOSTS".to_owned(),
+                "localhost,127.0.0.1,::1".to_owned(),
+            ),
         ];
         if let Some(redis) = &redis {
             env.push(("SHOAL_REDIS_URL".to_owned(), redis.url()));
@@ -437,7 +485,8 @@ impl Topology {
         env.extend(options.env.iter().cloned());
         let mut replicas = Vec::with_capacity(options.replicas);
         for n in 1..=options.replicas {
-            replicas.push(Replica::start(&options.server_bin, &format!("r{n}"), &path, &env).await?);
+            replicas
+                .push(Replica::start(&options.server_bin, &format!("r{n}"), &path, &env).await?);
         }
         let balancer = if options.balancer {
             let ports: Vec<u16> = replicas.iter().map(Replica::port).collect();
