@@ -138,11 +138,11 @@ impl HttpService {
                 if self.streams_full() {
                     return self.reject(
                         "streams_full",
-                        busy("this replica has too many open streams"),
+                        busy(None, "this replica has too many open streams"),
                     );
                 }
                 let (parts, _) = request.into_parts();
-                self.forward(Request::from_parts(parts, Full::new(Bytes::new())))
+                self.forward(Request::from_parts(parts, Full::new(Bytes::new())), None)
                     .await
             }
             Method::DELETE => self.delete(request.headers()).await,
@@ -162,7 +162,7 @@ impl HttpService {
         // nothing to read when they are wrong.
         if !is_json(&parts.headers) {
             return self
-                .forward(Request::from_parts(parts, Full::new(Bytes::new())))
+                .forward(Request::from_parts(parts, Full::new(Bytes::new())), None)
                 .await;
         }
         let limit = self.state.config.max_body_bytes;
@@ -222,21 +222,28 @@ impl HttpService {
         {
             return self.reject(
                 "sessions_full",
-                busy("this replica holds too many sessions"),
+                busy(envelope.id.as_ref(), "this replica holds too many sessions"),
             );
         }
-        self.forward(Request::from_parts(parts, Full::new(bytes)))
-            .await
+        self.forward(
+            Request::from_parts(parts, Full::new(bytes)),
+            envelope.id.as_ref(),
+        )
+        .await
     }
 
-    async fn forward(&self, request: Request<Full<Bytes>>) -> Response<Body> {
+    async fn forward(
+        &self,
+        request: Request<Full<Bytes>>,
+        id: Option<&serde_json::Value>,
+    ) -> Response<Body> {
         let response = self.mcp.handle(request).await;
         if response.status() == StatusCode::INTERNAL_SERVER_ERROR
             && !self.state.backend.is_connected()
         {
             // rmcp reports a failed session lookup as 500; the cause is a shared state that is down,
             // which clients should retry.
-            return self.reject("backend_unavailable", unavailable());
+            return self.reject("backend_unavailable", unavailable(id));
         }
         response
     }
@@ -270,7 +277,7 @@ impl HttpService {
             }
             Err(error) => {
                 tracing::warn!(%error, "DELETE failed: shared state unavailable");
-                self.reject("backend_unavailable", unavailable())
+                self.reject("backend_unavailable", unavailable(None))
             }
         }
     }
@@ -295,6 +302,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 #[derive(Debug, Default)]
 struct Envelope {
     is_initialize: bool,
+    id: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +311,8 @@ struct RawEnvelope<'a> {
     jsonrpc: Option<&'a str>,
     #[serde(borrow, default)]
     method: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    id: Option<serde_json::Value>,
     #[serde(default)]
     result: Option<serde::de::IgnoredAny>,
     #[serde(default)]
@@ -343,6 +353,7 @@ impl Envelope {
         }
         Ok(Envelope {
             is_initialize: raw.method.as_deref() == Some("initialize"),
+            id: raw.id,
         })
     }
 }
@@ -503,10 +514,17 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
         .expect("valid response")
 }
 
-fn jsonrpc_error(status: StatusCode, code: i64, message: &str) -> Response<Body> {
+/// A JSON-RPC error response. `id` is the request's id when it could be read (errors echo it),
+/// otherwise `null` as JSON-RPC prescribes for unreadable requests.
+fn jsonrpc_error_for(
+    id: Option<&serde_json::Value>,
+    status: StatusCode,
+    code: i64,
+    message: &str,
+) -> Response<Body> {
     let body = serde_json::json!({
         "jsonrpc": "2.0",
-        "id": null,
+        "id": id.unwrap_or(&serde_json::Value::Null),
         "error": { "code": code, "message": message },
     });
     Response::builder()
@@ -516,8 +534,13 @@ fn jsonrpc_error(status: StatusCode, code: i64, message: &str) -> Response<Body>
         .expect("valid response")
 }
 
-fn busy(message: &str) -> Response<Body> {
-    let mut response = jsonrpc_error(
+fn jsonrpc_error(status: StatusCode, code: i64, message: &str) -> Response<Body> {
+    jsonrpc_error_for(None, status, code, message)
+}
+
+fn busy(id: Option<&serde_json::Value>, message: &str) -> Response<Body> {
+    let mut response = jsonrpc_error_for(
+        id,
         StatusCode::SERVICE_UNAVAILABLE,
         -32000,
         &format!("{message}; retry shortly"),
@@ -528,8 +551,8 @@ fn busy(message: &str) -> Response<Body> {
     response
 }
 
-fn unavailable() -> Response<Body> {
-    busy("shared session state is unavailable")
+fn unavailable(id: Option<&serde_json::Value>) -> Response<Body> {
+    busy(id, "shared session state is unavailable")
 }
 
 /// Accepts connections until `shutdown` resolves, then drains: stops accepting, lets `on_drain`

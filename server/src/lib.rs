@@ -137,7 +137,10 @@ impl App {
             .with_allowed_hosts(config.allowed_hosts.clone())
             .with_allowed_origins(config.effective_allowed_origins())
             .with_sse_keep_alive(Some(Duration::from_secs(config.sse_keepalive_secs)))
-            .with_sse_retry(Some(sse_retry))
+            // No `retry:` priming from rmcp itself: its GET priming carries the id "0", which names
+            // no event. Our GET streams prime with a resumable id and the retry interval, and request
+            // streams get theirs from the session layer (ClusterOptions::sse_retry).
+            .with_sse_retry(None)
             .with_json_response(true)
             .with_max_request_body_bytes(config.max_body_bytes)
             .with_cancellation_token(mcp_shutdown.clone());

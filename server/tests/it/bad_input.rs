@@ -1,0 +1,347 @@
+//! Bad input gets the status or JSON-RPC error the spec names, is logged once, and leaves every
+//! other client unaffected.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shoal_shared::testkit::client::McpClient;
+
+use crate::helpers::*;
+
+struct Probe {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Probe {
+    async fn post(
+        &self,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, String) {
+        let mut request = self.http.post(&self.url).body(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("send");
+        let status = response.status();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    async fn json_post(
+        &self,
+        extra: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, String) {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+        ];
+        headers.extend_from_slice(extra);
+        self.post(&headers, body).await
+    }
+}
+
+fn error_code(body: &str) -> Option<i64> {
+    serde_json::from_str::<Value>(body)
+        .ok()?
+        .pointer("/error/code")?
+        .as_i64()
+}
+
+fn log_count(topology: &shoal_shared::testkit::topology::Topology, needle: &str) -> usize {
+    std::fs::read_to_string(topology.replicas[0].log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains(needle))
+        .count()
+}
+
+#[tokio::test]
+async fn malformed_requests_get_clear_errors_and_harm_no_one() {
+    let mut options = cluster_options(1)
+        .env("SHOAL_MAX_BODY_BYTES", 64 * 1024)
+        .env("SHOAL_KV_MAX_VALUE_BYTES", 16 * 1024);
+    options.balancer = false;
+    let topology = start(options).await;
+    let url = topology.mcp_url();
+    let base = topology.replicas[0].base_url();
+    let good = legacy_client(&url).await;
+    let session = good.session_id().expect("session").to_owned();
+    let probe = Probe {
+        http: reqwest::Client::new(),
+        url: url.clone(),
+    };
+    let tools_list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string();
+    let with_session = [
+        ("mcp-session-id", session.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+
+    // Headers.
+    let (status, _) = probe
+        .post(
+            &[
+                ("content-type", "application/json"),
+                ("accept", "application/json"),
+            ],
+            tools_list.clone(),
+        )
+        .await;
+    assert_eq!(status, 406, "Accept without text/event-stream");
+    let (status, _) = probe
+        .post(
+            &[
+                ("content-type", "text/plain"),
+                ("accept", "application/json, text/event-stream"),
+            ],
+            tools_list.clone(),
+        )
+        .await;
+    assert_eq!(status, 415, "wrong Content-Type");
+
+    // Bodies.
+    let (status, body) = probe
+        .json_post(&with_session, "{\"jsonrpc\": \"2.0\", \"id\": 1, ")
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, Some(-32700)),
+        "malformed JSON: {body}"
+    );
+    assert_eq!(log_count(&topology, "malformed JSON-RPC"), 1, "logged once");
+    let (status, body) = probe
+        .json_post(&with_session, format!("[{tools_list}]"))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, Some(-32600)),
+        "batch: {body}"
+    );
+    let (status, body) = probe.json_post(&with_session, "{\"hello\": 1}").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, Some(-32600)),
+        "not JSON-RPC: {body}"
+    );
+    let (status, body) = probe.json_post(&with_session, "\"just a string\"").await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, Some(-32600)),
+        "not an object: {body}"
+    );
+    let huge = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "kv_set", "arguments": {"key": "huge", "value": "x".repeat(100 * 1024)}}});
+    let (status, body) = probe.json_post(&with_session, huge.to_string()).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some(-32600)),
+        "oversized: {body}"
+    );
+
+    // Sessions.
+    let unknown = [
+        ("mcp-session-id", "00000000-0000-4000-8000-000000000000"),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let (status, _) = probe.json_post(&unknown, tools_list.clone()).await;
+    assert_eq!(status, 404, "unknown session");
+    let (status, _) = probe.json_post(&[], tools_list.clone()).await;
+    assert_eq!(status, 400, "a non-initialize request without session");
+    let get = |headers: Vec<(&'static str, String)>| {
+        let mut request = probe.http.get(&url);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    assert_eq!(
+        get(vec![("accept", "text/event-stream".into())])
+            .await
+            .expect("GET")
+            .status(),
+        400
+    );
+    assert_eq!(
+        get(vec![
+            ("accept", "text/event-stream".into()),
+            ("mcp-session-id", "nope".into())
+        ])
+        .await
+        .expect("GET")
+        .status(),
+        404
+    );
+    assert_eq!(
+        get(vec![
+            ("accept", "application/json".into()),
+            ("mcp-session-id", session.clone())
+        ])
+        .await
+        .expect("GET")
+        .status(),
+        406
+    );
+    let delete = |session: Option<&str>| {
+        let mut request = probe.http.delete(&url);
+        if let Some(session) = session {
+            request = request.header("mcp-session-id", session);
+        }
+        request.send()
+    };
+    assert_eq!(delete(None).await.expect("DELETE").status(), 400);
+    assert_eq!(
+        delete(Some("00000000-0000-4000-8000-000000000000"))
+            .await
+            .expect("DELETE")
+            .status(),
+        404
+    );
+    assert_eq!(
+        probe.http.put(&url).send().await.expect("PUT").status(),
+        405
+    );
+
+    // A Last-Event-ID from another session replays nothing.
+    let other = legacy_client(&url).await;
+    let foreign = format!("{}.0-0", other.session_id().expect("session"));
+    let mut stream = good.open_get(Some(&foreign)).await.expect("GET");
+    assert_eq!(stream.status, 200);
+    assert!(
+        matches!(stream.next_message(WAIT).await, Ok(None)),
+        "an empty, closed stream"
+    );
+
+    // DNS rebinding.
+    let (status, _) = probe
+        .json_post(
+            &[("host", "evil.example.com")],
+            json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 403, "foreign Host");
+    let (status, _) = probe
+        .json_post(&[("origin", "http://evil.example.com")], tools_list.clone())
+        .await;
+    assert_eq!(status, 403, "foreign Origin");
+
+    // Tool calls.
+    let result = good
+        .call_tool("kv_set", json!({"key": "k", "value": 42}))
+        .await
+        .expect("call");
+    assert_eq!(
+        result["isError"],
+        json!(true),
+        "bad argument type is a tool error: {result}"
+    );
+    let result = good
+        .call_tool("kv_set", json!({"value": "v"}))
+        .await
+        .expect("call");
+    assert_eq!(result["isError"], json!(true), "missing argument: {result}");
+    let result = good
+        .call_tool("kv_set", json!({"key": "has space", "value": "v"}))
+        .await
+        .expect("call");
+    assert_eq!(result["isError"], json!(true), "invalid key: {result}");
+    let result = good
+        .call_tool(
+            "kv_set",
+            json!({"key": "big", "value": "x".repeat(20 * 1024)}),
+        )
+        .await
+        .expect("call");
+    assert_eq!(
+        result["isError"],
+        json!(true),
+        "value over SHOAL_KV_MAX_VALUE_BYTES: {result}"
+    );
+    let exchange = good
+        .request(
+            "tools/call",
+            json!({"name": "no_such_tool", "arguments": {}}),
+        )
+        .await
+        .expect("call");
+    assert_eq!(
+        exchange.response().and_then(|r| r.pointer("/error/code")),
+        Some(&json!(-32602)),
+        "unknown tool"
+    );
+    let exchange = good
+        .request("no/such/method", json!({}))
+        .await
+        .expect("call");
+    assert_eq!(
+        exchange.response().and_then(|r| r.pointer("/error/code")),
+        Some(&json!(-32601)),
+        "unknown method"
+    );
+    let exchange = good
+        .request("resources/read", json!({"uri": "kv://missing"}))
+        .await
+        .expect("read");
+    assert_eq!(
+        exchange.response().and_then(|r| r.pointer("/error/code")),
+        Some(&json!(-32002)),
+        "missing resource"
+    );
+
+    // The well-behaved client never noticed.
+    call_ok(&good, "kv_set", json!({"key": "still", "value": "fine"})).await;
+    let exchange = call_ok(&good, "kv_get", json!({"key": "still"})).await;
+    assert_eq!(text_of(exchange.result().expect("result")), "fine");
+    assert_eq!(
+        metric(&base, "shoal_http_rejections_total{reason=\"parse_error\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &base,
+            "shoal_http_rejections_total{reason=\"body_too_large\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(&base, "shoal_http_rejections_total{reason=\"host\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&base, "shoal_http_rejections_total{reason=\"origin\"}").await,
+        1.0
+    );
+}
+
+/// 2026-07-28 requests are validated too: removed methods are 404, a missing `_meta` is 400.
+#[tokio::test]
+async fn stateless_requests_are_validated() {
+    let mut options = cluster_options(1);
+    options.balancer = false;
+    let topology = start(options).await;
+    let client = McpClient::modern(topology.mcp_url());
+    let exchange = client.request("ping", json!({})).await.expect("ping");
+    assert_eq!(exchange.status, 404, "ping is gone in 2026-07-28");
+    assert_eq!(
+        exchange.response().and_then(|r| r.pointer("/error/code")),
+        Some(&json!(-32601))
+    );
+    let bare = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list", "params": {}});
+    let response = client
+        .http()
+        .post(client.url())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/list")
+        .body(bare.to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 400, "missing _meta");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], json!(-32602));
+    assert_eq!(body["id"], json!(9), "errors echo the request id");
+    // And a good request still works.
+    call_ok(&client, "kv_set", json!({"key": "modern", "value": "ok"})).await;
+}

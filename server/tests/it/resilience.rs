@@ -1,0 +1,196 @@
+//! Failures of the parts around a replica: Redis going away and coming back, and a replica
+//! shutting down gracefully.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shoal_shared::testkit::client::McpClient;
+
+use crate::helpers::*;
+
+async fn ready(base_url: &str) -> u16 {
+    reqwest::get(format!("{base_url}/readyz"))
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+/// Redis unreachable: clear 503s with Retry-After, `/readyz` fails, nothing hangs; when Redis is
+/// back every replica recovers by itself (commands and the bus).
+#[tokio::test]
+async fn redis_outage_gives_503_and_replicas_recover() {
+    let mut topology = cluster(2).await;
+    let url = topology.mcp_url();
+    let client = legacy_client(&url).await;
+    topology.redis.as_mut().expect("redis").kill().await;
+
+    let exchange = client
+        .request("tools/list", Value::Null)
+        .await
+        .expect("request");
+    assert_eq!(
+        exchange.status, 503,
+        "a session request while Redis is down"
+    );
+    assert!(
+        exchange.headers.get("retry-after").is_some(),
+        "tells clients when to retry"
+    );
+    let body = exchange.response().expect("a JSON-RPC error body").clone();
+    assert_eq!(body.pointer("/error/code"), Some(&json!(-32000)), "{body}");
+    let mut fresh = McpClient::legacy(&url);
+    let refused = fresh
+        .initialize()
+        .await
+        .expect_err("no session can be created without Redis");
+    assert!(
+        refused
+            .to_string()
+            .contains("shared session state is unavailable"),
+        "{refused}"
+    );
+    for replica in &topology.replicas {
+        assert_eq!(
+            ready(&replica.base_url()).await,
+            503,
+            "{} reports not ready",
+            replica.name
+        );
+        assert_eq!(
+            reqwest::get(format!("{}/healthz", replica.base_url()))
+                .await
+                .expect("healthz")
+                .status(),
+            200,
+            "but alive"
+        );
+    }
+
+    topology
+        .redis
+        .as_mut()
+        .expect("redis")
+        .restart()
+        .await
+        .expect("redis back");
+    for replica in &topology.replicas {
+        let base = replica.base_url();
+        eventually("the replica to be ready again", WAIT, async || {
+            (ready(&base).await == 200).then_some(())
+        })
+        .await;
+    }
+    // Redis came back empty (no persistence in this test): the old session is gone, new ones work,
+    // and cross-replica notifications flow again through the re-established bus.
+    let exchange = client
+        .request("tools/list", Value::Null)
+        .await
+        .expect("request");
+    assert_eq!(exchange.status, 404);
+    let subscriber = legacy_client(&url).await;
+    subscriber
+        .request("resources/subscribe", json!({"uri": "kv://back"}))
+        .await
+        .expect("subscribe")
+        .result()
+        .expect("subscribed");
+    let mut stream = subscriber.open_get(None).await.expect("GET");
+    let holder = replica_of(&stream.headers);
+    let writer = legacy_client(&url).await;
+    for _ in 0..4 {
+        let exchange = call_ok(&writer, "kv_set", json!({"key": "back", "value": "1"})).await;
+        if replica_of(&exchange.headers) != holder {
+            break;
+        }
+    }
+    next_matching(&mut stream, "the update after recovery", |m| {
+        is_update_of(m, "kv://back")
+    })
+    .await;
+}
+
+/// SIGTERM: the replica stops accepting, ends its GET and listen streams so clients reconnect
+/// elsewhere, lets in-flight calls finish, and exits cleanly; clients resume on another replica.
+#[tokio::test]
+async fn sigterm_drains_streams_and_in_flight_calls() {
+    let mut topology = cluster(2).await;
+    let url = topology.mcp_url();
+    let client = legacy_client(&url).await;
+    client
+        .request("resources/subscribe", json!({"uri": "kv://drain"}))
+        .await
+        .expect("subscribe")
+        .result()
+        .expect("subscribed");
+    let mut stream = client.open_get(None).await.expect("GET");
+    let victim = replica_of(&stream.headers);
+    let direct = topology.replica(&victim).expect("victim").mcp_url();
+    let priming = stream.next_event().await.expect("priming");
+    let last_id = priming.id.expect("a resumable id");
+    assert!(
+        last_id.starts_with(client.session_id().expect("session")),
+        "the GET stream primes with a resumable id: {last_id}"
+    );
+
+    // A slow call in flight on the same replica, and a 2026 listen stream there too.
+    let mut same = McpClient::legacy(&direct);
+    same.set_session_id(client.session_id().map(str::to_owned));
+    let (call_id, mut call) = same
+        .open_request(
+            "tools/call",
+            json!({"name": "sleep", "arguments": {"ms": 1500}}),
+        )
+        .await
+        .expect("sleep");
+    let listener = McpClient::modern(&direct);
+    let (listen_id, mut listen) = listener
+        .open_request(
+            "subscriptions/listen",
+            json!({"notifications": {"resourceSubscriptions": ["kv://drain"]}}),
+        )
+        .await
+        .expect("listen");
+    next_matching(&mut listen, "the acknowledgment", |m| {
+        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
+    })
+    .await;
+
+    let replica = topology.replica(&victim).expect("victim");
+    replica.send_sigterm();
+    assert!(
+        matches!(stream.next_message(WAIT).await, Ok(None)),
+        "the GET stream ended"
+    );
+    let (_, final_result) = next_matching(&mut listen, "the listen stream's final result", |m| {
+        m.get("id") == Some(&json!(listen_id))
+    })
+    .await;
+    assert!(
+        final_result.get("result").is_some(),
+        "listen ends with a result: {final_result}"
+    );
+    let (_, result) = next_matching(&mut call, "the in-flight call's result", |m| {
+        m.get("id") == Some(&json!(call_id))
+    })
+    .await;
+    assert_eq!(
+        text_of(&result["result"]),
+        "slept 1500 ms",
+        "the in-flight call completed"
+    );
+    let status = replica
+        .wait(Duration::from_secs(15))
+        .await
+        .expect("the replica exited");
+    assert!(status.success(), "clean exit: {status:?}");
+
+    // The client resumes on the surviving replica, and nothing raised meanwhile is lost.
+    let writer = legacy_client(&url).await;
+    call_ok(&writer, "kv_set", json!({"key": "drain", "value": "after"})).await;
+    let mut resumed = client.open_get(Some(&last_id)).await.expect("resume");
+    assert_eq!(resumed.status, 200);
+    assert_ne!(replica_of(&resumed.headers), victim);
+    next_matching(&mut resumed, "the update raised during the failover", |m| {
+        is_update_of(m, "kv://drain")
+    })
+    .await;
+}
