@@ -448,6 +448,7 @@ pub fn json_schema_tool() -> rmcp::handler::server::router::tool::ToolRoute<Shoa
             "type": "object",
             "$defs": {
                 "address": {
+                    "$anchor": "address",
                     "type": "object",
                     "properties": {"street": {"type": "string"}, "city": {"type": "string"}},
                     "required": ["street", "city"]
@@ -455,6 +456,13 @@ pub fn json_schema_tool() -> rmcp::handler::server::router::tool::ToolRoute<Shoa
             },
             "properties": {"name": {"type": "string"}, "address": {"$ref": "#/$defs/address"}},
             "required": ["name"],
+            "allOf": [
+                {"properties": {"name": {"minLength": 1}}},
+                {"anyOf": [{"required": ["name"]}, {"required": ["address"]}]}
+            ],
+            "if": {"properties": {"name": {"const": "admin"}}},
+            "then": {"required": ["address"]},
+            "else": {"properties": {"address": {"$ref": "#/$defs/address"}}},
             "additionalProperties": false
         }
     }));
@@ -469,6 +477,35 @@ pub fn json_schema_tool() -> rmcp::handler::server::router::tool::ToolRoute<Shoa
         Box::pin(async move {
             Ok(
                 CallToolResult::success(vec![ContentBlock::text(format!("schema ok for {name}"))])
+                    .into(),
+            )
+        })
+    })
+}
+
+/// `test_custom_header`: a tool whose `region` argument is mirrored in the `Mcp-Param-Region`
+/// header (SEP-2243), which rmcp validates against the body.
+pub fn custom_header_tool() -> rmcp::handler::server::router::tool::ToolRoute<ShoalHandler> {
+    let tool: rmcp::model::Tool = model(json!({
+        "name": "test_custom_header",
+        "description": "Conformance fixture: its region argument travels in the Mcp-Param-Region header too.",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"region": {"type": "string", "description": "A region name", "x-mcp-header": "Region"}},
+            "required": ["region"]
+        }
+    }));
+    rmcp::handler::server::router::tool::ToolRoute::new_dyn(tool, |context| {
+        let region = context
+            .arguments
+            .as_ref()
+            .and_then(|arguments| arguments.get("region"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        Box::pin(async move {
+            Ok(
+                CallToolResult::success(vec![ContentBlock::text(format!("region {region}"))])
                     .into(),
             )
         })

@@ -67,6 +67,7 @@ impl Toolsets {
             router += ShoalHandler::conformance_tools();
             router += ShoalHandler::mrtr_tools();
             router.add_route(conformance::json_schema_tool());
+            router.add_route(conformance::custom_header_tool());
         }
         router
     }
