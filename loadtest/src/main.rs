@@ -1,6 +1,297 @@
-//! `shoal-loadtest`: drives any MCP URL (see `docs/benchmarks.md`).
+//! `shoal-loadtest`: a load generator for any MCP server over Streamable HTTP.
+//!
+//! `run` drives many concurrent sessions with a tool mix (closed or open loop, either protocol era,
+//! optional subscriptions and chaos) and prints a latency table per tool; `--json` and `--plot`
+//! write the full report and an SVG of throughput and latency over time. `idle-sessions` opens
+//! sessions and leaves them idle (for memory measurements). See `docs/benchmarks.md`.
 
-fn main() {
-    eprintln!("shoal-loadtest: not built yet");
-    std::process::exit(2);
+mod plot;
+mod run;
+mod stats;
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use shoal_shared::testkit::client::{Era, McpClient};
+use tokio::task::JoinSet;
+
+use crate::run::{Chaos, Pacing, RunConfig, parse_mix};
+
+/// Load generator for MCP servers (Streamable HTTP).
+#[derive(Debug, Parser)]
+#[command(name = "shoal-loadtest", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EraArg {
+    /// 2025-11-25: sessions, GET streams, resources/subscribe.
+    Legacy,
+    /// 2026-07-28: stateless requests, subscriptions/listen.
+    Modern,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Scenario {
+    /// The article's baseline: 150 sessions, a realistic mix (reads, writes, a slow tool), think
+    /// time between calls, subscriptions measuring notification delivery.
+    Baseline,
+    /// Maximum throughput: closed loop without think time.
+    Max,
+    /// Open loop at a constant arrival rate (--rate).
+    Open,
+}
+
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process")]
+enum Command {
+    /// Drive a server with a scenario.
+    Run {
+        /// MCP endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:8080/mcp")]
+        url: String,
+        /// Scenario preset (options below override it).
+        #[arg(long, value_enum, default_value_t = Scenario::Baseline)]
+        scenario: Scenario,
+        /// Protocol era.
+        #[arg(long, value_enum, default_value_t = EraArg::Legacy)]
+        era: EraArg,
+        /// Concurrent sessions (150 for the baseline, 32 otherwise).
+        #[arg(long)]
+        sessions: Option<usize>,
+        /// Measured duration (e.g. 30s, 2m).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        duration: Duration,
+        /// Unmeasured warm-up.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        warmup: Duration,
+        /// Requests per second for the open loop.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Think time between calls in the closed loop (baseline: 100ms, max: 0).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        think: Option<Duration>,
+        /// Tool mix, tool=weight,… (baseline: kv_get=40,echo=30,kv_set=20,sleep=10; others: echo=1).
+        #[arg(long)]
+        mix: Option<String>,
+        /// Subscribe every session to a resource another session writes (kv_set), and measure
+        /// notification delivery (baseline: on).
+        #[arg(long)]
+        subscribe: Option<bool>,
+        /// Milliseconds the slow tool (`sleep`) takes.
+        #[arg(long, default_value_t = 200)]
+        slow_ms: u64,
+        /// Shell command run at --chaos-at (e.g. kill a replica).
+        #[arg(long, requires = "chaos_at")]
+        chaos_cmd: Option<String>,
+        /// When to run --chaos-cmd, from the start of measurement.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        chaos_at: Option<Duration>,
+        /// Shell command that repairs what --chaos-cmd broke.
+        #[arg(long, requires = "chaos_cmd")]
+        restart_cmd: Option<String>,
+        /// How long after --chaos-at to run --restart-cmd.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        restart_after: Duration,
+        /// Write the full report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write an SVG plot of throughput and latency over time here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Fraction of failed requests tolerated before exiting non-zero (0: any failure fails).
+        #[arg(long, default_value_t = 0.0)]
+        max_error_rate: f64,
+        /// Lost notifications tolerated before exiting non-zero.
+        #[arg(long, default_value_t = 0)]
+        max_lost: u64,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Open sessions (legacy initialize) and leave them idle; prints how long it took.
+    IdleSessions {
+        /// MCP endpoint.
+        #[arg(long, default_value = "http://127.0.0.1:8080/mcp")]
+        url: String,
+        /// Sessions to open.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Sessions opened in parallel.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            url,
+            scenario,
+            era,
+            sessions,
+            duration,
+            warmup,
+            rate,
+            think,
+            mix,
+            subscribe,
+            slow_ms,
+            chaos_cmd,
+            chaos_at,
+            restart_cmd,
+            restart_after,
+            json,
+            plot,
+            max_error_rate,
+            max_lost,
+            quiet,
+        } => {
+            let baseline = matches!(scenario, Scenario::Baseline);
+            let mix = mix.unwrap_or_else(|| {
+                if baseline {
+                    "kv_get=40,echo=30,kv_set=20,sleep=10"
+                } else {
+                    "echo=1"
+                }
+                .to_owned()
+            });
+            let mix = match parse_mix(&mix) {
+                Ok(mix) if !mix.is_empty() => mix,
+                Ok(_) => return fail("the tool mix is empty"),
+                Err(error) => return fail(&error),
+            };
+            let era = match era {
+                EraArg::Legacy => Era::Legacy,
+                EraArg::Modern => Era::Modern,
+            };
+            let pacing = match scenario {
+                Scenario::Open => Pacing::Open { rate },
+                Scenario::Baseline => Pacing::Closed {
+                    think: think.unwrap_or(Duration::from_millis(100)),
+                },
+                Scenario::Max => Pacing::Closed {
+                    think: think.unwrap_or(Duration::ZERO),
+                },
+            };
+            let config = RunConfig {
+                url,
+                era,
+                sessions: sessions.unwrap_or(if baseline { 150 } else { 32 }).max(1),
+                duration,
+                warmup,
+                pacing,
+                mix,
+                subscribe: subscribe.unwrap_or(baseline),
+                slow_ms,
+                chaos: chaos_cmd.zip(chaos_at).map(|(command, at)| Chaos {
+                    at,
+                    command,
+                    restart: restart_cmd.map(|command| (restart_after, command)),
+                }),
+            };
+            run_scenario(config, json, plot, max_error_rate, max_lost, quiet).await
+        }
+        Command::IdleSessions {
+            url,
+            count,
+            concurrency,
+        } => idle_sessions(url, count, concurrency).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => fail(&error),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("shoal-loadtest: {message}");
+    ExitCode::from(2)
+}
+
+async fn run_scenario(
+    config: RunConfig,
+    json: Option<PathBuf>,
+    plot: Option<PathBuf>,
+    max_error_rate: f64,
+    max_lost: u64,
+    quiet: bool,
+) -> Result<ExitCode, String> {
+    let description = serde_json::json!({
+        "url": config.url,
+        "era": format!("{:?}", config.era),
+        "sessions": config.sessions,
+        "duration_secs": config.duration.as_secs_f64(),
+        "warmup_secs": config.warmup.as_secs_f64(),
+        "pacing": format!("{:?}", config.pacing),
+        "mix": config.mix.iter().map(|m| format!("{}={}", m.tool, m.weight)).collect::<Vec<_>>(),
+        "subscribe": config.subscribe,
+        "chaos": config.chaos.as_ref().map(|c| format!("{c:?}")),
+    });
+    let title = format!("{} sessions, {:?}", config.sessions, config.era);
+    let duration = config.duration;
+    let (stats, events) = run::run(config, !quiet).await?;
+    let report = stats.report(duration, description);
+    println!("{}", report.table());
+    for event in &events {
+        println!("{event}");
+    }
+    if let Some(path) = json {
+        let mut value = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        value["events"] = serde_json::json!(events);
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&value).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    if let Some(path) = plot
+        && let Err(error) = plot::draw(&report, &title, &path)
+    {
+        eprintln!("plot not written: {error}");
+    }
+    let error_rate = report.errors as f64 / report.requests.max(1) as f64;
+    if error_rate > max_error_rate || report.notifications.lost > max_lost || report.ok == 0 {
+        eprintln!(
+            "FAILED: error rate {:.4} (max {max_error_rate}), {} notifications lost (max {max_lost})",
+            error_rate, report.notifications.lost
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn idle_sessions(url: String, count: usize, concurrency: usize) -> Result<ExitCode, String> {
+    let start = std::time::Instant::now();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    for _ in 0..count {
+        let url = url.clone();
+        let semaphore = semaphore.clone();
+        tasks.spawn(async move {
+            let _permit = semaphore.acquire().await;
+            let mut client = McpClient::legacy(url);
+            client.initialize().await.map(|_| ())
+        });
+    }
+    let mut failed = 0;
+    while let Some(result) = tasks.join_next().await {
+        if !matches!(result, Ok(Ok(()))) {
+            failed += 1;
+        }
+    }
+    println!(
+        "opened {} sessions in {:.1} s ({failed} failed)",
+        count - failed,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -3,6 +3,11 @@
 use anyhow::Context as _;
 use shoal_server::{App, config::Config};
 
+// jemalloc returns freed memory to the system within seconds (background purging), so a replica's
+// RSS falls back once idle sessions are gone; glibc's malloc keeps it (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load()?;

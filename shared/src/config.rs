@@ -78,8 +78,9 @@ pub struct Config {
     pub session_idle_ttl_secs: u64,
 
     /// Seconds an idle session keeps its in-memory worker on one replica before the worker is
-    /// dropped (it is restored from Redis on the next request). Capped at the session idle TTL.
-    #[arg(long, env = "SHOAL_WORKER_IDLE_SECS", default_value_t = 300)]
+    /// dropped (it is restored from Redis on the next request, one round trip). A worker costs
+    /// about 100 KB; capped at the session idle TTL.
+    #[arg(long, env = "SHOAL_WORKER_IDLE_SECS", default_value_t = 60)]
     pub worker_idle_secs: u64,
 
     /// Maximum session workers held in memory by one replica; beyond it, new sessions get 503.

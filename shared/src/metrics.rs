@@ -58,6 +58,8 @@ struct Inner {
     listener_dropped: Counter,
     backend_errors: Family<OperationLabel, Counter>,
     events_appended: Counter,
+    process_rss: Gauge,
+    runtime_alive_tasks: Gauge,
 }
 
 impl std::fmt::Debug for Inner {
@@ -166,8 +168,22 @@ impl Metrics {
             "Events appended to session event logs by this replica",
             events_appended.clone(),
         );
+        let process_rss = Gauge::default();
+        registry.register(
+            "shoal_process_resident_memory_bytes",
+            "Resident set size of this replica's process",
+            process_rss.clone(),
+        );
+        let runtime_alive_tasks = Gauge::default();
+        registry.register(
+            "shoal_runtime_alive_tasks",
+            "Tasks alive in this replica's async runtime",
+            runtime_alive_tasks.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
+                process_rss,
+                runtime_alive_tasks,
                 registry,
                 sessions_active,
                 streams_active,
@@ -186,8 +202,16 @@ impl Metrics {
         }
     }
 
-    /// Renders every family in the Prometheus text format.
+    /// Renders every family in the Prometheus text format, after sampling the process gauges.
     pub fn render(&self) -> String {
+        if let Some(rss) = resident_memory_bytes() {
+            self.inner.process_rss.set(rss as i64);
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            self.inner
+                .runtime_alive_tasks
+                .set(handle.metrics().num_alive_tasks() as i64);
+        }
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.inner.registry);
@@ -280,6 +304,13 @@ impl Metrics {
     pub fn event_appended(&self) {
         self.inner.events_appended.inc();
     }
+}
+
+/// The process's resident set size, from `/proc/self/statm` (Linux).
+fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 #[cfg(test)]

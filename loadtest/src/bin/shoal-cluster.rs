@@ -103,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
             "redis_url": topology.redis.as_ref().map(|r| r.url()),
             "prefix": topology.prefix,
             "replicas": topology.replicas.iter().map(|r| serde_json::json!({
-                "name": r.name, "mcp_url": r.mcp_url(), "base_url": r.base_url(), "log": r.log(),
+                "name": r.name, "mcp_url": r.mcp_url(), "base_url": r.base_url(), "log": r.log(), "pid": r.pid(),
             })).collect::<Vec<_>>(),
             "dir": topology.dir(),
         });

@@ -5,6 +5,7 @@
 //!   replica, in both protocol eras.
 //! - `kv_get {key}` returns the value (an `isError` result when the key is missing).
 //! - `kv_delete {key}` removes a key (and notifies subscribers).
+//! - `echo {text}` returns the text (the trivial tool of the benchmarks).
 //! - `sleep {ms}` waits, reports progress about every second when asked to, and stops promptly when
 //!   cancelled.
 //! - Resource template `kv://{key}` (text/plain), subscribable.
@@ -47,6 +48,13 @@ pub struct KvSetParams {
 pub struct KvKeyParams {
     /// Key: 1 to 256 characters from A-Z a-z 0-9 and `. _ - : / @`.
     pub key: String,
+}
+
+/// Arguments of `echo`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct EchoParams {
+    /// Text to send back.
+    pub text: String,
 }
 
 /// Arguments of `sleep`.
@@ -272,6 +280,19 @@ impl ShoalHandler {
                 )]))
             }
         }
+    }
+
+    #[tool(
+        description = "Send the given text back unchanged. Touches no shared state: the cheapest call there is.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn echo(
+        &self,
+        Parameters(params): Parameters<EchoParams>,
+    ) -> Result<CallToolResult, McpError> {
+        Ok(CallToolResult::success(vec![ContentBlock::text(
+            params.text,
+        )]))
     }
 
     #[tool(

@@ -241,6 +241,11 @@ impl Replica {
         self.port
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// The log file.
     pub fn log(&self) -> &Path {
         &self.log

@@ -1,0 +1,503 @@
+//! The load scenarios: many concurrent MCP sessions (legacy) or stateless clients (2026-07-28)
+//! calling a weighted mix of tools, closed-loop or open-loop, optionally subscribed to resources to
+//! measure notification delivery, optionally with a chaos hook that kills and restarts a replica.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use serde_json::{Value, json};
+use shoal_shared::testkit::client::{Era, McpClient};
+use tokio::task::JoinSet;
+
+use crate::stats::Stats;
+
+/// How requests are paced.
+#[derive(Debug, Clone, Copy)]
+pub enum Pacing {
+    /// Each session sends its next request when the previous one answered, after `think`.
+    Closed {
+        /// Pause between a response and the next request.
+        think: Duration,
+    },
+    /// Requests are scheduled at a constant total rate whatever the latency; latency is measured
+    /// from the scheduled time, so a slow server cannot hide behind fewer requests (no coordinated
+    /// omission).
+    Open {
+        /// Requests per second, over all sessions.
+        rate: f64,
+    },
+}
+
+/// One entry of the tool mix.
+#[derive(Debug, Clone)]
+pub struct MixEntry {
+    /// Tool name.
+    pub tool: String,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// Parses `tool=weight,tool=weight`.
+pub fn parse_mix(spec: &str) -> Result<Vec<MixEntry>, String> {
+    spec.split(',')
+        .filter(|part| !part.trim().is_empty())
+        .map(|part| {
+            let (tool, weight) = part.split_once('=').unwrap_or((part, "1"));
+            let weight = weight
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| format!("bad weight in {part:?}"))?;
+            Ok(MixEntry {
+                tool: tool.trim().to_owned(),
+                weight,
+            })
+        })
+        .collect()
+}
+
+/// A command run at a point of the run (e.g. to kill a replica).
+#[derive(Debug, Clone)]
+pub struct Chaos {
+    /// When to run `command`, from the start of measurement.
+    pub at: Duration,
+    /// Shell command that breaks something.
+    pub command: String,
+    /// Shell command that repairs it, run `restart_after` later.
+    pub restart: Option<(Duration, String)>,
+}
+
+/// A whole run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// MCP endpoint.
+    pub url: String,
+    /// Protocol era.
+    pub era: Era,
+    /// Concurrent sessions (or stateless clients).
+    pub sessions: usize,
+    /// Measured duration.
+    pub duration: Duration,
+    /// Unmeasured warm-up.
+    pub warmup: Duration,
+    /// Pacing.
+    pub pacing: Pacing,
+    /// Tool mix.
+    pub mix: Vec<MixEntry>,
+    /// Subscribe every session to a resource another session writes.
+    pub subscribe: bool,
+    /// `sleep` duration for the slow tool, ms.
+    pub slow_ms: u64,
+    /// Chaos hook.
+    pub chaos: Option<Chaos>,
+}
+
+const PRELOADED_KEYS: usize = 100;
+
+fn subscription_key(session: usize) -> String {
+    format!("lt-sub-{session}")
+}
+
+/// Send times of writes waiting for their notification, per subscribed key. The flag says whether
+/// the write was counted (sent while recording).
+type Pending = Arc<Mutex<HashMap<String, VecDeque<(Instant, bool)>>>>;
+
+struct Worker {
+    index: usize,
+    config: Arc<RunConfig>,
+    client: McpClient,
+    stats: Arc<Stats>,
+    pending: Pending,
+    weights: Vec<u32>,
+}
+
+impl Worker {
+    fn pick(&self) -> &str {
+        let total: u32 = self.weights.iter().sum();
+        let mut roll = rand::rng().random_range(0..total.max(1));
+        for (entry, weight) in self.config.mix.iter().zip(&self.weights) {
+            if roll < *weight {
+                return &entry.tool;
+            }
+            roll -= weight;
+        }
+        &self.config.mix[0].tool
+    }
+
+    fn arguments(&self, tool: &str) -> Value {
+        let mut rng = rand::rng();
+        match tool {
+            "kv_get" => json!({"key": format!("lt-{}", rng.random_range(0..PRELOADED_KEYS))}),
+            "kv_set" if self.config.subscribe => {
+                let key = subscription_key((self.index + 1) % self.config.sessions);
+                json!({"key": key, "value": format!("v{}", rng.random::<u32>())})
+            }
+            "kv_set" => {
+                json!({"key": format!("lt-{}", rng.random_range(0..PRELOADED_KEYS)), "value": format!("v{}", rng.random::<u32>())})
+            }
+            "sleep" => json!({"ms": self.config.slow_ms}),
+            "echo" => json!({"text": "hello"}),
+            _ => json!({}),
+        }
+    }
+
+    async fn call(&self, tool: &str, intended: Instant) {
+        let arguments = self.arguments(tool);
+        if tool == "kv_set" && self.config.subscribe {
+            let key = arguments["key"].as_str().unwrap_or_default().to_owned();
+            let counted = self.stats.is_recording();
+            self.stats.notification_expected();
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key)
+                .or_default()
+                .push_back((Instant::now(), counted));
+        }
+        let outcome = self
+            .client
+            .request("tools/call", json!({"name": tool, "arguments": arguments}))
+            .await;
+        match outcome {
+            Ok(exchange) => {
+                if !exchange.status.is_success() {
+                    self.stats
+                        .error(format!("http_{}", exchange.status.as_u16()));
+                } else if let Some(code) =
+                    exchange.response().and_then(|r| r.pointer("/error/code"))
+                {
+                    self.stats.error(format!("jsonrpc_{code}"));
+                } else if exchange.response().is_none() {
+                    self.stats.error("no_response");
+                } else if exchange
+                    .response()
+                    .and_then(|r| r.pointer("/result/isError"))
+                    == Some(&json!(true))
+                {
+                    self.stats.error(format!("tool_error_{tool}"));
+                } else {
+                    self.stats.ok(tool, intended.elapsed());
+                }
+            }
+            Err(error) => self
+                .stats
+                .error(format!("transport: {}", short(&error.to_string()))),
+        }
+    }
+}
+
+fn short(text: &str) -> String {
+    text.chars().take(60).collect()
+}
+
+/// Opens the subscription of worker `index` and reads its notifications until `stop`.
+async fn listen(
+    config: Arc<RunConfig>,
+    client: &McpClient,
+    index: usize,
+    stats: Arc<Stats>,
+    pending: Pending,
+    stop: tokio_util_stop::Stop,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let key = subscription_key(index);
+    let uri = format!("kv://{key}");
+    let mut stream = match config.era {
+        Era::Legacy => {
+            let exchange = client
+                .request("resources/subscribe", json!({"uri": uri}))
+                .await
+                .map_err(|e| e.to_string())?;
+            exchange.result().map_err(|e| e.to_string())?;
+            client.open_get(None).await.map_err(|e| e.to_string())?
+        }
+        Era::Modern => {
+            let (_, stream) = client
+                .open_request(
+                    "subscriptions/listen",
+                    json!({"notifications": {"resourceSubscriptions": [uri]}}),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            stream
+        }
+    };
+    if !stream.status.is_success() {
+        return Err(format!("subscription stream answered {}", stream.status));
+    }
+    Ok(tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                () = stop.wait() => return,
+                event = stream.next_event() => event,
+            };
+            let Some(event) = event else {
+                stats.error("notification_stream_ended");
+                return;
+            };
+            let Some(message) = event.message else {
+                continue;
+            };
+            if message.get("method").and_then(Value::as_str)
+                != Some("notifications/resources/updated")
+            {
+                continue;
+            }
+            let sent = pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&key)
+                .and_then(VecDeque::pop_front);
+            if let Some((sent, true)) = sent {
+                stats.notification_delivered(sent.elapsed());
+            }
+        }
+    }))
+}
+
+/// A tiny stop signal shared by every task of a run.
+mod tokio_util_stop {
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+
+    #[derive(Clone)]
+    pub struct Stop(Arc<watch::Sender<bool>>, watch::Receiver<bool>);
+
+    impl Stop {
+        pub fn new() -> Self {
+            let (tx, rx) = watch::channel(false);
+            Self(Arc::new(tx), rx)
+        }
+        pub fn fire(&self) {
+            let _ = self.0.send(true);
+        }
+        pub fn fired(&self) -> bool {
+            *self.1.borrow()
+        }
+        pub async fn wait(&self) {
+            let mut rx = self.1.clone();
+            let _ = rx.wait_for(|fired| *fired).await;
+        }
+    }
+}
+
+use tokio_util_stop::Stop;
+
+/// Prepares the server (preloaded keys), opens the sessions, runs, and returns the statistics.
+pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<String>), String> {
+    let config = Arc::new(config);
+    let stats = Arc::new(Stats::new());
+    let pending: Pending = Arc::default();
+    let stop = Stop::new();
+
+    // Preload the keys kv_get reads.
+    let mut setup = McpClient::new(&config.url, config.era);
+    if config.era == Era::Legacy {
+        setup
+            .initialize()
+            .await
+            .map_err(|e| format!("initialize: {e}"))?;
+    }
+    if config.mix.iter().any(|m| m.tool == "kv_get") {
+        for n in 0..PRELOADED_KEYS {
+            setup
+                .call_tool(
+                    "kv_set",
+                    json!({"key": format!("lt-{n}"), "value": format!("value {n}")}),
+                )
+                .await
+                .map_err(|e| format!("preloading keys: {e}"))?;
+        }
+    }
+    if config.era == Era::Legacy {
+        let _ = setup.delete().await;
+    }
+
+    // Open every session (in parallel, bounded).
+    let mut opened = JoinSet::new();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(32));
+    for index in 0..config.sessions {
+        let config = config.clone();
+        let semaphore = semaphore.clone();
+        opened.spawn(async move {
+            let _permit = semaphore.acquire().await;
+            let mut client = McpClient::new(&config.url, config.era);
+            if config.era == Era::Legacy {
+                client
+                    .initialize()
+                    .await
+                    .map_err(|e| format!("initialize: {e}"))?;
+            }
+            Ok::<_, String>((index, client))
+        });
+    }
+    let mut clients = Vec::with_capacity(config.sessions);
+    while let Some(result) = opened.join_next().await {
+        clients.push(result.map_err(|e| e.to_string())??);
+    }
+    clients.sort_by_key(|(index, _)| *index);
+
+    let mut listeners = Vec::new();
+    if config.subscribe {
+        for (index, client) in &clients {
+            listeners.push(
+                listen(
+                    config.clone(),
+                    client,
+                    *index,
+                    stats.clone(),
+                    pending.clone(),
+                    stop.clone(),
+                )
+                .await?,
+            );
+        }
+    }
+
+    let weights: Vec<u32> = config.mix.iter().map(|m| m.weight).collect();
+    let mut workers = JoinSet::new();
+    let started = Instant::now();
+    for (index, client) in clients {
+        let worker = Worker {
+            index,
+            config: config.clone(),
+            client,
+            stats: stats.clone(),
+            pending: pending.clone(),
+            weights: weights.clone(),
+        };
+        let stop = stop.clone();
+        workers.spawn(async move {
+            match worker.config.pacing {
+                Pacing::Closed { think } => {
+                    while !stop.fired() {
+                        let tool = worker.pick().to_owned();
+                        worker.call(&tool, Instant::now()).await;
+                        if !think.is_zero() {
+                            tokio::select! {
+                                () = stop.wait() => break,
+                                () = tokio::time::sleep(think) => {}
+                            }
+                        }
+                    }
+                }
+                Pacing::Open { rate } => {
+                    let per_worker = rate / worker.config.sessions as f64;
+                    let interval = Duration::from_secs_f64(1.0 / per_worker.max(1e-6));
+                    // Spread the workers' schedules over one interval.
+                    let offset = interval.mul_f64(index as f64 / worker.config.sessions as f64);
+                    let mut next = started + offset;
+                    while !stop.fired() {
+                        let now = Instant::now();
+                        if next > now {
+                            tokio::select! {
+                                () = stop.wait() => break,
+                                () = tokio::time::sleep(next - now) => {}
+                            }
+                        }
+                        let tool = worker.pick().to_owned();
+                        worker.call(&tool, next).await;
+                        next += interval;
+                    }
+                }
+            }
+            worker.client
+        });
+    }
+
+    // Warm-up, then measure, with optional chaos and a progress line.
+    tokio::time::sleep(config.warmup).await;
+    stats.begin();
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(config.duration.as_secs().max(1));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len}s {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut events = Vec::new();
+    let mut chaos_done = false;
+    let mut restart_done = false;
+    let mut last = (0, 0);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let elapsed = stats.elapsed();
+        if let Some(chaos) = &config.chaos {
+            if !chaos_done && elapsed >= chaos.at {
+                chaos_done = true;
+                events.push(format!(
+                    "{:.1}s chaos: {}",
+                    elapsed.as_secs_f64(),
+                    chaos.command
+                ));
+                run_hook(&chaos.command, &mut events).await;
+            }
+            if let Some((after, command)) = &chaos.restart
+                && chaos_done
+                && !restart_done
+                && elapsed >= chaos.at + *after
+            {
+                restart_done = true;
+                events.push(format!("{:.1}s restart: {command}", elapsed.as_secs_f64()));
+                run_hook(command, &mut events).await;
+            }
+        }
+        if let Some(bar) = &bar {
+            let (ok, errors) = stats.counts();
+            let rate = (ok - last.0) as f64 * 4.0;
+            last = (ok, errors);
+            bar.set_position(elapsed.as_secs());
+            bar.set_message(format!("{rate:>8.0} ok/s  {errors} errors"));
+        }
+        if elapsed >= config.duration {
+            break;
+        }
+    }
+    stats.end();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    // Give in-flight notifications a moment, then stop everything.
+    if config.subscribe {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.fire();
+    let mut closing = Vec::new();
+    while let Some(result) = workers.join_next().await {
+        if let Ok(client) = result {
+            closing.push(client);
+        }
+    }
+    for listener in listeners {
+        listener.abort();
+    }
+    if config.era == Era::Legacy {
+        let mut deletes = JoinSet::new();
+        for client in closing {
+            deletes.spawn(async move { client.delete().await });
+        }
+        while deletes.join_next().await.is_some() {}
+    }
+    Ok((stats, events))
+}
+
+async fn run_hook(command: &str, events: &mut Vec<String>) {
+    match tokio::process::Command::new("sh")
+        .args(["-c", command])
+        .output()
+        .await
+    {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => events.push(format!(
+            "  hook exited {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )),
+        Err(error) => events.push(format!("  hook failed: {error}")),
+    }
+}
