@@ -26,11 +26,14 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use shoal_shared::{
     backend::{Backend, BackendConfig},
     bus::Bus,
+    cache::{CacheOptions, ResultCache},
     config::Config,
+    db::{Database, DbConfig},
     feed::FeedOptions,
     ids::ReplicaTag,
     keys::Keys,
     metrics::Metrics,
+    rpc::{RpcConfig, RpcPool},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +48,7 @@ use crate::{
         store::ClusterSessionStore,
     },
     state::AppState,
-    tools::{Catalog, Toolsets},
+    tools::{Catalog, Toolsets, policy::Policies},
 };
 
 /// How often the janitor sweeps expired entries.
@@ -66,7 +69,7 @@ impl App {
     /// # Errors
     /// Fails on configuration the server rejects (unknown toolsets, malformed Redis URL).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let toolsets = Toolsets::parse(&config.toolsets).map_err(anyhow::Error::msg)?;
+        let toolsets = Toolsets::parse(&config).map_err(anyhow::Error::msg)?;
         let config = Arc::new(config);
         let metrics = Metrics::new();
         let tag = ReplicaTag::generate();
@@ -102,7 +105,56 @@ impl App {
             "replica configured"
         );
 
+        let db = match (&config.database_url, toolsets.postgres) {
+            (Some(url), true) => Some(
+                Database::connect(
+                    DbConfig {
+                        url: url.clone(),
+                        pool_max: config.postgres_pool_max,
+                        pool_min_idle: config.postgres_pool_min_idle,
+                        acquire_timeout: Duration::from_millis(config.postgres_acquire_timeout_ms),
+                        statement_timeout: Duration::from_millis(
+                            config.postgres_statement_timeout_ms,
+                        ),
+                        row_cap: config.postgres_row_cap,
+                    },
+                    metrics.clone(),
+                )
+                .context("configuring PostgreSQL")?,
+            ),
+            _ => None,
+        };
+        let rpc = if toolsets.rpc {
+            Some(
+                RpcPool::new(
+                    RpcConfig {
+                        endpoints: config.rpc_endpoints.clone(),
+                        attempt_timeout: Duration::from_millis(config.rpc_timeout_ms),
+                        cooldown: Duration::from_millis(config.rpc_cooldown_ms),
+                        max_attempts: config.rpc_max_attempts,
+                    },
+                    metrics.clone(),
+                )
+                .context("configuring the JSON-RPC upstreams")?,
+            )
+        } else {
+            None
+        };
+        let cache = ResultCache::new(
+            backend.clone(),
+            bus.clone(),
+            metrics.clone(),
+            CacheOptions {
+                max_entry_bytes: config.cache_max_entry_bytes,
+                lock_ttl: Duration::from_millis(config.tool_timeout_ms)
+                    .min(Duration::from_secs(10)),
+            },
+        );
         let state = Arc::new(AppState {
+            policies: Policies::new(&config, tools::declared_policies(&toolsets)),
+            cache,
+            db,
+            rpc,
             tools: toolsets.tool_router(),
             catalog: Catalog::new(toolsets),
             server_info: server_info(),
@@ -155,6 +207,12 @@ impl App {
         let background = CancellationToken::new();
         tokio::spawn(sessions.clone().run_control(control));
         tokio::spawn(janitor(backend.clone(), tag, background.clone()));
+        if state.db.is_some() {
+            tokio::spawn(tools::postgres::run_change_poller(
+                state.clone(),
+                background.clone(),
+            ));
+        }
 
         Ok(Self {
             http: HttpService::new(state.clone(), sessions, mcp),

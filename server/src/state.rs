@@ -11,12 +11,18 @@ use secrecy::ExposeSecret;
 use shoal_shared::{
     backend::{Backend, BackendError},
     bus::Bus,
+    cache::ResultCache,
     config::Config,
+    db::Database,
     metrics::Metrics,
+    rpc::RpcPool,
 };
 use tokio::sync::OnceCell;
 
-use crate::{mcp::handler::ShoalHandler, tools::Catalog};
+use crate::{
+    mcp::handler::ShoalHandler,
+    tools::{Catalog, policy::Policies},
+};
 
 /// Shared by every handler, request and background task of a replica.
 pub struct AppState {
@@ -30,6 +36,14 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Tools of the enabled toolsets.
     pub tools: ToolRouter<ShoalHandler>,
+    /// Per-tool cache, timeout and concurrency policies.
+    pub policies: Policies,
+    /// The shared result cache.
+    pub cache: ResultCache,
+    /// PostgreSQL, when the postgres toolset is on.
+    pub db: Option<Database>,
+    /// JSON-RPC upstreams, when the rpc toolset is on.
+    pub rpc: Option<RpcPool>,
     /// Resources, templates and prompts of the enabled toolsets.
     pub catalog: Catalog,
     /// What `initialize` announces.

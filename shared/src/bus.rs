@@ -169,6 +169,34 @@ impl LagSignal {
     }
 }
 
+/// Waits for cache entry fills announced on the bus; dropping the last waiter of an entry
+/// unregisters it.
+#[derive(Debug)]
+pub struct CacheWaiter {
+    bus: Bus,
+    id: String,
+    /// Fired on each announcement.
+    pub notify: Arc<Notify>,
+}
+
+impl Drop for CacheWaiter {
+    fn drop(&mut self) {
+        let mut waiters = self
+            .bus
+            .inner
+            .cache_waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Two references left: the map's and ours.
+        if waiters
+            .get(&self.id)
+            .is_some_and(|n| Arc::strong_count(n) <= 2)
+        {
+            waiters.remove(&self.id);
+        }
+    }
+}
+
 /// The handle a listener keeps; dropping it unregisters the listener.
 #[derive(Debug)]
 pub struct ListenerRegistration {
@@ -218,6 +246,8 @@ struct BusInner {
     replica_channel: String,
     control_channel: String,
     resource_channel: String,
+    cache_channel: String,
+    cache_waiters: Mutex<HashMap<String, Arc<Notify>>>,
     feeds: Mutex<HashMap<String, SessionFeeds>>,
     listeners: Mutex<Listeners>,
     next_id: AtomicU64,
@@ -244,6 +274,8 @@ impl Bus {
             replica_channel: keys.replica_channel(tag.as_str()),
             control_channel: keys.control_channel(),
             resource_channel: keys.resource_channel(),
+            cache_channel: keys.cache_channel(),
+            cache_waiters: Mutex::default(),
             keys,
             tag,
             feeds: Mutex::default(),
@@ -272,12 +304,32 @@ impl Bus {
     }
 
     /// The channels this replica must be subscribed to.
-    pub fn channels(&self) -> [&str; 3] {
+    pub fn channels(&self) -> [&str; 4] {
         [
             &self.inner.replica_channel,
             &self.inner.control_channel,
             &self.inner.resource_channel,
+            &self.inner.cache_channel,
         ]
+    }
+
+    /// A signal fired when any replica announces that cache entry `id` was filled. Create it
+    /// (and enable its `notified()` future) before checking the cache, so no announcement is
+    /// missed in between.
+    pub fn cache_waiter(&self, id: &str) -> CacheWaiter {
+        let notify = self
+            .inner
+            .cache_waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_owned())
+            .or_default()
+            .clone();
+        CacheWaiter {
+            bus: self.clone(),
+            id: id.to_owned(),
+            notify,
+        }
     }
 
     /// Registers a feed (GET stream) for `session`. It becomes the session's primary feed on this
@@ -439,6 +491,8 @@ impl Bus {
             self.dispatch_control(payload)
         } else if channel == self.inner.resource_channel {
             self.dispatch_resource(payload)
+        } else if channel == self.inner.cache_channel {
+            self.dispatch_cache(payload)
         } else {
             Err("unknown channel")
         };
@@ -572,6 +626,20 @@ impl Bus {
         Ok("resource")
     }
 
+    fn dispatch_cache(&self, payload: &str) -> Result<&'static str, &'static str> {
+        let id = payload.strip_prefix("f ").ok_or("unknown cache message")?;
+        if let Some(notify) = self
+            .inner
+            .cache_waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            notify.notify_waiters();
+        }
+        Ok("cache_fill")
+    }
+
     fn control(&self, message: ControlMessage) {
         if self.inner.control_tx.try_send(message).is_err() {
             self.inner.metrics.bus_message("control_dropped");
@@ -604,6 +672,11 @@ pub fn encode_cancel(origin: &ReplicaTag, session: &str, payload: &str) -> Strin
 /// Wire format of "resource updated".
 pub fn encode_resource_updated(uri: &str) -> String {
     format!("u {uri}")
+}
+
+/// Wire format of "cache entry filled".
+pub fn encode_cache_filled(id: &str) -> String {
+    format!("f {id}")
 }
 
 /// Wire format of "list changed".

@@ -63,12 +63,13 @@ pub struct Config {
     #[arg(long, env = "SHOAL_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
-    /// Comma-separated toolsets to serve (kv, conformance).
+    /// Comma-separated toolsets to serve: kv, postgres (needs SHOAL_DATABASE_URL), rpc (needs
+    /// SHOAL_RPC_ENDPOINTS), compute, conformance.
     #[arg(
         long,
         env = "SHOAL_TOOLSETS",
         value_delimiter = ',',
-        default_value = "kv"
+        default_value = "kv,postgres,rpc,compute"
     )]
     pub toolsets: Vec<String>,
 
@@ -148,6 +149,101 @@ pub struct Config {
     #[arg(long, env = "SHOAL_REQUEST_STATE_KEY", value_parser = parse_secret, hide_env_values = true)]
     pub request_state_key: Option<SecretString>,
 
+    /// PostgreSQL for the postgres toolset (postgres://user:password@host:port/db). The toolset
+    /// is off while unset (DATABASE_URL is used when this is unset).
+    #[arg(long, env = "SHOAL_DATABASE_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub database_url: Option<SecretString>,
+
+    /// PostgreSQL connections per replica: size it by concurrent tool calls, not sessions.
+    #[arg(long, env = "SHOAL_POSTGRES_POOL_MAX", default_value_t = 10)]
+    pub postgres_pool_max: u32,
+
+    /// PostgreSQL connections kept open while idle.
+    #[arg(long, env = "SHOAL_POSTGRES_POOL_MIN_IDLE", default_value_t = 1)]
+    pub postgres_pool_min_idle: u32,
+
+    /// Milliseconds a call waits for a free PostgreSQL connection before failing ("database busy").
+    #[arg(
+        long,
+        env = "SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub postgres_acquire_timeout_ms: u64,
+
+    /// Statement timeout of every PostgreSQL query, in milliseconds.
+    #[arg(
+        long,
+        env = "SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub postgres_statement_timeout_ms: u64,
+
+    /// Most rows pg_query returns.
+    #[arg(long, env = "SHOAL_POSTGRES_ROW_CAP", default_value_t = 500)]
+    pub postgres_row_cap: usize,
+
+    /// Serve the pg_execute write tool.
+    #[arg(long, env = "SHOAL_POSTGRES_ALLOW_WRITES", default_value_t = false)]
+    pub postgres_allow_writes: bool,
+
+    /// Milliseconds between polls for changes made by other writers (one replica polls, elected
+    /// through Redis).
+    #[arg(long, env = "SHOAL_POSTGRES_POLL_MS", default_value_t = 1000)]
+    pub postgres_poll_ms: u64,
+
+    /// Comma-separated JSON-RPC upstream URLs for the rpc toolset (off while empty).
+    #[arg(long, env = "SHOAL_RPC_ENDPOINTS", value_delimiter = ',')]
+    pub rpc_endpoints: Vec<String>,
+
+    /// Comma-separated methods rpc_call may call.
+    #[arg(
+        long,
+        env = "SHOAL_RPC_ALLOWED_METHODS",
+        value_delimiter = ',',
+        default_value = "getBalance,getSlot,getBlockHeight,getHealth,getVersion,getLatestBlockhash,getAccountInfo,getTransaction,getEpochInfo"
+    )]
+    pub rpc_allowed_methods: Vec<String>,
+
+    /// Timeout of one upstream attempt, in milliseconds.
+    #[arg(long, env = "SHOAL_RPC_TIMEOUT_MS", default_value_t = 2000)]
+    pub rpc_timeout_ms: u64,
+
+    /// Milliseconds a failing upstream endpoint is left alone (a 429's Retry-After overrides it).
+    #[arg(long, env = "SHOAL_RPC_COOLDOWN_MS", default_value_t = 10_000)]
+    pub rpc_cooldown_ms: u64,
+
+    /// Upstream endpoints tried per call at most.
+    #[arg(long, env = "SHOAL_RPC_MAX_ATTEMPTS", default_value_t = 3)]
+    pub rpc_max_attempts: usize,
+
+    /// Per-tool cache TTL overrides, tool=duration (e.g. pg_query=30s,get_balance=5s; 0 disables).
+    #[arg(long, env = "SHOAL_CACHE_TTLS", value_delimiter = ',', value_parser = parse_tool_duration)]
+    pub cache_ttls: Vec<(String, Duration)>,
+
+    /// Largest cached result, in bytes (bigger results are served but not stored).
+    #[arg(long, env = "SHOAL_CACHE_MAX_ENTRY_BYTES", default_value_t = 256 * 1024)]
+    pub cache_max_entry_bytes: usize,
+
+    /// Default timeout of a tool call, in milliseconds.
+    #[arg(long, env = "SHOAL_TOOL_TIMEOUT_MS", default_value_t = 30_000)]
+    pub tool_timeout_ms: u64,
+
+    /// Per-tool timeout overrides, tool=duration (e.g. pg_query=10s).
+    #[arg(long, env = "SHOAL_TOOL_TIMEOUTS", value_delimiter = ',', value_parser = parse_tool_duration)]
+    pub tool_timeouts: Vec<(String, Duration)>,
+
+    /// Default number of concurrent calls of one tool on one replica.
+    #[arg(long, env = "SHOAL_TOOL_CONCURRENCY", default_value_t = 64)]
+    pub tool_concurrency: usize,
+
+    /// Per-tool concurrency overrides, tool=n (e.g. hash=2).
+    #[arg(long, env = "SHOAL_TOOL_CONCURRENCY_LIMITS", value_delimiter = ',', value_parser = parse_tool_count)]
+    pub tool_concurrency_limits: Vec<(String, usize)>,
+
+    /// Milliseconds a call waits for a free slot of its tool before failing ("busy").
+    #[arg(long, env = "SHOAL_TOOL_QUEUE_TIMEOUT_MS", default_value_t = 1000)]
+    pub tool_queue_timeout_ms: u64,
+
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
@@ -159,6 +255,38 @@ pub struct Config {
 
 fn parse_secret(value: &str) -> Result<SecretString, String> {
     Ok(SecretString::from(value.to_owned()))
+}
+
+fn split_pair(value: &str) -> Result<(String, &str), String> {
+    let (tool, rest) = value
+        .split_once('=')
+        .ok_or_else(|| format!("expected tool=value, got {value:?}"))?;
+    let tool = tool.trim();
+    if tool.is_empty() {
+        return Err(format!("missing tool name in {value:?}"));
+    }
+    Ok((tool.to_owned(), rest.trim()))
+}
+
+fn parse_tool_duration(value: &str) -> Result<(String, Duration), String> {
+    let (tool, duration) = split_pair(value)?;
+    let duration = if duration == "0" {
+        Duration::ZERO
+    } else {
+        humantime::parse_duration(duration)
+            .map_err(|e| format!("bad duration in {value:?}: {e}"))?
+    };
+    Ok((tool, duration))
+}
+
+fn parse_tool_count(value: &str) -> Result<(String, usize), String> {
+    let (tool, count) = split_pair(value)?;
+    let count = count
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("bad count in {value:?}"))?;
+    Ok((tool, count))
 }
 
 /// A configuration rule was broken.
@@ -196,6 +324,12 @@ impl Config {
         {
             config.redis_url = Some(SecretString::from(url));
         }
+        if config.database_url.is_none()
+            && let Ok(url) = std::env::var("DATABASE_URL")
+            && !url.is_empty()
+        {
+            config.database_url = Some(SecretString::from(url));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -213,6 +347,21 @@ impl Config {
             ("SHOAL_SSE_KEEPALIVE_SECS", self.sse_keepalive_secs),
             ("SHOAL_REDIS_TIMEOUT_MS", self.redis_timeout_ms),
             ("SHOAL_KV_MAX_KEYS", self.kv_max_keys),
+            (
+                "SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS",
+                self.postgres_acquire_timeout_ms,
+            ),
+            (
+                "SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS",
+                self.postgres_statement_timeout_ms,
+            ),
+            ("SHOAL_POSTGRES_POLL_MS", self.postgres_poll_ms),
+            ("SHOAL_RPC_TIMEOUT_MS", self.rpc_timeout_ms),
+            ("SHOAL_TOOL_TIMEOUT_MS", self.tool_timeout_ms),
+            ("SHOAL_POSTGRES_POOL_MAX", u64::from(self.postgres_pool_max)),
+            ("SHOAL_POSTGRES_ROW_CAP", self.postgres_row_cap as u64),
+            ("SHOAL_TOOL_CONCURRENCY", self.tool_concurrency as u64),
+            ("SHOAL_RPC_MAX_ATTEMPTS", self.rpc_max_attempts as u64),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError(format!("{name} must be greater than zero")));
@@ -263,6 +412,33 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The TTL override for `tool`, if configured (`Some(ZERO)` disables caching).
+    pub fn cache_ttl_override(&self, tool: &str) -> Option<Duration> {
+        self.cache_ttls
+            .iter()
+            .rev()
+            .find(|(name, _)| name == tool)
+            .map(|(_, ttl)| *ttl)
+    }
+
+    /// The timeout override for `tool`, if configured.
+    pub fn tool_timeout_override(&self, tool: &str) -> Option<Duration> {
+        self.tool_timeouts
+            .iter()
+            .rev()
+            .find(|(name, _)| name == tool)
+            .map(|(_, t)| *t)
+    }
+
+    /// The concurrency override for `tool`, if configured.
+    pub fn tool_concurrency_override(&self, tool: &str) -> Option<usize> {
+        self.tool_concurrency_limits
+            .iter()
+            .rev()
+            .find(|(name, _)| name == tool)
+            .map(|(_, n)| *n)
     }
 
     /// The session idle TTL.
@@ -354,7 +530,7 @@ mod tests {
     fn defaults_are_valid() {
         let config = parse(&[]).expect("defaults parse");
         assert_eq!(config.key_prefix, "shoal");
-        assert_eq!(config.toolsets, vec!["kv"]);
+        assert_eq!(config.toolsets, vec!["kv", "postgres", "rpc", "compute"]);
         assert_eq!(config.session_idle_ttl_secs, 1800);
     }
 
@@ -376,6 +552,35 @@ mod tests {
         let config =
             parse(&["--session-idle-ttl-secs", "5", "--worker-idle-secs", "300"]).expect("parse");
         assert_eq!(config.worker_idle_secs, 5);
+    }
+
+    #[test]
+    fn per_tool_overrides_parse() {
+        let config = parse(&[
+            "--cache-ttls",
+            "pg_query=30s,get_balance=0",
+            "--tool-timeouts",
+            "sleep=11m",
+            "--tool-concurrency-limits",
+            "hash=2",
+        ])
+        .expect("parse");
+        assert_eq!(
+            config.cache_ttl_override("pg_query"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            config.cache_ttl_override("get_balance"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(config.cache_ttl_override("other"), None);
+        assert_eq!(
+            config.tool_timeout_override("sleep"),
+            Some(Duration::from_secs(660))
+        );
+        assert_eq!(config.tool_concurrency_override("hash"), Some(2));
+        assert!(parse(&["--tool-concurrency-limits", "hash=0"]).is_err());
+        assert!(parse(&["--cache-ttls", "=5s"]).is_err());
     }
 
     #[test]

@@ -60,6 +60,36 @@ impl Keys {
         format!("{}:secret:{name}", self.prefix)
     }
 
+    /// A result-cache entry (`id` hashes the tool, its arguments and the caller's partition).
+    pub fn cache_entry(&self, id: &str) -> String {
+        format!("{}:cache:{id}", self.prefix)
+    }
+
+    /// The lock a replica holds while it fills a cache entry.
+    pub fn cache_lock(&self, id: &str) -> String {
+        format!("{}:cache-lock:{id}", self.prefix)
+    }
+
+    /// Prefix of the sets recording which cache entries depend on a tag (e.g. a table).
+    pub fn cache_tag_prefix(&self) -> String {
+        format!("{}:ctag:", self.prefix)
+    }
+
+    /// Broadcast channel announcing filled cache entries (waiters on every replica pick them up).
+    pub fn cache_channel(&self) -> String {
+        format!("{}:cache", self.prefix)
+    }
+
+    /// Lease key that elects the replica polling PostgreSQL for outside changes.
+    pub fn poller_lease(&self) -> String {
+        format!("{}:lease:pg-poller", self.prefix)
+    }
+
+    /// Last-seen change signatures of PostgreSQL tables (shared so a new poller continues).
+    pub fn pg_signatures(&self) -> String {
+        format!("{}:pg-signatures", self.prefix)
+    }
+
     /// Lease key that elects the replica running the subscriber-set janitor.
     pub fn janitor_lease(&self) -> String {
         format!("{}:lease:janitor", self.prefix)
@@ -97,5 +127,8 @@ mod tests {
         assert_eq!(keys.replica_channel("r9"), "t1:r:r9");
         assert_eq!(keys.control_channel(), "t1:ctl");
         assert_eq!(keys.resource_channel(), "t1:res");
+        assert_eq!(keys.cache_entry("x"), "t1:cache:x");
+        assert_eq!(keys.cache_lock("x"), "t1:cache-lock:x");
+        assert_eq!(keys.cache_channel(), "t1:cache");
     }
 }

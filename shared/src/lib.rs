@@ -9,6 +9,9 @@
 //! - [`ids`]: replica tags and event ids.
 //! - [`backend`]: shared state in Redis, or in memory for the embedded default.
 //! - [`bus`]: the in-process demultiplexer of cluster messages.
+//! - [`cache`]: the shared TTL result cache with cluster-wide single flight.
+//! - [`db`]: PostgreSQL through a bounded pool.
+//! - [`rpc`]: JSON-RPC upstreams with client-side load balancing and fallback.
 //! - [`feed`]: resumable, cluster-wide GET streams over the event log.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`telemetry`]: logging set-up.
@@ -17,11 +20,14 @@
 
 pub mod backend;
 pub mod bus;
+pub mod cache;
 pub mod config;
+pub mod db;
 pub mod feed;
 pub mod ids;
 pub mod keys;
 pub mod metrics;
+pub mod rpc;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -43,6 +43,39 @@ struct OperationLabel {
     operation: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationOutcome {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToolOutcome {
+    tool: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToolLabel {
+    tool: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointOutcome {
+    endpoint: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
 struct Inner {
     registry: Registry,
     sessions_active: Gauge,
@@ -60,6 +93,21 @@ struct Inner {
     events_appended: Counter,
     process_rss: Gauge,
     runtime_alive_tasks: Gauge,
+    tool_duration: Family<ToolOutcome, Histogram>,
+    tool_in_flight: Family<ToolLabel, Gauge>,
+    tool_rejections: Family<ToolOutcome, Counter>,
+    db_pool_max: Gauge,
+    db_pool_in_use: Gauge,
+    db_pool_waiting: Gauge,
+    db_pool_wait: Histogram,
+    db_operation: Family<OperationOutcome, Histogram>,
+    cache_lookups: Family<OutcomeLabel, Counter>,
+    cache_hit_duration: Histogram,
+    cache_invalidations: Counter,
+    rpc_requests: Family<EndpointOutcome, Counter>,
+    rpc_duration: Family<EndpointLabel, Histogram>,
+    rpc_in_flight: Family<EndpointLabel, Gauge>,
+    rpc_healthy: Family<EndpointLabel, Gauge>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -180,8 +228,118 @@ impl Metrics {
             "Tasks alive in this replica's async runtime",
             runtime_alive_tasks.clone(),
         );
+        let tool_duration =
+            Family::<ToolOutcome, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
+        registry.register(
+            "shoal_tool_duration_seconds",
+            "Time to run a tool call (cache included), by tool and outcome (ok|tool_error|error|cancelled)",
+            tool_duration.clone(),
+        );
+        let tool_in_flight = Family::<ToolLabel, Gauge>::default();
+        registry.register(
+            "shoal_tool_calls_in_flight",
+            "Tool calls holding one of their tool's concurrency slots on this replica",
+            tool_in_flight.clone(),
+        );
+        let tool_rejections = Family::<ToolOutcome, Counter>::default();
+        registry.register(
+            "shoal_tool_rejections",
+            "Tool calls refused or cut by request isolation, by tool and outcome (busy|timeout)",
+            tool_rejections.clone(),
+        );
+        let db_pool_max = Gauge::default();
+        registry.register(
+            "shoal_db_pool_connections_max",
+            "PostgreSQL pool size",
+            db_pool_max.clone(),
+        );
+        let db_pool_in_use = Gauge::default();
+        registry.register(
+            "shoal_db_pool_connections_in_use",
+            "PostgreSQL connections checked out by tool calls",
+            db_pool_in_use.clone(),
+        );
+        let db_pool_waiting = Gauge::default();
+        registry.register(
+            "shoal_db_pool_waiting",
+            "Tool calls waiting for a PostgreSQL connection",
+            db_pool_waiting.clone(),
+        );
+        let db_pool_wait = histogram();
+        registry.register(
+            "shoal_db_pool_wait_seconds",
+            "Time tool calls waited for a PostgreSQL connection",
+            db_pool_wait.clone(),
+        );
+        let db_operation = Family::<OperationOutcome, Histogram>::new_with_constructor(
+            histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "shoal_db_operation_duration_seconds",
+            "PostgreSQL operations by kind and outcome",
+            db_operation.clone(),
+        );
+        let cache_lookups = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "shoal_cache_lookups",
+            "Result-cache lookups by outcome (hit|miss|stale|coalesced|bypass)",
+            cache_lookups.clone(),
+        );
+        let cache_hit_duration = histogram();
+        registry.register(
+            "shoal_cache_hit_duration_seconds",
+            "Time to answer a tool call from the result cache",
+            cache_hit_duration.clone(),
+        );
+        let cache_invalidations = Counter::default();
+        registry.register(
+            "shoal_cache_invalidations",
+            "Cache entries dropped because what they depend on changed",
+            cache_invalidations.clone(),
+        );
+        let rpc_requests = Family::<EndpointOutcome, Counter>::default();
+        registry.register(
+            "shoal_rpc_requests",
+            "Upstream JSON-RPC requests by endpoint and outcome",
+            rpc_requests.clone(),
+        );
+        let rpc_duration = Family::<EndpointLabel, Histogram>::new_with_constructor(
+            histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "shoal_rpc_request_duration_seconds",
+            "Upstream JSON-RPC latency by endpoint",
+            rpc_duration.clone(),
+        );
+        let rpc_in_flight = Family::<EndpointLabel, Gauge>::default();
+        registry.register(
+            "shoal_rpc_in_flight",
+            "Upstream requests in flight by endpoint",
+            rpc_in_flight.clone(),
+        );
+        let rpc_healthy = Family::<EndpointLabel, Gauge>::default();
+        registry.register(
+            "shoal_rpc_endpoint_healthy",
+            "1 while an upstream endpoint is eligible, 0 while it cools down",
+            rpc_healthy.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
+                tool_duration,
+                tool_in_flight,
+                tool_rejections,
+                db_pool_max,
+                db_pool_in_use,
+                db_pool_waiting,
+                db_pool_wait,
+                db_operation,
+                cache_lookups,
+                cache_hit_duration,
+                cache_invalidations,
+                rpc_requests,
+                rpc_duration,
+                rpc_in_flight,
+                rpc_healthy,
                 process_rss,
                 runtime_alive_tasks,
                 registry,
@@ -303,6 +461,112 @@ impl Metrics {
     /// An event was appended to a session log.
     pub fn event_appended(&self) {
         self.inner.events_appended.inc();
+    }
+
+    /// A tool call finished.
+    pub fn tool_call(&self, tool: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.inner
+            .tool_duration
+            .get_or_create(&ToolOutcome { tool, outcome })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A tool call took (+1) or released (-1) one of its tool's slots.
+    pub fn tool_in_flight(&self, tool: &'static str, delta: i64) {
+        self.inner
+            .tool_in_flight
+            .get_or_create(&ToolLabel { tool })
+            .inc_by(delta);
+    }
+
+    /// Request isolation refused (`busy`) or cut (`timeout`) a tool call.
+    pub fn tool_rejected(&self, tool: &'static str, outcome: &'static str) {
+        self.inner
+            .tool_rejections
+            .get_or_create(&ToolOutcome { tool, outcome })
+            .inc();
+    }
+
+    /// The PostgreSQL pool size.
+    pub fn db_pool_size(&self, size: i64) {
+        self.inner.db_pool_max.set(size);
+    }
+
+    /// Connections in use.
+    pub fn db_pool_in_use(&self, in_use: i64) {
+        self.inner.db_pool_in_use.set(in_use);
+    }
+
+    /// Calls waiting for a connection.
+    pub fn db_pool_waiting(&self, waiting: i64) {
+        self.inner.db_pool_waiting.set(waiting);
+    }
+
+    /// How long a call waited for a connection.
+    pub fn db_pool_wait(&self, waited: Duration) {
+        self.inner.db_pool_wait.observe(waited.as_secs_f64());
+    }
+
+    /// One PostgreSQL operation; `error` is the failure kind, if any.
+    pub fn db_operation(
+        &self,
+        operation: &'static str,
+        error: Option<&'static str>,
+        elapsed: Duration,
+    ) {
+        self.inner
+            .db_operation
+            .get_or_create(&OperationOutcome {
+                operation,
+                outcome: error.unwrap_or("ok"),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A result-cache lookup.
+    pub fn cache_lookup(&self, outcome: &'static str) {
+        self.inner
+            .cache_lookups
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// A call answered from the cache in `elapsed`.
+    pub fn cache_hit(&self, elapsed: Duration) {
+        self.inner.cache_hit_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Cache entries invalidated.
+    pub fn cache_invalidated(&self, entries: u64) {
+        self.inner.cache_invalidations.inc_by(entries);
+    }
+
+    /// An upstream request to `endpoint` finished with `outcome` after `elapsed`.
+    pub fn rpc_request(&self, endpoint: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.inner
+            .rpc_requests
+            .get_or_create(&EndpointOutcome { endpoint, outcome })
+            .inc();
+        self.inner
+            .rpc_duration
+            .get_or_create(&EndpointLabel { endpoint })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Requests in flight to `endpoint` changed by `delta`.
+    pub fn rpc_in_flight(&self, endpoint: &'static str, delta: i64) {
+        self.inner
+            .rpc_in_flight
+            .get_or_create(&EndpointLabel { endpoint })
+            .inc_by(delta);
+    }
+
+    /// Whether `endpoint` is eligible (not cooling down).
+    pub fn rpc_healthy(&self, endpoint: &'static str, healthy: bool) {
+        self.inner
+            .rpc_healthy
+            .get_or_create(&EndpointLabel { endpoint })
+            .set(i64::from(healthy));
     }
 }
 

@@ -16,22 +16,28 @@ use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
     handler::server::tool::ToolCallContext,
     model::{
-        CallToolRequestParams, CallToolResponse, CompleteRequestParams, CompleteResult,
-        CompletionInfo, GetPromptRequestParams, GetPromptResponse, Implementation,
-        InitializeRequestParams, InitializeResult, ListPromptsResult, ListResourceTemplatesResult,
-        ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProtocolVersion,
-        ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig,
-        SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+        CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams,
+        CompleteResult, CompletionInfo, ContentBlock, GetPromptRequestParams, GetPromptResponse,
+        Implementation, InitializeRequestParams, InitializeResult, ListPromptsResult,
+        ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
+        ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
+        ServerConfig, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
         UnsubscribeRequestParams,
     },
     service::{NotificationContext, RequestContext, SubscriptionContext},
 };
+use serde_json::Value;
 use shoal_shared::{
     backend::SubscribeOutcome,
     bus::{ListKind, ListenEvent},
+    cache::{Fill, Source as CacheSource, entry_id, private_partition},
 };
 
-use crate::{mcp::error, state::AppState};
+use crate::{
+    mcp::error,
+    state::AppState,
+    tools::policy::{Scope, ToolPolicy},
+};
 
 /// The handler rmcp instantiates per session (legacy) or per request (2026-07-28).
 #[derive(Clone)]
@@ -43,6 +49,22 @@ impl std::fmt::Debug for ShoalHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ShoalHandler")
     }
+}
+
+/// The caller's principal for private cache partitions: its `Authorization` header (hashed before
+/// use), or `anonymous`.
+fn principal(context: &RequestContext<RoleServer>) -> String {
+    context
+        .extensions
+        .get::<http::request::Parts>()
+        .and_then(|parts| parts.headers.get(http::header::AUTHORIZATION))
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("anonymous")
+        .to_owned()
+}
+
+fn tool_error(message: String) -> CallToolResponse {
+    CallToolResponse::Complete(CallToolResult::error(vec![ContentBlock::text(message)]))
 }
 
 /// The `Mcp-Session-Id` of the HTTP request behind `context`, if any (legacy sessions only).
@@ -161,12 +183,9 @@ impl ServerHandler for ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let start = Instant::now();
+        let policy = self.state.policies.get(&request.name).clone();
         let cancelled = context.ct.clone();
-        let result = self
-            .state
-            .tools
-            .call(ToolCallContext::new(self, request, context))
-            .await;
+        let result = self.call_with_policy(&policy, request, context).await;
         let outcome = match &result {
             _ if cancelled.is_cancelled() => "cancelled",
             Ok(CallToolResponse::Complete(done)) if done.is_error == Some(true) => "tool_error",
@@ -176,6 +195,9 @@ impl ServerHandler for ShoalHandler {
         self.state
             .metrics
             .mcp_request("tools/call", outcome, start.elapsed());
+        self.state
+            .metrics
+            .tool_call(policy.name, outcome, start.elapsed());
         result
     }
 
@@ -351,6 +373,87 @@ impl ServerHandler for ShoalHandler {
 }
 
 impl ShoalHandler {
+    /// Request isolation and caching around one tool call: a bounded wait for one of the tool's
+    /// concurrency slots, the shared result cache when the tool's freshness class allows it, and
+    /// the tool's timeout.
+    async fn call_with_policy(
+        &self,
+        policy: &ToolPolicy,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let Ok(Ok(slot)) = tokio::time::timeout(
+            self.state.policies.queue_timeout,
+            policy.slots.clone().acquire_owned(),
+        )
+        .await
+        else {
+            self.state.metrics.tool_rejected(policy.name, "busy");
+            return Ok(tool_error(format!(
+                "{} is busy ({} calls already running on this replica); retry shortly",
+                policy.name, policy.limit
+            )));
+        };
+        let _slot = InFlight::new(slot, &self.state.metrics, policy.name);
+        let ttl = policy
+            .ttl
+            .filter(|_| request.input_responses.is_none() && request.request_state.is_none());
+        let Some(ttl) = ttl else {
+            return self.run_tool(policy, request, context).await;
+        };
+        let arguments = Value::Object(request.arguments.clone().unwrap_or_default());
+        let partition = match policy.scope {
+            Scope::Public => "public".to_owned(),
+            Scope::Private => private_partition(&principal(&context)),
+        };
+        let id = entry_id(policy.name, &arguments, &partition);
+        let tags = (policy.tags)(&arguments);
+        let fill = async {
+            match self.run_tool(policy, request, context).await? {
+                CallToolResponse::Complete(result) => Ok(Fill {
+                    cacheable: result.is_error != Some(true),
+                    value: serde_json::to_string(&result).map_err(|e| {
+                        McpError::internal_error(format!("serializing a result: {e}"), None)
+                    })?,
+                }),
+                _ => Err(McpError::internal_error(
+                    "a cached tool returned an intermediate result",
+                    None,
+                )),
+            }
+        };
+        let answer = self.state.cache.get_or_fill(&id, ttl, &tags, fill).await?;
+        if answer.source == CacheSource::Hit {
+            tracing::trace!(tool = policy.name, "answered from the result cache");
+        }
+        let result: CallToolResult = serde_json::from_str(&answer.value)
+            .map_err(|e| McpError::internal_error(format!("reading a cached result: {e}"), None))?;
+        Ok(CallToolResponse::Complete(result))
+    }
+
+    async fn run_tool(
+        &self,
+        policy: &ToolPolicy,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let call = self
+            .state
+            .tools
+            .call(ToolCallContext::new(self, request, context));
+        match tokio::time::timeout(policy.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.state.metrics.tool_rejected(policy.name, "timeout");
+                Ok(tool_error(format!(
+                    "{} did not finish within {} s",
+                    policy.name,
+                    policy.timeout.as_secs_f64()
+                )))
+            }
+        }
+    }
+
     /// Serves one `subscriptions/listen` stream until the client goes away or the replica shuts its
     /// streams down (then the SDK sends the final result, so the client knows to reconnect).
     async fn run_listener(&self, context: &SubscriptionContext) -> Result<(), McpError> {
@@ -403,6 +506,34 @@ impl ShoalHandler {
                 }
             }
         }
+    }
+}
+
+/// A held concurrency slot, counted in `shoal_tool_calls_in_flight` while it lives.
+struct InFlight {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: shoal_shared::metrics::Metrics,
+    tool: &'static str,
+}
+
+impl InFlight {
+    fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        metrics: &shoal_shared::metrics::Metrics,
+        tool: &'static str,
+    ) -> Self {
+        metrics.tool_in_flight(tool, 1);
+        Self {
+            _permit: permit,
+            metrics: metrics.clone(),
+            tool,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.tool_in_flight(self.tool, -1);
     }
 }
 

@@ -27,7 +27,28 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use shoal_shared::{backend::KvSetOutcome, bus::ListKind};
 
-use crate::{mcp::handler::ShoalHandler, state::AppState, tools::model};
+use crate::{
+    mcp::handler::ShoalHandler,
+    state::AppState,
+    tools::{model, policy::Declared},
+};
+
+/// Policies of the toolset's tools: nothing is cached (values change at any time and subscribers
+/// are told), `sleep` may run for its full ten minutes.
+pub fn policies() -> Vec<(String, Declared)> {
+    use shoal_shared::cache::Freshness;
+    vec![
+        ("kv_set".into(), Declared::new(Freshness::Write)),
+        ("kv_delete".into(), Declared::new(Freshness::Write)),
+        ("kv_get".into(), Declared::new(Freshness::Realtime)),
+        ("echo".into(), Declared::new(Freshness::Realtime)),
+        (
+            "sleep".into(),
+            Declared::new(Freshness::Realtime)
+                .timeout(std::time::Duration::from_millis(MAX_SLEEP_MS + 60_000)),
+        ),
+    ]
+}
 
 const SCHEME: &str = "kv://";
 const MAX_KEY_LEN: usize = 256;

@@ -3,9 +3,13 @@
 //! Each toolset lives in a module of its own and contributes a tool router (tools are methods of
 //! [`ShoalHandler`]) plus resources, templates and prompts to the [`Catalog`].
 
+pub mod compute;
 pub mod conformance;
 pub mod kv;
 pub mod mrtr;
+pub mod policy;
+pub mod postgres;
+pub mod rpc;
 
 use rmcp::{
     ErrorData as McpError,
@@ -19,7 +23,7 @@ use rmcp::{
 use crate::{mcp::handler::ShoalHandler, state::AppState};
 
 /// The toolsets this build knows.
-pub const KNOWN_TOOLSETS: [&str; 2] = ["kv", "conformance"];
+pub const KNOWN_TOOLSETS: [&str; 5] = ["kv", "postgres", "rpc", "compute", "conformance"];
 
 /// How long clients may cache lists that only change with a deployment (SEP-2549 `ttlMs`).
 const STATIC_TTL_MS: u64 = 5 * 60 * 1000;
@@ -31,21 +35,39 @@ const PAGE_SIZE: u64 = 100;
 pub struct Toolsets {
     /// The kv scratchpad.
     pub kv: bool,
+    /// PostgreSQL (only with `SHOAL_DATABASE_URL`).
+    pub postgres: bool,
+    /// The PostgreSQL write tool.
+    pub postgres_writes: bool,
+    /// JSON-RPC upstreams (only with `SHOAL_RPC_ENDPOINTS`).
+    pub rpc: bool,
+    /// CPU-bound tools.
+    pub compute: bool,
     /// The conformance-suite fixtures.
     pub conformance: bool,
 }
 
 impl Toolsets {
-    /// Parses `SHOAL_TOOLSETS`.
+    /// Parses `SHOAL_TOOLSETS`; toolsets whose backend is not configured stay off (logged).
     ///
     /// # Errors
     /// Names an unknown toolset.
-    pub fn parse(names: &[String]) -> Result<Self, String> {
+    pub fn parse(config: &shoal_shared::config::Config) -> Result<Self, String> {
         let mut toolsets = Toolsets::default();
-        for name in names {
+        for name in &config.toolsets {
             match name.as_str() {
                 "kv" => toolsets.kv = true,
                 "conformance" => toolsets.conformance = true,
+                "compute" => toolsets.compute = true,
+                "postgres" if config.database_url.is_some() => {
+                    toolsets.postgres = true;
+                    toolsets.postgres_writes = config.postgres_allow_writes;
+                }
+                "postgres" => {
+                    tracing::info!("toolset postgres is off: SHOAL_DATABASE_URL is not set")
+                }
+                "rpc" if !config.rpc_endpoints.is_empty() => toolsets.rpc = true,
+                "rpc" => tracing::info!("toolset rpc is off: SHOAL_RPC_ENDPOINTS is empty"),
                 other => {
                     return Err(format!(
                         "unknown toolset {other:?} in SHOAL_TOOLSETS (known: {})",
@@ -63,6 +85,18 @@ impl Toolsets {
         if self.kv {
             router += ShoalHandler::kv_tools();
         }
+        if self.postgres {
+            router += ShoalHandler::postgres_tools();
+            if self.postgres_writes {
+                router += ShoalHandler::postgres_write_tools();
+            }
+        }
+        if self.rpc {
+            router += ShoalHandler::rpc_tools();
+        }
+        if self.compute {
+            router += ShoalHandler::compute_tools();
+        }
         if self.conformance {
             router += ShoalHandler::conformance_tools();
             router += ShoalHandler::mrtr_tools();
@@ -71,6 +105,24 @@ impl Toolsets {
         }
         router
     }
+}
+
+/// The declared policies of every tool of the enabled toolsets.
+pub fn declared_policies(toolsets: &Toolsets) -> Vec<(String, policy::Declared)> {
+    let mut declared = Vec::new();
+    if toolsets.kv {
+        declared.extend(kv::policies());
+    }
+    if toolsets.postgres {
+        declared.extend(postgres::policies());
+    }
+    if toolsets.rpc {
+        declared.extend(rpc::policies());
+    }
+    if toolsets.compute {
+        declared.extend(compute::policies());
+    }
+    declared
 }
 
 /// Resources, templates and prompts of the enabled toolsets.
@@ -97,6 +149,10 @@ impl Catalog {
         if toolsets.kv {
             catalog.templates.push(kv::template());
         }
+        if toolsets.postgres {
+            catalog.resources.extend(postgres::resources());
+            catalog.templates.extend(postgres::templates());
+        }
         if toolsets.conformance {
             catalog.resources.extend(conformance::resources());
             catalog.templates.extend(conformance::templates());
@@ -114,6 +170,7 @@ impl Catalog {
     /// Whether `uri` names a resource clients may subscribe to.
     pub fn is_subscribable(&self, uri: &str) -> bool {
         (self.toolsets.kv && kv::key_of(uri).is_some())
+            || (self.toolsets.postgres && postgres::is_resource(uri))
             || (self.toolsets.conformance && conformance::is_resource(uri))
     }
 
@@ -165,11 +222,18 @@ impl Catalog {
     ///
     /// # Errors
     /// `resource_not_found` for unknown URIs; internal errors when shared state is unavailable.
-    pub async fn read(&self, state: &AppState, uri: &str) -> Result<ReadResourceResult, McpError> {
+    pub async fn read(
+        &self,
+        state: &std::sync::Arc<AppState>,
+        uri: &str,
+    ) -> Result<ReadResourceResult, McpError> {
         if self.toolsets.kv
             && let Some(key) = kv::key_of(uri)
         {
             return kv::read(state, uri, key).await;
+        }
+        if self.toolsets.postgres && postgres::is_resource(uri) {
+            return postgres::read(state, uri).await;
         }
         if self.toolsets.conformance
             && let Some(result) = conformance::read(uri)

@@ -1,7 +1,12 @@
-//! Integration tests: real shoal-server processes, real Redis, real nginx. See `helpers`.
+//! Integration tests: real shoal-server processes, real Redis, PostgreSQL and nginx, fake JSON-RPC
+//! upstreams on real sockets. See `helpers`.
 
 mod bad_input;
+mod cache;
 mod cluster;
 mod embedded;
 mod helpers;
+mod isolation;
+mod postgres;
 mod resilience;
+mod rpc;

@@ -43,6 +43,11 @@ struct State {
     subscribers: HashMap<String, HashSet<String>>,
     kv: BTreeMap<String, String>,
     secrets: HashMap<String, String>,
+    cache: HashMap<String, (String, Instant)>,
+    cache_locks: HashMap<String, (String, Instant)>,
+    cache_tags: HashMap<String, HashSet<String>>,
+    leases: HashMap<String, (String, Instant)>,
+    maps: HashMap<String, BTreeMap<String, String>>,
     last_id: EventId,
 }
 
@@ -462,11 +467,103 @@ impl MemoryBackend {
             .clone()
     }
 
+    pub(super) fn cache_get(&self, id: &str) -> Option<String> {
+        let now = Instant::now();
+        self.state()
+            .cache
+            .get(id)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(value, _)| value.clone())
+    }
+
+    pub(super) fn cache_lock(&self, id: &str, owner: &str, ttl: Duration) -> bool {
+        let now = Instant::now();
+        let mut state = self.state();
+        match state.cache_locks.get(id) {
+            Some((_, expires)) if *expires > now => false,
+            _ => {
+                state
+                    .cache_locks
+                    .insert(id.to_owned(), (owner.to_owned(), now + ttl));
+                true
+            }
+        }
+    }
+
+    pub(super) fn cache_unlock(&self, id: &str, owner: &str) {
+        let mut state = self.state();
+        if state
+            .cache_locks
+            .get(id)
+            .is_some_and(|(holder, _)| holder == owner)
+        {
+            state.cache_locks.remove(id);
+        }
+    }
+
+    pub(super) fn cache_store(&self, id: &str, value: &str, ttl: Duration, tags: &[String]) {
+        {
+            let mut state = self.state();
+            state
+                .cache
+                .insert(id.to_owned(), (value.to_owned(), Instant::now() + ttl));
+            for tag in tags {
+                state
+                    .cache_tags
+                    .entry(tag.clone())
+                    .or_default()
+                    .insert(id.to_owned());
+            }
+        }
+        self.cache_announce(id);
+    }
+
+    pub(super) fn cache_announce(&self, id: &str) {
+        self.publish(
+            &self.inner.bus.keys().cache_channel(),
+            &bus::encode_cache_filled(id),
+        );
+    }
+
+    pub(super) fn cache_invalidate(&self, tags: &[String]) -> u64 {
+        let mut state = self.state();
+        let mut deleted = 0;
+        for tag in tags {
+            for id in state.cache_tags.remove(tag).unwrap_or_default() {
+                deleted += u64::from(state.cache.remove(&id).is_some());
+            }
+        }
+        deleted
+    }
+
+    pub(super) fn lease(&self, key: &str, holder: &str, ttl: Duration) -> bool {
+        let now = Instant::now();
+        let mut state = self.state();
+        match state.leases.get(key) {
+            Some((current, expires)) if *expires > now && current != holder => false,
+            _ => {
+                state
+                    .leases
+                    .insert(key.to_owned(), (holder.to_owned(), now + ttl));
+                true
+            }
+        }
+    }
+
+    pub(super) fn map_get_all(&self, key: &str) -> BTreeMap<String, String> {
+        self.state().maps.get(key).cloned().unwrap_or_default()
+    }
+
+    pub(super) fn map_replace(&self, key: &str, entries: &BTreeMap<String, String>) {
+        self.state().maps.insert(key.to_owned(), entries.clone());
+    }
+
     pub(super) fn janitor_pass(&self, _holder: &ReplicaTag, _lease: Duration) -> u64 {
         let now = Instant::now();
         let mut state = self.state();
         let before = state.sessions.len() + state.logs.len();
         state.sessions.retain(|_, record| record.expires_at > now);
+        state.cache.retain(|_, (_, expires)| *expires > now);
         state
             .logs
             .retain(|_, log| log.expires_at.is_some_and(|at| at > now));

@@ -427,6 +427,91 @@ impl Backend {
         delegate!(self, "shared_secret", shared_secret(name, candidate))
     }
 
+    /// Reads a cache entry.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn cache_get(&self, id: &str) -> BackendResult<Option<String>> {
+        delegate!(self, "cache_get", cache_get(id))
+    }
+
+    /// Takes the fill lock of a cache entry for `ttl` unless someone holds it.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn cache_lock(&self, id: &str, owner: &str, ttl: Duration) -> BackendResult<bool> {
+        delegate!(self, "cache_lock", cache_lock(id, owner, ttl))
+    }
+
+    /// Releases the fill lock if `owner` still holds it.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn cache_unlock(&self, id: &str, owner: &str) -> BackendResult<()> {
+        delegate!(self, "cache_unlock", cache_unlock(id, owner))
+    }
+
+    /// Stores a cache entry for `ttl`, recorded under `tags`, and announces the fill.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn cache_store(
+        &self,
+        id: &str,
+        value: &str,
+        ttl: Duration,
+        tags: &[String],
+    ) -> BackendResult<()> {
+        delegate!(self, "cache_store", cache_store(id, value, ttl, tags))
+    }
+
+    /// Announces that a fill attempt ended without storing anything (waiters retry).
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn cache_announce(&self, id: &str) -> BackendResult<()> {
+        delegate!(self, "cache_announce", cache_announce(id))
+    }
+
+    /// Deletes every cache entry recorded under `tags`; returns how many.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn cache_invalidate(&self, tags: &[String]) -> BackendResult<u64> {
+        delegate!(self, "cache_invalidate", cache_invalidate(tags))
+    }
+
+    /// Takes or renews the lease `key` for `holder`; returns whether `holder` holds it.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn lease(&self, key: &str, holder: &str, ttl: Duration) -> BackendResult<bool> {
+        delegate!(self, "lease", lease(key, holder, ttl))
+    }
+
+    /// Reads a small shared map (e.g. the PostgreSQL change signatures).
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn map_get_all(
+        &self,
+        key: &str,
+    ) -> BackendResult<std::collections::BTreeMap<String, String>> {
+        delegate!(self, "map_get_all", map_get_all(key))
+    }
+
+    /// Replaces a small shared map.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn map_replace(
+        &self,
+        key: &str,
+        entries: &std::collections::BTreeMap<String, String>,
+    ) -> BackendResult<()> {
+        delegate!(self, "map_replace", map_replace(key, entries))
+    }
+
     /// Housekeeping that needs no single owner: drops expired sessions from subscriber sets (Redis,
     /// elected by a lease so one replica does it at a time) or expired entries (memory). Returns the
     /// number of entries removed.

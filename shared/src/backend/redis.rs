@@ -50,6 +50,11 @@ struct Scripts {
     kv_set: Script,
     kv_delete: Script,
     shared_secret: Script,
+    cache_store: Script,
+    cache_invalidate: Script,
+    unlock: Script,
+    lease: Script,
+    map_replace: Script,
 }
 
 impl Scripts {
@@ -69,6 +74,11 @@ impl Scripts {
             kv_set: Script::from_lua(scripts::KV_SET),
             kv_delete: Script::from_lua(scripts::KV_DELETE),
             shared_secret: Script::from_lua(scripts::SHARED_SECRET),
+            cache_store: Script::from_lua(scripts::CACHE_STORE),
+            cache_invalidate: Script::from_lua(scripts::CACHE_INVALIDATE),
+            unlock: Script::from_lua(scripts::UNLOCK),
+            lease: Script::from_lua(scripts::LEASE),
+            map_replace: Script::from_lua(scripts::MAP_REPLACE),
         }
     }
 }
@@ -620,6 +630,128 @@ impl RedisBackend {
             vec![candidate.into()],
         )
         .await
+    }
+
+    pub(super) async fn cache_get(&self, id: &str) -> BackendResult<Option<String>> {
+        Ok(self.inner.pool.get(self.inner.keys.cache_entry(id)).await?)
+    }
+
+    pub(super) async fn cache_lock(
+        &self,
+        id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        let taken: Option<String> = self
+            .inner
+            .pool
+            .set(
+                self.inner.keys.cache_lock(id),
+                owner,
+                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    pub(super) async fn cache_unlock(&self, id: &str, owner: &str) -> BackendResult<()> {
+        let _: i64 = self
+            .eval(
+                &self.inner.scripts.unlock,
+                vec![self.inner.keys.cache_lock(id)],
+                vec![owner.into()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn cache_store(
+        &self,
+        id: &str,
+        value: &str,
+        ttl: Duration,
+        tags: &[String],
+    ) -> BackendResult<()> {
+        let mut args: Vec<Value> = vec![
+            value.into(),
+            Value::from(ttl.as_millis().max(1) as i64),
+            self.inner.keys.cache_tag_prefix().into(),
+        ];
+        args.extend(tags.iter().map(|tag| Value::from(tag.as_str())));
+        let _: i64 = self
+            .eval(
+                &self.inner.scripts.cache_store,
+                vec![self.inner.keys.cache_entry(id)],
+                args,
+            )
+            .await?;
+        self.cache_announce(id).await
+    }
+
+    pub(super) async fn cache_announce(&self, id: &str) -> BackendResult<()> {
+        let _: i64 = self
+            .inner
+            .pool
+            .next()
+            .publish(
+                self.inner.keys.cache_channel(),
+                bus::encode_cache_filled(id),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn cache_invalidate(&self, tags: &[String]) -> BackendResult<u64> {
+        if tags.is_empty() {
+            return Ok(0);
+        }
+        let mut args: Vec<Value> = vec![self.inner.keys.cache_tag_prefix().into()];
+        args.extend(tags.iter().map(|tag| Value::from(tag.as_str())));
+        let deleted: i64 = self
+            .eval(&self.inner.scripts.cache_invalidate, vec![], args)
+            .await?;
+        Ok(deleted.max(0) as u64)
+    }
+
+    pub(super) async fn lease(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> BackendResult<bool> {
+        let held: i64 = self
+            .eval(
+                &self.inner.scripts.lease,
+                vec![key.to_owned()],
+                vec![holder.into(), Value::from(ttl.as_millis().max(1) as i64)],
+            )
+            .await?;
+        Ok(held == 1)
+    }
+
+    pub(super) async fn map_get_all(
+        &self,
+        key: &str,
+    ) -> BackendResult<std::collections::BTreeMap<String, String>> {
+        let map: std::collections::HashMap<String, String> = self.inner.pool.hgetall(key).await?;
+        Ok(map.into_iter().collect())
+    }
+
+    pub(super) async fn map_replace(
+        &self,
+        key: &str,
+        entries: &std::collections::BTreeMap<String, String>,
+    ) -> BackendResult<()> {
+        let args: Vec<Value> = entries
+            .iter()
+            .flat_map(|(k, v)| [Value::from(k.as_str()), Value::from(v.as_str())])
+            .collect();
+        let _: i64 = self
+            .eval(&self.inner.scripts.map_replace, vec![key.to_owned()], args)
+            .await?;
+        Ok(())
     }
 
     pub(super) async fn janitor_pass(

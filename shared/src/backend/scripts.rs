@@ -200,3 +200,52 @@ pub const SHARED_SECRET: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then return ARGV[1] end
 return redis.call('GET', KEYS[1])
 ";
+
+/// KEYS: cache entry. ARGV: value, ttl ms, tag-key prefix, tag... Stores the entry and records it
+/// under each tag (for invalidation); tag sets live as long as their longest entry.
+pub const CACHE_STORE: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for i = 4, #ARGV do
+  local tag = ARGV[3] .. ARGV[i]
+  redis.call('SADD', tag, KEYS[1])
+  if redis.call('PTTL', tag) < tonumber(ARGV[2]) then redis.call('PEXPIRE', tag, ARGV[2]) end
+end
+return 1
+";
+
+/// ARGV: tag-key prefix, tag... Deletes every entry recorded under the tags. Returns the number
+/// of entries deleted.
+pub const CACHE_INVALIDATE: &str = r"
+local deleted = 0
+for i = 2, #ARGV do
+  local tag = ARGV[1] .. ARGV[i]
+  local keys = redis.call('SMEMBERS', tag)
+  for _, key in ipairs(keys) do deleted = deleted + redis.call('DEL', key) end
+  redis.call('DEL', tag)
+end
+return deleted
+";
+
+/// KEYS: lock. ARGV: owner. Releases the lock only if the caller still owns it.
+pub const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// KEYS: lease. ARGV: holder, ttl ms. Takes the lease when free, renews it when `holder` has it.
+/// Returns 1 when `holder` holds it afterwards.
+pub const LEASE: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// KEYS: hash. ARGV: field, value, field, value... Replaces the hash.
+pub const MAP_REPLACE: &str = r"
+redis.call('DEL', KEYS[1])
+if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
+return 1
+";

@@ -18,6 +18,9 @@ use tokio::process::{Child, Command};
 /// Errors while starting or controlling processes.
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
+    /// A database set-up step failed.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
     /// A process could not be started.
     #[error("cannot start {what}: {source}")]
     Spawn {
@@ -417,6 +420,8 @@ pub struct TopologyOptions {
     pub redis: bool,
     /// Start an nginx balancer in front.
     pub balancer: bool,
+    /// Start PostgreSQL and point the replicas at it (`SHOAL_DATABASE_URL`).
+    pub postgres: bool,
     /// Extra environment for every replica.
     pub env: Vec<(String, String)>,
     /// Keep the working directory (logs) after the topology is dropped.
@@ -433,6 +438,7 @@ impl TopologyOptions {
             replicas,
             redis: true,
             balancer: true,
+            postgres: false,
             env: Vec::new(),
             keep_dir: false,
             balancer_port: None,
@@ -455,6 +461,8 @@ pub struct Topology {
     pub replicas: Vec<Replica>,
     /// Redis, if started.
     pub redis: Option<RedisServer>,
+    /// PostgreSQL, if started.
+    pub postgres: Option<super::postgres::PostgresServer>,
     /// The key prefix shared by the replicas (unique per topology).
     pub prefix: String,
     dir: Option<tempfile::TempDir>,
@@ -476,6 +484,11 @@ impl Topology {
         } else {
             None
         };
+        let postgres = if options.postgres {
+            Some(super::postgres::PostgresServer::start(&path).await?)
+        } else {
+            None
+        };
         let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
         let mut env = vec![
             ("SHOAL_KEY_PREFIX".to_owned(), prefix.clone()),
@@ -486,6 +499,9 @@ impl Topology {
         ];
         if let Some(redis) = &redis {
             env.push(("SHOAL_REDIS_URL".to_owned(), redis.url()));
+        }
+        if let Some(postgres) = &postgres {
+            env.push(("SHOAL_DATABASE_URL".to_owned(), postgres.url()));
         }
         env.extend(options.env.iter().cloned());
         let mut replicas = Vec::with_capacity(options.replicas);
@@ -509,6 +525,7 @@ impl Topology {
             balancer,
             replicas,
             redis,
+            postgres,
             prefix,
             dir,
             path,

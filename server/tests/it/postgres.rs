@@ -1,0 +1,348 @@
+//! The postgres toolset against a real PostgreSQL started by the test, through real replicas.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shoal_shared::testkit::{client::McpClient, topology::Topology};
+
+use crate::helpers::*;
+
+async fn pg_topology(replicas: usize, balancer: bool, env: &[(&str, &str)]) -> Topology {
+    let mut options = cluster_options(replicas)
+        .env("SHOAL_TOOLSETS", "kv,postgres")
+        .env("SHOAL_POSTGRES_ALLOW_WRITES", "true")
+        .env("SHOAL_POSTGRES_POLL_MS", 200);
+    for (key, value) in env {
+        options = options.env(key, value);
+    }
+    options.postgres = true;
+    options.balancer = balancer;
+    let topology = start(options).await;
+    let db = topology
+        .postgres
+        .as_ref()
+        .expect("postgres")
+        .client()
+        .await
+        .expect("connect");
+    db.batch_execute(
+        "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL, qty integer NOT NULL DEFAULT 0);
+         INSERT INTO items (name, qty) SELECT 'item-' || n, n FROM generate_series(1, 25) AS n;",
+    )
+    .await
+    .expect("schema");
+    topology
+}
+
+fn structured(result: &Value) -> &Value {
+    result.get("structuredContent").unwrap_or(&Value::Null)
+}
+
+fn error_text(result: &Value) -> String {
+    assert_eq!(
+        result["isError"],
+        json!(true),
+        "expected a tool error: {result}"
+    );
+    text_of(result)
+}
+
+#[tokio::test]
+async fn query_describe_and_list() {
+    let topology = pg_topology(1, false, &[("SHOAL_POSTGRES_ROW_CAP", "10")]).await;
+    let client = McpClient::modern(topology.mcp_url());
+
+    let result = client
+        .call_tool(
+            "pg_query",
+            json!({"sql": "SELECT id, name FROM items WHERE qty > $1 ORDER BY id", "params": [20]}),
+        )
+        .await
+        .expect("pg_query");
+    let data = structured(&result);
+    assert_eq!(
+        data["columns"],
+        json!([{"name": "id", "type": "int4"}, {"name": "name", "type": "text"}])
+    );
+    assert_eq!(data["rows"][0], json!({"id": 21, "name": "item-21"}));
+    assert_eq!(data["row_count"], json!(5));
+    assert_eq!(data["truncated"], json!(false));
+
+    // Row cap: 25 rows exist, 10 come back, marked truncated.
+    let result = client
+        .call_tool("pg_query", json!({"sql": "SELECT * FROM items"}))
+        .await
+        .expect("pg_query");
+    assert_eq!(structured(&result)["row_count"], json!(10));
+    assert_eq!(structured(&result)["truncated"], json!(true));
+
+    let result = client
+        .call_tool("pg_describe_table", json!({"table": "items"}))
+        .await
+        .expect("describe");
+    let info = structured(&result);
+    assert_eq!(info["table"], json!("public.items"));
+    assert_eq!(info["row_count"], json!(25));
+    assert_eq!(info["primary_key"], json!(["id"]));
+    assert_eq!(info["columns"][1]["name"], json!("name"));
+
+    let result = client
+        .call_tool("pg_list_tables", json!({}))
+        .await
+        .expect("list");
+    assert_eq!(structured(&result)["tables"], json!(["public.items"]));
+
+    // Read-only enforcement: a write through the query tool fails, and nothing changed.
+    let result = client
+        .call_tool(
+            "pg_query",
+            json!({"sql": "INSERT INTO items (name) VALUES ('sneaky') RETURNING id"}),
+        )
+        .await
+        .expect("pg_query");
+    assert!(error_text(&result).contains("only reads"), "{result}");
+    let result = client
+        .call_tool(
+            "pg_query",
+            json!({"sql": "SELECT count(*) AS n FROM items WHERE name = 'sneaky'"}),
+        )
+        .await
+        .expect("pg_query");
+    assert_eq!(structured(&result)["rows"][0]["n"], json!(0));
+
+    // Bad input is a clear tool error.
+    let result = client
+        .call_tool("pg_query", json!({"sql": "SELEC 1"}))
+        .await
+        .expect("pg_query");
+    assert!(error_text(&result).contains("syntax"), "{result}");
+    let result = client
+        .call_tool(
+            "pg_query",
+            json!({"sql": "SELECT $1::int", "params": ["x"]}),
+        )
+        .await
+        .expect("pg_query");
+    assert!(error_text(&result).contains("parameter $1"), "{result}");
+    let result = client
+        .call_tool("pg_describe_table", json!({"table": "nope"}))
+        .await
+        .expect("describe");
+    assert!(error_text(&result).contains("no table"), "{result}");
+}
+
+#[tokio::test]
+async fn statement_timeout_and_pool_exhaustion_give_clear_errors() {
+    let topology = pg_topology(
+        1,
+        false,
+        &[
+            ("SHOAL_POSTGRES_POOL_MAX", "1"),
+            ("SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS", "1000"),
+            ("SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS", "2000"),
+        ],
+    )
+    .await;
+    let url = topology.mcp_url();
+    let base = topology.replicas[0].base_url();
+    let client = McpClient::modern(&url);
+
+    let result = client
+        .call_tool("pg_query", json!({"sql": "SELECT pg_sleep(5)"}))
+        .await
+        .expect("pg_query");
+    assert!(
+        error_text(&result).contains("statement timeout"),
+        "{result}"
+    );
+
+    // Queued: the second query waits for the only connection and then runs.
+    let first = McpClient::modern(&url);
+    let holder = tokio::spawn(async move {
+        first
+            .call_tool("pg_query", json!({"sql": "SELECT pg_sleep(0.4) AS slept"}))
+            .await
+    });
+    eventually("the first query to hold the connection", WAIT, async || {
+        (metric(&base, "shoal_db_pool_connections_in_use").await >= 1.0).then_some(())
+    })
+    .await;
+    let queued = client
+        .call_tool("pg_query", json!({"sql": "SELECT 1 AS one"}))
+        .await
+        .expect("pg_query");
+    assert_eq!(
+        structured(&queued)["rows"][0]["one"],
+        json!(1),
+        "the queued call ran: {queued}"
+    );
+    assert_ne!(
+        holder.await.expect("join").expect("pg_query")["isError"],
+        json!(true)
+    );
+    assert!(
+        metric(&base, "shoal_db_pool_wait_seconds_sum").await > 0.05,
+        "it did wait for the connection"
+    );
+
+    // Exhausted: the connection is held longer than the acquire timeout.
+    let first = McpClient::modern(&url);
+    let holder = tokio::spawn(async move {
+        first
+            .call_tool("pg_query", json!({"sql": "SELECT pg_sleep(1.8)"}))
+            .await
+    });
+    eventually("the first query to hold the connection", WAIT, async || {
+        (metric(&base, "shoal_db_pool_connections_in_use").await >= 1.0).then_some(())
+    })
+    .await;
+    let refused = client
+        .call_tool("pg_query", json!({"sql": "SELECT 2"}))
+        .await
+        .expect("pg_query");
+    assert!(
+        error_text(&refused).contains("database is busy"),
+        "{refused}"
+    );
+    assert_ne!(
+        holder.await.expect("join").expect("pg_query")["isError"],
+        json!(true)
+    );
+}
+
+#[tokio::test]
+async fn writes_and_outside_changes_notify_subscribers_on_other_replicas() {
+    let topology = pg_topology(3, true, &[]).await;
+    let url = topology.mcp_url();
+    let subscriber = legacy_client(&url).await;
+    subscriber
+        .request(
+            "resources/subscribe",
+            json!({"uri": "postgres://table/public.items"}),
+        )
+        .await
+        .expect("subscribe")
+        .result()
+        .expect("subscribed");
+    let mut stream = subscriber.open_get(None).await.expect("GET");
+    let holder = replica_of(&stream.headers);
+
+    // A write through shoal, on another replica.
+    let writer = McpClient::modern(&url);
+    let mut written_on = holder.clone();
+    for n in 0..6 {
+        let exchange = call_ok(&writer, "pg_execute", json!({"sql": "INSERT INTO items (name, qty) VALUES ($1, $2)", "params": [format!("new-{n}"), n]})).await;
+        let result = exchange.result().expect("result");
+        assert_eq!(
+            structured(result)["changed_tables"],
+            json!(["public.items"])
+        );
+        written_on = replica_of(&exchange.headers);
+        if written_on != holder {
+            break;
+        }
+    }
+    assert_ne!(written_on, holder);
+    next_matching(&mut stream, "the write's notification", |m| {
+        is_update_of(m, "postgres://table/public.items")
+    })
+    .await;
+
+    // Drain what the writes (and the poller seeing them) raised, then change the table from outside.
+    while let Ok(Some(_)) = stream.next_message(Duration::from_millis(1500)).await {}
+    let db = topology
+        .postgres
+        .as_ref()
+        .expect("postgres")
+        .client()
+        .await
+        .expect("connect");
+    db.execute("INSERT INTO items (name) VALUES ('from-psql')", &[])
+        .await
+        .expect("outside insert");
+    drop(db); // a finished backend flushes its statistics
+    next_matching(&mut stream, "the outside change's notification", |m| {
+        is_update_of(m, "postgres://table/public.items")
+    })
+    .await;
+
+    // The resource shows the new row count.
+    let exchange = subscriber
+        .request(
+            "resources/read",
+            json!({"uri": "postgres://table/public.items"}),
+        )
+        .await
+        .expect("read");
+    let text = exchange.result().expect("result")["contents"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let info: Value = serde_json::from_str(&text).expect("json");
+    assert!(
+        info["row_count"].as_i64().unwrap_or_default() >= 27,
+        "{info}"
+    );
+}
+
+#[tokio::test]
+async fn cancellation_cancels_the_query_on_the_server() {
+    let topology = pg_topology(
+        1,
+        false,
+        &[("SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS", "60000")],
+    )
+    .await;
+    let client = legacy_client(&topology.mcp_url()).await;
+    let (id, mut stream) = client
+        .open_request(
+            "tools/call",
+            json!({"name": "pg_query", "arguments": {"sql": "SELECT pg_sleep(30) AS cancel_me"}}),
+        )
+        .await
+        .expect("pg_query");
+    let db = topology
+        .postgres
+        .as_ref()
+        .expect("postgres")
+        .client()
+        .await
+        .expect("connect");
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%cancel_me%' AND pid <> pg_backend_pid()";
+    eventually("the query to run on the server", WAIT, async || {
+        let n: i64 = db.query_one(running, &[]).await.ok()?.get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    let status = client
+        .notify(
+            "notifications/cancelled",
+            json!({"requestId": id, "reason": "test"}),
+        )
+        .await
+        .expect("cancel");
+    assert_eq!(status, 202);
+    eventually(
+        "the query to be cancelled on the server",
+        WAIT,
+        async || {
+            let n: i64 = db.query_one(running, &[]).await.ok()?.get(0);
+            (n == 0).then_some(())
+        },
+    )
+    .await;
+    // The cancelled request ends without a result.
+    loop {
+        match stream.next_message(WAIT).await {
+            Ok(Some(event)) => {
+                let message = event.message.expect("message");
+                assert!(
+                    message.get("result").is_none(),
+                    "a cancelled request gets no result: {message}"
+                );
+            }
+            Ok(None) => break,
+            Err(()) => panic!("the cancelled request's stream stayed open"),
+        }
+    }
+}

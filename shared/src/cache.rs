@@ -1,0 +1,476 @@
+//! The shared TTL result cache, in Redis for a cluster and in memory for the embedded default.
+//!
+//! Entries are keyed by tool, canonical arguments (key order does not matter) and the caller's
+//! partition (`public`, or one per principal for private results). Concurrent misses for one key
+//! run the backend **once in the whole cluster**: the first caller takes a Redis lock and fills the
+//! entry; everyone else, on any replica, waits for the fill announcement on the bus and reads it.
+//! Results that must not be cached (tool errors) are not stored; entries larger than the size cap
+//! are not stored either. Entries are tagged (e.g. with the tables they read) so a write can
+//! invalidate what it changed.
+//!
+//! An entry stays in Redis for twice its TTL: past its TTL it is *stale* and refilled on the next
+//! lookup, and the stale value tells the caller whether the refreshed content differs (resources
+//! use that to raise `notifications/resources/updated`).
+
+use std::{
+    pin::pin,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    backend::{Backend, BackendError},
+    bus::Bus,
+    metrics::Metrics,
+};
+
+/// How fresh a tool's data must be, which decides whether and how long it is cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Configuration, schemas, documentation: minutes to hours.
+    Static,
+    /// Balances, prices, query results: seconds.
+    Dynamic,
+    /// Live data: at most a couple of seconds, or not cached.
+    Realtime,
+    /// Writes: never cached.
+    Write,
+}
+
+impl Freshness {
+    /// The default TTL of the class (`None`: not cached).
+    pub fn default_ttl(self) -> Option<Duration> {
+        match self {
+            Freshness::Static => Some(Duration::from_secs(300)),
+            Freshness::Dynamic => Some(Duration::from_secs(10)),
+            Freshness::Realtime | Freshness::Write => None,
+        }
+    }
+
+    /// Its name in docs and telemetry.
+    pub fn name(self) -> &'static str {
+        match self {
+            Freshness::Static => "static",
+            Freshness::Dynamic => "dynamic",
+            Freshness::Realtime => "realtime",
+            Freshness::Write => "write",
+        }
+    }
+}
+
+/// Cache settings.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// Largest entry stored, in bytes.
+    pub max_entry_bytes: usize,
+    /// How long a filler holds the lock (and others wait) before the lock expires.
+    pub lock_ttl: Duration,
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A fresh entry.
+    Hit,
+    /// Filled by this call (the entry was missing).
+    Miss,
+    /// Filled by this call; a stale entry existed.
+    Stale,
+    /// Filled by a concurrent call, possibly on another replica, while this one waited.
+    Coalesced,
+    /// Not cached (the cache is unavailable, or the result may not be cached).
+    Bypass,
+}
+
+impl Source {
+    /// The telemetry label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Hit => "hit",
+            Source::Miss => "miss",
+            Source::Stale => "stale",
+            Source::Coalesced => "coalesced",
+            Source::Bypass => "bypass",
+        }
+    }
+}
+
+/// A value from the cache or from the backend.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The serialized result.
+    pub value: String,
+    /// Where it came from.
+    pub source: Source,
+    /// The stale value it replaced, when the entry was refilled after expiring.
+    pub previous: Option<String>,
+}
+
+/// What a backend fill produced.
+#[derive(Debug, Clone)]
+pub struct Fill {
+    /// The serialized result.
+    pub value: String,
+    /// Whether it may be stored (tool errors may not).
+    pub cacheable: bool,
+}
+
+/// The result cache. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ResultCache {
+    backend: Backend,
+    bus: Bus,
+    metrics: Metrics,
+    options: CacheOptions,
+}
+
+/// JSON with object keys sorted at every level, compact.
+pub fn canonical_json(value: &Value) -> String {
+    fn sorted(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                Value::Object(
+                    entries
+                        .into_iter()
+                        .map(|(k, v)| (k.clone(), sorted(v)))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(value).to_string()
+}
+
+/// The entry id of `tool` called with `arguments` by `partition`.
+pub fn entry_id(tool: &str, arguments: &Value, partition: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(tool.as_bytes());
+    hasher.update([0]);
+    hasher.update(canonical_json(arguments).as_bytes());
+    hasher.update([0]);
+    hasher.update(partition.as_bytes());
+    let digest = hasher.finalize();
+    format!("{tool}:{}", hex::encode(&digest[..16]))
+}
+
+/// A partition name for a principal (e.g. an `Authorization` header): never the secret itself.
+pub fn private_partition(principal: &str) -> String {
+    let digest = Sha256::digest(principal.as_bytes());
+    format!("p-{}", hex::encode(&digest[..12]))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// `(fresh, value)` of a stored entry (`{fresh_until_ms}\n{value}`).
+fn decode(raw: &str) -> Option<(bool, &str)> {
+    let (until, value) = raw.split_once('\n')?;
+    Some((until.parse::<u64>().ok()? > now_ms(), value))
+}
+
+impl ResultCache {
+    /// A cache over `backend`, announcing fills on `bus`.
+    pub fn new(backend: Backend, bus: Bus, metrics: Metrics, options: CacheOptions) -> Self {
+        Self {
+            backend,
+            bus,
+            metrics,
+            options,
+        }
+    }
+
+    /// Returns the entry `id` if fresh, else runs `fill` once for the whole cluster and stores its
+    /// result for `ttl` under `tags`. Errors of `fill` are returned, not cached.
+    ///
+    /// # Errors
+    /// Only what `fill` returns: an unavailable cache degrades to running `fill` directly.
+    pub async fn get_or_fill<E>(
+        &self,
+        id: &str,
+        ttl: Duration,
+        tags: &[String],
+        fill: impl Future<Output = Result<Fill, E>>,
+    ) -> Result<Answer, E> {
+        let start = Instant::now();
+        let previous = match self.backend.cache_get(id).await {
+            Ok(Some(raw)) => match decode(&raw) {
+                Some((true, value)) => {
+                    self.metrics.cache_lookup("hit");
+                    self.metrics.cache_hit(start.elapsed());
+                    return Ok(Answer {
+                        value: value.to_owned(),
+                        source: Source::Hit,
+                        previous: None,
+                    });
+                }
+                Some((false, value)) => Some(value.to_owned()),
+                None => None,
+            },
+            Ok(None) => None,
+            Err(error) => return self.bypass(error, fill).await,
+        };
+        let owner = format!("{}:{}", self.bus.tag(), rand::random::<u64>());
+        let mut fill = Some(fill);
+        // A few rounds: a filler whose result could not be stored leaves the others to try.
+        for _ in 0..3 {
+            let waiter = self.bus.cache_waiter(id);
+            let mut announced = pin!(waiter.notify.notified());
+            announced.as_mut().enable();
+            match self
+                .backend
+                .cache_lock(id, &owner, self.options.lock_ttl)
+                .await
+            {
+                Ok(true) => {
+                    let Some(fill) = fill.take() else { break };
+                    return self
+                        .fill_and_store(id, ttl, tags, &owner, previous, fill)
+                        .await;
+                }
+                Ok(false) => {
+                    let _ = tokio::time::timeout(self.options.lock_ttl, announced).await;
+                    if let Ok(Some(raw)) = self.backend.cache_get(id).await
+                        && let Some((true, value)) = decode(&raw)
+                    {
+                        self.metrics.cache_lookup("coalesced");
+                        return Ok(Answer {
+                            value: value.to_owned(),
+                            source: Source::Coalesced,
+                            previous: None,
+                        });
+                    }
+                }
+                Err(error) => {
+                    if let Some(fill) = fill.take() {
+                        return self.bypass(error, fill).await;
+                    }
+                    break;
+                }
+            }
+        }
+        match fill.take() {
+            Some(fill) => {
+                self.metrics.cache_lookup("bypass");
+                let filled = fill.await?;
+                Ok(Answer {
+                    value: filled.value,
+                    source: Source::Bypass,
+                    previous: None,
+                })
+            }
+            None => unreachable!("the fill runs at most once and returns"),
+        }
+    }
+
+    async fn fill_and_store<E>(
+        &self,
+        id: &str,
+        ttl: Duration,
+        tags: &[String],
+        owner: &str,
+        previous: Option<String>,
+        fill: impl Future<Output = Result<Fill, E>>,
+    ) -> Result<Answer, E> {
+        let result = fill.await;
+        let stored = match &result {
+            Ok(filled)
+                if filled.cacheable && filled.value.len() <= self.options.max_entry_bytes =>
+            {
+                let raw = format!("{}\n{}", now_ms() + ttl.as_millis() as u64, filled.value);
+                // Kept for a second TTL as a stale copy, to compare the refreshed content with.
+                match self.backend.cache_store(id, &raw, ttl * 2, tags).await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::debug!(%error, "cache store failed");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if !stored {
+            let _ = self.backend.cache_announce(id).await;
+        }
+        let _ = self.backend.cache_unlock(id, owner).await;
+        let filled = result?;
+        let source = match (&previous, stored) {
+            (_, false) => Source::Bypass,
+            (Some(_), true) => Source::Stale,
+            (None, true) => Source::Miss,
+        };
+        self.metrics.cache_lookup(source.label());
+        Ok(Answer {
+            value: filled.value,
+            source,
+            previous,
+        })
+    }
+
+    async fn bypass<E>(
+        &self,
+        error: BackendError,
+        fill: impl Future<Output = Result<Fill, E>>,
+    ) -> Result<Answer, E> {
+        tracing::debug!(%error, "result cache unavailable; calling the backend directly");
+        self.metrics.cache_lookup("bypass");
+        let filled = fill.await?;
+        Ok(Answer {
+            value: filled.value,
+            source: Source::Bypass,
+            previous: None,
+        })
+    }
+
+    /// Drops every entry recorded under `tags` (after a write changed what they depend on).
+    pub async fn invalidate(&self, tags: &[String]) {
+        match self.backend.cache_invalidate(tags).await {
+            Ok(deleted) => self.metrics.cache_invalidated(deleted),
+            Err(error) => {
+                tracing::warn!(%error, "cache invalidation failed; entries expire with their TTL")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::*;
+    use crate::{
+        backend::{BackendConfig, MemoryBackend},
+        ids::ReplicaTag,
+        keys::Keys,
+    };
+
+    fn cache() -> ResultCache {
+        let metrics = Metrics::new();
+        let (bus, _control) = Bus::new(Keys::new("t"), ReplicaTag::generate(), metrics.clone());
+        let config = BackendConfig {
+            session_ttl: Duration::from_secs(60),
+            event_log_max_len: 10,
+            event_retention: Duration::from_secs(60),
+            max_subscriptions_per_session: 10,
+            kv_max_keys: 10,
+            redis_timeout: Duration::from_secs(1),
+            redis_pool_size: 1,
+        };
+        let backend = Backend::Memory(MemoryBackend::new(config, bus.clone(), metrics.clone()));
+        ResultCache::new(
+            backend,
+            bus,
+            metrics,
+            CacheOptions {
+                max_entry_bytes: 1024,
+                lock_ttl: Duration::from_secs(2),
+            },
+        )
+    }
+
+    #[test]
+    fn key_order_does_not_matter() {
+        let a = serde_json::json!({"b": 1, "a": {"y": [1, {"d": 1, "c": 2}], "x": null}});
+        let b = serde_json::json!({"a": {"x": null, "y": [1, {"c": 2, "d": 1}]}, "b": 1});
+        assert_eq!(canonical_json(&a), canonical_json(&b));
+        assert_eq!(entry_id("t", &a, "public"), entry_id("t", &b, "public"));
+        assert_ne!(
+            entry_id("t", &a, "public"),
+            entry_id("t", &a, &private_partition("bearer x"))
+        );
+        assert_ne!(entry_id("t", &a, "public"), entry_id("u", &a, "public"));
+        assert!(!private_partition("Bearer secret").contains("secret"));
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_fill_once() {
+        let cache = cache();
+        let executions = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let cache = cache.clone();
+            let executions = executions.clone();
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_fill::<()>("k", Duration::from_secs(10), &[], async {
+                        executions.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(Fill {
+                            value: "v".into(),
+                            cacheable: true,
+                        })
+                    })
+                    .await
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.expect("join").expect("answer").value, "v");
+        }
+        assert_eq!(executions.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn errors_and_large_values_are_not_stored_and_tags_invalidate() {
+        let cache = cache();
+        let tags = ["t1".to_owned()];
+        let run = |value: &'static str, cacheable: bool| {
+            cache.get_or_fill::<()>("k", Duration::from_secs(10), &tags, async move {
+                Ok(Fill {
+                    value: value.into(),
+                    cacheable,
+                })
+            })
+        };
+        assert_eq!(
+            run("error", false).await.expect("answer").source,
+            Source::Bypass
+        );
+        assert_eq!(run("v1", true).await.expect("answer").source, Source::Miss);
+        assert_eq!(run("v2", true).await.expect("answer").value, "v1", "a hit");
+        cache.invalidate(&["t1".to_owned()]).await;
+        assert_eq!(
+            run("v3", true).await.expect("answer").value,
+            "v3",
+            "invalidated"
+        );
+        let big: &'static str = Box::leak("x".repeat(2000).into_boxed_str());
+        cache.invalidate(&["t1".to_owned()]).await;
+        assert_eq!(run(big, true).await.expect("answer").source, Source::Bypass);
+    }
+
+    #[tokio::test]
+    async fn expired_entries_are_refilled_with_the_previous_value() {
+        let cache = cache();
+        let run = |value: &'static str| {
+            cache.get_or_fill::<()>("k", Duration::from_millis(50), &[], async move {
+                Ok(Fill {
+                    value: value.into(),
+                    cacheable: true,
+                })
+            })
+        };
+        run("v1").await.expect("answer");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let answer = run("v2").await.expect("answer");
+        assert_eq!(
+            (
+                answer.source,
+                answer.previous.as_deref(),
+                answer.value.as_str()
+            ),
+            (Source::Stale, Some("v1"), "v2")
+        );
+    }
+}
