@@ -21,6 +21,10 @@ struct Args {
     /// Do not start the balancer (clients talk to replicas directly).
     #[arg(long)]
     no_balancer: bool,
+    /// Also start PostgreSQL with the demo schema (deploy/postgres/demo.sql) for the postgres
+    /// toolset.
+    #[arg(long)]
+    postgres: bool,
     /// Port of the balancer (a free port when unset).
     #[arg(long)]
     port: Option<u16>,
@@ -73,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
     options.redis = !args.embedded;
     options.balancer = !args.embedded && !args.no_balancer;
     options.balancer_port = args.port;
+    options.postgres = args.postgres;
     options.keep_dir = args.keep_logs;
     options.env = args.env;
     let topology = Topology::start(options)
@@ -101,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         let ready = serde_json::json!({
             "mcp_url": topology.mcp_url(),
             "redis_url": topology.redis.as_ref().map(|r| r.url()),
+            "database_url": topology.postgres.as_ref().map(|p| p.url()),
             "prefix": topology.prefix,
             "replicas": topology.replicas.iter().map(|r| serde_json::json!({
                 "name": r.name, "mcp_url": r.mcp_url(), "base_url": r.base_url(), "log": r.log(), "pid": r.pid(),
