@@ -83,6 +83,12 @@ enum Command {
         /// Milliseconds the slow tool (`sleep`) takes.
         #[arg(long, default_value_t = 200)]
         slow_ms: u64,
+        /// Rounds of the CPU-bound tool (`hash`), each call with new data.
+        #[arg(long, default_value_t = 1_000_000)]
+        hash_rounds: u64,
+        /// The statement `pg_query` runs.
+        #[arg(long, default_value = "SELECT count(*) AS deployments FROM deployments")]
+        pg_sql: String,
         /// Shell command run at --chaos-at (e.g. kill a replica).
         #[arg(long, requires = "chaos_at")]
         chaos_cmd: Option<String>,
@@ -141,6 +147,8 @@ async fn main() -> ExitCode {
             mix,
             subscribe,
             slow_ms,
+            hash_rounds,
+            pg_sql,
             chaos_cmd,
             chaos_at,
             restart_cmd,
@@ -188,6 +196,8 @@ async fn main() -> ExitCode {
                 mix,
                 subscribe: subscribe.unwrap_or(baseline),
                 slow_ms,
+                hash_rounds,
+                pg_sql,
                 chaos: chaos_cmd.zip(chaos_at).map(|(command, at)| Chaos {
                     at,
                     command,

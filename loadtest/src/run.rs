@@ -91,6 +91,10 @@ pub struct RunConfig {
     pub subscribe: bool,
     /// `sleep` duration for the slow tool, ms.
     pub slow_ms: u64,
+    /// Rounds of `hash` (the CPU-bound tool).
+    pub hash_rounds: u64,
+    /// The statement `pg_query` runs.
+    pub pg_sql: String,
     /// Chaos hook.
     pub chaos: Option<Chaos>,
 }
@@ -140,6 +144,9 @@ impl Worker {
             }
             "sleep" => json!({"ms": self.config.slow_ms}),
             "echo" => json!({"text": "hello"}),
+            "hash" => json!({"data": format!("lt-{}", rng.random::<u64>()), "rounds": self.config.hash_rounds}),
+            "get_balance" => json!({"address": "4Nd1mYQ9P8Ew7ZsDMhCXHqkuhbuBFvf6VGK2mX4EdhyS"}),
+            "pg_query" => json!({"sql": self.config.pg_sql}),
             _ => json!({}),
         }
     }
