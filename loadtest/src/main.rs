@@ -87,7 +87,10 @@ enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         hash_rounds: u64,
         /// The statement `pg_query` runs.
-        #[arg(long, default_value = "SELECT count(*) AS deployments FROM deployments")]
+        #[arg(
+            long,
+            default_value = "SELECT count(*) AS deployments FROM deployments"
+        )]
         pg_sql: String,
         /// Shell command run at --chaos-at (e.g. kill a replica).
         #[arg(long, requires = "chaos_at")]

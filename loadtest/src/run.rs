@@ -144,7 +144,9 @@ impl Worker {
             }
             "sleep" => json!({"ms": self.config.slow_ms}),
             "echo" => json!({"text": "hello"}),
-            "hash" => json!({"data": format!("lt-{}", rng.random::<u64>()), "rounds": self.config.hash_rounds}),
+            "hash" => {
+                json!({"data": format!("lt-{}", rng.random::<u64>()), "rounds": self.config.hash_rounds})
+            }
             "get_balance" => json!({"address": "4Nd1mYQ9P8Ew7ZsDMhCXHqkuhbuBFvf6VGK2mX4EdhyS"}),
             "pg_query" => json!({"sql": self.config.pg_sql}),
             _ => json!({}),

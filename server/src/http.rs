@@ -28,10 +28,13 @@ use hyper_util::{
 };
 use rmcp::{model::ProtocolVersion, transport::streamable_http_server::StreamableHttpService};
 use serde::Deserialize;
-use tokio::net::TcpListener;
+use shoal_shared::telemetry;
+use tokio::{net::TcpListener, time::Instant};
+use tracing::{Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
-    mcp::{cluster::ClusterSessionManager, handler::ShoalHandler},
+    mcp::{cluster::ClusterSessionManager, handler::ShoalHandler, trace::HttpTrace},
     state::AppState,
 };
 
@@ -78,19 +81,45 @@ impl HttpService {
         }
     }
 
-    /// Handles one request.
+    /// Handles one request. Measured in `shoal_http_request_duration_seconds` until its response
+    /// body ends; an MCP request is traced in an HTTP server span that lives as long.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        let mut response = self.route(request).await;
+        let start = Instant::now();
+        let method = method_label(request.method());
+        let route = route_label(request.uri().path());
+        let mut span = Span::none();
+        let mut response = self.route(request, &mut span).await;
         response
             .headers_mut()
             .insert("x-shoal-replica", self.replica.clone());
-        response
+        let status = response.status().as_u16();
+        if !span.is_none() {
+            span.record("http.response.status_code", i64::from(status));
+            if status >= 500 {
+                telemetry::mark_error(&span, &status.to_string());
+            }
+        }
+        let finish = Finish {
+            metrics: self.state.metrics.clone(),
+            method,
+            route,
+            status,
+            start,
+            _span: span,
+        };
+        response.map(|body| {
+            ObservedBody {
+                inner: body,
+                finish: Some(finish),
+            }
+            .boxed()
+        })
     }
 
-    async fn route(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn route(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
         let path = request.uri().path();
         match (request.method(), path) {
-            (_, "/mcp") => self.mcp(request).await,
+            (_, "/mcp") => self.mcp(request, span).await,
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => self.readyz().await,
             (&Method::GET, "/metrics") => Response::builder()
@@ -124,7 +153,7 @@ impl HttpService {
         response
     }
 
-    async fn mcp(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn mcp(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
         if let Err(rejection) = self.policy.check(request.uri(), request.headers()) {
             tracing::info!(
                 reason = rejection.reason,
@@ -133,7 +162,7 @@ impl HttpService {
             return self.reject(rejection.reason, text(rejection.status, rejection.message));
         }
         match *request.method() {
-            Method::POST => self.post(request).await,
+            Method::POST => self.post(request, span).await,
             Method::GET => {
                 if self.streams_full() {
                     return self.reject(
@@ -141,11 +170,17 @@ impl HttpService {
                         busy(None, "this replica has too many open streams"),
                     );
                 }
-                let (parts, _) = request.into_parts();
+                let (mut parts, _) = request.into_parts();
+                *span = http_span(&mut parts, None);
                 self.forward(Request::from_parts(parts, Full::new(Bytes::new())), None)
+                    .instrument(span.clone())
                     .await
             }
-            Method::DELETE => self.delete(request.headers()).await,
+            Method::DELETE => {
+                let (mut parts, _) = request.into_parts();
+                *span = http_span(&mut parts, None);
+                self.delete(&parts.headers).instrument(span.clone()).await
+            }
             _ => method_not_allowed("GET, POST, DELETE"),
         }
     }
@@ -156,8 +191,8 @@ impl HttpService {
         open.max(0) as usize >= self.state.config.max_streams
     }
 
-    async fn post(&self, request: Request<Incoming>) -> Response<Body> {
-        let (parts, body) = request.into_parts();
+    async fn post(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
+        let (mut parts, body) = request.into_parts();
         // Accept and Content-Type are checked by rmcp (406, 415) before it reads the body: send it
         // nothing to read when they are wrong.
         if !is_json(&parts.headers) {
@@ -225,10 +260,12 @@ impl HttpService {
                 busy(envelope.id.as_ref(), "this replica holds too many sessions"),
             );
         }
+        *span = http_span(&mut parts, envelope.traceparent.as_deref());
         self.forward(
             Request::from_parts(parts, Full::new(bytes)),
             envelope.id.as_ref(),
         )
+        .instrument(span.clone())
         .await
     }
 
@@ -283,6 +320,129 @@ impl HttpService {
     }
 }
 
+/// The HTTP server span of an MCP request (`POST /mcp`, ...), child of the trace context the client
+/// sent: `params._meta.traceparent` when the message has one, else the `traceparent` header. Its
+/// context goes into the request's extensions, where the MCP handler finds its parent.
+fn http_span(parts: &mut http::request::Parts, meta_traceparent: Option<&str>) -> Span {
+    let method = method_label(&parts.method);
+    let span = shoal_shared::otel_span!(
+        "http",
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        http.request.method = method,
+        http.route = "/mcp",
+        url.path = "/mcp",
+        url.scheme = "http",
+        network.protocol.name = "http",
+        network.protocol.version = tracing::field::Empty,
+        user_agent.original = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        mcp.session.id = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if span.is_none() {
+        return span;
+    }
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let parent = match meta_traceparent {
+        Some(traceparent) => telemetry::context_from_traceparent(traceparent, None),
+        None => header("traceparent").and_then(|traceparent| {
+            telemetry::context_from_traceparent(traceparent, header("tracestate"))
+        }),
+    };
+    if let Some(parent) = parent {
+        let _ = span.set_parent(parent);
+    }
+    span.record("otel.name", format!("{method} /mcp"));
+    span.record(
+        "network.protocol.version",
+        match parts.version {
+            http::Version::HTTP_2 => "2",
+            http::Version::HTTP_10 => "1.0",
+            _ => "1.1",
+        },
+    );
+    if let Some(agent) = header("user-agent") {
+        span.record("user_agent.original", agent);
+    }
+    if let Some(session) = header("mcp-session-id") {
+        span.record("mcp.session.id", session);
+    }
+    parts.extensions.insert(HttpTrace(span.context()));
+    span
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        _ => "_OTHER",
+    }
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/mcp" => "/mcp",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        _ => "other",
+    }
+}
+
+/// Records the request in the HTTP metrics, and ends its span, when the response body ends or is
+/// dropped.
+struct Finish {
+    metrics: shoal_shared::metrics::Metrics,
+    method: &'static str,
+    route: &'static str,
+    status: u16,
+    start: Instant,
+    _span: Span,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.metrics
+            .http_request(self.method, self.route, self.status, self.start.elapsed());
+    }
+}
+
+/// A response body that reports its end to [`Finish`].
+struct ObservedBody {
+    inner: Body,
+    finish: Option<Finish>,
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.finish.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 fn known_version(value: &str) -> Option<ProtocolVersion> {
     ProtocolVersion::KNOWN_VERSIONS
         .iter()
@@ -303,6 +463,8 @@ fn is_json(headers: &HeaderMap) -> bool {
 struct Envelope {
     is_initialize: bool,
     id: Option<serde_json::Value>,
+    /// `params._meta.traceparent` (2026-07-28 trace context propagation).
+    traceparent: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -314,9 +476,23 @@ struct RawEnvelope<'a> {
     #[serde(default)]
     id: Option<serde_json::Value>,
     #[serde(default)]
+    params: Option<RawParams>,
+    #[serde(default)]
     result: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct RawParams {
+    #[serde(rename = "_meta", default)]
+    meta: Option<RawMeta>,
+}
+
+#[derive(Deserialize)]
+struct RawMeta {
+    #[serde(default)]
+    traceparent: Option<serde_json::Value>,
 }
 
 impl Envelope {
@@ -354,6 +530,11 @@ impl Envelope {
         Ok(Envelope {
             is_initialize: raw.method.as_deref() == Some("initialize"),
             id: raw.id,
+            traceparent: raw
+                .params
+                .and_then(|p| p.meta)
+                .and_then(|m| m.traceparent)
+                .and_then(|tp| tp.as_str().map(str::to_owned)),
         })
     }
 }

@@ -18,7 +18,7 @@ pub mod tools;
 use std::{
     future::Future,
     sync::{Arc, atomic::AtomicBool, atomic::Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -207,6 +207,7 @@ impl App {
         let background = CancellationToken::new();
         tokio::spawn(sessions.clone().run_control(control));
         tokio::spawn(janitor(backend.clone(), tag, background.clone()));
+        tokio::spawn(probe(state.clone(), background.clone()));
         if state.db.is_some() {
             tokio::spawn(tools::postgres::run_change_poller(
                 state.clone(),
@@ -255,6 +256,59 @@ impl App {
         self.state.backend.shutdown().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How often the system probe samples CPU, memory and the runtime.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A bus round-trip probe goes out every this many system probes.
+const BUS_PROBE_EVERY: u32 = 5;
+
+/// Samples the system metrics every second: CPU time, RSS, the runtime's busy ratio and its
+/// scheduling delay (how long a freshly spawned task waits to be polled: the event-loop lag); and
+/// every few seconds sends a probe around the cluster bus to measure its lag.
+async fn probe(state: Arc<AppState>, stop: CancellationToken) {
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let busy_total = |runtime: &tokio::runtime::RuntimeMetrics| -> Duration {
+        (0..runtime.num_workers())
+            .map(|worker| runtime.worker_total_busy_duration(worker))
+            .sum()
+    };
+    let mut last_busy = busy_total(&runtime);
+    let mut last_cpu = shoal_shared::metrics::process_cpu_seconds().unwrap_or_default();
+    let mut last_at = Instant::now();
+    let mut every = tokio::time::interval(PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for round in 0u32.. {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let metrics = &state.metrics;
+        let spawned = Instant::now();
+        if let Ok(delay) = tokio::spawn(async move { spawned.elapsed() }).await {
+            metrics.scheduling_delay(delay);
+        }
+        let now = Instant::now();
+        let busy = busy_total(&runtime);
+        let workers = runtime.num_workers();
+        let wall = now.duration_since(last_at).as_secs_f64() * workers as f64;
+        if wall > 0.0 {
+            let ratio = busy.saturating_sub(last_busy).as_secs_f64() / wall;
+            metrics.runtime_sample(ratio.clamp(0.0, 1.0), workers);
+        }
+        last_busy = busy;
+        last_at = now;
+        if let Some(cpu) = shoal_shared::metrics::process_cpu_seconds() {
+            metrics.process_cpu_add(cpu - last_cpu);
+            last_cpu = cpu;
+        }
+        metrics.sample_process();
+        if round % BUS_PROBE_EVERY == 0
+            && let Err(error) = state.backend.publish_probe(&state.bus.probe()).await
+        {
+            tracing::debug!(%error, "bus probe not sent");
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{Notify, mpsc};
@@ -62,6 +63,8 @@ pub enum ControlMessage {
         session: String,
         /// The notification, serialized.
         payload: String,
+        /// The W3C `traceparent` of the span that broadcast it, while tracing.
+        trace: Option<String>,
     },
     /// A client's JSON-RPC response to a request this replica sent (sampling, elicitation, ping)
     /// arrived at another replica: deliver it to the local worker of the session.
@@ -70,14 +73,21 @@ pub enum ControlMessage {
         session: String,
         /// The response, serialized.
         payload: String,
+        /// The W3C `traceparent` of the span that forwarded it, while tracing.
+        trace: Option<String>,
     },
 }
 
 /// What a `subscriptions/listen` stream is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenEvent {
-    /// `notifications/resources/updated` for this URI.
-    ResourceUpdated(String),
+    /// `notifications/resources/updated`.
+    ResourceUpdated {
+        /// The resource.
+        uri: String,
+        /// The W3C `traceparent` of the span that raised it, while tracing.
+        trace: Option<String>,
+    },
     /// A list changed.
     ListChanged(ListKind),
 }
@@ -254,6 +264,8 @@ struct BusInner {
     control_tx: mpsc::Sender<ControlMessage>,
     shutdown: CancellationToken,
     metrics: Metrics,
+    /// Reference point of round-trip probes.
+    epoch: Instant,
 }
 
 /// The replica's message demultiplexer. Cheap to clone.
@@ -284,6 +296,7 @@ impl Bus {
             control_tx,
             shutdown: CancellationToken::new(),
             metrics,
+            epoch: Instant::now(),
         };
         (
             Self {
@@ -291,6 +304,12 @@ impl Bus {
             },
             control_rx,
         )
+    }
+
+    /// A round-trip probe to publish on this replica's own channel (see
+    /// [`crate::backend::Backend::publish_probe`]).
+    pub fn probe(&self) -> String {
+        encode_probe(self.inner.epoch.elapsed().as_nanos() as u64)
     }
 
     /// This replica's tag.
@@ -527,8 +546,20 @@ impl Bus {
                 self.control(ControlMessage::Forward {
                     session: session.to_owned(),
                     payload: body.to_owned(),
+                    trace: words.next().map(str::to_owned),
                 });
                 Ok("forward")
+            }
+            Some("png") => {
+                let sent: u64 = words
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("bad probe")?;
+                let now = self.inner.epoch.elapsed().as_nanos() as u64;
+                self.inner
+                    .metrics
+                    .bus_roundtrip(Duration::from_nanos(now.saturating_sub(sent)));
+                Ok("probe")
             }
             _ => Err("unknown directed message"),
         }
@@ -579,6 +610,7 @@ impl Bus {
                     self.control(ControlMessage::Cancel {
                         session: session.to_owned(),
                         payload: body.to_owned(),
+                        trace: words.next().map(str::to_owned),
                     });
                 }
                 Ok("cancel")
@@ -595,16 +627,25 @@ impl Bus {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let (event, targets): (ListenEvent, Vec<&Listener>) = match kind {
-            "u" => (
-                ListenEvent::ResourceUpdated(arg.to_owned()),
-                listeners
-                    .by_uri
-                    .get(arg)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|id| listeners.by_id.get(id))
-                    .collect(),
-            ),
+            "u" => {
+                let (uri, trace) = match arg.split_once('\n') {
+                    Some((uri, trace)) => (uri, Some(trace.to_owned())),
+                    None => (arg, None),
+                };
+                (
+                    ListenEvent::ResourceUpdated {
+                        uri: uri.to_owned(),
+                        trace,
+                    },
+                    listeners
+                        .by_uri
+                        .get(uri)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|id| listeners.by_id.get(id))
+                        .collect(),
+                )
+            }
             "l" => {
                 let list = ListKind::parse(arg).ok_or("unknown list")?;
                 (
@@ -655,8 +696,16 @@ pub fn encode_feed_event(session: &str, stream: u64, id: EventId, payload: &str)
 }
 
 /// Wire format of a forwarded client response.
-pub fn encode_forward(session: &str, payload: &str) -> String {
-    format!("fwd {session}\n{payload}")
+pub fn encode_forward(session: &str, trace: Option<&str>, payload: &str) -> String {
+    match trace {
+        Some(trace) => format!("fwd {session} {trace}\n{payload}"),
+        None => format!("fwd {session}\n{payload}"),
+    }
+}
+
+/// Wire format of a bus round-trip probe sent `sent_nanos` after the bus's epoch.
+pub fn encode_probe(sent_nanos: u64) -> String {
+    format!("png {sent_nanos}\n")
 }
 
 /// Wire format of "session deleted".
@@ -665,13 +714,24 @@ pub fn encode_session_deleted(session: &str) -> String {
 }
 
 /// Wire format of a cancellation broadcast from replica `origin`.
-pub fn encode_cancel(origin: &ReplicaTag, session: &str, payload: &str) -> String {
-    format!("cancel {origin} {session}\n{payload}")
+pub fn encode_cancel(
+    origin: &ReplicaTag,
+    session: &str,
+    trace: Option<&str>,
+    payload: &str,
+) -> String {
+    match trace {
+        Some(trace) => format!("cancel {origin} {session} {trace}\n{payload}"),
+        None => format!("cancel {origin} {session}\n{payload}"),
+    }
 }
 
 /// Wire format of "resource updated".
-pub fn encode_resource_updated(uri: &str) -> String {
-    format!("u {uri}")
+pub fn encode_resource_updated(uri: &str, trace: Option<&str>) -> String {
+    match trace {
+        Some(trace) => format!("u {uri}\n{trace}"),
+        None => format!("u {uri}"),
+    }
 }
 
 /// Wire format of "cache entry filled".
@@ -692,6 +752,8 @@ pub fn feed_holder(tag: &ReplicaTag, stream: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     fn bus() -> (Bus, mpsc::Receiver<ControlMessage>) {
         Bus::new(Keys::new("t"), ReplicaTag::generate(), Metrics::new())
@@ -765,17 +827,18 @@ mod tests {
         let other = ReplicaTag::generate();
         bus.dispatch(
             &bus.keys().control_channel(),
-            encode_cancel(bus.tag(), "s1", "{}").as_bytes(),
+            encode_cancel(bus.tag(), "s1", None, "{}").as_bytes(),
         );
         bus.dispatch(
             &bus.keys().control_channel(),
-            encode_cancel(&other, "s1", "{\"x\":1}").as_bytes(),
+            encode_cancel(&other, "s1", Some(TRACE), "{\"x\":1}").as_bytes(),
         );
         assert_eq!(
             control.recv().await,
             Some(ControlMessage::Cancel {
                 session: "s1".into(),
-                payload: "{\"x\":1}".into()
+                payload: "{\"x\":1}".into(),
+                trace: Some(TRACE.into()),
             })
         );
         assert!(control.try_recv().is_err());
@@ -791,14 +854,20 @@ mod tests {
             .register_listener(["kv://b".to_owned()], [ListKind::Resources])
             .expect("register");
         let channel = bus.keys().resource_channel();
-        bus.dispatch(&channel, encode_resource_updated("kv://a").as_bytes());
+        bus.dispatch(
+            &channel,
+            encode_resource_updated("kv://a", Some(TRACE)).as_bytes(),
+        );
         bus.dispatch(
             &channel,
             encode_list_changed(ListKind::Resources).as_bytes(),
         );
         assert_eq!(
             a.events.recv().await,
-            Some(ListenEvent::ResourceUpdated("kv://a".into()))
+            Some(ListenEvent::ResourceUpdated {
+                uri: "kv://a".into(),
+                trace: Some(TRACE.into())
+            })
         );
         assert!(a.events.try_recv().is_err());
         assert_eq!(

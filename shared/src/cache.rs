@@ -201,6 +201,29 @@ impl ResultCache {
         tags: &[String],
         fill: impl Future<Output = Result<Fill, E>>,
     ) -> Result<Answer, E> {
+        let span = crate::otel_child_span!(
+            "cache lookup",
+            shoal.cache.outcome = tracing::field::Empty,
+            shoal.cache.ttl_ms = ttl.as_millis() as i64,
+        );
+        let result =
+            tracing::Instrument::instrument(self.lookup(id, ttl, tags, fill), span.clone()).await;
+        match &result {
+            Ok(answer) => {
+                span.record("shoal.cache.outcome", answer.source.label());
+            }
+            Err(_) => crate::telemetry::mark_error(&span, "fill_error"),
+        }
+        result
+    }
+
+    async fn lookup<E>(
+        &self,
+        id: &str,
+        ttl: Duration,
+        tags: &[String],
+        fill: impl Future<Output = Result<Fill, E>>,
+    ) -> Result<Answer, E> {
         let start = Instant::now();
         let previous = match self.backend.cache_get(id).await {
             Ok(Some(raw)) => match decode(&raw) {

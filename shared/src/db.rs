@@ -307,13 +307,30 @@ impl Database {
         cancel: &CancellationToken,
     ) -> Result<QueryOutput, DbError> {
         let sql = trim_statement(sql)?;
+        let span = db_span("SELECT", first_table(sql));
+        let result = self
+            .observed("SELECT", &span, self.read_inner(sql, params, cancel))
+            .await;
+        if let Ok(output) = &result {
+            span.record("db.response.returned_rows", output.rows.len() as i64);
+        }
+        result
+    }
+
+    /// Measures one operation (`shoal_db_operation_duration_seconds`, and `span` while tracing).
+    async fn observed<T>(
+        &self,
+        operation: &'static str,
+        span: &tracing::Span,
+        step: impl Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
         let start = Instant::now();
-        let result = self.read_inner(sql, params, cancel).await;
-        self.metrics.db_operation(
-            "SELECT",
-            result.as_ref().err().map(DbError::kind),
-            start.elapsed(),
-        );
+        let result = tracing::Instrument::instrument(step, span.clone()).await;
+        let error = result.as_ref().err().map(DbError::kind);
+        self.metrics.db_operation(operation, error, start.elapsed());
+        if let Some(kind) = error {
+            crate::telemetry::mark_error(span, kind);
+        }
         result
     }
 
@@ -415,14 +432,9 @@ impl Database {
         cancel: &CancellationToken,
     ) -> Result<WriteOutput, DbError> {
         let sql = trim_statement(sql)?;
-        let start = Instant::now();
-        let result = self.write_inner(sql, params, cancel).await;
-        self.metrics.db_operation(
-            "WRITE",
-            result.as_ref().err().map(DbError::kind),
-            start.elapsed(),
-        );
-        result
+        let span = db_span("WRITE", first_table(sql));
+        self.observed("WRITE", &span, self.write_inner(sql, params, cancel))
+            .await
     }
 
     async fn write_inner(
@@ -466,8 +478,8 @@ impl Database {
     /// # Errors
     /// See [`DbError`].
     pub async fn list_tables(&self) -> Result<Vec<String>, DbError> {
-        let start = Instant::now();
-        let result = async {
+        let span = db_span("LIST", Some("information_schema.tables"));
+        let list = async {
             let connection = self.connection().await?;
             let rows = connection
                 .query(
@@ -479,14 +491,8 @@ impl Database {
                 .await
                 .map_err(|e| self.pg(e))?;
             Ok(rows.iter().map(|row| row.get(0)).collect())
-        }
-        .await;
-        self.metrics.db_operation(
-            "LIST",
-            result.as_ref().err().map(DbError::kind),
-            start.elapsed(),
-        );
-        result
+        };
+        self.observed("LIST", &span, list).await
     }
 
     /// Columns, primary key and row count of `table` (`name` or `schema.name`).
@@ -494,14 +500,9 @@ impl Database {
     /// # Errors
     /// [`DbError::Invalid`] when the table does not exist.
     pub async fn describe(&self, table: &str) -> Result<TableInfo, DbError> {
-        let start = Instant::now();
-        let result = self.describe_inner(table).await;
-        self.metrics.db_operation(
-            "DESCRIBE",
-            result.as_ref().err().map(DbError::kind),
-            start.elapsed(),
-        );
-        result
+        let span = db_span("DESCRIBE", Some(table));
+        self.observed("DESCRIBE", &span, self.describe_inner(table))
+            .await
     }
 
     async fn describe_inner(&self, table: &str) -> Result<TableInfo, DbError> {
@@ -588,6 +589,52 @@ impl Database {
             .map_err(|e| self.pg(e))?;
         Ok(())
     }
+}
+
+/// The table a statement names first (after FROM, INTO, UPDATE or JOIN), for `db.collection.name`:
+/// an identifier, never a value.
+fn first_table(sql: &str) -> Option<&str> {
+    let mut words = sql.split_whitespace();
+    while let Some(word) = words.next() {
+        if ["from", "into", "update", "join"]
+            .iter()
+            .any(|k| word.eq_ignore_ascii_case(k))
+        {
+            let name = words.next()?.trim_end_matches([',', ';', ')']);
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '"'));
+            return valid.then_some(name);
+        }
+    }
+    None
+}
+
+/// The client span of one PostgreSQL operation: the operation and, when known, the table; never
+/// the statement text or its parameters.
+fn db_span(operation: &'static str, collection: Option<&str>) -> tracing::Span {
+    let span = crate::otel_child_span!(
+        "postgres",
+        otel.name = tracing::field::Empty,
+        otel.kind = "client",
+        db.system.name = "postgresql",
+        db.operation.name = operation,
+        db.collection.name = tracing::field::Empty,
+        db.response.returned_rows = tracing::field::Empty,
+    );
+    if !span.is_none() {
+        match collection {
+            Some(table) => {
+                span.record("otel.name", format!("{operation} {table}"));
+                span.record("db.collection.name", table);
+            }
+            None => {
+                span.record("otel.name", operation);
+            }
+        }
+    }
+    span
 }
 
 /// Whether the statement reads rows and can be a subquery (SELECT, WITH, VALUES, TABLE).
@@ -723,6 +770,24 @@ fn bind(types: &[Type], values: &[Value]) -> Result<Vec<BoxedParam>, DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_tables_are_identifiers_only() {
+        assert_eq!(
+            first_table("SELECT * FROM accounts WHERE id = 1"),
+            Some("accounts")
+        );
+        assert_eq!(
+            first_table("insert into public.notes (body) values ($1)"),
+            Some("public.notes")
+        );
+        assert_eq!(
+            first_table("UPDATE accounts SET balance = 0"),
+            Some("accounts")
+        );
+        assert_eq!(first_table("SELECT 1"), None);
+        assert_eq!(first_table("SELECT * FROM (SELECT 1) x"), None);
+    }
 
     #[test]
     fn queries_are_recognised() {

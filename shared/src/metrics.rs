@@ -3,8 +3,18 @@
 //! Every label value is a `&'static str` from a closed set (method names are normalised by the
 //! server, unknown ones become `other`), so no client can blow up cardinality. Session ids, URIs and
 //! arguments never become labels. The full list is in `docs/telemetry.md`.
+//!
+//! When OTLP metrics are exported (see [`crate::telemetry`]), the same measurements are recorded
+//! into OpenTelemetry instruments with semantic-convention names (`mcp.server.operation.duration`,
+//! `http.server.request.duration`, `db.client.operation.duration`, ...); otherwise those
+//! instruments do not exist and cost nothing.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
+
+use opentelemetry::KeyValue;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -76,6 +86,16 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    method: &'static str,
+    route: &'static str,
+    status: u16,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+type FloatCounter = Counter<f64, AtomicU64>;
+
 struct Inner {
     registry: Registry,
     sessions_active: Gauge,
@@ -108,6 +128,30 @@ struct Inner {
     rpc_duration: Family<EndpointLabel, Histogram>,
     rpc_in_flight: Family<EndpointLabel, Gauge>,
     rpc_healthy: Family<EndpointLabel, Gauge>,
+    http_duration: Family<HttpLabels, Histogram>,
+    redis_duration: Family<OperationLabel, Histogram>,
+    process_cpu: FloatCounter,
+    runtime_busy: FloatGauge,
+    runtime_workers: Gauge,
+    scheduling_delay: Histogram,
+    bus_roundtrip: Histogram,
+    otel: Option<Otel>,
+}
+
+/// The OpenTelemetry instruments, present while OTLP metrics are exported.
+struct Otel {
+    operation_duration: opentelemetry::metrics::Histogram<f64>,
+    http_duration: opentelemetry::metrics::Histogram<f64>,
+    db_duration: opentelemetry::metrics::Histogram<f64>,
+    rpc_duration: opentelemetry::metrics::Histogram<f64>,
+    cache_lookups: opentelemetry::metrics::Counter<u64>,
+    sessions: opentelemetry::metrics::Counter<u64>,
+    forwards: opentelemetry::metrics::Counter<u64>,
+    rejections: opentelemetry::metrics::Counter<u64>,
+    scheduling_delay: opentelemetry::metrics::Histogram<f64>,
+    bus_roundtrip: opentelemetry::metrics::Histogram<f64>,
+    // Observable instruments report through callbacks; holding them keeps them registered.
+    _observed: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -133,6 +177,16 @@ fn histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
+/// Boundaries of the OTLP duration histograms: the same as [`histogram`]'s.
+fn otel_boundaries() -> Vec<f64> {
+    (0..20).map(|i| 0.0001 * 2f64.powi(i)).collect()
+}
+
+fn fine_histogram() -> Histogram {
+    // 10 µs .. ~1.3 s: scheduling delay and bus round trips are usually well under a millisecond.
+    Histogram::new(exponential_buckets(0.00001, 2.0, 18))
+}
+
 impl Metrics {
     /// Creates and registers every family.
     pub fn new() -> Self {
@@ -144,6 +198,10 @@ impl Metrics {
             sessions_active.clone(),
         );
         let streams_active = Family::<KindLabel, Gauge>::default();
+        for kind in ["get", "listen"] {
+            // Rendered from the start, at 0, instead of appearing with the first stream.
+            let _ = streams_active.get_or_create(&KindLabel { kind });
+        }
         registry.register(
             "shoal_streams_active",
             "Open server-to-client streams on this replica (kind=get|listen)",
@@ -323,8 +381,77 @@ impl Metrics {
             "1 while an upstream endpoint is eligible, 0 while it cools down",
             rpc_healthy.clone(),
         );
+        let http_duration =
+            Family::<HttpLabels, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
+        registry.register(
+            "shoal_http_request_duration_seconds",
+            "HTTP requests by method, route and status, until the response body ended (a GET stream counts its whole life)",
+            http_duration.clone(),
+        );
+        let redis_duration = Family::<OperationLabel, Histogram>::new_with_constructor(
+            histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "shoal_redis_operation_duration_seconds",
+            "Shared-state (Redis) operations by shoal operation name, errors included",
+            redis_duration.clone(),
+        );
+        let process_cpu = FloatCounter::default();
+        registry.register(
+            "shoal_process_cpu_seconds",
+            "CPU time (user + system) used by this replica's process",
+            process_cpu.clone(),
+        );
+        let runtime_busy = FloatGauge::default();
+        registry.register(
+            "shoal_runtime_busy_ratio",
+            "Share of the async runtime's worker time spent running tasks over the last second (0..1)",
+            runtime_busy.clone(),
+        );
+        let runtime_workers = Gauge::default();
+        registry.register(
+            "shoal_runtime_workers",
+            "Worker threads of this replica's async runtime",
+            runtime_workers.clone(),
+        );
+        let scheduling_delay = fine_histogram();
+        registry.register(
+            "shoal_runtime_scheduling_delay_seconds",
+            "Time a freshly spawned probe task waited to be polled (the event-loop lag of the runtime)",
+            scheduling_delay.clone(),
+        );
+        let bus_roundtrip = fine_histogram();
+        registry.register(
+            "shoal_bus_roundtrip_seconds",
+            "Time for a probe published on the cluster bus to come back to this replica (pub/sub lag)",
+            bus_roundtrip.clone(),
+        );
+        let otel = crate::telemetry::meter().map(|meter| {
+            Otel::new(
+                meter,
+                &Observed {
+                    sessions_active: sessions_active.clone(),
+                    streams_active: streams_active.clone(),
+                    db_pool_max: db_pool_max.clone(),
+                    db_pool_in_use: db_pool_in_use.clone(),
+                    db_pool_waiting: db_pool_waiting.clone(),
+                    process_rss: process_rss.clone(),
+                    process_cpu: process_cpu.clone(),
+                    runtime_busy: runtime_busy.clone(),
+                    runtime_alive_tasks: runtime_alive_tasks.clone(),
+                },
+            )
+        });
         Self {
             inner: Arc::new(Inner {
+                http_duration,
+                redis_duration,
+                process_cpu,
+                runtime_busy,
+                runtime_workers,
+                scheduling_delay,
+                bus_roundtrip,
+                otel,
                 tool_duration,
                 tool_in_flight,
                 tool_rejections,
@@ -362,6 +489,15 @@ impl Metrics {
 
     /// Renders every family in the Prometheus text format, after sampling the process gauges.
     pub fn render(&self) -> String {
+        self.sample_process();
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// Samples the resident set size and the runtime's alive tasks.
+    pub fn sample_process(&self) {
         if let Some(rss) = resident_memory_bytes() {
             self.inner.process_rss.set(rss as i64);
         }
@@ -370,10 +506,85 @@ impl Metrics {
                 .runtime_alive_tasks
                 .set(handle.metrics().num_alive_tasks() as i64);
         }
-        let mut out = String::with_capacity(8 * 1024);
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.inner.registry);
-        out
+    }
+
+    /// CPU seconds used since the previous call.
+    pub fn process_cpu_add(&self, seconds: f64) {
+        if seconds > 0.0 {
+            self.inner.process_cpu.inc_by(seconds);
+        }
+    }
+
+    /// The runtime's busy ratio over the last sampling interval and its worker count.
+    pub fn runtime_sample(&self, busy_ratio: f64, workers: usize) {
+        self.inner.runtime_busy.set(busy_ratio);
+        self.inner.runtime_workers.set(workers as i64);
+    }
+
+    /// One scheduling-delay probe.
+    pub fn scheduling_delay(&self, delay: Duration) {
+        let seconds = delay.as_secs_f64();
+        self.inner.scheduling_delay.observe(seconds);
+        if let Some(otel) = &self.inner.otel {
+            otel.scheduling_delay.record(seconds, &[]);
+        }
+    }
+
+    /// One bus round-trip probe.
+    pub fn bus_roundtrip(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        self.inner.bus_roundtrip.observe(seconds);
+        if let Some(otel) = &self.inner.otel {
+            otel.bus_roundtrip.record(seconds, &[]);
+        }
+    }
+
+    /// One HTTP request ended (its response body finished or was dropped).
+    pub fn http_request(
+        &self,
+        method: &'static str,
+        route: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let seconds = elapsed.as_secs_f64();
+        self.inner
+            .http_duration
+            .get_or_create(&HttpLabels {
+                method,
+                route,
+                status,
+            })
+            .observe(seconds);
+        if let Some(otel) = &self.inner.otel {
+            otel.http_duration.record(
+                seconds,
+                &[
+                    KeyValue::new("http.request.method", method),
+                    KeyValue::new("http.route", route),
+                    KeyValue::new("http.response.status_code", i64::from(status)),
+                ],
+            );
+        }
+    }
+
+    /// One shared-state operation finished.
+    pub fn redis_operation(&self, operation: &'static str, ok: bool, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        self.inner
+            .redis_duration
+            .get_or_create(&OperationLabel { operation })
+            .observe(seconds);
+        if let Some(otel) = &self.inner.otel {
+            let mut attributes = vec![
+                KeyValue::new("db.system.name", "redis"),
+                KeyValue::new("db.operation.name", operation),
+            ];
+            if !ok {
+                attributes.push(KeyValue::new("error.type", "backend_error"));
+            }
+            otel.db_duration.record(seconds, &attributes);
+        }
     }
 
     /// A session worker was created or restored (+1) or dropped (-1).
@@ -384,11 +595,17 @@ impl Metrics {
     /// A legacy session was initialized here.
     pub fn session_created(&self) {
         self.inner.session_creates.inc();
+        if let Some(otel) = &self.inner.otel {
+            otel.sessions.add(1, &[KeyValue::new("kind", "create")]);
+        }
     }
 
     /// A legacy session was restored here.
     pub fn session_restored(&self) {
         self.inner.session_restores.inc();
+        if let Some(otel) = &self.inner.otel {
+            otel.sessions.add(1, &[KeyValue::new("kind", "restore")]);
+        }
     }
 
     /// A stream of `kind` (`get` or `listen`) opened (+1) or closed (-1).
@@ -407,8 +624,19 @@ impl Metrics {
             .get()
     }
 
-    /// One MCP request finished.
+    /// One MCP request other than `tools/call` finished (tool calls go through [`Self::tool_call`]).
     pub fn mcp_request(&self, method: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.record_request(method, None, outcome, elapsed);
+    }
+
+    fn record_request(
+        &self,
+        method: &'static str,
+        tool: Option<&'static str>,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        let seconds = elapsed.as_secs_f64();
         self.inner
             .mcp_requests
             .get_or_create(&RequestLabels { method, outcome })
@@ -416,7 +644,18 @@ impl Metrics {
         self.inner
             .mcp_duration
             .get_or_create(&MethodLabel { method })
-            .observe(elapsed.as_secs_f64());
+            .observe(seconds);
+        if let Some(otel) = &self.inner.otel {
+            let mut attributes = Vec::with_capacity(3);
+            attributes.push(KeyValue::new("mcp.method.name", method));
+            if let Some(tool) = tool {
+                attributes.push(KeyValue::new("gen_ai.tool.name", tool));
+            }
+            if outcome != "ok" {
+                attributes.push(KeyValue::new("error.type", outcome));
+            }
+            otel.operation_duration.record(seconds, &attributes);
+        }
     }
 
     /// An HTTP request was rejected before reaching the MCP layer.
@@ -425,11 +664,17 @@ impl Metrics {
             .http_rejections
             .get_or_create(&ReasonLabel { reason })
             .inc();
+        if let Some(otel) = &self.inner.otel {
+            otel.rejections.add(1, &[KeyValue::new("reason", reason)]);
+        }
     }
 
     /// A client message was forwarded to another replica.
     pub fn forwarded(&self, kind: &'static str) {
         self.inner.forwards.get_or_create(&KindLabel { kind }).inc();
+        if let Some(otel) = &self.inner.otel {
+            otel.forwards.add(1, &[KeyValue::new("kind", kind)]);
+        }
     }
 
     /// A bus message of `kind` was received.
@@ -463,8 +708,9 @@ impl Metrics {
         self.inner.events_appended.inc();
     }
 
-    /// A tool call finished.
+    /// A `tools/call` request finished: counted as an MCP request and as a call of `tool`.
     pub fn tool_call(&self, tool: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.record_request("tools/call", Some(tool), outcome, elapsed);
         self.inner
             .tool_duration
             .get_or_create(&ToolOutcome { tool, outcome })
@@ -514,13 +760,24 @@ impl Metrics {
         error: Option<&'static str>,
         elapsed: Duration,
     ) {
+        let seconds = elapsed.as_secs_f64();
         self.inner
             .db_operation
             .get_or_create(&OperationOutcome {
                 operation,
                 outcome: error.unwrap_or("ok"),
             })
-            .observe(elapsed.as_secs_f64());
+            .observe(seconds);
+        if let Some(otel) = &self.inner.otel {
+            let mut attributes = vec![
+                KeyValue::new("db.system.name", "postgresql"),
+                KeyValue::new("db.operation.name", operation),
+            ];
+            if let Some(error) = error {
+                attributes.push(KeyValue::new("error.type", error));
+            }
+            otel.db_duration.record(seconds, &attributes);
+        }
     }
 
     /// A result-cache lookup.
@@ -529,6 +786,10 @@ impl Metrics {
             .cache_lookups
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
+        if let Some(otel) = &self.inner.otel {
+            otel.cache_lookups
+                .add(1, &[KeyValue::new("shoal.cache.outcome", outcome)]);
+        }
     }
 
     /// A call answered from the cache in `elapsed`.
@@ -547,10 +808,21 @@ impl Metrics {
             .rpc_requests
             .get_or_create(&EndpointOutcome { endpoint, outcome })
             .inc();
+        let seconds = elapsed.as_secs_f64();
         self.inner
             .rpc_duration
             .get_or_create(&EndpointLabel { endpoint })
-            .observe(elapsed.as_secs_f64());
+            .observe(seconds);
+        if let Some(otel) = &self.inner.otel {
+            let mut attributes = vec![
+                KeyValue::new("rpc.system.name", "jsonrpc"),
+                KeyValue::new("shoal.rpc.endpoint", endpoint),
+            ];
+            if outcome != "ok" {
+                attributes.push(KeyValue::new("error.type", outcome));
+            }
+            otel.rpc_duration.record(seconds, &attributes);
+        }
     }
 
     /// Requests in flight to `endpoint` changed by `delta`.
@@ -568,6 +840,195 @@ impl Metrics {
             .get_or_create(&EndpointLabel { endpoint })
             .set(i64::from(healthy));
     }
+}
+
+/// Handles on the Prometheus gauges that the OTLP observable instruments report.
+struct Observed {
+    sessions_active: Gauge,
+    streams_active: Family<KindLabel, Gauge>,
+    db_pool_max: Gauge,
+    db_pool_in_use: Gauge,
+    db_pool_waiting: Gauge,
+    process_rss: Gauge,
+    process_cpu: FloatCounter,
+    runtime_busy: FloatGauge,
+    runtime_alive_tasks: Gauge,
+}
+
+impl Otel {
+    fn new(meter: &opentelemetry::metrics::Meter, observed: &Observed) -> Self {
+        let seconds = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .with_boundaries(otel_boundaries())
+                .build()
+        };
+        let counter = |name: &'static str, description: &'static str| {
+            meter
+                .u64_counter(name)
+                .with_description(description)
+                .build()
+        };
+        let mut observed_instruments: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+        let gauge =
+            |name: &'static str,
+             unit: &'static str,
+             description: &'static str,
+             read: Box<dyn Fn() -> Vec<(i64, Vec<KeyValue>)> + Send + Sync>| {
+                Box::new(
+                    meter
+                        .i64_observable_gauge(name)
+                        .with_unit(unit)
+                        .with_description(description)
+                        .with_callback(move |observer| {
+                            for (value, attributes) in read() {
+                                observer.observe(value, &attributes);
+                            }
+                        })
+                        .build(),
+                ) as Box<dyn std::any::Any + Send + Sync>
+            };
+        let sessions = observed.sessions_active.clone();
+        observed_instruments.push(gauge(
+            "shoal.sessions.active",
+            "{session}",
+            "Legacy sessions with a worker on this replica",
+            Box::new(move || vec![(sessions.get(), Vec::new())]),
+        ));
+        let streams = observed.streams_active.clone();
+        observed_instruments.push(gauge(
+            "shoal.streams.active",
+            "{stream}",
+            "Open server-to-client streams on this replica",
+            Box::new(move || {
+                ["get", "listen"]
+                    .into_iter()
+                    .map(|kind| {
+                        (
+                            streams.get_or_create(&KindLabel { kind }).get(),
+                            vec![KeyValue::new("kind", kind)],
+                        )
+                    })
+                    .collect()
+            }),
+        ));
+        let (max, in_use) = (
+            observed.db_pool_max.clone(),
+            observed.db_pool_in_use.clone(),
+        );
+        observed_instruments.push(gauge(
+            "db.client.connection.count",
+            "{connection}",
+            "PostgreSQL pool connections by state",
+            Box::new(move || {
+                let used = in_use.get();
+                vec![
+                    (
+                        used,
+                        vec![KeyValue::new("db.client.connection.state", "used")],
+                    ),
+                    (
+                        (max.get() - used).max(0),
+                        vec![KeyValue::new("db.client.connection.state", "idle")],
+                    ),
+                ]
+            }),
+        ));
+        let waiting = observed.db_pool_waiting.clone();
+        observed_instruments.push(gauge(
+            "db.client.connection.pending_requests",
+            "{request}",
+            "Tool calls waiting for a PostgreSQL connection",
+            Box::new(move || vec![(waiting.get(), Vec::new())]),
+        ));
+        let rss = observed.process_rss.clone();
+        observed_instruments.push(gauge(
+            "process.memory.usage",
+            "By",
+            "Resident set size of the replica process",
+            Box::new(move || vec![(rss.get(), Vec::new())]),
+        ));
+        let tasks = observed.runtime_alive_tasks.clone();
+        observed_instruments.push(gauge(
+            "shoal.runtime.alive_tasks",
+            "{task}",
+            "Tasks alive in the async runtime",
+            Box::new(move || vec![(tasks.get(), Vec::new())]),
+        ));
+        let busy = observed.runtime_busy.clone();
+        observed_instruments.push(Box::new(
+            meter
+                .f64_observable_gauge("shoal.runtime.busy_ratio")
+                .with_unit("1")
+                .with_description("Share of runtime worker time spent running tasks")
+                .with_callback(move |observer| observer.observe(busy.get(), &[]))
+                .build(),
+        ));
+        let cpu = observed.process_cpu.clone();
+        observed_instruments.push(Box::new(
+            meter
+                .f64_observable_counter("process.cpu.time")
+                .with_unit("s")
+                .with_description("CPU time used by the replica process")
+                .with_callback(move |observer| observer.observe(cpu.get(), &[]))
+                .build(),
+        ));
+        Self {
+            operation_duration: seconds(
+                "mcp.server.operation.duration",
+                "MCP requests by method, tool and error type",
+            ),
+            http_duration: seconds(
+                "http.server.request.duration",
+                "HTTP requests until the response body ended",
+            ),
+            db_duration: seconds(
+                "db.client.operation.duration",
+                "Redis and PostgreSQL operations",
+            ),
+            rpc_duration: seconds(
+                "rpc.client.call.duration",
+                "Upstream JSON-RPC requests by endpoint",
+            ),
+            cache_lookups: counter("shoal.cache.lookups", "Result-cache lookups by outcome"),
+            sessions: counter(
+                "shoal.sessions",
+                "Legacy sessions created or restored on this replica",
+            ),
+            forwards: counter(
+                "shoal.forwards",
+                "Client messages forwarded to another replica",
+            ),
+            rejections: counter(
+                "shoal.http.rejections",
+                "HTTP requests rejected before MCP handling",
+            ),
+            scheduling_delay: seconds(
+                "shoal.runtime.scheduling_delay",
+                "Time a freshly spawned probe task waited to be polled",
+            ),
+            bus_roundtrip: seconds(
+                "shoal.bus.roundtrip",
+                "Round trip of a probe through the cluster bus",
+            ),
+            _observed: observed_instruments,
+        }
+    }
+}
+
+/// CPU time (user + system) used by this process so far, from `/proc/self/stat` (Linux; the kernel
+/// reports it in USER_HZ ticks, 100 per second on every Linux architecture).
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may contain spaces; fields after it start past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// The process's resident set size, from `/proc/self/statm` (Linux).
@@ -606,5 +1067,18 @@ mod tests {
             text.contains("shoal_http_rejections_total{reason=\"body_too_large\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn process_cpu_time_is_read_and_grows() {
+        let before = process_cpu_seconds().expect("cpu time");
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(300) {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        std::hint::black_box(x);
+        let after = process_cpu_seconds().expect("cpu time");
+        assert!(after > before, "{before} -> {after}");
     }
 }

@@ -229,19 +229,51 @@ impl RpcPool {
     }
 
     async fn attempt(&self, endpoint: &Endpoint, method: &str, params: &Value) -> Attempt {
+        let span = crate::otel_child_span!(
+            "jsonrpc",
+            otel.name = tracing::field::Empty,
+            otel.kind = "client",
+            rpc.system.name = "jsonrpc",
+            rpc.method = tracing::field::Empty,
+            server.address = endpoint.label,
+            shoal.rpc.outcome = tracing::field::Empty,
+        );
+        if !span.is_none() {
+            let method: String = method.chars().take(64).collect();
+            span.record("otel.name", format!("jsonrpc {method}"));
+            span.record("rpc.method", method);
+        }
+        let outcome = tracing::Instrument::instrument(
+            self.attempt_inner(endpoint, method, params),
+            span.clone(),
+        )
+        .await;
+        if !span.is_none() {
+            let label = outcome_label(&outcome);
+            span.record("shoal.rpc.outcome", label);
+            if label != "ok" {
+                crate::telemetry::mark_error(&span, label);
+            }
+        }
+        outcome
+    }
+
+    async fn attempt_inner(&self, endpoint: &Endpoint, method: &str, params: &Value) -> Attempt {
         self.metrics.rpc_healthy(endpoint.label, true);
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         self.metrics.rpc_in_flight(endpoint.label, 1);
         let start = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let response = self
+        let mut request = self
             .http
             .post(&endpoint.url)
             .timeout(self.config.attempt_timeout)
-            .json(&body)
-            .send()
-            .await;
+            .json(&body);
+        if let Some(traceparent) = crate::telemetry::current_traceparent() {
+            request = request.header("traceparent", traceparent);
+        }
+        let response = request.send().await;
         let outcome = match response {
             Err(error) if error.is_timeout() => {
                 // A timeout teaches the balancer the endpoint is slow.
@@ -294,16 +326,19 @@ impl RpcPool {
         };
         endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.metrics.rpc_in_flight(endpoint.label, -1);
-        let label = match &outcome {
-            Attempt::Answer(_) => "ok",
-            Attempt::Rejected(_) => "rpc_error",
-            Attempt::Failed(reason, _) if reason.starts_with("rate limited") => "rate_limited",
-            Attempt::Failed(reason, _) if reason == "timed out" => "timeout",
-            Attempt::Failed(_, _) => "failed",
-        };
         self.metrics
-            .rpc_request(endpoint.label, label, start.elapsed());
+            .rpc_request(endpoint.label, outcome_label(&outcome), start.elapsed());
         outcome
+    }
+}
+
+fn outcome_label(outcome: &Attempt) -> &'static str {
+    match outcome {
+        Attempt::Answer(_) => "ok",
+        Attempt::Rejected(_) => "rpc_error",
+        Attempt::Failed(reason, _) if reason.starts_with("rate limited") => "rate_limited",
+        Attempt::Failed(reason, _) if reason == "timed out" => "timeout",
+        Attempt::Failed(_, _) => "failed",
     }
 }
 

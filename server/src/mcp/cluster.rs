@@ -54,6 +54,9 @@ use shoal_shared::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
+
+use crate::mcp::trace::{delivery_span, traceparent_in};
 
 /// Why a session operation failed. The text reaches clients (rmcp puts it in 500 bodies), so it
 /// never carries infrastructure details; those are logged where the error is handled.
@@ -170,9 +173,35 @@ impl ClusterSessionManager {
         while let Some(message) = control.recv().await {
             match message {
                 ControlMessage::SessionDeleted { session } => self.close_local(&session).await,
-                ControlMessage::Cancel { session, payload }
-                | ControlMessage::Forward { session, payload } => {
-                    self.deliver_forwarded(&session, &payload).await;
+                ControlMessage::Cancel {
+                    session,
+                    payload,
+                    trace,
+                } => {
+                    let span = delivery_span(
+                        "notifications/cancelled deliver",
+                        "notifications/cancelled",
+                        Some(&session),
+                        trace.as_deref(),
+                    );
+                    self.deliver_forwarded(&session, &payload)
+                        .instrument(span)
+                        .await;
+                }
+                ControlMessage::Forward {
+                    session,
+                    payload,
+                    trace,
+                } => {
+                    let span = delivery_span(
+                        "response deliver",
+                        "response",
+                        Some(&session),
+                        trace.as_deref(),
+                    );
+                    self.deliver_forwarded(&session, &payload)
+                        .instrument(span)
+                        .await;
                 }
             }
         }
@@ -508,6 +537,9 @@ impl Stream for FeedStream {
                     return std::task::Poll::Ready(Some(ServerSseMessage::priming(id, self.retry)));
                 }
                 FeedItem::Event(event) => {
+                    if shoal_shared::telemetry::tracing_enabled() {
+                        trace_feed_delivery(&self.session, &event.payload);
+                    }
                     match serde_json::from_str::<ServerJsonRpcMessage>(&event.payload) {
                         Ok(message) => {
                             let id = ClientEventId::format(&self.session, event.id);
@@ -523,6 +555,40 @@ impl Stream for FeedStream {
             }
         }
     }
+}
+
+/// Records the delivery of a logged message to the GET stream held here, as a child of the span
+/// that raised it on whichever replica (its `params._meta.traceparent`).
+fn trace_feed_delivery(session: &str, payload: &str) {
+    let Some(traceparent) = traceparent_in(payload) else {
+        return;
+    };
+    #[derive(serde::Deserialize)]
+    struct Head {
+        method: Option<String>,
+        params: Option<HeadParams>,
+    }
+    #[derive(serde::Deserialize)]
+    struct HeadParams {
+        uri: Option<String>,
+    }
+    let head = serde_json::from_str::<Head>(payload).ok();
+    let updated =
+        head.as_ref().and_then(|h| h.method.as_deref()) == Some("notifications/resources/updated");
+    let (name, method) = if updated {
+        (
+            "notifications/resources/updated deliver",
+            "notifications/resources/updated",
+        )
+    } else {
+        ("notification deliver", "notification")
+    };
+    let span = delivery_span(name, method, Some(session), Some(&traceparent));
+    if let Some(uri) = head.and_then(|h| h.params).and_then(|p| p.uri) {
+        span.record("mcp.resource.uri", uri);
+    }
+    // Entered and dropped at once: the delivery is handing the message to the stream.
+    let _entered = span.enter();
 }
 
 /// The transport between rmcp's service loop and a local session worker. It tags the ids of

@@ -33,8 +33,10 @@ use shoal_shared::{
     cache::{Fill, Source as CacheSource, entry_id, private_partition},
 };
 
+use tracing::{Instrument, Span};
+
 use crate::{
-    mcp::error,
+    mcp::{error, trace},
     state::AppState,
     tools::policy::{Scope, ToolPolicy},
 };
@@ -83,14 +85,19 @@ impl ShoalHandler {
         Self { state }
     }
 
-    /// Measures one request: duration and outcome by method.
+    /// Measures one request (duration and outcome by method) and traces it in `span` (see
+    /// [`trace::request_span`]).
     async fn observe<T>(
         &self,
         method: &'static str,
+        span: Span,
         future: impl Future<Output = Result<T, McpError>>,
     ) -> Result<T, McpError> {
         let start = Instant::now();
-        let result = future.await;
+        let result = future.instrument(span.clone()).await;
+        if let Err(error) = &result {
+            trace::record_error(&span, error);
+        }
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.state
             .metrics
@@ -145,31 +152,42 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<InitializeResult, McpError> {
         // Replayed on every replica that restores the session (SessionRestoreMarker): it has no
         // side effects besides remembering the client's parameters in this replica's worker.
-        self.observe("initialize", async {
-            context.peer.set_peer_info(request.clone());
-            self.negotiate_initialize(&request)
-        })
+        self.observe(
+            "initialize",
+            trace::initialize_span(&context, &request),
+            async {
+                context.peer.set_peer_info(request.clone());
+                self.negotiate_initialize(&request)
+            },
+        )
         .await
     }
 
     async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {}
 
-    async fn ping(&self, _context: RequestContext<RoleServer>) -> Result<(), McpError> {
-        self.observe("ping", async { Ok(()) }).await
+    async fn ping(&self, context: RequestContext<RoleServer>) -> Result<(), McpError> {
+        self.observe("ping", trace::request_span("ping", &context), async {
+            Ok(())
+        })
+        .await
     }
 
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        self.observe("tools/list", async {
-            let mut result = ListToolsResult::with_all_items(self.state.tools.list_all());
-            self.state
-                .catalog
-                .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
-            Ok(result)
-        })
+        self.observe(
+            "tools/list",
+            trace::request_span("tools/list", &context),
+            async {
+                let mut result = ListToolsResult::with_all_items(self.state.tools.list_all());
+                self.state
+                    .catalog
+                    .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+                Ok(result)
+            },
+        )
         .await
     }
 
@@ -184,17 +202,27 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<CallToolResponse, McpError> {
         let start = Instant::now();
         let policy = self.state.policies.get(&request.name).clone();
+        let span = trace::request_span("tools/call", &context);
+        trace::record_target(&span, "tools/call", "gen_ai.tool.name", &request.name);
+        if !span.is_none() {
+            span.record("gen_ai.operation.name", "execute_tool");
+        }
         let cancelled = context.ct.clone();
-        let result = self.call_with_policy(&policy, request, context).await;
+        let result = self
+            .call_with_policy(&policy, request, context)
+            .instrument(span.clone())
+            .await;
         let outcome = match &result {
             _ if cancelled.is_cancelled() => "cancelled",
             Ok(CallToolResponse::Complete(done)) if done.is_error == Some(true) => "tool_error",
             Ok(_) => "ok",
             Err(_) => "error",
         };
-        self.state
-            .metrics
-            .mcp_request("tools/call", outcome, start.elapsed());
+        match &result {
+            Err(error) => trace::record_error(&span, error),
+            Ok(_) if outcome != "ok" => shoal_shared::telemetry::mark_error(&span, outcome),
+            Ok(_) => {}
+        }
         self.state
             .metrics
             .tool_call(policy.name, outcome, start.elapsed());
@@ -204,46 +232,59 @@ impl ServerHandler for ShoalHandler {
     async fn list_resources(
         &self,
         request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, McpError> {
-        self.observe("resources/list", async {
-            let cursor = request.and_then(|r| r.cursor);
-            self.state
-                .catalog
-                .list_resources(&self.state, cursor.as_deref())
-                .await
-        })
+        self.observe(
+            "resources/list",
+            trace::request_span("resources/list", &context),
+            async {
+                let cursor = request.and_then(|r| r.cursor);
+                self.state
+                    .catalog
+                    .list_resources(&self.state, cursor.as_deref())
+                    .await
+            },
+        )
         .await
     }
 
     async fn list_resource_templates(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
-        self.observe("resources/templates/list", async {
-            let mut result =
-                ListResourceTemplatesResult::with_all_items(self.state.catalog.templates.clone());
-            self.state
-                .catalog
-                .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
-            Ok(result)
-        })
+        self.observe(
+            "resources/templates/list",
+            trace::request_span("resources/templates/list", &context),
+            async {
+                let mut result = ListResourceTemplatesResult::with_all_items(
+                    self.state.catalog.templates.clone(),
+                );
+                self.state
+                    .catalog
+                    .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+                Ok(result)
+            },
+        )
         .await
     }
 
     async fn read_resource(
         &self,
         request: ReadResourceRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, McpError> {
-        self.observe("resources/read", async {
-            self.state
-                .catalog
-                .read(&self.state, &request.uri)
-                .await
-                .map(ReadResourceResponse::Complete)
-        })
+        self.observe(
+            "resources/read",
+            trace::resource_span("resources/read", &context, &request.uri),
+            async {
+                self.state
+                    .catalog
+                    .read(&self.state, &request.uri)
+                    .await
+                    .map(ReadResourceResponse::Complete)
+            },
+        )
         .await
     }
 
@@ -254,6 +295,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<(), McpError> {
         self.observe(
             "resources/subscribe",
+            trace::resource_span("resources/subscribe", &context, &request.uri),
             self.subscribe_legacy(&request.uri, &context),
         )
         .await
@@ -264,16 +306,20 @@ impl ServerHandler for ShoalHandler {
         request: UnsubscribeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.observe("resources/unsubscribe", async {
-            let session = session_id(&context).ok_or_else(|| {
-                McpError::invalid_request("resources/unsubscribe needs a session", None)
-            })?;
-            self.state
-                .backend
-                .unsubscribe(&session, &request.uri)
-                .await
-                .map_err(|cause| error::unavailable("unsubscribe", &cause))
-        })
+        self.observe(
+            "resources/unsubscribe",
+            trace::resource_span("resources/unsubscribe", &context, &request.uri),
+            async {
+                let session = session_id(&context).ok_or_else(|| {
+                    McpError::invalid_request("resources/unsubscribe needs a session", None)
+                })?;
+                self.state
+                    .backend
+                    .unsubscribe(&session, &request.uri)
+                    .await
+                    .map_err(|cause| error::unavailable("unsubscribe", &cause))
+            },
+        )
         .await
     }
 
@@ -290,7 +336,11 @@ impl ServerHandler for ShoalHandler {
 
     async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
         let start = Instant::now();
-        let result = self.run_listener(&context).await;
+        let span = trace::request_span("subscriptions/listen", context.request_context());
+        let result = self.run_listener(&context).instrument(span.clone()).await;
+        if let Err(error) = &result {
+            trace::record_error(&span, error);
+        }
         self.state.metrics.mcp_request(
             "subscriptions/listen",
             if result.is_ok() { "ok" } else { "error" },
@@ -304,70 +354,87 @@ impl ServerHandler for ShoalHandler {
         request: SetLevelRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.observe("logging/setLevel", async {
-            let Some(session) = session_id(&context) else {
-                return Ok(());
-            };
-            let level = serde_json::to_value(request.level)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_else(|| "info".to_owned());
-            match self
-                .state
-                .backend
-                .session_set_field(&session, "log", &level)
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(cause) => Err(error::unavailable("set_level", &cause)),
-            }
-        })
+        self.observe(
+            "logging/setLevel",
+            trace::request_span("logging/setLevel", &context),
+            async {
+                let Some(session) = session_id(&context) else {
+                    return Ok(());
+                };
+                let level = serde_json::to_value(request.level)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "info".to_owned());
+                match self
+                    .state
+                    .backend
+                    .session_set_field(&session, "log", &level)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(cause) => Err(error::unavailable("set_level", &cause)),
+                }
+            },
+        )
         .await
     }
 
     async fn complete(
         &self,
         request: CompleteRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CompleteResult, McpError> {
-        self.observe("completion/complete", async {
-            let values = self.state.catalog.complete(&request);
-            let completion = CompletionInfo::with_all_values(values)
-                .map_err(|message| McpError::internal_error(message, None))?;
-            Ok(CompleteResult::new(completion))
-        })
+        self.observe(
+            "completion/complete",
+            trace::request_span("completion/complete", &context),
+            async {
+                let values = self.state.catalog.complete(&request);
+                let completion = CompletionInfo::with_all_values(values)
+                    .map_err(|message| McpError::internal_error(message, None))?;
+                Ok(CompleteResult::new(completion))
+            },
+        )
         .await
     }
 
     async fn list_prompts(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
-        self.observe("prompts/list", async {
-            let mut result = ListPromptsResult::with_all_items(self.state.catalog.prompts.clone());
-            self.state
-                .catalog
-                .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
-            Ok(result)
-        })
+        self.observe(
+            "prompts/list",
+            trace::request_span("prompts/list", &context),
+            async {
+                let mut result =
+                    ListPromptsResult::with_all_items(self.state.catalog.prompts.clone());
+                self.state
+                    .catalog
+                    .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+                Ok(result)
+            },
+        )
         .await
     }
 
     async fn get_prompt(
         &self,
         request: GetPromptRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, McpError> {
-        self.observe("prompts/get", async {
-            if self.state.catalog.is_input_required_prompt(&request.name) {
-                return self.input_required_prompt(&request).await;
-            }
-            self.state
-                .catalog
-                .get_prompt(&request)
-                .map(GetPromptResponse::Complete)
-        })
+        self.observe(
+            "prompts/get",
+            trace::prompt_span(&context, &request.name),
+            async {
+                if self.state.catalog.is_input_required_prompt(&request.name) {
+                    return self.input_required_prompt(&request).await;
+                }
+                self.state
+                    .catalog
+                    .get_prompt(&request)
+                    .map(GetPromptResponse::Complete)
+            },
+        )
         .await
     }
 }
@@ -494,7 +561,18 @@ impl ShoalHandler {
                 event = registration.events.recv() => {
                     let Some(event) = event else { return Ok(()) };
                     let sent = match event {
-                        ListenEvent::ResourceUpdated(uri) => sink.notify_resource_updated(uri).await,
+                        ListenEvent::ResourceUpdated { uri, trace: parent } => {
+                            let span = trace::delivery_span(
+                                "notifications/resources/updated",
+                                "notifications/resources/updated",
+                                None,
+                                parent.as_deref(),
+                            );
+                            if !span.is_none() {
+                                span.record("mcp.resource.uri", uri.as_str());
+                            }
+                            sink.notify_resource_updated(uri).instrument(span).await
+                        }
                         ListenEvent::ListChanged(ListKind::Tools) => sink.notify_tool_list_changed().await,
                         ListenEvent::ListChanged(ListKind::Prompts) => sink.notify_prompt_list_changed().await,
                         ListenEvent::ListChanged(ListKind::Resources) => sink.notify_resource_list_changed().await,

@@ -5,3 +5,4 @@ pub mod cluster;
 pub mod error;
 pub mod handler;
 pub mod store;
+pub mod trace;

@@ -163,22 +163,13 @@ pub async fn read(state: &AppState, uri: &str, key: &str) -> Result<ReadResource
     Ok(result)
 }
 
-fn updated_notification(uri: &str) -> String {
-    serde_json::json!({
-        "jsonrpc": "2.0",
-        "method": "notifications/resources/updated",
-        "params": { "uri": uri },
-    })
-    .to_string()
-}
-
 impl ShoalHandler {
     async fn notify_changed(&self, key: &str, list_changed: bool) {
         let uri = uri_of(key);
         if let Err(error) = self
             .state
             .backend
-            .resource_updated(&uri, &updated_notification(&uri))
+            .resource_updated(&uri, &super::updated_notification(&uri))
             .await
         {
             tracing::warn!(%error, "resource update notification lost");

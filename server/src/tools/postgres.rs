@@ -133,12 +133,8 @@ impl ShoalHandler {
             uris.push(TABLES_URI.to_owned());
         }
         for uri in uris {
-            let notification = json!({"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": uri}});
-            if let Err(error) = state
-                .backend
-                .resource_updated(&uri, &notification.to_string())
-                .await
-            {
+            let notification = super::updated_notification(&uri);
+            if let Err(error) = state.backend.resource_updated(&uri, &notification).await {
                 tracing::warn!(%error, "table change notification lost");
             }
         }
@@ -304,12 +300,8 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
         .as_ref()
         .is_some_and(|previous| *previous != answer.value)
     {
-        let notification = json!({"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": uri}});
-        if let Err(error) = state
-            .backend
-            .resource_updated(uri, &notification.to_string())
-            .await
-        {
+        let notification = super::updated_notification(uri);
+        if let Err(error) = state.backend.resource_updated(uri, &notification).await {
             tracing::warn!(%error, "resource change notification lost");
         }
     }

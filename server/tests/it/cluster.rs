@@ -386,10 +386,6 @@ async fn cancellation_reaches_the_replica_running_the_tool() {
     .await;
 }
 
-fn listen_params(uri: &str) -> Value {
-    json!({"notifications": {"resourceSubscriptions": [uri], "resourcesListChanged": true}})
-}
-
 /// §3.7: a 2026-07-28 `subscriptions/listen` stream on one replica receives a change raised on
 /// another, with its subscription id.
 #[tokio::test]

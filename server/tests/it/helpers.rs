@@ -177,3 +177,8 @@ pub fn is_update_of(message: &Value, uri: &str) -> bool {
     message.get("method").and_then(Value::as_str) == Some("notifications/resources/updated")
         && message.pointer("/params/uri").and_then(Value::as_str) == Some(uri)
 }
+
+/// Params of a 2026-07-28 `subscriptions/listen` for updates of `uri` and resource list changes.
+pub fn listen_params(uri: &str) -> Value {
+    json!({"notifications": {"resourceSubscriptions": [uri], "resourcesListChanged": true}})
+}

@@ -10,3 +10,4 @@ mod isolation;
 mod postgres;
 mod resilience;
 mod rpc;
+mod telemetry;

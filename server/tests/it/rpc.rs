@@ -85,9 +85,11 @@ async fn dead_and_rate_limited_endpoints_are_skipped() {
         .await
         .expect("upstream");
     let dead = FakeUpstream::dead_url();
+    // Four attempts per call: with three of four endpoints bad, the default of three attempts
+    // could spend a call on the bad ones before they are known (and cooled down).
     let topology = rpc_replica(
         &[healthy.url(), limited.url(), failing.url(), dead.clone()],
-        &[],
+        &[("SHOAL_RPC_MAX_ATTEMPTS", "4")],
     )
     .await;
     let client = McpClient::modern(topology.mcp_url());

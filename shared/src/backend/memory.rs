@@ -404,7 +404,7 @@ impl MemoryBackend {
         }
         self.publish(
             &self.inner.bus.keys().resource_channel(),
-            &bus::encode_resource_updated(uri),
+            &bus::encode_resource_updated(uri, crate::telemetry::current_traceparent().as_deref()),
         );
         delivered
     }
@@ -419,7 +419,22 @@ impl MemoryBackend {
     pub(super) fn publish_forward(&self, target: &ReplicaTag, session: &str, payload: &str) {
         self.publish(
             &self.inner.bus.keys().replica_channel(target.as_str()),
-            &bus::encode_forward(session, payload),
+            &bus::encode_forward(
+                session,
+                crate::telemetry::current_traceparent().as_deref(),
+                payload,
+            ),
+        );
+    }
+
+    pub(super) fn publish_probe(&self, probe: &str) {
+        self.publish(
+            &self
+                .inner
+                .bus
+                .keys()
+                .replica_channel(self.inner.bus.tag().as_str()),
+            probe,
         );
     }
 

@@ -133,7 +133,23 @@ pub enum Backend {
 macro_rules! delegate {
     ($self:ident, $op:literal, $call:ident ( $($arg:expr),* )) => {{
         let result = match $self {
-            Backend::Redis(backend) => backend.$call($($arg),*).await,
+            Backend::Redis(backend) => {
+                let span = crate::otel_child_span!(
+                    "redis",
+                    otel.name = concat!("redis ", $op),
+                    otel.kind = "client",
+                    db.system.name = "redis",
+                    db.operation.name = $op,
+                    error.type = tracing::field::Empty,
+                );
+                let start = std::time::Instant::now();
+                let result = tracing::Instrument::instrument(backend.$call($($arg),*), span.clone()).await;
+                backend.metrics().redis_operation($op, result.is_ok(), start.elapsed());
+                if result.is_err() {
+                    crate::telemetry::mark_error(&span, "backend_error");
+                }
+                result
+            }
             Backend::Memory(backend) => Ok(backend.$call($($arg),*)),
         };
         if let Err(error) = &result {
@@ -378,7 +394,16 @@ impl Backend {
         )
     }
 
-    /// Broadcasts a client's `notifications/cancelled` to every other replica.
+    /// Publishes a round-trip probe ([`Bus::probe`]) on this replica's own channel; its return is
+    /// measured in `shoal_bus_roundtrip_seconds`.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn publish_probe(&self, probe: &str) -> BackendResult<()> {
+        delegate!(self, "publish_probe", publish_probe(probe))
+    }
+
+    /// Broadcasts a client's `notifications/cancelled` to the other replicas.
     ///
     /// # Errors
     /// Fails when Redis is unreachable.

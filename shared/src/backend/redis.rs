@@ -513,7 +513,11 @@ impl RedisBackend {
                     Value::from(self.inner.config.retention_secs() as i64),
                     self.inner.replica_prefix.as_str().into(),
                     self.inner.keys.resource_channel().into(),
-                    bus::encode_resource_updated(uri).into(),
+                    bus::encode_resource_updated(
+                        uri,
+                        crate::telemetry::current_traceparent().as_deref(),
+                    )
+                    .into(),
                 ],
             )
             .await?;
@@ -545,7 +549,24 @@ impl RedisBackend {
             .next()
             .publish(
                 self.inner.keys.replica_channel(target.as_str()),
-                bus::encode_forward(session, payload),
+                bus::encode_forward(
+                    session,
+                    crate::telemetry::current_traceparent().as_deref(),
+                    payload,
+                ),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn publish_probe(&self, probe: &str) -> BackendResult<()> {
+        let _: i64 = self
+            .inner
+            .pool
+            .next()
+            .publish(
+                self.inner.keys.replica_channel(self.inner.origin.as_str()),
+                probe,
             )
             .await?;
         Ok(())
@@ -558,7 +579,12 @@ impl RedisBackend {
             .next()
             .publish(
                 self.inner.keys.control_channel(),
-                bus::encode_cancel(&self.inner.origin, session, payload),
+                bus::encode_cancel(
+                    &self.inner.origin,
+                    session,
+                    crate::telemetry::current_traceparent().as_deref(),
+                    payload,
+                ),
             )
             .await?;
         Ok(())

@@ -1,7 +1,8 @@
 //! Test kit (feature `testkit`): a raw MCP client, real-process cluster topologies (Redis,
-//! PostgreSQL, replicas, nginx) and fake JSON-RPC upstreams.
+//! PostgreSQL, replicas, nginx), fake JSON-RPC upstreams and an in-memory OTLP receiver.
 
 pub mod client;
+pub mod otlp;
 pub mod postgres;
 pub mod topology;
 pub mod upstream;
