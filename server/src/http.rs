@@ -29,9 +29,8 @@ use hyper_util::{
 use rmcp::{model::ProtocolVersion, transport::streamable_http_server::StreamableHttpService};
 use serde::Deserialize;
 use shoal_shared::telemetry;
+use shoal_shared::telemetry::{KeyValue, Parent, Span, SpanKind};
 use tokio::{net::TcpListener, time::Instant};
-use tracing::{Instrument, Span};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     mcp::{cluster::ClusterSessionManager, handler::ShoalHandler, trace::HttpTrace},
@@ -93,10 +92,10 @@ impl HttpService {
             .headers_mut()
             .insert("x-shoal-replica", self.replica.clone());
         let status = response.status().as_u16();
-        if !span.is_none() {
-            span.record("http.response.status_code", i64::from(status));
+        if span.is_recording() {
+            span.set("http.response.status_code", i64::from(status));
             if status >= 500 {
-                telemetry::mark_error(&span, &status.to_string());
+                span.mark_error(&status.to_string());
             }
         }
         let finish = Finish {
@@ -172,14 +171,13 @@ impl HttpService {
                 }
                 let (mut parts, _) = request.into_parts();
                 *span = http_span(&mut parts, None);
-                self.forward(Request::from_parts(parts, Full::new(Bytes::new())), None)
-                    .instrument(span.clone())
+                span.wrap(self.forward(Request::from_parts(parts, Full::new(Bytes::new())), None))
                     .await
             }
             Method::DELETE => {
                 let (mut parts, _) = request.into_parts();
                 *span = http_span(&mut parts, None);
-                self.delete(&parts.headers).instrument(span.clone()).await
+                span.wrap(self.delete(&parts.headers)).await
             }
             _ => method_not_allowed("GET, POST, DELETE"),
         }
@@ -261,11 +259,10 @@ impl HttpService {
             );
         }
         *span = http_span(&mut parts, envelope.traceparent.as_deref());
-        self.forward(
+        span.wrap(self.forward(
             Request::from_parts(parts, Full::new(bytes)),
             envelope.id.as_ref(),
-        )
-        .instrument(span.clone())
+        ))
         .await
     }
 
@@ -324,25 +321,10 @@ impl HttpService {
 /// sent: `params._meta.traceparent` when the message has one, else the `traceparent` header. Its
 /// context goes into the request's extensions, where the MCP handler finds its parent.
 fn http_span(parts: &mut http::request::Parts, meta_traceparent: Option<&str>) -> Span {
-    let method = method_label(&parts.method);
-    let span = shoal_shared::otel_span!(
-        "http",
-        otel.name = tracing::field::Empty,
-        otel.kind = "server",
-        http.request.method = method,
-        http.route = "/mcp",
-        url.path = "/mcp",
-        url.scheme = "http",
-        network.protocol.name = "http",
-        network.protocol.version = tracing::field::Empty,
-        user_agent.original = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        mcp.session.id = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-    );
-    if span.is_none() {
-        return span;
+    if !telemetry::tracing_enabled() {
+        return Span::none();
     }
+    let method = method_label(&parts.method);
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let parent = match meta_traceparent {
         Some(traceparent) => telemetry::context_from_traceparent(traceparent, None),
@@ -350,25 +332,44 @@ fn http_span(parts: &mut http::request::Parts, meta_traceparent: Option<&str>) -
             telemetry::context_from_traceparent(traceparent, header("tracestate"))
         }),
     };
-    if let Some(parent) = parent {
-        let _ = span.set_parent(parent);
-    }
-    span.record("otel.name", format!("{method} /mcp"));
-    span.record(
-        "network.protocol.version",
-        match parts.version {
-            http::Version::HTTP_2 => "2",
-            http::Version::HTTP_10 => "1.0",
-            _ => "1.1",
+    let name = match method {
+        "POST" => "POST /mcp",
+        "GET" => "GET /mcp",
+        "DELETE" => "DELETE /mcp",
+        _ => "HTTP /mcp",
+    };
+    let span = Span::start(
+        name,
+        SpanKind::Server,
+        Parent::Context(parent.as_ref()),
+        || {
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("http.route", "/mcp"),
+                KeyValue::new("url.path", "/mcp"),
+                KeyValue::new("url.scheme", "http"),
+                KeyValue::new("network.protocol.name", "http"),
+                KeyValue::new(
+                    "network.protocol.version",
+                    match parts.version {
+                        http::Version::HTTP_2 => "2",
+                        http::Version::HTTP_10 => "1.0",
+                        _ => "1.1",
+                    },
+                ),
+            ];
+            if let Some(agent) = header("user-agent") {
+                attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
+            }
+            if let Some(session) = header("mcp-session-id") {
+                attributes.push(KeyValue::new("mcp.session.id", session.to_owned()));
+            }
+            attributes
         },
     );
-    if let Some(agent) = header("user-agent") {
-        span.record("user_agent.original", agent);
+    if let Some(context) = span.context() {
+        parts.extensions.insert(HttpTrace(context.clone()));
     }
-    if let Some(session) = header("mcp-session-id") {
-        span.record("mcp.session.id", session);
-    }
-    parts.extensions.insert(HttpTrace(span.context()));
     span
 }
 

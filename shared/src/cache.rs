@@ -24,6 +24,7 @@ use crate::{
     backend::{Backend, BackendError},
     bus::Bus,
     metrics::Metrics,
+    telemetry::{KeyValue, SpanKind},
 };
 
 /// How fresh a tool's data must be, which decides whether and how long it is cached.
@@ -201,18 +202,13 @@ impl ResultCache {
         tags: &[String],
         fill: impl Future<Output = Result<Fill, E>>,
     ) -> Result<Answer, E> {
-        let span = crate::otel_child_span!(
-            "cache lookup",
-            shoal.cache.outcome = tracing::field::Empty,
-            shoal.cache.ttl_ms = ttl.as_millis() as i64,
-        );
-        let result =
-            tracing::Instrument::instrument(self.lookup(id, ttl, tags, fill), span.clone()).await;
+        let span = crate::telemetry::Span::child("cache lookup", SpanKind::Internal, || {
+            vec![KeyValue::new("shoal.cache.ttl_ms", ttl.as_millis() as i64)]
+        });
+        let result = span.wrap(self.lookup(id, ttl, tags, fill)).await;
         match &result {
-            Ok(answer) => {
-                span.record("shoal.cache.outcome", answer.source.label());
-            }
-            Err(_) => crate::telemetry::mark_error(&span, "fill_error"),
+            Ok(answer) => span.set("shoal.cache.outcome", answer.source.label()),
+            Err(_) => span.mark_error("fill_error"),
         }
         result
     }

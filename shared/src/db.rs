@@ -23,7 +23,10 @@ use serde_json::Value;
 use tokio_postgres::{NoTls, error::SqlState, types::Type};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    telemetry::{KeyValue, Span, SpanKind},
+};
 
 type Manager = PostgresConnectionManager<NoTls>;
 
@@ -312,7 +315,7 @@ impl Database {
             .observed("SELECT", &span, self.read_inner(sql, params, cancel))
             .await;
         if let Ok(output) = &result {
-            span.record("db.response.returned_rows", output.rows.len() as i64);
+            span.set("db.response.returned_rows", output.rows.len() as i64);
         }
         result
     }
@@ -321,15 +324,15 @@ impl Database {
     async fn observed<T>(
         &self,
         operation: &'static str,
-        span: &tracing::Span,
+        span: &Span,
         step: impl Future<Output = Result<T, DbError>>,
     ) -> Result<T, DbError> {
         let start = Instant::now();
-        let result = tracing::Instrument::instrument(step, span.clone()).await;
+        let result = span.wrap(step).await;
         let error = result.as_ref().err().map(DbError::kind);
         self.metrics.db_operation(operation, error, start.elapsed());
         if let Some(kind) = error {
-            crate::telemetry::mark_error(span, kind);
+            span.mark_error(kind);
         }
         result
     }
@@ -613,28 +616,24 @@ fn first_table(sql: &str) -> Option<&str> {
 
 /// The client span of one PostgreSQL operation: the operation and, when known, the table; never
 /// the statement text or its parameters.
-fn db_span(operation: &'static str, collection: Option<&str>) -> tracing::Span {
-    let span = crate::otel_child_span!(
-        "postgres",
-        otel.name = tracing::field::Empty,
-        otel.kind = "client",
-        db.system.name = "postgresql",
-        db.operation.name = operation,
-        db.collection.name = tracing::field::Empty,
-        db.response.returned_rows = tracing::field::Empty,
-    );
-    if !span.is_none() {
-        match collection {
-            Some(table) => {
-                span.record("otel.name", format!("{operation} {table}"));
-                span.record("db.collection.name", table);
-            }
-            None => {
-                span.record("otel.name", operation);
-            }
-        }
+fn db_span(operation: &'static str, collection: Option<&str>) -> Span {
+    if !crate::telemetry::tracing_enabled() {
+        return Span::none();
     }
-    span
+    let name = match collection {
+        Some(table) => format!("{operation} {table}"),
+        None => operation.to_owned(),
+    };
+    Span::child(name, SpanKind::Client, || {
+        let mut attributes = vec![
+            KeyValue::new("db.system.name", "postgresql"),
+            KeyValue::new("db.operation.name", operation),
+        ];
+        if let Some(table) = collection {
+            attributes.push(KeyValue::new("db.collection.name", table.to_owned()));
+        }
+        attributes
+    })
 }
 
 /// Whether the statement reads rows and can be a subquery (SELECT, WITH, VALUES, TABLE).

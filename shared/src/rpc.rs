@@ -19,7 +19,10 @@ use std::{
 use rand::Rng;
 use serde_json::{Value, json};
 
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    telemetry::{KeyValue, Span, SpanKind},
+};
 
 /// Upstream settings.
 #[derive(Debug, Clone)]
@@ -229,30 +232,26 @@ impl RpcPool {
     }
 
     async fn attempt(&self, endpoint: &Endpoint, method: &str, params: &Value) -> Attempt {
-        let span = crate::otel_child_span!(
-            "jsonrpc",
-            otel.name = tracing::field::Empty,
-            otel.kind = "client",
-            rpc.system.name = "jsonrpc",
-            rpc.method = tracing::field::Empty,
-            server.address = endpoint.label,
-            shoal.rpc.outcome = tracing::field::Empty,
-        );
-        if !span.is_none() {
+        let span = if crate::telemetry::tracing_enabled() {
             let method: String = method.chars().take(64).collect();
-            span.record("otel.name", format!("jsonrpc {method}"));
-            span.record("rpc.method", method);
-        }
-        let outcome = tracing::Instrument::instrument(
-            self.attempt_inner(endpoint, method, params),
-            span.clone(),
-        )
-        .await;
-        if !span.is_none() {
+            Span::child(format!("jsonrpc {method}"), SpanKind::Client, || {
+                vec![
+                    KeyValue::new("rpc.system.name", "jsonrpc"),
+                    KeyValue::new("rpc.method", method),
+                    KeyValue::new("server.address", endpoint.label),
+                ]
+            })
+        } else {
+            Span::none()
+        };
+        let outcome = span
+            .wrap(self.attempt_inner(endpoint, method, params))
+            .await;
+        if span.is_recording() {
             let label = outcome_label(&outcome);
-            span.record("shoal.rpc.outcome", label);
+            span.set("shoal.rpc.outcome", label);
             if label != "ok" {
-                crate::telemetry::mark_error(&span, label);
+                span.mark_error(label);
             }
         }
         outcome

@@ -6,39 +6,44 @@
 //!   log output (`SecretString`).
 //! - **Traces**: OpenTelemetry over OTLP (gRPC or HTTP/protobuf), configured by the standard
 //!   `OTEL_*` variables, and off unless `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
-//!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Off means free: [`otel_span!`](crate::otel_span) then
-//!   yields `Span::none()` without touching the subscriber.
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Off means free: every constructor of [`Span`] then
+//!   returns [`Span::none`] after one relaxed atomic load, before building a single attribute.
 //! - **Metrics**: the same families as `/metrics`, pushed over OTLP when
 //!   `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` is set (see
 //!   [`crate::metrics`]).
 //!
-//! Spans are `tracing` spans of target [`SPAN_TARGET`], turned into OpenTelemetry spans by
-//! `tracing-opentelemetry`; only that target reaches the exporter. Dynamic span names use the
-//! `otel.name` field, the kind `otel.kind`, the status `otel.status_code`.
+//! Spans go straight to the OpenTelemetry SDK (no `tracing` bridge: it cost several microseconds
+//! per span). The current span travels with futures through the OpenTelemetry [`Context`]:
+//! [`Span::wrap`] attaches it while the future is polled, and children started with
+//! [`Span::child`] find their parent there.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
+    future::Future,
     io::IsTerminal,
+    pin::Pin,
     sync::{
         OnceLock,
         atomic::{AtomicBool, Ordering},
     },
+    task::Poll,
 };
 
+pub use opentelemetry::{Context, KeyValue, trace::SpanKind};
 use opentelemetry::{
-    Context, KeyValue,
     propagation::TextMapPropagator,
-    trace::{TraceContextExt, TracerProvider as _},
+    trace::{Link, SpanBuilder, Status, TraceContextExt, Tracer as _, TracerProvider as _},
 };
 use opentelemetry_sdk::{
-    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
-    trace::SdkTracerProvider,
+    Resource,
+    metrics::SdkMeterProvider,
+    propagation::TraceContextPropagator,
+    trace::{SdkTracerProvider, Tracer},
 };
 use tracing::{Event, Subscriber};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter,
-    filter::{FilterExt, filter_fn},
     fmt::{
         self, FmtContext, FormatEvent, FormatFields,
         format::Writer,
@@ -50,11 +55,9 @@ use tracing_subscriber::{
 
 use crate::config::LogFormat;
 
-/// The `tracing` target of every span exported over OTLP.
-pub const SPAN_TARGET: &str = "shoal::otel";
-
 static TRACES: AtomicBool = AtomicBool::new(false);
 static METER: OnceLock<opentelemetry::metrics::Meter> = OnceLock::new();
+static TRACER: OnceLock<Tracer> = OnceLock::new();
 
 /// Whether spans are being recorded and exported. Cheap: one relaxed atomic load.
 #[inline]
@@ -65,44 +68,6 @@ pub fn tracing_enabled() -> bool {
 /// The meter for OTLP metrics, when they are exported.
 pub fn meter() -> Option<&'static opentelemetry::metrics::Meter> {
     METER.get()
-}
-
-/// An exported span of target [`SPAN_TARGET`] while tracing is on, `Span::none()` otherwise.
-///
-/// `otel_span!("name", field = value, ...)`: the fields are `tracing` fields; dotted names become
-/// OpenTelemetry attributes as written.
-#[macro_export]
-macro_rules! otel_span {
-    ($name:literal $(, $($fields:tt)*)?) => {
-        if $crate::telemetry::tracing_enabled() {
-            ::tracing::info_span!(target: "shoal::otel", $name $(, $($fields)*)?)
-        } else {
-            ::tracing::Span::none()
-        }
-    };
-}
-
-/// Like [`otel_span!`](crate::otel_span), but only inside an exported span: dependency calls made
-/// by background work (the janitor, stream checkpoints, probes) would otherwise each start a trace
-/// of their own.
-#[macro_export]
-macro_rules! otel_child_span {
-    ($name:literal $(, $($fields:tt)*)?) => {
-        if $crate::telemetry::in_exported_span() {
-            ::tracing::info_span!(target: "shoal::otel", $name $(, $($fields)*)?)
-        } else {
-            ::tracing::Span::none()
-        }
-    };
-}
-
-/// Whether tracing is on and the current span is exported.
-#[inline]
-pub fn in_exported_span() -> bool {
-    tracing_enabled()
-        && tracing::Span::current()
-            .metadata()
-            .is_some_and(|meta| meta.target() == SPAN_TARGET)
 }
 
 /// Where the OTLP exporters send, from the standard environment variables.
@@ -212,9 +177,6 @@ pub fn init(format: LogFormat, instance: &str) -> TelemetryGuard {
     }
 
     let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Exported spans are for the exporter only: the log layer skips them (their fields would be
-    // formatted for nothing) and finds trace ids through the OpenTelemetry context instead.
-    let log_filter = env_filter.and(filter_fn(|meta| meta.target() != SPAN_TARGET));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
@@ -224,29 +186,13 @@ pub fn init(format: LogFormat, instance: &str) -> TelemetryGuard {
         fmt::layer()
             .event_format(JsonWithTrace)
             .with_writer(std::io::stderr)
-            .with_filter(log_filter)
             .boxed()
     } else {
-        fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(log_filter)
-            .boxed()
+        fmt::layer().with_writer(std::io::stderr).boxed()
     };
-    let otel_layer = tracer.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("shoal"))
-            .with_tracked_inactivity(false)
-            .with_threads(false)
-            .with_location(false)
-            .with_target(false)
-            .with_level(false)
-            .with_filter(filter_fn(|meta| {
-                meta.is_span() && meta.target() == SPAN_TARGET
-            }))
-    });
     let result = tracing_subscriber::registry()
+        .with(env_filter)
         .with(log_layer)
-        .with(otel_layer)
         .try_init();
     if let Err(error) = result {
         eprintln!("telemetry already initialised: {error}");
@@ -255,7 +201,8 @@ pub fn init(format: LogFormat, instance: &str) -> TelemetryGuard {
     for error in errors {
         tracing::error!(%error, "OpenTelemetry export disabled");
     }
-    if tracer.is_some() {
+    if let Some(provider) = &tracer {
+        let _ = TRACER.set(provider.tracer("shoal"));
         TRACES.store(true, Ordering::Relaxed);
         tracing::info!("exporting traces over OTLP");
     }
@@ -277,45 +224,203 @@ pub fn context_from_traceparent(traceparent: &str, tracestate: Option<&str>) -> 
     context.span().span_context().is_valid().then_some(context)
 }
 
-/// The W3C `traceparent` of `span`, when tracing is on and the span is recorded.
-pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
-    if !tracing_enabled() || span.is_none() {
-        return None;
-    }
-    let context = span.context();
+fn traceparent_of_context(context: &Context) -> Option<String> {
     if !context.span().span_context().is_valid() {
         return None;
     }
     let mut carrier = HashMap::with_capacity(2);
-    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    TraceContextPropagator::new().inject_context(context, &mut carrier);
     carrier.remove("traceparent")
 }
 
-/// The W3C `traceparent` of the current span (see [`traceparent_of`]).
+/// The W3C `traceparent` of the current span, while tracing and inside a span.
 pub fn current_traceparent() -> Option<String> {
     if !tracing_enabled() {
         return None;
     }
-    traceparent_of(&tracing::Span::current())
+    traceparent_of_context(&Context::current())
 }
 
-/// Makes `span` a child of the context named by `traceparent`, when there is one.
-pub fn set_parent_from(span: &tracing::Span, traceparent: Option<&str>) {
-    if span.is_none() {
-        return;
+/// Where a new span hangs.
+#[derive(Debug)]
+pub enum Parent<'a> {
+    /// The current span, if any; else the span starts a trace.
+    Current,
+    /// This context (a remote parent from a `traceparent`, or a span's); none starts a trace.
+    Context(Option<&'a Context>),
+}
+
+/// A span, or nothing while tracing is off. It ends when dropped. Cheap to create when off: the
+/// constructors check [`tracing_enabled`] before running the attribute closure.
+#[derive(Debug, Default)]
+#[must_use = "a span ends when dropped"]
+pub struct Span {
+    context: Option<Context>,
+}
+
+impl Span {
+    /// No span.
+    pub const fn none() -> Self {
+        Self { context: None }
     }
-    if let Some(context) = traceparent.and_then(|tp| context_from_traceparent(tp, None)) {
-        let _ = span.set_parent(context);
+
+    /// A span named `name` of `kind` under `parent`, with the attributes `attributes` returns
+    /// (called only while tracing).
+    pub fn start(
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        parent: Parent<'_>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Self {
+        Self::start_linked(name, kind, parent, None, attributes)
+    }
+
+    /// Like [`Span::start`], with a link to `link` (a span of another trace, or the publisher of a
+    /// message).
+    pub fn start_linked(
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        parent: Parent<'_>,
+        link: Option<&Context>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Self {
+        if !tracing_enabled() {
+            return Self::none();
+        }
+        let Some(tracer) = TRACER.get() else {
+            return Self::none();
+        };
+        let current;
+        let parent = match parent {
+            Parent::Current => {
+                current = Context::current();
+                &current
+            }
+            Parent::Context(Some(context)) => context,
+            Parent::Context(None) => {
+                current = Context::new();
+                &current
+            }
+        };
+        let mut builder = SpanBuilder::from_name(name)
+            .with_kind(kind)
+            .with_attributes(attributes());
+        if let Some(link) = link {
+            let link = link.span().span_context().clone();
+            if link.is_valid() {
+                builder = builder.with_links(vec![Link::with_context(link)]);
+            }
+        }
+        let span = tracer.build_with_context(builder, parent);
+        Self {
+            context: Some(parent.with_span(span)),
+        }
+    }
+
+    /// A child of the current span, only inside one: dependency calls made by background work
+    /// (the janitor, stream checkpoints, probes) would otherwise each start a trace of their own.
+    pub fn child(
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Self {
+        if !tracing_enabled() || !Context::current().has_active_span() {
+            return Self::none();
+        }
+        Self::start(name, kind, Parent::Current, attributes)
+    }
+
+    /// Whether there is no span (tracing off, or not inside a traced request).
+    pub fn is_none(&self) -> bool {
+        self.context.is_none()
+    }
+
+    /// Whether the span records (it exists and was sampled): attributes are worth computing.
+    pub fn is_recording(&self) -> bool {
+        self.context
+            .as_ref()
+            .is_some_and(|context| context.span().is_recording())
+    }
+
+    /// Sets an attribute (when recording).
+    pub fn set(&self, key: &'static str, value: impl Into<opentelemetry::Value>) {
+        if let Some(context) = &self.context {
+            let span = context.span();
+            if span.is_recording() {
+                span.set_attribute(KeyValue::new(key, value));
+            }
+        }
+    }
+
+    /// Renames the span (when recording).
+    pub fn rename(&self, name: impl Into<Cow<'static, str>>) {
+        if let Some(context) = &self.context {
+            let span = context.span();
+            if span.is_recording() {
+                span.update_name(name);
+            }
+        }
+    }
+
+    /// Marks the span failed with `error_type` (`error.type` and an error status).
+    pub fn mark_error(&self, error_type: &str) {
+        if let Some(context) = &self.context {
+            let span = context.span();
+            if span.is_recording() {
+                span.set_attribute(KeyValue::new("error.type", error_type.to_owned()));
+                span.set_status(Status::error(error_type.to_owned()));
+            }
+        }
+    }
+
+    /// The span's context (to pass to another task as a parent).
+    pub fn context(&self) -> Option<&Context> {
+        self.context.as_ref()
+    }
+
+    /// The span's W3C `traceparent`.
+    pub fn traceparent(&self) -> Option<String> {
+        self.context.as_ref().and_then(traceparent_of_context)
+    }
+
+    /// `future`, polled with this span as the current one.
+    pub fn wrap<F: Future>(&self, future: F) -> Traced<F> {
+        Traced {
+            future,
+            context: self.context.clone(),
+        }
     }
 }
 
-/// Marks `span` failed with `error_type` (`error.type` and an error status).
-pub fn mark_error(span: &tracing::Span, error_type: &str) {
-    if span.is_none() {
-        return;
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some(context) = &self.context {
+            context.span().end();
+        }
     }
-    span.set_attribute("error.type", error_type.to_owned());
-    span.set_status(opentelemetry::trace::Status::error(error_type.to_owned()));
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled with a span as the current one (see [`Span::wrap`]).
+    #[derive(Debug)]
+    pub struct Traced<F> {
+        #[pin]
+        future: F,
+        context: Option<Context>,
+    }
+}
+
+impl<F: Future> Future for Traced<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let _guard = this
+            .context
+            .as_ref()
+            .map(|context| context.clone().attach());
+        this.future.poll(cx)
+    }
 }
 
 /// JSON log lines in the shape of `tracing-subscriber`'s JSON format (`timestamp`, `level`,
@@ -344,7 +449,7 @@ where
         line.insert("target".into(), meta.target().into());
         line.insert("fields".into(), fields.into());
         if tracing_enabled() {
-            let context = tracing::Span::current().context();
+            let context = Context::current();
             let span = context.span();
             let span_context = span.span_context();
             if span_context.is_valid() {
@@ -419,8 +524,11 @@ mod tests {
     #[test]
     fn spans_are_free_while_tracing_is_off() {
         assert!(!tracing_enabled());
-        let span = crate::otel_span!("probe", answer = 42);
+        let span = Span::start("probe", SpanKind::Internal, Parent::Current, || {
+            unreachable!("attributes are not built while tracing is off")
+        });
         assert!(span.is_none());
-        assert!(traceparent_of(&span).is_none());
+        assert!(span.traceparent().is_none());
+        assert!(current_traceparent().is_none());
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use shoal_shared::testkit::topology::{Topology, TopologyOptions};
+use shoal_shared::testkit::topology::{Topology, TopologyOptions, repo_root};
 
 /// Start a local shoal cluster: Redis, replicas and an nginx balancer on loopback ports.
 #[derive(Debug, Parser)]
@@ -25,6 +25,9 @@ struct Args {
     /// toolset.
     #[arg(long)]
     postgres: bool,
+    /// The SQL loaded into PostgreSQL with --postgres (default: deploy/postgres/demo.sql).
+    #[arg(long)]
+    schema: Option<PathBuf>,
     /// Port of the balancer (a free port when unset).
     #[arg(long)]
     port: Option<u16>,
@@ -83,6 +86,27 @@ async fn main() -> anyhow::Result<()> {
     let topology = Topology::start(options)
         .await
         .context("starting the topology")?;
+
+    if let Some(postgres) = &topology.postgres {
+        let path = args
+            .schema
+            .clone()
+            .unwrap_or_else(|| repo_root().join("deploy/postgres/demo.sql"));
+        let sql = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        postgres
+            .client()
+            .await
+            .context("connecting to PostgreSQL")?
+            .batch_execute(&sql)
+            .await
+            .with_context(|| format!("loading {}", path.display()))?;
+        println!(
+            "  postgres:     {} (schema {})",
+            postgres.url(),
+            path.display()
+        );
+    }
 
     println!("shoal cluster is up (logs in {})", topology.dir().display());
     println!("  MCP endpoint: {}", topology.mcp_url());

@@ -1,7 +1,8 @@
 //! `shoal-otlp-sink`: a minimal OTLP backend that keeps spans in memory. It stands in for Jaeger
 //! or an OpenTelemetry Collector where neither can be installed (tests, CI, the compose stack on
 //! machines without registry access), and lets scripts check what a cluster exported:
-//! `GET /api/spans` (JSON) and `GET /api/metrics` (metric names) on the HTTP port, next to
+//! `GET /api/spans` (JSON), `GET /api/metrics` (metric names) and `GET /api/stats` (counts) on the
+//! HTTP port, next to
 //! `POST /v1/traces` and `POST /v1/metrics`; gRPC on the other port.
 
 use std::net::SocketAddr;
@@ -19,7 +20,8 @@ struct Args {
     /// HTTP listen address (OTLP/HTTP and the JSON API).
     #[arg(long, env = "SINK_HTTP_LISTEN", default_value = "127.0.0.1:4318")]
     http: SocketAddr,
-    /// Spans kept; the oldest are dropped past it.
+    /// Spans kept; the oldest are dropped past it. 0: count exports and bytes without decoding
+    /// them (`GET /api/stats`), for benchmarks where the sink shares the machine.
     #[arg(long, env = "SINK_MAX_SPANS", default_value_t = DEFAULT_CAPACITY)]
     max_spans: usize,
 }
@@ -29,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let receiver = OtlpReceiver::bind(args.grpc, args.http, args.max_spans).await?;
     eprintln!(
-        "shoal-otlp-sink: gRPC {} HTTP {} (GET /api/spans, /api/metrics)",
+        "shoal-otlp-sink: gRPC {} HTTP {} (GET /api/spans, /api/metrics, /api/stats)",
         receiver.grpc_endpoint(),
         receiver.http_endpoint()
     );

@@ -26,6 +26,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use crate::mcp::trace::{delivery_span, traceparent_in};
 use futures::{Stream, StreamExt};
 use rmcp::{
     RoleServer,
@@ -54,9 +55,6 @@ use shoal_shared::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::Instrument;
-
-use crate::mcp::trace::{delivery_span, traceparent_in};
 
 /// Why a session operation failed. The text reaches clients (rmcp puts it in 500 bodies), so it
 /// never carries infrastructure details; those are logged where the error is handled.
@@ -182,11 +180,10 @@ impl ClusterSessionManager {
                         "notifications/cancelled deliver",
                         "notifications/cancelled",
                         Some(&session),
+                        None,
                         trace.as_deref(),
                     );
-                    self.deliver_forwarded(&session, &payload)
-                        .instrument(span)
-                        .await;
+                    span.wrap(self.deliver_forwarded(&session, &payload)).await;
                 }
                 ControlMessage::Forward {
                     session,
@@ -197,11 +194,10 @@ impl ClusterSessionManager {
                         "response deliver",
                         "response",
                         Some(&session),
+                        None,
                         trace.as_deref(),
                     );
-                    self.deliver_forwarded(&session, &payload)
-                        .instrument(span)
-                        .await;
+                    span.wrap(self.deliver_forwarded(&session, &payload)).await;
                 }
             }
         }
@@ -583,12 +579,15 @@ fn trace_feed_delivery(session: &str, payload: &str) {
     } else {
         ("notification deliver", "notification")
     };
-    let span = delivery_span(name, method, Some(session), Some(&traceparent));
-    if let Some(uri) = head.and_then(|h| h.params).and_then(|p| p.uri) {
-        span.record("mcp.resource.uri", uri);
-    }
-    // Entered and dropped at once: the delivery is handing the message to the stream.
-    let _entered = span.enter();
+    let uri = head.and_then(|h| h.params).and_then(|p| p.uri);
+    // Started and ended at once: the delivery is handing the message to the stream.
+    drop(delivery_span(
+        name,
+        method,
+        Some(session),
+        uri.as_deref(),
+        Some(&traceparent),
+    ));
 }
 
 /// The transport between rmcp's service loop and a local session worker. It tags the ids of

@@ -33,10 +33,13 @@ use shoal_shared::{
     cache::{Fill, Source as CacheSource, entry_id, private_partition},
 };
 
-use tracing::{Instrument, Span};
+use shoal_shared::telemetry::Span;
 
 use crate::{
-    mcp::{error, trace},
+    mcp::{
+        error,
+        trace::{self, Target},
+    },
     state::AppState,
     tools::policy::{Scope, ToolPolicy},
 };
@@ -94,7 +97,7 @@ impl ShoalHandler {
         future: impl Future<Output = Result<T, McpError>>,
     ) -> Result<T, McpError> {
         let start = Instant::now();
-        let result = future.instrument(span.clone()).await;
+        let result = span.wrap(future).await;
         if let Err(error) = &result {
             trace::record_error(&span, error);
         }
@@ -166,9 +169,11 @@ impl ServerHandler for ShoalHandler {
     async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {}
 
     async fn ping(&self, context: RequestContext<RoleServer>) -> Result<(), McpError> {
-        self.observe("ping", trace::request_span("ping", &context), async {
-            Ok(())
-        })
+        self.observe(
+            "ping",
+            trace::request_span("ping", Target::None, &context),
+            async { Ok(()) },
+        )
         .await
     }
 
@@ -179,7 +184,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<ListToolsResult, McpError> {
         self.observe(
             "tools/list",
-            trace::request_span("tools/list", &context),
+            trace::request_span("tools/list", Target::None, &context),
             async {
                 let mut result = ListToolsResult::with_all_items(self.state.tools.list_all());
                 self.state
@@ -202,15 +207,10 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<CallToolResponse, McpError> {
         let start = Instant::now();
         let policy = self.state.policies.get(&request.name).clone();
-        let span = trace::request_span("tools/call", &context);
-        trace::record_target(&span, "tools/call", "gen_ai.tool.name", &request.name);
-        if !span.is_none() {
-            span.record("gen_ai.operation.name", "execute_tool");
-        }
+        let span = trace::request_span("tools/call", Target::Tool(&request.name), &context);
         let cancelled = context.ct.clone();
-        let result = self
-            .call_with_policy(&policy, request, context)
-            .instrument(span.clone())
+        let result = span
+            .wrap(self.call_with_policy(&policy, request, context))
             .await;
         let outcome = match &result {
             _ if cancelled.is_cancelled() => "cancelled",
@@ -220,7 +220,7 @@ impl ServerHandler for ShoalHandler {
         };
         match &result {
             Err(error) => trace::record_error(&span, error),
-            Ok(_) if outcome != "ok" => shoal_shared::telemetry::mark_error(&span, outcome),
+            Ok(_) if outcome != "ok" => span.mark_error(outcome),
             Ok(_) => {}
         }
         self.state
@@ -236,7 +236,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<ListResourcesResult, McpError> {
         self.observe(
             "resources/list",
-            trace::request_span("resources/list", &context),
+            trace::request_span("resources/list", Target::None, &context),
             async {
                 let cursor = request.and_then(|r| r.cursor);
                 self.state
@@ -255,7 +255,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<ListResourceTemplatesResult, McpError> {
         self.observe(
             "resources/templates/list",
-            trace::request_span("resources/templates/list", &context),
+            trace::request_span("resources/templates/list", Target::None, &context),
             async {
                 let mut result = ListResourceTemplatesResult::with_all_items(
                     self.state.catalog.templates.clone(),
@@ -276,7 +276,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<ReadResourceResponse, McpError> {
         self.observe(
             "resources/read",
-            trace::resource_span("resources/read", &context, &request.uri),
+            trace::request_span("resources/read", Target::Resource(&request.uri), &context),
             async {
                 self.state
                     .catalog
@@ -295,7 +295,11 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<(), McpError> {
         self.observe(
             "resources/subscribe",
-            trace::resource_span("resources/subscribe", &context, &request.uri),
+            trace::request_span(
+                "resources/subscribe",
+                Target::Resource(&request.uri),
+                &context,
+            ),
             self.subscribe_legacy(&request.uri, &context),
         )
         .await
@@ -308,7 +312,11 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<(), McpError> {
         self.observe(
             "resources/unsubscribe",
-            trace::resource_span("resources/unsubscribe", &context, &request.uri),
+            trace::request_span(
+                "resources/unsubscribe",
+                Target::Resource(&request.uri),
+                &context,
+            ),
             async {
                 let session = session_id(&context).ok_or_else(|| {
                     McpError::invalid_request("resources/unsubscribe needs a session", None)
@@ -336,8 +344,12 @@ impl ServerHandler for ShoalHandler {
 
     async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
         let start = Instant::now();
-        let span = trace::request_span("subscriptions/listen", context.request_context());
-        let result = self.run_listener(&context).instrument(span.clone()).await;
+        let span = trace::request_span(
+            "subscriptions/listen",
+            Target::None,
+            context.request_context(),
+        );
+        let result = span.wrap(self.run_listener(&context)).await;
         if let Err(error) = &result {
             trace::record_error(&span, error);
         }
@@ -356,7 +368,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<(), McpError> {
         self.observe(
             "logging/setLevel",
-            trace::request_span("logging/setLevel", &context),
+            trace::request_span("logging/setLevel", Target::None, &context),
             async {
                 let Some(session) = session_id(&context) else {
                     return Ok(());
@@ -386,7 +398,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<CompleteResult, McpError> {
         self.observe(
             "completion/complete",
-            trace::request_span("completion/complete", &context),
+            trace::request_span("completion/complete", Target::None, &context),
             async {
                 let values = self.state.catalog.complete(&request);
                 let completion = CompletionInfo::with_all_values(values)
@@ -404,7 +416,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<ListPromptsResult, McpError> {
         self.observe(
             "prompts/list",
-            trace::request_span("prompts/list", &context),
+            trace::request_span("prompts/list", Target::None, &context),
             async {
                 let mut result =
                     ListPromptsResult::with_all_items(self.state.catalog.prompts.clone());
@@ -424,7 +436,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<GetPromptResponse, McpError> {
         self.observe(
             "prompts/get",
-            trace::prompt_span(&context, &request.name),
+            trace::request_span("prompts/get", Target::Prompt(&request.name), &context),
             async {
                 if self.state.catalog.is_input_required_prompt(&request.name) {
                     return self.input_required_prompt(&request).await;
@@ -566,12 +578,10 @@ impl ShoalHandler {
                                 "notifications/resources/updated",
                                 "notifications/resources/updated",
                                 None,
+                                Some(&uri),
                                 parent.as_deref(),
                             );
-                            if !span.is_none() {
-                                span.record("mcp.resource.uri", uri.as_str());
-                            }
-                            sink.notify_resource_updated(uri).instrument(span).await
+                            span.wrap(sink.notify_resource_updated(uri)).await
                         }
                         ListenEvent::ListChanged(ListKind::Tools) => sink.notify_tool_list_changed().await,
                         ListenEvent::ListChanged(ListKind::Prompts) => sink.notify_prompt_list_changed().await,

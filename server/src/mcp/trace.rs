@@ -2,76 +2,74 @@
 //! HTTP span of the request that carried it; and the spans of cross-replica deliveries, children of
 //! the span that published them on the bus.
 //!
-//! Everything here is a no-op returning `Span::none()` while tracing is off.
+//! Everything here returns [`Span::none`] while tracing is off, before computing anything.
 
-use opentelemetry::{Context, trace::TraceContextExt};
 use rmcp::{ErrorData as McpError, RoleServer, service::RequestContext};
-use shoal_shared::{otel_span, telemetry};
-use tracing::{Span, field::Empty};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use shoal_shared::telemetry::{self, Context, KeyValue, Parent, Span, SpanKind};
 
 /// The context of a request's HTTP span, put in the request's `http::request::Parts` extensions
 /// by [`crate::http`], where rmcp hands it to the handler (also for a restore replay).
 #[derive(Clone, Debug)]
 pub struct HttpTrace(pub Context);
 
-/// The span of one MCP request of `method`, parented to its HTTP span.
-pub fn request_span(method: &'static str, context: &RequestContext<RoleServer>) -> Span {
-    let span = otel_span!(
-        "mcp",
-        otel.name = method,
-        otel.kind = "server",
-        mcp.method.name = method,
-        mcp.session.id = Empty,
-        mcp.protocol.version = Empty,
-        jsonrpc.request.id = Empty,
-        gen_ai.operation.name = Empty,
-        gen_ai.tool.name = Empty,
-        gen_ai.prompt.name = Empty,
-        mcp.resource.uri = Empty,
-        error.type = Empty,
-        rpc.response.status_code = Empty,
-        shoal.session.restored = Empty,
-        shoal.cache.outcome = Empty,
-    );
-    if span.is_none() {
-        return span;
+/// What an MCP request is about, for its span's name and attributes.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// Nothing in particular.
+    None,
+    /// A tool (`tools/call`).
+    Tool(&'a str),
+    /// A prompt (`prompts/get`).
+    Prompt(&'a str),
+    /// A resource URI.
+    Resource(&'a str),
+}
+
+/// The span of one MCP request of `method`, named `{method} {target}`, child of its HTTP span.
+pub fn request_span(
+    method: &'static str,
+    target: Target<'_>,
+    context: &RequestContext<RoleServer>,
+) -> Span {
+    if !telemetry::tracing_enabled() {
+        return Span::none();
     }
     let parts = context.extensions.get::<http::request::Parts>();
-    if let Some(parent) = parts.and_then(|parts| parts.extensions.get::<HttpTrace>()) {
-        let _ = span.set_parent(parent.0.clone());
-    }
-    if let Some(parts) = parts {
-        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-        if let Some(session) = header("mcp-session-id") {
-            span.record("mcp.session.id", session);
+    let parent = parts
+        .and_then(|parts| parts.extensions.get::<HttpTrace>())
+        .map(|trace| &trace.0);
+    let name = match target {
+        Target::Tool(name) | Target::Prompt(name) => format!("{method} {name}"),
+        Target::None | Target::Resource(_) => method.to_owned(),
+    };
+    Span::start(name, SpanKind::Server, Parent::Context(parent), || {
+        let mut attributes = Vec::with_capacity(8);
+        attributes.push(KeyValue::new("mcp.method.name", method));
+        attributes.push(KeyValue::new("jsonrpc.request.id", context.id.to_string()));
+        if let Some(parts) = parts {
+            let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+            if let Some(session) = header("mcp-session-id") {
+                attributes.push(KeyValue::new("mcp.session.id", session.to_owned()));
+            }
+            if let Some(version) = header("mcp-protocol-version") {
+                attributes.push(KeyValue::new("mcp.protocol.version", version.to_owned()));
+            }
         }
-        if let Some(version) = header("mcp-protocol-version") {
-            span.record("mcp.protocol.version", version);
+        match target {
+            Target::Tool(name) => {
+                attributes.push(KeyValue::new("gen_ai.tool.name", name.to_owned()));
+                attributes.push(KeyValue::new("gen_ai.operation.name", "execute_tool"));
+            }
+            Target::Prompt(name) => {
+                attributes.push(KeyValue::new("gen_ai.prompt.name", name.to_owned()));
+            }
+            Target::Resource(uri) => {
+                attributes.push(KeyValue::new("mcp.resource.uri", uri.to_owned()));
+            }
+            Target::None => {}
         }
-    }
-    span.record("jsonrpc.request.id", context.id.to_string());
-    span
-}
-
-/// The span of a request on the resource `uri` (`mcp.resource.uri`).
-pub fn resource_span(
-    method: &'static str,
-    context: &RequestContext<RoleServer>,
-    uri: &str,
-) -> Span {
-    let span = request_span(method, context);
-    if !span.is_none() {
-        span.record("mcp.resource.uri", uri);
-    }
-    span
-}
-
-/// The span of `prompts/get` for the prompt `name`.
-pub fn prompt_span(context: &RequestContext<RoleServer>, name: &str) -> Span {
-    let span = request_span("prompts/get", context);
-    record_target(&span, "prompts/get", "gen_ai.prompt.name", name);
-    span
+        attributes
+    })
 }
 
 /// The span of `initialize`: the client's handshake, or its replay on a replica restoring the
@@ -80,71 +78,70 @@ pub fn initialize_span(
     context: &RequestContext<RoleServer>,
     request: &rmcp::model::InitializeRequestParams,
 ) -> Span {
-    let span = request_span("initialize", context);
-    if !span.is_none() {
+    let span = request_span("initialize", Target::None, context);
+    if span.is_recording() {
         let restored = context
             .extensions
             .get::<rmcp::transport::streamable_http_server::session::SessionRestoreMarker>()
             .is_some();
-        span.record("shoal.session.restored", restored);
-        span.record("mcp.protocol.version", request.protocol_version.as_str());
+        span.set("shoal.session.restored", restored);
+        if context
+            .extensions
+            .get::<http::request::Parts>()
+            .and_then(|parts| parts.headers.get("mcp-protocol-version"))
+            .is_none()
+        {
+            span.set(
+                "mcp.protocol.version",
+                request.protocol_version.as_str().to_owned(),
+            );
+        }
     }
     span
-}
-
-/// Names the span after the request's target, e.g. `tools/call kv_get`, and records it under `key`
-/// (`gen_ai.tool.name`, `gen_ai.prompt.name`).
-pub fn record_target(span: &Span, method: &'static str, key: &'static str, target: &str) {
-    if span.is_none() {
-        return;
-    }
-    span.record("otel.name", format!("{method} {target}"));
-    span.record(key, target);
 }
 
 /// Marks the span of a failed request with the JSON-RPC error code.
 pub fn record_error(span: &Span, error: &McpError) {
-    if span.is_none() {
-        return;
+    if span.is_recording() {
+        let code = error.code.0;
+        span.set("rpc.response.status_code", i64::from(code));
+        span.mark_error(&code.to_string());
     }
-    let code = error.code.0;
-    span.record("rpc.response.status_code", code);
-    telemetry::mark_error(span, &code.to_string());
 }
 
 /// The span of a message another replica published on the bus and this one delivers: a
 /// notification to a client stream, a forwarded response, a cancellation. `traceparent` is the
-/// publishing span's, so the delivery joins the trace that caused it.
+/// publishing span's, so the delivery joins the trace that caused it (as a child, and linked).
 pub fn delivery_span(
     name: &'static str,
     method: &'static str,
     session: Option<&str>,
+    uri: Option<&str>,
     traceparent: Option<&str>,
 ) -> Span {
-    let Some(traceparent) = traceparent else {
+    if !telemetry::tracing_enabled() {
+        return Span::none();
+    }
+    let Some(parent) = traceparent.and_then(|tp| telemetry::context_from_traceparent(tp, None))
+    else {
         return Span::none();
     };
-    let span = otel_span!(
-        "deliver",
-        otel.name = name,
-        otel.kind = "producer",
-        mcp.method.name = method,
-        mcp.session.id = Empty,
-        mcp.resource.uri = Empty,
-    );
-    if span.is_none() {
-        return span;
-    }
-    if let Some(parent) = telemetry::context_from_traceparent(traceparent, None) {
-        let link = parent.span().span_context().clone();
-        let _ = span.set_parent(parent);
-        // Also a link, for backends that show cross-trace relations only as links.
-        span.add_link(link);
-    }
-    if let Some(session) = session {
-        span.record("mcp.session.id", session);
-    }
-    span
+    Span::start_linked(
+        name,
+        SpanKind::Producer,
+        Parent::Context(Some(&parent)),
+        Some(&parent),
+        || {
+            let mut attributes = vec![KeyValue::new("mcp.method.name", method)];
+            if let Some(session) = session {
+                attributes.push(KeyValue::new("mcp.session.id", session.to_owned()));
+            }
+            if let Some(uri) = uri {
+                attributes.push(KeyValue::new("mcp.resource.uri", uri.to_owned()));
+            }
+            attributes
+        },
+    )
 }
 
 /// The `params._meta.traceparent` of a serialized JSON-RPC message, if any.

@@ -134,19 +134,19 @@ macro_rules! delegate {
     ($self:ident, $op:literal, $call:ident ( $($arg:expr),* )) => {{
         let result = match $self {
             Backend::Redis(backend) => {
-                let span = crate::otel_child_span!(
-                    "redis",
-                    otel.name = concat!("redis ", $op),
-                    otel.kind = "client",
-                    db.system.name = "redis",
-                    db.operation.name = $op,
-                    error.type = tracing::field::Empty,
+                let span = crate::telemetry::Span::child(
+                    concat!("redis ", $op),
+                    crate::telemetry::SpanKind::Client,
+                    || vec![
+                        crate::telemetry::KeyValue::new("db.system.name", "redis"),
+                        crate::telemetry::KeyValue::new("db.operation.name", $op),
+                    ],
                 );
                 let start = std::time::Instant::now();
-                let result = tracing::Instrument::instrument(backend.$call($($arg),*), span.clone()).await;
+                let result = span.wrap(backend.$call($($arg),*)).await;
                 backend.metrics().redis_operation($op, result.is_ok(), start.elapsed());
                 if result.is_err() {
-                    crate::telemetry::mark_error(&span, "backend_error");
+                    span.mark_error("backend_error");
                 }
                 result
             }

@@ -80,11 +80,30 @@ impl ReceivedSpan {
 struct Store {
     spans: VecDeque<ReceivedSpan>,
     metrics: BTreeSet<String>,
+    /// Spans kept; 0 = count exports only, without decoding HTTP bodies (for benchmarks, where the
+    /// receiver shares the machine with the server it measures).
     capacity: usize,
+    exports: u64,
+    bytes: u64,
+}
+
+/// What a receiver got, in numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReceivedStats {
+    /// Export requests (traces and metrics).
+    pub exports: u64,
+    /// Bytes of HTTP export bodies.
+    pub bytes: u64,
+    /// Spans kept.
+    pub spans: usize,
 }
 
 impl Store {
     fn add_spans(&mut self, request: ExportTraceServiceRequest) {
+        self.exports += 1;
+        if self.capacity == 0 {
+            return;
+        }
         for resource_spans in request.resource_spans {
             let resource = resource_spans
                 .resource
@@ -118,6 +137,7 @@ impl Store {
     }
 
     fn add_metrics(&mut self, request: ExportMetricsServiceRequest) {
+        self.exports += 1;
         for resource_metrics in request.resource_metrics {
             for scope in resource_metrics.scope_metrics {
                 for metric in scope.metrics {
@@ -216,7 +236,8 @@ impl OtlpReceiver {
         .await
     }
 
-    /// Starts a receiver with gRPC on `grpc` and HTTP on `http`, keeping at most `capacity` spans.
+    /// Starts a receiver with gRPC on `grpc` and HTTP on `http`, keeping at most `capacity` spans
+    /// (0: count exports without decoding them).
     ///
     /// # Errors
     /// When an address cannot be bound.
@@ -226,7 +247,7 @@ impl OtlpReceiver {
         capacity: usize,
     ) -> std::io::Result<Self> {
         let store = Arc::new(Mutex::new(Store {
-            capacity: capacity.max(1),
+            capacity,
             ..Store::default()
         }));
         let services = Services(store.clone());
@@ -298,6 +319,16 @@ impl OtlpReceiver {
         self.store().metrics.clone()
     }
 
+    /// Counts of what was received.
+    pub fn stats(&self) -> ReceivedStats {
+        let store = self.store();
+        ReceivedStats {
+            exports: store.exports,
+            bytes: store.bytes,
+            spans: store.spans.len(),
+        }
+    }
+
     /// Forgets what was received.
     pub fn clear(&self) {
         let mut store = self.store();
@@ -350,6 +381,18 @@ async fn answer(request: Request<Incoming>, services: &Services) -> Response<Ful
                 );
             };
             let body = body.to_bytes();
+            {
+                let mut store = services.store();
+                store.bytes += body.len() as u64;
+                if store.capacity == 0 && path == "/v1/traces" {
+                    store.exports += 1;
+                    return reply(
+                        StatusCode::OK,
+                        "application/x-protobuf",
+                        ExportTraceServiceResponse::default().encode_to_vec(),
+                    );
+                }
+            }
             if path == "/v1/traces" {
                 match ExportTraceServiceRequest::decode(body) {
                     Ok(export) => services.store().add_spans(export),
@@ -390,6 +433,19 @@ async fn answer(request: Request<Incoming>, services: &Services) -> Response<Ful
                 StatusCode::OK,
                 "application/json",
                 serde_json::to_vec(&spans).unwrap_or_default(),
+            )
+        }
+        ("GET", "/api/stats") => {
+            let store = services.store();
+            let stats = ReceivedStats {
+                exports: store.exports,
+                bytes: store.bytes,
+                spans: store.spans.len(),
+            };
+            reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&stats).unwrap_or_default(),
             )
         }
         ("GET", "/api/metrics") => {
