@@ -271,12 +271,14 @@ impl HttpService {
         request: Request<Full<Bytes>>,
         id: Option<&serde_json::Value>,
     ) -> Response<Body> {
+        let started = std::time::Instant::now();
         let response = self.mcp.handle(request).await;
         if response.status() == StatusCode::INTERNAL_SERVER_ERROR
-            && !self.state.backend.is_connected()
+            && (!self.state.backend.is_connected() || self.state.backend.failed_since(started))
         {
-            // rmcp reports a failed session lookup as 500; the cause is a shared state that is down,
-            // which clients should retry.
+            // rmcp reports a failed session lookup as 500; the cause is a shared state that is down
+            // (the connection state may not know yet when the failure is fresh), which clients
+            // should retry.
             return self.reject("backend_unavailable", unavailable(id));
         }
         response

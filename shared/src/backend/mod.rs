@@ -146,6 +146,7 @@ macro_rules! delegate {
                 let result = span.wrap(backend.$call($($arg),*)).await;
                 backend.metrics().redis_operation($op, result.is_ok(), start.elapsed());
                 if result.is_err() {
+                    backend.note_failure();
                     span.mark_error("backend_error");
                 }
                 result
@@ -199,6 +200,15 @@ impl Backend {
         match self {
             Backend::Redis(backend) => backend.is_connected(),
             Backend::Memory(_) => true,
+        }
+    }
+
+    /// Whether an operation failed at or after `since` (the shared state is in trouble even if the
+    /// connection state has not caught up yet).
+    pub fn failed_since(&self, since: std::time::Instant) -> bool {
+        match self {
+            Backend::Redis(backend) => backend.failed_since(since),
+            Backend::Memory(_) => false,
         }
     }
 

@@ -95,6 +95,9 @@ struct Inner {
     log_prefix: String,
     replica_prefix: String,
     subscribers_prefix: String,
+    /// When the last command failed, in microseconds after `epoch` (0: never).
+    last_failure_us: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
 }
 
 /// Shared state in Redis. Cheap to clone.
@@ -153,6 +156,8 @@ impl RedisBackend {
             log_prefix: format!("{}:ev:", keys.prefix()),
             replica_prefix: format!("{}:r:", keys.prefix()),
             subscribers_prefix: format!("{}:subs:", keys.prefix()),
+            last_failure_us: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             origin: bus.tag().clone(),
             pool,
             subscriber,
@@ -233,6 +238,23 @@ impl RedisBackend {
 
     pub(super) fn is_connected(&self) -> bool {
         self.inner.pool.next().is_connected()
+    }
+
+    pub(super) fn note_failure(&self) {
+        let now = self.inner.epoch.elapsed().as_micros() as u64;
+        self.inner
+            .last_failure_us
+            .store(now.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn failed_since(&self, since: std::time::Instant) -> bool {
+        let last = self
+            .inner
+            .last_failure_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        last != 0
+            && self.inner.epoch + std::time::Duration::from_micros(last)
+                >= since.max(self.inner.epoch)
     }
 
     async fn eval<R: fred::types::FromValue>(
