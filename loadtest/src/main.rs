@@ -104,6 +104,11 @@ enum Command {
         /// How long after --chaos-at to run --restart-cmd.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
         restart_after: Duration,
+        /// Times a request that failed in transport, with 502/503/504 or with a response stream
+        /// that ended early is sent again (a replica died under it), as a resilient client would.
+        /// Retries are reported as recoveries.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
         /// Write the full report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -156,6 +161,7 @@ async fn main() -> ExitCode {
             chaos_at,
             restart_cmd,
             restart_after,
+            retries,
             json,
             plot,
             max_error_rate,
@@ -206,6 +212,7 @@ async fn main() -> ExitCode {
                     command,
                     restart: restart_cmd.map(|command| (restart_after, command)),
                 }),
+                retries,
             };
             run_scenario(config, json, plot, max_error_rate, max_lost, quiet).await
         }
@@ -244,6 +251,7 @@ async fn run_scenario(
         "mix": config.mix.iter().map(|m| format!("{}={}", m.tool, m.weight)).collect::<Vec<_>>(),
         "subscribe": config.subscribe,
         "chaos": config.chaos.as_ref().map(|c| format!("{c:?}")),
+        "retries": config.retries,
     });
     let title = format!("{} sessions, {:?}", config.sessions, config.era);
     let duration = config.duration;

@@ -10,7 +10,7 @@ use std::{
 
 use rand::Rng;
 use serde_json::{Value, json};
-use shoal_shared::testkit::client::{Era, McpClient};
+use shoal_shared::testkit::client::{Era, EventStream, McpClient};
 use tokio::task::JoinSet;
 
 use crate::stats::Stats;
@@ -97,6 +97,10 @@ pub struct RunConfig {
     pub pg_sql: String,
     /// Chaos hook.
     pub chaos: Option<Chaos>,
+    /// Times a request that failed in transport, with 502/503/504, or whose response stream ended
+    /// without the response (a replica that died under it) is sent again, as a resilient client
+    /// would; each retry is reported as a recovery.
+    pub retries: u32,
 }
 
 const PRELOADED_KEYS: usize = 100;
@@ -166,10 +170,33 @@ impl Worker {
                 .or_default()
                 .push_back((Instant::now(), counted));
         }
-        let outcome = self
-            .client
-            .request("tools/call", json!({"name": tool, "arguments": arguments}))
-            .await;
+        let mut attempt = 0;
+        let outcome = loop {
+            let outcome = self
+                .client
+                .request("tools/call", json!({"name": tool, "arguments": arguments}))
+                .await;
+            let transient = match &outcome {
+                Err(error) => Some(format!("transport: {}", short(&error.to_string()))),
+                Ok(exchange) if matches!(exchange.status.as_u16(), 502..=504) => {
+                    Some(format!("http_{}", exchange.status.as_u16()))
+                }
+                // The response stream ended without the response: its replica died mid-call.
+                Ok(exchange) if exchange.status.is_success() && exchange.response().is_none() => {
+                    Some("no_response".to_owned())
+                }
+                Ok(_) => None,
+            };
+            match transient {
+                Some(kind) if attempt < self.config.retries => {
+                    attempt += 1;
+                    self.stats
+                        .recovered(format!("request retried after {kind}"));
+                    tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+                }
+                _ => break outcome,
+            }
+        };
         match outcome {
             Ok(exchange) => {
                 if !exchange.status.is_success() {
@@ -202,7 +229,43 @@ fn short(text: &str) -> String {
     text.chars().take(60).collect()
 }
 
-/// Opens the subscription of worker `index` and reads its notifications until `stop`.
+/// Opens the notification stream of `uri` (legacy: the session's GET stream, resumed after
+/// `last_event_id`; modern: a `subscriptions/listen` request).
+async fn open_stream(
+    era: Era,
+    client: &McpClient,
+    uri: &str,
+    last_event_id: Option<&str>,
+) -> Result<EventStream, String> {
+    let stream = match era {
+        Era::Legacy => client
+            .open_get(last_event_id)
+            .await
+            .map_err(|e| e.to_string())?,
+        Era::Modern => {
+            client
+                .open_request(
+                    "subscriptions/listen",
+                    json!({"notifications": {"resourceSubscriptions": [uri]}}),
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .1
+        }
+    };
+    if !stream.status.is_success() {
+        return Err(format!("subscription stream answered {}", stream.status));
+    }
+    Ok(stream)
+}
+
+/// How long a listener keeps trying to reopen a notification stream that ended.
+const RESUME_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Opens the subscription of worker `index` and reads its notifications until `stop`. A stream
+/// that ends early (its replica died or drained) is reopened the way a client should: legacy
+/// streams resume after the last event id received, so nothing is lost; modern listens are
+/// requested again (what was sent in between is reported lost).
 async fn listen(
     config: Arc<RunConfig>,
     client: &McpClient,
@@ -213,39 +276,39 @@ async fn listen(
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let key = subscription_key(index);
     let uri = format!("kv://{key}");
-    let mut stream = match config.era {
-        Era::Legacy => {
-            let exchange = client
-                .request("resources/subscribe", json!({"uri": uri}))
-                .await
-                .map_err(|e| e.to_string())?;
-            exchange.result().map_err(|e| e.to_string())?;
-            client.open_get(None).await.map_err(|e| e.to_string())?
-        }
-        Era::Modern => {
-            let (_, stream) = client
-                .open_request(
-                    "subscriptions/listen",
-                    json!({"notifications": {"resourceSubscriptions": [uri]}}),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            stream
-        }
-    };
-    if !stream.status.is_success() {
-        return Err(format!("subscription stream answered {}", stream.status));
+    if config.era == Era::Legacy {
+        let exchange = client
+            .request("resources/subscribe", json!({"uri": uri}))
+            .await
+            .map_err(|e| e.to_string())?;
+        exchange.result().map_err(|e| e.to_string())?;
     }
+    let mut stream = open_stream(config.era, client, &uri, None).await?;
+    let client = client.fork();
     Ok(tokio::spawn(async move {
+        let mut last_event_id: Option<String> = None;
         loop {
             let event = tokio::select! {
                 () = stop.wait() => return,
                 event = stream.next_event() => event,
             };
             let Some(event) = event else {
-                stats.error("notification_stream_ended");
-                return;
+                match reopen(&config, &client, &uri, last_event_id.as_deref(), &stop).await {
+                    Ok(Some(reopened)) => {
+                        stats.recovered("notification stream reopened");
+                        stream = reopened;
+                        continue;
+                    }
+                    Ok(None) => return,
+                    Err(error) => {
+                        stats.error(format!("notification stream lost: {}", short(&error)));
+                        return;
+                    }
+                }
             };
+            if event.id.is_some() {
+                last_event_id = event.id;
+            }
             let Some(message) = event.message else {
                 continue;
             };
@@ -264,6 +327,33 @@ async fn listen(
             }
         }
     }))
+}
+
+/// Reopens an ended notification stream with backoff; `Ok(None)` when the run stopped meanwhile.
+async fn reopen(
+    config: &RunConfig,
+    client: &McpClient,
+    uri: &str,
+    last_event_id: Option<&str>,
+    stop: &Stop,
+) -> Result<Option<EventStream>, String> {
+    let deadline = Instant::now() + RESUME_PATIENCE;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        if stop.fired() {
+            return Ok(None);
+        }
+        match open_stream(config.era, client, uri, last_event_id).await {
+            Ok(stream) => return Ok(Some(stream)),
+            Err(error) if Instant::now() + delay > deadline => return Err(error),
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = stop.wait() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
 }
 
 /// A tiny stop signal shared by every task of a run.

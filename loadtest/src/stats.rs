@@ -31,6 +31,7 @@ struct Inner {
     per_op: BTreeMap<String, Histogram<u64>>,
     ok: u64,
     errors: BTreeMap<String, u64>,
+    recoveries: BTreeMap<String, u64>,
     notification_latency: Histogram<u64>,
     notifications_expected: u64,
     notifications_delivered: u64,
@@ -55,6 +56,7 @@ impl Stats {
                 per_op: BTreeMap::new(),
                 ok: 0,
                 errors: BTreeMap::new(),
+                recoveries: BTreeMap::new(),
                 notification_latency: histogram(),
                 notifications_expected: 0,
                 notifications_delivered: 0,
@@ -126,6 +128,14 @@ impl Stats {
         Self::second(&mut inner, at).errors += 1;
     }
 
+    /// A failure the client recovered from (a retried request, a resumed stream), by kind. Not an
+    /// error: the operation went on to succeed or fail on its own account.
+    pub fn recovered(&self, kind: impl Into<String>) {
+        if self.is_recording() {
+            *self.lock().recoveries.entry(kind.into()).or_default() += 1;
+        }
+    }
+
     /// A write whose notification some subscriber should receive.
     pub fn notification_expected(&self) {
         if self.is_recording() {
@@ -180,6 +190,7 @@ impl Stats {
                 .map(|(k, h)| (k.clone(), summarize(h)))
                 .collect(),
             errors_by_kind: inner.errors.clone(),
+            recovered_by_kind: inner.recoveries.clone(),
             notifications: Notifications {
                 expected: inner.notifications_expected,
                 delivered: inner.notifications_delivered,
@@ -279,6 +290,8 @@ pub struct Report {
     pub operations: BTreeMap<String, Summary>,
     /// Failures by kind.
     pub errors_by_kind: BTreeMap<String, u64>,
+    /// Failures the clients recovered from (retried requests, resumed streams), by kind.
+    pub recovered_by_kind: BTreeMap<String, u64>,
     /// Notification delivery.
     pub notifications: Notifications,
     /// Per-second throughput and latency.
@@ -315,6 +328,12 @@ impl Report {
         if !self.errors_by_kind.is_empty() {
             out.push_str("\nerrors:\n");
             for (kind, count) in &self.errors_by_kind {
+                out.push_str(&format!("  {kind:<40} {count}\n"));
+            }
+        }
+        if !self.recovered_by_kind.is_empty() {
+            out.push_str("\nrecovered by the clients (not errors):\n");
+            for (kind, count) in &self.recovered_by_kind {
                 out.push_str(&format!("  {kind:<40} {count}\n"));
             }
         }

@@ -251,6 +251,18 @@ pub struct Config {
     /// Human-readable replica name for logs and metrics (defaults to the host name).
     #[arg(long, env = "SHOAL_REPLICA_NAME")]
     pub replica_name: Option<String>,
+
+    /// What to do instead of serving (none: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// One-shot commands of the replica binary.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Container healthcheck: GET /readyz of the replica listening on SHOAL_LISTEN (an unspecified
+    /// address such as 0.0.0.0 is reached through loopback); exits 0 when it answers 200, 1 otherwise.
+    Healthcheck,
 }
 
 fn parse_secret(value: &str) -> Result<SecretString, String> {

@@ -195,6 +195,19 @@ pub struct McpClient {
 }
 
 impl McpClient {
+    /// Another handle on the same session (same HTTP client, URL, session id and headers), for a
+    /// task that reopens streams while the original keeps sending requests.
+    pub fn fork(&self) -> Self {
+        Self {
+            http: self.http.clone(),
+            url: self.url.clone(),
+            era: self.era,
+            session: self.session.clone(),
+            next_id: AtomicI64::new(1_000_000_000),
+            extra_headers: self.extra_headers.clone(),
+        }
+    }
+
     /// A legacy-era client (call [`McpClient::initialize`] first).
     pub fn legacy(url: impl Into<String>) -> Self {
         Self::new(url, Era::Legacy)

@@ -74,6 +74,23 @@ async fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> 
     Err(TopologyError::NotReady(what.to_owned(), log.to_owned()))
 }
 
+/// The replica settings shared with docker-compose.yml: `deploy/shoal.env`, as (name, value) pairs.
+pub fn shared_replica_env() -> TopologyResult<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(repo_root().join("deploy/shoal.env"))?;
+    Ok(parse_env_file(&text))
+}
+
+/// Parses the `NAME=value` lines of a compose env file; blank lines and `#` comments are skipped.
+/// Values are taken literally, as Compose does for unquoted values.
+fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
+        .collect()
+}
+
 /// The repository root (where `deploy/` lives), found from this crate's manifest directory.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -490,13 +507,14 @@ impl Topology {
             None
         };
         let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-        let mut env = vec![
+        let mut env = shared_replica_env()?;
+        env.extend([
             ("SHOAL_KEY_PREFIX".to_owned(), prefix.clone()),
             (
                 "SHOAL_ALLOWED_HOSTS".to_owned(),
                 "localhost,127.0.0.1,::1".to_owned(),
             ),
-        ];
+        ]);
         if let Some(redis) = &redis {
             env.push(("SHOAL_REDIS_URL".to_owned(), redis.url()));
         }
@@ -572,5 +590,29 @@ impl Drop for Topology {
         if self.dir.is_none() {
             eprintln!("topology files kept in {}", self.path.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_lines_become_pairs() {
+        let pairs = parse_env_file("# comment\n\nA=1\n B = two words \nC=x=y\nnot a pair\n");
+        assert_eq!(
+            pairs,
+            vec![
+                ("A".to_owned(), "1".to_owned()),
+                ("B".to_owned(), "two words".to_owned()),
+                ("C".to_owned(), "x=y".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_shared_env_file_configures_the_toolsets() {
+        let env = shared_replica_env().expect("deploy/shoal.env is readable");
+        assert!(env.iter().any(|(k, _)| k == "SHOAL_TOOLSETS"), "{env:?}");
     }
 }

@@ -1,0 +1,195 @@
+//! The load generator against a local 3-replica cluster (real Redis, replicas and nginx), as CI
+//! runs it: the article's baseline scenario for a short time in both protocol eras, the same with
+//! a replica killed mid-run, and the exit status when a run goes wrong.
+
+use std::{path::PathBuf, process::Output, time::Duration};
+
+use serde_json::Value;
+use shoal_shared::testkit::topology::{Topology, TopologyOptions};
+
+fn loadtest_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_shoal-loadtest"))
+}
+
+/// `shoal-server` is built next to the load generator (`cargo build --workspace`).
+fn server_bin() -> PathBuf {
+    let bin = loadtest_bin().with_file_name("shoal-server");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first",
+        bin.display()
+    );
+    bin
+}
+
+async fn cluster() -> Topology {
+    Topology::start(TopologyOptions::cluster(server_bin(), 3))
+        .await
+        .expect("3 replicas, Redis and nginx start")
+}
+
+/// Runs `shoal-loadtest run` with `args`; returns its output and the JSON report (when written).
+async fn run(url: &str, args: &[&str]) -> (Output, Option<Value>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let report = dir.path().join("report.json");
+    let output = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(loadtest_bin())
+            .args(["run", "--url", url, "--quiet", "--json"])
+            .arg(&report)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the load generator finishes")
+    .expect("the load generator runs");
+    let report = std::fs::read(&report)
+        .ok()
+        .map(|bytes| serde_json::from_slice(&bytes).expect("a JSON report"));
+    (output, report)
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Every tool of the baseline mix succeeded, and every write's notification arrived.
+fn assert_clean_baseline(output: &Output, report: &Value) {
+    assert!(output.status.success(), "{}", describe(output));
+    assert_eq!(report["errors"], 0, "{report:#}");
+    for tool in ["kv_get", "echo", "kv_set", "sleep"] {
+        let count = report["operations"][tool]["count"].as_u64().unwrap_or(0);
+        assert!(count > 0, "no successful {tool} calls: {report:#}");
+    }
+    let notifications = &report["notifications"];
+    assert!(
+        notifications["expected"].as_u64().unwrap_or(0) > 0,
+        "{report:#}"
+    );
+    assert_eq!(notifications["lost"], 0, "{report:#}");
+    assert_eq!(
+        notifications["expected"], notifications["delivered"],
+        "{report:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_through_the_balancer_in_both_eras() {
+    let topology = cluster().await;
+    let url = topology.mcp_url();
+    for era in ["legacy", "modern"] {
+        let (output, report) = run(
+            &url,
+            &[
+                "--scenario",
+                "baseline",
+                "--era",
+                era,
+                "--sessions",
+                "150",
+                "--warmup",
+                "1s",
+                "--duration",
+                "6s",
+            ],
+        )
+        .await;
+        let report = report.unwrap_or_else(|| panic!("no report: {}", describe(&output)));
+        assert_eq!(report["config"]["sessions"], 150);
+        assert_clean_baseline(&output, &report);
+        let table = String::from_utf8_lossy(&output.stdout);
+        assert!(table.contains("p99.9 ms"), "{table}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_carry_on_when_a_replica_is_killed() {
+    let mut topology = cluster().await;
+    let url = topology.mcp_url();
+    let pid = topology
+        .replica("r2")
+        .and_then(|replica| replica.pid())
+        .expect("r2 runs");
+    let chaos = format!("kill -9 {pid}");
+    let (output, report) = run(
+        &url,
+        &[
+            "--scenario",
+            "baseline",
+            "--sessions",
+            "60",
+            "--warmup",
+            "1s",
+            "--duration",
+            "10s",
+            "--retries",
+            "3",
+            "--chaos-cmd",
+            &chaos,
+            "--chaos-at",
+            "3s",
+        ],
+    )
+    .await;
+    let report = report.unwrap_or_else(|| panic!("no report: {}", describe(&output)));
+    assert_clean_baseline(&output, &report);
+    assert!(
+        !topology.replica("r2").expect("r2").is_running(),
+        "the chaos hook killed r2"
+    );
+    // Calls kept succeeding after the kill (the timeline counts from the end of the warm-up).
+    let after: u64 = report["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .filter(|point| point["second"].as_u64() >= Some(5))
+        .map(|point| point["ok"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(after > 0, "{report:#}");
+    // The GET streams held by r2 were resumed elsewhere (that is how nothing was lost).
+    let reopened = report["recovered_by_kind"]["notification stream reopened"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(reopened > 0, "{report:#}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("chaos: kill -9"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_with_failures_exits_non_zero() {
+    let topology = cluster().await;
+    // A tool the server does not have: every call is a JSON-RPC error.
+    let (output, report) = run(
+        &topology.mcp_url(),
+        &[
+            "--scenario",
+            "max",
+            "--mix",
+            "no_such_tool=1",
+            "--sessions",
+            "2",
+            "--warmup",
+            "0s",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    assert!(!output.status.success(), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stderr.contains("FAILED") || stdout.contains("FAILED"),
+        "{}",
+        describe(&output)
+    );
+    if let Some(report) = report {
+        assert!(report["errors"].as_u64().unwrap_or(0) > 0, "{report:#}");
+    }
+}

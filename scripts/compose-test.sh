@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# The docker-compose test: brings up the real docker-compose.yml (Docker Compose v2 driving podman
+# through its Docker-compatible API), sends MCP traffic through the balancer's published port, kills
+# one replica container mid-run and checks that the clients carry on with nothing lost, checks that
+# spans reached the trace backend and that Prometheus scrapes every replica, stops the replicas
+# gracefully and tears everything down.
+#
+# The images the compose file names are stood in for by local builds (scripts/compose/README.md);
+# the shoal image is the Dockerfile's `prebuilt` target over the release binaries in target/release.
+#
+# Usage: scripts/compose-test.sh          (after `cargo build --release --workspace`)
+# Needs: podman, runc, debootstrap and Docker Compose v2 (scripts/install-deps.sh --containers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { echo "--- $* ($(date +%H:%M:%S))"; }
+die() { echo "compose test FAILED: $*" >&2; exit 1; }
+
+DC=${DOCKER_COMPOSE:-$(ls /opt/compose/lib/python3*/site-packages/compose/docker-compose 2>/dev/null | head -1)}
+[ -x "${DC:-}" ] || die "Docker Compose v2 not found (run scripts/install-deps.sh --containers, or set DOCKER_COMPOSE)"
+command -v podman >/dev/null || die "podman not found (run scripts/install-deps.sh --containers)"
+for bin in shoal-server shoal-loadtest shoal-otlp-sink; do
+  [ -x "target/release/$bin" ] || die "target/release/$bin is missing: cargo build --release --workspace first"
+done
+for port in 8080 4318 9090; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "127.0.0.1:$port is in use; the compose file publishes it"
+  fi
+done
+
+work=$(mktemp -d /tmp/shoal-compose.XXXXXX)
+service_pid=""
+health_pid=""
+compose() { "$DC" -f docker-compose.yml -f scripts/compose/override.yml "$@"; }
+
+cleanup() {
+  local status=$?
+  set +e
+  if [ $status -ne 0 ] && [ -S "$work/podman.sock" ]; then
+    echo "--- diagnostics"
+    compose ps -a
+    compose logs --no-color --tail 40
+  fi
+  if [ -S "$work/podman.sock" ]; then
+    step "teardown"
+    compose down -v --remove-orphans -t 30 >"$work/down.log" 2>&1 || cat "$work/down.log"
+  fi
+  [ -n "$health_pid" ] && kill "$health_pid" 2>/dev/null
+  [ -n "$service_pid" ] && kill "$service_pid" 2>/dev/null
+  wait 2>/dev/null
+  rm -rf "$work"
+  exit $status
+}
+trap cleanup EXIT
+
+# podman's Docker-compatible API, for Compose.
+podman system service --time=0 "unix://$work/podman.sock" >"$work/podman-service.log" 2>&1 &
+service_pid=$!
+export DOCKER_HOST="unix://$work/podman.sock"
+for _ in $(seq 100); do [ -S "$work/podman.sock" ] && break; sleep 0.1; done
+[ -S "$work/podman.sock" ] || die "the podman API socket did not appear"
+
+# Tags an image under the short name and under the fully qualified name the Docker API resolves.
+qualified() { case $1 in */*) echo "docker.io/$1" ;; *) echo "docker.io/library/$1" ;; esac; }
+
+step "images"
+if ! podman image exists localhost/debian:bookworm-slim; then
+  echo "making the Debian base image (debootstrap)"
+  rootfs="$work/rootfs"
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  debootstrap --variant=minbase bookworm "$rootfs" "${mirror:-http://deb.debian.org/debian}" >"$work/debootstrap.log" 2>&1 \
+    || { tail -20 "$work/debootstrap.log"; die "debootstrap failed"; }
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    cp /etc/apt/sources.list.d/debian.sources "$rootfs/etc/apt/sources.list.d/"
+    rm -f "$rootfs/etc/apt/sources.list"
+  fi
+  tar -C "$rootfs" -c . | podman import - localhost/debian:bookworm-slim >/dev/null
+  rm -rf "$rootfs"
+fi
+# Docker image format, so HEALTHCHECK and STOPSIGNAL are kept (OCI has no field for them).
+build() { podman build --format docker --pull=never "$@" >"$work/build.log" 2>&1 || { tail -30 "$work/build.log"; die "podman build $*"; }; }
+# Stand-ins for the public images (cached layers make this quick after the first time).
+for entry in redis:7.4=redis postgres:16=postgres nginx:1.27=nginx prom/prometheus:v3.5.0=prometheus; do
+  name=${entry%=*}
+  build --network=host -t "localhost/$name" -t "$(qualified "$name")" \
+    -f "scripts/compose/standins/${entry#*=}.Containerfile" scripts/compose/standins
+done
+# The shoal image: the Dockerfile's runtime stages over the host's release binaries.
+build --target prebuilt -t localhost/shoal:latest -t "$(qualified shoal:latest)" .
+[ "$(podman image inspect localhost/shoal:latest --format '{{.Config.Healthcheck.Test}}')" = "[CMD shoal-server healthcheck]" ] \
+  || die "the shoal image lost its HEALTHCHECK"
+podman run --rm --entrypoint id localhost/shoal:latest 2>/dev/null | grep -q 'uid=10001(shoal)' \
+  || die "the shoal image does not run as the unprivileged user"
+
+# Podman runs healthchecks from systemd timers, which this machine lacks: do what the Docker daemon
+# would, for every container of the project.
+(
+  while true; do
+    for container in $(podman ps --filter label=com.docker.compose.project=shoal --format '{{.Names}}'); do
+      podman healthcheck run "$container" >/dev/null 2>&1 || true
+    done
+    sleep 1
+  done
+) &
+health_pid=$!
+
+step "compose up"
+# `up` itself waits for the service_healthy dependencies (Redis, PostgreSQL, then the replicas).
+timeout 300 "$DC" -f docker-compose.yml -f scripts/compose/override.yml up -d --no-build --pull never \
+  || die "the cluster did not come up"
+compose ps
+replicas=$(podman ps --filter label=com.docker.compose.service=shoal --filter health=healthy --format '{{.Names}}' | sort)
+[ "$(echo "$replicas" | wc -l)" -eq 3 ] || die "expected 3 healthy replicas, got: $replicas"
+curl -fsS http://127.0.0.1:8080/readyz >/dev/null || die "the balancer does not reach a ready replica"
+
+step "prometheus scrapes every replica"
+up=0
+for _ in $(seq 60); do
+  up=$(curl -fsS 'http://127.0.0.1:9090/api/v1/targets?state=active' 2>/dev/null \
+    | python3 -c 'import json,sys; t=json.load(sys.stdin)["data"]["activeTargets"]; print(sum(1 for x in t if x["labels"].get("job")=="shoal" and x["health"]=="up"))' \
+    2>/dev/null || echo 0)
+  [ "$up" -ge 3 ] && break
+  sleep 1
+done
+[ "$up" -ge 3 ] || die "Prometheus has $up healthy shoal targets, expected 3"
+echo "Prometheus: $up shoal targets up"
+
+step "legacy-era baseline through the balancer; replica shoal-shoal-2 killed after 8 s, started again 6 s later"
+# Clients retry a request whose replica died under it (at most 3 times) and resume their GET
+# streams with Last-Event-ID; the run fails on any request that still fails and on any lost
+# notification.
+target/release/shoal-loadtest run --url http://127.0.0.1:8080/mcp --scenario baseline --era legacy \
+  --sessions 30 --warmup 2s --duration 25s --retries 3 \
+  --chaos-cmd "podman kill shoal-shoal-2" --chaos-at 8s \
+  --restart-cmd "podman start shoal-shoal-2" --restart-after 6s \
+  --quiet --json "$work/legacy.json" || die "the clients saw errors or lost notifications"
+python3 - "$work/legacy.json" <<'EOF' || die "the report does not show clients carrying on after the kill"
+import json, sys
+report = json.load(open(sys.argv[1]))
+ok_after = sum(p["ok"] for p in report["timeline"] if p["second"] >= 12)
+print(f"after the kill: {ok_after} successful calls; recovered: {report['recovered_by_kind']}")
+assert report["errors"] == 0 and report["notifications"]["lost"] == 0
+assert ok_after > 0
+EOF
+
+step "2026-07-28 era (stateless, subscriptions/listen) through the balancer"
+target/release/shoal-loadtest run --url http://127.0.0.1:8080/mcp --scenario baseline --era modern \
+  --sessions 20 --warmup 1s --duration 8s --retries 3 --quiet \
+  || die "modern-era clients saw errors or lost notifications"
+
+step "the load generator's compose service (profile loadtest) inside the compose network"
+compose --profile loadtest run --rm --no-deps loadtest run --url http://balancer:8080/mcp \
+  --scenario baseline --sessions 10 --warmup 1s --duration 3s --retries 3 --quiet \
+  || die "the loadtest service failed"
+
+step "traces reached the trace backend; the restarted replica serves again"
+curl -fsS http://127.0.0.1:4318/api/spans -o "$work/spans.json" || die "the trace backend does not answer"
+restarted_host=$(podman inspect shoal-shoal-2 --format '{{.Config.Hostname}}')
+restarted_at=$(date -d "$(podman inspect shoal-shoal-2 --format '{{.State.StartedAt}}' | sed 's/ +0000 UTC//')" +%s)
+python3 - "$work/spans.json" "$restarted_host" "$restarted_at" <<'EOF' || die "the expected spans are missing"
+import json, sys
+spans = json.load(open(sys.argv[1]))
+host, since = sys.argv[2], int(sys.argv[3]) * 10**9
+served = [s for s in spans if s["resource"].get("service.instance.id") == host
+          and s["name"] == "POST /mcp" and s["start_unix_nanos"] > since]
+print(f"shoal-shoal-2 ({host}) served {len(served)} requests after its restart")
+assert served, "the restarted replica got no traffic"
+shoal = [s for s in spans if s["resource"].get("service.name") == "shoal"]
+names = {s["name"] for s in shoal}
+replicas = {s["resource"].get("service.instance.id") for s in shoal}
+print(f"{len(spans)} spans, {len(shoal)} from service shoal, from {len(replicas)} replicas")
+for wanted in ("POST /mcp", "tools/call kv_set", "tools/call kv_get"):
+    assert wanted in names, f"no {wanted!r} span among {sorted(names)[:20]}"
+assert len(replicas) >= 3, replicas
+EOF
+
+step "graceful stop of the replicas"
+compose stop -t 30 shoal >/dev/null 2>&1
+for name in $replicas; do
+  code=$(podman inspect "$name" --format '{{.State.ExitCode}}')
+  if [ "$code" != 0 ]; then
+    podman logs --tail 20 "$name"
+    die "$name exited with $code after SIGTERM"
+  fi
+  podman logs --since "$restarted_at" "$name" 2>&1 | grep -q '"stopped"' \
+    || die "$name did not log its drained stop"
+done
+
+step "compose down"
+compose down -v --remove-orphans -t 30 2>&1 | while read -r line; do echo "$(date +%T) $line"; done
+left=$(podman ps -a --filter label=com.docker.compose.project=shoal -q | wc -l)
+volumes=$(podman volume ls --filter label=com.docker.compose.project=shoal -q | wc -l)
+[ "$left" -eq 0 ] && [ "$volumes" -eq 0 ] || die "$left containers and $volumes volumes left after down"
+echo "compose test passed"
