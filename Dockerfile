@@ -23,7 +23,7 @@ COPY loadtest/Cargo.toml loadtest/
 RUN mkdir -p server/src shared/src loadtest/src/bin \
  && echo 'fn main() {}' > server/src/main.rs && touch server/src/lib.rs shared/src/lib.rs \
  && echo 'fn main() {}' > loadtest/src/main.rs \
- && for bin in shoal-cluster shoal-otlp-sink; do echo 'fn main() {}' > loadtest/src/bin/$bin.rs; done \
+ && for bin in shoal-cluster shoal-otlp-sink bench-rmcp-stock bench-hello; do echo 'fn main() {}' > loadtest/src/bin/$bin.rs; done \
  && cargo build --release --locked -p shoal-server -p shoal-loadtest \
  && rm -rf server/src shared/src loadtest/src
 # Then the sources (touched so cargo rebuilds our crates over the stubs).

@@ -52,6 +52,10 @@ enum Command {
         /// MCP endpoint.
         #[arg(long, default_value = "http://127.0.0.1:8080/mcp")]
         url: String,
+        /// Where subscriptions open their notification streams (default: --url). Point --url at one
+        /// replica and this at another to measure cross-replica delivery.
+        #[arg(long)]
+        notify_url: Option<String>,
         /// Scenario preset (options below override it).
         #[arg(long, value_enum, default_value_t = Scenario::Baseline)]
         scenario: Scenario,
@@ -145,6 +149,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run {
             url,
+            notify_url,
             scenario,
             era,
             sessions,
@@ -197,6 +202,7 @@ async fn main() -> ExitCode {
             };
             let config = RunConfig {
                 url,
+                notify_url,
                 era,
                 sessions: sessions.unwrap_or(if baseline { 150 } else { 32 }).max(1),
                 duration,
@@ -252,6 +258,7 @@ async fn run_scenario(
         "subscribe": config.subscribe,
         "chaos": config.chaos.as_ref().map(|c| format!("{c:?}")),
         "retries": config.retries,
+        "notify_url": config.notify_url,
     });
     let title = format!("{} sessions, {:?}", config.sessions, config.era);
     let duration = config.duration;

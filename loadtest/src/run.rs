@@ -97,6 +97,9 @@ pub struct RunConfig {
     pub pg_sql: String,
     /// Chaos hook.
     pub chaos: Option<Chaos>,
+    /// Where the notification streams are opened (default: `url`); with a replica's own URL here
+    /// and another replica's in `url`, every notification crosses replicas.
+    pub notify_url: Option<String>,
     /// Times a request that failed in transport, with 502/503/504, or whose response stream ended
     /// without the response (a replica that died under it) is sent again, as a resilient client
     /// would; each retry is reported as a recovery.
@@ -283,8 +286,11 @@ async fn listen(
             .map_err(|e| e.to_string())?;
         exchange.result().map_err(|e| e.to_string())?;
     }
-    let mut stream = open_stream(config.era, client, &uri, None).await?;
-    let client = client.fork();
+    let client = match &config.notify_url {
+        Some(url) => client.fork_at(url),
+        None => client.fork(),
+    };
+    let mut stream = open_stream(config.era, &client, &uri, None).await?;
     Ok(tokio::spawn(async move {
         let mut last_event_id: Option<String> = None;
         loop {

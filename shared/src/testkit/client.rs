@@ -198,9 +198,14 @@ impl McpClient {
     /// Another handle on the same session (same HTTP client, URL, session id and headers), for a
     /// task that reopens streams while the original keeps sending requests.
     pub fn fork(&self) -> Self {
+        self.fork_at(&self.url)
+    }
+
+    /// Like [`McpClient::fork`], talking to another URL (e.g. another replica of the cluster).
+    pub fn fork_at(&self, url: &str) -> Self {
         Self {
             http: self.http.clone(),
-            url: self.url.clone(),
+            url: url.to_owned(),
             era: self.era,
             session: self.session.clone(),
             next_id: AtomicI64::new(1_000_000_000),
