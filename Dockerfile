@@ -13,6 +13,10 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
+# make: tikv-jemalloc-sys builds jemalloc with it (the slim image has gcc and libc6-dev only).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, from the manifests alone, so this layer stays cached until Cargo.toml or
 # Cargo.lock change.
