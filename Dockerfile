@@ -6,8 +6,9 @@
 #   docker build --target prebuilt -t shoal .    # package binaries already built on the host
 #                                                # (cargo build --release; same Debian release)
 #
-# The runtime image is Debian slim with the three binaries, run as an unprivileged user; it needs no
-# shell tools: the container healthcheck is `shoal-server healthcheck` (GET /readyz).
+# The runtime image is Debian slim with the three binaries (debug info stripped; symbols kept for
+# backtraces), run as an unprivileged user; it needs no shell tools: the container healthcheck is
+# `shoal-server healthcheck` (GET /readyz).
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
@@ -36,7 +37,8 @@ COPY shared shared
 COPY loadtest loadtest
 RUN find server/src shared/src loadtest/src -name '*.rs' -exec touch {} + \
  && cargo build --release --locked -p shoal-server -p shoal-loadtest \
- && mkdir /out && cp target/release/shoal-server target/release/shoal-loadtest target/release/shoal-otlp-sink /out/
+ && mkdir /out && cp target/release/shoal-server target/release/shoal-loadtest target/release/shoal-otlp-sink /out/ \
+ && strip --strip-debug /out/*
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime-base
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin shoal

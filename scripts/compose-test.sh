@@ -5,16 +5,26 @@
 # spans reached the trace backend and that Prometheus scrapes every replica, stops the replicas
 # gracefully and tears everything down.
 #
-# The images the compose file names are stood in for by local builds (scripts/compose/README.md);
-# the shoal image is the Dockerfile's `prebuilt` target over the release binaries in target/release.
+# The images the compose file names are stood in for by local builds (scripts/compose/README.md).
+# The shoal image is built from the Dockerfile exactly as users build it (target `runtime`: the
+# workspace compiled inside the build stage, on a stand-in for the rust image), or, with
+# --prebuilt, from its `prebuilt` target over the release binaries in target/release (quicker).
 #
-# Usage: scripts/compose-test.sh          (after `cargo build --release --workspace`)
+# Usage: scripts/compose-test.sh [--prebuilt]   (after `cargo build --release --workspace`: the
+#        load generator runs on the host)
 # Needs: podman, runc, debootstrap and Docker Compose v2 (scripts/install-deps.sh --containers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { echo "--- $* ($(date +%H:%M:%S))"; }
 die() { echo "compose test FAILED: $*" >&2; exit 1; }
+
+prebuilt=false
+case "${1:-}" in
+  --prebuilt) prebuilt=true ;;
+  "") ;;
+  *) echo "unknown option $1" >&2; exit 2 ;;
+esac
 
 DC=${DOCKER_COMPOSE:-$(ls /opt/compose/lib/python3*/site-packages/compose/docker-compose 2>/dev/null | head -1)}
 [ -x "${DC:-}" ] || die "Docker Compose v2 not found (run scripts/install-deps.sh --containers, or set DOCKER_COMPOSE)"
@@ -85,8 +95,27 @@ for entry in redis:7.4=redis postgres:16=postgres nginx:1.27=nginx prom/promethe
   build --network=host -t "localhost/$name" -t "$(qualified "$name")" \
     -f "scripts/compose/standins/${entry#*=}.Containerfile" scripts/compose/standins
 done
-# The shoal image: the Dockerfile's runtime stages over the host's release binaries.
-build --target prebuilt -t localhost/shoal:latest -t "$(qualified shoal:latest)" .
+if $prebuilt; then
+  echo "shoal image: Dockerfile target prebuilt (host binaries)"
+  build --target prebuilt -t localhost/shoal:latest -t "$(qualified shoal:latest)" .
+else
+  # A stand-in for rust:1.95-slim-bookworm carrying the host's toolchain (no Rust image or rustup
+  # download is reachable here), then the Dockerfile's default target, compiled in the image.
+  # Tagged as the Dockerfile names it (the host toolchain is the one the workspace builds with).
+  rust_image=rust:$(sed -n 's/^ARG RUST_VERSION=//p' Dockerfile)-slim-$(sed -n 's/^ARG DEBIAN_RELEASE=//p' Dockerfile)
+  ctx="$work/rust-context"
+  toolchain=$(rustc --print sysroot)
+  mkdir -p "$ctx/toolchain"
+  cp -al "$toolchain/bin" "$toolchain/lib" "$ctx/toolchain/" 2>/dev/null \
+    || cp -a "$toolchain/bin" "$toolchain/lib" "$ctx/toolchain/"
+  cp /etc/ssl/certs/ca-certificates.crt "$ctx/host-ca-certificates.crt"
+  build --network=host -t "localhost/$rust_image" -t "$(qualified "$rust_image")" \
+    -f scripts/compose/standins/rust.Containerfile "$ctx"
+  rm -rf "$ctx"
+  echo "shoal image: Dockerfile target runtime (compiled in the build stage, about 5 minutes the first time)"
+  build --network=host --target runtime \
+    -t localhost/shoal:latest -t "$(qualified shoal:latest)" .
+fi
 [ "$(podman image inspect localhost/shoal:latest --format '{{.Config.Healthcheck.Test}}')" = "[CMD shoal-server healthcheck]" ] \
   || die "the shoal image lost its HEALTHCHECK"
 podman run --rm --entrypoint id localhost/shoal:latest 2>/dev/null | grep -q 'uid=10001(shoal)' \
