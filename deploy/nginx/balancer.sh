@@ -9,8 +9,10 @@ set -eu
 host=${UPSTREAM_HOST:-shoal}
 interval=${RESOLVE_INTERVAL_SECS:-2}
 
+# Bounded: once no replica exists the name may be forwarded to an upstream DNS that never
+# answers, and the shell runs no trap (docker stop) until a foreground command returns.
 addresses() {
-  getent ahosts "$host" 2>/dev/null | awk '{print $1}' | sort -u | tr '\n' ' '
+  timeout 2 getent ahosts "$host" 2>/dev/null | awk '{print $1}' | sort -u | tr '\n' ' '
 }
 
 # nginx refuses to start while the name does not resolve.
@@ -21,8 +23,14 @@ done
 
 nginx -g 'daemon off;' &
 nginx_pid=$!
-# docker stop sends SIGTERM (stop_signal below); nginx drains on SIGQUIT.
-trap 'kill -QUIT "$nginx_pid" 2>/dev/null' TERM INT QUIT
+# docker stop sends SIGTERM: nginx drains on SIGQUIT (no new connections, requests finish), but
+# it would wait for every open event stream; after SHUTDOWN_GRACE_SECS it is told to stop now
+# (clients reconnect elsewhere and resume their streams).
+stop() {
+  kill -QUIT "$nginx_pid" 2>/dev/null || true
+  ( sleep "${SHUTDOWN_GRACE_SECS:-10}"; kill -TERM "$nginx_pid" 2>/dev/null ) &
+}
+trap stop TERM INT QUIT
 
 current=$(addresses)
 echo "balancer: $host is $current" >&2
