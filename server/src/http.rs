@@ -306,6 +306,10 @@ impl HttpService {
             Ok(existed) => {
                 self.sessions.close_local(session).await;
                 if existed {
+                    // Replicas that slid the session's TTL just before it was deleted trust that
+                    // slide for this long (unless the bus told them first): wait it out, so the
+                    // session is gone everywhere once the client has the answer.
+                    tokio::time::sleep(self.sessions.delete_settle()).await;
                     empty(StatusCode::ACCEPTED)
                 } else {
                     text(StatusCode::NOT_FOUND, "Not Found: Session not found\n")

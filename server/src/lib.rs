@@ -175,6 +175,12 @@ impl App {
             },
             sse_retry,
             max_local_sessions: config.max_local_sessions,
+            // Without Redis there is one replica and sliding the TTL costs no round trip.
+            touch_interval: if backend.kind() == "redis" {
+                config.session_touch_interval()
+            } else {
+                Duration::ZERO
+            },
         };
         let sessions = Arc::new(ClusterSessionManager::new(
             backend.clone(),

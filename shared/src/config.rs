@@ -84,6 +84,14 @@ pub struct Config {
     #[arg(long, env = "SHOAL_WORKER_IDLE_SECS", default_value_t = 60)]
     pub worker_idle_secs: u64,
 
+    /// Milliseconds during which a replica that has just slid a session's idle TTL in Redis trusts
+    /// its own worker instead of sliding it again on every request (one Redis round trip saved per
+    /// request of a busy session). A DELETE answers only after this interval, so every replica
+    /// answers 404 for the session once the DELETE has returned. 0: slide on every request. Capped
+    /// at a tenth of the session idle TTL; ignored without Redis.
+    #[arg(long, env = "SHOAL_SESSION_TOUCH_INTERVAL_MS", default_value_t = 250)]
+    pub session_touch_interval_ms: u64,
+
     /// Maximum session workers held in memory by one replica; beyond it, new sessions get 503.
     #[arg(long, env = "SHOAL_MAX_LOCAL_SESSIONS", default_value_t = 20_000)]
     pub max_local_sessions: usize,
@@ -456,6 +464,12 @@ impl Config {
     /// The session idle TTL.
     pub fn session_idle_ttl(&self) -> Duration {
         Duration::from_secs(self.session_idle_ttl_secs)
+    }
+
+    /// How long a replica trusts its own recent slide of a session's TTL (see
+    /// `session_touch_interval_ms`): at most a tenth of the idle TTL.
+    pub fn session_touch_interval(&self) -> Duration {
+        Duration::from_millis(self.session_touch_interval_ms).min(self.session_idle_ttl() / 10)
     }
 
     /// The idle time after which a replica drops a session's in-memory worker.

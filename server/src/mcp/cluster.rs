@@ -24,7 +24,11 @@
 //! [`has_session`]: ClusterSessionManager::has_session
 //! [`feed`]: shoal_shared::feed
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::mcp::trace::{delivery_span, traceparent_in};
 use futures::{Stream, StreamExt};
@@ -102,6 +106,9 @@ pub struct ClusterOptions {
     pub sse_retry: Duration,
     /// Maximum session workers held by this replica.
     pub max_local_sessions: usize,
+    /// How long after sliding a session's TTL in the shared state this replica trusts its own
+    /// worker without sliding it again (zero: every request slides it).
+    pub touch_interval: Duration,
 }
 
 /// The session manager mounted in rmcp's `StreamableHttpService`.
@@ -112,6 +119,9 @@ pub struct ClusterSessionManager {
     metrics: Metrics,
     tag: Arc<ReplicaTag>,
     options: ClusterOptions,
+    /// When this replica last slid each of its sessions' TTL (taken before the command was sent).
+    /// One entry per local worker: removed with the worker.
+    touched: std::sync::Mutex<HashMap<SessionId, Instant>>,
 }
 
 impl std::fmt::Debug for ClusterSessionManager {
@@ -144,7 +154,18 @@ impl ClusterSessionManager {
             metrics,
             tag,
             options,
+            touched: std::sync::Mutex::default(),
         }
+    }
+
+    /// How long a DELETE waits before answering, so that no replica still trusts a slide of the
+    /// session's TTL made before the record was deleted (see `ClusterOptions::touch_interval`).
+    pub fn delete_settle(&self) -> Duration {
+        self.options.touch_interval
+    }
+
+    fn touched(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Instant>> {
+        self.touched.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Number of session workers held by this replica.
@@ -357,7 +378,22 @@ impl SessionManager for ClusterSessionManager {
             // rmcp then restores the session from the shared record, or answers 404.
             return Ok(false);
         }
+        let interval = self.options.touch_interval;
+        if !interval.is_zero()
+            && self
+                .touched()
+                .get(id)
+                .is_some_and(|at| at.elapsed() < interval)
+        {
+            // Slid moments ago: the record cannot have expired since, and a DELETE elsewhere
+            // answers only after `interval` (plus the bus drops this worker at once).
+            return Ok(true);
+        }
+        let sent = Instant::now();
         if self.backend.session_touch(id).await? {
+            if !interval.is_zero() {
+                self.touched().insert(id.clone(), sent);
+            }
             return Ok(true);
         }
         // Deleted or expired elsewhere: drop the worker so rmcp finds no record and answers 404.
@@ -369,6 +405,7 @@ impl SessionManager for ClusterSessionManager {
         // Local only: rmcp also calls this when a worker idles out, which must not end the session
         // for the rest of the cluster.
         let present = self.local.sessions.read().await.contains_key(id);
+        self.touched().remove(id);
         self.local.close_session(id).await?;
         if present {
             self.metrics.sessions_active_add(-1);

@@ -218,6 +218,55 @@ async fn delete_ends_the_session_everywhere() {
     .await;
 }
 
+/// Calls EXPIRE has served so far (Redis `INFO commandstats`).
+async fn expire_calls(topology: &shoal_shared::testkit::topology::Topology) -> u64 {
+    let info = redis_cli(topology, &["INFO", "commandstats"]).await;
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_expire:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A busy session slides its TTL in Redis once per touch interval and replica, not on every
+/// request; with the interval at 0, every request slides it.
+#[tokio::test]
+async fn busy_sessions_slide_their_ttl_once_per_interval() {
+    for (interval_ms, calls) in [(60_000, 30), (0, 30)] {
+        let topology =
+            start(cluster_options(1).env("SHOAL_SESSION_TOUCH_INTERVAL_MS", interval_ms)).await;
+        let client = legacy_client(&topology.mcp_url()).await;
+        call_ok(&client, "echo", json!({"text": "warm"})).await;
+        let before = expire_calls(&topology).await;
+        for n in 0..calls {
+            call_ok(&client, "echo", json!({"text": format!("busy {n}")})).await;
+        }
+        let slides = expire_calls(&topology).await - before;
+        if interval_ms == 0 {
+            assert!(slides >= calls, "{slides} slides for {calls} calls");
+        } else {
+            // Once at most (the warm-up call slid it, unless the interval ran out meanwhile).
+            assert!(slides <= 1, "{slides} slides for {calls} calls");
+        }
+        let ttl: i64 = redis_cli(
+            &topology,
+            &[
+                "TTL",
+                &format!(
+                    "{}:sess:{}",
+                    topology.prefix,
+                    client.session_id().expect("session")
+                ),
+            ],
+        )
+        .await
+        .trim()
+        .parse()
+        .expect("TTL");
+        assert!(ttl > 1700, "the session's TTL was slid: {ttl}");
+    }
+}
+
 /// §3.4: an idle session expires everywhere, with its Redis keys and every replica's worker.
 #[tokio::test]
 async fn idle_sessions_expire_everywhere() {
