@@ -182,9 +182,9 @@ after = dict(line.split() for line in """$after""".strip().splitlines())
 delta = {k: int(v) - int(before.get(k, 0)) for k, v in after.items()}
 delta = {k: v for k, v in delta.items() if v > 0 and k not in ("info", "ping")}
 total = sum(delta.values())
-print(f"{total} commands for {calls} measured calls (warm-up calls add about 15%): {total / calls:.2f} per call")
+print(f"{total} commands for {calls} measured calls (warm-up calls add about 15%): {total / calls:.4f} per call")
 for name, count in sorted(delta.items(), key=lambda kv: -kv[1])[:8]:
-    print(f"  {name:<12} {count / calls:.2f} per call")
+    print(f"  {name:<12} {count:>9} ({count / calls:.4f} per call)")
 EOF
 
 echo
