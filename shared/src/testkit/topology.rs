@@ -419,9 +419,15 @@ impl Balancer {
 
 impl Drop for Balancer {
     fn drop(&mut self) {
-        // SIGTERM lets the master take its workers down with it; SIGKILL would orphan them.
-        if let Some(child) = &self.child {
+        // SIGTERM lets the master take its workers down with it. The child is spawned with
+        // kill_on_drop, whose SIGKILL would orphan the workers (still listening) if it landed
+        // first: wait for the master to exit (briefly; it takes milliseconds) before that.
+        if let Some(child) = &mut self.child {
             signal(child, Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 }
