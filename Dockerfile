@@ -19,8 +19,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends make \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Dependencies first, from the manifests alone, so this layer stays cached until Cargo.toml or
-# Cargo.lock change.
+# Dependencies first, from the manifests alone (with stub sources for every target they name), so
+# this layer stays cached until Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
 COPY server/Cargo.toml server/
 COPY shared/Cargo.toml shared/
@@ -28,7 +28,7 @@ COPY loadtest/Cargo.toml loadtest/
 RUN mkdir -p server/src shared/src loadtest/src/bin \
  && echo 'fn main() {}' > server/src/main.rs && touch server/src/lib.rs shared/src/lib.rs \
  && echo 'fn main() {}' > loadtest/src/main.rs \
- && for bin in shoal-cluster shoal-otlp-sink bench-rmcp-stock bench-hello; do echo 'fn main() {}' > loadtest/src/bin/$bin.rs; done \
+ && for bin in $(sed -n 's|^path = "\(src/bin/[^"]*\)"$|\1|p' loadtest/Cargo.toml); do echo 'fn main() {}' > "loadtest/$bin"; done \
  && cargo build --release --locked -p shoal-server -p shoal-loadtest \
  && rm -rf server/src shared/src loadtest/src
 # Then the sources (touched so cargo rebuilds our crates over the stubs).
