@@ -129,13 +129,7 @@ async fn private_results_stay_with_their_principal_and_writes_are_never_cached()
         .await
         .expect("upstream");
     let topology = cached_cluster(&upstream, true, &[]).await;
-    let db = topology
-        .postgres
-        .as_ref()
-        .expect("postgres")
-        .client()
-        .await
-        .expect("connect");
+    let db = topology.postgres_client().await.expect("connect");
     db.batch_execute("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES (1, 0);")
         .await
         .expect("schema");

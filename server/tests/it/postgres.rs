@@ -18,13 +18,7 @@ async fn pg_topology(replicas: usize, balancer: bool, env: &[(&str, &str)]) -> T
     options.postgres = true;
     options.balancer = balancer;
     let topology = start(options).await;
-    let db = topology
-        .postgres
-        .as_ref()
-        .expect("postgres")
-        .client()
-        .await
-        .expect("connect");
+    let db = topology.postgres_client().await.expect("connect");
     db.batch_execute(
         "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL, qty integer NOT NULL DEFAULT 0);
          INSERT INTO items (name, qty) SELECT 'item-' || n, n FROM generate_series(1, 25) AS n;",
@@ -148,13 +142,7 @@ async fn statement_timeout_and_pool_exhaustion_give_clear_errors() {
     let client = McpClient::modern(&url);
     // The test's own connection, to see from PostgreSQL's side when a statement is running (the
     // pool's in-use gauge cannot tell the test's query from the change poller's).
-    let db = topology
-        .postgres
-        .as_ref()
-        .expect("postgres")
-        .client()
-        .await
-        .expect("connect");
+    let db = topology.postgres_client().await.expect("connect");
     let running = async |statement: &'static str| {
         eventually(statement, WAIT, async || {
             let rows = db
@@ -267,13 +255,7 @@ async fn writes_and_outside_changes_notify_subscribers_on_other_replicas() {
 
     // Drain what the writes (and the poller seeing them) raised, then change the table from outside.
     while let Ok(Some(_)) = stream.next_message(Duration::from_millis(1500)).await {}
-    let db = topology
-        .postgres
-        .as_ref()
-        .expect("postgres")
-        .client()
-        .await
-        .expect("connect");
+    let db = topology.postgres_client().await.expect("connect");
     db.execute("INSERT INTO items (name) VALUES ('from-psql')", &[])
         .await
         .expect("outside insert");
@@ -318,13 +300,7 @@ async fn cancellation_cancels_the_query_on_the_server() {
         )
         .await
         .expect("pg_query");
-    let db = topology
-        .postgres
-        .as_ref()
-        .expect("postgres")
-        .client()
-        .await
-        .expect("connect");
+    let db = topology.postgres_client().await.expect("connect");
     let running = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%cancel_me%' AND pid <> pg_backend_pid()";
     eventually("the query to run on the server", WAIT, async || {
         let n: i64 = db.query_one(running, &[]).await.ok()?.get(0);

@@ -43,13 +43,7 @@ async fn traced_topology(receiver: &OtlpReceiver, upstream: &FakeUpstream) -> To
         .env("SHOAL_RPC_ENDPOINTS", upstream.url());
     options.postgres = true;
     let topology = start(options).await;
-    let db = topology
-        .postgres
-        .as_ref()
-        .expect("postgres")
-        .client()
-        .await
-        .expect("connect");
+    let db = topology.postgres_client().await.expect("connect");
     db.batch_execute(
         "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);
          INSERT INTO items (name) SELECT 'secret-' || n FROM generate_series(1, 5) AS n;",

@@ -569,6 +569,21 @@ impl Topology {
         &self.path
     }
 
+    /// A connection to the topology's PostgreSQL, for set-up and checks from the outside.
+    ///
+    /// # Panics
+    /// When the topology was started without PostgreSQL.
+    ///
+    /// # Errors
+    /// When it cannot connect.
+    pub async fn postgres_client(&self) -> TopologyResult<tokio_postgres::Client> {
+        let postgres = self
+            .postgres
+            .as_ref()
+            .expect("the topology was started with PostgreSQL");
+        Ok(postgres.client().await?)
+    }
+
     /// The replica called `name`.
     pub fn replica(&mut self, name: &str) -> Option<&mut Replica> {
         self.replicas.iter_mut().find(|r| r.name == name)
