@@ -74,6 +74,9 @@ wait_port() {
   return 1
 }
 
+# `field FILE EXPR`: EXPR evaluated over the JSON document in FILE, bound to `r`.
+field() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"r": r}))' "$@"; }
+
 # Starts shoal-cluster with the given options; sets URL, REDIS_URL_, READY.
 cluster() {
   READY="$WORK/ready-$RANDOM.json"
@@ -81,11 +84,10 @@ cluster() {
   PIDS+=($!)
   for _ in $(seq 600); do [ -s "$READY" ] && break; sleep 0.1; done
   [ -s "$READY" ] || { cat "$WORK/cluster.log" >&2; exit 1; }
-  URL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["mcp_url"])' "$READY")
-  REDIS_URL_=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["redis_url"] or "")' "$READY")
+  URL=$(field "$READY" 'r["mcp_url"]')
+  REDIS_URL_=$(field "$READY" 'r["redis_url"] or ""')
 }
 
-field() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {"r": r}))' "$@"; }
 
 # The trivial-tool measurement: legacy era, closed loop, echo only.
 echo_run() {
@@ -195,7 +197,7 @@ for mode in cached uncached; do
   extra=()
   [ "$mode" = uncached ] && extra=(--env SHOAL_CACHE_TTLS=pg_query=0)
   cluster --replicas 3 --postgres "${extra[@]}"
-  DB_URL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["database_url"])' "$READY")
+  DB_URL=$(field "$READY" 'r["database_url"]')
   scans() { psql "$DB_URL" -Atc "SELECT seq_scan + coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'services'"; }
   s0=$(scans)
   "$BIN/shoal-loadtest" run --url "$URL" --scenario baseline --mix pg_query=1 --subscribe false \
@@ -208,13 +210,13 @@ for mode in cached uncached; do
     "$(field "$OUT/pg-$mode.json" 'r["errors"]')" "$((s1 - s0))"
   stop_all
 done
-echo "(one key: every session runs the same statement; $DURATION = $(python3 -c "import sys; d='$DURATION'; s=float(d[:-1])*(60 if d.endswith('m') else 1); print(f'{s/10:.1f}')") TTL windows of 10 s)"
+echo "(one key: every session runs the same statement; $(field "$OUT/pg-cached.json" 'round(r["duration_secs"] / 10, 1)') TTL windows of 10 s)"
 
 echo
 echo "== 4: cross-replica notification latency (writes to replica 1, subscribers' GET streams on replica 2)"
 cluster --replicas 3 --no-balancer
-R1=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["replicas"][0]["mcp_url"])' "$READY")
-R2=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["replicas"][1]["mcp_url"])' "$READY")
+R1=$(field "$READY" 'r["replicas"][0]["mcp_url"]')
+R2=$(field "$READY" 'r["replicas"][1]["mcp_url"]')
 "$BIN/shoal-loadtest" run --url "$R1" --notify-url "$R2" --scenario baseline --mix kv_set=1 --sessions 150 \
   --warmup 2s --duration "$DURATION" --quiet --json "$OUT/notify-cross.json" >"$OUT/notify-cross.txt"
 python3 - "$OUT/notify-cross.json" <<'EOF'

@@ -41,7 +41,8 @@ done
 work=$(mktemp -d /tmp/shoal-compose.XXXXXX)
 service_pid=""
 health_pid=""
-compose() { "$DC" -f docker-compose.yml -f scripts/compose/override.yml "$@"; }
+compose_files=(-f docker-compose.yml -f scripts/compose/override.yml)
+compose() { "$DC" "${compose_files[@]}" "$@"; }
 
 cleanup() {
   local status=$?
@@ -135,7 +136,7 @@ health_pid=$!
 
 step "compose up"
 # `up` itself waits for the service_healthy dependencies (Redis, PostgreSQL, then the replicas).
-timeout 300 "$DC" -f docker-compose.yml -f scripts/compose/override.yml up -d --no-build --pull never \
+timeout 300 "$DC" "${compose_files[@]}" up -d --no-build --pull never \
   || die "the cluster did not come up"
 compose ps
 replicas=$(podman ps --filter label=com.docker.compose.service=shoal --filter health=healthy --format '{{.Names}}' | sort)
