@@ -17,7 +17,7 @@
 # Results: JSON reports in target/bench-compare/, a summary on standard output.
 #
 # Usage: scripts/bench-compare.sh [--duration 20s] [--sessions 32] [--skip-peers] [--skip-idle]
-# Needs: cargo build --release --workspace; node/npm; python3; wrk (installed when missing, as root).
+# Needs: cargo build --release --workspace; node/npm; python3; wrk (scripts/install-deps.sh --bench, run here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,13 +42,7 @@ mkdir -p "$OUT" docs/img
 for bin in shoal-server shoal-cluster shoal-loadtest bench-rmcp-stock bench-hello; do
   [ -x "$BIN/$bin" ] || { echo "$BIN/$bin is missing: cargo build --release --workspace" >&2; exit 1; }
 done
-if ! command -v wrk >/dev/null; then
-  if [ "$(id -u)" -eq 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-  else
-    echo "wrk is missing: sudo apt-get install -y wrk" >&2; exit 1
-  fi
-fi
+scripts/install-deps.sh --bench
 
 WORK=$(mktemp -d)
 PIDS=()

