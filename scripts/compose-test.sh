@@ -164,7 +164,17 @@ timeout 300 "$DC" "${compose_files[@]}" up -d --no-build --pull never \
 compose ps
 replicas=$(podman ps --filter label=com.docker.compose.service=shoal --filter health=healthy --format '{{.Names}}' | sort)
 [ "$(echo "$replicas" | wc -l)" -eq 3 ] || die "expected 3 healthy replicas, got: $replicas"
-curl -fsS http://127.0.0.1:8080/readyz >/dev/null || die "the balancer does not reach a ready replica"
+curl -fsS http://127.0.0.1:8080/balancer/healthz >/dev/null || die "the balancer does not answer"
+# Only /mcp (and the OAuth metadata) is reachable through the balancer, never a replica's admin paths.
+for path in /metrics /readyz /healthz /; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:8080$path")
+  [ "$code" = 404 ] || die "the balancer exposes $path (HTTP $code)"
+done
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'content-type: application/json' \
+  -H 'accept: application/json, text/event-stream' -H 'mcp-protocol-version: 2026-07-28' \
+  --data '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}' \
+  http://127.0.0.1:8080/mcp)
+[ "$code" != 404 ] && [ "$code" != 502 ] || die "the balancer does not reach the replicas' /mcp (HTTP $code)"
 
 step "prometheus scrapes every replica"
 up=0

@@ -14,7 +14,10 @@
 use std::{
     convert::Infallible,
     future::Future,
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -28,8 +31,8 @@ use hyper_util::{
 };
 use rmcp::{model::ProtocolVersion, transport::streamable_http_server::StreamableHttpService};
 use serde::Deserialize;
-use shoal_shared::telemetry;
 use shoal_shared::telemetry::{KeyValue, Parent, Span, SpanKind};
+use shoal_shared::{ids::is_session_id, telemetry};
 use tokio::{net::TcpListener, time::Instant};
 
 use crate::{
@@ -42,10 +45,12 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 type McpService = StreamableHttpService<ShoalHandler, ClusterSessionManager>;
 
+/// How long the bus may go without a probe coming back before the replica reports not ready (three
+/// probe intervals).
+const BUS_SILENCE_LIMIT: Duration = Duration::from_secs(15);
+
 /// How long a client may take to send a request body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a client may take to send request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The replica's HTTP service. Cheap to clone.
 #[derive(Clone)]
@@ -55,6 +60,10 @@ pub struct HttpService {
     mcp: McpService,
     policy: Arc<OriginPolicy>,
     replica: HeaderValue,
+    /// The admin listener's service: /metrics, /healthz and /readyz only, no Host check.
+    admin: bool,
+    /// Whether the last readiness check passed (its failures are logged once, on the change).
+    ready: Arc<AtomicBool>,
 }
 
 impl HttpService {
@@ -65,7 +74,7 @@ impl HttpService {
         mcp: McpService,
     ) -> Self {
         let policy = Arc::new(OriginPolicy::new(
-            &state.config.allowed_hosts,
+            &state.config.host_allow_list(),
             &state.config.effective_allowed_origins(),
         ));
         // Names the replica that answered: operators and tests see where a balancer sent a request.
@@ -77,6 +86,16 @@ impl HttpService {
             mcp,
             policy,
             replica,
+            admin: false,
+            ready: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// The same service for the admin listener (`SHOAL_ADMIN_LISTEN`).
+    pub fn admin(&self) -> Self {
+        Self {
+            admin: true,
+            ..self.clone()
         }
     }
 
@@ -118,32 +137,71 @@ impl HttpService {
     async fn route(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
         let path = request.uri().path();
         match (request.method(), path) {
-            (_, "/mcp") => self.mcp(request, span).await,
+            (_, "/mcp") if !self.admin => self.mcp(request, span).await,
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => self.readyz().await,
-            (&Method::GET, "/metrics") => Response::builder()
-                .status(StatusCode::OK)
-                .header(
-                    header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
-                .body(full(self.state.metrics.render()))
-                .expect("valid response"),
+            (&Method::GET, "/metrics")
+                if !self.admin && self.state.config.admin_listen.is_some() =>
+            {
+                text(StatusCode::NOT_FOUND, "not found\n")
+            }
+            (&Method::GET, "/metrics") => {
+                if !self.admin
+                    && let Err(rejection) = self.policy.check_host(request.uri(), request.headers())
+                {
+                    return self
+                        .reject(rejection.reason, text(rejection.status, rejection.message));
+                }
+                self.metrics()
+            }
             (_, "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 
+    fn metrics(&self) -> Response<Body> {
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .body(full(self.state.metrics.render()))
+            .expect("valid response")
+    }
+
+    /// Ready or not, and nothing more on the serving port; the reason on the admin listener and
+    /// in the log (once, when readiness is lost).
     async fn readyz(&self) -> Response<Body> {
-        if self.state.draining.load(Ordering::SeqCst) {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
-        }
-        match tokio::time::timeout(Duration::from_secs(2), self.state.backend.ping()).await {
-            Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-            _ => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shared state unreachable\n",
-            ),
+        let reason = if self.state.draining.load(Ordering::SeqCst) {
+            Some("draining")
+        } else if self.state.bus.since_last_roundtrip() > BUS_SILENCE_LIMIT {
+            // The bus probe (every 5 s) has not come back: this replica would miss notifications.
+            Some("cluster bus silent")
+        } else {
+            match tokio::time::timeout(Duration::from_secs(2), self.state.backend.ping()).await {
+                Ok(Ok(())) => None,
+                _ => Some("shared state unreachable"),
+            }
+        };
+        let was_ready = self.ready.swap(reason.is_none(), Ordering::SeqCst);
+        match reason {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(reason) => {
+                if was_ready {
+                    tracing::warn!(reason, "not ready");
+                }
+                let body = if self.admin {
+                    format!("not ready: {reason}\n")
+                } else {
+                    "not ready\n".to_owned()
+                };
+                Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                    .body(full(body))
+                    .expect("valid response")
+            }
         }
     }
 
@@ -159,6 +217,18 @@ impl HttpService {
                 "rejected request: host or origin not allowed"
             );
             return self.reject(rejection.reason, text(rejection.status, rejection.message));
+        }
+        // Session ids only in their exact generated form, on every method: nothing else reaches
+        // storage, the bus or telemetry.
+        let mut session_ids = request.headers().get_all("mcp-session-id").iter();
+        if let Some(first) = session_ids.next()
+            && (session_ids.next().is_some() || !first.to_str().is_ok_and(is_session_id))
+        {
+            tracing::info!("rejected request: malformed session id");
+            return self.reject(
+                "bad_session_id",
+                text(StatusCode::NOT_FOUND, "Not Found: Session not found\n"),
+            );
         }
         match *request.method() {
             Method::POST => self.post(request, span).await,
@@ -250,6 +320,18 @@ impl HttpService {
                 );
             }
         };
+        if envelope.is_initialize && bytes.len() > self.state.config.max_initialize_bytes {
+            let limit = self.state.config.max_initialize_bytes;
+            tracing::info!(limit, "rejected request: initialize too large");
+            return self.reject(
+                "initialize_too_large",
+                jsonrpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    -32602,
+                    &format!("initialize request exceeds {limit} bytes"),
+                ),
+            );
+        }
         if envelope.is_initialize
             && self.sessions.local_sessions().await >= self.state.config.max_local_sessions
         {
@@ -367,8 +449,9 @@ fn http_span(parts: &mut http::request::Parts, meta_traceparent: Option<&str>) -
             if let Some(agent) = header("user-agent") {
                 attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
             }
-            if let Some(session) = header("mcp-session-id") {
-                attributes.push(KeyValue::new("mcp.session.id", session.to_owned()));
+            // Never the id itself (a bearer credential): its keyed hash.
+            if let Some(tag) = header("mcp-session-id").and_then(telemetry::session_tag) {
+                attributes.push(KeyValue::new("mcp.session.tag", tag));
             }
             attributes
         },
@@ -607,6 +690,12 @@ impl OriginPolicy {
     }
 
     fn check(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<(), Rejection> {
+        self.check_host(uri, headers)?;
+        self.check_origin(headers)
+    }
+
+    /// The Host allow-list alone (also guards /metrics on the serving port).
+    fn check_host(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<(), Rejection> {
         let forbidden = |reason, message| Rejection {
             reason,
             status: StatusCode::FORBIDDEN,
@@ -636,6 +725,15 @@ impl OriginPolicy {
                 return Err(forbidden("host", "Forbidden: Host header is not allowed\n"));
             }
         }
+        Ok(())
+    }
+
+    fn check_origin(&self, headers: &HeaderMap) -> Result<(), Rejection> {
+        let forbidden = |reason, message| Rejection {
+            reason,
+            status: StatusCode::FORBIDDEN,
+            message,
+        };
         if self.origins.is_empty() {
             return Ok(());
         }
@@ -753,12 +851,19 @@ pub async fn serve(
     on_drain: impl FnOnce(),
 ) {
     let graceful = GracefulShutdown::new();
+    let header_read_timeout = Duration::from_millis(service.state.config.header_read_timeout_ms);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_read_timeout)
         .keep_alive(true);
+    // h2c: pings find peers that vanished without closing (no FIN), so their streams end.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
@@ -772,12 +877,21 @@ pub async fn serve(
                         let service = service.clone();
                         async move { Ok::<_, Infallible>(service.handle(request).await) }
                     });
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), handler)
-                        .into_owned();
-                    let connection = graceful.watch(connection);
+                    let builder = builder.clone();
+                    let watcher = graceful.watcher();
                     tokio::spawn(async move {
-                        if let Err(error) = connection.await {
+                        // Protocol detection (HTTP/1 or h2c) waits for the first bytes without a
+                        // limit: a connection that sends nothing is closed after the header read
+                        // timeout instead of being held forever.
+                        let mut first = [0_u8; 1];
+                        match tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await {
+                            Ok(Ok(read)) if read > 0 => {}
+                            _ => return,
+                        }
+                        let connection = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), handler)
+                            .into_owned();
+                        if let Err(error) = watcher.watch(connection).await {
                             tracing::debug!(%error, "connection ended with an error");
                         }
                     });
@@ -805,6 +919,35 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The JSON-RPC entry on hostile bytes: a clean verdict or a JSON-RPC error code, never a
+        /// panic; any JSON object with a method is at least looked at, never refused as unparsable.
+        #[test]
+        fn the_json_rpc_entry_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), method in ".{0,20}", id in proptest::prelude::any::<i64>()) {
+            if let Err((code, _)) = Envelope::peek(&bytes) {
+                proptest::prop_assert!(code == -32700 || code == -32600, "{code}");
+            }
+            let message = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method});
+            if let Err((code, _)) = Envelope::peek(message.to_string().as_bytes()) {
+                proptest::prop_assert_ne!(code, -32700);
+            }
+        }
+
+        /// Host headers of any shape are answered (allowed, 400 or 403), never a panic.
+        #[test]
+        fn host_checks_never_panic(host in ".{0,60}", origin in ".{0,60}") {
+            let policy = OriginPolicy::new(&["localhost".to_owned(), "a.example:8080".to_owned()], &["https://a.example".to_owned()]);
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_str(&host) {
+                headers.insert(header::HOST, value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&origin) {
+                headers.insert(header::ORIGIN, value);
+            }
+            let _ = policy.check(&http::Uri::from_static("/mcp"), &headers);
+        }
+    }
 
     #[test]
     fn envelopes_are_checked() {

@@ -83,6 +83,7 @@ impl App {
             event_log_max_len: config.event_log_max_len,
             event_retention: Duration::from_secs(config.event_retention_secs),
             max_subscriptions_per_session: config.max_subscriptions_per_session,
+            max_subscribers_per_uri: config.max_subscribers_per_uri,
             kv_max_keys: config.kv_max_keys,
             redis_timeout: Duration::from_millis(config.redis_timeout_ms),
             redis_pool_size: config.redis_pool_size,
@@ -105,11 +106,22 @@ impl App {
             "replica configured"
         );
 
+        if config.any_host() {
+            tracing::warn!(
+                "SHOAL_ALLOWED_HOSTS=*: any Host header is accepted (no DNS-rebinding protection)"
+            );
+        }
         let db = match (&config.database_url, toolsets.postgres) {
             (Some(url), true) => Some(
                 Database::connect(
                     DbConfig {
                         url: url.clone(),
+                        write_url: config
+                            .database_write_url
+                            .clone()
+                            .filter(|_| toolsets.postgres_writes),
+                        allow_privileged_role: config.postgres_allow_privileged_role,
+                        max_result_bytes: config.postgres_max_result_bytes,
                         pool_max: config.postgres_pool_max,
                         pool_min_idle: config.postgres_pool_min_idle,
                         acquire_timeout: Duration::from_millis(config.postgres_acquire_timeout_ms),
@@ -124,6 +136,22 @@ impl App {
             ),
             _ => None,
         };
+        if let Some(db) = &db {
+            // A role that could reach the database host is refused now, not at the first call;
+            // a database that is down is checked on the first connection that can be made.
+            match tokio::time::timeout(Duration::from_secs(10), db.verify_roles()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error @ shoal_shared::db::DbError::Privileged(_))) => {
+                    return Err(anyhow::Error::new(error).context("the postgres toolset"));
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "PostgreSQL not reachable at start; its roles are checked on the first connection")
+                }
+                Err(_) => tracing::warn!(
+                    "PostgreSQL did not answer within 10 s at start; its roles are checked on the first connection"
+                ),
+            }
+        }
         let rpc = if toolsets.rpc {
             Some(
                 RpcPool::new(
@@ -132,6 +160,7 @@ impl App {
                         attempt_timeout: Duration::from_millis(config.rpc_timeout_ms),
                         cooldown: Duration::from_millis(config.rpc_cooldown_ms),
                         max_attempts: config.rpc_max_attempts,
+                        max_response_bytes: config.rpc_max_response_bytes,
                     },
                     metrics.clone(),
                 )
@@ -164,6 +193,7 @@ impl App {
             metrics: metrics.clone(),
             draining: AtomicBool::new(false),
             request_state: tokio::sync::OnceCell::new(),
+            session_calls: state::SessionCalls::default(),
         });
 
         let sse_retry = Duration::from_millis(config.sse_retry_ms);
@@ -192,7 +222,7 @@ impl App {
 
         let mcp_shutdown = CancellationToken::new();
         let mut mcp_config = StreamableHttpServerConfig::default()
-            .with_allowed_hosts(config.allowed_hosts.clone())
+            .with_allowed_hosts(config.host_allow_list())
             .with_allowed_origins(config.effective_allowed_origins())
             .with_sse_keep_alive(Some(Duration::from_secs(config.sse_keepalive_secs)))
             // No `retry:` priming from rmcp itself: its GET priming carries the id "0", which names
@@ -211,6 +241,16 @@ impl App {
         );
 
         let background = CancellationToken::new();
+        // Usually at once; with the shared state down, spans carry no session tag until it is back.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            state.load_session_tag_key(background.clone()),
+        )
+        .await;
+        {
+            let (state, stop) = (state.clone(), background.clone());
+            tokio::spawn(async move { state.load_session_tag_key(stop).await });
+        }
         tokio::spawn(sessions.clone().run_control(control));
         tokio::spawn(janitor(backend.clone(), tag, background.clone()));
         tokio::spawn(probe(state.clone(), background.clone()));
@@ -239,7 +279,7 @@ impl App {
     /// requests get up to `SHOAL_SHUTDOWN_GRACE_SECS` to finish, and the rest is cut.
     ///
     /// # Errors
-    /// Never fails today; the `Result` leaves room for fatal serving errors.
+    /// When the admin listener (`SHOAL_ADMIN_LISTEN`) cannot be bound.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -251,12 +291,34 @@ impl App {
         tracing::info!(%addr, "listening");
         let state = self.state.clone();
         let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);
+        // The admin listener (SHOAL_ADMIN_LISTEN) serves until the serving port has drained.
+        let admin_stop = CancellationToken::new();
+        let admin = match self.state.config.admin_listen {
+            Some(admin_addr) => {
+                let admin_listener = TcpListener::bind(admin_addr)
+                    .await
+                    .with_context(|| format!("binding the admin listener {admin_addr}"))?;
+                tracing::info!(%admin_addr, "admin listener (/metrics, /healthz, /readyz)");
+                Some(tokio::spawn(http::serve(
+                    admin_listener,
+                    self.http.admin(),
+                    admin_stop.clone().cancelled_owned(),
+                    Duration::from_secs(1),
+                    || {},
+                )))
+            }
+            None => None,
+        };
         http::serve(listener, self.http, shutdown, grace, || {
             tracing::info!("shutting down: draining");
             state.draining.store(true, Ordering::SeqCst);
             state.bus.shut_down_streams();
         })
         .await;
+        admin_stop.cancel();
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         self.mcp_shutdown.cancel();
         self.background.cancel();
         self.state.backend.shutdown().await;

@@ -16,6 +16,7 @@ use shoal_shared::{
     db::Database,
     metrics::Metrics,
     rpc::RpcPool,
+    telemetry,
 };
 use tokio::sync::OnceCell;
 
@@ -52,9 +53,74 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Seals MRTR `requestState`; created on first use (see [`AppState::request_state`]).
     pub request_state: OnceCell<RequestStateCodec>,
+    /// Tool calls running per legacy session on this replica.
+    pub session_calls: SessionCalls,
+}
+
+/// Counts the tool calls each session runs on this replica (`SHOAL_MAX_CALLS_PER_SESSION`).
+#[derive(Debug, Default, Clone)]
+pub struct SessionCalls(Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>);
+
+/// One running call of a session; dropping it ends the call.
+#[derive(Debug)]
+pub struct SessionCall {
+    calls: SessionCalls,
+    session: String,
+}
+
+impl SessionCalls {
+    /// Starts a call of `session`, unless it already runs `limit`.
+    pub fn enter(&self, session: &str, limit: usize) -> Option<SessionCall> {
+        let mut running = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = running.entry(session.to_owned()).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(SessionCall {
+            calls: self.clone(),
+            session: session.to_owned(),
+        })
+    }
+}
+
+impl Drop for SessionCall {
+    fn drop(&mut self) {
+        let mut running = self.calls.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = running.get_mut(&self.session) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                running.remove(&self.session);
+            }
+        }
+    }
 }
 
 impl AppState {
+    /// Loads the key of the session tags telemetry carries instead of session ids
+    /// ([`telemetry::session_tag`]) from the shared backend, where the first replica created it,
+    /// so every replica tags a session alike; retries every second until the backend answers or
+    /// `stop` fires.
+    pub async fn load_session_tag_key(&self, stop: tokio_util::sync::CancellationToken) {
+        while !telemetry::session_tag_key_set() {
+            let candidate: [u8; 32] = rand::random();
+            match self
+                .backend
+                .shared_secret("session-tag", &URL_SAFE_NO_PAD.encode(candidate))
+                .await
+            {
+                Ok(key) => telemetry::set_session_tag_key(key.into_bytes()),
+                Err(error) => {
+                    tracing::debug!(%error, "session-tag key not loaded yet");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+
     /// The codec that seals MRTR `requestState`. Every replica must use the same key, since each
     /// round of a request may land on another replica: `SHOAL_REQUEST_STATE_KEY` when set, else a
     /// random key the first replica stores in the shared backend for the others.

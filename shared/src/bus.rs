@@ -3,9 +3,9 @@
 //! local streams and tasks that want them.
 //!
 //! Three kinds of consumer register here:
-//! - **feeds**: the GET streams of legacy sessions held by this replica. At most one feed per session
-//!   is the *primary* that receives events; older ones become silent shadows (the MCP transport
-//!   forbids sending one message on two streams).
+//! - **feeds**: the GET streams of legacy sessions held by this replica. A session has one live GET
+//!   stream in the cluster: a newer one replaces the primary here, or (`end`, published by the
+//!   script that opens it) the one another replica holds, and the replaced stream ends.
 //! - **listeners**: `subscriptions/listen` streams of 2026-07-28 clients, indexed by resource URI.
 //! - **control**: one task of the server that closes local session workers, forwards cancellations
 //!   and client responses into them.
@@ -127,8 +127,8 @@ pub struct FeedRegistration {
     bus: Bus,
     session: String,
     stream: u64,
-    /// Live events for this feed while it is the primary; closed when a newer feed of the same
-    /// session on this replica takes over (the feed then becomes a shadow).
+    /// Live events for this feed while it is the primary; closed when a newer GET stream of the
+    /// same session takes over (the feed then ends).
     pub events: mpsc::Receiver<FeedEvent>,
     /// Set when live events were dropped (full channel, bus reconnect): re-read the log.
     pub lagged: Arc<LagSignal>,
@@ -266,6 +266,8 @@ struct BusInner {
     metrics: Metrics,
     /// Reference point of round-trip probes.
     epoch: Instant,
+    /// When (nanoseconds after `epoch`) the last probe came back: the bus is live.
+    last_roundtrip: AtomicU64,
 }
 
 /// The replica's message demultiplexer. Cheap to clone.
@@ -297,6 +299,7 @@ impl Bus {
             shutdown: CancellationToken::new(),
             metrics,
             epoch: Instant::now(),
+            last_roundtrip: AtomicU64::new(0),
         };
         (
             Self {
@@ -310,6 +313,13 @@ impl Bus {
     /// [`crate::backend::Backend::publish_probe`]).
     pub fn probe(&self) -> String {
         encode_probe(self.inner.epoch.elapsed().as_nanos() as u64)
+    }
+
+    /// How long ago a probe last came back through the shared backend (since the bus was created
+    /// when none has yet): a bus that stopped delivering makes the replica not ready.
+    pub fn since_last_roundtrip(&self) -> Duration {
+        let last = Duration::from_nanos(self.inner.last_roundtrip.load(Ordering::Relaxed));
+        self.inner.epoch.elapsed().saturating_sub(last)
     }
 
     /// This replica's tag.
@@ -387,6 +397,17 @@ impl Bus {
             lagged,
             gone,
         })
+    }
+
+    /// A newer GET stream of `session` opened elsewhere: the feed `stream` of this replica stops
+    /// being the primary, which ends it.
+    fn end_feed(&self, session: &str, stream: u64) {
+        let mut feeds = self.inner.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = feeds.get_mut(session)
+            && entry.primary.as_ref().is_some_and(|p| p.stream == stream)
+        {
+            entry.primary = None;
+        }
     }
 
     fn unregister_feed(&self, session: &str, stream: u64) {
@@ -550,6 +571,15 @@ impl Bus {
                 });
                 Ok("forward")
             }
+            Some("end") => {
+                let session = words.next().ok_or("missing session")?;
+                let stream: u64 = words
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("bad stream")?;
+                self.end_feed(session, stream);
+                Ok("feed_end")
+            }
             Some("png") => {
                 let sent: u64 = words
                     .next()
@@ -559,6 +589,7 @@ impl Bus {
                 self.inner
                     .metrics
                     .bus_roundtrip(Duration::from_nanos(now.saturating_sub(sent)));
+                self.inner.last_roundtrip.fetch_max(now, Ordering::Relaxed);
                 Ok("probe")
             }
             _ => Err("unknown directed message"),

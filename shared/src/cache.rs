@@ -383,6 +383,7 @@ mod tests {
             event_log_max_len: 10,
             event_retention: Duration::from_secs(60),
             max_subscriptions_per_session: 10,
+            max_subscribers_per_uri: 100,
             kv_max_keys: 10,
             redis_timeout: Duration::from_secs(1),
             redis_pool_size: 1,

@@ -38,6 +38,12 @@ pub struct Config {
     #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// A listener of its own for /metrics (and /healthz, /readyz with the reason when not ready),
+    /// for deployments that keep metrics off the serving port: then the serving port answers
+    /// /metrics with 404. The admin listener checks no Host header: bind it to a private network.
+    #[arg(long, env = "SHOAL_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Redis URL for the shared cluster state (redis://[user:password@]host:port[/db]). When unset
     /// (and REDIS_URL is unset too) the replica runs alone on embedded in-memory backends.
     #[arg(long, env = "SHOAL_REDIS_URL", value_parser = parse_secret, hide_env_values = true)]
@@ -109,6 +115,34 @@ pub struct Config {
     )]
     pub max_subscriptions_per_session: u64,
 
+    /// Milliseconds a client has to send a request's headers, counted from the connection's start
+    /// or the end of its previous request; a connection that sends nothing is then closed.
+    #[arg(long, env = "SHOAL_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// Most tool calls one legacy session runs at once on one replica; more are answered with a
+    /// tool error at once, so one client cannot take every slot of a tool.
+    #[arg(long, env = "SHOAL_MAX_CALLS_PER_SESSION", default_value_t = 32)]
+    pub max_calls_per_session: usize,
+
+    /// Maximum legacy sessions subscribed to one resource URI, cluster-wide (the fanout of one
+    /// change runs in one Redis script, so its length is bounded).
+    #[arg(long, env = "SHOAL_MAX_SUBSCRIBERS_PER_URI", default_value_t = 10_000)]
+    pub max_subscribers_per_uri: u64,
+
+    /// Longest resource URI accepted by resources/subscribe and subscriptions/listen, in bytes.
+    #[arg(long, env = "SHOAL_MAX_URI_BYTES", default_value_t = 2048)]
+    pub max_uri_bytes: usize,
+
+    /// Most resource URIs one subscriptions/listen stream may name.
+    #[arg(long, env = "SHOAL_MAX_LISTEN_URIS", default_value_t = 256)]
+    pub max_listen_uris: usize,
+
+    /// Largest initialize request, in bytes: its params are stored with the session, in Redis and
+    /// on every replica that serves it.
+    #[arg(long, env = "SHOAL_MAX_INITIALIZE_BYTES", default_value_t = 65_536)]
+    pub max_initialize_bytes: usize,
+
     /// Maximum events kept in one session's resumable event log (approximate, trimmed by Redis).
     #[arg(long, env = "SHOAL_EVENT_LOG_MAX_LEN", default_value_t = 1000)]
     pub event_log_max_len: u64,
@@ -161,6 +195,30 @@ pub struct Config {
     /// is off while unset (DATABASE_URL is used when this is unset).
     #[arg(long, env = "SHOAL_DATABASE_URL", value_parser = parse_secret, hide_env_values = true)]
     pub database_url: Option<SecretString>,
+
+    /// PostgreSQL role for pg_execute (postgres://user:password@host:port/db), separate from the
+    /// read role; needed when SHOAL_POSTGRES_ALLOW_WRITES is true.
+    #[arg(long, env = "SHOAL_DATABASE_WRITE_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub database_write_url: Option<SecretString>,
+
+    /// Accept a database role that is a superuser, may create roles, or holds
+    /// pg_execute_server_program / pg_read_server_files / pg_write_server_files (logged as a
+    /// warning). Off: the postgres toolset refuses such a role.
+    #[arg(
+        long,
+        env = "SHOAL_POSTGRES_ALLOW_PRIVILEGED_ROLE",
+        default_value_t = false
+    )]
+    pub postgres_allow_privileged_role: bool,
+
+    /// Most bytes of row data (as JSON) pg_query returns; rows past it are left out and the
+    /// result marked truncated.
+    #[arg(
+        long,
+        env = "SHOAL_POSTGRES_MAX_RESULT_BYTES",
+        default_value_t = 1_048_576
+    )]
+    pub postgres_max_result_bytes: usize,
 
     /// PostgreSQL connections per replica: size it by concurrent tool calls, not sessions.
     #[arg(long, env = "SHOAL_POSTGRES_POOL_MAX", default_value_t = 10)]
@@ -223,6 +281,14 @@ pub struct Config {
     /// Upstream endpoints tried per call at most.
     #[arg(long, env = "SHOAL_RPC_MAX_ATTEMPTS", default_value_t = 3)]
     pub rpc_max_attempts: usize,
+
+    /// Largest upstream JSON-RPC response body, in bytes; a larger one fails the attempt.
+    #[arg(
+        long,
+        env = "SHOAL_RPC_MAX_RESPONSE_BYTES",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    pub rpc_max_response_bytes: usize,
 
     /// Per-tool cache TTL overrides, tool=duration (e.g. pg_query=30s,get_balance=5s; 0 disables).
     #[arg(long, env = "SHOAL_CACHE_TTLS", value_delimiter = ',', value_parser = parse_tool_duration)]
@@ -367,6 +433,21 @@ impl Config {
             ("SHOAL_SSE_KEEPALIVE_SECS", self.sse_keepalive_secs),
             ("SHOAL_REDIS_TIMEOUT_MS", self.redis_timeout_ms),
             ("SHOAL_KV_MAX_KEYS", self.kv_max_keys),
+            ("SHOAL_HEADER_READ_TIMEOUT_MS", self.header_read_timeout_ms),
+            (
+                "SHOAL_MAX_CALLS_PER_SESSION",
+                self.max_calls_per_session as u64,
+            ),
+            (
+                "SHOAL_MAX_SUBSCRIBERS_PER_URI",
+                self.max_subscribers_per_uri,
+            ),
+            ("SHOAL_MAX_URI_BYTES", self.max_uri_bytes as u64),
+            ("SHOAL_MAX_LISTEN_URIS", self.max_listen_uris as u64),
+            (
+                "SHOAL_MAX_INITIALIZE_BYTES",
+                self.max_initialize_bytes as u64,
+            ),
             (
                 "SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS",
                 self.postgres_acquire_timeout_ms,
@@ -380,8 +461,16 @@ impl Config {
             ("SHOAL_TOOL_TIMEOUT_MS", self.tool_timeout_ms),
             ("SHOAL_POSTGRES_POOL_MAX", u64::from(self.postgres_pool_max)),
             ("SHOAL_POSTGRES_ROW_CAP", self.postgres_row_cap as u64),
+            (
+                "SHOAL_POSTGRES_MAX_RESULT_BYTES",
+                self.postgres_max_result_bytes as u64,
+            ),
             ("SHOAL_TOOL_CONCURRENCY", self.tool_concurrency as u64),
             ("SHOAL_RPC_MAX_ATTEMPTS", self.rpc_max_attempts as u64),
+            (
+                "SHOAL_RPC_MAX_RESPONSE_BYTES",
+                self.rpc_max_response_bytes as u64,
+            ),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError(format!("{name} must be greater than zero")));
@@ -413,6 +502,18 @@ impl Config {
                 .for_each(|item| *item = item.trim().to_owned());
             list.retain(|item| !item.is_empty());
             list.dedup();
+        }
+        if self.allowed_hosts.is_empty() {
+            return Err(ConfigError(
+                "SHOAL_ALLOWED_HOSTS is empty, which would turn off the DNS-rebinding check: list the host \
+                 names clients use to reach the server, or `*` to accept any Host (not recommended)"
+                    .into(),
+            ));
+        }
+        if self.allowed_hosts.len() > 1 && self.allowed_hosts.iter().any(|host| host == "*") {
+            return Err(ConfigError(
+                "SHOAL_ALLOWED_HOSTS: `*` (any Host) stands alone, not in a list".into(),
+            ));
         }
         if self
             .request_state_key
@@ -484,12 +585,27 @@ impl Config {
             .map(|url| redact_url(url.expose_secret()))
     }
 
-    /// Origins accepted on /mcp: the configured list, or one derived from the allowed hosts.
+    /// Whether `SHOAL_ALLOWED_HOSTS=*` turned the Host check off.
+    pub fn any_host(&self) -> bool {
+        self.allowed_hosts.iter().any(|host| host == "*")
+    }
+
+    /// Host header values accepted on /mcp; empty (no check) only with `SHOAL_ALLOWED_HOSTS=*`.
+    pub fn host_allow_list(&self) -> Vec<String> {
+        if self.any_host() {
+            Vec::new()
+        } else {
+            self.allowed_hosts.clone()
+        }
+    }
+
+    /// Origins accepted on /mcp: the configured list, or one derived from the allowed hosts
+    /// (none with `SHOAL_ALLOWED_HOSTS=*`: then only a configured list checks origins).
     pub fn effective_allowed_origins(&self) -> Vec<String> {
         if !self.allowed_origins.is_empty() {
             return self.allowed_origins.clone();
         }
-        self.allowed_hosts
+        self.host_allow_list()
             .iter()
             .filter_map(|host| {
                 let bare = host_without_port(host);
@@ -571,6 +687,21 @@ mod tests {
         .expect("parse");
         assert_eq!(config.toolsets, vec!["kv", "conformance"]);
         assert_eq!(config.allowed_hosts, vec!["a.example", "b:8080"]);
+    }
+
+    #[test]
+    fn an_empty_host_list_is_refused_and_any_host_is_explicit() {
+        let error =
+            Config::from_args(["shoal-server", "--allowed-hosts", ""]).expect_err("refused");
+        assert!(error.0.contains("DNS-rebinding"), "{}", error.0);
+        let error =
+            Config::from_args(["shoal-server", "--allowed-hosts", " , "]).expect_err("refused");
+        assert!(error.0.contains("SHOAL_ALLOWED_HOSTS"), "{}", error.0);
+        assert!(Config::from_args(["shoal-server", "--allowed-hosts", "*,a.example"]).is_err());
+        let config = Config::from_args(["shoal-server", "--allowed-hosts", "*"]).expect("parse");
+        assert!(config.any_host());
+        assert!(config.host_allow_list().is_empty());
+        assert!(config.effective_allowed_origins().is_empty());
     }
 
     #[test]

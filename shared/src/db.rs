@@ -1,22 +1,35 @@
-//! PostgreSQL through a bb8 pool: read-only queries, writes that report what they changed, table
+//! PostgreSQL through bb8 pools: read-only queries, writes that report what they changed, table
 //! metadata, and the change signatures the poller compares.
 //!
-//! The pool is sized by expected concurrent tool calls (`SHOAL_POSTGRES_POOL_MAX`), not by
+//! The pools are sized by expected concurrent tool calls (`SHOAL_POSTGRES_POOL_MAX`), not by
 //! sessions: sessions are idle most of the time. Checking out a connection waits at most
-//! `SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS`; then the call fails with [`DbError::PoolTimeout`]. Every
-//! statement runs under a statement timeout. A cancelled call cancels its query on the server.
+//! `SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS`; then the call fails with [`DbError::PoolTimeout`].
+//!
+//! What keeps one client's SQL from reaching the database host or another client:
+//! - Reads and writes connect as separate least-privilege roles (`SHOAL_DATABASE_URL`,
+//!   `SHOAL_DATABASE_WRITE_URL`). Every new connection checks its role: a superuser, a role that
+//!   may create roles, or one holding `pg_execute_server_program`, `pg_read_server_files` or
+//!   `pg_write_server_files` is refused unless `SHOAL_POSTGRES_ALLOW_PRIVILEGED_ROLE` says so.
+//! - A read only ever runs as a subquery of the wrapper, inside a READ ONLY transaction; what
+//!   cannot be wrapped is refused. Rows stream in under the row cap and a byte budget.
+//! - Every transaction sets its own statement timeout (`SET LOCAL`), whatever the session holds.
+//! - A connection that ran client SQL is reset before another call can have it (settings, role,
+//!   advisory locks, cursors, prepared statements, temporary tables, LISTEN); one whose call was
+//!   abandoned mid-query (tool timeout, client gone) has its query cancelled on the server and is
+//!   closed instead of being reused.
 
 use std::{
     collections::BTreeMap,
     sync::{
         Arc,
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use bb8::{Pool, PooledConnection, RunError};
+use bb8::{ManageConnection, Pool, PooledConnection, RunError};
 use bb8_postgres::PostgresConnectionManager;
+use futures::TryStreamExt as _;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::Value;
@@ -28,14 +41,16 @@ use crate::{
     telemetry::{KeyValue, Span, SpanKind},
 };
 
-type Manager = PostgresConnectionManager<NoTls>;
-
 /// Pool and statement settings.
 #[derive(Debug, Clone)]
 pub struct DbConfig {
-    /// `postgres://user:password@host:port/db`.
+    /// `postgres://user:password@host:port/db`: the role reads run as.
     pub url: SecretString,
-    /// Maximum pooled connections.
+    /// The role `pg_execute` runs as; writes are off while unset.
+    pub write_url: Option<SecretString>,
+    /// Accept a superuser or a role with server-file/program privileges (logged as a warning).
+    pub allow_privileged_role: bool,
+    /// Maximum pooled connections (per pool).
     pub pool_max: u32,
     /// Connections kept open while idle.
     pub pool_min_idle: u32,
@@ -45,6 +60,8 @@ pub struct DbConfig {
     pub statement_timeout: Duration,
     /// Most rows a read returns.
     pub row_cap: usize,
+    /// Most bytes of row data (as JSON) a read returns.
+    pub max_result_bytes: usize,
 }
 
 /// Why a database operation failed. Messages are safe to show to a model (no credentials).
@@ -56,18 +73,32 @@ pub enum DbError {
     /// The database cannot be reached.
     #[error("the database is unavailable")]
     Unavailable,
+    /// The configured role has more privileges than the toolset accepts.
+    #[error("{0}")]
+    Privileged(String),
     /// The statement ran longer than the statement timeout.
     #[error("the query exceeded the statement timeout ({0:?})")]
     Timeout(Duration),
     /// A write was attempted in a read-only transaction.
     #[error("this tool only reads: the statement tried to write")]
     ReadOnly,
+    /// The statement is not one query that can run as a subquery.
+    #[error(
+        "pg_query runs exactly one read-only query (SELECT, WITH … SELECT, VALUES or TABLE); {0}"
+    )]
+    NotAQuery(&'static str),
     /// The statement is invalid or refers to something missing.
     #[error("{0}")]
     Invalid(String),
+    /// The role lacks a privilege the statement needs.
+    #[error("permission denied: {0}")]
+    Denied(String),
     /// The request was cancelled and the query cancelled on the server.
     #[error("cancelled")]
     Cancelled,
+    /// Writes are not configured.
+    #[error("writes are not configured (SHOAL_DATABASE_WRITE_URL)")]
+    NoWrites,
     /// Anything else.
     #[error("database error: {0}")]
     Other(String),
@@ -87,6 +118,8 @@ impl DbError {
             DbError::Timeout(statement_timeout)
         } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
             DbError::ReadOnly
+        } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            DbError::Denied(db.message().to_owned())
         } else if code.code().starts_with("42")
             || code.code().starts_with("22")
             || code.code().starts_with("23")
@@ -103,10 +136,14 @@ impl DbError {
         match self {
             DbError::PoolTimeout(_) => "pool_timeout",
             DbError::Unavailable => "unavailable",
+            DbError::Privileged(_) => "privileged_role",
             DbError::Timeout(_) => "timeout",
             DbError::ReadOnly => "read_only",
+            DbError::NotAQuery(_) => "not_a_query",
             DbError::Invalid(_) => "invalid",
+            DbError::Denied(_) => "denied",
             DbError::Cancelled => "cancelled",
+            DbError::NoWrites => "no_writes",
             DbError::Other(_) => "other",
         }
     }
@@ -122,6 +159,16 @@ pub struct Column {
     pub type_name: String,
 }
 
+/// Which limit cut a read short.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// More rows existed than the row cap.
+    RowCap,
+    /// The rows' data would have passed the byte budget.
+    ByteBudget,
+}
+
 /// The result of a read.
 #[derive(Debug, Clone, Serialize)]
 pub struct QueryOutput {
@@ -129,8 +176,8 @@ pub struct QueryOutput {
     pub columns: Vec<Column>,
     /// Rows as JSON objects (column name → value).
     pub rows: Vec<Value>,
-    /// Whether more rows existed than the row cap.
-    pub truncated: bool,
+    /// Why the rows stop short of the query's whole result, if they do.
+    pub truncated: Option<Truncation>,
 }
 
 /// The result of a write.
@@ -155,40 +202,217 @@ pub struct TableInfo {
     pub row_count: i64,
 }
 
+/// What a role may do beyond reading and writing rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RolePrivileges {
+    /// The role's name.
+    pub role: String,
+    /// What makes it privileged (empty when it is not).
+    pub privileged: Vec<&'static str>,
+}
+
+impl RolePrivileges {
+    /// Reads the privileges of the connection's role. A superuser is a member of every role.
+    async fn of(client: &tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
+        let row = client
+            .query_one(
+                "SELECT current_user::text, r.rolsuper, r.rolcreaterole, \
+                        pg_has_role(current_user, 'pg_execute_server_program', 'MEMBER'), \
+                        pg_has_role(current_user, 'pg_read_server_files', 'MEMBER'), \
+                        pg_has_role(current_user, 'pg_write_server_files', 'MEMBER') \
+                 FROM pg_roles r WHERE r.rolname = current_user",
+                &[],
+            )
+            .await?;
+        let flags = [
+            (1, "a superuser"),
+            (2, "allowed to create roles"),
+            (3, "a member of pg_execute_server_program"),
+            (4, "a member of pg_read_server_files"),
+            (5, "a member of pg_write_server_files"),
+        ];
+        Ok(Self {
+            role: row.get(0),
+            privileged: flags
+                .iter()
+                .filter(|(index, _)| row.get::<_, bool>(*index))
+                .map(|(_, what)| *what)
+                .collect(),
+        })
+    }
+
+    fn refusal(&self, purpose: &str) -> String {
+        format!(
+            "the database role {:?} ({purpose}) is {}: the postgres toolset refuses to run client SQL as it; \
+             connect as a least-privilege role (docs/security.md) or set SHOAL_POSTGRES_ALLOW_PRIVILEGED_ROLE=true",
+            self.role,
+            self.privileged.join(", ")
+        )
+    }
+}
+
+/// One pooled connection: the client, and whether it must be closed instead of reused.
+pub struct PgConnection {
+    client: tokio_postgres::Client,
+    poisoned: bool,
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error(transparent)]
+    Pg(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Privileged(String),
+}
+
+/// bb8-postgres's manager, plus the role check on every new connection and the poisoned flag.
+struct Manager {
+    inner: PostgresConnectionManager<NoTls>,
+    purpose: &'static str,
+    allow_privileged: bool,
+    warned: AtomicBool,
+}
+
+impl ManageConnection for Manager {
+    type Connection = PgConnection;
+    type Error = ConnectError;
+
+    async fn connect(&self) -> Result<PgConnection, ConnectError> {
+        let client = self.inner.connect().await?;
+        let role = RolePrivileges::of(&client).await?;
+        if !role.privileged.is_empty() {
+            if !self.allow_privileged {
+                return Err(ConnectError::Privileged(role.refusal(self.purpose)));
+            }
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    role = %role.role,
+                    privileges = ?role.privileged,
+                    purpose = self.purpose,
+                    "SHOAL_POSTGRES_ALLOW_PRIVILEGED_ROLE: client SQL runs as a privileged database role"
+                );
+            }
+        }
+        Ok(PgConnection {
+            client,
+            poisoned: false,
+        })
+    }
+
+    async fn is_valid(&self, connection: &mut PgConnection) -> Result<(), ConnectError> {
+        Ok(self.inner.is_valid(&mut connection.client).await?)
+    }
+
+    fn has_broken(&self, connection: &mut PgConnection) -> bool {
+        connection.poisoned || connection.client.is_closed()
+    }
+}
+
+/// What a connection that ran client SQL runs before anyone else may use it: every session-level
+/// thing a statement can leave behind (`set_config`, `SET ROLE`, advisory locks, cursors, prepared
+/// statements, temporary tables, LISTEN). `DISCARD ALL` does the same but cannot run in the
+/// implicit transaction of a multi-statement query.
+const RESET_SQL: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; RESET ROLE; \
+    SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; DEALLOCATE ALL; DISCARD TEMP; DISCARD SEQUENCES";
+/// How long a reset or a server-side cancel may take before the connection is closed instead.
+const RESET_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The database handle. Cheap to clone.
 #[derive(Clone)]
 pub struct Database {
     pool: Pool<Manager>,
+    write_pool: Option<Pool<Manager>>,
     config: Arc<DbConfig>,
     metrics: Metrics,
     waiting: Arc<AtomicI64>,
     in_use: Arc<AtomicI64>,
 }
 
-/// A checked-out connection, counted in the in-use gauge until it goes back to the pool.
-struct Checkout<'a> {
-    connection: PooledConnection<'a, Manager>,
-    in_use: &'a AtomicI64,
-    metrics: &'a Metrics,
+/// A checked-out connection, counted in the in-use gauge until it goes back to the pool. When it
+/// ran client SQL it is reset first (in a task of its own, off the answer's path); when its call
+/// was abandoned mid-statement, the statement is cancelled on the server and the connection closed.
+struct Checkout {
+    connection: Option<PooledConnection<'static, Manager>>,
+    in_use: Arc<AtomicI64>,
+    metrics: Metrics,
+    /// Client SQL ran on it: reset before reuse.
+    dirty: AtomicBool,
+    /// A statement is under way: if dropped now, cancel it and close the connection.
+    busy: AtomicBool,
+    /// A transaction is open: roll it back before the reset.
+    in_transaction: AtomicBool,
 }
 
-impl std::ops::Deref for Checkout<'_> {
-    type Target = tokio_postgres::Client;
-    fn deref(&self) -> &Self::Target {
-        &self.connection
+impl Checkout {
+    fn client(&self) -> &tokio_postgres::Client {
+        &self.connection.as_ref().expect("present until drop").client
+    }
+
+    /// Opens a transaction whose statement timeout is its own (`SET LOCAL`), in one round trip.
+    async fn begin(&self, read_only: bool, timeout: Duration) -> Result<(), tokio_postgres::Error> {
+        let mode = if read_only { " READ ONLY" } else { "" };
+        self.dirty.store(true, Ordering::SeqCst);
+        self.in_transaction.store(true, Ordering::SeqCst);
+        self.client()
+            .batch_execute(&format!(
+                "START TRANSACTION{mode}; SET LOCAL statement_timeout = {}",
+                timeout.as_millis().max(1)
+            ))
+            .await
+    }
+
+    async fn commit(&self) -> Result<(), tokio_postgres::Error> {
+        self.client().batch_execute("COMMIT").await?;
+        self.in_transaction.store(false, Ordering::SeqCst);
+        Ok(())
     }
 }
 
-impl std::ops::DerefMut for Checkout<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.connection
-    }
-}
-
-impl Drop for Checkout<'_> {
+impl Drop for Checkout {
     fn drop(&mut self) {
         let now = self.in_use.fetch_sub(1, Ordering::SeqCst) - 1;
         self.metrics.db_pool_in_use(now);
+        let Some(mut connection) = self.connection.take() else {
+            return;
+        };
+        let busy = self.busy.load(Ordering::SeqCst);
+        let dirty = self.dirty.load(Ordering::SeqCst);
+        let in_transaction = self.in_transaction.load(Ordering::SeqCst);
+        if !busy && !dirty {
+            return; // only the replica's own statements ran: back to the pool as it is
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            connection.poisoned = true;
+            return;
+        };
+        runtime.spawn(async move {
+            if busy {
+                // Abandoned mid-statement: stop it on the server, never reuse the connection.
+                connection.poisoned = true;
+                let cancel = connection.client.cancel_token();
+                if let Ok(Err(error)) =
+                    tokio::time::timeout(RESET_TIMEOUT, cancel.cancel_query(NoTls)).await
+                {
+                    tracing::debug!(%error, "could not cancel an abandoned query on the server");
+                }
+                return;
+            }
+            let reset = if in_transaction {
+                format!("ROLLBACK; {RESET_SQL}")
+            } else {
+                RESET_SQL.to_owned()
+            };
+            match tokio::time::timeout(RESET_TIMEOUT, connection.client.batch_execute(&reset)).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "connection reset failed; closing it");
+                    connection.poisoned = true;
+                }
+                Err(_) => connection.poisoned = true,
+            }
+        });
     }
 }
 
@@ -209,36 +433,27 @@ impl Drop for Waiting<'_> {
 }
 
 impl Database {
-    /// A pool for `config`. Connections are opened on demand: a database that is down at start-up
+    /// Pools for `config`. Connections are opened on demand: a database that is down at start-up
     /// makes calls fail with [`DbError::Unavailable`] until it is back, instead of failing the
-    /// replica.
+    /// replica ([`Database::verify_roles`] checks the roles once at start).
     ///
     /// # Errors
-    /// When the URL does not parse.
+    /// When a URL does not parse.
     pub fn connect(config: DbConfig, metrics: Metrics) -> Result<Self, DbError> {
-        let mut pg_config: tokio_postgres::Config =
-            config.url.expose_secret().parse().map_err(|_| {
-                DbError::Invalid("SHOAL_DATABASE_URL is not a valid PostgreSQL URL".into())
-            })?;
-        pg_config.connect_timeout(Duration::from_secs(5));
-        pg_config.application_name("shoal");
-        // Every statement of every pooled connection is bounded, whatever the tool forgets.
-        pg_config.options(format!(
-            "-c statement_timeout={}",
-            config.statement_timeout.as_millis()
-        ));
-        let manager = PostgresConnectionManager::new(pg_config, NoTls);
-        let pool = Pool::builder()
-            .max_size(config.pool_max.max(1))
-            .min_idle(Some(config.pool_min_idle.min(config.pool_max)))
-            .connection_timeout(config.acquire_timeout)
-            .idle_timeout(Some(Duration::from_secs(300)))
-            .max_lifetime(Some(Duration::from_secs(1800)))
-            .retry_connection(false)
-            .build_unchecked(manager);
+        let pool = Self::pool(&config, &config.url, "SHOAL_DATABASE_URL", "reads")?;
+        let write_pool = match &config.write_url {
+            Some(url) => Some(Self::pool(
+                &config,
+                url,
+                "SHOAL_DATABASE_WRITE_URL",
+                "writes",
+            )?),
+            None => None,
+        };
         metrics.db_pool_size(i64::from(config.pool_max));
         Ok(Self {
             pool,
+            write_pool,
             config: Arc::new(config),
             metrics,
             waiting: Arc::new(AtomicI64::new(0)),
@@ -246,30 +461,89 @@ impl Database {
         })
     }
 
+    fn pool(
+        config: &DbConfig,
+        url: &SecretString,
+        variable: &'static str,
+        purpose: &'static str,
+    ) -> Result<Pool<Manager>, DbError> {
+        let mut pg_config: tokio_postgres::Config = url
+            .expose_secret()
+            .parse()
+            .map_err(|_| DbError::Invalid(format!("{variable} is not a valid PostgreSQL URL")))?;
+        pg_config.connect_timeout(Duration::from_secs(5));
+        pg_config.application_name("shoal");
+        // The session default; every transaction also sets its own (SET LOCAL).
+        pg_config.options(format!(
+            "-c statement_timeout={}",
+            config.statement_timeout.as_millis()
+        ));
+        let manager = Manager {
+            inner: PostgresConnectionManager::new(pg_config, NoTls),
+            purpose,
+            allow_privileged: config.allow_privileged_role,
+            warned: AtomicBool::new(false),
+        };
+        Ok(Pool::builder()
+            .max_size(config.pool_max.max(1))
+            .min_idle(Some(config.pool_min_idle.min(config.pool_max)))
+            .connection_timeout(config.acquire_timeout)
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .max_lifetime(Some(Duration::from_secs(1800)))
+            .retry_connection(false)
+            .build_unchecked(manager))
+    }
+
     /// The configuration.
     pub fn config(&self) -> &DbConfig {
         &self.config
     }
 
-    async fn connection(&self) -> Result<Checkout<'_>, DbError> {
+    /// Whether `pg_execute` has a role to run as.
+    pub fn writes_configured(&self) -> bool {
+        self.write_pool.is_some()
+    }
+
+    /// Opens one connection of each pool, which checks its role: [`DbError::Privileged`] when a
+    /// role is refused, [`DbError::Unavailable`] when the database cannot be reached (the check
+    /// then happens on the first connection that can be made).
+    ///
+    /// # Errors
+    /// See above.
+    pub async fn verify_roles(&self) -> Result<(), DbError> {
+        drop(self.connection(&self.pool).await?);
+        if let Some(pool) = &self.write_pool {
+            drop(self.connection(pool).await?);
+        }
+        Ok(())
+    }
+
+    async fn connection(&self, pool: &Pool<Manager>) -> Result<Checkout, DbError> {
         let now = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
         self.metrics.db_pool_waiting(now);
         let _waiting = Waiting(&self.waiting, &self.metrics);
         let start = Instant::now();
-        let result = self.pool.get().await;
+        let result = pool.get_owned().await;
         self.metrics.db_pool_wait(start.elapsed());
         match result {
             Ok(connection) => {
                 let now = self.in_use.fetch_add(1, Ordering::SeqCst) + 1;
                 self.metrics.db_pool_in_use(now);
                 Ok(Checkout {
-                    connection,
-                    in_use: &self.in_use,
-                    metrics: &self.metrics,
+                    connection: Some(connection),
+                    in_use: self.in_use.clone(),
+                    metrics: self.metrics.clone(),
+                    dirty: AtomicBool::new(false),
+                    busy: AtomicBool::new(false),
+                    in_transaction: AtomicBool::new(false),
                 })
             }
             Err(RunError::TimedOut) => Err(DbError::PoolTimeout(self.config.acquire_timeout)),
-            Err(RunError::User(error)) => {
+            Err(RunError::User(ConnectError::Privileged(message))) => {
+                tracing::error!("{message}");
+                Err(DbError::Privileged(message))
+            }
+            Err(RunError::User(ConnectError::Pg(error))) => {
                 tracing::warn!(%error, "cannot connect to PostgreSQL");
                 Err(DbError::Unavailable)
             }
@@ -280,29 +554,31 @@ impl Database {
         DbError::from_pg(error, self.config.statement_timeout)
     }
 
-    /// Runs `sql` as a cancellable step: when `cancel` fires, the query is cancelled on the server.
+    /// Runs one step of client SQL on `checkout`: marked busy while it runs (so an abandoned call
+    /// cancels it on the server), and cancelled on the server when `cancel` fires, after which the
+    /// connection is closed rather than reused.
     async fn cancellable<T>(
         &self,
-        client: &tokio_postgres::Client,
+        checkout: &Checkout,
         cancel: &CancellationToken,
         step: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, DbError> {
-        tokio::select! {
+        checkout.busy.store(true, Ordering::SeqCst);
+        let result = tokio::select! {
             result = step => result.map_err(|e| self.pg(e)),
-            () = cancel.cancelled() => {
-                if let Err(error) = client.cancel_token().cancel_query(NoTls).await {
-                    tracing::debug!(%error, "could not cancel the query on the server");
-                }
-                Err(DbError::Cancelled)
-            }
-        }
+            () = cancel.cancelled() => return Err(DbError::Cancelled), // still busy: drop cancels
+        };
+        checkout.busy.store(false, Ordering::SeqCst);
+        result
     }
 
-    /// Runs a `SELECT` (or `WITH`/`VALUES`/`TABLE`) in a read-only transaction and returns at
-    /// most the row cap of rows as JSON.
+    /// Runs one read-only query (SELECT, WITH … SELECT, VALUES or TABLE) as a subquery of the
+    /// wrapper, in a read-only transaction, and returns its rows as JSON up to the row cap and the
+    /// byte budget.
     ///
     /// # Errors
-    /// See [`DbError`]; any write attempt is [`DbError::ReadOnly`].
+    /// See [`DbError`]; any write attempt is [`DbError::ReadOnly`], anything that is not one
+    /// query [`DbError::NotAQuery`].
     pub async fn read(
         &self,
         sql: &str,
@@ -343,80 +619,75 @@ impl Database {
         params: &[Value],
         cancel: &CancellationToken,
     ) -> Result<QueryOutput, DbError> {
-        let mut connection = self.connection().await?;
-        let cap = self.config.row_cap;
-        if is_query(sql) {
-            let transaction = connection
-                .build_transaction()
-                .read_only(true)
-                .start()
-                .await
-                .map_err(|e| self.pg(e))?;
-            let statement = self
-                .cancellable(transaction.client(), cancel, transaction.prepare(sql))
-                .await?;
-            let columns = columns_of(&statement);
-            let values = bind(statement.params(), params)?;
-            let refs = as_refs(&values);
-            // PostgreSQL serializes the rows itself, whatever their types, in column order.
-            let wrapped = format!(
-                "SELECT coalesce(json_agg(q), '[]'::json)::text FROM (SELECT * FROM ({sql}) AS shoal_query LIMIT {}) AS q",
-                cap + 1
-            );
-            match self
-                .cancellable(
-                    transaction.client(),
-                    cancel,
-                    transaction.query_one(&wrapped, &refs),
-                )
-                .await
-            {
-                Ok(row) => {
-                    transaction.commit().await.map_err(|e| self.pg(e))?;
-                    let text: String = row.get(0);
-                    let mut rows: Vec<Value> =
-                        serde_json::from_str(&text).map_err(|e| DbError::Other(e.to_string()))?;
-                    let truncated = rows.len() > cap;
-                    rows.truncate(cap);
-                    return Ok(QueryOutput {
-                        columns,
-                        rows,
-                        truncated,
-                    });
-                }
-                // Statements that cannot be a subquery (a data-modifying WITH, say) run as they are.
-                Err(DbError::Invalid(message))
-                    if message.contains("SQLSTATE 0A000") || message.contains("SQLSTATE 42601") =>
-                {
-                    drop(transaction);
-                }
-                Err(error) => return Err(error),
-            }
+        if !is_query(sql) {
+            return Err(DbError::NotAQuery(
+                "this statement is not one (use pg_execute for writes)",
+            ));
         }
-        // As written, still in a read-only transaction: a write fails with READ ONLY, anything else
-        // (EXPLAIN, SHOW) returns its rows converted here.
-        let transaction = connection
-            .build_transaction()
-            .read_only(true)
-            .start()
+        let checkout = self.connection(&self.pool).await?;
+        let cap = self.config.row_cap;
+        let budget = self.config.max_result_bytes;
+        checkout
+            .begin(true, self.config.statement_timeout)
             .await
             .map_err(|e| self.pg(e))?;
+        // Parsed alone first: one complete statement (balanced, no second command), its columns
+        // and parameter types.
         let statement = self
-            .cancellable(transaction.client(), cancel, transaction.prepare(sql))
+            .cancellable(&checkout, cancel, checkout.client().prepare(sql))
             .await?;
         let columns = columns_of(&statement);
         let values = bind(statement.params(), params)?;
-        let refs = as_refs(&values);
-        let rows = self
-            .cancellable(
-                transaction.client(),
-                cancel,
-                transaction.query(&statement, &refs),
+        // PostgreSQL serializes each row itself, whatever the types, and says how long it is: a
+        // row over the budget is never sent. The newline ends a trailing `--` comment.
+        let wrapped = wrap_query(sql, cap + 1, budget);
+        let typed = values.iter().zip(statement.params()).map(|(value, ty)| {
+            (
+                value.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync),
+                ty.clone(),
             )
-            .await?;
-        transaction.commit().await.map_err(|e| self.pg(e))?;
-        let truncated = rows.len() > cap;
-        let rows = rows.iter().take(cap).map(row_to_json).collect();
+        });
+        let rows = self
+            .cancellable(&checkout, cancel, async {
+                let stream = checkout.client().query_typed_raw(&wrapped, typed).await?;
+                futures::pin_mut!(stream);
+                let mut rows = Vec::new();
+                let mut bytes = 0_usize;
+                let mut truncated = None;
+                while let Some(row) = stream.try_next().await? {
+                    if rows.len() == cap {
+                        truncated = Some(Truncation::RowCap);
+                        break;
+                    }
+                    let length = usize::try_from(row.get::<_, i32>(0)).unwrap_or(usize::MAX);
+                    let text: Option<String> = row.get(1);
+                    bytes = bytes.saturating_add(length);
+                    match text {
+                        Some(text) if bytes <= budget => rows.push(text),
+                        _ => {
+                            truncated = Some(Truncation::ByteBudget);
+                            break;
+                        }
+                    }
+                }
+                Ok((rows, truncated))
+            })
+            .await
+            .map_err(|error| match error {
+                // Valid alone, but not as a subquery (a data-modifying WITH, say).
+                DbError::Invalid(message)
+                    if message.contains("SQLSTATE 0A000") || message.contains("SQLSTATE 42601") =>
+                {
+                    DbError::NotAQuery("this statement cannot run as a subquery")
+                }
+                other => other,
+            })?;
+        checkout.commit().await.map_err(|e| self.pg(e))?;
+        let (texts, truncated) = rows;
+        let rows = texts
+            .iter()
+            .map(|text| serde_json::from_str(text).map_err(|e| DbError::Other(e.to_string())))
+            .collect::<Result<Vec<Value>, _>>()?;
         Ok(QueryOutput {
             columns,
             rows,
@@ -446,22 +717,23 @@ impl Database {
         params: &[Value],
         cancel: &CancellationToken,
     ) -> Result<WriteOutput, DbError> {
-        let mut connection = self.connection().await?;
-        let transaction = connection.transaction().await.map_err(|e| self.pg(e))?;
+        let pool = self.write_pool.as_ref().ok_or(DbError::NoWrites)?;
+        let checkout = self.connection(pool).await?;
+        checkout
+            .begin(false, self.config.statement_timeout)
+            .await
+            .map_err(|e| self.pg(e))?;
+        let client = checkout.client();
         let statement = self
-            .cancellable(transaction.client(), cancel, transaction.prepare(sql))
+            .cancellable(&checkout, cancel, client.prepare(sql))
             .await?;
         let values = bind(statement.params(), params)?;
         let refs = as_refs(&values);
         let rows_affected = self
-            .cancellable(
-                transaction.client(),
-                cancel,
-                transaction.execute(&statement, &refs),
-            )
+            .cancellable(&checkout, cancel, client.execute(&statement, &refs))
             .await?;
         // This transaction's own table statistics say exactly which tables it changed.
-        let changed = transaction
+        let changed = client
             .query(
                 "SELECT schemaname || '.' || relname FROM pg_stat_xact_user_tables \
                  WHERE n_tup_ins + n_tup_upd + n_tup_del > 0 ORDER BY 1",
@@ -469,7 +741,7 @@ impl Database {
             )
             .await
             .map_err(|e| self.pg(e))?;
-        transaction.commit().await.map_err(|e| self.pg(e))?;
+        checkout.commit().await.map_err(|e| self.pg(e))?;
         Ok(WriteOutput {
             rows_affected,
             changed_tables: changed.iter().map(|row| row.get(0)).collect(),
@@ -483,8 +755,9 @@ impl Database {
     pub async fn list_tables(&self) -> Result<Vec<String>, DbError> {
         let span = db_span("LIST", Some("information_schema.tables"));
         let list = async {
-            let connection = self.connection().await?;
-            let rows = connection
+            let checkout = self.connection(&self.pool).await?;
+            let rows = checkout
+                .client()
                 .query(
                     "SELECT table_schema || '.' || table_name FROM information_schema.tables \
                      WHERE table_type = 'BASE TABLE' AND table_schema NOT IN ('pg_catalog', 'information_schema') \
@@ -510,7 +783,8 @@ impl Database {
 
     async fn describe_inner(&self, table: &str) -> Result<TableInfo, DbError> {
         let (schema, name) = table.split_once('.').unwrap_or(("public", table));
-        let connection = self.connection().await?;
+        let checkout = self.connection(&self.pool).await?;
+        let connection = checkout.client();
         let columns = connection
             .query(
                 "SELECT column_name, data_type, is_nullable = 'YES', column_default FROM information_schema.columns \
@@ -568,8 +842,9 @@ impl Database {
     /// # Errors
     /// See [`DbError`].
     pub async fn signatures(&self) -> Result<BTreeMap<String, String>, DbError> {
-        let connection = self.connection().await?;
-        let rows = connection
+        let checkout = self.connection(&self.pool).await?;
+        let rows = checkout
+            .client()
             .query(
                 "SELECT schemaname || '.' || relname, n_tup_ins || ':' || n_tup_upd || ':' || n_tup_del || ':' || n_live_tup \
                  FROM pg_stat_user_tables ORDER BY 1 LIMIT 1000",
@@ -585,8 +860,9 @@ impl Database {
     /// # Errors
     /// When the database cannot be reached.
     pub async fn ping(&self) -> Result<(), DbError> {
-        let connection = self.connection().await?;
-        connection
+        let checkout = self.connection(&self.pool).await?;
+        checkout
+            .client()
             .simple_query("SELECT 1")
             .await
             .map_err(|e| self.pg(e))?;
@@ -684,27 +960,15 @@ fn as_refs(values: &[BoxedParam]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sy
         .collect()
 }
 
-/// Converts a row of a statement PostgreSQL did not serialize itself (common types; others null).
-fn row_to_json(row: &tokio_postgres::Row) -> Value {
-    let mut object = serde_json::Map::new();
-    for (index, column) in row.columns().iter().enumerate() {
-        let value = match *column.type_() {
-            Type::BOOL => row.get::<_, Option<bool>>(index).map(Value::from),
-            Type::INT2 => row.get::<_, Option<i16>>(index).map(Value::from),
-            Type::INT4 => row.get::<_, Option<i32>>(index).map(Value::from),
-            Type::INT8 => row.get::<_, Option<i64>>(index).map(Value::from),
-            Type::FLOAT4 => row.get::<_, Option<f32>>(index).map(Value::from),
-            Type::FLOAT8 => row.get::<_, Option<f64>>(index).map(Value::from),
-            Type::JSON | Type::JSONB => row.get::<_, Option<Value>>(index),
-            _ => row
-                .try_get::<_, Option<String>>(index)
-                .ok()
-                .flatten()
-                .map(Value::from),
-        };
-        object.insert(column.name().to_owned(), value.unwrap_or(Value::Null));
-    }
-    Value::Object(object)
+/// The wrapper every read runs in: the client's statement only ever as a subquery (after a newline,
+/// so a trailing `--` comment ends before the wrapper goes on), at most `limit` rows, each row
+/// serialized by PostgreSQL with its length, and sent only when it fits in `budget` bytes.
+fn wrap_query(sql: &str, limit: usize, budget: usize) -> String {
+    format!(
+        "SELECT octet_length(shoal_json), CASE WHEN octet_length(shoal_json) <= {budget} THEN shoal_json END \
+         FROM (SELECT row_to_json(shoal_row)::text AS shoal_json \
+         FROM (SELECT * FROM ({sql}\n) AS shoal_query LIMIT {limit}) AS shoal_row) AS shoal_rows"
+    )
 }
 
 /// Accepts one statement; strips trailing semicolons.
@@ -804,6 +1068,25 @@ mod tests {
     fn statements_are_trimmed() {
         assert_eq!(trim_statement(" SELECT 1 ;; ").expect("ok"), "SELECT 1");
         assert!(trim_statement(" ; ").is_err());
+    }
+
+    proptest::proptest! {
+        /// The SQL wrapper, on hostile text: nothing panics, the client's statement always sits
+        /// inside the subquery followed by a newline (a trailing `--` cannot reach the wrapper),
+        /// and the table named in telemetry is an identifier, never a value.
+        #[test]
+        fn the_sql_wrapper_keeps_client_text_inside_its_subquery(sql in ".{0,200}", limit in 1_usize..10_000, budget in 1_usize..10_000_000) {
+            let _ = is_query(&sql);
+            if let Ok(statement) = trim_statement(&sql) {
+                let wrapped = wrap_query(statement, limit, budget);
+                let inner = format!("FROM ({statement}\n) AS shoal_query LIMIT {limit}) AS shoal_row");
+                proptest::prop_assert!(wrapped.contains(&inner));
+                proptest::prop_assert!(wrapped.starts_with("SELECT octet_length(shoal_json)"));
+                if let Some(table) = first_table(statement) {
+                    proptest::prop_assert!(table.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '"')));
+                }
+            }
+        }
     }
 
     #[test]

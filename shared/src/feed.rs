@@ -110,6 +110,8 @@ enum End {
     Release,
     /// The session is gone.
     SessionGone,
+    /// A newer GET stream of the session replaced this one.
+    Superseded,
 }
 
 impl FeedTask {
@@ -137,7 +139,6 @@ impl FeedTask {
         let mut touch = tokio::time::interval(self.options.touch_every);
         touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         touch.tick().await; // the first tick is immediate; the open itself just touched
-        let mut primary = true;
         loop {
             let step: Result<(), Closed> = tokio::select! {
                 biased;
@@ -152,11 +153,11 @@ impl FeedTask {
                         _ => Ok(()),
                     }
                 }
-                () = self.registration.lagged.raised(), if primary => {
+                () = self.registration.lagged.raised() => {
                     self.registration.lagged.take();
                     self.catch_up().await
                 }
-                event = self.registration.events.recv(), if primary => match event {
+                event = self.registration.events.recv() => match event {
                     Some(event) => {
                         let mut step = Ok(());
                         if event.id > self.last {
@@ -168,12 +169,10 @@ impl FeedTask {
                         }
                         step
                     }
-                    // A newer GET stream of the session on this replica took over: stay open as a
-                    // silent shadow so the client does not reconnect in a loop.
-                    None => {
-                        primary = false;
-                        Ok(())
-                    }
+                    // A newer GET stream of the session took over (here or on another replica): one
+                    // live GET stream per session, so this one ends. The newer stream holds the
+                    // session now: nothing to release.
+                    None => return End::Superseded,
                 },
             };
             if step.is_err() {
@@ -246,6 +245,7 @@ mod tests {
             event_log_max_len: max_len,
             event_retention: Duration::from_secs(600),
             max_subscriptions_per_session: 10,
+            max_subscribers_per_uri: 100,
             kv_max_keys: 10,
             redis_timeout: Duration::from_secs(1),
             redis_pool_size: 1,

@@ -36,6 +36,17 @@ impl fmt::Display for ReplicaTag {
     }
 }
 
+/// Whether `value` is a session id exactly as sessions are created (rmcp's: a UUID in its
+/// lowercase hyphenated form). Anything else is refused on every path before it reaches storage,
+/// the bus or telemetry, so no field of a message can spill into another.
+pub fn is_session_id(value: &str) -> bool {
+    value.len() == 36
+        && uuid::Uuid::try_parse(value).is_ok_and(|id| {
+            let mut buffer = uuid::Uuid::encode_buffer();
+            id.hyphenated().encode_lower(&mut buffer) == value
+        })
+}
+
 /// The id of one event in a session's event log: `<milliseconds>-<sequence>`, as Redis Streams
 /// assign them. Ordered; `0-0` precedes every real event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -92,7 +103,7 @@ impl ClientEventId {
     /// Parses a `Last-Event-ID` value of the session event log.
     pub fn parse(value: &str) -> Option<Self> {
         let (session, event) = value.rsplit_once('.')?;
-        if session.is_empty() {
+        if !is_session_id(session) {
             return None;
         }
         Some(Self {
@@ -128,6 +139,25 @@ mod tests {
         assert!(ClientEventId::parse("0").is_none());
         assert!(ClientEventId::parse(".5-2").is_none());
         assert!(ClientEventId::parse("abc.5").is_none());
+    }
+
+    #[test]
+    fn session_ids_are_accepted_only_as_generated() {
+        let sid = uuid::Uuid::new_v4().to_string();
+        assert!(is_session_id(&sid));
+        for bad in [
+            format!("{sid} junk"),
+            format!("{sid}\n"),
+            sid.to_uppercase(),
+            sid.replace('-', ""),
+            format!("{{{sid}}}"),
+            format!("urn:uuid:{sid}"),
+            String::new(),
+            "del x".to_owned(),
+        ] {
+            assert!(!is_session_id(&bad), "{bad:?}");
+        }
+        assert!(ClientEventId::parse(&format!("{sid} x.5-2")).is_none());
     }
 
     #[test]

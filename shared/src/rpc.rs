@@ -35,7 +35,12 @@ pub struct RpcConfig {
     pub cooldown: Duration,
     /// Endpoints tried per call at most.
     pub max_attempts: usize,
+    /// Largest response body read from an upstream.
+    pub max_response_bytes: usize,
 }
+
+/// The longest cool-down an upstream's `Retry-After` can ask for.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -110,17 +115,42 @@ pub struct RpcPool {
     next_id: Arc<AtomicU64>,
 }
 
+/// The label of an endpoint in metrics, logs, spans and errors: host and port only, never the
+/// user info, path or query string a URL may carry credentials in.
 fn label_of(url: &str) -> &'static str {
-    let host = url
-        .split("://")
-        .nth(1)
-        .unwrap_or(url)
-        .split('/')
-        .next()
-        .unwrap_or(url);
+    let label = match reqwest::Url::parse(url) {
+        Ok(parsed) => match (parsed.host_str(), parsed.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            (None, _) => "unknown".to_owned(),
+        },
+        Err(_) => "unknown".to_owned(),
+    };
     // Endpoints come from configuration (a closed, small set): a leaked label per endpoint keeps
     // metric labels `'static` without a registry.
-    Box::leak(host.to_owned().into_boxed_str())
+    Box::leak(label.into_boxed_str())
+}
+
+/// Reads a response body of at most `limit` bytes (refused by its Content-Length, or as soon as
+/// the chunks pass the limit).
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, &'static str> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit as u64)
+    {
+        return Err("reply too large");
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|_| "unreadable reply")? {
+        if body.len() + chunk.len() > limit {
+            return Err("reply too large");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 impl RpcPool {
@@ -286,7 +316,7 @@ impl RpcPool {
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs)
+                    .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER))
                     .unwrap_or(self.config.cooldown);
                 Attempt::Failed("rate limited (HTTP 429)".into(), retry_after)
             }
@@ -298,7 +328,11 @@ impl RpcPool {
                 format!("HTTP {}", response.status().as_u16()),
                 self.config.cooldown,
             ),
-            Ok(response) => match response.json::<Value>().await {
+            Ok(response) => match read_capped(response, self.config.max_response_bytes)
+                .await
+                .and_then(|body| {
+                    serde_json::from_slice::<Value>(&body).map_err(|_| "unreadable reply")
+                }) {
                 Ok(reply) => {
                     endpoint.observe(start.elapsed());
                     if let Some(error) = reply.get("error") {
@@ -320,7 +354,7 @@ impl RpcPool {
                         }
                     }
                 }
-                Err(_) => Attempt::Failed("unreadable reply".into(), self.config.cooldown),
+                Err(reason) => Attempt::Failed(reason.into(), self.config.cooldown),
             },
         };
         endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -349,6 +383,11 @@ mod tests {
     fn labels_are_host_and_port() {
         assert_eq!(label_of("http://127.0.0.1:8899/rpc"), "127.0.0.1:8899");
         assert_eq!(label_of("https://api.example.com"), "api.example.com");
+        assert_eq!(
+            label_of("https://user:secret@node.example.com:8545/v1/KEY?apikey=KEY2#x"),
+            "node.example.com:8545"
+        );
+        assert_eq!(label_of("not a url"), "unknown");
     }
 
     #[test]
@@ -358,6 +397,7 @@ mod tests {
             attempt_timeout: Duration::from_secs(1),
             cooldown: Duration::from_secs(1),
             max_attempts: 3,
+            max_response_bytes: 1024,
         };
         assert!(RpcPool::new(config(vec![]), Metrics::new()).is_err());
         assert!(RpcPool::new(config(vec!["ftp://x"]), Metrics::new()).is_err());
@@ -372,6 +412,7 @@ mod tests {
                 attempt_timeout: Duration::from_secs(1),
                 cooldown: Duration::from_secs(1),
                 max_attempts: 2,
+                max_response_bytes: 1024,
             },
             Metrics::new(),
         )

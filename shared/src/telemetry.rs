@@ -134,6 +134,39 @@ fn resource(instance: &str) -> Resource {
         .build()
 }
 
+/// Key of the session tags (see [`session_tag`]).
+static SESSION_TAG_KEY: OnceLock<Vec<u8>> = OnceLock::new();
+/// How long a session tag is (hex digits): enough to tell sessions apart in a trace backend.
+const SESSION_TAG_LEN: usize = 16;
+
+/// Sets the key of [`session_tag`] (the first call wins: one key per process).
+pub fn set_session_tag_key(key: Vec<u8>) {
+    let _ = SESSION_TAG_KEY.set(key);
+}
+
+/// Whether [`set_session_tag_key`] was called.
+pub fn session_tag_key_set() -> bool {
+    SESSION_TAG_KEY.get().is_some()
+}
+
+/// What logs and spans carry instead of a session id, which is a bearer credential: a keyed hash
+/// (HMAC-SHA-256, truncated to 16 hex digits), the same on every replica sharing the key so one
+/// session's spans still group, and useless for taking the session over. `None` until the key is
+/// set (then telemetry carries nothing of the session).
+pub fn session_tag(session: &str) -> Option<String> {
+    use hmac::{KeyInit as _, Mac as _};
+    let key = SESSION_TAG_KEY.get()?;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).ok()?;
+    mac.update(session.as_bytes());
+    let mut tag = hex::encode(mac.finalize().into_bytes());
+    tag.truncate(SESSION_TAG_LEN);
+    Some(tag)
+}
+
+/// The log filter when `RUST_LOG` is unset: `info`, but rmcp only from `warn` (rmcp logs every new
+/// session id at `info`, and a session id is a bearer credential).
+pub const DEFAULT_LOG_FILTER: &str = "info,rmcp=warn";
+
 /// Installs the global subscriber and, when the environment asks for them, the OTLP exporters.
 /// Call once, first thing in `main`, inside the Tokio runtime. `instance` names this replica
 /// (`service.instance.id`).
@@ -176,7 +209,8 @@ pub fn init(format: LogFormat, instance: &str) -> TelemetryGuard {
         }
     }
 
-    let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let env_filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,

@@ -113,6 +113,15 @@ impl ShoalHandler {
         uri: &str,
         context: &RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
+        if uri.len() > self.state.config.max_uri_bytes {
+            return Err(McpError::invalid_params(
+                format!(
+                    "the resource URI is longer than {} bytes",
+                    self.state.config.max_uri_bytes
+                ),
+                None,
+            ));
+        }
         if !self.state.catalog.is_subscribable(uri) {
             return Err(McpError::resource_not_found(
                 "no such resource to subscribe to",
@@ -122,11 +131,19 @@ impl ShoalHandler {
         let session = session_id(context).ok_or_else(|| {
             McpError::invalid_request("resources/subscribe needs a session", None)
         })?;
+        crate::tools::postgres::ensure_tables_exist(&self.state, [uri]).await?;
         match self.state.backend.subscribe(&session, uri).await {
             Ok(SubscribeOutcome::Subscribed) => Ok(()),
             Ok(SubscribeOutcome::SessionGone) => {
                 Err(McpError::invalid_request("session not found", None))
             }
+            Ok(SubscribeOutcome::TooManySubscribers) => Err(McpError::invalid_request(
+                format!(
+                    "too many sessions are subscribed to this resource (limit {})",
+                    self.state.config.max_subscribers_per_uri
+                ),
+                None,
+            )),
             Ok(SubscribeOutcome::TooMany) => Err(McpError::invalid_request(
                 format!(
                     "too many subscriptions for this session (limit {})",
@@ -461,6 +478,22 @@ impl ShoalHandler {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        let limit = self.state.config.max_calls_per_session;
+        let _session_call = match session_id(&context) {
+            Some(session) => match self.state.session_calls.enter(&session, limit) {
+                Some(call) => Some(call),
+                None => {
+                    self.state
+                        .metrics
+                        .tool_rejected(policy.name, "session_busy");
+                    return Ok(tool_error(format!(
+                        "this session already runs {limit} tool calls on this replica; \
+                         wait for one to finish"
+                    )));
+                }
+            },
+            None => None,
+        };
         let Ok(Ok(slot)) = tokio::time::timeout(
             self.state.policies.queue_timeout,
             policy.slots.clone().acquire_owned(),
@@ -557,10 +590,30 @@ impl ShoalHandler {
                 None,
             ));
         }
-        let Some(mut registration) = self.state.bus.register_listener(
-            accepted.resource_subscriptions.clone().unwrap_or_default(),
-            lists,
-        ) else {
+        let uris = accepted.resource_subscriptions.clone().unwrap_or_default();
+        let config = &self.state.config;
+        if uris.len() > config.max_listen_uris {
+            return Err(McpError::invalid_params(
+                format!(
+                    "subscriptions/listen names {} resources; at most {} are accepted",
+                    uris.len(),
+                    config.max_listen_uris
+                ),
+                None,
+            ));
+        }
+        if uris.iter().any(|uri| uri.len() > config.max_uri_bytes) {
+            return Err(McpError::invalid_params(
+                format!(
+                    "a resource URI is longer than {} bytes",
+                    config.max_uri_bytes
+                ),
+                None,
+            ));
+        }
+        crate::tools::postgres::ensure_tables_exist(&self.state, uris.iter().map(String::as_str))
+            .await?;
+        let Some(mut registration) = self.state.bus.register_listener(uris, lists) else {
             return Ok(()); // shutting down: end at once, the client reconnects elsewhere
         };
         let _gauge = StreamGauge::new(&self.state.metrics, "listen");

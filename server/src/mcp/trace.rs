@@ -48,8 +48,8 @@ pub fn request_span(
         attributes.push(KeyValue::new("jsonrpc.request.id", context.id.to_string()));
         if let Some(parts) = parts {
             let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-            if let Some(session) = header("mcp-session-id") {
-                attributes.push(KeyValue::new("mcp.session.id", session.to_owned()));
+            if let Some(tag) = header("mcp-session-id").and_then(telemetry::session_tag) {
+                attributes.push(KeyValue::new("mcp.session.tag", tag));
             }
             if let Some(version) = header("mcp-protocol-version") {
                 attributes.push(KeyValue::new("mcp.protocol.version", version.to_owned()));
@@ -133,8 +133,8 @@ pub fn delivery_span(
         Some(&parent),
         || {
             let mut attributes = vec![KeyValue::new("mcp.method.name", method)];
-            if let Some(session) = session {
-                attributes.push(KeyValue::new("mcp.session.id", session.to_owned()));
+            if let Some(tag) = session.and_then(telemetry::session_tag) {
+                attributes.push(KeyValue::new("mcp.session.tag", tag));
             }
             if let Some(uri) = uri {
                 attributes.push(KeyValue::new("mcp.resource.uri", uri.to_owned()));

@@ -62,6 +62,11 @@ impl Toolsets {
                 "postgres" if config.database_url.is_some() => {
                     toolsets.postgres = true;
                     toolsets.postgres_writes = config.postgres_allow_writes;
+                    if config.postgres_allow_writes && config.database_write_url.is_none() {
+                        return Err("SHOAL_POSTGRES_ALLOW_WRITES=true needs SHOAL_DATABASE_WRITE_URL: \
+                                    pg_execute runs as a database role of its own (docs/security.md)"
+                            .into());
+                    }
                 }
                 "postgres" => {
                     tracing::info!("toolset postgres is off: SHOAL_DATABASE_URL is not set")

@@ -59,6 +59,54 @@ fn describe_tags(arguments: &Value) -> Vec<String> {
     tags
 }
 
+/// Every spelling of the resource URI of `table` (`schema.table`) a client may have subscribed
+/// with: the qualified one and, in schema `public`, the bare table name. A change notifies each,
+/// so every subscriber is told under the URI it used.
+fn table_uris(table: &str) -> Vec<String> {
+    let mut uris = vec![format!("{TABLE_PREFIX}{table}")];
+    if let Some(bare) = table.strip_prefix("public.") {
+        uris.push(format!("{TABLE_PREFIX}{bare}"));
+    }
+    uris
+}
+
+/// Whether `uri` names one table (rather than the table list).
+pub fn is_table_uri(uri: &str) -> bool {
+    uri.strip_prefix(TABLE_PREFIX)
+        .is_some_and(|t| !t.is_empty())
+}
+
+/// Refuses subscriptions to tables that do not exist (or that the read role cannot see), so no
+/// client can fill the shared state with subscriptions to nothing.
+///
+/// # Errors
+/// `resource_not_found` for an unknown table; internal errors when the database is unavailable.
+pub async fn ensure_tables_exist<'a>(
+    state: &AppState,
+    uris: impl IntoIterator<Item = &'a str>,
+) -> Result<(), McpError> {
+    let tables: Vec<(&str, String)> = uris
+        .into_iter()
+        .filter_map(|uri| Some((uri, qualified(uri.strip_prefix(TABLE_PREFIX)?))))
+        .filter(|(_, table)| !table.ends_with('.'))
+        .collect();
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let db = state
+        .db
+        .as_ref()
+        .ok_or_else(|| crate::tools::resource_not_found(tables[0].0))?;
+    let known = db
+        .list_tables()
+        .await
+        .map_err(|error| McpError::internal_error(error.to_string(), None))?;
+    match tables.iter().find(|(_, table)| !known.contains(table)) {
+        Some((uri, _)) => Err(crate::tools::resource_not_found(uri)),
+        None => Ok(()),
+    }
+}
+
 fn qualified(table: &str) -> String {
     if table.contains('.') {
         table.to_owned()
@@ -125,10 +173,7 @@ impl ShoalHandler {
         let mut tags = vec![ALL_TAG.to_owned()];
         tags.extend(tables.iter().map(|t| table_tag(t)));
         state.cache.invalidate(&tags).await;
-        let mut uris: Vec<String> = tables
-            .iter()
-            .map(|t| format!("{TABLE_PREFIX}{t}"))
-            .collect();
+        let mut uris: Vec<String> = tables.iter().flat_map(|t| table_uris(t)).collect();
         if list_changed {
             uris.push(TABLES_URI.to_owned());
         }
@@ -149,7 +194,8 @@ impl ShoalHandler {
     #[tool(
         description = "Run one read-only SQL query (SELECT, WITH, VALUES or TABLE) against the PostgreSQL database. \
                        It runs in a READ ONLY transaction under a statement timeout and returns at most the row cap \
-                       (500 by default) of rows; `truncated` says when there were more. Bind values with $1, $2… and \
+                       (500 by default) of rows and at most SHOAL_POSTGRES_MAX_RESULT_BYTES (1 MiB) of row data; `truncated` says \
+                       when there were more (`truncated_by`: `row_cap` or `byte_budget`). Bind values with $1, $2… and \
                        `params`. Returns the columns (name, type) and the rows as JSON objects.",
         annotations(read_only_hint = true, open_world_hint = false)
     )]
@@ -160,12 +206,18 @@ impl ShoalHandler {
     ) -> Result<CallToolResult, McpError> {
         let db = self.database()?;
         match db.read(&params.sql, &params.params, &context.ct).await {
-            Ok(output) => Ok(CallToolResult::structured(json!({
-                "columns": output.columns,
-                "rows": output.rows,
-                "row_count": output.rows.len(),
-                "truncated": output.truncated,
-            }))),
+            Ok(output) => {
+                let mut result = json!({
+                    "columns": output.columns,
+                    "rows": output.rows,
+                    "row_count": output.rows.len(),
+                    "truncated": output.truncated.is_some(),
+                });
+                if let Some(reason) = output.truncated {
+                    result["truncated_by"] = json!(reason);
+                }
+                Ok(CallToolResult::structured(result))
+            }
             Err(error) => Ok(failure(&error)),
         }
     }
@@ -275,7 +327,11 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
     if let Some(table) = &table {
         tags.push(table_tag(table));
     }
-    let id = entry_id("resources/read", &json!({"uri": uri}), "public");
+    // One cache entry per table, whichever spelling the client used.
+    let canonical = table
+        .as_ref()
+        .map_or_else(|| TABLES_URI.to_owned(), |t| format!("{TABLE_PREFIX}{t}"));
+    let id = entry_id("resources/read", &json!({"uri": canonical}), "public");
     let fill = async {
         let value = match &table {
             Some(table) => serde_json::to_value(db.describe(table).await?).unwrap_or_default(),
@@ -300,9 +356,15 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
         .as_ref()
         .is_some_and(|previous| *previous != answer.value)
     {
-        let notification = super::updated_notification(uri);
-        if let Err(error) = state.backend.resource_updated(uri, &notification).await {
-            tracing::warn!(%error, "resource change notification lost");
+        let uris = match &table {
+            Some(table) => table_uris(table),
+            None => vec![TABLES_URI.to_owned()],
+        };
+        for uri in uris {
+            let notification = super::updated_notification(&uri);
+            if let Err(error) = state.backend.resource_updated(&uri, &notification).await {
+                tracing::warn!(%error, "resource change notification lost");
+            }
         }
     }
     let mut result = ReadResourceResult::new(vec![ResourceContents::TextResourceContents {

@@ -1,13 +1,16 @@
 //! Integration tests: real shoal-server processes, real Redis, PostgreSQL and nginx, fake JSON-RPC
 //! upstreams on real sockets. See `helpers`.
 
+mod admin_endpoints;
 mod bad_input;
 mod cache;
 mod cluster;
+mod database_security;
 mod embedded;
 mod helpers;
 mod isolation;
 mod postgres;
 mod resilience;
 mod rpc;
+mod session_security;
 mod telemetry;

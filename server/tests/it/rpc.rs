@@ -163,3 +163,59 @@ async fn all_endpoints_down_is_a_clear_error() {
     assert!(text_of(&refused).contains("not allowed"), "{refused}");
     assert_eq!(failing.requests(), before);
 }
+
+/// Security review, finding 12: an upstream can neither exhaust a replica's memory with a huge
+/// reply nor crash a request with an absurd `Retry-After`, and credentials in an endpoint URL
+/// reach no label, log line or client-visible error.
+#[tokio::test]
+async fn hostile_upstreams_are_bounded_and_endpoint_secrets_stay_private() {
+    let huge = FakeUpstream::start(Behavior::Huge(1_000_000))
+        .await
+        .expect("upstream");
+    let topology = rpc_replica(&[huge.url()], &[("SHOAL_RPC_MAX_RESPONSE_BYTES", "65536")]).await;
+    let client = McpClient::modern(topology.mcp_url());
+    let result = get_slot(&client).await;
+    assert_eq!(result["isError"], json!(true), "{result}");
+    assert!(text_of(&result).contains("reply too large"), "{result}");
+    drop(topology);
+
+    // Retry-After far beyond any Instant: the attempt fails, the replica keeps serving.
+    let limited = FakeUpstream::start(Behavior::RateLimited(u64::MAX))
+        .await
+        .expect("upstream");
+    let failing = FakeUpstream::start(Behavior::Failing)
+        .await
+        .expect("upstream");
+    let with_secrets = failing
+        .url()
+        .replace("http://", "http://operator:SECRETPASS@")
+        + "v1/SECRETPATH?api-key=SECRETQUERY";
+    let mut topology = rpc_replica(
+        &[limited.url(), with_secrets],
+        &[("SHOAL_RPC_MAX_ATTEMPTS", "2")],
+    )
+    .await;
+    let client = McpClient::modern(topology.mcp_url());
+    let result = get_slot(&client).await;
+    assert_eq!(result["isError"], json!(true), "{result}");
+    let message = text_of(&result);
+    assert!(message.contains("rate limited"), "{message}");
+    assert!(
+        !message.contains("SECRET"),
+        "client-visible error: {message}"
+    );
+    let base = topology.replicas[0].base_url();
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(!metrics.contains("SECRET"), "metrics carry a secret");
+    assert!(
+        topology.replicas[0].is_running(),
+        "the replica survived the Retry-After"
+    );
+    let log = std::fs::read_to_string(topology.replicas[0].log()).expect("log");
+    assert!(!log.contains("SECRET"), "the log carries a secret");
+}

@@ -178,11 +178,22 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
         ("mcp.method.name", "tools/call"),
         ("gen_ai.tool.name", "pg_query"),
         ("gen_ai.operation.name", "execute_tool"),
-        ("mcp.session.id", session.as_str()),
         ("mcp.protocol.version", "2025-11-25"),
     ] {
         assert_eq!(mcp.attr(key), Some(value), "{key} of {:?}", mcp.attributes);
     }
+    // The session appears as its keyed tag, never as its id (a bearer credential); the same tag on
+    // the HTTP and MCP spans.
+    let tag = mcp
+        .attr("mcp.session.tag")
+        .expect("a session tag")
+        .to_owned();
+    assert!(
+        tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{tag}"
+    );
+    assert_eq!(http.attr("mcp.session.tag"), Some(tag.as_str()));
+    assert!(!mcp.attributes.contains_key("mcp.session.id"));
     assert!(mcp.attributes.contains_key("jsonrpc.request.id"));
     assert_eq!(mcp.instance(), http.instance(), "same replica");
     let cache = child_of(&trace, mcp, |s| s.name == "cache lookup")
@@ -300,7 +311,8 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
     let trace = in_trace(&spans, &replay.trace_id);
     let http = named(&trace, "POST /mcp").expect("HTTP span");
     assert_eq!(replay.parent_span_id, http.span_id, "{}", dump(&trace));
-    assert_eq!(replay.attr("mcp.session.id"), Some(session.as_str()));
+    // Restored on another replica: the same tag (one key for the cluster).
+    assert_eq!(replay.attr("mcp.session.tag"), Some(tag.as_str()));
 
     // A write on one replica (a 2026-07-28 request, parent in `_meta.traceparent`) reaches a GET
     // stream and a `subscriptions/listen` stream held by others: the deliveries there are spans of
@@ -389,10 +401,10 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
     );
     assert_eq!(delivery.kind, PRODUCER);
     assert_eq!(delivery.attr("mcp.resource.uri"), Some("kv://traced"));
-    assert_eq!(
-        delivery.attr("mcp.session.id"),
-        Some(subscriber.session_id().expect("session"))
-    );
+    let subscriber_tag = delivery
+        .attr("mcp.session.tag")
+        .expect("the subscriber's tag");
+    assert_ne!(subscriber_tag, tag, "sessions have different tags");
     assert!(
         descends_from(&trace, delivery, mcp),
         "the delivery on {holder} descends from the write on {written_on}:\n{}",
@@ -415,6 +427,28 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
         "{}",
         dump(&trace)
     );
+
+    // Security review, finding 10: no live session id in any exported span or any replica's log.
+    let spans = receiver.spans();
+    for live in [session.as_str(), subscriber.session_id().expect("session")] {
+        for span in &spans {
+            for (key, value) in &span.attributes {
+                assert!(
+                    !value.to_string().contains(live),
+                    "{key} of span {} carries a session id",
+                    span.name
+                );
+            }
+        }
+        for replica in &topology.replicas {
+            let log = std::fs::read_to_string(replica.log()).expect("log");
+            assert!(
+                !log.contains(live),
+                "the log of {} carries a session id",
+                replica.name
+            );
+        }
+    }
 }
 
 /// A sampling response posted to another replica is forwarded over the bus; its delivery on the

@@ -170,10 +170,12 @@ impl MemoryBackend {
             state.logs.remove(session);
             live
         };
-        self.publish(
-            &self.inner.bus.keys().control_channel(),
-            &bus::encode_session_deleted(session),
-        );
+        if existed {
+            self.publish(
+                &self.inner.bus.keys().control_channel(),
+                &bus::encode_session_deleted(session),
+            );
+        }
         existed
     }
 
@@ -208,6 +210,13 @@ impl MemoryBackend {
         };
         if !record.subscriptions.contains(uri) && record.subscriptions.len() >= max {
             return SubscribeOutcome::TooMany;
+        }
+        let subscribers = state.subscribers.get(uri).map_or(0, |set| set.len());
+        let record = state.live_session(session, now).expect("checked above");
+        if !record.subscriptions.contains(uri)
+            && subscribers as u64 >= self.inner.config.max_subscribers_per_uri
+        {
+            return SubscribeOutcome::TooManySubscribers;
         }
         record.subscriptions.insert(uri.to_owned());
         record.expires_at = now + ttl;
@@ -306,7 +315,11 @@ impl MemoryBackend {
             .get(session)
             .filter(|log| log.expires_at.is_some_and(|at| at > now));
         let from = match after {
-            Some(after) => after,
+            // Clamped to the newest event, as FEED_OPEN does.
+            Some(after) => after.min(
+                log.and_then(|log| log.entries.back())
+                    .map_or(EventId::ZERO, |e| e.id),
+            ),
             // Another stream holds the session: start at the end of the log (see FEED_OPEN).
             None if previous.is_some() => {
                 let last = log
@@ -606,6 +619,7 @@ mod tests {
             event_log_max_len: 3,
             event_retention: Duration::from_secs(600),
             max_subscriptions_per_session: 2,
+            max_subscribers_per_uri: 100,
             kv_max_keys: 2,
             redis_timeout: Duration::from_secs(1),
             redis_pool_size: 1,

@@ -34,6 +34,8 @@ pub struct BackendConfig {
     pub event_retention: Duration,
     /// Maximum resource subscriptions of one session.
     pub max_subscriptions_per_session: u64,
+    /// Most sessions subscribed to one URI.
+    pub max_subscribers_per_uri: u64,
     /// Maximum keys in the kv scratchpad.
     pub kv_max_keys: u64,
     /// Timeout of each Redis command.
@@ -108,6 +110,8 @@ pub enum SubscribeOutcome {
     SessionGone,
     /// The session reached its subscription limit.
     TooMany,
+    /// The URI reached its subscriber limit.
+    TooManySubscribers,
 }
 
 /// Outcome of a kv write.

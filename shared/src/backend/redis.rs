@@ -183,16 +183,11 @@ impl RedisBackend {
     }
 
     fn spawn_subscriber(&self, bus: Bus) {
-        let subscriber = self.inner.subscriber.clone();
-        let channels: Vec<String> = bus.channels().iter().map(|c| (*c).to_owned()).collect();
-        let mut messages = subscriber.message_rx();
-        let mut reconnects = subscriber.reconnect_rx();
-        tokio::spawn(async move {
-            // The first SUBSCRIBE may fail while Redis is down; `manage_subscriptions` replays the
-            // tracked channels after each reconnect, so keep trying until it is tracked once.
+        /// Subscribes to `channels` (again), retrying until Redis confirms.
+        async fn resubscribe(subscriber: &SubscriberClient, channels: &[String]) {
             loop {
-                match subscriber.subscribe(channels.clone()).await {
-                    Ok(()) => break,
+                match subscriber.subscribe(channels.to_vec()).await {
+                    Ok(()) => return,
                     Err(error) => {
                         tracing::debug!(%error, "bus subscribe failed, retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -202,6 +197,14 @@ impl RedisBackend {
                     }
                 }
             }
+        }
+        let subscriber = self.inner.subscriber.clone();
+        let channels: Vec<String> = bus.channels().iter().map(|c| (*c).to_owned()).collect();
+        let mut messages = subscriber.message_rx();
+        let mut reconnects = subscriber.reconnect_rx();
+        tokio::spawn(async move {
+            // The first SUBSCRIBE may fail while Redis is down: keep trying until it is tracked.
+            resubscribe(&subscriber, &channels).await;
             loop {
                 tokio::select! {
                     message = messages.recv() => match message {
@@ -221,10 +224,18 @@ impl RedisBackend {
                     },
                     reconnect = reconnects.recv() => match reconnect {
                         Ok(server) => {
-                            tracing::info!(%server, "bus subscriber reconnected; GET streams re-read their logs");
+                            // Catch up only once the channels are subscribed again: a read of the
+                            // logs before that would miss what is published in between, for good.
+                            // SUBSCRIBE is answered in order on the subscriber connection, so its
+                            // reply means every later message reaches this replica.
+                            resubscribe(&subscriber, &channels).await;
+                            tracing::info!(%server, "bus subscriber reconnected and resubscribed; GET streams re-read their logs");
                             bus.all_feeds_lagged();
                         }
-                        Err(RecvError::Lagged(_)) => bus.all_feeds_lagged(),
+                        Err(RecvError::Lagged(_)) => {
+                            resubscribe(&subscriber, &channels).await;
+                            bus.all_feeds_lagged();
+                        }
                         Err(RecvError::Closed) => break,
                     },
                 }
@@ -370,6 +381,7 @@ impl RedisBackend {
                     session.into(),
                     self.ttl(),
                     Value::from(self.inner.config.max_subscriptions_per_session as i64 + 4),
+                    Value::from(self.inner.config.max_subscribers_per_uri as i64),
                 ],
             )
             .await?;
@@ -377,6 +389,7 @@ impl RedisBackend {
             1 => Ok(SubscribeOutcome::Subscribed),
             -1 => Ok(SubscribeOutcome::SessionGone),
             -2 => Ok(SubscribeOutcome::TooMany),
+            -3 => Ok(SubscribeOutcome::TooManySubscribers),
             other => Err(BackendError::Protocol(format!(
                 "subscribe returned {other}"
             ))),
@@ -440,6 +453,8 @@ impl RedisBackend {
                     after.map(|id| id.to_string()).unwrap_or_default().into(),
                     Value::from(limit as i64),
                     self.ttl(),
+                    self.inner.replica_prefix.as_str().into(),
+                    session.into(),
                 ],
             )
             .await?;

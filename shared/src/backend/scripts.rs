@@ -38,7 +38,8 @@ return init
 ";
 
 /// KEYS: session, event log. ARGV: subscriber-set prefix, session id, control channel, message.
-/// Removes the session from every subscriber set, deletes its keys and tells every replica.
+/// Removes the session from every subscriber set, deletes its keys and, when it existed, tells
+/// every replica.
 pub const SESSION_DELETE: &str = r"
 local fields = redis.call('HKEYS', KEYS[1])
 for _, field in ipairs(fields) do
@@ -48,7 +49,7 @@ for _, field in ipairs(fields) do
 end
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+if existed == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return existed
 ";
 
@@ -60,13 +61,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// KEYS: session, subscriber set. ARGV: uri, session id, ttl, max subscriptions per session.
-/// Returns 1 (subscribed), -1 (session gone) or -2 (too many subscriptions).
+/// KEYS: session, subscriber set. ARGV: uri, session id, ttl, max subscriptions per session,
+/// max subscribers per URI. Returns 1 (subscribed), -1 (session gone), -2 (too many
+/// subscriptions) or -3 (too many subscribers of the URI).
 pub const SUBSCRIBE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local field = 'sub:' .. ARGV[1]
-if redis.call('HEXISTS', KEYS[1], field) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
-  return -2
+if redis.call('HEXISTS', KEYS[1], field) == 0 then
+  if redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return -2 end
+  if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then return -3 end
 end
 redis.call('HSET', KEYS[1], field, '1')
 redis.call('SADD', KEYS[2], ARGV[2])
@@ -94,12 +97,14 @@ return append(KEYS[1], KEYS[2], ARGV[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 }
 
 /// KEYS: session, event log. ARGV: feed holder (`tag:stream`), resume-after id or '' for a fresh
-/// stream, max events, session ttl.
+/// stream, max events, session ttl, replica-channel prefix, session id. A previous holder of the
+/// session's GET stream is told to close it (`end`): a session has one live GET stream.
 ///
 /// Atomically names the caller as the holder of the session's GET stream and reads where it starts:
 /// every event appended afterwards is published to the caller and every earlier one after the
 /// start is in the reply, so nothing falls in between. A resumed stream starts after the client's
-/// `Last-Event-ID`. A fresh stream starts where the session's previous GET stream stopped (its
+/// `Last-Event-ID` (clamped to the newest event: a position past it was never handed out). A
+/// fresh stream starts where the session's previous GET stream stopped (its
 /// `cursor`), or at the beginning of the log if it never had one, so events raised while no stream
 /// was open are delivered; but if another stream still holds the session (or its replica died
 /// holding it), a fresh stream starts at the end of the log, to never deliver an event twice.
@@ -108,6 +113,14 @@ pub const FEED_OPEN: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local previous = redis.call('HGET', KEYS[1], 'feed')
 redis.call('HSET', KEYS[1], 'feed', ARGV[1])
+if previous and previous ~= ARGV[1] then
+  -- One live GET stream per session: the replica holding the previous one closes it.
+  local sep = string.find(previous, ':', 1, true)
+  if sep then
+    redis.call('PUBLISH', ARGV[5] .. string.sub(previous, 1, sep - 1),
+      'end ' .. ARGV[6] .. ' ' .. string.sub(previous, sep + 1) .. '\n')
+  end
+end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 local start = ARGV[2]
 if start == '' then
@@ -117,6 +130,19 @@ if start == '' then
     return {last[1][1]}
   end
   start = redis.call('HGET', KEYS[1], 'cursor') or '0-0'
+else
+  -- A Last-Event-ID past the newest event (none such was ever sent) starts at the newest event:
+  -- a position from the future would skip every event until the log caught up with it.
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  local top = '0-0'
+  if #newest > 0 then top = newest[1][1] end
+  local sm, ss = string.match(start, '^(%d+)-(%d+)$')
+  local tm, ts = string.match(top, '^(%d+)-(%d+)$')
+  local function greater(x, y)
+    if #x ~= #y then return #x > #y end
+    return x > y
+  end
+  if not sm or greater(sm, tm) or (sm == tm and greater(ss, ts)) then start = top end
 end
 local out = {start}
 local entries = redis.call('XRANGE', KEYS[2], '(' .. start, '+', 'COUNT', ARGV[3])

@@ -1,5 +1,7 @@
 //! A throwaway PostgreSQL server: `initdb` into a temporary directory, `postgres` on a free
-//! loopback port, trust authentication, no durability (it is a test database).
+//! loopback port, trust authentication, no durability (it is a test database). The owner is the
+//! superuser `shoal` (for setting up data); the least-privilege roles replicas connect as
+//! (`shoal_reader`, `shoal_writer`) come from `deploy/postgres/roles.sql`, as in docker compose.
 //!
 //! PostgreSQL refuses to run as root; when the tests run as root (CI), the server runs as the
 //! `postgres` user that Debian's package creates, through `setpriv`.
@@ -172,16 +174,32 @@ impl PostgresServer {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Self {
+        let server = Self {
             child: Some(child),
             port,
             dir: base,
-        })
+        };
+        let roles = std::fs::read_to_string(
+            super::topology::repo_root().join("deploy/postgres/roles.sql"),
+        )?;
+        server.client().await?.batch_execute(&roles).await?;
+        Ok(server)
     }
 
-    /// The connection URL (superuser `shoal`, database `postgres`).
+    /// The owner's connection URL (superuser `shoal`, database `postgres`): for setting up data,
+    /// never for replicas.
     pub fn url(&self) -> String {
         format!("postgres://shoal@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The URL replicas read with (`shoal_reader`, `SHOAL_DATABASE_URL`).
+    pub fn reader_url(&self) -> String {
+        format!("postgres://shoal_reader@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The URL `pg_execute` writes with (`shoal_writer`, `SHOAL_DATABASE_WRITE_URL`).
+    pub fn writer_url(&self) -> String {
+        format!("postgres://shoal_writer@127.0.0.1:{}/postgres", self.port)
     }
 
     /// The port.

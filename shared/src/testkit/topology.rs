@@ -273,7 +273,8 @@ impl Replica {
             .env("SHOAL_LOG_FORMAT", "text")
             .env(
                 "RUST_LOG",
-                std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("SHOAL_TEST_LOG")
+                    .unwrap_or_else(|_| crate::telemetry::DEFAULT_LOG_FILTER.into()),
             )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -421,7 +422,10 @@ impl Balancer {
              client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n\
              uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
              upstream shoal {{\n{servers}        keepalive 64;\n    }}\n\
-             server {{\n        listen 127.0.0.1:{port};\n        location / {{\n            include {include};\n        }}\n    }}\n}}\n",
+             server {{\n        listen 127.0.0.1:{port};\n\
+             location = /mcp {{\n            include {include};\n        }}\n\
+             location ^~ /.well-known/oauth-protected-resource {{\n            include {include};\n        }}\n\
+             location / {{\n            return 404 \"not found\\n\";\n        }}\n    }}\n}}\n",
             include = include.display(),
         );
         let config_path = dir.join("nginx.conf");
@@ -581,7 +585,8 @@ impl Topology {
             env.push(("SHOAL_REDIS_URL".to_owned(), redis.url()));
         }
         if let Some(postgres) = &postgres {
-            env.push(("SHOAL_DATABASE_URL".to_owned(), postgres.url()));
+            env.push(("SHOAL_DATABASE_URL".to_owned(), postgres.reader_url()));
+            env.push(("SHOAL_DATABASE_WRITE_URL".to_owned(), postgres.writer_url()));
         }
         env.extend(options.env.iter().cloned());
         let mut replicas = Vec::with_capacity(options.replicas);

@@ -30,6 +30,8 @@ pub enum Behavior {
     Failing,
     /// Answers HTTP 429 with `Retry-After` seconds.
     RateLimited(u64),
+    /// Answers every call with a result string of this many bytes.
+    Huge(usize),
 }
 
 /// A running fake upstream; it stops when dropped.
@@ -135,6 +137,13 @@ async fn answer(
         }
         Behavior::Slow(delay) => tokio::time::sleep(delay).await,
         Behavior::Healthy => {}
+        Behavior::Huge(bytes) => {
+            let id = call.get("id").cloned().unwrap_or(Value::Null);
+            return reply(
+                200,
+                json!({"jsonrpc": "2.0", "id": id, "result": "x".repeat(bytes)}),
+            );
+        }
     }
     let id = call.get("id").cloned().unwrap_or(Value::Null);
     let result = match call.get("method").and_then(Value::as_str) {

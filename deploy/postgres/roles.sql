@@ -1,0 +1,47 @@
+-- The least-privilege roles shoal connects as (docs/security.md). Run by the database's owner (a
+-- superuser) after the schema: docker compose runs it from docker-entrypoint-initdb.d after
+-- demo.sql, the test kit and `shoal-cluster --postgres` right after starting PostgreSQL.
+--
+--   shoal_reader  reads (pg_query, pg_list_tables, pg_describe_table, resources, change poller):
+--                 SELECT on the tables of schema public, nothing else.
+--   shoal_writer  pg_execute: SELECT, INSERT, UPDATE, DELETE on those tables and their sequences.
+--
+-- Neither is a superuser, may create roles or databases, or is a member of
+-- pg_execute_server_program, pg_read_server_files or pg_write_server_files; a replica refuses a
+-- role that is. Passwords are set apart (role-passwords.sql in compose); with trust
+-- authentication (the test kit) none is needed. To expose another schema, grant USAGE on it and
+-- SELECT on its tables to shoal_reader (and what pg_execute may change to shoal_writer).
+-- Idempotent: safe to run again.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'shoal_reader') THEN
+        CREATE ROLE shoal_reader LOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'shoal_writer') THEN
+        CREATE ROLE shoal_writer LOGIN;
+    END IF;
+END
+$$;
+
+ALTER ROLE shoal_reader NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS CONNECTION LIMIT 200;
+ALTER ROLE shoal_writer NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS CONNECTION LIMIT 200;
+
+DO $$
+BEGIN
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO shoal_reader, shoal_writer', current_database());
+END
+$$;
+
+-- Schema public: use it, never create in it (PUBLIC's CREATE is already gone since PostgreSQL 15).
+REVOKE CREATE ON SCHEMA public FROM shoal_reader, shoal_writer;
+GRANT USAGE ON SCHEMA public TO shoal_reader, shoal_writer;
+
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO shoal_reader;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO shoal_writer;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO shoal_writer;
+
+-- Tables the owner creates later get the same grants.
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO shoal_reader;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO shoal_writer;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO shoal_writer;

@@ -1,0 +1,330 @@
+//! The security review's session findings (issue 10, findings 7 and 8) through real replicas
+//! behind the balancer: a session id is accepted only in its generated form, so nothing a client
+//! sends in the header can reach another session; a `Last-Event-ID` from the future cannot blind
+//! a session's streams.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+async fn subscribed_client(url: &str, uri: &str) -> shoal_shared::testkit::client::McpClient {
+    let client = legacy_client(url).await;
+    client
+        .request("resources/subscribe", json!({"uri": uri}))
+        .await
+        .expect("subscribe")
+        .result()
+        .expect("subscribed");
+    client
+}
+
+/// Finding 7: `DELETE` with `Mcp-Session-Id: <victim> junk` answered 404 yet ended the victim's
+/// GET stream (the delete script published `del <header>`, and the bus splits on spaces).
+#[tokio::test]
+async fn a_malformed_session_id_reaches_no_session() {
+    let topology = cluster(3).await;
+    let url = topology.mcp_url();
+    let victim = subscribed_client(&url, "kv://victim").await;
+    let session = victim.session_id().expect("session").to_owned();
+    let mut stream = victim.open_get(None).await.expect("GET");
+    assert_eq!(stream.status, 200);
+
+    let attacker = reqwest::Client::new();
+    for value in [
+        format!("{session} junk"),
+        format!("{session}\tdel {session}"),
+        session.to_uppercase(),
+        format!("x{session}"),
+    ] {
+        for method in [
+            reqwest::Method::DELETE,
+            reqwest::Method::GET,
+            reqwest::Method::POST,
+        ] {
+            let status = attacker
+                .request(method.clone(), &url)
+                .header("mcp-session-id", &value)
+                .header("accept", "application/json, text/event-stream")
+                .header("content-type", "application/json")
+                .body(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string())
+                .send()
+                .await
+                .expect("request")
+                .status();
+            assert_eq!(status, 404, "{method} with {value:?}");
+        }
+    }
+    // Two session ids in one request are refused too.
+    let status = attacker
+        .delete(&url)
+        .header("mcp-session-id", &session)
+        .header("mcp-session-id", uuid::Uuid::new_v4().to_string())
+        .send()
+        .await
+        .expect("request")
+        .status();
+    assert_eq!(status, 404);
+
+    // The victim's session and GET stream live on: a write elsewhere reaches the stream.
+    let writer = legacy_client(&url).await;
+    call_ok(
+        &writer,
+        "kv_set",
+        json!({"key": "victim", "value": "still here"}),
+    )
+    .await;
+    next_matching(&mut stream, "the victim's update", |m| {
+        is_update_of(m, "kv://victim")
+    })
+    .await;
+    call_ok(&victim, "kv_get", json!({"key": "victim"})).await;
+}
+
+/// Finding 8: `Last-Event-ID: <session>.99999999999999-0` set the session's feed cursor past every
+/// real event, so that stream and every later GET stream of the session received nothing.
+#[tokio::test]
+async fn a_last_event_id_from_the_future_does_not_blind_the_session() {
+    let topology = cluster(3).await;
+    let url = topology.mcp_url();
+    let client = subscribed_client(&url, "kv://future").await;
+    let session = client.session_id().expect("session").to_owned();
+    let writer = legacy_client(&url).await;
+    call_ok(
+        &writer,
+        "kv_set",
+        json!({"key": "future", "value": "before"}),
+    )
+    .await;
+
+    let mut stream = client
+        .open_get(Some(&format!("{session}.99999999999999-0")))
+        .await
+        .expect("GET");
+    assert_eq!(stream.status, 200);
+    call_ok(
+        &writer,
+        "kv_set",
+        json!({"key": "future", "value": "during"}),
+    )
+    .await;
+    let (first, _) = next_matching(&mut stream, "an update on the resumed stream", |m| {
+        is_update_of(m, "kv://future")
+    })
+    .await;
+    drop(stream);
+
+    // A later stream of the session is not blinded either.
+    let mut stream = client.open_get(None).await.expect("GET");
+    assert_eq!(stream.status, 200);
+    call_ok(
+        &writer,
+        "kv_set",
+        json!({"key": "future", "value": "after"}),
+    )
+    .await;
+    let (second, _) = next_matching(&mut stream, "an update on a later stream", |m| {
+        is_update_of(m, "kv://future")
+    })
+    .await;
+    assert_ne!(first, second, "not the same event twice");
+}
+
+/// Finding 5: per-request state is bounded, each bound answered with the spec's error: the size of
+/// `initialize` (stored with the session), the URIs of a listen stream and their length, the
+/// length of a subscribed URI, and the subscribers of one URI.
+#[tokio::test]
+async fn per_request_state_is_bounded_with_clear_errors() {
+    let options = cluster_options(1).env("SHOAL_MAX_SUBSCRIBERS_PER_URI", 2);
+    let topology = start(options).await;
+    let url = topology.mcp_url();
+
+    let mut big = shoal_shared::testkit::client::McpClient::legacy(url.clone());
+    let error = big
+        .initialize_with(json!({"experimental": {"padding": {"x": "y".repeat(100_000)}}}))
+        .await
+        .expect_err("a 100 KB initialize is refused");
+    assert!(
+        format!("{error:?}").contains("initialize request exceeds 65536 bytes"),
+        "{error:?}"
+    );
+    let exchange = big
+        .request("tools/list", serde_json::Value::Null)
+        .await
+        .expect("request");
+    assert_ne!(exchange.status, 200, "no session was created");
+
+    let long_uri = format!("kv://{}", "k".repeat(3000));
+    let client = legacy_client(&url).await;
+    let exchange = client
+        .request("resources/subscribe", json!({"uri": long_uri}))
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        exchange.response().and_then(|r| r.pointer("/error/code")),
+        Some(&json!(-32602))
+    );
+
+    let listener = shoal_shared::testkit::client::McpClient::modern(url.clone());
+    let many: Vec<String> = (0..300).map(|n| format!("kv://k{n}")).collect();
+    for params in [
+        json!({"notifications": {"resourceSubscriptions": many}}),
+        json!({"notifications": {"resourceSubscriptions": [long_uri]}}),
+    ] {
+        let exchange = listener
+            .request("subscriptions/listen", params)
+            .await
+            .expect("listen");
+        let response = exchange.response().expect("a response");
+        assert_eq!(
+            response.pointer("/error/code"),
+            Some(&json!(-32602)),
+            "{response}"
+        );
+    }
+
+    // Two sessions may subscribe to kv://popular; the third is told why not.
+    for n in 0..3 {
+        let client = legacy_client(&url).await;
+        let exchange = client
+            .request("resources/subscribe", json!({"uri": "kv://popular"}))
+            .await
+            .expect("subscribe");
+        let response = exchange.response().expect("a response");
+        if n < 2 {
+            assert!(response.get("result").is_some(), "{response}");
+        } else {
+            assert_eq!(
+                response.pointer("/error/code"),
+                Some(&json!(-32600)),
+                "{response}"
+            );
+            assert!(response.to_string().contains("limit 2"), "{response}");
+        }
+    }
+}
+
+/// Finding 6: one client cannot use up what every client shares. A session has one live GET
+/// stream (a newer one replaces the older, wherever each is held); a connection that never sends
+/// a byte is closed; one session runs a bounded number of tool calls at once.
+#[tokio::test]
+async fn one_client_cannot_use_up_shared_limits() {
+    let options = cluster_options(3)
+        .env("SHOAL_HEADER_READ_TIMEOUT_MS", 500)
+        .env("SHOAL_MAX_CALLS_PER_SESSION", 2);
+    let topology = start(options).await;
+    let url = topology.mcp_url();
+    let client = subscribed_client(&url, "kv://one").await;
+    let mut older = client.open_get(None).await.expect("GET");
+    assert_eq!(older.status, 200);
+    for _ in 0..4 {
+        let newer = client.open_get(None).await.expect("GET");
+        assert_eq!(newer.status, 200);
+        assert!(
+            matches!(older.next_message(WAIT).await, Ok(None)),
+            "the replaced GET stream ended"
+        );
+        older = newer;
+    }
+    let writer = legacy_client(&url).await;
+    call_ok(&writer, "kv_set", json!({"key": "one", "value": "x"})).await;
+    next_matching(&mut older, "the update on the newest stream", |m| {
+        is_update_of(m, "kv://one")
+    })
+    .await;
+    eventually("one GET stream open in the cluster", WAIT, async || {
+        (metric_sum(&topology, "shoal_streams_active{kind=\"get\"}").await == 1.0).then_some(())
+    })
+    .await;
+
+    // A connection that sends nothing is closed by the replica.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", topology.replicas[0].port()))
+        .await
+        .expect("connect");
+    let mut buffer = [0_u8; 16];
+    let read = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut idle, &mut buffer))
+        .await
+        .expect("closed by the replica, not left open");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+    // Two calls of one session run on one replica; the third is refused at once.
+    let direct = legacy_client(&topology.replicas[0].mcp_url()).await;
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let (_, stream) = direct
+            .open_request(
+                "tools/call",
+                json!({"name": "sleep", "arguments": {"ms": 20_000}}),
+            )
+            .await
+            .expect("sleep");
+        running.push(stream);
+    }
+    eventually("two calls running", WAIT, async || {
+        let base = topology.replicas[0].base_url();
+        (metric(&base, "shoal_tool_calls_in_flight{tool=\"sleep\"}").await == 2.0).then_some(())
+    })
+    .await;
+    let result = direct
+        .call_tool("sleep", json!({"ms": 1}))
+        .await
+        .expect("third call");
+    assert_eq!(result["isError"], json!(true), "{result}");
+    assert!(
+        text_of(&result).contains("already runs 2 tool calls"),
+        "{result}"
+    );
+    // Another session is not affected.
+    call_ok(
+        &legacy_client(&topology.replicas[0].mcp_url()).await,
+        "sleep",
+        json!({"ms": 1}),
+    )
+    .await;
+}
+
+/// Finding 9: the bus's subscriber connection is cut again and again while a writer keeps
+/// changing a resource; the GET stream of its subscriber (on another replica) still receives every
+/// change, none twice: the replica catches up only once it is subscribed again.
+#[tokio::test]
+async fn bus_reconnects_lose_no_event() {
+    let topology = cluster(2).await;
+    let subscriber = subscribed_client(&topology.replicas[0].mcp_url(), "kv://steady").await;
+    let mut stream = subscriber.open_get(None).await.expect("GET");
+    assert_eq!(stream.status, 200);
+    let writer = legacy_client(&topology.replicas[1].mcp_url()).await;
+    const WRITES: usize = 40;
+    for n in 0..WRITES {
+        call_ok(
+            &writer,
+            "kv_set",
+            json!({"key": "steady", "value": n.to_string()}),
+        )
+        .await;
+        if n % 8 == 3 {
+            // Every subscriber connection of every replica is dropped at once.
+            let killed = redis_cli(&topology, &["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+            assert_ne!(killed, "0", "a subscriber connection was cut");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+    }
+    let mut ids = std::collections::HashSet::new();
+    for n in 0..WRITES {
+        let (id, _) = next_matching(&mut stream, &format!("update {n}"), |m| {
+            is_update_of(m, "kv://steady")
+        })
+        .await;
+        assert!(
+            ids.insert(id.expect("event id")),
+            "an event delivered twice"
+        );
+    }
+    // And the replicas are ready again: the bus round-trips.
+    for replica in &topology.replicas {
+        let base = replica.base_url();
+        eventually("the replica to be ready", WAIT, async || {
+            let status = reqwest::get(format!("{base}/readyz")).await.ok()?.status();
+            status.is_success().then_some(())
+        })
+        .await;
+    }
+}
