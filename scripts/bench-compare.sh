@@ -79,7 +79,7 @@ cluster() {
   for _ in $(seq 600); do [ -s "$READY" ] && break; sleep 0.1; done
   [ -s "$READY" ] || { cat "$WORK/cluster.log" >&2; exit 1; }
   URL=$(field "$READY" 'r["mcp_url"]')
-  REDIS_URL_=$(field "$READY" 'r["redis_url"] or ""')
+  REDIS_URL_=$(field "$READY" 'r["redis_admin_url"] or ""')
 }
 
 

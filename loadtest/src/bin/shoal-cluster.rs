@@ -112,8 +112,8 @@ async fn main() -> anyhow::Result<()> {
     println!("  MCP endpoint: {}", topology.mcp_url());
     if let Some(redis) = &topology.redis {
         println!(
-            "  redis:        {} (key prefix {})",
-            redis.url(),
+            "  redis:        {} (replicas connect as user shoal, limited to key prefix {})",
+            redis.admin_url(),
             topology.prefix
         );
     }
@@ -130,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
         let ready = serde_json::json!({
             "mcp_url": topology.mcp_url(),
             "redis_url": topology.redis.as_ref().map(|r| r.url()),
+            "redis_admin_url": topology.redis.as_ref().map(|r| r.admin_url()),
             "database_url": topology.postgres.as_ref().map(|p| p.url()),
             "prefix": topology.prefix,
             "replicas": topology.replicas.iter().map(|r| serde_json::json!({

@@ -149,18 +149,30 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    prefix: String,
 }
 
+/// The Redis ACL user replicas connect as, as in docker-compose.yml: its key and channel patterns
+/// are the key prefix's, its commands everything but `@dangerous` (KEYS, FLUSHALL, CONFIG, DEBUG,
+/// SHUTDOWN, MONITOR, CLIENT KILL…). The default user stays unrestricted and password-less here,
+/// for the tests' own `redis-cli` (in compose it can only PING, for the healthcheck).
+pub const REDIS_USER: &str = "shoal";
+/// The commands of [`REDIS_USER`] (the same rules as the compose file's).
+pub const REDIS_USER_COMMANDS: &[&str] = &["+@all", "-@dangerous"];
+const REDIS_TEST_PASSWORD: &str = "shoal-test-password";
+
 impl RedisServer {
-    /// Starts `redis-server` on a free port with its files in `dir`.
+    /// Starts `redis-server` on a free port with its files in `dir`, with the ACL user replicas
+    /// use limited to the keys and channels of `prefix`.
     ///
     /// # Errors
     /// When the binary is missing or the server does not come up.
-    pub async fn start(dir: &Path) -> TopologyResult<Self> {
+    pub async fn start(dir: &Path, prefix: &str) -> TopologyResult<Self> {
         let mut server = Self {
             child: None,
             port: free_port(),
             dir: dir.join("redis"),
+            prefix: prefix.to_owned(),
         };
         std::fs::create_dir_all(&server.dir)?;
         server.spawn().await?;
@@ -186,6 +198,12 @@ impl RedisServer {
                 "--logfile",
                 &log.to_string_lossy(),
             ])
+            .arg("--user")
+            .args([REDIS_USER, "on"])
+            .arg(format!(">{REDIS_TEST_PASSWORD}"))
+            .arg(format!("~{}:*", self.prefix))
+            .arg(format!("&{}:*", self.prefix))
+            .args(REDIS_USER_COMMANDS)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -200,8 +218,17 @@ impl RedisServer {
         Ok(())
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://shoal:<password>@127.0.0.1:<port>`: the restricted user replicas connect as.
     pub fn url(&self) -> String {
+        format!(
+            "redis://{REDIS_USER}:{REDIS_TEST_PASSWORD}@127.0.0.1:{}",
+            self.port
+        )
+    }
+
+    /// `redis://127.0.0.1:<port>`: the unrestricted default user, for tests and benchmarks that
+    /// look inside (INFO, SCAN), never for replicas.
+    pub fn admin_url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -562,8 +589,9 @@ impl Topology {
             .prefix("shoal-topology-")
             .tempdir()?;
         let path = dir.path().to_owned();
+        let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
         let redis = if options.redis {
-            Some(RedisServer::start(&path).await?)
+            Some(RedisServer::start(&path, &prefix).await?)
         } else {
             None
         };
@@ -572,7 +600,6 @@ impl Topology {
         } else {
             None
         };
-        let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
         let mut env = shared_replica_env()?;
         env.extend([
             ("SHOAL_KEY_PREFIX".to_owned(), prefix.clone()),
@@ -690,6 +717,25 @@ mod tests {
                 ("C".to_owned(), "x=y".to_owned()),
             ]
         );
+    }
+
+    #[test]
+    fn the_test_redis_user_is_the_compose_one() {
+        let compose =
+            std::fs::read_to_string(repo_root().join("docker-compose.yml")).expect("compose file");
+        let redis = compose.split("\n  redis:\n").nth(1).expect("redis service");
+        let redis = redis.split("\n  postgres:\n").next().expect("its block");
+        let rules = format!("      - {REDIS_USER}\n      - \"on\"\n");
+        assert!(redis.contains(&rules), "compose declares user {REDIS_USER}");
+        for rule in ["\"~shoal:*\"", "\"&shoal:*\""]
+            .iter()
+            .chain(REDIS_USER_COMMANDS)
+        {
+            assert!(
+                redis.contains(&format!("      - {rule}\n")),
+                "compose's {REDIS_USER} has {rule}"
+            );
+        }
     }
 
     #[test]
