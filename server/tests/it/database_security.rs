@@ -108,7 +108,7 @@ async fn the_tools_cannot_run_programs_or_read_files_on_the_database_host() {
     // What is not one wrappable query is refused, not run as written.
     for sql in [
         "EXPLAIN SELECT 1",
-        "SHOW data_directory",
+        "SHOW search_path",
         "WITH gone AS (DELETE FROM items RETURNING *) SELECT * FROM gone",
         "SELECT 1; SELECT 2",
     ] {
