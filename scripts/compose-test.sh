@@ -155,7 +155,7 @@ service names; install podman's DNS plugin (scripts/install-deps.sh --containers
 golang-github-containernetworking-plugin-dnsname) and remove the network (podman network rm $network)"
 compose run --rm --no-deps -T --entrypoint getent shoal hosts redis >"$work/getent.log" 2>&1 \
   || { cat "$work/getent.log"; die "the service name 'redis' does not resolve inside $network (network DNS: $dns)"; }
-echo "network $network: DNS enabled, redis resolves to $(awk '{print $1; exit}' "$work/getent.log")"
+echo "network $network: DNS enabled, redis resolves to $(awk 'END {print $1}' "$work/getent.log")"
 
 step "compose up"
 # `up` itself waits for the service_healthy dependencies (Redis, PostgreSQL, then the replicas).
