@@ -196,11 +196,7 @@ impl HttpService {
                 } else {
                     "not ready\n".to_owned()
                 };
-                Response::builder()
-                    .status(StatusCode::SERVICE_UNAVAILABLE)
-                    .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-                    .body(full(body))
-                    .expect("valid response")
+                text(StatusCode::SERVICE_UNAVAILABLE, body)
             }
         }
     }
@@ -660,6 +656,15 @@ fn split_authority(authority: &str) -> Option<(String, Option<u16>)> {
     Some((host, authority.port_u16()))
 }
 
+/// A 403 refusal of the Host/Origin check.
+fn forbidden(reason: &'static str, message: &'static str) -> Rejection {
+    Rejection {
+        reason,
+        status: StatusCode::FORBIDDEN,
+        message,
+    }
+}
+
 impl OriginPolicy {
     fn new(hosts: &[String], origins: &[String]) -> Self {
         let hosts = hosts
@@ -696,11 +701,6 @@ impl OriginPolicy {
 
     /// The Host allow-list alone (also guards /metrics on the serving port).
     fn check_host(&self, uri: &http::Uri, headers: &HeaderMap) -> Result<(), Rejection> {
-        let forbidden = |reason, message| Rejection {
-            reason,
-            status: StatusCode::FORBIDDEN,
-            message,
-        };
         let bad_host = |message| Rejection {
             reason: "bad_host",
             status: StatusCode::BAD_REQUEST,
@@ -729,11 +729,6 @@ impl OriginPolicy {
     }
 
     fn check_origin(&self, headers: &HeaderMap) -> Result<(), Rejection> {
-        let forbidden = |reason, message| Rejection {
-            reason,
-            status: StatusCode::FORBIDDEN,
-            message,
-        };
         if self.origins.is_empty() {
             return Ok(());
         }
@@ -777,7 +772,7 @@ fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into()).boxed()
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
