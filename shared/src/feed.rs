@@ -2,8 +2,10 @@
 //! client's GET stream shows).
 //!
 //! Events are appended to the session's event log by whichever replica raises them. The replica
-//! holding the GET stream receives each one live over the bus; when live delivery fell behind
-//! (a slow client, a bus reconnect) the feed re-reads the log from the last event it emitted. So a
+//! holding the GET stream receives each one live over the bus, with the id of the event before it;
+//! when live delivery fell behind (a slow client, a bus reconnect) or a live event arrives whose
+//! predecessor the feed has not emitted (one was lost in between), the feed re-reads the log from
+//! the last event it emitted. So a
 //! feed emits every event of the log exactly once and in order, whatever happened to the bus, and a
 //! client that reconnects with `Last-Event-ID` on any replica continues where it left off.
 //!
@@ -160,7 +162,12 @@ impl FeedTask {
                 event = self.registration.events.recv() => match event {
                     Some(event) => {
                         let mut step = Ok(());
-                        if event.id > self.last {
+                        if event.prev > self.last {
+                            // An event before this one never arrived live (lost across a bus
+                            // reconnect): the log has both, in order.
+                            self.backend.metrics().feed_lagged();
+                            step = self.catch_up().await;
+                        } else if event.id > self.last {
                             self.last = event.id;
                             step = self.send(FeedItem::Event(LoggedEvent { id: event.id, payload: event.payload })).await;
                         }
@@ -264,6 +271,24 @@ mod tests {
         }
     }
 
+    async fn append(backend: &Backend, payload: &str) -> EventId {
+        backend
+            .event_append("s", payload)
+            .await
+            .expect("append")
+            .expect("live")
+    }
+
+    /// A new session "s" and its first GET stream, past its start marker.
+    async fn fresh_feed(backend: &Backend, bus: &Bus) -> mpsc::Receiver<FeedItem> {
+        backend.session_create("s", "{}").await.expect("create");
+        let mut rx = open(backend, bus, "s", None, options())
+            .await
+            .expect("open");
+        assert_eq!(rx.recv().await, Some(FeedItem::Start(EventId::ZERO)));
+        rx
+    }
+
     async fn next_event(rx: &mut mpsc::Receiver<FeedItem>) -> LoggedEvent {
         match rx.recv().await.expect("feed item") {
             FeedItem::Event(event) => event,
@@ -274,11 +299,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_consumer_loses_nothing() {
         let (backend, bus) = setup(1000);
-        backend.session_create("s", "{}").await.expect("create");
-        let mut rx = open(&backend, &bus, "s", None, options())
-            .await
-            .expect("open");
-        assert_eq!(rx.recv().await, Some(FeedItem::Start(EventId::ZERO)));
+        let mut rx = fresh_feed(&backend, &bus).await;
         // Far more events than the live channel and the output hold, before anything is read.
         let mut ids = Vec::new();
         for n in 0..(crate::bus::FEED_CHANNEL_CAPACITY + 50) {
@@ -317,11 +338,7 @@ mod tests {
         for id in &ids[3..] {
             assert_eq!(next_event(&mut rx).await.id, *id);
         }
-        let live = backend
-            .event_append("s", "live")
-            .await
-            .expect("append")
-            .expect("live");
+        let live = append(&backend, "live").await;
         assert_eq!(next_event(&mut rx).await.id, live);
     }
 
@@ -330,21 +347,13 @@ mod tests {
         let (backend, bus) = setup(1000);
         backend.session_create("s", "{}").await.expect("create");
         // Raised before any GET stream was open: the first stream delivers it.
-        let early = backend
-            .event_append("s", "early")
-            .await
-            .expect("append")
-            .expect("live");
+        let early = append(&backend, "early").await;
         let mut rx = open(&backend, &bus, "s", None, options())
             .await
             .expect("open");
         assert_eq!(rx.recv().await, Some(FeedItem::Start(EventId::ZERO)));
         assert_eq!(next_event(&mut rx).await.id, early);
-        let seen = backend
-            .event_append("s", "seen")
-            .await
-            .expect("append")
-            .expect("live");
+        let seen = append(&backend, "seen").await;
         assert_eq!(next_event(&mut rx).await.id, seen);
         drop(rx);
         // The feed task releases the session, then drops its registration.
@@ -355,11 +364,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(bus.stream_counts(), (0, 0), "the closed feed ended");
-        let missed = backend
-            .event_append("s", "missed")
-            .await
-            .expect("append")
-            .expect("live");
+        let missed = append(&backend, "missed").await;
         let mut rx = open(&backend, &bus, "s", None, options())
             .await
             .expect("open");
@@ -370,6 +375,33 @@ mod tests {
             .await
             .expect("open");
         assert_eq!(other.recv().await, Some(FeedItem::Start(missed)));
+    }
+
+    #[tokio::test]
+    async fn a_live_event_whose_predecessor_never_arrived_brings_it_from_the_log() {
+        let (backend, bus) = setup(1000);
+        let mut rx = fresh_feed(&backend, &bus).await;
+        // The session's holder names a replica that does not exist: the next event is appended to
+        // the log but its live message goes nowhere, as one published while this replica's
+        // subscriber reconnects is lost.
+        // A fresh bus numbers its first stream 1.
+        let ours = crate::bus::feed_holder(bus.tag(), 1);
+        let elsewhere = crate::bus::feed_holder(&ReplicaTag::generate(), 1);
+        backend
+            .feed_open("s", &elsewhere, None, 1)
+            .await
+            .expect("reassign")
+            .expect("live");
+        let lost = append(&backend, "lost").await;
+        backend
+            .feed_open("s", &ours, None, 1)
+            .await
+            .expect("give back")
+            .expect("live");
+        // The next live event names `lost` as its predecessor: the feed emits both, in order.
+        let next = append(&backend, "next").await;
+        assert_eq!(next_event(&mut rx).await.id, lost);
+        assert_eq!(next_event(&mut rx).await.id, next);
     }
 
     #[tokio::test]

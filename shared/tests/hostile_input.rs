@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use shoal_shared::{
-    bus::Bus,
+    bus::{Bus, BusMessage},
     cache::{canonical_json, entry_id},
     ids::{ClientEventId, EventId, ReplicaTag, is_session_id},
     keys::Keys,
@@ -77,8 +77,41 @@ proptest! {
         let _feed = bus.register_feed("0b5c5b3e-2f9a-4f53-9d0f-1c1f7d9c8e11");
         bus.dispatch(&channels[which], &payload);
         bus.dispatch(&channels[which], text.as_bytes());
-        for head in ["ev ", "fwd ", "end ", "png ", "del ", "cancel ", "u ", "l ", "f "] {
+        for head in ["2:ev,", "3:fwd,", "3:end,", "3:png,", "3:del,", "6:cancel,", "1:u,", "1:l,", "1:f,"] {
             bus.dispatch(&channels[which], format!("{head}{text}").as_bytes());
+            let mut framed = head.as_bytes().to_vec();
+            framed.extend_from_slice(&payload);
+            bus.dispatch(&channels[which], &framed);
+        }
+    }
+
+    /// The bus frame codec: whatever the fields hold (spaces, newlines, commas, digits and colons
+    /// that look like frame syntax, any Unicode), a frame decodes to exactly the message encoded,
+    /// and no prefix or extension of a frame decodes to anything.
+    #[test]
+    fn bus_frames_keep_every_field_whole(session in ".{0,40}", payload in ".{0,200}", trace in ".{0,60}", id in any::<(u64, u64)>(), prev in any::<(u64, u64)>(), stream in any::<u64>(), cut in any::<prop::sample::Index>()) {
+        let trace = Some(trace.as_str()).filter(|t| !t.is_empty());
+        let messages = [
+            BusMessage::Event {
+                session: &session,
+                stream,
+                id: EventId { ms: id.0, seq: id.1 },
+                prev: EventId { ms: prev.0, seq: prev.1 },
+                payload: &payload,
+            },
+            BusMessage::Cancel { origin: &session, session: &payload, trace, payload: &payload },
+            BusMessage::Forward { session: &session, trace, payload: &payload },
+            BusMessage::ResourceUpdated { uri: &payload, trace },
+            BusMessage::SessionDeleted { session: &session },
+        ];
+        for message in messages {
+            let frame = message.encode();
+            prop_assert_eq!(BusMessage::decode(frame.as_bytes()), Ok(message.clone()));
+            let cut = cut.index(frame.len());
+            prop_assert!(BusMessage::decode(&frame.as_bytes()[..cut]).is_err());
+            let mut longer = frame.clone().into_bytes();
+            longer.extend_from_slice(b"1:x,");
+            prop_assert!(BusMessage::decode(&longer).is_err());
         }
     }
 

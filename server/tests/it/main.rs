@@ -3,6 +3,7 @@
 
 mod admin_endpoints;
 mod bad_input;
+mod bus_frames;
 mod cache;
 mod cluster;
 mod database_security;

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{BackendConfig, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome};
 use crate::{
-    bus::{self, Bus, ListKind},
+    bus::{Bus, BusMessage, ListKind},
     ids::{EventId, ReplicaTag},
     metrics::Metrics,
 };
@@ -173,7 +173,7 @@ impl MemoryBackend {
         if existed {
             self.publish(
                 &self.inner.bus.keys().control_channel(),
-                &bus::encode_session_deleted(session),
+                &BusMessage::SessionDeleted { session }.encode(),
             );
         }
         existed
@@ -252,6 +252,7 @@ impl MemoryBackend {
         let max_len = self.inner.config.event_log_max_len as usize;
         let expires_at = Instant::now() + self.inner.config.event_retention;
         let log = state.logs.entry(session.to_owned()).or_default();
+        let prev = log.entries.back().map_or(EventId::ZERO, |event| event.id);
         log.entries.push_back(LoggedEvent {
             id,
             payload: Arc::from(payload),
@@ -269,7 +270,14 @@ impl MemoryBackend {
             .map(|(tag, stream)| {
                 (
                     self.inner.bus.keys().replica_channel(&tag),
-                    bus::encode_feed_event(session, stream, id, payload),
+                    BusMessage::Event {
+                        session,
+                        stream,
+                        id,
+                        prev,
+                        payload,
+                    }
+                    .encode(),
                 )
             });
         (
@@ -417,7 +425,11 @@ impl MemoryBackend {
         }
         self.publish(
             &self.inner.bus.keys().resource_channel(),
-            &bus::encode_resource_updated(uri, crate::telemetry::current_traceparent().as_deref()),
+            &BusMessage::ResourceUpdated {
+                uri,
+                trace: crate::telemetry::current_traceparent().as_deref(),
+            }
+            .encode(),
         );
         delivered
     }
@@ -425,18 +437,19 @@ impl MemoryBackend {
     pub(super) fn list_changed(&self, list: ListKind) {
         self.publish(
             &self.inner.bus.keys().resource_channel(),
-            &bus::encode_list_changed(list),
+            &BusMessage::ListChanged(list).encode(),
         );
     }
 
     pub(super) fn publish_forward(&self, target: &ReplicaTag, session: &str, payload: &str) {
         self.publish(
             &self.inner.bus.keys().replica_channel(target.as_str()),
-            &bus::encode_forward(
+            &BusMessage::Forward {
                 session,
-                crate::telemetry::current_traceparent().as_deref(),
+                trace: crate::telemetry::current_traceparent().as_deref(),
                 payload,
-            ),
+            }
+            .encode(),
         );
     }
 
@@ -549,7 +562,7 @@ impl MemoryBackend {
     pub(super) fn cache_announce(&self, id: &str) {
         self.publish(
             &self.inner.bus.keys().cache_channel(),
-            &bus::encode_cache_filled(id),
+            &BusMessage::CacheFilled { id }.encode(),
         );
     }
 
@@ -661,7 +674,7 @@ mod tests {
         let (backend, bus, _control) = backend();
         backend.session_create("s1", "{}").await.expect("create");
         let mut feed = bus.register_feed("s1").expect("feed");
-        let holder = bus::feed_holder(bus.tag(), feed.stream());
+        let holder = crate::bus::feed_holder(bus.tag(), feed.stream());
         let start = backend
             .feed_open("s1", &holder, None, 10)
             .await

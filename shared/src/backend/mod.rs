@@ -191,7 +191,8 @@ impl Backend {
         }
     }
 
-    fn metrics(&self) -> &Metrics {
+    /// The metrics this backend reports to.
+    pub(crate) fn metrics(&self) -> &Metrics {
         match self {
             Backend::Redis(backend) => backend.metrics(),
             Backend::Memory(backend) => backend.metrics(),

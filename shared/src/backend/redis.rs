@@ -25,7 +25,7 @@ use super::{
     SubscribeOutcome, scripts,
 };
 use crate::{
-    bus::{self, Bus, ListKind},
+    bus::{Bus, BusMessage, ListKind},
     ids::{EventId, ReplicaTag},
     keys::Keys,
     metrics::Metrics,
@@ -67,7 +67,7 @@ impl Scripts {
             subscribe: Script::from_lua(scripts::SUBSCRIBE),
             unsubscribe: Script::from_lua(scripts::UNSUBSCRIBE),
             event_append: Script::from_lua(scripts::event_append()),
-            feed_open: Script::from_lua(scripts::FEED_OPEN),
+            feed_open: Script::from_lua(scripts::feed_open()),
             feed_checkpoint: Script::from_lua(scripts::FEED_CHECKPOINT),
             resource_updated: Script::from_lua(scripts::resource_updated()),
             prune_subscribers: Script::from_lua(scripts::PRUNE_SUBSCRIBERS),
@@ -329,7 +329,7 @@ impl RedisBackend {
                     self.inner.subscribers_prefix.as_str().into(),
                     session.into(),
                     self.inner.keys.control_channel().into(),
-                    bus::encode_session_deleted(session).into(),
+                    BusMessage::SessionDeleted { session }.encode().into(),
                 ],
             )
             .await?;
@@ -550,10 +550,11 @@ impl RedisBackend {
                     Value::from(self.inner.config.retention_secs() as i64),
                     self.inner.replica_prefix.as_str().into(),
                     self.inner.keys.resource_channel().into(),
-                    bus::encode_resource_updated(
+                    BusMessage::ResourceUpdated {
                         uri,
-                        crate::telemetry::current_traceparent().as_deref(),
-                    )
+                        trace: crate::telemetry::current_traceparent().as_deref(),
+                    }
+                    .encode()
                     .into(),
                 ],
             )
@@ -568,7 +569,7 @@ impl RedisBackend {
             .next()
             .publish(
                 self.inner.keys.resource_channel(),
-                bus::encode_list_changed(list),
+                BusMessage::ListChanged(list).encode(),
             )
             .await?;
         Ok(())
@@ -586,11 +587,12 @@ impl RedisBackend {
             .next()
             .publish(
                 self.inner.keys.replica_channel(target.as_str()),
-                bus::encode_forward(
+                BusMessage::Forward {
                     session,
-                    crate::telemetry::current_traceparent().as_deref(),
+                    trace: crate::telemetry::current_traceparent().as_deref(),
                     payload,
-                ),
+                }
+                .encode(),
             )
             .await?;
         Ok(())
@@ -616,12 +618,13 @@ impl RedisBackend {
             .next()
             .publish(
                 self.inner.keys.control_channel(),
-                bus::encode_cancel(
-                    &self.inner.origin,
+                BusMessage::Cancel {
+                    origin: self.inner.origin.as_str(),
                     session,
-                    crate::telemetry::current_traceparent().as_deref(),
+                    trace: crate::telemetry::current_traceparent().as_deref(),
                     payload,
-                ),
+                }
+                .encode(),
             )
             .await?;
         Ok(())
@@ -760,7 +763,7 @@ impl RedisBackend {
             .next()
             .publish(
                 self.inner.keys.cache_channel(),
-                bus::encode_cache_filled(id),
+                BusMessage::CacheFilled { id }.encode(),
             )
             .await?;
         Ok(())

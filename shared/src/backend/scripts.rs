@@ -3,20 +3,30 @@
 //! feed) are rebuilt from prefixes passed in ARGV, matching [`crate::keys::Keys`]; this ties the
 //! deployment to a standalone (or Sentinel-managed) Redis, not Redis Cluster.
 //!
-//! Message formats published here are the ones [`crate::bus::Bus::dispatch`] parses.
+//! Messages published here are frames of [`crate::bus::BusMessage`], built with the codec's Lua
+//! helper [`crate::bus::LUA_NETSTRING`] (`ns`); a test against a real Redis pins them to
+//! [`crate::bus::BusMessage::encode`].
+
+use crate::bus::LUA_NETSTRING;
 
 /// Shared helper: append `payload` to a session's log and, when some replica holds the session's
-/// GET stream, publish the event to that replica. Returns the event id.
+/// GET stream, publish the event to that replica with the id of the event before it (so the
+/// receiver notices a live event it missed). Returns the event id. Needs [`LUA_NETSTRING`].
 const APPEND_FN: &str = r"
 local function append(skey, lkey, sid, payload, maxlen, retention, rprefix)
+  local feed = redis.call('HGET', skey, 'feed')
+  local prev = '0-0'
+  if feed then
+    local last = redis.call('XREVRANGE', lkey, '+', '-', 'COUNT', 1)
+    if #last > 0 then prev = last[1][1] end
+  end
   local id = redis.call('XADD', lkey, 'MAXLEN', '~', maxlen, '*', 'm', payload)
   redis.call('EXPIRE', lkey, retention)
-  local feed = redis.call('HGET', skey, 'feed')
   if feed then
     local sep = string.find(feed, ':', 1, true)
     if sep then
       redis.call('PUBLISH', rprefix .. string.sub(feed, 1, sep - 1),
-        'ev ' .. sid .. ' ' .. string.sub(feed, sep + 1) .. ' ' .. id .. '\n' .. payload)
+        ns('ev') .. ns(sid) .. ns(string.sub(feed, sep + 1)) .. ns(id) .. ns(prev) .. ns(payload))
     end
   end
   return id
@@ -89,7 +99,7 @@ return 1
 /// id. Returns the event id, or nil when the session is gone.
 pub fn event_append() -> String {
     format!(
-        "{APPEND_FN}
+        "{LUA_NETSTRING}{APPEND_FN}
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 return append(KEYS[1], KEYS[2], ARGV[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 "
@@ -109,7 +119,11 @@ return append(KEYS[1], KEYS[2], ARGV[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 /// was open are delivered; but if another stream still holds the session (or its replica died
 /// holding it), a fresh stream starts at the end of the log, to never deliver an event twice.
 /// Returns nil when the session is gone, else `{start id, id1, payload1, id2, payload2, ...}`.
-pub const FEED_OPEN: &str = r"
+pub fn feed_open() -> String {
+    format!("{LUA_NETSTRING}{FEED_OPEN}")
+}
+
+const FEED_OPEN: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local previous = redis.call('HGET', KEYS[1], 'feed')
 redis.call('HSET', KEYS[1], 'feed', ARGV[1])
@@ -118,7 +132,7 @@ if previous and previous ~= ARGV[1] then
   local sep = string.find(previous, ':', 1, true)
   if sep then
     redis.call('PUBLISH', ARGV[5] .. string.sub(previous, 1, sep - 1),
-      'end ' .. ARGV[6] .. ' ' .. string.sub(previous, sep + 1) .. '\n')
+      ns('end') .. ns(ARGV[6]) .. ns(string.sub(previous, sep + 1)))
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -173,7 +187,7 @@ return 1
 /// `subscriptions/listen` streams. Returns the number of sessions notified.
 pub fn resource_updated() -> String {
     format!(
-        "{APPEND_FN}
+        "{LUA_NETSTRING}{APPEND_FN}
 local sids = redis.call('SMEMBERS', KEYS[1])
 local delivered = 0
 for _, sid in ipairs(sids) do

@@ -12,7 +12,7 @@
 //!
 //! Dispatch never blocks and never awaits: a consumer that cannot keep up loses live messages but is
 //! told so (feeds re-read the durable event log; see [`crate::feed`]), so one slow client never delays
-//! another. Wire formats of the messages are defined here too (`encode_*` / [`Bus::dispatch`]).
+//! another. The one wire format of the messages is [`BusMessage`] (module `codec`).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -25,6 +25,10 @@ use std::{
 
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
+
+mod codec;
+
+pub use codec::{BusMessage, FrameError, LUA_NETSTRING, MAX_FRAME_BYTES};
 
 use crate::{
     ids::{EventId, ReplicaTag},
@@ -44,6 +48,9 @@ pub const CONTROL_CHANNEL_CAPACITY: usize = 4096;
 pub struct FeedEvent {
     /// Its id in the session's event log.
     pub id: EventId,
+    /// The id of the event before it in the log ([`EventId::ZERO`] when none): a feed that has
+    /// not emitted `prev` missed an event and re-reads the log.
+    pub prev: EventId,
     /// The JSON-RPC message, serialized.
     pub payload: Arc<str>,
 }
@@ -104,14 +111,16 @@ pub enum ListKind {
 }
 
 impl ListKind {
-    fn code(self) -> &'static str {
+    /// Its name on the bus.
+    pub fn code(self) -> &'static str {
         match self {
             ListKind::Tools => "tools",
             ListKind::Prompts => "prompts",
             ListKind::Resources => "resources",
         }
     }
-    fn parse(code: &str) -> Option<Self> {
+    /// Parses [`ListKind::code`].
+    pub fn parse(code: &str) -> Option<Self> {
         match code {
             "tools" => Some(ListKind::Tools),
             "prompts" => Some(ListKind::Prompts),
@@ -312,7 +321,10 @@ impl Bus {
     /// A round-trip probe to publish on this replica's own channel (see
     /// [`crate::backend::Backend::publish_probe`]).
     pub fn probe(&self) -> String {
-        encode_probe(self.inner.epoch.elapsed().as_nanos() as u64)
+        BusMessage::Probe {
+            sent_nanos: self.inner.epoch.elapsed().as_nanos() as u64,
+        }
+        .encode()
     }
 
     /// How long ago a probe last came back through the shared backend (since the bus was created
@@ -519,23 +531,39 @@ impl Bus {
     }
 
     /// Delivers one message received on `channel`. Never blocks.
-    pub fn dispatch(&self, channel: &str, payload: &[u8]) {
-        let Ok(payload) = std::str::from_utf8(payload) else {
-            self.inner.metrics.bus_message("invalid");
-            tracing::warn!(channel, "dropping non-UTF-8 bus message");
-            return;
-        };
-        let outcome = if channel == self.inner.replica_channel {
-            self.dispatch_directed(payload)
-        } else if channel == self.inner.control_channel {
-            self.dispatch_control(payload)
-        } else if channel == self.inner.resource_channel {
-            self.dispatch_resource(payload)
-        } else if channel == self.inner.cache_channel {
-            self.dispatch_cache(payload)
-        } else {
-            Err("unknown channel")
-        };
+    pub fn dispatch(&self, channel: &str, frame: &[u8]) {
+        let outcome = BusMessage::decode(frame)
+            .map_err(|e| e.0)
+            .and_then(|message| {
+                let expected = if channel == self.inner.replica_channel {
+                    matches!(
+                        message,
+                        BusMessage::Event { .. }
+                            | BusMessage::Forward { .. }
+                            | BusMessage::FeedEnd { .. }
+                            | BusMessage::Probe { .. }
+                    )
+                } else if channel == self.inner.control_channel {
+                    matches!(
+                        message,
+                        BusMessage::SessionDeleted { .. } | BusMessage::Cancel { .. }
+                    )
+                } else if channel == self.inner.resource_channel {
+                    matches!(
+                        message,
+                        BusMessage::ResourceUpdated { .. } | BusMessage::ListChanged(_)
+                    )
+                } else if channel == self.inner.cache_channel {
+                    matches!(message, BusMessage::CacheFilled { .. })
+                } else {
+                    return Err("unknown channel");
+                };
+                if expected {
+                    Ok(self.deliver(message))
+                } else {
+                    Err("message kind not carried on this channel")
+                }
+            });
         match outcome {
             Ok(kind) => self.inner.metrics.bus_message(kind),
             Err(reason) => {
@@ -545,81 +573,44 @@ impl Bus {
         }
     }
 
-    fn dispatch_directed(&self, payload: &str) -> Result<&'static str, &'static str> {
-        let (head, body) = payload.split_once('\n').ok_or("missing body")?;
-        let mut words = head.split(' ');
-        match words.next() {
-            Some("ev") => {
-                let session = words.next().ok_or("missing session")?;
-                let stream: u64 = words
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or("bad stream")?;
-                let id: EventId = words
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or("bad event id")?;
-                self.deliver_feed_event(session, stream, id, body);
-                Ok("event")
+    /// Hands one decoded message to its consumers; returns the metric label of its kind.
+    fn deliver(&self, message: BusMessage<'_>) -> &'static str {
+        match message {
+            BusMessage::Event {
+                session,
+                stream,
+                id,
+                prev,
+                payload,
+            } => {
+                self.deliver_feed_event(session, stream, id, prev, payload);
+                "event"
             }
-            Some("fwd") => {
-                let session = words.next().ok_or("missing session")?;
+            BusMessage::Forward {
+                session,
+                trace,
+                payload,
+            } => {
                 self.control(ControlMessage::Forward {
                     session: session.to_owned(),
-                    payload: body.to_owned(),
-                    trace: words.next().map(str::to_owned),
+                    payload: payload.to_owned(),
+                    trace: trace.map(str::to_owned),
                 });
-                Ok("forward")
+                "forward"
             }
-            Some("end") => {
-                let session = words.next().ok_or("missing session")?;
-                let stream: u64 = words
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or("bad stream")?;
+            BusMessage::FeedEnd { session, stream } => {
                 self.end_feed(session, stream);
-                Ok("feed_end")
+                "feed_end"
             }
-            Some("png") => {
-                let sent: u64 = words
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or("bad probe")?;
+            BusMessage::Probe { sent_nanos } => {
                 let now = self.inner.epoch.elapsed().as_nanos() as u64;
                 self.inner
                     .metrics
-                    .bus_roundtrip(Duration::from_nanos(now.saturating_sub(sent)));
+                    .bus_roundtrip(Duration::from_nanos(now.saturating_sub(sent_nanos)));
                 self.inner.last_roundtrip.fetch_max(now, Ordering::Relaxed);
-                Ok("probe")
+                "probe"
             }
-            _ => Err("unknown directed message"),
-        }
-    }
-
-    fn deliver_feed_event(&self, session: &str, stream: u64, id: EventId, body: &str) {
-        let feeds = self.inner.feeds.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(primary) = feeds.get(session).and_then(|f| f.primary.as_ref()) else {
-            return; // the stream closed, or a newer stream on another replica took over
-        };
-        if primary.stream != stream {
-            return;
-        }
-        let event = FeedEvent {
-            id,
-            payload: Arc::from(body),
-        };
-        if let Err(mpsc::error::TrySendError::Full(_)) = primary.tx.try_send(event) {
-            self.inner.metrics.feed_lagged();
-            primary.lagged.raise();
-        }
-    }
-
-    fn dispatch_control(&self, payload: &str) -> Result<&'static str, &'static str> {
-        let (head, body) = payload.split_once('\n').unwrap_or((payload, ""));
-        let mut words = head.split(' ');
-        match words.next() {
-            Some("del") => {
-                let session = words.next().ok_or("missing session")?;
+            BusMessage::SessionDeleted { session } => {
                 if let Some(entry) = self
                     .inner
                     .feeds
@@ -632,84 +623,103 @@ impl Bus {
                 self.control(ControlMessage::SessionDeleted {
                     session: session.to_owned(),
                 });
-                Ok("deleted")
+                "deleted"
             }
-            Some("cancel") => {
-                let origin = words.next().ok_or("missing origin")?;
-                let session = words.next().ok_or("missing session")?;
+            BusMessage::Cancel {
+                origin,
+                session,
+                trace,
+                payload,
+            } => {
                 if origin != self.inner.tag.as_str() {
                     self.control(ControlMessage::Cancel {
                         session: session.to_owned(),
-                        payload: body.to_owned(),
-                        trace: words.next().map(str::to_owned),
+                        payload: payload.to_owned(),
+                        trace: trace.map(str::to_owned),
                     });
                 }
-                Ok("cancel")
+                "cancel"
             }
-            _ => Err("unknown control message"),
+            BusMessage::ResourceUpdated { uri, trace } => {
+                let event = ListenEvent::ResourceUpdated {
+                    uri: uri.to_owned(),
+                    trace: trace.map(str::to_owned),
+                };
+                let listeners = self
+                    .inner
+                    .listeners
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let targets = listeners
+                    .by_uri
+                    .get(uri)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| listeners.by_id.get(id));
+                self.notify_listeners(targets, &event);
+                "resource"
+            }
+            BusMessage::ListChanged(list) => {
+                let listeners = self
+                    .inner
+                    .listeners
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let targets = listeners.by_id.values().filter(|l| l.lists.contains(&list));
+                self.notify_listeners(targets, &ListenEvent::ListChanged(list));
+                "resource"
+            }
+            BusMessage::CacheFilled { id } => {
+                if let Some(notify) = self
+                    .inner
+                    .cache_waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(id)
+                {
+                    notify.notify_waiters();
+                }
+                "cache_fill"
+            }
         }
     }
 
-    fn dispatch_resource(&self, payload: &str) -> Result<&'static str, &'static str> {
-        let (kind, arg) = payload.split_once(' ').ok_or("missing argument")?;
-        let listeners = self
-            .inner
-            .listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let (event, targets): (ListenEvent, Vec<&Listener>) = match kind {
-            "u" => {
-                let (uri, trace) = match arg.split_once('\n') {
-                    Some((uri, trace)) => (uri, Some(trace.to_owned())),
-                    None => (arg, None),
-                };
-                (
-                    ListenEvent::ResourceUpdated {
-                        uri: uri.to_owned(),
-                        trace,
-                    },
-                    listeners
-                        .by_uri
-                        .get(uri)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|id| listeners.by_id.get(id))
-                        .collect(),
-                )
-            }
-            "l" => {
-                let list = ListKind::parse(arg).ok_or("unknown list")?;
-                (
-                    ListenEvent::ListChanged(list),
-                    listeners
-                        .by_id
-                        .values()
-                        .filter(|l| l.lists.contains(&list))
-                        .collect(),
-                )
-            }
-            _ => return Err("unknown resource message"),
-        };
+    fn notify_listeners<'l>(
+        &self,
+        targets: impl Iterator<Item = &'l Listener>,
+        event: &ListenEvent,
+    ) {
         for listener in targets {
             if listener.tx.try_send(event.clone()).is_err() {
                 self.inner.metrics.listener_dropped();
             }
         }
-        Ok("resource")
     }
 
-    fn dispatch_cache(&self, payload: &str) -> Result<&'static str, &'static str> {
-        let id = payload.strip_prefix("f ").ok_or("unknown cache message")?;
-        if let Some(notify) = self
-            .inner
-            .cache_waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-        {
-            notify.notify_waiters();
+    fn deliver_feed_event(
+        &self,
+        session: &str,
+        stream: u64,
+        id: EventId,
+        prev: EventId,
+        payload: &str,
+    ) {
+        let feeds = self.inner.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(primary) = feeds.get(session).and_then(|f| f.primary.as_ref()) else {
+            return; // the stream closed, or a newer stream on another replica took over
+        };
+        if primary.stream != stream {
+            return;
         }
-        Ok("cache_fill")
+        let event = FeedEvent {
+            id,
+            prev,
+            payload: Arc::from(payload),
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = primary.tx.try_send(event) {
+            self.inner.metrics.feed_lagged();
+            primary.lagged.raise();
+        }
     }
 
     fn control(&self, message: ControlMessage) {
@@ -718,61 +728,6 @@ impl Bus {
             tracing::warn!("control channel full, dropping a cluster control message");
         }
     }
-}
-
-/// Wire format of a session event for the replica holding the session's GET stream. Built by the
-/// Lua scripts in Redis; this function exists for the in-memory backend and the tests.
-pub fn encode_feed_event(session: &str, stream: u64, id: EventId, payload: &str) -> String {
-    format!("ev {session} {stream} {id}\n{payload}")
-}
-
-/// Wire format of a forwarded client response.
-pub fn encode_forward(session: &str, trace: Option<&str>, payload: &str) -> String {
-    match trace {
-        Some(trace) => format!("fwd {session} {trace}\n{payload}"),
-        None => format!("fwd {session}\n{payload}"),
-    }
-}
-
-/// Wire format of a bus round-trip probe sent `sent_nanos` after the bus's epoch.
-pub fn encode_probe(sent_nanos: u64) -> String {
-    format!("png {sent_nanos}\n")
-}
-
-/// Wire format of "session deleted".
-pub fn encode_session_deleted(session: &str) -> String {
-    format!("del {session}")
-}
-
-/// Wire format of a cancellation broadcast from replica `origin`.
-pub fn encode_cancel(
-    origin: &ReplicaTag,
-    session: &str,
-    trace: Option<&str>,
-    payload: &str,
-) -> String {
-    match trace {
-        Some(trace) => format!("cancel {origin} {session} {trace}\n{payload}"),
-        None => format!("cancel {origin} {session}\n{payload}"),
-    }
-}
-
-/// Wire format of "resource updated".
-pub fn encode_resource_updated(uri: &str, trace: Option<&str>) -> String {
-    match trace {
-        Some(trace) => format!("u {uri}\n{trace}"),
-        None => format!("u {uri}"),
-    }
-}
-
-/// Wire format of "cache entry filled".
-pub fn encode_cache_filled(id: &str) -> String {
-    format!("f {id}")
-}
-
-/// Wire format of "list changed".
-pub fn encode_list_changed(list: ListKind) -> String {
-    format!("l {}", list.code())
 }
 
 /// The value of a session's `feed` field: which replica and stream hold its GET stream.
@@ -790,6 +745,17 @@ mod tests {
         Bus::new(Keys::new("t"), ReplicaTag::generate(), Metrics::new())
     }
 
+    fn ev(session: &str, stream: u64, id: EventId) -> String {
+        BusMessage::Event {
+            session,
+            stream,
+            id,
+            prev: EventId::ZERO,
+            payload: "{}",
+        }
+        .encode()
+    }
+
     fn replica_channel(bus: &Bus) -> String {
         bus.keys().replica_channel(bus.tag().as_str())
     }
@@ -802,7 +768,7 @@ mod tests {
         let id = EventId { ms: 1, seq: 0 };
         bus.dispatch(
             &replica_channel(&bus),
-            encode_feed_event("s1", new.stream(), id, "{}").as_bytes(),
+            ev("s1", new.stream(), id).as_bytes(),
         );
         // The old feed was demoted: its live channel is closed and it received nothing.
         assert!(old.events.recv().await.is_none());
@@ -812,7 +778,7 @@ mod tests {
         // A message naming a stale stream is dropped.
         bus.dispatch(
             &replica_channel(&bus),
-            encode_feed_event("s1", old.stream(), id, "{}").as_bytes(),
+            ev("s1", old.stream(), id).as_bytes(),
         );
         assert!(new.events.try_recv().is_err());
         drop(old);
@@ -828,7 +794,7 @@ mod tests {
             let id = EventId { ms: 1, seq };
             bus.dispatch(
                 &replica_channel(&bus),
-                encode_feed_event("s1", feed.stream(), id, "{}").as_bytes(),
+                ev("s1", feed.stream(), id).as_bytes(),
             );
         }
         assert!(feed.lagged.take());
@@ -841,7 +807,9 @@ mod tests {
         let feed = bus.register_feed("s1").expect("register");
         bus.dispatch(
             &bus.keys().control_channel(),
-            encode_session_deleted("s1").as_bytes(),
+            BusMessage::SessionDeleted { session: "s1" }
+                .encode()
+                .as_bytes(),
         );
         assert!(feed.gone.is_cancelled());
         assert_eq!(
@@ -858,11 +826,25 @@ mod tests {
         let other = ReplicaTag::generate();
         bus.dispatch(
             &bus.keys().control_channel(),
-            encode_cancel(bus.tag(), "s1", None, "{}").as_bytes(),
+            BusMessage::Cancel {
+                origin: bus.tag().as_str(),
+                session: "s1",
+                trace: None,
+                payload: "{}",
+            }
+            .encode()
+            .as_bytes(),
         );
         bus.dispatch(
             &bus.keys().control_channel(),
-            encode_cancel(&other, "s1", Some(TRACE), "{\"x\":1}").as_bytes(),
+            BusMessage::Cancel {
+                origin: other.as_str(),
+                session: "s1",
+                trace: Some(TRACE),
+                payload: "{\"x\":1}",
+            }
+            .encode()
+            .as_bytes(),
         );
         assert_eq!(
             control.recv().await,
@@ -887,11 +869,18 @@ mod tests {
         let channel = bus.keys().resource_channel();
         bus.dispatch(
             &channel,
-            encode_resource_updated("kv://a", Some(TRACE)).as_bytes(),
+            BusMessage::ResourceUpdated {
+                uri: "kv://a",
+                trace: Some(TRACE),
+            }
+            .encode()
+            .as_bytes(),
         );
         bus.dispatch(
             &channel,
-            encode_list_changed(ListKind::Resources).as_bytes(),
+            BusMessage::ListChanged(ListKind::Resources)
+                .encode()
+                .as_bytes(),
         );
         assert_eq!(
             a.events.recv().await,
@@ -908,6 +897,22 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(bus.stream_counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn messages_on_the_wrong_channel_are_dropped() {
+        let (bus, mut control) = bus();
+        // "Session deleted" is a control message: arriving on a replica channel it is refused.
+        let feed = bus.register_feed("s1").expect("register");
+        bus.dispatch(
+            &replica_channel(&bus),
+            BusMessage::SessionDeleted { session: "s1" }
+                .encode()
+                .as_bytes(),
+        );
+        bus.dispatch(&bus.keys().control_channel(), b"del s1");
+        assert!(!feed.gone.is_cancelled());
+        assert!(control.try_recv().is_err());
     }
 
     #[tokio::test]
