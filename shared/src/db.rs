@@ -406,9 +406,16 @@ impl Checkout {
             .await
     }
 
+    /// Commits and resets the connection in the same round trip, so it goes back to the pool
+    /// clean without a second one.
     async fn commit(&self) -> Result<(), tokio_postgres::Error> {
-        self.client().batch_execute("COMMIT").await?;
+        self.client()
+            .batch_execute(&format!("COMMIT; {RESET_SQL}"))
+            .await?;
         self.in_transaction.store(false, Ordering::SeqCst);
+        self.dirty.store(false, Ordering::SeqCst);
+        // DEALLOCATE ALL dropped the statements the driver keeps for type lookups too.
+        self.client().clear_type_cache();
         Ok(())
     }
 }

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Before/after: the same workloads against two shoal-server binaries, side by side in one run, so
+# a change to a hot path is measured against its parent on the same machine at the same time.
+# Rounds alternate which binary goes first, spreading the machine's drift over both; prints every
+# run and, per workload, the medians and the after/before ratios.
+#
+# Workloads (one replica on Redis, no balancer, 32 legacy sessions in a closed loop, no think time):
+#   echo       tools/call echo: the per-request path (HTTP entry, session checks, limits)
+#   traced     kv_get/kv_set/echo 4:1:2 with every request traced (100 % sampling, OTLP
+#              HTTP/protobuf into shoal-otlp-sink): the span path
+#   notify     kv_set with every session subscribed to a key another session writes and holding
+#              its GET stream: the event-append and bus path
+#   pg         pg_query on the demo schema with the result cache off: the database path
+#
+# Both binaries run under the topology of this checkout's test kit (its Redis ACL user, database
+# roles and environment); settings one binary does not know are ignored by it.
+#
+# Usage: scripts/bench-ab.sh --before BIN --after BIN [--duration 15s] [--rounds 3]
+#                            [--workloads echo,traced,notify,pg]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=15s
+ROUNDS=3
+SESSIONS=32
+WORKLOADS=echo,traced,notify,pg
+BEFORE=""; AFTER=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --before) BEFORE=$(realpath "$2"); shift 2 ;;
+    --after) AFTER=$(realpath "$2"); shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --workloads) WORKLOADS=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ -x "$BEFORE" ] && [ -x "$AFTER" ] || { echo "--before and --after must name shoal-server binaries" >&2; exit 2; }
+BIN=target/release
+WORK=$(mktemp -d)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+GRPC=$(free_port); HTTP=$(free_port)
+cluster=""; sink=""
+cleanup() {
+  if [ -n "$cluster" ]; then kill "$cluster" 2>/dev/null || true; wait "$cluster" 2>/dev/null || true; fi
+  if [ -n "$sink" ]; then kill "$sink" 2>/dev/null || true; wait "$sink" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+"$BIN/shoal-otlp-sink" --grpc "127.0.0.1:$GRPC" --http "127.0.0.1:$HTTP" --max-spans 0 2> "$WORK/sink.log" &
+sink=$!
+json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
+cpu_of() { curl -s "$1/metrics" | awk '$1=="shoal_process_cpu_seconds_total"{print $2}'; }
+
+run() { # $1 = workload, $2 = label (before|after), $3 = binary; appends a result line
+  local workload=$1 label=$2 server=$3
+  local cluster_args=(--env SHOAL_TOOLSETS=kv) load_args=(--mix echo=1)
+  case "$workload" in
+    echo) ;;
+    traced)
+      cluster_args+=(--env "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$HTTP" --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
+        --env OTEL_TRACES_SAMPLER=always_on --env OTEL_METRICS_EXPORTER=none)
+      load_args=(--mix kv_get=4,kv_set=1,echo=2) ;;
+    notify) load_args=(--mix kv_set=1 --subscribe true) ;;
+    pg)
+      cluster_args=(--postgres --env SHOAL_TOOLSETS=postgres --env SHOAL_CACHE_TTLS=pg_query=0)
+      load_args=(--mix pg_query=1 --pg-sql "SELECT name, tier FROM services ORDER BY name") ;;
+    *) echo "unknown workload $workload" >&2; exit 2 ;;
+  esac
+  rm -f "$WORK/ready.json"
+  "$BIN/shoal-cluster" --replicas 1 --no-balancer --server-bin "$server" --ready-file "$WORK/ready.json" \
+    "${cluster_args[@]}" > "$WORK/cluster.log" 2>&1 &
+  cluster=$!
+  for _ in $(seq 1 600); do [ -s "$WORK/ready.json" ] && break; sleep 0.1; done
+  [ -s "$WORK/ready.json" ] || { cat "$WORK/cluster.log" >&2; exit 1; }
+  local url base before after
+  url=$(json "$WORK/ready.json" 'd["mcp_url"]')
+  base=$(json "$WORK/ready.json" 'd["replicas"][0]["base_url"]')
+  "$BIN/shoal-loadtest" run --url "$url" --scenario max --era legacy --sessions "$SESSIONS" \
+    "${load_args[@]}" --duration 3s --warmup 0s --quiet > /dev/null
+  before=$(cpu_of "$base")
+  "$BIN/shoal-loadtest" run --url "$url" --scenario max --era legacy --sessions "$SESSIONS" \
+    "${load_args[@]}" --duration "$DURATION" --warmup 0s --json "$WORK/run.json" --quiet > /dev/null
+  after=$(cpu_of "$base")
+  python3 - "$WORK/run.json" "$before" "$after" "$workload" "$label" >> "$WORK/results.txt" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+ok = report["ok"]; secs = report["duration_secs"]; errors = report.get("errors", 0)
+cpu = float(sys.argv[3]) - float(sys.argv[2])
+print(f"{sys.argv[4]}\t{sys.argv[5]}\t{ok / secs:.0f}\t{cpu / ok * 1e6:.1f}\t{errors}")
+PY
+  tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "%-7s %-6s %8s ok/s %8s us CPU/call %s errors\n", $1, $2, $3, $4, $5}'
+  kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=""
+}
+
+echo "before: $BEFORE"
+echo "after:  $AFTER"
+echo "workloads: $WORKLOADS; $SESSIONS legacy sessions, closed loop, $DURATION per run, $ROUNDS rounds"
+IFS=, read -ra LIST <<< "$WORKLOADS"
+for round in $(seq 1 "$ROUNDS"); do
+  for workload in "${LIST[@]}"; do
+    if [ $((round % 2)) = 1 ]; then
+      run "$workload" before "$BEFORE"; run "$workload" after "$AFTER"
+    else
+      run "$workload" after "$AFTER"; run "$workload" before "$BEFORE"
+    fi
+  done
+done
+python3 - "$WORK/results.txt" <<'PY'
+import statistics, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+print()
+print("| workload | before ok/s | after ok/s | after/before | before µs CPU/call | after µs CPU/call | after/before | errors |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for workload in dict.fromkeys(r[0] for r in rows):
+    med = {}
+    for label in ("before", "after"):
+        sel = [r for r in rows if r[0] == workload and r[1] == label]
+        med[label] = (statistics.median(float(r[2]) for r in sel),
+                      statistics.median(float(r[3]) for r in sel),
+                      sum(int(r[4]) for r in sel))
+    b, a = med["before"], med["after"]
+    print(f"| {workload} | {b[0]:.0f} | {a[0]:.0f} | {a[0] / b[0]:.2f}× | {b[1]:.1f} | {a[1]:.1f} | {a[1] / b[1]:.2f}× | {b[2]} / {a[2]} |")
+PY
