@@ -50,6 +50,7 @@ trap cleanup EXIT
 sink=$!
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
 cpu_of() { curl -s "$1/metrics" | awk '$1=="shoal_process_cpu_seconds_total"{print $2}'; }
+sink_bytes() { curl -s "127.0.0.1:$HTTP/api/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])'; }
 
 run() { # $1 = workload, $2 = label (before|after), $3 = binary; appends a result line
   local workload=$1 label=$2 server=$3
@@ -72,23 +73,26 @@ run() { # $1 = workload, $2 = label (before|after), $3 = binary; appends a resul
   cluster=$!
   for _ in $(seq 1 600); do [ -s "$WORK/ready.json" ] && break; sleep 0.1; done
   [ -s "$WORK/ready.json" ] || { cat "$WORK/cluster.log" >&2; exit 1; }
-  local url base before after
+  local url base before after bytes_before bytes_after
   url=$(json "$WORK/ready.json" 'd["mcp_url"]')
   base=$(json "$WORK/ready.json" 'd["replicas"][0]["base_url"]')
   "$BIN/shoal-loadtest" run --url "$url" --scenario max --era legacy --sessions "$SESSIONS" \
     "${load_args[@]}" --duration 3s --warmup 0s --quiet > /dev/null
-  before=$(cpu_of "$base")
+  before=$(cpu_of "$base"); bytes_before=$(sink_bytes)
   "$BIN/shoal-loadtest" run --url "$url" --scenario max --era legacy --sessions "$SESSIONS" \
     "${load_args[@]}" --duration "$DURATION" --warmup 0s --json "$WORK/run.json" --quiet > /dev/null
   after=$(cpu_of "$base")
-  python3 - "$WORK/run.json" "$before" "$after" "$workload" "$label" >> "$WORK/results.txt" <<'PY'
+  sleep 6 # the exporter's batch interval (5 s): spans of the run reach the sink
+  bytes_after=$(sink_bytes)
+  python3 - "$WORK/run.json" "$before" "$after" "$workload" "$label" "$bytes_before" "$bytes_after" >> "$WORK/results.txt" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
 ok = report["ok"]; secs = report["duration_secs"]; errors = report.get("errors", 0)
 cpu = float(sys.argv[3]) - float(sys.argv[2])
-print(f"{sys.argv[4]}\t{sys.argv[5]}\t{ok / secs:.0f}\t{cpu / ok * 1e6:.1f}\t{errors}")
+otlp = (int(sys.argv[7]) - int(sys.argv[6])) / ok
+print(f"{sys.argv[4]}\t{sys.argv[5]}\t{ok / secs:.0f}\t{cpu / ok * 1e6:.1f}\t{errors}\t{otlp:.0f}")
 PY
-  tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "%-7s %-6s %8s ok/s %8s us CPU/call %s errors\n", $1, $2, $3, $4, $5}'
+  tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "%-7s %-6s %8s ok/s %8s us CPU/call %s errors %6s OTLP bytes/call\n", $1, $2, $3, $4, $5, $6}'
   kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=""
 }
 
