@@ -21,7 +21,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    backend::{Backend, BackendError},
+    backend::{Backend, BackendError, CacheEntry},
     bus::Bus,
     metrics::Metrics,
     telemetry::{KeyValue, SpanKind},
@@ -301,26 +301,32 @@ impl ResultCache {
         fill: impl Future<Output = Result<Fill, E>>,
     ) -> Result<Answer, E> {
         let result = fill.await;
-        let stored = match &result {
+        let raw = match &result {
             Ok(filled)
                 if filled.cacheable && filled.value.len() <= self.options.max_entry_bytes =>
             {
-                let raw = format!("{}\n{}", now_ms() + ttl.as_millis() as u64, filled.value);
-                // Kept for a second TTL as a stale copy, to compare the refreshed content with.
-                match self.backend.cache_store(id, &raw, ttl * 2, tags).await {
-                    Ok(()) => true,
-                    Err(error) => {
-                        tracing::debug!(%error, "cache store failed");
-                        false
-                    }
-                }
+                Some(format!(
+                    "{}\n{}",
+                    now_ms() + ttl.as_millis() as u64,
+                    filled.value
+                ))
             }
-            _ => false,
+            _ => None,
         };
-        if !stored {
-            let _ = self.backend.cache_announce(id).await;
-        }
-        let _ = self.backend.cache_unlock(id, owner).await;
+        // Kept for a second TTL as a stale copy, to compare the refreshed content with. Storing,
+        // announcing and unlocking are one round trip.
+        let entry = raw.as_deref().map(|value| CacheEntry {
+            value,
+            ttl: ttl * 2,
+            tags,
+        });
+        let stored = match self.backend.cache_release(id, owner, entry).await {
+            Ok(()) => entry.is_some(),
+            Err(error) => {
+                tracing::debug!(%error, "cache store failed");
+                false
+            }
+        };
         let filled = result?;
         let source = match (&previous, stored) {
             (_, false) => Source::Bypass,

@@ -261,3 +261,92 @@ async fn concurrent_misses_across_replicas_run_the_backend_once() {
         "the others picked up the one result"
     );
 }
+
+/// Issue 11, acceptance 5: a cold miss costs the filling replica three Redis round trips on the
+/// cache path (`GET` the entry, `SET NX` the fill lock, one script that stores, announces and
+/// unlocks), and a hit one. Counted from Redis's own `MONITOR`, which lists every command a client
+/// sent (commands a script runs are listed apart, as `lua`).
+#[tokio::test]
+async fn a_cold_miss_costs_three_redis_round_trips() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let upstream = FakeUpstream::start(Behavior::Healthy)
+        .await
+        .expect("upstream");
+    let topology =
+        cached_cluster(&upstream, false, &[("SHOAL_CACHE_TTLS", "get_balance=60s")]).await;
+    let admin = topology.redis.as_ref().expect("redis").admin_url();
+    let client = McpClient::modern(topology.mcp_url());
+    // A fresh Redis knows no script yet: the first use of each costs one `NOSCRIPT` answer and a
+    // `SCRIPT LOAD` once per Redis lifetime. A miss on another entry first loads them, so what is
+    // counted below is every later cold miss.
+    call_ok(
+        &client,
+        "get_balance",
+        json!({"address": "So11111111111111111111111111111111111111112"}),
+    )
+    .await;
+
+    let mut monitor = tokio::process::Command::new("redis-cli")
+        .args(["-u", &admin, "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-cli monitor");
+    let mut lines = BufReader::new(monitor.stdout.take().expect("stdout")).lines();
+    assert_eq!(
+        lines.next_line().await.expect("read").as_deref(),
+        Some("OK"),
+        "MONITOR started"
+    );
+    let mut cache_commands = async |marker: &str| {
+        let echoed = tokio::process::Command::new("redis-cli")
+            .args(["-u", &admin, "echo", marker])
+            .output()
+            .await
+            .expect("redis-cli echo");
+        assert!(echoed.status.success());
+        let mut seen = Vec::new();
+        loop {
+            let line = tokio::time::timeout(WAIT, lines.next_line())
+                .await
+                .expect("MONITOR shows the marker")
+                .expect("read")
+                .expect("MONITOR open");
+            if line.contains(marker) {
+                return seen;
+            }
+            // Commands the replica sent for the cache entry, its fill lock or on the cache
+            // channel; not the ones a script ran inside Redis.
+            if !line.contains("[0 lua]")
+                && (line.contains(":cache:")
+                    || line.contains(":cache-lock:")
+                    || line.contains(":cache\" "))
+            {
+                seen.push(line);
+            }
+        }
+    };
+
+    call_ok(&client, "get_balance", json!({"address": ADDRESS})).await;
+    let miss = cache_commands("shoal-marker-miss").await;
+    let verbs: Vec<&str> = miss
+        .iter()
+        .filter_map(|line| line.split('"').nth(1))
+        .collect();
+    assert_eq!(
+        verbs,
+        ["GET", "SET", "EVALSHA"],
+        "a cold miss: look, lock, store + announce + unlock: {miss:#?}"
+    );
+    assert_eq!(upstream.requests(), 2, "one upstream call per entry");
+
+    call_ok(&client, "get_balance", json!({"address": ADDRESS})).await;
+    let hit = cache_commands("shoal-marker-hit").await;
+    assert_eq!(hit.len(), 1, "a hit is one GET: {hit:#?}");
+    assert_eq!(
+        upstream.requests(),
+        2,
+        "the second call was served from the cache"
+    );
+}

@@ -13,7 +13,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{BackendConfig, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome};
+use super::{BackendConfig, CacheEntry, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome};
 use crate::{
     bus::{Bus, BusMessage, ListKind},
     ids::{EventId, ReplicaTag},
@@ -531,35 +531,30 @@ impl MemoryBackend {
         }
     }
 
-    pub(super) fn cache_unlock(&self, id: &str, owner: &str) {
-        let mut state = self.state();
-        if state
-            .cache_locks
-            .get(id)
-            .is_some_and(|(holder, _)| holder == owner)
-        {
-            state.cache_locks.remove(id);
-        }
-    }
-
-    pub(super) fn cache_store(&self, id: &str, value: &str, ttl: Duration, tags: &[String]) {
+    pub(super) fn cache_release(&self, id: &str, owner: &str, entry: Option<CacheEntry<'_>>) {
         {
             let mut state = self.state();
-            state
-                .cache
-                .insert(id.to_owned(), (value.to_owned(), Instant::now() + ttl));
-            for tag in tags {
-                state
-                    .cache_tags
-                    .entry(tag.clone())
-                    .or_default()
-                    .insert(id.to_owned());
+            if let Some(entry) = entry {
+                state.cache.insert(
+                    id.to_owned(),
+                    (entry.value.to_owned(), Instant::now() + entry.ttl),
+                );
+                for tag in entry.tags {
+                    state
+                        .cache_tags
+                        .entry(tag.clone())
+                        .or_default()
+                        .insert(id.to_owned());
+                }
+            }
+            if state
+                .cache_locks
+                .get(id)
+                .is_some_and(|(holder, _)| holder == owner)
+            {
+                state.cache_locks.remove(id);
             }
         }
-        self.cache_announce(id);
-    }
-
-    pub(super) fn cache_announce(&self, id: &str) {
         self.publish(
             &self.inner.bus.keys().cache_channel(),
             &BusMessage::CacheFilled { id }.encode(),

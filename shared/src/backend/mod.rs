@@ -165,6 +165,17 @@ macro_rules! delegate {
     }};
 }
 
+/// A result to store in the cache (see [`Backend::cache_release`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CacheEntry<'a> {
+    /// The stored text.
+    pub value: &'a str,
+    /// How long it is kept.
+    pub ttl: Duration,
+    /// Tags it is recorded under, for invalidation.
+    pub tags: &'a [String],
+}
+
 impl Backend {
     /// Connects to Redis when `redis_url` is set (commands start working as soon as Redis is
     /// reachable; until then they fail fast), or creates the in-memory backend.
@@ -483,34 +494,19 @@ impl Backend {
         delegate!(self, "cache_lock", cache_lock(id, owner, ttl))
     }
 
-    /// Releases the fill lock if `owner` still holds it.
+    /// Ends a fill of entry `id` in one round trip: stores `entry` when given, announces the fill
+    /// (waiters look again, and fill it themselves when nothing was stored) and releases the fill
+    /// lock if `owner` still holds it.
     ///
     /// # Errors
-    /// Fails when Redis is unreachable.
-    pub async fn cache_unlock(&self, id: &str, owner: &str) -> BackendResult<()> {
-        delegate!(self, "cache_unlock", cache_unlock(id, owner))
-    }
-
-    /// Stores a cache entry for `ttl`, recorded under `tags`, and announces the fill.
-    ///
-    /// # Errors
-    /// Fails when Redis is unreachable.
-    pub async fn cache_store(
+    /// Fails when Redis is unreachable (the lock then expires by itself).
+    pub async fn cache_release(
         &self,
         id: &str,
-        value: &str,
-        ttl: Duration,
-        tags: &[String],
+        owner: &str,
+        entry: Option<CacheEntry<'_>>,
     ) -> BackendResult<()> {
-        delegate!(self, "cache_store", cache_store(id, value, ttl, tags))
-    }
-
-    /// Announces that a fill attempt ended without storing anything (waiters retry).
-    ///
-    /// # Errors
-    /// Fails when Redis is unreachable.
-    pub async fn cache_announce(&self, id: &str) -> BackendResult<()> {
-        delegate!(self, "cache_announce", cache_announce(id))
+        delegate!(self, "cache_release", cache_release(id, owner, entry))
     }
 
     /// Deletes every cache entry recorded under `tags`; returns how many.

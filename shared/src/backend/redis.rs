@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{
-    BackendConfig, BackendError, BackendResult, FeedStart, KvSetOutcome, LoggedEvent,
+    BackendConfig, BackendError, BackendResult, CacheEntry, FeedStart, KvSetOutcome, LoggedEvent,
     SubscribeOutcome, scripts,
 };
 use crate::{
@@ -50,9 +50,8 @@ struct Scripts {
     kv_set: Script,
     kv_delete: Script,
     shared_secret: Script,
-    cache_store: Script,
+    cache_release: Script,
     cache_invalidate: Script,
-    unlock: Script,
     lease: Script,
     map_replace: Script,
 }
@@ -74,9 +73,8 @@ impl Scripts {
             kv_set: Script::from_lua(scripts::KV_SET),
             kv_delete: Script::from_lua(scripts::KV_DELETE),
             shared_secret: Script::from_lua(scripts::SHARED_SECRET),
-            cache_store: Script::from_lua(scripts::CACHE_STORE),
+            cache_release: Script::from_lua(scripts::CACHE_RELEASE),
             cache_invalidate: Script::from_lua(scripts::CACHE_INVALIDATE),
-            unlock: Script::from_lua(scripts::UNLOCK),
             lease: Script::from_lua(scripts::LEASE),
             map_replace: Script::from_lua(scripts::MAP_REPLACE),
         }
@@ -722,48 +720,36 @@ impl RedisBackend {
         Ok(taken.is_some())
     }
 
-    pub(super) async fn cache_unlock(&self, id: &str, owner: &str) -> BackendResult<()> {
-        let _: i64 = self
-            .eval(
-                &self.inner.scripts.unlock,
-                vec![self.inner.keys.cache_lock(id)],
-                vec![owner.into()],
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn cache_store(
+    pub(super) async fn cache_release(
         &self,
         id: &str,
-        value: &str,
-        ttl: Duration,
-        tags: &[String],
+        owner: &str,
+        entry: Option<CacheEntry<'_>>,
     ) -> BackendResult<()> {
         let mut args: Vec<Value> = vec![
-            value.into(),
-            Value::from(ttl.as_millis().max(1) as i64),
-            self.inner.keys.cache_tag_prefix().into(),
+            owner.into(),
+            self.inner.keys.cache_channel().into(),
+            BusMessage::CacheFilled { id }.encode().into(),
         ];
-        args.extend(tags.iter().map(|tag| Value::from(tag.as_str())));
+        if let Some(entry) = entry {
+            args.extend([
+                "1".into(),
+                entry.value.into(),
+                Value::from(entry.ttl.as_millis().max(1) as i64),
+                self.inner.keys.cache_tag_prefix().into(),
+            ]);
+            args.extend(entry.tags.iter().map(|tag| Value::from(tag.as_str())));
+        } else {
+            args.push("0".into());
+        }
         let _: i64 = self
             .eval(
-                &self.inner.scripts.cache_store,
-                vec![self.inner.keys.cache_entry(id)],
+                &self.inner.scripts.cache_release,
+                vec![
+                    self.inner.keys.cache_entry(id),
+                    self.inner.keys.cache_lock(id),
+                ],
                 args,
-            )
-            .await?;
-        self.cache_announce(id).await
-    }
-
-    pub(super) async fn cache_announce(&self, id: &str) -> BackendResult<()> {
-        let _: i64 = self
-            .inner
-            .pool
-            .next()
-            .publish(
-                self.inner.keys.cache_channel(),
-                BusMessage::CacheFilled { id }.encode(),
             )
             .await?;
         Ok(())

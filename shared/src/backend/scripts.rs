@@ -241,15 +241,22 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX') then return ARGV[1] end
 return redis.call('GET', KEYS[1])
 ";
 
-/// KEYS: cache entry. ARGV: value, ttl ms, tag-key prefix, tag... Stores the entry and records it
-/// under each tag (for invalidation); tag sets live as long as their longest entry.
-pub const CACHE_STORE: &str = r"
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-for i = 4, #ARGV do
-  local tag = ARGV[3] .. ARGV[i]
-  redis.call('SADD', tag, KEYS[1])
-  if redis.call('PTTL', tag) < tonumber(ARGV[2]) then redis.call('PEXPIRE', tag, ARGV[2]) end
+/// KEYS: cache entry, fill lock. ARGV: owner, cache channel, fill announcement, '1' to store or
+/// '0' not, value, ttl ms, tag-key prefix, tag... Ends a fill in one round trip: stores the entry
+/// (recorded under each tag, for invalidation; tag sets live as long as their longest entry) when
+/// asked, announces the fill so waiters look again, and releases the lock if `owner` still holds
+/// it.
+pub const CACHE_RELEASE: &str = r"
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6])
+  for i = 8, #ARGV do
+    local tag = ARGV[7] .. ARGV[i]
+    redis.call('SADD', tag, KEYS[1])
+    if redis.call('PTTL', tag) < tonumber(ARGV[6]) then redis.call('PEXPIRE', tag, ARGV[6]) end
+  end
 end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 ";
 
@@ -264,12 +271,6 @@ for i = 2, #ARGV do
   redis.call('DEL', tag)
 end
 return deleted
-";
-
-/// KEYS: lock. ARGV: owner. Releases the lock only if the caller still owns it.
-pub const UNLOCK: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 ";
 
 /// KEYS: lease. ARGV: holder, ttl ms. Takes the lease when free, renews it when `holder` has it.
