@@ -224,7 +224,7 @@ python3 - "$work/spans.json" "$restarted_host" "$restarted_at" <<'EOF' || die "t
 import json, sys
 spans = json.load(open(sys.argv[1]))
 host, since = sys.argv[2], int(sys.argv[3]) * 10**9
-served = [s for s in spans if s["resource"].get("service.instance.id") == host
+served = [s for s in spans if s["resource"].get("shoal.replica.name") == host
           and s["name"] == "POST /mcp" and s["start_unix_nanos"] > since]
 print(f"shoal-shoal-2 ({host}) served {len(served)} requests after its restart")
 assert served, "the restarted replica got no traffic"

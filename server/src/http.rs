@@ -78,8 +78,8 @@ impl HttpService {
             &state.config.effective_allowed_origins(),
         ));
         // Names the replica that answered: operators and tests see where a balancer sent a request.
-        let replica = HeaderValue::from_str(&state.config.replica_name())
-            .unwrap_or_else(|_| HeaderValue::from_static("shoal"));
+        let replica =
+            HeaderValue::from_str(state.bus.tag().as_str()).expect("a replica id is 12 hex digits");
         Self {
             state,
             sessions,

@@ -38,7 +38,7 @@ use shoal_shared::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use shoal_shared::config;
+pub use shoal_shared::{config, ids};
 
 use crate::{
     http::HttpService,
@@ -68,11 +68,10 @@ impl App {
     ///
     /// # Errors
     /// Fails on configuration the server rejects (unknown toolsets, malformed Redis URL).
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config, tag: ReplicaTag) -> anyhow::Result<Self> {
         let toolsets = Toolsets::parse(&config).map_err(anyhow::Error::msg)?;
         let config = Arc::new(config);
         let metrics = Metrics::new();
-        let tag = ReplicaTag::generate();
         let (bus, control) = Bus::new(
             Keys::new(config.key_prefix.clone()),
             tag.clone(),
@@ -98,7 +97,7 @@ impl App {
         .context("connecting the shared state backend")?;
         tracing::info!(
             replica = %tag,
-            name = %config.replica_name(),
+            name = config.replica_name().as_deref().unwrap_or("-"),
             backend = backend.kind(),
             redis = config.redis_url_redacted().as_deref().unwrap_or("-"),
             prefix = %config.key_prefix,

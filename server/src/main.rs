@@ -4,6 +4,7 @@ use anyhow::Context as _;
 use shoal_server::{
     App,
     config::{Command, Config},
+    ids::ReplicaTag,
 };
 
 // jemalloc returns freed memory to the system within seconds (background purging), so a replica's
@@ -23,11 +24,17 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    let _telemetry = shoal_shared::telemetry::init(config.log_format, &config.replica_name());
+    // The replica's identity for its lifetime: bus address, `x-shoal-replica`, `service.instance.id`.
+    let replica = ReplicaTag::generate();
+    let _telemetry = shoal_shared::telemetry::init(
+        config.log_format,
+        replica.as_str(),
+        config.replica_name().as_deref(),
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let app = App::build(config).await?;
+    let app = App::build(config, replica).await?;
     app.run(listener, shutdown_signal()).await
 }
 

@@ -322,7 +322,8 @@ pub struct Config {
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
 
-    /// Human-readable replica name for logs and metrics (defaults to the host name).
+    /// Human-readable replica name for logs and traces (defaults to the host name). The replica's
+    /// identity is a random id generated at start; the name only helps people find it.
     #[arg(long, env = "SHOAL_REPLICA_NAME")]
     pub replica_name: Option<String>,
 
@@ -622,12 +623,14 @@ impl Config {
             .collect()
     }
 
-    /// A human-readable replica name.
-    pub fn replica_name(&self) -> String {
+    /// The replica's human-readable name: `SHOAL_REPLICA_NAME`, else the host name, else none
+    /// (empty counts as unset). Never an identity: two replicas may share it.
+    pub fn replica_name(&self) -> Option<String> {
         self.replica_name
             .clone()
             .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| "shoal".to_owned())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
     }
 }
 

@@ -120,17 +120,20 @@ impl Drop for TelemetryGuard {
     }
 }
 
-fn resource(instance: &str) -> Resource {
-    let name = std::env::var("OTEL_SERVICE_NAME")
+fn resource(instance: &str, replica_name: Option<&str>) -> Resource {
+    let service = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|v| !v.trim().is_empty())
         .unwrap_or_else(|| "shoal".to_owned());
     Resource::builder()
-        .with_service_name(name)
+        .with_service_name(service)
         .with_attributes([
             KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
             KeyValue::new("service.instance.id", instance.to_owned()),
         ])
+        .with_attributes(
+            replica_name.map(|name| KeyValue::new("shoal.replica.name", name.to_owned())),
+        )
         .build()
 }
 
@@ -168,12 +171,12 @@ pub fn session_tag(session: &str) -> Option<String> {
 pub const DEFAULT_LOG_FILTER: &str = "info,rmcp=warn";
 
 /// Installs the global subscriber and, when the environment asks for them, the OTLP exporters.
-/// Call once, first thing in `main`, inside the Tokio runtime. `instance` names this replica
-/// (`service.instance.id`).
-pub fn init(format: LogFormat, instance: &str) -> TelemetryGuard {
+/// Call once, first thing in `main`, inside the Tokio runtime. `instance` is this replica's
+/// generated id (`service.instance.id`), `name` its optional human name (`shoal.replica.name`).
+pub fn init(format: LogFormat, instance: &str, name: Option<&str>) -> TelemetryGuard {
     let settings = OtlpSettings::from_env();
     let mut guard = TelemetryGuard::default();
-    let resource = resource(instance);
+    let resource = resource(instance, name);
     let mut errors = Vec::new();
 
     let tracer = if settings.traces {

@@ -356,7 +356,7 @@ async fn sampling_response_is_forwarded_to_the_waiting_replica() {
     let receiver = topology
         .replicas
         .iter()
-        .find(|r| r.name == status_and_replica.1)
+        .find(|r| r.id == status_and_replica.1)
         .expect("replica");
     assert_eq!(
         metric(
@@ -420,7 +420,7 @@ async fn cancellation_reaches_the_replica_running_the_tool() {
     let runner_url = topology
         .replicas
         .iter()
-        .find(|r| r.name == runner)
+        .find(|r| r.id == runner)
         .expect("runner")
         .base_url();
     eventually("the tool to stop as cancelled", WAIT, async || {
@@ -493,7 +493,7 @@ async fn listen_handlers_end_when_the_client_goes_away() {
     let url = topology
         .replicas
         .iter()
-        .find(|r| r.name == holder)
+        .find(|r| r.id == holder)
         .expect("holder")
         .base_url();
     assert_eq!(
@@ -506,4 +506,42 @@ async fn listen_handlers_end_when_the_client_goes_away() {
         (metric(&url, "shoal_streams_active{kind=\"listen\"}").await == 0.0).then_some(())
     })
     .await;
+}
+
+/// Issue 11, acceptance 4: a replica's identity is generated, so replicas started without a name
+/// and without `HOSTNAME` (systemd units, plain shells) still tell themselves apart in
+/// `x-shoal-replica` (and in `service.instance.id` and bus addresses, the same id).
+#[tokio::test]
+async fn replicas_without_a_name_still_have_distinct_identities() {
+    let topology = start(
+        cluster_options(3)
+            .env("SHOAL_REPLICA_NAME", "")
+            .env("HOSTNAME", ""),
+    )
+    .await;
+    let mut ids = HashSet::new();
+    for replica in &topology.replicas {
+        let exchange = McpClient::modern(replica.mcp_url())
+            .request("tools/list", json!({}))
+            .await
+            .expect("tools/list");
+        let id = replica_of(&exchange.headers);
+        assert!(
+            id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "a generated id, not a name: {id:?}"
+        );
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 3, "three replicas, three identities: {ids:?}");
+    // Through the balancer the same three answer.
+    let client = McpClient::modern(topology.mcp_url());
+    let mut seen = HashSet::new();
+    for _ in 0..6 {
+        let exchange = client
+            .request("tools/list", json!({}))
+            .await
+            .expect("tools/list");
+        seen.insert(replica_of(&exchange.headers));
+    }
+    assert_eq!(seen, ids);
 }

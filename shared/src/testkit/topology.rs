@@ -259,6 +259,9 @@ impl RedisServer {
 pub struct Replica {
     /// Its name (`SHOAL_REPLICA_NAME`), e.g. `r1`.
     pub name: String,
+    /// The id the running process generated for itself (its `x-shoal-replica` header and
+    /// `service.instance.id`); a new one after each restart.
+    pub id: String,
     child: Option<Child>,
     port: u16,
     bin: PathBuf,
@@ -279,6 +282,7 @@ impl Replica {
     ) -> TopologyResult<Self> {
         let mut replica = Self {
             name: name.to_owned(),
+            id: String::new(),
             child: None,
             port: free_port(),
             bin: bin.to_owned(),
@@ -315,7 +319,26 @@ impl Replica {
             })?;
         wait_for_port(self.port, &mut child, &self.name, &self.log).await?;
         self.child = Some(child);
+        self.id = self.fetch_id().await?;
         Ok(())
+    }
+
+    /// Asks the running process for its id (every response carries it).
+    async fn fetch_id(&self) -> TopologyResult<String> {
+        let response = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map(|client| client.get(format!("{}/healthz", self.base_url())))
+            .map_err(|e| TopologyError::Broken(format!("HTTP client: {e}")))?
+            .send()
+            .await
+            .map_err(|e| TopologyError::Broken(format!("{} does not answer: {e}", self.name)))?;
+        response
+            .headers()
+            .get("x-shoal-replica")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| TopologyError::Broken(format!("{} does not say who it is", self.name)))
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -672,9 +695,12 @@ impl Topology {
         Ok(postgres.client().await?)
     }
 
-    /// The replica called `name`.
+    /// The replica called `name`, or whose running process has the id `name` (what a response's
+    /// `x-shoal-replica` header names).
     pub fn replica(&mut self, name: &str) -> Option<&mut Replica> {
-        self.replicas.iter_mut().find(|r| r.name == name)
+        self.replicas
+            .iter_mut()
+            .find(|r| r.name == name || r.id == name)
     }
 
     /// The last `lines` lines of every replica log, for failure messages.
