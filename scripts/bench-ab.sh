@@ -35,21 +35,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -x "$BEFORE" ] && [ -x "$AFTER" ] || { echo "--before and --after must name shoal-server binaries" >&2; exit 2; }
-BIN=target/release
-WORK=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-GRPC=$(free_port); HTTP=$(free_port)
-cluster=""; sink=""
-cleanup() {
-  if [ -n "$cluster" ]; then kill "$cluster" 2>/dev/null || true; wait "$cluster" 2>/dev/null || true; fi
-  if [ -n "$sink" ]; then kill "$sink" 2>/dev/null || true; wait "$sink" 2>/dev/null || true; fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-"$BIN/shoal-otlp-sink" --grpc "127.0.0.1:$GRPC" --http "127.0.0.1:$HTTP" --max-spans 0 2> "$WORK/sink.log" &
-sink=$!
-json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
-cpu_of() { curl -s "$1/metrics" | awk '$1=="shoal_process_cpu_seconds_total"{print $2}'; }
+. scripts/bench-common.sh
 sink_bytes() { curl -s "127.0.0.1:$HTTP/api/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes"])'; }
 
 run() { # $1 = workload, $2 = label (before|after), $3 = binary; appends a result line

@@ -34,22 +34,9 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-BIN=target/release
-WORK=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-GRPC=$(free_port); HTTP=$(free_port)
-cluster=""; sink=""
-cleanup() {
-  if [ -n "$cluster" ]; then kill "$cluster" 2>/dev/null || true; wait "$cluster" 2>/dev/null || true; fi
-  if [ -n "$sink" ]; then kill "$sink" 2>/dev/null || true; wait "$sink" 2>/dev/null || true; fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-"$BIN/shoal-otlp-sink" --grpc "127.0.0.1:$GRPC" --http "127.0.0.1:$HTTP" --max-spans "$MAX_SPANS" 2> "$WORK/sink.log" &
-sink=$!
+SINK_MAX_SPANS=$MAX_SPANS
+. scripts/bench-common.sh
 if [ "$PROTOCOL" = grpc ]; then ENDPOINT="http://127.0.0.1:$GRPC"; else ENDPOINT="http://127.0.0.1:$HTTP"; fi
-json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
-cpu_of() { curl -s "$1/metrics" | awk '$1=="shoal_process_cpu_seconds_total"{print $2}'; }
 
 run() { # $1 = label, rest = extra --env for the replica; appends "label ok/s us/request" to results
   local label=$1; shift
