@@ -236,9 +236,14 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
     assert_ne!(result["isError"], json!(true), "{result}");
     let (spans, complete) = receiver
         .wait_for_spans(WAIT, |spans| {
-            in_trace(spans, &rpc_trace)
+            // Each span is exported when it ends, the client span first and the MCP span last,
+            // possibly in different batches: wait for every span the checks below read.
+            let trace = in_trace(spans, &rpc_trace);
+            trace
                 .iter()
                 .any(|s| s.attr("rpc.system.name") == Some("jsonrpc"))
+                && trace.iter().any(|s| s.name == "cache lookup")
+                && trace.iter().any(|s| s.name == "tools/call get_balance")
         })
         .await;
     let trace = in_trace(&spans, &rpc_trace);
@@ -292,10 +297,14 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
     }
     let (spans, restored) = receiver
         .wait_for_spans(WAIT, |spans| {
+            // The replay and the HTTP span it sits under (exported when the request ends).
             spans.iter().any(|s| {
                 s.name == "initialize"
                     && s.attributes.get("shoal.session.restored") == Some(&json!(true))
                     && traced.contains(&s.trace_id)
+                    && in_trace(spans, &s.trace_id)
+                        .iter()
+                        .any(|h| h.name == "POST /mcp")
             })
         })
         .await;
@@ -375,6 +384,8 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
                 "notifications/resources/updated deliver",
                 "notifications/resources/updated",
                 "redis resource_updated",
+                "tools/call kv_set",
+                "POST /mcp",
             ]
             .iter()
             .all(|name| trace.iter().any(|s| s.name == *name))
