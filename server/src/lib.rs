@@ -44,11 +44,11 @@ use crate::{
     http::HttpService,
     mcp::{
         cluster::{ClusterOptions, ClusterSessionManager},
-        handler::{ShoalHandler, server_info},
+        handler::ShoalHandler,
         store::ClusterSessionStore,
     },
     state::AppState,
-    tools::{Catalog, Toolsets, policy::Policies},
+    tools::{Toolbox, Toolsets},
 };
 
 /// How often the janitor sweeps expired entries.
@@ -179,13 +179,9 @@ impl App {
             },
         );
         let state = Arc::new(AppState {
-            policies: Policies::new(&config, tools::declared_policies(&toolsets)),
             cache,
             db,
             rpc,
-            tools: toolsets.tool_router(),
-            catalog: Catalog::new(toolsets),
-            server_info: server_info(),
             config: config.clone(),
             backend: backend.clone(),
             bus: bus.clone(),
@@ -232,9 +228,9 @@ impl App {
             .with_max_request_body_bytes(config.max_body_bytes)
             .with_cancellation_token(mcp_shutdown.clone());
         mcp_config.session_store = Some(Arc::new(ClusterSessionStore::new(backend.clone())));
-        let handler_state = state.clone();
+        let (handler_state, toolbox) = (state.clone(), Arc::new(Toolbox::new(&config, toolsets)));
         let mcp = StreamableHttpService::new(
-            move || Ok(ShoalHandler::new(handler_state.clone())),
+            move || Ok(ShoalHandler::new(handler_state.clone(), toolbox.clone())),
             sessions.clone(),
             mcp_config,
         );

@@ -3,10 +3,7 @@
 use std::sync::{Arc, atomic::AtomicBool};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use rmcp::{
-    handler::server::router::tool::ToolRouter,
-    model::{RequestStateCodec, ServerConfig},
-};
+use rmcp::model::RequestStateCodec;
 use secrecy::ExposeSecret;
 use shoal_shared::{
     backend::{Backend, BackendError},
@@ -20,11 +17,6 @@ use shoal_shared::{
 };
 use tokio::sync::OnceCell;
 
-use crate::{
-    mcp::handler::ShoalHandler,
-    tools::{Catalog, policy::Policies},
-};
-
 /// Shared by every handler, request and background task of a replica.
 pub struct AppState {
     /// Validated configuration.
@@ -35,20 +27,12 @@ pub struct AppState {
     pub bus: Bus,
     /// Prometheus metrics.
     pub metrics: Metrics,
-    /// Tools of the enabled toolsets.
-    pub tools: ToolRouter<ShoalHandler>,
-    /// Per-tool cache, timeout and concurrency policies.
-    pub policies: Policies,
     /// The shared result cache.
     pub cache: ResultCache,
     /// PostgreSQL, when the postgres toolset is on.
     pub db: Option<Database>,
     /// JSON-RPC upstreams, when the rpc toolset is on.
     pub rpc: Option<RpcPool>,
-    /// Resources, templates and prompts of the enabled toolsets.
-    pub catalog: Catalog,
-    /// What `initialize` announces.
-    pub server_info: ServerConfig,
     /// Set when shutdown began: `/readyz` answers 503.
     pub draining: AtomicBool,
     /// Seals MRTR `requestState`; created on first use (see [`AppState::request_state`]).

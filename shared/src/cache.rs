@@ -100,22 +100,63 @@ impl Source {
 
 /// A value from the cache or from the backend.
 #[derive(Debug, Clone)]
-pub struct Answer {
-    /// The serialized result.
-    pub value: String,
+pub struct Answer<T> {
+    /// The value: the filler's own when this call ran it, else the stored form.
+    pub content: Content<T>,
     /// Where it came from.
     pub source: Source,
     /// The stale value it replaced, when the entry was refilled after expiring.
     pub previous: Option<String>,
 }
 
+/// The value of an [`Answer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content<T> {
+    /// This call ran the filler: its result, never serialized and parsed back.
+    Filled(T),
+    /// Read from the cache: the stored (serialized) form.
+    Stored(String),
+}
+
+impl<T> Content<T> {
+    /// The value, parsing the stored form when there is one.
+    ///
+    /// # Errors
+    /// What `parse` returns.
+    pub fn into_value<E>(self, parse: impl FnOnce(&str) -> Result<T, E>) -> Result<T, E> {
+        match self {
+            Content::Filled(value) => Ok(value),
+            Content::Stored(raw) => parse(&raw),
+        }
+    }
+}
+
+impl Answer<String> {
+    /// The text of a cache of strings.
+    pub fn text(&self) -> &str {
+        match &self.content {
+            Content::Filled(text) | Content::Stored(text) => text,
+        }
+    }
+}
+
 /// What a backend fill produced.
 #[derive(Debug, Clone)]
-pub struct Fill {
-    /// The serialized result.
-    pub value: String,
-    /// Whether it may be stored (tool errors may not).
-    pub cacheable: bool,
+pub struct Fill<T> {
+    /// The result, handed back to the caller that ran the fill.
+    pub result: T,
+    /// Its serialized form to store, or `None` when it may not be stored (tool errors).
+    pub stored: Option<String>,
+}
+
+impl Fill<String> {
+    /// A text result, stored when `cacheable`.
+    pub fn text(value: String, cacheable: bool) -> Self {
+        Self {
+            stored: cacheable.then(|| value.clone()),
+            result: value,
+        }
+    }
 }
 
 /// The result cache. Cheap to clone.
@@ -195,13 +236,13 @@ impl ResultCache {
     ///
     /// # Errors
     /// Only what `fill` returns: an unavailable cache degrades to running `fill` directly.
-    pub async fn get_or_fill<E>(
+    pub async fn get_or_fill<T, E>(
         &self,
         id: &str,
         ttl: Duration,
         tags: &[String],
-        fill: impl Future<Output = Result<Fill, E>>,
-    ) -> Result<Answer, E> {
+        fill: impl Future<Output = Result<Fill<T>, E>>,
+    ) -> Result<Answer<T>, E> {
         let span = crate::telemetry::Span::child("cache lookup", SpanKind::Internal, || {
             vec![KeyValue::new("shoal.cache.ttl_ms", ttl.as_millis() as i64)]
         });
@@ -213,13 +254,13 @@ impl ResultCache {
         result
     }
 
-    async fn lookup<E>(
+    async fn lookup<T, E>(
         &self,
         id: &str,
         ttl: Duration,
         tags: &[String],
-        fill: impl Future<Output = Result<Fill, E>>,
-    ) -> Result<Answer, E> {
+        fill: impl Future<Output = Result<Fill<T>, E>>,
+    ) -> Result<Answer<T>, E> {
         let start = Instant::now();
         let previous = match self.backend.cache_get(id).await {
             Ok(Some(raw)) => match decode(&raw) {
@@ -227,7 +268,7 @@ impl ResultCache {
                     self.metrics.cache_lookup("hit");
                     self.metrics.cache_hit(start.elapsed());
                     return Ok(Answer {
-                        value: value.to_owned(),
+                        content: Content::Stored(value.to_owned()),
                         source: Source::Hit,
                         previous: None,
                     });
@@ -263,7 +304,7 @@ impl ResultCache {
                     {
                         self.metrics.cache_lookup("coalesced");
                         return Ok(Answer {
-                            value: value.to_owned(),
+                            content: Content::Stored(value.to_owned()),
                             source: Source::Coalesced,
                             previous: None,
                         });
@@ -282,7 +323,7 @@ impl ResultCache {
                 self.metrics.cache_lookup("bypass");
                 let filled = fill.await?;
                 Ok(Answer {
-                    value: filled.value,
+                    content: Content::Filled(filled.result),
                     source: Source::Bypass,
                     previous: None,
                 })
@@ -291,25 +332,22 @@ impl ResultCache {
         }
     }
 
-    async fn fill_and_store<E>(
+    async fn fill_and_store<T, E>(
         &self,
         id: &str,
         ttl: Duration,
         tags: &[String],
         owner: &str,
         previous: Option<String>,
-        fill: impl Future<Output = Result<Fill, E>>,
-    ) -> Result<Answer, E> {
+        fill: impl Future<Output = Result<Fill<T>, E>>,
+    ) -> Result<Answer<T>, E> {
         let result = fill.await;
         let raw = match &result {
-            Ok(filled)
-                if filled.cacheable && filled.value.len() <= self.options.max_entry_bytes =>
-            {
-                Some(format!(
-                    "{}\n{}",
-                    now_ms() + ttl.as_millis() as u64,
-                    filled.value
-                ))
+            Ok(Fill {
+                stored: Some(value),
+                ..
+            }) if value.len() <= self.options.max_entry_bytes => {
+                Some(format!("{}\n{value}", now_ms() + ttl.as_millis() as u64,))
             }
             _ => None,
         };
@@ -335,22 +373,22 @@ impl ResultCache {
         };
         self.metrics.cache_lookup(source.label());
         Ok(Answer {
-            value: filled.value,
+            content: Content::Filled(filled.result),
             source,
             previous,
         })
     }
 
-    async fn bypass<E>(
+    async fn bypass<T, E>(
         &self,
         error: BackendError,
-        fill: impl Future<Output = Result<Fill, E>>,
-    ) -> Result<Answer, E> {
+        fill: impl Future<Output = Result<Fill<T>, E>>,
+    ) -> Result<Answer<T>, E> {
         tracing::debug!(%error, "result cache unavailable; calling the backend directly");
         self.metrics.cache_lookup("bypass");
         let filled = fill.await?;
         Ok(Answer {
-            value: filled.value,
+            content: Content::Filled(filled.result),
             source: Source::Bypass,
             previous: None,
         })
@@ -430,19 +468,16 @@ mod tests {
             let executions = executions.clone();
             tasks.push(tokio::spawn(async move {
                 cache
-                    .get_or_fill::<()>("k", Duration::from_secs(10), &[], async {
+                    .get_or_fill::<String, ()>("k", Duration::from_secs(10), &[], async {
                         executions.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok(Fill {
-                            value: "v".into(),
-                            cacheable: true,
-                        })
+                        Ok(Fill::text("v".into(), true))
                     })
                     .await
             }));
         }
         for task in tasks {
-            assert_eq!(task.await.expect("join").expect("answer").value, "v");
+            assert_eq!(task.await.expect("join").expect("answer").text(), "v");
         }
         assert_eq!(executions.load(Ordering::SeqCst), 1);
     }
@@ -452,22 +487,28 @@ mod tests {
         let cache = cache();
         let tags = ["t1".to_owned()];
         let run = |value: &'static str, cacheable: bool| {
-            cache.get_or_fill::<()>("k", Duration::from_secs(10), &tags, async move {
-                Ok(Fill {
-                    value: value.into(),
-                    cacheable,
-                })
+            cache.get_or_fill::<String, ()>("k", Duration::from_secs(10), &tags, async move {
+                Ok(Fill::text(value.into(), cacheable))
             })
         };
         assert_eq!(
             run("error", false).await.expect("answer").source,
             Source::Bypass
         );
-        assert_eq!(run("v1", true).await.expect("answer").source, Source::Miss);
-        assert_eq!(run("v2", true).await.expect("answer").value, "v1", "a hit");
+        // The filler's own value comes back from a miss; a hit reads the stored form.
+        let miss = run("v1", true).await.expect("answer");
+        assert_eq!(
+            (miss.source, miss.content),
+            (Source::Miss, Content::Filled("v1".to_owned()))
+        );
+        let hit = run("v2", true).await.expect("answer");
+        assert_eq!(
+            (hit.source, hit.content),
+            (Source::Hit, Content::Stored("v1".to_owned()))
+        );
         cache.invalidate(&["t1".to_owned()]).await;
         assert_eq!(
-            run("v3", true).await.expect("answer").value,
+            run("v3", true).await.expect("answer").text(),
             "v3",
             "invalidated"
         );
@@ -480,22 +521,15 @@ mod tests {
     async fn expired_entries_are_refilled_with_the_previous_value() {
         let cache = cache();
         let run = |value: &'static str| {
-            cache.get_or_fill::<()>("k", Duration::from_millis(50), &[], async move {
-                Ok(Fill {
-                    value: value.into(),
-                    cacheable: true,
-                })
+            cache.get_or_fill::<String, ()>("k", Duration::from_millis(50), &[], async move {
+                Ok(Fill::text(value.into(), true))
             })
         };
         run("v1").await.expect("answer");
         tokio::time::sleep(Duration::from_millis(80)).await;
         let answer = run("v2").await.expect("answer");
         assert_eq!(
-            (
-                answer.source,
-                answer.previous.as_deref(),
-                answer.value.as_str()
-            ),
+            (answer.source, answer.previous.as_deref(), answer.text()),
             (Source::Stale, Some("v1"), "v2")
         );
     }

@@ -33,7 +33,8 @@ use futures::TryStreamExt as _;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::Value;
-use tokio_postgres::{NoTls, error::SqlState, types::Type};
+pub use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, types::Type};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -64,7 +65,9 @@ pub struct DbConfig {
     pub max_result_bytes: usize,
 }
 
-/// Why a database operation failed. Messages are safe to show to a model (no credentials).
+/// Why a database operation failed. Every variant but [`DbError::Other`] and
+/// [`DbError::Privileged`] describes the caller's own request and may be shown to it; those two
+/// carry server-side detail for the log only ([`DbError::is_client_error`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// Every connection was busy for the whole acquire timeout.
@@ -87,9 +90,21 @@ pub enum DbError {
         "this tool only reads: pg_query runs exactly one query (SELECT, WITH … SELECT, VALUES or TABLE); {0}"
     )]
     NotAQuery(&'static str),
-    /// The statement is invalid or refers to something missing.
+    /// shoal refused the request before sending it (empty statement, bad parameters, bad URL).
     #[error("{0}")]
     Invalid(String),
+    /// No table of that name.
+    #[error("no table {0}")]
+    NoSuchTable(String),
+    /// PostgreSQL refused the statement: syntax, names, data or constraint errors (SQLSTATE
+    /// classes 42, 22, 23).
+    #[error("{message} (SQLSTATE {})", sqlstate.code())]
+    Rejected {
+        /// Why, as PostgreSQL says it.
+        sqlstate: SqlState,
+        /// PostgreSQL's message about the statement.
+        message: String,
+    },
     /// The role lacks a privilege the statement needs.
     #[error("permission denied: {0}")]
     Denied(String),
@@ -99,9 +114,14 @@ pub enum DbError {
     /// Writes are not configured.
     #[error("writes are not configured (SHOAL_DATABASE_WRITE_URL)")]
     NoWrites,
-    /// Anything else.
-    #[error("database error: {0}")]
-    Other(String),
+    /// Anything else: a server or driver failure, for the log.
+    #[error("database error: {detail}")]
+    Other {
+        /// The SQLSTATE, when the server sent one.
+        sqlstate: Option<SqlState>,
+        /// The driver's or server's message.
+        detail: String,
+    },
 }
 
 impl DbError {
@@ -110,25 +130,39 @@ impl DbError {
             return if error.is_closed() {
                 DbError::Unavailable
             } else {
-                DbError::Other(error.to_string())
+                DbError::Other {
+                    sqlstate: None,
+                    detail: error.to_string(),
+                }
             };
         };
-        let code = db.code();
-        if *code == SqlState::QUERY_CANCELED {
+        let code = db.code().clone();
+        if code == SqlState::QUERY_CANCELED {
             DbError::Timeout(statement_timeout)
-        } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+        } else if code == SqlState::READ_ONLY_SQL_TRANSACTION {
             DbError::ReadOnly
-        } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        } else if code == SqlState::INSUFFICIENT_PRIVILEGE {
             DbError::Denied(db.message().to_owned())
-        } else if code.code().starts_with("42")
-            || code.code().starts_with("22")
-            || code.code().starts_with("23")
+        } else if ["42", "22", "23"]
+            .iter()
+            .any(|class| code.code().starts_with(class))
         {
             // syntax and access rules, data exceptions, integrity constraints
-            DbError::Invalid(format!("{} (SQLSTATE {})", db.message(), code.code()))
+            DbError::Rejected {
+                sqlstate: code,
+                message: db.message().to_owned(),
+            }
         } else {
-            DbError::Other(format!("{} (SQLSTATE {})", db.message(), code.code()))
+            DbError::Other {
+                detail: format!("{} (SQLSTATE {})", db.message(), code.code()),
+                sqlstate: Some(code),
+            }
         }
+    }
+
+    /// Whether the error is about the caller's own request (its text may be shown to it).
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, DbError::Other { .. } | DbError::Privileged(_))
     }
 
     /// The SQLSTATE-like class for telemetry.
@@ -140,11 +174,12 @@ impl DbError {
             DbError::Timeout(_) => "timeout",
             DbError::ReadOnly => "read_only",
             DbError::NotAQuery(_) => "not_a_query",
-            DbError::Invalid(_) => "invalid",
+            DbError::Invalid(_) | DbError::Rejected { .. } => "invalid",
+            DbError::NoSuchTable(_) => "no_such_table",
             DbError::Denied(_) => "denied",
             DbError::Cancelled => "cancelled",
             DbError::NoWrites => "no_writes",
-            DbError::Other(_) => "other",
+            DbError::Other { .. } => "other",
         }
     }
 }
@@ -731,8 +766,12 @@ impl Database {
             .await
             .map_err(|error| match error {
                 // Valid alone, but not as a subquery (a data-modifying WITH, say).
-                DbError::Invalid(message) | DbError::Other(message)
-                    if message.contains("SQLSTATE 0A000") || message.contains("SQLSTATE 42601") =>
+                DbError::Rejected { sqlstate, .. }
+                | DbError::Other {
+                    sqlstate: Some(sqlstate),
+                    ..
+                } if sqlstate == SqlState::FEATURE_NOT_SUPPORTED
+                    || sqlstate == SqlState::SYNTAX_ERROR =>
                 {
                     DbError::NotAQuery("this statement is not one (use pg_execute for writes)")
                 }
@@ -742,7 +781,12 @@ impl Database {
         let (texts, truncated) = rows;
         let rows = texts
             .iter()
-            .map(|text| serde_json::from_str(text).map_err(|e| DbError::Other(e.to_string())))
+            .map(|text| {
+                serde_json::from_str(text).map_err(|e| DbError::Other {
+                    sqlstate: None,
+                    detail: format!("a row is not JSON: {e}"),
+                })
+            })
             .collect::<Result<Vec<Value>, _>>()?;
         Ok(QueryOutput {
             columns,
@@ -850,7 +894,7 @@ impl Database {
             .await
             .map_err(|e| self.pg(e))?;
         if columns.is_empty() {
-            return Err(DbError::Invalid(format!("no table {schema}.{name}")));
+            return Err(DbError::NoSuchTable(format!("{schema}.{name}")));
         }
         let primary_key = connection
             .query(

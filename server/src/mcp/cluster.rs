@@ -30,6 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::mcp::error::ClusterError;
 use crate::mcp::trace::{delivery_span, traceparent_in};
 use futures::{Stream, StreamExt};
 use rmcp::{
@@ -45,57 +46,20 @@ use rmcp::{
             SessionId, SessionManager,
             session::{
                 EventStore, RestoreOutcome, ServerSseMessage, SessionRestoreMarker,
-                local::{LocalSessionManager, LocalSessionManagerError, LocalSessionWorker},
+                local::{LocalSessionManager, LocalSessionWorker},
             },
         },
     },
 };
 use shoal_shared::{
-    backend::{Backend, BackendError},
+    backend::Backend,
     bus::ControlMessage,
-    feed::{self, FeedError, FeedItem, FeedOptions},
+    feed::{self, FeedItem, FeedOptions},
     ids::{ClientEventId, ReplicaTag},
     metrics::Metrics,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-/// Why a session operation failed. The text reaches clients (rmcp puts it in 500 bodies), so it
-/// never carries infrastructure details; those are logged where the error is handled.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    /// The local worker failed.
-    #[error("session worker error")]
-    Local(#[from] LocalSessionManagerError),
-    /// The shared state backend failed.
-    #[error("shared session state is unavailable")]
-    Backend(#[from] BackendError),
-    /// The session is gone.
-    #[error("session not found")]
-    SessionGone,
-    /// This replica holds as many sessions or streams as it may.
-    #[error("replica at capacity")]
-    Capacity,
-    /// The replica is shutting down.
-    #[error("replica is shutting down")]
-    ShuttingDown,
-    /// The `initialize` message was not an initialize request.
-    #[error("malformed initialize request")]
-    BadInitialize,
-    /// A `Last-Event-ID` that does not belong to this session or replica.
-    #[error("unknown event id")]
-    ForeignEventId,
-}
-
-impl From<FeedError> for ClusterError {
-    fn from(error: FeedError) -> Self {
-        match error {
-            FeedError::SessionGone => ClusterError::SessionGone,
-            FeedError::ShuttingDown => ClusterError::ShuttingDown,
-            FeedError::Backend(error) => ClusterError::Backend(error),
-        }
-    }
-}
 
 /// Settings of the cluster session manager.
 #[derive(Debug, Clone)]

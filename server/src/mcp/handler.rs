@@ -37,17 +37,21 @@ use shoal_shared::telemetry::Span;
 
 use crate::{
     mcp::{
-        error,
+        error::{During as _, Failure},
         trace::{self, Target},
     },
     state::AppState,
-    tools::policy::{Scope, ToolPolicy},
+    tools::{
+        Toolbox,
+        policy::{Scope, ToolPolicy},
+    },
 };
 
 /// The handler rmcp instantiates per session (legacy) or per request (2026-07-28).
 #[derive(Clone)]
 pub struct ShoalHandler {
     pub(crate) state: Arc<AppState>,
+    pub(crate) tools: Arc<Toolbox>,
 }
 
 impl std::fmt::Debug for ShoalHandler {
@@ -83,9 +87,9 @@ pub(crate) fn session_id(context: &RequestContext<RoleServer>) -> Option<String>
 }
 
 impl ShoalHandler {
-    /// A handler over the shared state.
-    pub fn new(state: Arc<AppState>) -> Self {
-        Self { state }
+    /// A handler over the shared services and the enabled toolsets.
+    pub fn new(state: Arc<AppState>, tools: Arc<Toolbox>) -> Self {
+        Self { state, tools }
     }
 
     /// Measures one request (duration and outcome by method) and traces it in `span` (see
@@ -122,7 +126,7 @@ impl ShoalHandler {
                 None,
             ));
         }
-        if !self.state.catalog.is_subscribable(uri) {
+        if !self.tools.catalog.is_subscribable(uri) {
             return Err(McpError::resource_not_found(
                 "no such resource to subscribe to",
                 Some(serde_json::json!({ "uri": uri })),
@@ -151,14 +155,18 @@ impl ShoalHandler {
                 ),
                 None,
             )),
-            Err(cause) => Err(error::unavailable("subscribe", &cause)),
+            Err(cause) => Err(Failure::SharedState {
+                operation: "subscribe",
+                cause,
+            }
+            .into()),
         }
     }
 }
 
 impl ServerHandler for ShoalHandler {
     fn get_info(&self) -> ServerConfig {
-        self.state.server_info.clone()
+        self.tools.info.clone()
     }
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
@@ -203,8 +211,8 @@ impl ServerHandler for ShoalHandler {
             "tools/list",
             trace::request_span("tools/list", Target::None, &context),
             async {
-                let mut result = ListToolsResult::with_all_items(self.state.tools.list_all());
-                self.state
+                let mut result = ListToolsResult::with_all_items(self.tools.router.list_all());
+                self.tools
                     .catalog
                     .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
                 Ok(result)
@@ -214,7 +222,7 @@ impl ServerHandler for ShoalHandler {
     }
 
     fn get_tool(&self, name: &str) -> Option<rmcp::model::Tool> {
-        self.state.tools.get(name).cloned()
+        self.tools.router.get(name).cloned()
     }
 
     async fn call_tool(
@@ -223,7 +231,7 @@ impl ServerHandler for ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let start = Instant::now();
-        let policy = self.state.policies.get(&request.name).clone();
+        let policy = self.tools.policies.get(&request.name).clone();
         let span = trace::request_span("tools/call", Target::Tool(&request.name), &context);
         let cancelled = context.ct.clone();
         let result = span
@@ -256,7 +264,7 @@ impl ServerHandler for ShoalHandler {
             trace::request_span("resources/list", Target::None, &context),
             async {
                 let cursor = request.and_then(|r| r.cursor);
-                self.state
+                self.tools
                     .catalog
                     .list_resources(&self.state, cursor.as_deref())
                     .await
@@ -275,9 +283,9 @@ impl ServerHandler for ShoalHandler {
             trace::request_span("resources/templates/list", Target::None, &context),
             async {
                 let mut result = ListResourceTemplatesResult::with_all_items(
-                    self.state.catalog.templates.clone(),
+                    self.tools.catalog.templates.clone(),
                 );
-                self.state
+                self.tools
                     .catalog
                     .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
                 Ok(result)
@@ -295,7 +303,7 @@ impl ServerHandler for ShoalHandler {
             "resources/read",
             trace::request_span("resources/read", Target::Resource(&request.uri), &context),
             async {
-                self.state
+                self.tools
                     .catalog
                     .read(&self.state, &request.uri)
                     .await
@@ -342,7 +350,8 @@ impl ServerHandler for ShoalHandler {
                     .backend
                     .unsubscribe(&session, &request.uri)
                     .await
-                    .map_err(|cause| error::unavailable("unsubscribe", &cause))
+                    .during("unsubscribe")
+                    .map_err(McpError::from)
             },
         )
         .await
@@ -354,7 +363,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Option<SubscriptionFilter> {
         let mut accepted = requested.clone();
         if let Some(uris) = &mut accepted.resource_subscriptions {
-            uris.retain(|uri| self.state.catalog.is_subscribable(uri));
+            uris.retain(|uri| self.tools.catalog.is_subscribable(uri));
         }
         Some(accepted)
     }
@@ -394,15 +403,12 @@ impl ServerHandler for ShoalHandler {
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_else(|| "info".to_owned());
-                match self
-                    .state
+                self.state
                     .backend
                     .session_set_field(&session, "log", &level)
                     .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(cause) => Err(error::unavailable("set_level", &cause)),
-                }
+                    .during("set_level")?;
+                Ok(())
             },
         )
         .await
@@ -417,9 +423,9 @@ impl ServerHandler for ShoalHandler {
             "completion/complete",
             trace::request_span("completion/complete", Target::None, &context),
             async {
-                let values = self.state.catalog.complete(&request);
+                let values = self.tools.catalog.complete(&request);
                 let completion = CompletionInfo::with_all_values(values)
-                    .map_err(|message| McpError::internal_error(message, None))?;
+                    .map_err(|message| Failure::internal("completion values", message))?;
                 Ok(CompleteResult::new(completion))
             },
         )
@@ -436,8 +442,8 @@ impl ServerHandler for ShoalHandler {
             trace::request_span("prompts/list", Target::None, &context),
             async {
                 let mut result =
-                    ListPromptsResult::with_all_items(self.state.catalog.prompts.clone());
-                self.state
+                    ListPromptsResult::with_all_items(self.tools.catalog.prompts.clone());
+                self.tools
                     .catalog
                     .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
                 Ok(result)
@@ -455,10 +461,10 @@ impl ServerHandler for ShoalHandler {
             "prompts/get",
             trace::request_span("prompts/get", Target::Prompt(&request.name), &context),
             async {
-                if self.state.catalog.is_input_required_prompt(&request.name) {
+                if self.tools.catalog.is_input_required_prompt(&request.name) {
                     return self.input_required_prompt(&request).await;
                 }
-                self.state
+                self.tools
                     .catalog
                     .get_prompt(&request)
                     .map(GetPromptResponse::Complete)
@@ -495,7 +501,7 @@ impl ShoalHandler {
             None => None,
         };
         let Ok(Ok(slot)) = tokio::time::timeout(
-            self.state.policies.queue_timeout,
+            self.tools.policies.queue_timeout,
             policy.slots.clone().acquire_owned(),
         )
         .await
@@ -522,24 +528,30 @@ impl ShoalHandler {
         let tags = (policy.tags)(&arguments);
         let fill = async {
             match self.run_tool(policy, request, context).await? {
-                CallToolResponse::Complete(result) => Ok(Fill {
-                    cacheable: result.is_error != Some(true),
-                    value: serde_json::to_string(&result).map_err(|e| {
-                        McpError::internal_error(format!("serializing a result: {e}"), None)
-                    })?,
+                // Tool errors are not stored, so not serialized.
+                CallToolResponse::Complete(result) => Ok::<_, McpError>(Fill {
+                    stored: match result.is_error {
+                        Some(true) => None,
+                        _ => Some(
+                            serde_json::to_string(&result)
+                                .map_err(|e| Failure::internal("serializing a result", e))?,
+                        ),
+                    },
+                    result,
                 }),
-                _ => Err(McpError::internal_error(
-                    "a cached tool returned an intermediate result",
-                    None,
-                )),
+                _ => Err(
+                    Failure::internal("a cached tool", "returned an intermediate result").into(),
+                ),
             }
         };
         let answer = self.state.cache.get_or_fill(&id, ttl, &tags, fill).await?;
         if answer.source == CacheSource::Hit {
             tracing::trace!(tool = policy.name, "answered from the result cache");
         }
-        let result: CallToolResult = serde_json::from_str(&answer.value)
-            .map_err(|e| McpError::internal_error(format!("reading a cached result: {e}"), None))?;
+        let result: CallToolResult = answer
+            .content
+            .into_value(|raw| serde_json::from_str(raw))
+            .map_err(|e| Failure::internal("reading a cached result", e))?;
         Ok(CallToolResponse::Complete(result))
     }
 
@@ -550,8 +562,8 @@ impl ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let call = self
-            .state
             .tools
+            .router
             .call(ToolCallContext::new(self, request, context));
         match tokio::time::timeout(policy.timeout, call).await {
             Ok(result) => result,
@@ -585,10 +597,7 @@ impl ShoalHandler {
             self.state.metrics.streams_active("listen"),
         );
         if (get + listen).max(0) as usize >= self.state.config.max_streams {
-            return Err(McpError::internal_error(
-                "this replica has too many open streams; retry later",
-                None,
-            ));
+            return Err(Failure::TooManyStreams.into());
         }
         let uris = accepted.resource_subscriptions.clone().unwrap_or_default();
         let config = &self.state.config;

@@ -92,10 +92,9 @@ impl ShoalHandler {
                 json!({"digest": hex::encode(digest), "rounds": params.rounds}),
             )),
             Ok(None) => Ok(CallToolResult::error(vec![ContentBlock::text("cancelled")])),
-            Err(error) => Err(McpError::internal_error(
-                format!("hash worker failed: {error}"),
-                None,
-            )),
+            Err(error) => {
+                Err(crate::mcp::error::Failure::internal("the hash worker", error).into())
+            }
         }
     }
 }

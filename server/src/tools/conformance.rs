@@ -189,8 +189,14 @@ pub fn get_prompt(request: &GetPromptRequestParams) -> Result<GetPromptResult, M
             ));
         }
     };
-    serde_json::from_value(json!({"description": request.name, "messages": messages}))
-        .map_err(|error| McpError::internal_error(format!("prompt fixture: {error}"), None))
+    serde_json::from_value(json!({"description": request.name, "messages": messages})).map_err(
+        |error| {
+            McpError::from(crate::mcp::error::Failure::internal(
+                "prompt fixture",
+                error,
+            ))
+        },
+    )
 }
 
 /// `completion/complete` values for the fixtures' prompt arguments.
@@ -341,7 +347,12 @@ impl ShoalHandler {
             "messages": [{"role": "user", "content": {"type": "text", "text": params.prompt}}],
             "maxTokens": 100
         }))
-        .map_err(|error| McpError::internal_error(format!("sampling fixture: {error}"), None))?;
+        .map_err(|error| {
+            McpError::from(crate::mcp::error::Failure::internal(
+                "sampling fixture",
+                error,
+            ))
+        })?;
         match context.peer.create_message(request).await {
             Ok(result) => {
                 let answer = serde_json::to_value(&result.message.content).unwrap_or_default();
@@ -513,8 +524,12 @@ pub fn custom_header_tool() -> rmcp::handler::server::router::tool::ToolRoute<Sh
 }
 
 fn elicitation(params: serde_json::Value) -> Result<ElicitRequestParams, McpError> {
-    serde_json::from_value(params)
-        .map_err(|error| McpError::internal_error(format!("elicitation fixture: {error}"), None))
+    serde_json::from_value(params).map_err(|error| {
+        McpError::from(crate::mcp::error::Failure::internal(
+            "elicitation fixture",
+            error,
+        ))
+    })
 }
 
 impl ShoalHandler {

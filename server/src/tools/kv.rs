@@ -28,7 +28,10 @@ use serde::Deserialize;
 use shoal_shared::{backend::KvSetOutcome, bus::ListKind};
 
 use crate::{
-    mcp::handler::ShoalHandler,
+    mcp::{
+        error::{During as _, Failure},
+        handler::ShoalHandler,
+    },
     state::AppState,
     tools::{model, policy::Declared},
 };
@@ -154,7 +157,7 @@ pub async fn read(state: &AppState, uri: &str, key: &str) -> Result<ReadResource
         .backend
         .kv_get(key)
         .await
-        .map_err(|cause| crate::mcp::error::unavailable("kv_get", &cause))?
+        .during("kv_get")?
         .ok_or_else(|| super::resource_not_found(uri))?;
     let mut result = ReadResourceResult::new(vec![ResourceContents::text(value, uri)]);
     // Values change at any time; subscribers are told when they do.
@@ -221,12 +224,11 @@ impl ShoalHandler {
                     params.key
                 ))]))
             }
-            Err(cause) => {
-                tracing::warn!(error = %cause, "kv_set failed");
-                Ok(CallToolResult::error(vec![ContentBlock::text(
-                    "the scratchpad is temporarily unavailable; retry shortly",
-                )]))
+            Err(cause) => Ok(Failure::SharedState {
+                operation: "kv_set",
+                cause,
             }
+            .into_tool_result()),
         }
     }
 
@@ -248,12 +250,11 @@ impl ShoalHandler {
                 "no value is stored under {}",
                 params.key
             ))])),
-            Err(cause) => {
-                tracing::warn!(error = %cause, "kv_get failed");
-                Ok(CallToolResult::error(vec![ContentBlock::text(
-                    "the scratchpad is temporarily unavailable; retry shortly",
-                )]))
+            Err(cause) => Ok(Failure::SharedState {
+                operation: "kv_get",
+                cause,
             }
+            .into_tool_result()),
         }
     }
 
@@ -285,12 +286,11 @@ impl ShoalHandler {
                     },
                 )]))
             }
-            Err(cause) => {
-                tracing::warn!(error = %cause, "kv_delete failed");
-                Ok(CallToolResult::error(vec![ContentBlock::text(
-                    "the scratchpad is temporarily unavailable; retry shortly",
-                )]))
+            Err(cause) => Ok(Failure::SharedState {
+                operation: "kv_delete",
+                cause,
             }
+            .into_tool_result()),
         }
     }
 

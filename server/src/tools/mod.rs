@@ -20,7 +20,10 @@ use rmcp::{
     },
 };
 
-use crate::{mcp::handler::ShoalHandler, state::AppState};
+use crate::{
+    mcp::{error::During as _, handler::ShoalHandler},
+    state::AppState,
+};
 
 /// The toolsets this build knows.
 pub const KNOWN_TOOLSETS: [&str; 5] = ["kv", "postgres", "rpc", "compute", "conformance"];
@@ -109,6 +112,32 @@ impl Toolsets {
             router.add_route(conformance::custom_header_tool());
         }
         router
+    }
+}
+
+/// What the enabled toolsets offer, built once at start and shared by every handler: the tool
+/// router, each tool's policy and the catalog of resources, templates and prompts.
+#[derive(Debug)]
+pub struct Toolbox {
+    /// Routes `tools/call` and answers `tools/list`.
+    pub router: ToolRouter<ShoalHandler>,
+    /// Per-tool cache, timeout and concurrency policies.
+    pub policies: policy::Policies,
+    /// Resources, templates and prompts.
+    pub catalog: Catalog,
+    /// What `initialize` announces.
+    pub info: rmcp::model::ServerConfig,
+}
+
+impl Toolbox {
+    /// The toolbox of `toolsets`, with the policy overrides of `config`.
+    pub fn new(config: &shoal_shared::config::Config, toolsets: Toolsets) -> Self {
+        Self {
+            router: toolsets.tool_router(),
+            policies: policy::Policies::new(config, declared_policies(&toolsets)),
+            catalog: Catalog::new(toolsets),
+            info: crate::mcp::handler::server_info(),
+        }
     }
 }
 
@@ -207,7 +236,7 @@ impl Catalog {
                 .backend
                 .kv_list(after.as_deref(), PAGE_SIZE)
                 .await
-                .map_err(|cause| crate::mcp::error::unavailable("kv_list", &cause))?;
+                .during("kv_list")?;
             if keys.len() as u64 == PAGE_SIZE {
                 next_cursor = keys.last().map(|key| kv::encode_cursor(key));
             }

@@ -28,7 +28,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shoal_shared::bus::ListKind;
 
-use crate::mcp::handler::ShoalHandler;
+use crate::mcp::{
+    error::{During as _, Failure},
+    handler::ShoalHandler,
+};
 
 /// How long a sealed request state stays valid.
 const STATE_TTL: Duration = Duration::from_secs(10 * 60);
@@ -47,7 +50,7 @@ struct Round {
 
 fn input(value: Value) -> Result<InputRequest, McpError> {
     serde_json::from_value(value)
-        .map_err(|error| McpError::internal_error(format!("input request fixture: {error}"), None))
+        .map_err(|error| McpError::from(Failure::internal("input request fixture", error)))
 }
 
 fn elicit(message: &str, property: &str, kind: &str) -> Result<InputRequest, McpError> {
@@ -129,13 +132,11 @@ fn supports(capabilities: &Option<ClientCapabilities>, capability: &str) -> bool
 
 impl ShoalHandler {
     async fn codec(&self) -> Result<&RequestStateCodec, McpError> {
-        self.state.request_state().await.map_err(|error| {
-            tracing::warn!(%error, "request-state key unavailable");
-            McpError::internal_error(
-                "request state cannot be sealed right now; retry shortly",
-                None,
-            )
-        })
+        Ok(self
+            .state
+            .request_state()
+            .await
+            .map_err(Failure::RequestState)?)
     }
 
     async fn seal(&self, tool: &str, round: u32, carried: Value) -> Result<String, McpError> {
@@ -152,9 +153,7 @@ impl ShoalHandler {
                     .associated_data(tool.as_bytes())
                     .ttl(STATE_TTL),
             )
-            .map_err(|error| {
-                McpError::internal_error(format!("sealing request state: {error}"), None)
-            })
+            .map_err(|error| Failure::internal("sealing request state", error).into())
     }
 
     /// Opens a state sealed for `tool`; a forged, tampered or expired one is -32602.
@@ -183,9 +182,7 @@ impl ShoalHandler {
                     "messages": [{"role": "user", "content": {"type": "text",
                         "text": format!("Answer using this context: {context}")}}]
                 }))
-                .map_err(|error| {
-                    McpError::internal_error(format!("prompt fixture: {error}"), None)
-                })?;
+                .map_err(|error| McpError::from(Failure::internal("prompt fixture", error)))?;
                 result.result_type = Some(ResultType::COMPLETE);
                 Ok(GetPromptResponse::Complete(result))
             }
@@ -534,9 +531,11 @@ impl ShoalHandler {
         context: &RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
         // subscriptions/listen streams anywhere in the cluster...
-        if let Err(cause) = self.state.backend.list_changed(list).await {
-            return Err(crate::mcp::error::unavailable("list_changed", &cause));
-        }
+        self.state
+            .backend
+            .list_changed(list)
+            .await
+            .during("list_changed")?;
         // ...and the calling legacy session's own GET stream.
         if crate::mcp::handler::session_id(context).is_some() {
             let sent = match list {

@@ -13,7 +13,7 @@ use rmcp::{
     ErrorData as McpError, RoleServer,
     handler::server::wrapper::Parameters,
     model::{
-        CacheScope, CallToolResult, ContentBlock, ReadResourceResult, Resource, ResourceContents,
+        CacheScope, CallToolResult, ReadResourceResult, Resource, ResourceContents,
         ResourceTemplate,
     },
     service::RequestContext,
@@ -30,7 +30,7 @@ use shoal_shared::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    mcp::handler::ShoalHandler,
+    mcp::{error::Failure, handler::ShoalHandler},
     state::AppState,
     tools::{model, policy::Declared},
 };
@@ -97,10 +97,7 @@ pub async fn ensure_tables_exist<'a>(
         .db
         .as_ref()
         .ok_or_else(|| crate::tools::resource_not_found(tables[0].0))?;
-    let known = db
-        .list_tables()
-        .await
-        .map_err(|error| McpError::internal_error(error.to_string(), None))?;
+    let known = db.list_tables().await.map_err(Failure::from)?;
     match tables.iter().find(|(_, table)| !known.contains(table)) {
         Some((uri, _)) => Err(crate::tools::resource_not_found(uri)),
         None => Ok(()),
@@ -156,16 +153,15 @@ pub struct TableParams {
     pub table: String,
 }
 
-fn failure(error: &DbError) -> CallToolResult {
-    CallToolResult::error(vec![ContentBlock::text(error.to_string())])
+fn failure(error: DbError) -> CallToolResult {
+    Failure::Database(error).into_tool_result()
 }
 
 impl ShoalHandler {
     fn database(&self) -> Result<&Database, McpError> {
-        self.state
-            .db
-            .as_ref()
-            .ok_or_else(|| McpError::internal_error("the postgres toolset is not configured", None))
+        self.state.db.as_ref().ok_or_else(|| {
+            Failure::internal("the postgres toolset", "used while not configured").into()
+        })
     }
 
     /// Tells subscribers, invalidates cached reads: the given tables changed.
@@ -218,7 +214,7 @@ impl ShoalHandler {
                 }
                 Ok(CallToolResult::structured(result))
             }
-            Err(error) => Ok(failure(&error)),
+            Err(error) => Ok(failure(error)),
         }
     }
 
@@ -229,7 +225,7 @@ impl ShoalHandler {
     async fn pg_list_tables(&self) -> Result<CallToolResult, McpError> {
         match self.database()?.list_tables().await {
             Ok(tables) => Ok(CallToolResult::structured(json!({"tables": tables}))),
-            Err(error) => Ok(failure(&error)),
+            Err(error) => Ok(failure(error)),
         }
     }
 
@@ -246,7 +242,7 @@ impl ShoalHandler {
             Ok(info) => Ok(CallToolResult::structured(
                 serde_json::to_value(info).unwrap_or_default(),
             )),
-            Err(error) => Ok(failure(&error)),
+            Err(error) => Ok(failure(error)),
         }
     }
 }
@@ -278,7 +274,7 @@ impl ShoalHandler {
                     "changed_tables": output.changed_tables,
                 })))
             }
-            Err(error) => Ok(failure(&error)),
+            Err(error) => Ok(failure(error)),
         }
     }
 }
@@ -337,10 +333,7 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
             Some(table) => serde_json::to_value(db.describe(table).await?).unwrap_or_default(),
             None => json!({"tables": db.list_tables().await?}),
         };
-        Ok::<_, DbError>(Fill {
-            value: value.to_string(),
-            cacheable: true,
-        })
+        Ok::<_, DbError>(Fill::text(value.to_string(), true))
     };
     let answer = match state
         .cache
@@ -348,13 +341,13 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
         .await
     {
         Ok(answer) => answer,
-        Err(DbError::Invalid(_)) => return Err(crate::tools::resource_not_found(uri)),
-        Err(error) => return Err(McpError::internal_error(error.to_string(), None)),
+        Err(DbError::NoSuchTable(_)) => return Err(crate::tools::resource_not_found(uri)),
+        Err(error) => return Err(Failure::from(error).into()),
     };
     if answer
         .previous
         .as_ref()
-        .is_some_and(|previous| *previous != answer.value)
+        .is_some_and(|previous| previous != answer.text())
     {
         let uris = match &table {
             Some(table) => table_uris(table),
@@ -370,7 +363,7 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
     let mut result = ReadResourceResult::new(vec![ResourceContents::TextResourceContents {
         uri: uri.to_owned(),
         mime_type: Some("application/json".into()),
-        text: answer.value,
+        text: answer.text().to_owned(),
         meta: None,
     }]);
     result.ttl_ms = Some(RESOURCE_TTL.as_millis() as u64);

@@ -13,10 +13,7 @@ use rmcp::{
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shoal_shared::{
-    cache::Freshness,
-    rpc::{RpcError, RpcPool},
-};
+use shoal_shared::{cache::Freshness, rpc::RpcPool};
 
 use crate::{mcp::handler::ShoalHandler, tools::policy::Declared};
 
@@ -63,26 +60,16 @@ fn valid_address(address: &str) -> bool {
 
 impl ShoalHandler {
     fn upstreams(&self) -> Result<&RpcPool, McpError> {
-        self.state
-            .rpc
-            .as_ref()
-            .ok_or_else(|| McpError::internal_error("the rpc toolset is not configured", None))
+        self.state.rpc.as_ref().ok_or_else(|| {
+            crate::mcp::error::Failure::internal("the rpc toolset", "used while not configured")
+                .into()
+        })
     }
 
     async fn upstream(&self, method: &str, params: Value) -> Result<CallToolResult, McpError> {
         match self.upstreams()?.call(method, params).await {
             Ok(result) => Ok(CallToolResult::structured(json!({"result": result}))),
-            Err(error @ RpcError::Upstream { .. }) => {
-                Ok(CallToolResult::error(vec![ContentBlock::text(
-                    error.to_string(),
-                )]))
-            }
-            Err(error) => {
-                tracing::warn!(%error, method, "upstream call failed");
-                Ok(CallToolResult::error(vec![ContentBlock::text(
-                    error.to_string(),
-                )]))
-            }
+            Err(error) => Ok(crate::mcp::error::Failure::Upstream(error).into_tool_result()),
         }
     }
 }
