@@ -43,9 +43,8 @@ pub use shoal_shared::{config, ids};
 use crate::{
     http::HttpService,
     mcp::{
-        cluster::{ClusterOptions, ClusterSessionManager},
         handler::ShoalHandler,
-        store::ClusterSessionStore,
+        session::{ClusterOptions, ClusterSessionManager, ClusterSessionStore},
     },
     state::AppState,
     tools::{Toolbox, Toolsets},
@@ -189,6 +188,7 @@ impl App {
             draining: AtomicBool::new(false),
             request_state: tokio::sync::OnceCell::new(),
             session_calls: state::SessionCalls::default(),
+            streams: state::StreamSlots::new(config.max_streams, metrics.clone()),
         });
 
         let sse_retry = Duration::from_millis(config.sse_retry_ms);
@@ -200,6 +200,7 @@ impl App {
             },
             sse_retry,
             max_local_sessions: config.max_local_sessions,
+            streams: state.streams.clone(),
             // Without Redis there is one replica and sliding the TTL costs no round trip.
             touch_interval: if backend.kind() == "redis" {
                 config.session_touch_interval()

@@ -1,6 +1,9 @@
 //! The state every request shares: built once at start, then only read (cheap `Arc` clones).
 
-use std::sync::{Arc, atomic::AtomicBool};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use rmcp::model::RequestStateCodec;
@@ -39,6 +42,57 @@ pub struct AppState {
     pub request_state: OnceCell<RequestStateCodec>,
     /// Tool calls running per legacy session on this replica.
     pub session_calls: SessionCalls,
+    /// Long-lived streams (GET and `subscriptions/listen`) open on this replica.
+    pub streams: StreamSlots,
+}
+
+/// Counts the long-lived streams a replica holds (`SHOAL_MAX_STREAMS`), and mirrors the count in
+/// the `shoal_streams_active` gauge. Admission reads this count, never the gauge.
+#[derive(Debug, Clone)]
+pub struct StreamSlots {
+    open: Arc<AtomicUsize>,
+    limit: usize,
+    metrics: Metrics,
+}
+
+/// One open stream; dropping it frees its slot.
+#[derive(Debug)]
+pub struct StreamSlot {
+    slots: StreamSlots,
+    kind: &'static str,
+}
+
+impl StreamSlots {
+    /// Slots for at most `limit` streams.
+    pub fn new(limit: usize, metrics: Metrics) -> Self {
+        Self {
+            open: Arc::default(),
+            limit,
+            metrics,
+        }
+    }
+
+    /// Whether a new stream would exceed the limit.
+    pub fn is_full(&self) -> bool {
+        self.open.load(Ordering::Relaxed) >= self.limit
+    }
+
+    /// Counts a stream of `kind` (`get` or `listen`) until the returned slot is dropped.
+    pub fn open(&self, kind: &'static str) -> StreamSlot {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.metrics.streams_active_add(kind, 1);
+        StreamSlot {
+            slots: self.clone(),
+            kind,
+        }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.slots.open.fetch_sub(1, Ordering::Relaxed);
+        self.slots.metrics.streams_active_add(self.kind, -1);
+    }
 }
 
 /// Counts the tool calls each session runs on this replica (`SHOAL_MAX_CALLS_PER_SESSION`).

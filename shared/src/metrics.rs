@@ -616,14 +616,6 @@ impl Metrics {
             .inc_by(delta);
     }
 
-    /// Open streams of `kind`.
-    pub fn streams_active(&self, kind: &'static str) -> i64 {
-        self.inner
-            .streams_active
-            .get_or_create(&KindLabel { kind })
-            .get()
-    }
-
     /// One MCP request other than `tools/call` finished (tool calls go through [`Self::tool_call`]).
     pub fn mcp_request(&self, method: &'static str, outcome: &'static str, elapsed: Duration) {
         self.record_request(method, None, outcome, elapsed);

@@ -592,11 +592,7 @@ impl ShoalHandler {
         if accepted.resources_list_changed == Some(true) {
             lists.push(ListKind::Resources);
         }
-        let (get, listen) = (
-            self.state.metrics.streams_active("get"),
-            self.state.metrics.streams_active("listen"),
-        );
-        if (get + listen).max(0) as usize >= self.state.config.max_streams {
+        if self.state.streams.is_full() {
             return Err(Failure::TooManyStreams.into());
         }
         let uris = accepted.resource_subscriptions.clone().unwrap_or_default();
@@ -625,7 +621,7 @@ impl ShoalHandler {
         let Some(mut registration) = self.state.bus.register_listener(uris, lists) else {
             return Ok(()); // shutting down: end at once, the client reconnects elsewhere
         };
-        let _gauge = StreamGauge::new(&self.state.metrics, "listen");
+        let _slot = self.state.streams.open("listen");
         let shutdown = self.state.bus.shutdown_token();
         let sink = context.sink();
         loop {
@@ -684,28 +680,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.metrics.tool_in_flight(self.tool, -1);
-    }
-}
-
-/// Counts an open stream in the `shoal_streams_active` gauge while it lives.
-struct StreamGauge {
-    metrics: shoal_shared::metrics::Metrics,
-    kind: &'static str,
-}
-
-impl StreamGauge {
-    fn new(metrics: &shoal_shared::metrics::Metrics, kind: &'static str) -> Self {
-        metrics.streams_active_add(kind, 1);
-        Self {
-            metrics: metrics.clone(),
-            kind,
-        }
-    }
-}
-
-impl Drop for StreamGauge {
-    fn drop(&mut self) {
-        self.metrics.streams_active_add(self.kind, -1);
     }
 }
 

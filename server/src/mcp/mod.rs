@@ -1,8 +1,7 @@
-//! Everything that speaks MCP: the handler, the cluster session manager, and the rmcp session-store
-//! adapter over the shared backend.
+//! Everything that speaks MCP: the handler (and its call pipeline), the one error mapping, the
+//! request spans, and the sessions of legacy clients across the cluster.
 
-pub mod cluster;
 pub mod error;
 pub mod handler;
-pub mod store;
+pub mod session;
 pub mod trace;

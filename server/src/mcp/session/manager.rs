@@ -18,8 +18,10 @@
 //!   response over the bus to the replica waiting for it.
 //! - **Cancellation** reaches the replica running the request: `notifications/cancelled` is
 //!   delivered locally and broadcast to the others.
-//! - **Closing** a worker (idle, shutdown) is local; only DELETE (handled in [`crate::http`]) and
-//!   expiry end a session everywhere.
+//! - **Closing** a worker (idle, shutdown) is local; only DELETE ([`ClusterSessionManager::delete`])
+//!   and expiry end a session everywhere.
+//! - **Admission**: the replica's session cap ([`ClusterSessionManager::is_full`]), and the stream
+//!   slots every GET stream holds while it is open.
 //!
 //! [`has_session`]: ClusterSessionManager::has_session
 //! [`feed`]: shoal_shared::feed
@@ -30,8 +32,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::mcp::error::ClusterError;
 use crate::mcp::trace::{delivery_span, traceparent_in};
+use crate::{
+    mcp::error::ClusterError,
+    state::{StreamSlot, StreamSlots},
+};
 use futures::{Stream, StreamExt};
 use rmcp::{
     RoleServer,
@@ -52,7 +57,7 @@ use rmcp::{
     },
 };
 use shoal_shared::{
-    backend::Backend,
+    backend::{Backend, BackendError},
     bus::ControlMessage,
     feed::{self, FeedItem, FeedOptions},
     ids::{ClientEventId, ReplicaTag},
@@ -73,6 +78,8 @@ pub struct ClusterOptions {
     /// How long after sliding a session's TTL in the shared state this replica trusts its own
     /// worker without sliding it again (zero: every request slides it).
     pub touch_interval: Duration,
+    /// The replica's stream slots, shared with the handler.
+    pub streams: StreamSlots,
 }
 
 /// The session manager mounted in rmcp's `StreamableHttpService`.
@@ -120,12 +127,6 @@ impl ClusterSessionManager {
             options,
             touched: std::sync::Mutex::default(),
         }
-    }
-
-    /// How long a DELETE waits before answering, so that no replica still trusts a slide of the
-    /// session's TTL made before the record was deleted (see `ClusterOptions::touch_interval`).
-    pub fn delete_settle(&self) -> Duration {
-        self.options.touch_interval
     }
 
     fn touched(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Instant>> {
@@ -203,11 +204,35 @@ impl ClusterSessionManager {
         }
     }
 
+    /// Whether this replica holds as many session workers as it may: checked before an
+    /// `initialize` reaches rmcp (a clean 503) and again when the session is created (concurrent
+    /// initializes may have filled the replica meanwhile).
+    pub async fn is_full(&self) -> bool {
+        self.local_sessions().await >= self.options.max_local_sessions
+    }
+
     async fn ensure_capacity(&self) -> Result<(), ClusterError> {
-        if self.local_sessions().await >= self.options.max_local_sessions {
+        if self.is_full().await {
             return Err(ClusterError::Capacity);
         }
         Ok(())
+    }
+
+    /// Ends `session` everywhere (DELETE): deletes its record, which tells every replica over the
+    /// bus, closes the local worker, and waits out the TTL slides other replicas made just before,
+    /// so the session is gone everywhere once the caller answers. `false` when it did not exist.
+    ///
+    /// # Errors
+    /// The shared state is unavailable (nothing was deleted).
+    pub async fn delete(&self, session: &str) -> Result<bool, BackendError> {
+        let existed = self.backend.session_delete(session).await?;
+        self.close_local(session).await;
+        if existed {
+            // Replicas that slid the session's TTL just before it was deleted trust that slide
+            // for this long (unless the bus told them first).
+            tokio::time::sleep(self.options.touch_interval).await;
+        }
+        Ok(existed)
     }
 
     fn wrap_transport(&self, inner: WorkerTransport<LocalSessionWorker>) -> ClusterTransport {
@@ -266,7 +291,7 @@ impl ClusterSessionManager {
             receiver,
             id.to_string(),
             self.options.sse_retry,
-            self.metrics.clone(),
+            self.options.streams.open("get"),
         ))
     }
 
@@ -484,12 +509,12 @@ impl SessionManager for ClusterSessionManager {
     }
 }
 
-/// The GET stream handed to rmcp: feed items as SSE messages. Counts itself in the streams gauge.
+/// The GET stream handed to rmcp: feed items as SSE messages. Holds a stream slot while open.
 pub struct FeedStream {
     inner: ReceiverStream<FeedItem>,
     session: String,
     retry: Duration,
-    metrics: Metrics,
+    _slot: StreamSlot,
 }
 
 impl FeedStream {
@@ -497,21 +522,14 @@ impl FeedStream {
         receiver: mpsc::Receiver<FeedItem>,
         session: String,
         retry: Duration,
-        metrics: Metrics,
+        slot: StreamSlot,
     ) -> Self {
-        metrics.streams_active_add("get", 1);
         Self {
             inner: ReceiverStream::new(receiver),
             session,
             retry,
-            metrics,
+            _slot: slot,
         }
-    }
-}
-
-impl Drop for FeedStream {
-    fn drop(&mut self) {
-        self.metrics.streams_active_add("get", -1);
     }
 }
 

@@ -1,0 +1,459 @@
+//! The HTTP front of a replica: routing, the checks that run before MCP, and the connection loop
+//! with graceful shutdown.
+//!
+//! Routes: `/mcp` (MCP Streamable HTTP: POST, GET, DELETE), `/healthz` (alive), `/readyz` (ready:
+//! not draining and the shared state reachable), `/metrics` (Prometheus text).
+//!
+//! Before a message reaches rmcp this layer enforces, each with its status and a JSON-RPC error
+//! body where the client speaks JSON-RPC: Host and Origin allow-lists (403), the body size limit
+//! (413), a body read timeout (408), JSON syntax (400, -32700), JSON-RPC framing (400, -32600),
+//! the replica's session and stream limits (503), and a shared state that is down (503 instead of
+//! rmcp's 500). DELETE is handled here entirely, so that a session is only reported deleted once
+//! it is gone from the shared state.
+//!
+//! Rooms: [`guard`] (the checks on Host, Origin and the JSON-RPC envelope), [`observe`] (the HTTP
+//! span and request metrics), [`serve`] (the connection loop and graceful shutdown); this module
+//! routes and answers.
+
+mod guard;
+mod observe;
+mod serve;
+
+pub use serve::serve;
+
+use guard::{Envelope, OriginPolicy, is_json, known_version};
+use observe::{Finish, ObservedBody, http_span, method_label, route_label};
+
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Incoming;
+use rmcp::{model::ProtocolVersion, transport::streamable_http_server::StreamableHttpService};
+use shoal_shared::ids::is_session_id;
+use shoal_shared::telemetry::Span;
+use tokio::time::Instant;
+
+use crate::{
+    mcp::{handler::ShoalHandler, session::ClusterSessionManager},
+    state::AppState,
+};
+
+/// Response body type shared with rmcp.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+type McpService = StreamableHttpService<ShoalHandler, ClusterSessionManager>;
+
+/// How long the bus may go without a probe coming back before the replica reports not ready (three
+/// probe intervals).
+const BUS_SILENCE_LIMIT: Duration = Duration::from_secs(15);
+
+/// How long a client may take to send a request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The replica's HTTP service. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpService {
+    state: Arc<AppState>,
+    sessions: Arc<ClusterSessionManager>,
+    mcp: McpService,
+    policy: Arc<OriginPolicy>,
+    replica: HeaderValue,
+    /// The admin listener's service: /metrics, /healthz and /readyz only, no Host check.
+    admin: bool,
+    /// Whether the last readiness check passed (its failures are logged once, on the change).
+    ready: Arc<AtomicBool>,
+}
+
+impl HttpService {
+    /// The service over `mcp`, whose session manager is `sessions`.
+    pub fn new(
+        state: Arc<AppState>,
+        sessions: Arc<ClusterSessionManager>,
+        mcp: McpService,
+    ) -> Self {
+        let policy = Arc::new(OriginPolicy::new(
+            &state.config.host_allow_list(),
+            &state.config.effective_allowed_origins(),
+        ));
+        // Names the replica that answered: operators and tests see where a balancer sent a request.
+        let replica =
+            HeaderValue::from_str(state.bus.tag().as_str()).expect("a replica id is 12 hex digits");
+        Self {
+            state,
+            sessions,
+            mcp,
+            policy,
+            replica,
+            admin: false,
+            ready: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// The same service for the admin listener (`SHOAL_ADMIN_LISTEN`).
+    pub fn admin(&self) -> Self {
+        Self {
+            admin: true,
+            ..self.clone()
+        }
+    }
+
+    /// Handles one request. Measured in `shoal_http_request_duration_seconds` until its response
+    /// body ends; an MCP request is traced in an HTTP server span that lives as long.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        let method = method_label(request.method());
+        let route = route_label(request.uri().path());
+        let mut span = Span::none();
+        let mut response = self.route(request, &mut span).await;
+        response
+            .headers_mut()
+            .insert("x-shoal-replica", self.replica.clone());
+        let status = response.status().as_u16();
+        if span.is_recording() {
+            span.set("http.response.status_code", i64::from(status));
+            if status >= 500 {
+                span.mark_error(&status.to_string());
+            }
+        }
+        let finish = Finish {
+            metrics: self.state.metrics.clone(),
+            method,
+            route,
+            status,
+            start,
+            _span: span,
+        };
+        response.map(|body| {
+            ObservedBody {
+                inner: body,
+                finish: Some(finish),
+            }
+            .boxed()
+        })
+    }
+
+    async fn route(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
+        let path = request.uri().path();
+        match (request.method(), path) {
+            (_, "/mcp") if !self.admin => self.mcp(request, span).await,
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => self.readyz().await,
+            (&Method::GET, "/metrics")
+                if !self.admin && self.state.config.admin_listen.is_some() =>
+            {
+                text(StatusCode::NOT_FOUND, "not found\n")
+            }
+            (&Method::GET, "/metrics") => {
+                if !self.admin
+                    && let Err(rejection) = self.policy.check_host(request.uri(), request.headers())
+                {
+                    return self
+                        .reject(rejection.reason, text(rejection.status, rejection.message));
+                }
+                self.metrics()
+            }
+            (_, "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .body(full(self.state.metrics.render()))
+            .expect("valid response")
+    }
+
+    /// Ready or not, and nothing more on the serving port; the reason on the admin listener and
+    /// in the log (once, when readiness is lost).
+    async fn readyz(&self) -> Response<Body> {
+        let reason = if self.state.draining.load(Ordering::SeqCst) {
+            Some("draining")
+        } else if self.state.bus.since_last_roundtrip() > BUS_SILENCE_LIMIT {
+            // The bus probe (every 5 s) has not come back: this replica would miss notifications.
+            Some("cluster bus silent")
+        } else {
+            match tokio::time::timeout(Duration::from_secs(2), self.state.backend.ping()).await {
+                Ok(Ok(())) => None,
+                _ => Some("shared state unreachable"),
+            }
+        };
+        let was_ready = self.ready.swap(reason.is_none(), Ordering::SeqCst);
+        match reason {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(reason) => {
+                if was_ready {
+                    tracing::warn!(reason, "not ready");
+                }
+                let body = if self.admin {
+                    format!("not ready: {reason}\n")
+                } else {
+                    "not ready\n".to_owned()
+                };
+                text(StatusCode::SERVICE_UNAVAILABLE, body)
+            }
+        }
+    }
+
+    fn reject(&self, reason: &'static str, response: Response<Body>) -> Response<Body> {
+        self.state.metrics.http_rejection(reason);
+        response
+    }
+
+    async fn mcp(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
+        if let Err(rejection) = self.policy.check(request.uri(), request.headers()) {
+            tracing::info!(
+                reason = rejection.reason,
+                "rejected request: host or origin not allowed"
+            );
+            return self.reject(rejection.reason, text(rejection.status, rejection.message));
+        }
+        // Session ids only in their exact generated form, on every method: nothing else reaches
+        // storage, the bus or telemetry.
+        let mut session_ids = request.headers().get_all("mcp-session-id").iter();
+        if let Some(first) = session_ids.next()
+            && (session_ids.next().is_some() || !first.to_str().is_ok_and(is_session_id))
+        {
+            tracing::info!("rejected request: malformed session id");
+            return self.reject(
+                "bad_session_id",
+                text(StatusCode::NOT_FOUND, "Not Found: Session not found\n"),
+            );
+        }
+        match *request.method() {
+            Method::POST => self.post(request, span).await,
+            Method::GET => {
+                if self.state.streams.is_full() {
+                    return self.reject(
+                        "streams_full",
+                        busy(None, "this replica has too many open streams"),
+                    );
+                }
+                let (mut parts, _) = request.into_parts();
+                *span = http_span(&mut parts, None);
+                span.wrap(self.forward(Request::from_parts(parts, Full::new(Bytes::new())), None))
+                    .await
+            }
+            Method::DELETE => {
+                let (mut parts, _) = request.into_parts();
+                *span = http_span(&mut parts, None);
+                span.wrap(self.delete(&parts.headers)).await
+            }
+            _ => method_not_allowed("GET, POST, DELETE"),
+        }
+    }
+
+    async fn post(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
+        let (mut parts, body) = request.into_parts();
+        // Accept and Content-Type are checked by rmcp (406, 415) before it reads the body: send it
+        // nothing to read when they are wrong.
+        if !is_json(&parts.headers) {
+            return self
+                .forward(Request::from_parts(parts, Full::new(Bytes::new())), None)
+                .await;
+        }
+        let limit = self.state.config.max_body_bytes;
+        let collected =
+            tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
+        let bytes = match collected {
+            Err(_) => {
+                return self.reject(
+                    "body_timeout",
+                    jsonrpc_error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        -32600,
+                        "request body not received in time",
+                    ),
+                );
+            }
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+                tracing::info!(limit, "rejected request: body too large");
+                return self.reject(
+                    "body_too_large",
+                    jsonrpc_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        -32600,
+                        &format!("request body exceeds {limit} bytes"),
+                    ),
+                );
+            }
+            Ok(Err(_)) => {
+                return self.reject(
+                    "body_read",
+                    jsonrpc_error(
+                        StatusCode::BAD_REQUEST,
+                        -32600,
+                        "request body could not be read",
+                    ),
+                );
+            }
+            Ok(Ok(collected)) => collected.to_bytes(),
+        };
+        let envelope = match Envelope::peek(&bytes) {
+            Ok(envelope) => envelope,
+            Err((code, message)) => {
+                tracing::info!(code, message, "rejected request: malformed JSON-RPC");
+                let reason = if code == -32700 {
+                    "parse_error"
+                } else {
+                    "invalid_request"
+                };
+                return self.reject(
+                    reason,
+                    jsonrpc_error(StatusCode::BAD_REQUEST, code, message),
+                );
+            }
+        };
+        if envelope.is_initialize && bytes.len() > self.state.config.max_initialize_bytes {
+            let limit = self.state.config.max_initialize_bytes;
+            tracing::info!(limit, "rejected request: initialize too large");
+            return self.reject(
+                "initialize_too_large",
+                jsonrpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    -32602,
+                    &format!("initialize request exceeds {limit} bytes"),
+                ),
+            );
+        }
+        if envelope.is_initialize && self.sessions.is_full().await {
+            return self.reject(
+                "sessions_full",
+                busy(envelope.id.as_ref(), "this replica holds too many sessions"),
+            );
+        }
+        *span = http_span(&mut parts, envelope.traceparent.as_deref());
+        span.wrap(self.forward(
+            Request::from_parts(parts, Full::new(bytes)),
+            envelope.id.as_ref(),
+        ))
+        .await
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Full<Bytes>>,
+        id: Option<&serde_json::Value>,
+    ) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let response = self.mcp.handle(request).await;
+        if response.status() == StatusCode::INTERNAL_SERVER_ERROR
+            && (!self.state.backend.is_connected() || self.state.backend.failed_since(started))
+        {
+            // rmcp reports a failed session lookup as 500; the cause is a shared state that is down
+            // (the connection state may not know yet when the failure is fresh), which clients
+            // should retry.
+            return self.reject("backend_unavailable", unavailable(id));
+        }
+        response
+    }
+
+    async fn delete(&self, headers: &HeaderMap) -> Response<Body> {
+        if let Some(version) = headers.get("mcp-protocol-version") {
+            let Some(version) = version.to_str().ok().and_then(known_version) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request: Unsupported MCP-Protocol-Version\n",
+                );
+            };
+            if version.as_str() >= ProtocolVersion::V_2026_07_28.as_str() {
+                return method_not_allowed("GET, POST"); // no sessions from 2026-07-28 on
+            }
+        }
+        let Some(session) = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "Bad Request: Session ID is required\n",
+            );
+        };
+        match self.sessions.delete(session).await {
+            Ok(true) => empty(StatusCode::ACCEPTED),
+            Ok(false) => text(StatusCode::NOT_FOUND, "Not Found: Session not found\n"),
+            Err(error) => {
+                tracing::warn!(%error, "DELETE failed: shared state unavailable");
+                self.reject("backend_unavailable", unavailable(None))
+            }
+        }
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed()
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(body))
+        .expect("valid response")
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(full(Bytes::new()))
+        .expect("valid response")
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::METHOD_NOT_ALLOWED)
+        .header(header::ALLOW, allow)
+        .body(full("Method Not Allowed\n"))
+        .expect("valid response")
+}
+
+/// A JSON-RPC error response. `id` is the request's id when it could be read (errors echo it),
+/// otherwise `null` as JSON-RPC prescribes for unreadable requests.
+fn jsonrpc_error_for(
+    id: Option<&serde_json::Value>,
+    status: StatusCode,
+    code: i64,
+    message: &str,
+) -> Response<Body> {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id.unwrap_or(&serde_json::Value::Null),
+        "error": { "code": code, "message": message },
+    });
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(body.to_string()))
+        .expect("valid response")
+}
+
+fn jsonrpc_error(status: StatusCode, code: i64, message: &str) -> Response<Body> {
+    jsonrpc_error_for(None, status, code, message)
+}
+
+fn busy(id: Option<&serde_json::Value>, message: &str) -> Response<Body> {
+    let mut response = jsonrpc_error_for(
+        id,
+        StatusCode::SERVICE_UNAVAILABLE,
+        -32000,
+        &format!("{message}; retry shortly"),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+fn unavailable(id: Option<&serde_json::Value>) -> Response<Body> {
+    busy(id, "shared session state is unavailable")
+}
