@@ -5,6 +5,8 @@
 
 use serde_json::json;
 
+use shoal_shared::testkit::client::McpClient;
+
 use crate::helpers::*;
 
 async fn subscribed_client(url: &str, uri: &str) -> shoal_shared::testkit::client::McpClient {
@@ -366,4 +368,65 @@ async fn bus_reconnects_lose_no_event() {
         })
         .await;
     }
+}
+
+/// `SHOAL_MAX_STREAMS` bounds the long-lived streams a replica holds, GET and
+/// `subscriptions/listen` together: one more is refused at once (503 with `Retry-After` for a GET,
+/// a JSON-RPC error for a listen), and a closed stream frees its slot.
+#[tokio::test]
+async fn a_replica_holds_at_most_its_stream_limit() {
+    let topology = start(cluster_options(1).env("SHOAL_MAX_STREAMS", 2)).await;
+    let url = topology.mcp_url();
+    let base = topology.replicas[0].base_url();
+    let first = subscribed_client(&url, "kv://a").await;
+    let first_stream = first.open_get(None).await.expect("GET");
+    assert_eq!(first_stream.status, 200);
+    let listener = McpClient::modern(&url);
+    let (_, mut listen) = listener
+        .open_request("subscriptions/listen", listen_params("kv://a"))
+        .await
+        .expect("listen");
+    next_matching(&mut listen, "the acknowledgment", |m| {
+        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
+    })
+    .await;
+
+    // Full: a GET and a listen are both refused.
+    let second = subscribed_client(&url, "kv://b").await;
+    let refused = second.open_get(None).await.expect("GET");
+    assert_eq!(refused.status, 503);
+    assert_eq!(
+        refused
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let exchange = McpClient::modern(&url)
+        .request("subscriptions/listen", listen_params("kv://b"))
+        .await
+        .expect("listen");
+    let response = exchange.response().expect("a response");
+    assert!(
+        response.pointer("/error/message").is_some_and(|m| m
+            .as_str()
+            .is_some_and(|m| m.contains("too many open streams"))),
+        "{response}"
+    );
+    assert_eq!(
+        metric(&base, "shoal_streams_active{kind=\"get\"}").await
+            + metric(&base, "shoal_streams_active{kind=\"listen\"}").await,
+        2.0
+    );
+
+    // A closed stream frees its slot.
+    drop(listen);
+    drop(listener);
+    eventually("the listen stream's slot to be freed", WAIT, async || {
+        (metric(&base, "shoal_streams_active{kind=\"listen\"}").await == 0.0).then_some(())
+    })
+    .await;
+    let admitted = second.open_get(None).await.expect("GET");
+    assert_eq!(admitted.status, 200);
+    drop(first_stream);
 }
