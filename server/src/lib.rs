@@ -72,23 +72,13 @@ impl App {
         let config = Arc::new(config);
         let metrics = Metrics::new();
         let (bus, control) = Bus::new(
-            Keys::new(config.key_prefix.clone()),
+            Keys::new(config.redis.key_prefix.clone()),
             tag.clone(),
             metrics.clone(),
         );
-        let backend_config = BackendConfig {
-            session_ttl: config.session_idle_ttl(),
-            event_log_max_len: config.event_log_max_len,
-            event_retention: Duration::from_secs(config.event_retention_secs),
-            max_subscriptions_per_session: config.max_subscriptions_per_session,
-            max_subscribers_per_uri: config.max_subscribers_per_uri,
-            kv_max_keys: config.kv_max_keys,
-            redis_timeout: Duration::from_millis(config.redis_timeout_ms),
-            redis_pool_size: config.redis_pool_size,
-        };
         let backend = Backend::connect(
-            config.redis_url.as_ref(),
-            backend_config,
+            config.redis.url.as_ref(),
+            BackendConfig::from_config(&config),
             bus.clone(),
             metrics.clone(),
         )
@@ -99,8 +89,8 @@ impl App {
             name = config.replica_name().as_deref().unwrap_or("-"),
             backend = backend.kind(),
             redis = config.redis_url_redacted().as_deref().unwrap_or("-"),
-            prefix = %config.key_prefix,
-            toolsets = ?config.toolsets,
+            prefix = %config.redis.key_prefix,
+            toolsets = ?config.tools.toolsets,
             "replica configured"
         );
 
@@ -109,60 +99,11 @@ impl App {
                 "SHOAL_ALLOWED_HOSTS=*: any Host header is accepted (no DNS-rebinding protection)"
             );
         }
-        let db = match (&config.database_url, toolsets.postgres) {
-            (Some(url), true) => Some(
-                Database::connect(
-                    DbConfig {
-                        url: url.clone(),
-                        write_url: config
-                            .database_write_url
-                            .clone()
-                            .filter(|_| toolsets.postgres_writes),
-                        allow_privileged_role: config.postgres_allow_privileged_role,
-                        max_result_bytes: config.postgres_max_result_bytes,
-                        pool_max: config.postgres_pool_max,
-                        pool_min_idle: config.postgres_pool_min_idle,
-                        acquire_timeout: Duration::from_millis(config.postgres_acquire_timeout_ms),
-                        statement_timeout: Duration::from_millis(
-                            config.postgres_statement_timeout_ms,
-                        ),
-                        row_cap: config.postgres_row_cap,
-                    },
-                    metrics.clone(),
-                )
-                .context("configuring PostgreSQL")?,
-            ),
-            _ => None,
-        };
-        if let Some(db) = &db {
-            // A role that could reach the database host is refused now, not at the first call;
-            // a database that is down is checked on the first connection that can be made.
-            match tokio::time::timeout(Duration::from_secs(10), db.verify_roles()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error @ shoal_shared::db::DbError::Privileged(_))) => {
-                    return Err(anyhow::Error::new(error).context("the postgres toolset"));
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "PostgreSQL not reachable at start; its roles are checked on the first connection")
-                }
-                Err(_) => tracing::warn!(
-                    "PostgreSQL did not answer within 10 s at start; its roles are checked on the first connection"
-                ),
-            }
-        }
+        let db = connect_postgres(&config, toolsets, &metrics).await?;
         let rpc = if toolsets.rpc {
             Some(
-                RpcPool::new(
-                    RpcConfig {
-                        endpoints: config.rpc_endpoints.clone(),
-                        attempt_timeout: Duration::from_millis(config.rpc_timeout_ms),
-                        cooldown: Duration::from_millis(config.rpc_cooldown_ms),
-                        max_attempts: config.rpc_max_attempts,
-                        max_response_bytes: config.rpc_max_response_bytes,
-                    },
-                    metrics.clone(),
-                )
-                .context("configuring the JSON-RPC upstreams")?,
+                RpcPool::new(RpcConfig::from(&config.rpc), metrics.clone())
+                    .context("configuring the JSON-RPC upstreams")?,
             )
         } else {
             None
@@ -171,11 +112,7 @@ impl App {
             backend.clone(),
             bus.clone(),
             metrics.clone(),
-            CacheOptions {
-                max_entry_bytes: config.cache_max_entry_bytes,
-                lock_ttl: Duration::from_millis(config.tool_timeout_ms)
-                    .min(Duration::from_secs(10)),
-            },
+            CacheOptions::from_config(&config.tools),
         );
         let state = Arc::new(AppState {
             cache,
@@ -188,74 +125,23 @@ impl App {
             draining: AtomicBool::new(false),
             request_state: tokio::sync::OnceCell::new(),
             session_calls: state::SessionCalls::default(),
-            streams: state::StreamSlots::new(config.max_streams, metrics.clone()),
+            streams: state::StreamSlots::new(config.sessions.max_streams, metrics.clone()),
         });
 
-        let sse_retry = Duration::from_millis(config.sse_retry_ms);
-        let cluster_options = ClusterOptions {
-            feed: FeedOptions {
-                touch_every: (config.session_idle_ttl() / 3).max(Duration::from_secs(1)),
-                read_batch: config.event_log_max_len.clamp(1, 1000),
-                output_capacity: 64,
-            },
-            sse_retry,
-            max_local_sessions: config.max_local_sessions,
-            streams: state.streams.clone(),
-            // Without Redis there is one replica and sliding the TTL costs no round trip.
-            touch_interval: if backend.kind() == "redis" {
-                config.session_touch_interval()
-            } else {
-                Duration::ZERO
-            },
-        };
         let sessions = Arc::new(ClusterSessionManager::new(
             backend.clone(),
             bus.clone(),
             metrics.clone(),
             config.worker_idle(),
-            cluster_options,
+            cluster_options(&config, &backend, &state),
         ));
 
         let mcp_shutdown = CancellationToken::new();
-        let mut mcp_config = StreamableHttpServerConfig::default()
-            .with_allowed_hosts(config.host_allow_list())
-            .with_allowed_origins(config.effective_allowed_origins())
-            .with_sse_keep_alive(Some(Duration::from_secs(config.sse_keepalive_secs)))
-            // No `retry:` priming from rmcp itself: its GET priming carries the id "0", which names
-            // no event. Our GET streams prime with a resumable id and the retry interval, and request
-            // streams get theirs from the session layer (ClusterOptions::sse_retry).
-            .with_sse_retry(None)
-            .with_json_response(true)
-            .with_max_request_body_bytes(config.max_body_bytes)
-            .with_cancellation_token(mcp_shutdown.clone());
-        mcp_config.session_store = Some(Arc::new(ClusterSessionStore::new(backend.clone())));
-        let (handler_state, toolbox) = (state.clone(), Arc::new(Toolbox::new(&config, toolsets)));
-        let mcp = StreamableHttpService::new(
-            move || Ok(ShoalHandler::new(handler_state.clone(), toolbox.clone())),
-            sessions.clone(),
-            mcp_config,
-        );
+        let toolbox = Arc::new(Toolbox::new(&config, toolsets));
+        let mcp = mcp_service(&state, toolbox, sessions.clone(), mcp_shutdown.clone());
 
         let background = CancellationToken::new();
-        // Usually at once; with the shared state down, spans carry no session tag until it is back.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            state.load_session_tag_key(background.clone()),
-        )
-        .await;
-        {
-            let (state, stop) = (state.clone(), background.clone());
-            tokio::spawn(async move { state.load_session_tag_key(stop).await });
-        }
-        tokio::spawn(sessions.clone().run_control(control));
-        tokio::spawn(janitor(backend.clone(), tag, background.clone()));
-        tokio::spawn(probe(state.clone(), background.clone()));
-        if state.db.is_some() {
-            tokio::spawn(tools::postgres::run_change_poller(
-                state.clone(),
-                background.clone(),
-            ));
-        }
+        start_background(&state, &sessions, control, tag, &background).await;
 
         Ok(Self {
             http: HttpService::new(state.clone(), sessions, mcp),
@@ -286,10 +172,10 @@ impl App {
             .context("reading the listen address")?;
         tracing::info!(%addr, "listening");
         let state = self.state.clone();
-        let grace = Duration::from_secs(self.state.config.shutdown_grace_secs);
+        let grace = Duration::from_secs(self.state.config.http.shutdown_grace_secs);
         // The admin listener (SHOAL_ADMIN_LISTEN) serves until the serving port has drained.
         let admin_stop = CancellationToken::new();
-        let admin = match self.state.config.admin_listen {
+        let admin = match self.state.config.http.admin_listen {
             Some(admin_addr) => {
                 let admin_listener = TcpListener::bind(admin_addr)
                     .await
@@ -373,6 +259,115 @@ async fn probe(state: Arc<AppState>, stop: CancellationToken) {
         {
             tracing::debug!(%error, "bus probe not sent");
         }
+    }
+}
+
+/// The postgres toolset's pools, when it is on and configured; its roles checked at once.
+async fn connect_postgres(
+    config: &Config,
+    toolsets: Toolsets,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<Database>> {
+    let (Some(url), true) = (&config.postgres.url, toolsets.postgres) else {
+        return Ok(None);
+    };
+    let db = Database::connect(
+        DbConfig::from_config(&config.postgres, url.clone(), toolsets.postgres_writes),
+        metrics.clone(),
+    )
+    .context("configuring PostgreSQL")?;
+    // A role that could reach the database host is refused now, not at the first call; a
+    // database that is down is checked on the first connection that can be made.
+    match tokio::time::timeout(Duration::from_secs(10), db.verify_roles()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error @ shoal_shared::db::DbError::Privileged(_))) => {
+            return Err(anyhow::Error::new(error).context("the postgres toolset"));
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "PostgreSQL not reachable at start; its roles are checked on the first connection")
+        }
+        Err(_) => tracing::warn!(
+            "PostgreSQL did not answer within 10 s at start; its roles are checked on the first connection"
+        ),
+    }
+    Ok(Some(db))
+}
+
+/// The session manager's share of the configuration.
+fn cluster_options(config: &Config, backend: &Backend, state: &AppState) -> ClusterOptions {
+    ClusterOptions {
+        feed: FeedOptions {
+            touch_every: (config.session_idle_ttl() / 3).max(Duration::from_secs(1)),
+            read_batch: config.sessions.event_log_max_len.clamp(1, 1000),
+            output_capacity: 64,
+        },
+        sse_retry: Duration::from_millis(config.http.sse_retry_ms),
+        max_local_sessions: config.sessions.max_local_sessions,
+        streams: state.streams.clone(),
+        // Without Redis there is one replica and sliding the TTL costs no round trip.
+        touch_interval: if backend.kind() == "redis" {
+            config.session_touch_interval()
+        } else {
+            Duration::ZERO
+        },
+    }
+}
+
+/// rmcp's Streamable HTTP service over the handler and the cluster session manager.
+fn mcp_service(
+    state: &Arc<AppState>,
+    toolbox: Arc<Toolbox>,
+    sessions: Arc<ClusterSessionManager>,
+    shutdown: CancellationToken,
+) -> StreamableHttpService<ShoalHandler, ClusterSessionManager> {
+    let config = &state.config;
+    let mut mcp_config = StreamableHttpServerConfig::default()
+        .with_allowed_hosts(config.host_allow_list())
+        .with_allowed_origins(config.effective_allowed_origins())
+        .with_sse_keep_alive(Some(Duration::from_secs(config.http.sse_keepalive_secs)))
+        // No `retry:` priming from rmcp itself: its GET priming carries the id "0", which names
+        // no event. Our GET streams prime with a resumable id and the retry interval, and request
+        // streams get theirs from the session layer (ClusterOptions::sse_retry).
+        .with_sse_retry(None)
+        .with_json_response(true)
+        .with_max_request_body_bytes(config.http.max_body_bytes)
+        .with_cancellation_token(shutdown);
+    mcp_config.session_store = Some(Arc::new(ClusterSessionStore::new(state.backend.clone())));
+    let state = state.clone();
+    StreamableHttpService::new(
+        move || Ok(ShoalHandler::new(state.clone(), toolbox.clone())),
+        sessions,
+        mcp_config,
+    )
+}
+
+/// Starts the replica's background tasks, stopped by `stop`: the session-tag key loader, the bus
+/// control loop, the janitor, the bus probe and (with PostgreSQL) the change poller.
+async fn start_background(
+    state: &Arc<AppState>,
+    sessions: &Arc<ClusterSessionManager>,
+    control: tokio::sync::mpsc::Receiver<shoal_shared::bus::ControlMessage>,
+    tag: ReplicaTag,
+    stop: &CancellationToken,
+) {
+    // Usually at once; with the shared state down, spans carry no session tag until it is back.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        state.load_session_tag_key(stop.clone()),
+    )
+    .await;
+    {
+        let (state, stop) = (state.clone(), stop.clone());
+        tokio::spawn(async move { state.load_session_tag_key(stop).await });
+    }
+    tokio::spawn(sessions.clone().run_control(control));
+    tokio::spawn(janitor(state.backend.clone(), tag, stop.clone()));
+    tokio::spawn(probe(state.clone(), stop.clone()));
+    if state.db.is_some() {
+        tokio::spawn(tools::postgres::run_change_poller(
+            state.clone(),
+            stop.clone(),
+        ));
     }
 }
 

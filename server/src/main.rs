@@ -16,7 +16,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 async fn main() -> anyhow::Result<()> {
     let config = Config::load()?;
     if let Some(Command::Healthcheck) = config.command {
-        std::process::exit(match healthcheck(config.listen) {
+        std::process::exit(match healthcheck(config.http.listen) {
             Ok(()) => 0,
             Err(error) => {
                 eprintln!("unhealthy: {error:#}");
@@ -27,13 +27,13 @@ async fn main() -> anyhow::Result<()> {
     // The replica's identity for its lifetime: bus address, `x-shoal-replica`, `service.instance.id`.
     let replica = ReplicaTag::generate();
     let _telemetry = shoal_shared::telemetry::init(
-        config.log_format,
+        config.telemetry.log_format,
         replica.as_str(),
         config.replica_name().as_deref(),
     );
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
-        .with_context(|| format!("binding {}", config.listen))?;
+        .with_context(|| format!("binding {}", config.http.listen))?;
     let app = App::build(config, replica).await?;
     app.run(listener, shutdown_signal()).await
 }

@@ -168,7 +168,7 @@ impl AppState {
     pub async fn request_state(&self) -> Result<&RequestStateCodec, BackendError> {
         self.request_state
             .get_or_try_init(|| async {
-                let key = match &self.config.request_state_key {
+                let key = match &self.config.sessions.request_state_key {
                     Some(key) => key.expose_secret().as_bytes().to_vec(),
                     None => {
                         let candidate: [u8; 32] = rand::random();

@@ -70,6 +70,17 @@ pub struct CacheOptions {
     pub lock_ttl: Duration,
 }
 
+impl CacheOptions {
+    /// The cache's share of the configuration tree. A filler holds the lock at most as long as a
+    /// tool call may run, and never more than 10 s.
+    pub fn from_config(config: &crate::config::ToolConfig) -> Self {
+        Self {
+            max_entry_bytes: config.cache_max_entry_bytes,
+            lock_ttl: Duration::from_millis(config.timeout_ms).min(Duration::from_secs(10)),
+        }
+    }
+}
+
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {

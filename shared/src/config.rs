@@ -34,6 +34,47 @@ pub enum LogFormat {
         Every flag can also be set through the environment variable shown with it."
 )]
 pub struct Config {
+    /// HTTP front: listeners, request checks, streams and shutdown.
+    #[command(flatten)]
+    pub http: HttpConfig,
+
+    /// Shared state (Redis).
+    #[command(flatten)]
+    pub redis: RedisConfig,
+
+    /// Sessions, subscriptions and streams.
+    #[command(flatten)]
+    pub sessions: SessionConfig,
+
+    /// Tools: toolsets, timeouts, concurrency and the result cache.
+    #[command(flatten)]
+    pub tools: ToolConfig,
+
+    /// The kv toolset.
+    #[command(flatten)]
+    pub kv: KvConfig,
+
+    /// The postgres toolset.
+    #[command(flatten)]
+    pub postgres: PostgresConfig,
+
+    /// The rpc toolset (JSON-RPC upstreams).
+    #[command(flatten)]
+    pub rpc: UpstreamConfig,
+
+    /// Logs and telemetry.
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
+
+    /// What to do instead of serving (none: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// HTTP front: listeners, request checks, streams and shutdown.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "HTTP front: listeners, request checks, streams and shutdown")]
+pub struct HttpConfig {
     /// Address to listen on (host:port).
     #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -43,15 +84,6 @@ pub struct Config {
     /// /metrics with 404. The admin listener checks no Host header: bind it to a private network.
     #[arg(long, env = "SHOAL_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
-
-    /// Redis URL for the shared cluster state (redis://[user:password@]host:port[/db]). When unset
-    /// (and REDIS_URL is unset too) the replica runs alone on embedded in-memory backends.
-    #[arg(long, env = "SHOAL_REDIS_URL", value_parser = parse_secret, hide_env_values = true)]
-    pub redis_url: Option<SecretString>,
-
-    /// Prefix of every Redis key and channel, so environments and tests sharing a Redis never collide.
-    #[arg(long, env = "SHOAL_KEY_PREFIX", default_value = "shoal")]
-    pub key_prefix: String,
 
     /// Comma-separated Host header values accepted on /mcp (DNS-rebinding protection). Behind a
     /// balancer, list the public host names clients use. An entry without a port matches any port.
@@ -69,20 +101,81 @@ pub struct Config {
     #[arg(long, env = "SHOAL_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
-    /// Comma-separated toolsets to serve: kv, postgres (needs SHOAL_DATABASE_URL), rpc (needs
-    /// SHOAL_RPC_ENDPOINTS), compute, conformance.
-    #[arg(
-        long,
-        env = "SHOAL_TOOLSETS",
-        value_delimiter = ',',
-        default_value = "kv,postgres,rpc,compute"
-    )]
-    pub toolsets: Vec<String>,
+    /// Maximum size of a POST body in bytes; larger bodies get 413.
+    #[arg(long, env = "SHOAL_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
 
+    /// Largest initialize request, in bytes: its params are stored with the session, in Redis and
+    /// on every replica that serves it.
+    #[arg(long, env = "SHOAL_MAX_INITIALIZE_BYTES", default_value_t = 65_536)]
+    pub max_initialize_bytes: usize,
+
+    /// Milliseconds a client has to send a request's headers, counted from the connection's start
+    /// or the end of its previous request; a connection that sends nothing is then closed.
+    #[arg(long, env = "SHOAL_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// Seconds between SSE keep-alive comments on open streams (also how fast a vanished client
+    /// is noticed).
+    #[arg(long, env = "SHOAL_SSE_KEEPALIVE_SECS", default_value_t = 15)]
+    pub sse_keepalive_secs: u64,
+
+    /// Milliseconds clients are told to wait before reconnecting a closed stream (SSE `retry:`).
+    #[arg(long, env = "SHOAL_SSE_RETRY_MS", default_value_t = 1000)]
+    pub sse_retry_ms: u64,
+
+    /// Seconds to wait for in-flight requests on shutdown before the rest is cut off.
+    #[arg(long, env = "SHOAL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+/// Shared state (Redis).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Shared state (Redis)")]
+pub struct RedisConfig {
+    /// Redis URL for the shared cluster state (redis://[user:password@]host:port[/db]). When unset
+    /// (and REDIS_URL is unset too) the replica runs alone on embedded in-memory backends.
+    #[arg(
+        long = "redis-url",
+        id = "redis_url", env = "SHOAL_REDIS_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub url: Option<SecretString>,
+
+    /// Prefix of every Redis key and channel, so environments and tests sharing a Redis never collide.
+    #[arg(long, env = "SHOAL_KEY_PREFIX", default_value = "shoal")]
+    pub key_prefix: String,
+
+    /// Timeout of every Redis command, in milliseconds.
+    #[arg(
+        long = "redis-timeout-ms",
+        id = "redis_timeout_ms",
+        env = "SHOAL_REDIS_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub timeout_ms: u64,
+
+    /// Redis connections used for commands (the bus subscriber has one more of its own).
+    #[arg(
+        long = "redis-pool-size",
+        id = "redis_pool_size",
+        env = "SHOAL_REDIS_POOL_SIZE",
+        default_value_t = 2
+    )]
+    pub pool_size: usize,
+}
+
+/// Sessions, subscriptions and streams.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Sessions, subscriptions and streams")]
+pub struct SessionConfig {
     /// Seconds a legacy session may stay idle before it expires everywhere (its Redis keys too).
     /// Every request, and every open GET stream, slides the window.
-    #[arg(long, env = "SHOAL_SESSION_IDLE_TTL_SECS", default_value_t = 1800)]
-    pub session_idle_ttl_secs: u64,
+    #[arg(
+        long = "session-idle-ttl-secs",
+        id = "session_idle_ttl_secs",
+        env = "SHOAL_SESSION_IDLE_TTL_SECS",
+        default_value_t = 1800
+    )]
+    pub idle_ttl_secs: u64,
 
     /// Seconds an idle session keeps its in-memory worker on one replica before the worker is
     /// dropped (it is restored from Redis on the next request, one round trip). A worker costs
@@ -95,8 +188,13 @@ pub struct Config {
     /// request of a busy session). A DELETE answers only after this interval, so every replica
     /// answers 404 for the session once the DELETE has returned. 0: slide on every request. Capped
     /// at a tenth of the session idle TTL; ignored without Redis.
-    #[arg(long, env = "SHOAL_SESSION_TOUCH_INTERVAL_MS", default_value_t = 250)]
-    pub session_touch_interval_ms: u64,
+    #[arg(
+        long = "session-touch-interval-ms",
+        id = "session_touch_interval_ms",
+        env = "SHOAL_SESSION_TOUCH_INTERVAL_MS",
+        default_value_t = 250
+    )]
+    pub touch_interval_ms: u64,
 
     /// Maximum session workers held in memory by one replica; beyond it, new sessions get 503.
     #[arg(long, env = "SHOAL_MAX_LOCAL_SESSIONS", default_value_t = 20_000)]
@@ -114,11 +212,6 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub max_subscriptions_per_session: u64,
-
-    /// Milliseconds a client has to send a request's headers, counted from the connection's start
-    /// or the end of its previous request; a connection that sends nothing is then closed.
-    #[arg(long, env = "SHOAL_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
-    pub header_read_timeout_ms: u64,
 
     /// Most tool calls one legacy session runs at once on one replica; more are answered with a
     /// tool error at once, so one client cannot take every slot of a tool.
@@ -138,11 +231,6 @@ pub struct Config {
     #[arg(long, env = "SHOAL_MAX_LISTEN_URIS", default_value_t = 256)]
     pub max_listen_uris: usize,
 
-    /// Largest initialize request, in bytes: its params are stored with the session, in Redis and
-    /// on every replica that serves it.
-    #[arg(long, env = "SHOAL_MAX_INITIALIZE_BYTES", default_value_t = 65_536)]
-    pub max_initialize_bytes: usize,
-
     /// Maximum events kept in one session's resumable event log (approximate, trimmed by Redis).
     #[arg(long, env = "SHOAL_EVENT_LOG_MAX_LEN", default_value_t = 1000)]
     pub event_log_max_len: u64,
@@ -152,143 +240,65 @@ pub struct Config {
     #[arg(long, env = "SHOAL_EVENT_RETENTION_SECS", default_value_t = 900)]
     pub event_retention_secs: u64,
 
-    /// Maximum size of a POST body in bytes; larger bodies get 413.
-    #[arg(long, env = "SHOAL_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
-    pub max_body_bytes: usize,
-
-    /// Seconds between SSE keep-alive comments on open streams (also how fast a vanished client
-    /// is noticed).
-    #[arg(long, env = "SHOAL_SSE_KEEPALIVE_SECS", default_value_t = 15)]
-    pub sse_keepalive_secs: u64,
-
-    /// Milliseconds clients are told to wait before reconnecting a closed stream (SSE `retry:`).
-    #[arg(long, env = "SHOAL_SSE_RETRY_MS", default_value_t = 1000)]
-    pub sse_retry_ms: u64,
-
-    /// Timeout of every Redis command, in milliseconds.
-    #[arg(long, env = "SHOAL_REDIS_TIMEOUT_MS", default_value_t = 2000)]
-    pub redis_timeout_ms: u64,
-
-    /// Redis connections used for commands (the bus subscriber has one more of its own).
-    #[arg(long, env = "SHOAL_REDIS_POOL_SIZE", default_value_t = 2)]
-    pub redis_pool_size: usize,
-
-    /// Seconds to wait for in-flight requests on shutdown before the rest is cut off.
-    #[arg(long, env = "SHOAL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
-    pub shutdown_grace_secs: u64,
-
-    /// Maximum number of keys in the kv scratchpad.
-    #[arg(long, env = "SHOAL_KV_MAX_KEYS", default_value_t = 10_000)]
-    pub kv_max_keys: u64,
-
-    /// Maximum size of one kv value in bytes.
-    #[arg(long, env = "SHOAL_KV_MAX_VALUE_BYTES", default_value_t = 64 * 1024)]
-    pub kv_max_value_bytes: usize,
-
     /// Key that seals MRTR `requestState` values (HMAC-SHA256, at least 32 bytes). When unset,
     /// replicas on the same Redis share a random key generated once and kept in Redis; the
     /// embedded default uses a random key per process.
     #[arg(long, env = "SHOAL_REQUEST_STATE_KEY", value_parser = parse_secret, hide_env_values = true)]
     pub request_state_key: Option<SecretString>,
+}
 
-    /// PostgreSQL for the postgres toolset (postgres://user:password@host:port/db). The toolset
-    /// is off while unset (DATABASE_URL is used when this is unset).
-    #[arg(long, env = "SHOAL_DATABASE_URL", value_parser = parse_secret, hide_env_values = true)]
-    pub database_url: Option<SecretString>,
-
-    /// PostgreSQL role for pg_execute (postgres://user:password@host:port/db), separate from the
-    /// read role; needed when SHOAL_POSTGRES_ALLOW_WRITES is true.
-    #[arg(long, env = "SHOAL_DATABASE_WRITE_URL", value_parser = parse_secret, hide_env_values = true)]
-    pub database_write_url: Option<SecretString>,
-
-    /// Accept a database role that is a superuser, may create roles, or holds
-    /// pg_execute_server_program / pg_read_server_files / pg_write_server_files (logged as a
-    /// warning). Off: the postgres toolset refuses such a role.
+/// Tools: toolsets, timeouts, concurrency and the result cache.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Tools: toolsets, timeouts, concurrency and the result cache")]
+pub struct ToolConfig {
+    /// Comma-separated toolsets to serve: kv, postgres (needs SHOAL_DATABASE_URL), rpc (needs
+    /// SHOAL_RPC_ENDPOINTS), compute, conformance.
     #[arg(
         long,
-        env = "SHOAL_POSTGRES_ALLOW_PRIVILEGED_ROLE",
-        default_value_t = false
-    )]
-    pub postgres_allow_privileged_role: bool,
-
-    /// Most bytes of row data (as JSON) pg_query returns; rows past it are left out and the
-    /// result marked truncated.
-    #[arg(
-        long,
-        env = "SHOAL_POSTGRES_MAX_RESULT_BYTES",
-        default_value_t = 1_048_576
-    )]
-    pub postgres_max_result_bytes: usize,
-
-    /// PostgreSQL connections per replica: size it by concurrent tool calls, not sessions.
-    #[arg(long, env = "SHOAL_POSTGRES_POOL_MAX", default_value_t = 10)]
-    pub postgres_pool_max: u32,
-
-    /// PostgreSQL connections kept open while idle.
-    #[arg(long, env = "SHOAL_POSTGRES_POOL_MIN_IDLE", default_value_t = 1)]
-    pub postgres_pool_min_idle: u32,
-
-    /// Milliseconds a call waits for a free PostgreSQL connection before failing ("database busy").
-    #[arg(
-        long,
-        env = "SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS",
-        default_value_t = 2000
-    )]
-    pub postgres_acquire_timeout_ms: u64,
-
-    /// Statement timeout of every PostgreSQL query, in milliseconds.
-    #[arg(
-        long,
-        env = "SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS",
-        default_value_t = 5000
-    )]
-    pub postgres_statement_timeout_ms: u64,
-
-    /// Most rows pg_query returns.
-    #[arg(long, env = "SHOAL_POSTGRES_ROW_CAP", default_value_t = 500)]
-    pub postgres_row_cap: usize,
-
-    /// Serve the pg_execute write tool.
-    #[arg(long, env = "SHOAL_POSTGRES_ALLOW_WRITES", default_value_t = false)]
-    pub postgres_allow_writes: bool,
-
-    /// Milliseconds between polls for changes made by other writers (one replica polls, elected
-    /// through Redis).
-    #[arg(long, env = "SHOAL_POSTGRES_POLL_MS", default_value_t = 1000)]
-    pub postgres_poll_ms: u64,
-
-    /// Comma-separated JSON-RPC upstream URLs for the rpc toolset (off while empty).
-    #[arg(long, env = "SHOAL_RPC_ENDPOINTS", value_delimiter = ',')]
-    pub rpc_endpoints: Vec<String>,
-
-    /// Comma-separated methods rpc_call may call.
-    #[arg(
-        long,
-        env = "SHOAL_RPC_ALLOWED_METHODS",
+        env = "SHOAL_TOOLSETS",
         value_delimiter = ',',
-        default_value = "getBalance,getSlot,getBlockHeight,getHealth,getVersion,getLatestBlockhash,getAccountInfo,getTransaction,getEpochInfo"
+        default_value = "kv,postgres,rpc,compute"
     )]
-    pub rpc_allowed_methods: Vec<String>,
+    pub toolsets: Vec<String>,
 
-    /// Timeout of one upstream attempt, in milliseconds.
-    #[arg(long, env = "SHOAL_RPC_TIMEOUT_MS", default_value_t = 2000)]
-    pub rpc_timeout_ms: u64,
-
-    /// Milliseconds a failing upstream endpoint is left alone (a 429's Retry-After overrides it).
-    #[arg(long, env = "SHOAL_RPC_COOLDOWN_MS", default_value_t = 10_000)]
-    pub rpc_cooldown_ms: u64,
-
-    /// Upstream endpoints tried per call at most.
-    #[arg(long, env = "SHOAL_RPC_MAX_ATTEMPTS", default_value_t = 3)]
-    pub rpc_max_attempts: usize,
-
-    /// Largest upstream JSON-RPC response body, in bytes; a larger one fails the attempt.
+    /// Default timeout of a tool call, in milliseconds.
     #[arg(
-        long,
-        env = "SHOAL_RPC_MAX_RESPONSE_BYTES",
-        default_value_t = 4 * 1024 * 1024
+        long = "tool-timeout-ms",
+        id = "tool_timeout_ms",
+        env = "SHOAL_TOOL_TIMEOUT_MS",
+        default_value_t = 30_000
     )]
-    pub rpc_max_response_bytes: usize,
+    pub timeout_ms: u64,
+
+    /// Per-tool timeout overrides, tool=duration (e.g. pg_query=10s).
+    #[arg(
+        long = "tool-timeouts",
+        id = "tool_timeouts", env = "SHOAL_TOOL_TIMEOUTS", value_delimiter = ',', value_parser = parse_tool_duration)]
+    pub timeouts: Vec<(String, Duration)>,
+
+    /// Default number of concurrent calls of one tool on one replica.
+    #[arg(
+        long = "tool-concurrency",
+        id = "tool_concurrency",
+        env = "SHOAL_TOOL_CONCURRENCY",
+        default_value_t = 64
+    )]
+    pub concurrency: usize,
+
+    /// Per-tool concurrency overrides, tool=n (e.g. hash=2).
+    #[arg(
+        long = "tool-concurrency-limits",
+        id = "tool_concurrency_limits", env = "SHOAL_TOOL_CONCURRENCY_LIMITS", value_delimiter = ',', value_parser = parse_tool_count)]
+    pub concurrency_limits: Vec<(String, usize)>,
+
+    /// Milliseconds a call waits for a free slot of its tool before failing ("busy").
+    #[arg(
+        long = "tool-queue-timeout-ms",
+        id = "tool_queue_timeout_ms",
+        env = "SHOAL_TOOL_QUEUE_TIMEOUT_MS",
+        default_value_t = 1000
+    )]
+    pub queue_timeout_ms: u64,
 
     /// Per-tool cache TTL overrides, tool=duration (e.g. pg_query=30s,get_balance=5s; 0 disables).
     #[arg(long, env = "SHOAL_CACHE_TTLS", value_delimiter = ',', value_parser = parse_tool_duration)]
@@ -297,27 +307,196 @@ pub struct Config {
     /// Largest cached result, in bytes (bigger results are served but not stored).
     #[arg(long, env = "SHOAL_CACHE_MAX_ENTRY_BYTES", default_value_t = 256 * 1024)]
     pub cache_max_entry_bytes: usize,
+}
 
-    /// Default timeout of a tool call, in milliseconds.
-    #[arg(long, env = "SHOAL_TOOL_TIMEOUT_MS", default_value_t = 30_000)]
-    pub tool_timeout_ms: u64,
+/// The kv toolset.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "The kv toolset")]
+pub struct KvConfig {
+    /// Maximum number of keys in the kv scratchpad.
+    #[arg(
+        long = "kv-max-keys",
+        id = "kv_max_keys",
+        env = "SHOAL_KV_MAX_KEYS",
+        default_value_t = 10_000
+    )]
+    pub max_keys: u64,
 
-    /// Per-tool timeout overrides, tool=duration (e.g. pg_query=10s).
-    #[arg(long, env = "SHOAL_TOOL_TIMEOUTS", value_delimiter = ',', value_parser = parse_tool_duration)]
-    pub tool_timeouts: Vec<(String, Duration)>,
+    /// Maximum size of one kv value in bytes.
+    #[arg(
+        long = "kv-max-value-bytes",
+        id = "kv_max_value_bytes", env = "SHOAL_KV_MAX_VALUE_BYTES", default_value_t = 64 * 1024)]
+    pub max_value_bytes: usize,
+}
 
-    /// Default number of concurrent calls of one tool on one replica.
-    #[arg(long, env = "SHOAL_TOOL_CONCURRENCY", default_value_t = 64)]
-    pub tool_concurrency: usize,
+/// The postgres toolset.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "The postgres toolset")]
+pub struct PostgresConfig {
+    /// PostgreSQL for the postgres toolset (postgres://user:password@host:port/db). The toolset
+    /// is off while unset (DATABASE_URL is used when this is unset).
+    #[arg(
+        long = "database-url",
+        id = "database_url", env = "SHOAL_DATABASE_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub url: Option<SecretString>,
 
-    /// Per-tool concurrency overrides, tool=n (e.g. hash=2).
-    #[arg(long, env = "SHOAL_TOOL_CONCURRENCY_LIMITS", value_delimiter = ',', value_parser = parse_tool_count)]
-    pub tool_concurrency_limits: Vec<(String, usize)>,
+    /// PostgreSQL role for pg_execute (postgres://user:password@host:port/db), separate from the
+    /// read role; needed when SHOAL_POSTGRES_ALLOW_WRITES is true.
+    #[arg(
+        long = "database-write-url",
+        id = "database_write_url", env = "SHOAL_DATABASE_WRITE_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub write_url: Option<SecretString>,
 
-    /// Milliseconds a call waits for a free slot of its tool before failing ("busy").
-    #[arg(long, env = "SHOAL_TOOL_QUEUE_TIMEOUT_MS", default_value_t = 1000)]
-    pub tool_queue_timeout_ms: u64,
+    /// Accept a database role that is a superuser, may create roles, or holds
+    /// pg_execute_server_program / pg_read_server_files / pg_write_server_files (logged as a
+    /// warning). Off: the postgres toolset refuses such a role.
+    #[arg(
+        long = "postgres-allow-privileged-role",
+        id = "postgres_allow_privileged_role",
+        env = "SHOAL_POSTGRES_ALLOW_PRIVILEGED_ROLE",
+        default_value_t = false
+    )]
+    pub allow_privileged_role: bool,
 
+    /// Most bytes of row data (as JSON) pg_query returns; rows past it are left out and the
+    /// result marked truncated.
+    #[arg(
+        long = "postgres-max-result-bytes",
+        id = "postgres_max_result_bytes",
+        env = "SHOAL_POSTGRES_MAX_RESULT_BYTES",
+        default_value_t = 1_048_576
+    )]
+    pub max_result_bytes: usize,
+
+    /// PostgreSQL connections per replica: size it by concurrent tool calls, not sessions.
+    #[arg(
+        long = "postgres-pool-max",
+        id = "postgres_pool_max",
+        env = "SHOAL_POSTGRES_POOL_MAX",
+        default_value_t = 10
+    )]
+    pub pool_max: u32,
+
+    /// PostgreSQL connections kept open while idle.
+    #[arg(
+        long = "postgres-pool-min-idle",
+        id = "postgres_pool_min_idle",
+        env = "SHOAL_POSTGRES_POOL_MIN_IDLE",
+        default_value_t = 1
+    )]
+    pub pool_min_idle: u32,
+
+    /// Milliseconds a call waits for a free PostgreSQL connection before failing ("database busy").
+    #[arg(
+        long = "postgres-acquire-timeout-ms",
+        id = "postgres_acquire_timeout_ms",
+        env = "SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub acquire_timeout_ms: u64,
+
+    /// Statement timeout of every PostgreSQL query, in milliseconds.
+    #[arg(
+        long = "postgres-statement-timeout-ms",
+        id = "postgres_statement_timeout_ms",
+        env = "SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub statement_timeout_ms: u64,
+
+    /// Most rows pg_query returns.
+    #[arg(
+        long = "postgres-row-cap",
+        id = "postgres_row_cap",
+        env = "SHOAL_POSTGRES_ROW_CAP",
+        default_value_t = 500
+    )]
+    pub row_cap: usize,
+
+    /// Serve the pg_execute write tool.
+    #[arg(
+        long = "postgres-allow-writes",
+        id = "postgres_allow_writes",
+        env = "SHOAL_POSTGRES_ALLOW_WRITES",
+        default_value_t = false
+    )]
+    pub allow_writes: bool,
+
+    /// Milliseconds between polls for changes made by other writers (one replica polls, elected
+    /// through Redis).
+    #[arg(
+        long = "postgres-poll-ms",
+        id = "postgres_poll_ms",
+        env = "SHOAL_POSTGRES_POLL_MS",
+        default_value_t = 1000
+    )]
+    pub poll_ms: u64,
+}
+
+/// The rpc toolset (JSON-RPC upstreams).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "The rpc toolset (JSON-RPC upstreams)")]
+pub struct UpstreamConfig {
+    /// Comma-separated JSON-RPC upstream URLs for the rpc toolset (off while empty).
+    #[arg(
+        long = "rpc-endpoints",
+        id = "rpc_endpoints",
+        env = "SHOAL_RPC_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub endpoints: Vec<String>,
+
+    /// Comma-separated methods rpc_call may call.
+    #[arg(
+        long = "rpc-allowed-methods",
+        id = "rpc_allowed_methods",
+        env = "SHOAL_RPC_ALLOWED_METHODS",
+        value_delimiter = ',',
+        default_value = "getBalance,getSlot,getBlockHeight,getHealth,getVersion,getLatestBlockhash,getAccountInfo,getTransaction,getEpochInfo"
+    )]
+    pub allowed_methods: Vec<String>,
+
+    /// Timeout of one upstream attempt, in milliseconds.
+    #[arg(
+        long = "rpc-timeout-ms",
+        id = "rpc_timeout_ms",
+        env = "SHOAL_RPC_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub timeout_ms: u64,
+
+    /// Milliseconds a failing upstream endpoint is left alone (a 429's Retry-After overrides it).
+    #[arg(
+        long = "rpc-cooldown-ms",
+        id = "rpc_cooldown_ms",
+        env = "SHOAL_RPC_COOLDOWN_MS",
+        default_value_t = 10_000
+    )]
+    pub cooldown_ms: u64,
+
+    /// Upstream endpoints tried per call at most.
+    #[arg(
+        long = "rpc-max-attempts",
+        id = "rpc_max_attempts",
+        env = "SHOAL_RPC_MAX_ATTEMPTS",
+        default_value_t = 3
+    )]
+    pub max_attempts: usize,
+
+    /// Largest upstream JSON-RPC response body, in bytes; a larger one fails the attempt.
+    #[arg(
+        long = "rpc-max-response-bytes",
+        id = "rpc_max_response_bytes",
+        env = "SHOAL_RPC_MAX_RESPONSE_BYTES",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    pub max_response_bytes: usize,
+}
+
+/// Logs and telemetry.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Logs and telemetry")]
+pub struct TelemetryConfig {
     /// Log format.
     #[arg(long, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
@@ -326,10 +505,6 @@ pub struct Config {
     /// identity is a random id generated at start; the name only helps people find it.
     #[arg(long, env = "SHOAL_REPLICA_NAME")]
     pub replica_name: Option<String>,
-
-    /// What to do instead of serving (none: serve).
-    #[command(subcommand)]
-    pub command: Option<Command>,
 }
 
 /// One-shot commands of the replica binary.
@@ -405,17 +580,17 @@ impl Config {
             Err(error) if error.use_stderr() => return Err(ConfigError(error.to_string())),
             Err(error) => error.exit(),
         };
-        if config.redis_url.is_none()
+        if config.redis.url.is_none()
             && let Ok(url) = std::env::var("REDIS_URL")
             && !url.is_empty()
         {
-            config.redis_url = Some(SecretString::from(url));
+            config.redis.url = Some(SecretString::from(url));
         }
-        if config.database_url.is_none()
+        if config.postgres.url.is_none()
             && let Ok(url) = std::env::var("DATABASE_URL")
             && !url.is_empty()
         {
-            config.database_url = Some(SecretString::from(url));
+            config.postgres.url = Some(SecretString::from(url));
         }
         config.validate()?;
         Ok(config)
@@ -427,96 +602,114 @@ impl Config {
     /// Returns a [`ConfigError`] naming the broken rule.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         let nonzero = [
-            ("SHOAL_SESSION_IDLE_TTL_SECS", self.session_idle_ttl_secs),
-            ("SHOAL_WORKER_IDLE_SECS", self.worker_idle_secs),
-            ("SHOAL_EVENT_LOG_MAX_LEN", self.event_log_max_len),
-            ("SHOAL_EVENT_RETENTION_SECS", self.event_retention_secs),
-            ("SHOAL_SSE_KEEPALIVE_SECS", self.sse_keepalive_secs),
-            ("SHOAL_REDIS_TIMEOUT_MS", self.redis_timeout_ms),
-            ("SHOAL_KV_MAX_KEYS", self.kv_max_keys),
-            ("SHOAL_HEADER_READ_TIMEOUT_MS", self.header_read_timeout_ms),
+            ("SHOAL_SESSION_IDLE_TTL_SECS", self.sessions.idle_ttl_secs),
+            ("SHOAL_WORKER_IDLE_SECS", self.sessions.worker_idle_secs),
+            ("SHOAL_EVENT_LOG_MAX_LEN", self.sessions.event_log_max_len),
+            (
+                "SHOAL_EVENT_RETENTION_SECS",
+                self.sessions.event_retention_secs,
+            ),
+            ("SHOAL_SSE_KEEPALIVE_SECS", self.http.sse_keepalive_secs),
+            ("SHOAL_REDIS_TIMEOUT_MS", self.redis.timeout_ms),
+            ("SHOAL_KV_MAX_KEYS", self.kv.max_keys),
+            (
+                "SHOAL_HEADER_READ_TIMEOUT_MS",
+                self.http.header_read_timeout_ms,
+            ),
             (
                 "SHOAL_MAX_CALLS_PER_SESSION",
-                self.max_calls_per_session as u64,
+                self.sessions.max_calls_per_session as u64,
             ),
             (
                 "SHOAL_MAX_SUBSCRIBERS_PER_URI",
-                self.max_subscribers_per_uri,
+                self.sessions.max_subscribers_per_uri,
             ),
-            ("SHOAL_MAX_URI_BYTES", self.max_uri_bytes as u64),
-            ("SHOAL_MAX_LISTEN_URIS", self.max_listen_uris as u64),
+            ("SHOAL_MAX_URI_BYTES", self.sessions.max_uri_bytes as u64),
+            (
+                "SHOAL_MAX_LISTEN_URIS",
+                self.sessions.max_listen_uris as u64,
+            ),
             (
                 "SHOAL_MAX_INITIALIZE_BYTES",
-                self.max_initialize_bytes as u64,
+                self.http.max_initialize_bytes as u64,
             ),
             (
                 "SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS",
-                self.postgres_acquire_timeout_ms,
+                self.postgres.acquire_timeout_ms,
             ),
             (
                 "SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS",
-                self.postgres_statement_timeout_ms,
+                self.postgres.statement_timeout_ms,
             ),
-            ("SHOAL_POSTGRES_POLL_MS", self.postgres_poll_ms),
-            ("SHOAL_RPC_TIMEOUT_MS", self.rpc_timeout_ms),
-            ("SHOAL_TOOL_TIMEOUT_MS", self.tool_timeout_ms),
-            ("SHOAL_POSTGRES_POOL_MAX", u64::from(self.postgres_pool_max)),
-            ("SHOAL_POSTGRES_ROW_CAP", self.postgres_row_cap as u64),
+            ("SHOAL_POSTGRES_POLL_MS", self.postgres.poll_ms),
+            ("SHOAL_RPC_TIMEOUT_MS", self.rpc.timeout_ms),
+            ("SHOAL_TOOL_TIMEOUT_MS", self.tools.timeout_ms),
+            ("SHOAL_POSTGRES_POOL_MAX", u64::from(self.postgres.pool_max)),
+            ("SHOAL_POSTGRES_ROW_CAP", self.postgres.row_cap as u64),
             (
                 "SHOAL_POSTGRES_MAX_RESULT_BYTES",
-                self.postgres_max_result_bytes as u64,
+                self.postgres.max_result_bytes as u64,
             ),
-            ("SHOAL_TOOL_CONCURRENCY", self.tool_concurrency as u64),
-            ("SHOAL_RPC_MAX_ATTEMPTS", self.rpc_max_attempts as u64),
+            ("SHOAL_TOOL_CONCURRENCY", self.tools.concurrency as u64),
+            ("SHOAL_RPC_MAX_ATTEMPTS", self.rpc.max_attempts as u64),
             (
                 "SHOAL_RPC_MAX_RESPONSE_BYTES",
-                self.rpc_max_response_bytes as u64,
+                self.rpc.max_response_bytes as u64,
             ),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError(format!("{name} must be greater than zero")));
         }
-        if self.max_local_sessions == 0 || self.max_streams == 0 || self.redis_pool_size == 0 {
+        if self.sessions.max_local_sessions == 0
+            || self.sessions.max_streams == 0
+            || self.redis.pool_size == 0
+        {
             return Err(ConfigError(
                 "SHOAL_MAX_LOCAL_SESSIONS, SHOAL_MAX_STREAMS and SHOAL_REDIS_POOL_SIZE must be greater than zero"
                     .into(),
             ));
         }
-        if self.max_body_bytes < 1024 {
+        if self.http.max_body_bytes < 1024 {
             return Err(ConfigError(
                 "SHOAL_MAX_BODY_BYTES must be at least 1024".into(),
             ));
         }
-        if self.key_prefix.is_empty() || self.key_prefix.contains(char::is_whitespace) {
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
             return Err(ConfigError(
                 "SHOAL_KEY_PREFIX must be non-empty and contain no whitespace".into(),
             ));
         }
         // An idle worker never outlives its session: a replica holds no memory for expired sessions.
-        self.worker_idle_secs = self.worker_idle_secs.min(self.session_idle_ttl_secs);
+        self.sessions.worker_idle_secs = self
+            .sessions
+            .worker_idle_secs
+            .min(self.sessions.idle_ttl_secs);
         for list in [
-            &mut self.allowed_hosts,
-            &mut self.allowed_origins,
-            &mut self.toolsets,
+            &mut self.http.allowed_hosts,
+            &mut self.http.allowed_origins,
+            &mut self.tools.toolsets,
         ] {
             list.iter_mut()
                 .for_each(|item| *item = item.trim().to_owned());
             list.retain(|item| !item.is_empty());
             list.dedup();
         }
-        if self.allowed_hosts.is_empty() {
+        if self.http.allowed_hosts.is_empty() {
             return Err(ConfigError(
                 "SHOAL_ALLOWED_HOSTS is empty, which would turn off the DNS-rebinding check: list the host \
                  names clients use to reach the server, or `*` to accept any Host (not recommended)"
                     .into(),
             ));
         }
-        if self.allowed_hosts.len() > 1 && self.allowed_hosts.iter().any(|host| host == "*") {
+        if self.http.allowed_hosts.len() > 1
+            && self.http.allowed_hosts.iter().any(|host| host == "*")
+        {
             return Err(ConfigError(
                 "SHOAL_ALLOWED_HOSTS: `*` (any Host) stands alone, not in a list".into(),
             ));
         }
         if self
+            .sessions
             .request_state_key
             .as_ref()
             .is_some_and(|key| key.expose_secret().len() < 32)
@@ -525,7 +718,7 @@ impl Config {
                 "SHOAL_REQUEST_STATE_KEY must be at least 32 bytes long".into(),
             ));
         }
-        if let Some(url) = &self.redis_url
+        if let Some(url) = &self.redis.url
             && !(url.expose_secret().starts_with("redis://")
                 || url.expose_secret().starts_with("rediss://"))
         {
@@ -538,7 +731,8 @@ impl Config {
 
     /// The TTL override for `tool`, if configured (`Some(ZERO)` disables caching).
     pub fn cache_ttl_override(&self, tool: &str) -> Option<Duration> {
-        self.cache_ttls
+        self.tools
+            .cache_ttls
             .iter()
             .rev()
             .find(|(name, _)| name == tool)
@@ -547,7 +741,8 @@ impl Config {
 
     /// The timeout override for `tool`, if configured.
     pub fn tool_timeout_override(&self, tool: &str) -> Option<Duration> {
-        self.tool_timeouts
+        self.tools
+            .timeouts
             .iter()
             .rev()
             .find(|(name, _)| name == tool)
@@ -556,7 +751,8 @@ impl Config {
 
     /// The concurrency override for `tool`, if configured.
     pub fn tool_concurrency_override(&self, tool: &str) -> Option<usize> {
-        self.tool_concurrency_limits
+        self.tools
+            .concurrency_limits
             .iter()
             .rev()
             .find(|(name, _)| name == tool)
@@ -565,30 +761,31 @@ impl Config {
 
     /// The session idle TTL.
     pub fn session_idle_ttl(&self) -> Duration {
-        Duration::from_secs(self.session_idle_ttl_secs)
+        Duration::from_secs(self.sessions.idle_ttl_secs)
     }
 
     /// How long a replica trusts its own recent slide of a session's TTL (see
     /// `session_touch_interval_ms`): at most a tenth of the idle TTL.
     pub fn session_touch_interval(&self) -> Duration {
-        Duration::from_millis(self.session_touch_interval_ms).min(self.session_idle_ttl() / 10)
+        Duration::from_millis(self.sessions.touch_interval_ms).min(self.session_idle_ttl() / 10)
     }
 
     /// The idle time after which a replica drops a session's in-memory worker.
     pub fn worker_idle(&self) -> Duration {
-        Duration::from_secs(self.worker_idle_secs)
+        Duration::from_secs(self.sessions.worker_idle_secs)
     }
 
     /// The Redis URL with any password replaced by `***`, for logs.
     pub fn redis_url_redacted(&self) -> Option<String> {
-        self.redis_url
+        self.redis
+            .url
             .as_ref()
             .map(|url| redact_url(url.expose_secret()))
     }
 
     /// Whether `SHOAL_ALLOWED_HOSTS=*` turned the Host check off.
     pub fn any_host(&self) -> bool {
-        self.allowed_hosts.iter().any(|host| host == "*")
+        self.http.allowed_hosts.iter().any(|host| host == "*")
     }
 
     /// Host header values accepted on /mcp; empty (no check) only with `SHOAL_ALLOWED_HOSTS=*`.
@@ -596,15 +793,15 @@ impl Config {
         if self.any_host() {
             Vec::new()
         } else {
-            self.allowed_hosts.clone()
+            self.http.allowed_hosts.clone()
         }
     }
 
     /// Origins accepted on /mcp: the configured list, or one derived from the allowed hosts
     /// (none with `SHOAL_ALLOWED_HOSTS=*`: then only a configured list checks origins).
     pub fn effective_allowed_origins(&self) -> Vec<String> {
-        if !self.allowed_origins.is_empty() {
-            return self.allowed_origins.clone();
+        if !self.http.allowed_origins.is_empty() {
+            return self.http.allowed_origins.clone();
         }
         self.host_allow_list()
             .iter()
@@ -626,7 +823,8 @@ impl Config {
     /// The replica's human-readable name: `SHOAL_REPLICA_NAME`, else the host name, else none
     /// (empty counts as unset). Never an identity: two replicas may share it.
     pub fn replica_name(&self) -> Option<String> {
-        self.replica_name
+        self.telemetry
+            .replica_name
             .clone()
             .or_else(|| std::env::var("HOSTNAME").ok())
             .map(|name| name.trim().to_owned())
@@ -671,12 +869,41 @@ mod tests {
         Config::from_args(all)
     }
 
+    /// Every setting keeps one flag, one id and one environment variable across the groups of
+    /// the tree (clap's own consistency checks, and names unique tree-wide).
+    #[test]
+    fn the_tree_has_one_flag_and_one_variable_per_setting() {
+        use clap::CommandFactory as _;
+        let command = Config::command();
+        command.clone().debug_assert();
+        let mut seen = std::collections::HashSet::new();
+        for arg in command.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                let env = env.to_string_lossy().into_owned();
+                assert!(env.starts_with("SHOAL_"), "{env}");
+                assert!(seen.insert(env.clone()), "{env} declared twice");
+                let flag = arg.get_long().expect("a long flag");
+                assert_eq!(
+                    env.trim_start_matches("SHOAL_")
+                        .to_lowercase()
+                        .replace('_', "-"),
+                    flag,
+                    "the flag of {env}"
+                );
+            }
+        }
+        assert_eq!(seen.len(), 56, "settings in the tree");
+    }
+
     #[test]
     fn defaults_are_valid() {
         let config = parse(&[]).expect("defaults parse");
-        assert_eq!(config.key_prefix, "shoal");
-        assert_eq!(config.toolsets, vec!["kv", "postgres", "rpc", "compute"]);
-        assert_eq!(config.session_idle_ttl_secs, 1800);
+        assert_eq!(config.redis.key_prefix, "shoal");
+        assert_eq!(
+            config.tools.toolsets,
+            vec!["kv", "postgres", "rpc", "compute"]
+        );
+        assert_eq!(config.sessions.idle_ttl_secs, 1800);
     }
 
     #[test]
@@ -688,8 +915,8 @@ mod tests {
             "a.example, b:8080",
         ])
         .expect("parse");
-        assert_eq!(config.toolsets, vec!["kv", "conformance"]);
-        assert_eq!(config.allowed_hosts, vec!["a.example", "b:8080"]);
+        assert_eq!(config.tools.toolsets, vec!["kv", "conformance"]);
+        assert_eq!(config.http.allowed_hosts, vec!["a.example", "b:8080"]);
     }
 
     #[test]
@@ -711,7 +938,7 @@ mod tests {
     fn worker_idle_is_capped_by_session_ttl() {
         let config =
             parse(&["--session-idle-ttl-secs", "5", "--worker-idle-secs", "300"]).expect("parse");
-        assert_eq!(config.worker_idle_secs, 5);
+        assert_eq!(config.sessions.worker_idle_secs, 5);
     }
 
     #[test]

@@ -65,6 +65,28 @@ pub struct DbConfig {
     pub max_result_bytes: usize,
 }
 
+impl DbConfig {
+    /// The pools' share of the configuration tree, reading as `url`; `pg_execute`'s role only
+    /// when `writes` are served.
+    pub fn from_config(
+        config: &crate::config::PostgresConfig,
+        url: SecretString,
+        writes: bool,
+    ) -> Self {
+        Self {
+            url,
+            write_url: config.write_url.clone().filter(|_| writes),
+            allow_privileged_role: config.allow_privileged_role,
+            max_result_bytes: config.max_result_bytes,
+            pool_max: config.pool_max,
+            pool_min_idle: config.pool_min_idle,
+            acquire_timeout: Duration::from_millis(config.acquire_timeout_ms),
+            statement_timeout: Duration::from_millis(config.statement_timeout_ms),
+            row_cap: config.row_cap,
+        }
+    }
+}
+
 /// Why a database operation failed. Every variant but [`DbError::Other`] and
 /// [`DbError::Privileged`] describes the caller's own request and may be shown to it; those two
 /// carry server-side detail for the log only ([`DbError::is_client_error`]).

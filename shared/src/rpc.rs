@@ -39,6 +39,18 @@ pub struct RpcConfig {
     pub max_response_bytes: usize,
 }
 
+impl From<&crate::config::UpstreamConfig> for RpcConfig {
+    fn from(config: &crate::config::UpstreamConfig) -> Self {
+        Self {
+            endpoints: config.endpoints.clone(),
+            attempt_timeout: Duration::from_millis(config.timeout_ms),
+            cooldown: Duration::from_millis(config.cooldown_ms),
+            max_attempts: config.max_attempts,
+            max_response_bytes: config.max_response_bytes,
+        }
+    }
+}
+
 /// The longest cool-down an upstream's `Retry-After` can ask for.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 

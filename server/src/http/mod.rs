@@ -148,7 +148,7 @@ impl HttpService {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => self.readyz().await,
             (&Method::GET, "/metrics")
-                if !self.admin && self.state.config.admin_listen.is_some() =>
+                if !self.admin && self.state.config.http.admin_listen.is_some() =>
             {
                 text(StatusCode::NOT_FOUND, "not found\n")
             }
@@ -265,7 +265,7 @@ impl HttpService {
                 .forward(Request::from_parts(parts, Full::new(Bytes::new())), None)
                 .await;
         }
-        let limit = self.state.config.max_body_bytes;
+        let limit = self.state.config.http.max_body_bytes;
         let collected =
             tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
         let bytes = match collected {
@@ -317,8 +317,8 @@ impl HttpService {
                 );
             }
         };
-        if envelope.is_initialize && bytes.len() > self.state.config.max_initialize_bytes {
-            let limit = self.state.config.max_initialize_bytes;
+        if envelope.is_initialize && bytes.len() > self.state.config.http.max_initialize_bytes {
+            let limit = self.state.config.http.max_initialize_bytes;
             tracing::info!(limit, "rejected request: initialize too large");
             return self.reject(
                 "initialize_too_large",

@@ -21,7 +21,8 @@ pub async fn serve(
     on_drain: impl FnOnce(),
 ) {
     let graceful = GracefulShutdown::new();
-    let header_read_timeout = Duration::from_millis(service.state.config.header_read_timeout_ms);
+    let header_read_timeout =
+        Duration::from_millis(service.state.config.http.header_read_timeout_ms);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -117,11 +117,11 @@ impl ShoalHandler {
         uri: &str,
         context: &RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        if uri.len() > self.state.config.max_uri_bytes {
+        if uri.len() > self.state.config.sessions.max_uri_bytes {
             return Err(McpError::invalid_params(
                 format!(
                     "the resource URI is longer than {} bytes",
-                    self.state.config.max_uri_bytes
+                    self.state.config.sessions.max_uri_bytes
                 ),
                 None,
             ));
@@ -144,14 +144,14 @@ impl ShoalHandler {
             Ok(SubscribeOutcome::TooManySubscribers) => Err(McpError::invalid_request(
                 format!(
                     "too many sessions are subscribed to this resource (limit {})",
-                    self.state.config.max_subscribers_per_uri
+                    self.state.config.sessions.max_subscribers_per_uri
                 ),
                 None,
             )),
             Ok(SubscribeOutcome::TooMany) => Err(McpError::invalid_request(
                 format!(
                     "too many subscriptions for this session (limit {})",
-                    self.state.config.max_subscriptions_per_session
+                    self.state.config.sessions.max_subscriptions_per_session
                 ),
                 None,
             )),
@@ -484,7 +484,7 @@ impl ShoalHandler {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        let limit = self.state.config.max_calls_per_session;
+        let limit = self.state.config.sessions.max_calls_per_session;
         let _session_call = match session_id(&context) {
             Some(session) => match self.state.session_calls.enter(&session, limit) {
                 Some(call) => Some(call),
@@ -597,21 +597,24 @@ impl ShoalHandler {
         }
         let uris = accepted.resource_subscriptions.clone().unwrap_or_default();
         let config = &self.state.config;
-        if uris.len() > config.max_listen_uris {
+        if uris.len() > config.sessions.max_listen_uris {
             return Err(McpError::invalid_params(
                 format!(
                     "subscriptions/listen names {} resources; at most {} are accepted",
                     uris.len(),
-                    config.max_listen_uris
+                    config.sessions.max_listen_uris
                 ),
                 None,
             ));
         }
-        if uris.iter().any(|uri| uri.len() > config.max_uri_bytes) {
+        if uris
+            .iter()
+            .any(|uri| uri.len() > config.sessions.max_uri_bytes)
+        {
             return Err(McpError::invalid_params(
                 format!(
                     "a resource URI is longer than {} bytes",
-                    config.max_uri_bytes
+                    config.sessions.max_uri_bytes
                 ),
                 None,
             ));

@@ -204,7 +204,7 @@ impl ShoalHandler {
         if let Err(message) = valid_key(&params.key) {
             return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
         }
-        let limit = self.state.config.kv_max_value_bytes;
+        let limit = self.state.config.kv.max_value_bytes;
         if params.value.len() > limit {
             return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
                 "value is {} bytes; the limit is {limit} bytes",
@@ -214,7 +214,7 @@ impl ShoalHandler {
         match self.state.backend.kv_set(&params.key, &params.value).await {
             Ok(KvSetOutcome::Full) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
                 "the scratchpad is full ({} keys); delete keys first",
-                self.state.config.kv_max_keys
+                self.state.config.kv.max_keys
             ))])),
             Ok(outcome) => {
                 self.notify_changed(&params.key, outcome == KvSetOutcome::Created)

@@ -57,15 +57,15 @@ impl Toolsets {
     /// Names an unknown toolset.
     pub fn parse(config: &shoal_shared::config::Config) -> Result<Self, String> {
         let mut toolsets = Toolsets::default();
-        for name in &config.toolsets {
+        for name in &config.tools.toolsets {
             match name.as_str() {
                 "kv" => toolsets.kv = true,
                 "conformance" => toolsets.conformance = true,
                 "compute" => toolsets.compute = true,
-                "postgres" if config.database_url.is_some() => {
+                "postgres" if config.postgres.url.is_some() => {
                     toolsets.postgres = true;
-                    toolsets.postgres_writes = config.postgres_allow_writes;
-                    if config.postgres_allow_writes && config.database_write_url.is_none() {
+                    toolsets.postgres_writes = config.postgres.allow_writes;
+                    if config.postgres.allow_writes && config.postgres.write_url.is_none() {
                         return Err("SHOAL_POSTGRES_ALLOW_WRITES=true needs SHOAL_DATABASE_WRITE_URL: \
                                     pg_execute runs as a database role of its own (docs/security.md)"
                             .into());
@@ -74,7 +74,7 @@ impl Toolsets {
                 "postgres" => {
                     tracing::info!("toolset postgres is off: SHOAL_DATABASE_URL is not set")
                 }
-                "rpc" if !config.rpc_endpoints.is_empty() => toolsets.rpc = true,
+                "rpc" if !config.rpc.endpoints.is_empty() => toolsets.rpc = true,
                 "rpc" => tracing::info!("toolset rpc is off: SHOAL_RPC_ENDPOINTS is empty"),
                 other => {
                     return Err(format!(

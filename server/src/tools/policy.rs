@@ -127,7 +127,7 @@ impl Policies {
             let limit = config
                 .tool_concurrency_override(name)
                 .or(declared.limit)
-                .unwrap_or(config.tool_concurrency)
+                .unwrap_or(config.tools.concurrency)
                 .max(1);
             ToolPolicy {
                 // Tool names form a closed set fixed at start-up: interning them once gives the
@@ -143,7 +143,7 @@ impl Policies {
                 timeout: config
                     .tool_timeout_override(name)
                     .or(declared.timeout)
-                    .unwrap_or(Duration::from_millis(config.tool_timeout_ms)),
+                    .unwrap_or(Duration::from_millis(config.tools.timeout_ms)),
                 limit,
                 slots: Arc::new(Semaphore::new(limit)),
                 tags: declared.tags,
@@ -159,7 +159,7 @@ impl Policies {
         Self {
             by_tool,
             fallback: build("other", Declared::new(Freshness::Realtime)),
-            queue_timeout: Duration::from_millis(config.tool_queue_timeout_ms),
+            queue_timeout: Duration::from_millis(config.tools.queue_timeout_ms),
         }
     }
 

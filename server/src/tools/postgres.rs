@@ -375,7 +375,7 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
 /// lease, until `stop`.
 pub async fn run_change_poller(state: Arc<AppState>, stop: CancellationToken) {
     let Some(db) = state.db.clone() else { return };
-    let every = Duration::from_millis(state.config.postgres_poll_ms);
+    let every = Duration::from_millis(state.config.postgres.poll_ms);
     let lease_key = state.bus.keys().poller_lease();
     let signatures_key = state.bus.keys().pg_signatures();
     let holder = state.bus.tag().to_string();

@@ -113,13 +113,14 @@ impl ShoalHandler {
         if !self
             .state
             .config
-            .rpc_allowed_methods
+            .rpc
+            .allowed_methods
             .contains(&params.method)
         {
             return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
                 "method {} is not allowed; allowed: {}",
                 params.method,
-                self.state.config.rpc_allowed_methods.join(", ")
+                self.state.config.rpc.allowed_methods.join(", ")
             ))]));
         }
         self.upstream(&params.method, params.params.unwrap_or_else(|| json!([])))

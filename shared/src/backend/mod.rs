@@ -45,6 +45,20 @@ pub struct BackendConfig {
 }
 
 impl BackendConfig {
+    /// The backend's share of the configuration tree.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            session_ttl: config.session_idle_ttl(),
+            event_log_max_len: config.sessions.event_log_max_len,
+            event_retention: Duration::from_secs(config.sessions.event_retention_secs),
+            max_subscriptions_per_session: config.sessions.max_subscriptions_per_session,
+            max_subscribers_per_uri: config.sessions.max_subscribers_per_uri,
+            kv_max_keys: config.kv.max_keys,
+            redis_timeout: Duration::from_millis(config.redis.timeout_ms),
+            redis_pool_size: config.redis.pool_size,
+        }
+    }
+
     fn session_ttl_secs(&self) -> u64 {
         self.session_ttl.as_secs().max(1)
     }
