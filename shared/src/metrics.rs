@@ -1010,24 +1010,30 @@ impl Otel {
     }
 }
 
-/// CPU time (user + system) used by this process so far, from `/proc/self/stat` (Linux; the kernel
-/// reports it in USER_HZ ticks, 100 per second on every Linux architecture).
+/// CPU time (user + system) used by this process so far, from `/proc/self/stat` through the
+/// `procfs` crate, which converts clock ticks with the kernel's own rate (Linux only).
 pub fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may contain spaces; fields after it start past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
+    #[cfg(target_os = "linux")]
+    {
+        let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+        let ticks = procfs::ticks_per_second();
+        (ticks > 0).then(|| (stat.utime + stat.stime) as f64 / ticks as f64)
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
-/// The process's resident set size, from `/proc/self/statm` (Linux).
+/// The process's resident set size in bytes, with the kernel's page size (4 KiB, 16 KiB or
+/// 64 KiB, as the kernel was built; Linux only).
 fn resident_memory_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    #[cfg(target_os = "linux")]
+    {
+        let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+        use procfs::WithCurrentSystemInfo as _;
+        Some(stat.rss_bytes().get())
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 #[cfg(test)]
@@ -1059,6 +1065,22 @@ mod tests {
             text.contains("shoal_http_rejections_total{reason=\"body_too_large\"} 1"),
             "{text}"
         );
+    }
+
+    /// The resident size is read with the kernel's page size: touching 64 MiB shows as about
+    /// 64 MiB more (a wrong page size would scale the difference).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn resident_memory_follows_what_the_process_touches() {
+        let before = resident_memory_bytes().expect("rss");
+        let block = std::hint::black_box(vec![1_u8; 64 << 20]);
+        let after = resident_memory_bytes().expect("rss");
+        let grown = after.saturating_sub(before);
+        assert!(
+            (60 << 20..=72 << 20).contains(&grown),
+            "grew by {grown} bytes"
+        );
+        drop(block);
     }
 
     #[test]
