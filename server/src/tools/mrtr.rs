@@ -156,6 +156,19 @@ impl ShoalHandler {
             .map_err(|error| Failure::internal("sealing request state", error).into())
     }
 
+    /// The first round of a fixture that carries state: asks `questions`, with round 1 sealed.
+    async fn ask_first(
+        &self,
+        tool: &str,
+        questions: Vec<(&str, InputRequest)>,
+    ) -> Result<CallToolResponse, McpError> {
+        let state = self.seal(tool, 1, Value::Null).await?;
+        Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
+            Some(requests(questions)),
+            Some(state),
+        )))
+    }
+
     /// Opens a state sealed for `tool`; a forged, tampered or expired one is -32602.
     async fn open(&self, tool: &str, state: Option<String>) -> Result<Round, McpError> {
         let state =
@@ -278,14 +291,12 @@ impl ShoalHandler {
     ) -> Result<CallToolResponse, McpError> {
         const TOOL: &str = "test_input_required_result_request_state";
         if responses.is_none() && state.is_none() {
-            let state = self.seal(TOOL, 1, Value::Null).await?;
-            return Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
-                Some(requests(vec![(
-                    "confirm",
-                    elicit("Please confirm", "ok", "boolean")?,
-                )])),
-                Some(state),
-            )));
+            return self
+                .ask_first(
+                    TOOL,
+                    vec![("confirm", elicit("Please confirm", "ok", "boolean")?)],
+                )
+                .await;
         }
         self.open(TOOL, state).await?;
         let ok = accepted(&responses, "confirm")?
@@ -305,15 +316,16 @@ impl ShoalHandler {
     ) -> Result<CallToolResponse, McpError> {
         const TOOL: &str = "test_input_required_result_multiple_inputs";
         if responses.is_none() && state.is_none() {
-            let state = self.seal(TOOL, 1, Value::Null).await?;
-            return Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
-                Some(requests(vec![
-                    ("user_name", elicit("What is your name?", "name", "string")?),
-                    ("greeting", sample("Generate a greeting", 50)?),
-                    ("client_roots", roots()?),
-                ])),
-                Some(state),
-            )));
+            return self
+                .ask_first(
+                    TOOL,
+                    vec![
+                        ("user_name", elicit("What is your name?", "name", "string")?),
+                        ("greeting", sample("Generate a greeting", 50)?),
+                        ("client_roots", roots()?),
+                    ],
+                )
+                .await;
         }
         self.open(TOOL, state).await?;
         let name = accepted(&responses, "user_name")?
@@ -344,14 +356,15 @@ impl ShoalHandler {
     ) -> Result<CallToolResponse, McpError> {
         const TOOL: &str = "test_input_required_result_multi_round";
         if responses.is_none() && state.is_none() {
-            let state = self.seal(TOOL, 1, Value::Null).await?;
-            return Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
-                Some(requests(vec![(
-                    "step1",
-                    elicit("Step 1: What is your name?", "name", "string")?,
-                )])),
-                Some(state),
-            )));
+            return self
+                .ask_first(
+                    TOOL,
+                    vec![(
+                        "step1",
+                        elicit("Step 1: What is your name?", "name", "string")?,
+                    )],
+                )
+                .await;
         }
         let round = self.open(TOOL, state).await?;
         match round.round {
@@ -397,14 +410,12 @@ impl ShoalHandler {
     ) -> Result<CallToolResponse, McpError> {
         const TOOL: &str = "test_input_required_result_tampered_state";
         if responses.is_none() && state.is_none() {
-            let state = self.seal(TOOL, 1, Value::Null).await?;
-            return Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
-                Some(requests(vec![(
-                    "confirm",
-                    elicit("Please confirm", "ok", "boolean")?,
-                )])),
-                Some(state),
-            )));
+            return self
+                .ask_first(
+                    TOOL,
+                    vec![("confirm", elicit("Please confirm", "ok", "boolean")?)],
+                )
+                .await;
         }
         self.open(TOOL, state).await?;
         Ok(complete("state verified"))
