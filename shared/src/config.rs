@@ -551,10 +551,35 @@ fn parse_tool_count(value: &str) -> Result<(String, usize), String> {
     Ok((tool, count))
 }
 
-/// A configuration rule was broken.
+/// The configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// A flag or variable could not be parsed (the parser's own message, naming it).
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A setting breaks a rule.
+    #[error("invalid configuration: {setting} {rule}")]
+    Rule {
+        /// The variable of the setting (`SHOAL_…`).
+        setting: &'static str,
+        /// What it must be.
+        rule: &'static str,
+    },
+}
+
+impl ConfigError {
+    fn rule(setting: &'static str, rule: &'static str) -> Self {
+        ConfigError::Rule { setting, rule }
+    }
+
+    /// The variable of the setting at fault, when one setting is.
+    pub fn setting(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::Rule { setting, .. } => Some(setting),
+            ConfigError::Parse(_) => None,
+        }
+    }
+}
 
 impl Config {
     /// Parses flags and environment, applies the standard fallbacks (`REDIS_URL`) and validates.
@@ -577,7 +602,7 @@ impl Config {
     {
         let mut config = match Self::try_parse_from(args) {
             Ok(config) => config,
-            Err(error) if error.use_stderr() => return Err(ConfigError(error.to_string())),
+            Err(error) if error.use_stderr() => return Err(ConfigError::Parse(error.to_string())),
             Err(error) => error.exit(),
         };
         if config.redis.url.is_none()
@@ -602,6 +627,12 @@ impl Config {
     /// Returns a [`ConfigError`] naming the broken rule.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         let nonzero = [
+            (
+                "SHOAL_MAX_LOCAL_SESSIONS",
+                self.sessions.max_local_sessions as u64,
+            ),
+            ("SHOAL_MAX_STREAMS", self.sessions.max_streams as u64),
+            ("SHOAL_REDIS_POOL_SIZE", self.redis.pool_size as u64),
             ("SHOAL_SESSION_IDLE_TTL_SECS", self.sessions.idle_ttl_secs),
             ("SHOAL_WORKER_IDLE_SECS", self.sessions.worker_idle_secs),
             ("SHOAL_EVENT_LOG_MAX_LEN", self.sessions.event_log_max_len),
@@ -658,25 +689,18 @@ impl Config {
             ),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, value)| *value == 0) {
-            return Err(ConfigError(format!("{name} must be greater than zero")));
-        }
-        if self.sessions.max_local_sessions == 0
-            || self.sessions.max_streams == 0
-            || self.redis.pool_size == 0
-        {
-            return Err(ConfigError(
-                "SHOAL_MAX_LOCAL_SESSIONS, SHOAL_MAX_STREAMS and SHOAL_REDIS_POOL_SIZE must be greater than zero"
-                    .into(),
-            ));
+            return Err(ConfigError::rule(name, "must be greater than zero"));
         }
         if self.http.max_body_bytes < 1024 {
-            return Err(ConfigError(
-                "SHOAL_MAX_BODY_BYTES must be at least 1024".into(),
+            return Err(ConfigError::rule(
+                "SHOAL_MAX_BODY_BYTES",
+                "must be at least 1024",
             ));
         }
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
-            return Err(ConfigError(
-                "SHOAL_KEY_PREFIX must be non-empty and contain no whitespace".into(),
+            return Err(ConfigError::rule(
+                "SHOAL_KEY_PREFIX",
+                "must be non-empty and contain no whitespace",
             ));
         }
         // An idle worker never outlives its session: a replica holds no memory for expired sessions.
@@ -695,17 +719,18 @@ impl Config {
             list.dedup();
         }
         if self.http.allowed_hosts.is_empty() {
-            return Err(ConfigError(
-                "SHOAL_ALLOWED_HOSTS is empty, which would turn off the DNS-rebinding check: list the host \
-                 names clients use to reach the server, or `*` to accept any Host (not recommended)"
-                    .into(),
+            return Err(ConfigError::rule(
+                "SHOAL_ALLOWED_HOSTS",
+                "is empty, which would turn off the DNS-rebinding check: list the host \
+                 names clients use to reach the server, or `*` to accept any Host (not recommended)",
             ));
         }
         if self.http.allowed_hosts.len() > 1
             && self.http.allowed_hosts.iter().any(|host| host == "*")
         {
-            return Err(ConfigError(
-                "SHOAL_ALLOWED_HOSTS: `*` (any Host) stands alone, not in a list".into(),
+            return Err(ConfigError::rule(
+                "SHOAL_ALLOWED_HOSTS",
+                "must be `*` (any Host) alone, not `*` in a list",
             ));
         }
         if self
@@ -714,16 +739,18 @@ impl Config {
             .as_ref()
             .is_some_and(|key| key.expose_secret().len() < 32)
         {
-            return Err(ConfigError(
-                "SHOAL_REQUEST_STATE_KEY must be at least 32 bytes long".into(),
+            return Err(ConfigError::rule(
+                "SHOAL_REQUEST_STATE_KEY",
+                "must be at least 32 bytes long",
             ));
         }
         if let Some(url) = &self.redis.url
             && !(url.expose_secret().starts_with("redis://")
                 || url.expose_secret().starts_with("rediss://"))
         {
-            return Err(ConfigError(
-                "SHOAL_REDIS_URL must start with redis:// or rediss://".into(),
+            return Err(ConfigError::rule(
+                "SHOAL_REDIS_URL",
+                "must start with redis:// or rediss://",
             ));
         }
         Ok(())
@@ -923,10 +950,10 @@ mod tests {
     fn an_empty_host_list_is_refused_and_any_host_is_explicit() {
         let error =
             Config::from_args(["shoal-server", "--allowed-hosts", ""]).expect_err("refused");
-        assert!(error.0.contains("DNS-rebinding"), "{}", error.0);
+        assert!(error.to_string().contains("DNS-rebinding"), "{error}");
         let error =
             Config::from_args(["shoal-server", "--allowed-hosts", " , "]).expect_err("refused");
-        assert!(error.0.contains("SHOAL_ALLOWED_HOSTS"), "{}", error.0);
+        assert!(error.to_string().contains("SHOAL_ALLOWED_HOSTS"), "{error}");
         assert!(Config::from_args(["shoal-server", "--allowed-hosts", "*,a.example"]).is_err());
         let config = Config::from_args(["shoal-server", "--allowed-hosts", "*"]).expect("parse");
         assert!(config.any_host());
@@ -973,7 +1000,15 @@ mod tests {
     #[test]
     fn zero_ttl_is_rejected() {
         let error = parse(&["--session-idle-ttl-secs", "0"]).expect_err("must fail");
-        assert!(error.0.contains("SHOAL_SESSION_IDLE_TTL_SECS"), "{error}");
+        assert_eq!(
+            error.setting(),
+            Some("SHOAL_SESSION_IDLE_TTL_SECS"),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("must be greater than zero"),
+            "{error}"
+        );
     }
 
     #[test]
