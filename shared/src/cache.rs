@@ -12,6 +12,7 @@
 //! lookup, and the stale value tells the caller whether the refreshed content differs (resources
 //! use that to raise `notifications/resources/updated`).
 
+use crate::telemetry::attr;
 use std::{
     pin::pin,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -255,11 +256,11 @@ impl ResultCache {
         fill: impl Future<Output = Result<Fill<T>, E>>,
     ) -> Result<Answer<T>, E> {
         let span = crate::telemetry::Span::child("cache lookup", SpanKind::Internal, || {
-            vec![KeyValue::new("shoal.cache.ttl_ms", ttl.as_millis() as i64)]
+            vec![KeyValue::new(attr::SHOAL_CACHE_TTL_MS, ttl.as_millis() as i64)]
         });
         let result = span.wrap(self.lookup(id, ttl, tags, fill)).await;
         match &result {
-            Ok(answer) => span.set("shoal.cache.outcome", answer.source.label()),
+            Ok(answer) => span.set(attr::SHOAL_CACHE_OUTCOME, answer.source.label()),
             Err(_) => span.mark_error("fill_error"),
         }
         result

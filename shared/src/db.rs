@@ -18,6 +18,7 @@
 //!   abandoned mid-query (tool timeout, client gone) has its query cancelled on the server and is
 //!   closed instead of being reused.
 
+use crate::telemetry::attr;
 use std::{
     collections::BTreeMap,
     sync::{
@@ -709,7 +710,7 @@ impl Database {
             .observed("SELECT", &span, self.read_inner(sql, params, cancel))
             .await;
         if let Ok(output) = &result {
-            span.set("db.response.returned_rows", output.rows.len() as i64);
+            span.set(attr::DB_RESPONSE_RETURNED_ROWS, output.rows.len() as i64);
         }
         result
     }
@@ -1024,11 +1025,11 @@ fn db_span(operation: &'static str, collection: Option<&str>) -> Span {
     };
     Span::child(name, SpanKind::Client, || {
         let mut attributes = vec![
-            KeyValue::new("db.system.name", "postgresql"),
-            KeyValue::new("db.operation.name", operation),
+            KeyValue::new(attr::DB_SYSTEM_NAME, "postgresql"),
+            KeyValue::new(attr::DB_OPERATION_NAME, operation),
         ];
         if let Some(table) = collection {
-            attributes.push(KeyValue::new("db.collection.name", table.to_owned()));
+            attributes.push(KeyValue::new(attr::DB_COLLECTION_NAME, table.to_owned()));
         }
         attributes
     })

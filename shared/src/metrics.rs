@@ -9,6 +9,7 @@
 //! `http.server.request.duration`, `db.client.operation.duration`, ...); otherwise those
 //! instruments do not exist and cost nothing.
 
+use crate::telemetry::attr;
 use std::{
     sync::{Arc, atomic::AtomicU64},
     time::Duration,
@@ -560,9 +561,9 @@ impl Metrics {
             otel.http_duration.record(
                 seconds,
                 &[
-                    KeyValue::new("http.request.method", method),
-                    KeyValue::new("http.route", route),
-                    KeyValue::new("http.response.status_code", i64::from(status)),
+                    KeyValue::new(attr::HTTP_REQUEST_METHOD, method),
+                    KeyValue::new(attr::HTTP_ROUTE, route),
+                    KeyValue::new(attr::HTTP_RESPONSE_STATUS_CODE, i64::from(status)),
                 ],
             );
         }
@@ -577,11 +578,11 @@ impl Metrics {
             .observe(seconds);
         if let Some(otel) = &self.inner.otel {
             let mut attributes = vec![
-                KeyValue::new("db.system.name", "redis"),
-                KeyValue::new("db.operation.name", operation),
+                KeyValue::new(attr::DB_SYSTEM_NAME, "redis"),
+                KeyValue::new(attr::DB_OPERATION_NAME, operation),
             ];
             if !ok {
-                attributes.push(KeyValue::new("error.type", "backend_error"));
+                attributes.push(KeyValue::new(attr::ERROR_TYPE, "backend_error"));
             }
             otel.db_duration.record(seconds, &attributes);
         }
@@ -639,12 +640,12 @@ impl Metrics {
             .observe(seconds);
         if let Some(otel) = &self.inner.otel {
             let mut attributes = Vec::with_capacity(3);
-            attributes.push(KeyValue::new("mcp.method.name", method));
+            attributes.push(KeyValue::new(attr::MCP_METHOD_NAME, method));
             if let Some(tool) = tool {
-                attributes.push(KeyValue::new("gen_ai.tool.name", tool));
+                attributes.push(KeyValue::new(attr::GEN_AI_TOOL_NAME, tool));
             }
             if outcome != "ok" {
-                attributes.push(KeyValue::new("error.type", outcome));
+                attributes.push(KeyValue::new(attr::ERROR_TYPE, outcome));
             }
             otel.operation_duration.record(seconds, &attributes);
         }
@@ -762,11 +763,11 @@ impl Metrics {
             .observe(seconds);
         if let Some(otel) = &self.inner.otel {
             let mut attributes = vec![
-                KeyValue::new("db.system.name", "postgresql"),
-                KeyValue::new("db.operation.name", operation),
+                KeyValue::new(attr::DB_SYSTEM_NAME, "postgresql"),
+                KeyValue::new(attr::DB_OPERATION_NAME, operation),
             ];
             if let Some(error) = error {
-                attributes.push(KeyValue::new("error.type", error));
+                attributes.push(KeyValue::new(attr::ERROR_TYPE, error));
             }
             otel.db_duration.record(seconds, &attributes);
         }
@@ -780,7 +781,7 @@ impl Metrics {
             .inc();
         if let Some(otel) = &self.inner.otel {
             otel.cache_lookups
-                .add(1, &[KeyValue::new("shoal.cache.outcome", outcome)]);
+                .add(1, &[KeyValue::new(attr::SHOAL_CACHE_OUTCOME, outcome)]);
         }
     }
 
@@ -807,11 +808,11 @@ impl Metrics {
             .observe(seconds);
         if let Some(otel) = &self.inner.otel {
             let mut attributes = vec![
-                KeyValue::new("rpc.system.name", "jsonrpc"),
-                KeyValue::new("shoal.rpc.endpoint", endpoint),
+                KeyValue::new(attr::RPC_SYSTEM_NAME, "jsonrpc"),
+                KeyValue::new(attr::SHOAL_RPC_ENDPOINT, endpoint),
             ];
             if outcome != "ok" {
-                attributes.push(KeyValue::new("error.type", outcome));
+                attributes.push(KeyValue::new(attr::ERROR_TYPE, outcome));
             }
             otel.rpc_duration.record(seconds, &attributes);
         }
@@ -919,11 +920,11 @@ impl Otel {
                 vec![
                     (
                         used,
-                        vec![KeyValue::new("db.client.connection.state", "used")],
+                        vec![KeyValue::new(attr::DB_CLIENT_CONNECTION_STATE, "used")],
                     ),
                     (
                         (max.get() - used).max(0),
-                        vec![KeyValue::new("db.client.connection.state", "idle")],
+                        vec![KeyValue::new(attr::DB_CLIENT_CONNECTION_STATE, "idle")],
                     ),
                 ]
             }),

@@ -7,6 +7,7 @@
 //! no traffic until it ends. A JSON-RPC error answered by an endpoint is a real answer and is not
 //! retried. Connections are pooled and kept alive per endpoint.
 
+use crate::telemetry::attr;
 use std::{
     collections::HashSet,
     sync::{
@@ -278,9 +279,9 @@ impl RpcPool {
             let method: String = method.chars().take(64).collect();
             Span::child(format!("jsonrpc {method}"), SpanKind::Client, || {
                 vec![
-                    KeyValue::new("rpc.system.name", "jsonrpc"),
-                    KeyValue::new("rpc.method", method),
-                    KeyValue::new("server.address", endpoint.label),
+                    KeyValue::new(attr::RPC_SYSTEM_NAME, "jsonrpc"),
+                    KeyValue::new(attr::RPC_METHOD, method),
+                    KeyValue::new(attr::SERVER_ADDRESS, endpoint.label),
                 ]
             })
         } else {
@@ -291,7 +292,7 @@ impl RpcPool {
             .await;
         if span.is_recording() {
             let label = outcome_label(&outcome);
-            span.set("shoal.rpc.outcome", label);
+            span.set(attr::SHOAL_RPC_OUTCOME, label);
             if label != "ok" {
                 span.mark_error(label);
             }

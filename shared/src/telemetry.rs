@@ -59,6 +59,76 @@ static TRACES: AtomicBool = AtomicBool::new(false);
 static METER: OnceLock<opentelemetry::metrics::Meter> = OnceLock::new();
 static TRACER: OnceLock<Tracer> = OnceLock::new();
 
+/// Attribute keys of spans and metrics, written once. Semantic-convention names where one exists
+/// (`docs/telemetry.md` lists them with their meaning), `shoal.*` for shoal's own.
+pub mod attr {
+    // OpenTelemetry semantic conventions
+    /// `db.client.connection.state`
+    pub const DB_CLIENT_CONNECTION_STATE: &str = "db.client.connection.state";
+    /// `db.collection.name`
+    pub const DB_COLLECTION_NAME: &str = "db.collection.name";
+    /// `db.operation.name`
+    pub const DB_OPERATION_NAME: &str = "db.operation.name";
+    /// `db.response.returned_rows`
+    pub const DB_RESPONSE_RETURNED_ROWS: &str = "db.response.returned_rows";
+    /// `db.system.name`
+    pub const DB_SYSTEM_NAME: &str = "db.system.name";
+    /// `error.type`
+    pub const ERROR_TYPE: &str = "error.type";
+    /// `http.request.method`
+    pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
+    /// `http.response.status_code`
+    pub const HTTP_RESPONSE_STATUS_CODE: &str = "http.response.status_code";
+    /// `http.route`
+    pub const HTTP_ROUTE: &str = "http.route";
+    /// `network.protocol.name`
+    pub const NETWORK_PROTOCOL_NAME: &str = "network.protocol.name";
+    /// `network.protocol.version`
+    pub const NETWORK_PROTOCOL_VERSION: &str = "network.protocol.version";
+    /// `rpc.method`
+    pub const RPC_METHOD: &str = "rpc.method";
+    /// `rpc.response.status_code`
+    pub const RPC_RESPONSE_STATUS_CODE: &str = "rpc.response.status_code";
+    /// `rpc.system.name`
+    pub const RPC_SYSTEM_NAME: &str = "rpc.system.name";
+    /// `server.address`
+    pub const SERVER_ADDRESS: &str = "server.address";
+    /// `url.path`
+    pub const URL_PATH: &str = "url.path";
+    /// `url.scheme`
+    pub const URL_SCHEME: &str = "url.scheme";
+    // MCP and GenAI semantic conventions
+    /// `gen_ai.operation.name`
+    pub const GEN_AI_OPERATION_NAME: &str = "gen_ai.operation.name";
+    /// `gen_ai.prompt.name`
+    pub const GEN_AI_PROMPT_NAME: &str = "gen_ai.prompt.name";
+    /// `gen_ai.tool.name`
+    pub const GEN_AI_TOOL_NAME: &str = "gen_ai.tool.name";
+    /// `jsonrpc.request.id`
+    pub const JSONRPC_REQUEST_ID: &str = "jsonrpc.request.id";
+    /// `mcp.method.name`
+    pub const MCP_METHOD_NAME: &str = "mcp.method.name";
+    /// `mcp.protocol.version`
+    pub const MCP_PROTOCOL_VERSION: &str = "mcp.protocol.version";
+    /// `mcp.resource.uri`
+    pub const MCP_RESOURCE_URI: &str = "mcp.resource.uri";
+    /// `mcp.session.tag`
+    pub const MCP_SESSION_TAG: &str = "mcp.session.tag";
+    // shoal's own
+    /// `shoal.cache.outcome`
+    pub const SHOAL_CACHE_OUTCOME: &str = "shoal.cache.outcome";
+    /// `shoal.cache.ttl_ms`
+    pub const SHOAL_CACHE_TTL_MS: &str = "shoal.cache.ttl_ms";
+    /// `shoal.replica.name`
+    pub const SHOAL_REPLICA_NAME: &str = "shoal.replica.name";
+    /// `shoal.rpc.endpoint`
+    pub const SHOAL_RPC_ENDPOINT: &str = "shoal.rpc.endpoint";
+    /// `shoal.rpc.outcome`
+    pub const SHOAL_RPC_OUTCOME: &str = "shoal.rpc.outcome";
+    /// `shoal.session.restored`
+    pub const SHOAL_SESSION_RESTORED: &str = "shoal.session.restored";
+}
+
 /// Whether spans are being recorded and exported. Cheap: one relaxed atomic load.
 #[inline]
 pub fn tracing_enabled() -> bool {
@@ -132,7 +202,7 @@ fn resource(instance: &str, replica_name: Option<&str>) -> Resource {
             KeyValue::new("service.instance.id", instance.to_owned()),
         ])
         .with_attributes(
-            replica_name.map(|name| KeyValue::new("shoal.replica.name", name.to_owned())),
+            replica_name.map(|name| KeyValue::new(attr::SHOAL_REPLICA_NAME, name.to_owned())),
         )
         .build()
 }
@@ -404,7 +474,7 @@ impl Span {
         if let Some(context) = &self.context {
             let span = context.span();
             if span.is_recording() {
-                span.set_attribute(KeyValue::new("error.type", error_type.to_owned()));
+                span.set_attribute(KeyValue::new(attr::ERROR_TYPE, error_type.to_owned()));
                 span.set_status(Status::error(error_type.to_owned()));
             }
         }

@@ -21,6 +21,7 @@ mod serve;
 
 pub use serve::serve;
 
+use shoal_shared::telemetry::attr;
 use guard::{Envelope, OriginPolicy, is_json, known_version};
 use observe::{Finish, ObservedBody, http_span, method_label, route_label};
 
@@ -119,7 +120,7 @@ impl HttpService {
             .insert("x-shoal-replica", self.replica.clone());
         let status = response.status().as_u16();
         if span.is_recording() {
-            span.set("http.response.status_code", i64::from(status));
+            span.set(attr::HTTP_RESPONSE_STATUS_CODE, i64::from(status));
             if status >= 500 {
                 span.mark_error(&status.to_string());
             }

@@ -1,5 +1,6 @@
 //! The HTTP server span of each request and the request metrics taken when its body ends.
 
+use shoal_shared::telemetry::attr;
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -37,13 +38,13 @@ pub(super) fn http_span(parts: &mut http::request::Parts, meta_traceparent: Opti
         Parent::Context(parent.as_ref()),
         || {
             let mut attributes = vec![
-                KeyValue::new("http.request.method", method),
-                KeyValue::new("http.route", "/mcp"),
-                KeyValue::new("url.path", "/mcp"),
-                KeyValue::new("url.scheme", "http"),
-                KeyValue::new("network.protocol.name", "http"),
+                KeyValue::new(attr::HTTP_REQUEST_METHOD, method),
+                KeyValue::new(attr::HTTP_ROUTE, "/mcp"),
+                KeyValue::new(attr::URL_PATH, "/mcp"),
+                KeyValue::new(attr::URL_SCHEME, "http"),
+                KeyValue::new(attr::NETWORK_PROTOCOL_NAME, "http"),
                 KeyValue::new(
-                    "network.protocol.version",
+                    attr::NETWORK_PROTOCOL_VERSION,
                     match parts.version {
                         http::Version::HTTP_2 => "2",
                         http::Version::HTTP_10 => "1.0",
@@ -56,7 +57,7 @@ pub(super) fn http_span(parts: &mut http::request::Parts, meta_traceparent: Opti
             }
             // Never the id itself (a bearer credential): its keyed hash.
             if let Some(tag) = header("mcp-session-id").and_then(telemetry::session_tag) {
-                attributes.push(KeyValue::new("mcp.session.tag", tag));
+                attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag));
             }
             attributes
         },

@@ -4,6 +4,7 @@
 //!
 //! Everything here returns [`Span::none`] while tracing is off, before computing anything.
 
+use shoal_shared::telemetry::attr;
 use rmcp::{ErrorData as McpError, RoleServer, service::RequestContext};
 use shoal_shared::telemetry::{self, Context, KeyValue, Parent, Span, SpanKind};
 
@@ -44,27 +45,27 @@ pub fn request_span(
     };
     Span::start(name, SpanKind::Server, Parent::Context(parent), || {
         let mut attributes = Vec::with_capacity(8);
-        attributes.push(KeyValue::new("mcp.method.name", method));
-        attributes.push(KeyValue::new("jsonrpc.request.id", context.id.to_string()));
+        attributes.push(KeyValue::new(attr::MCP_METHOD_NAME, method));
+        attributes.push(KeyValue::new(attr::JSONRPC_REQUEST_ID, context.id.to_string()));
         if let Some(parts) = parts {
             let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
             if let Some(tag) = header("mcp-session-id").and_then(telemetry::session_tag) {
-                attributes.push(KeyValue::new("mcp.session.tag", tag));
+                attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag));
             }
             if let Some(version) = header("mcp-protocol-version") {
-                attributes.push(KeyValue::new("mcp.protocol.version", version.to_owned()));
+                attributes.push(KeyValue::new(attr::MCP_PROTOCOL_VERSION, version.to_owned()));
             }
         }
         match target {
             Target::Tool(name) => {
-                attributes.push(KeyValue::new("gen_ai.tool.name", name.to_owned()));
-                attributes.push(KeyValue::new("gen_ai.operation.name", "execute_tool"));
+                attributes.push(KeyValue::new(attr::GEN_AI_TOOL_NAME, name.to_owned()));
+                attributes.push(KeyValue::new(attr::GEN_AI_OPERATION_NAME, "execute_tool"));
             }
             Target::Prompt(name) => {
-                attributes.push(KeyValue::new("gen_ai.prompt.name", name.to_owned()));
+                attributes.push(KeyValue::new(attr::GEN_AI_PROMPT_NAME, name.to_owned()));
             }
             Target::Resource(uri) => {
-                attributes.push(KeyValue::new("mcp.resource.uri", uri.to_owned()));
+                attributes.push(KeyValue::new(attr::MCP_RESOURCE_URI, uri.to_owned()));
             }
             Target::None => {}
         }
@@ -84,7 +85,7 @@ pub fn initialize_span(
             .extensions
             .get::<rmcp::transport::streamable_http_server::session::SessionRestoreMarker>()
             .is_some();
-        span.set("shoal.session.restored", restored);
+        span.set(attr::SHOAL_SESSION_RESTORED, restored);
         if context
             .extensions
             .get::<http::request::Parts>()
@@ -92,7 +93,7 @@ pub fn initialize_span(
             .is_none()
         {
             span.set(
-                "mcp.protocol.version",
+                attr::MCP_PROTOCOL_VERSION,
                 request.protocol_version.as_str().to_owned(),
             );
         }
@@ -104,7 +105,7 @@ pub fn initialize_span(
 pub fn record_error(span: &Span, error: &McpError) {
     if span.is_recording() {
         let code = error.code.0;
-        span.set("rpc.response.status_code", i64::from(code));
+        span.set(attr::RPC_RESPONSE_STATUS_CODE, i64::from(code));
         span.mark_error(&code.to_string());
     }
 }
@@ -132,12 +133,12 @@ pub fn delivery_span(
         Parent::Context(Some(&parent)),
         Some(&parent),
         || {
-            let mut attributes = vec![KeyValue::new("mcp.method.name", method)];
+            let mut attributes = vec![KeyValue::new(attr::MCP_METHOD_NAME, method)];
             if let Some(tag) = session.and_then(telemetry::session_tag) {
-                attributes.push(KeyValue::new("mcp.session.tag", tag));
+                attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag));
             }
             if let Some(uri) = uri {
-                attributes.push(KeyValue::new("mcp.resource.uri", uri.to_owned()));
+                attributes.push(KeyValue::new(attr::MCP_RESOURCE_URI, uri.to_owned()));
             }
             attributes
         },

@@ -12,6 +12,7 @@ mod memory;
 mod redis;
 mod scripts;
 
+use crate::telemetry::attr;
 use std::{sync::Arc, time::Duration};
 
 use secrecy::SecretString;
@@ -156,8 +157,8 @@ macro_rules! delegate {
                     concat!("redis ", $op),
                     crate::telemetry::SpanKind::Client,
                     || vec![
-                        crate::telemetry::KeyValue::new("db.system.name", "redis"),
-                        crate::telemetry::KeyValue::new("db.operation.name", $op),
+                        crate::telemetry::KeyValue::new(attr::DB_SYSTEM_NAME, "redis"),
+                        crate::telemetry::KeyValue::new(attr::DB_OPERATION_NAME, $op),
                     ],
                 );
                 let start = std::time::Instant::now();
