@@ -256,7 +256,10 @@ impl ResultCache {
         fill: impl Future<Output = Result<Fill<T>, E>>,
     ) -> Result<Answer<T>, E> {
         let span = crate::telemetry::Span::child("cache lookup", SpanKind::Internal, || {
-            vec![KeyValue::new(attr::SHOAL_CACHE_TTL_MS, ttl.as_millis() as i64)]
+            vec![KeyValue::new(
+                attr::SHOAL_CACHE_TTL_MS,
+                ttl.as_millis() as i64,
+            )]
         });
         let result = span.wrap(self.lookup(id, ttl, tags, fill)).await;
         match &result {

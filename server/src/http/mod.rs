@@ -21,9 +21,9 @@ mod serve;
 
 pub use serve::serve;
 
-use shoal_shared::telemetry::attr;
 use guard::{Envelope, OriginPolicy, is_json, known_version};
 use observe::{Finish, ObservedBody, http_span, method_label, route_label};
+use shoal_shared::telemetry::attr;
 
 use std::{
     convert::Infallible,

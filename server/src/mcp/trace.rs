@@ -4,8 +4,8 @@
 //!
 //! Everything here returns [`Span::none`] while tracing is off, before computing anything.
 
-use shoal_shared::telemetry::attr;
 use rmcp::{ErrorData as McpError, RoleServer, service::RequestContext};
+use shoal_shared::telemetry::attr;
 use shoal_shared::telemetry::{self, Context, KeyValue, Parent, Span, SpanKind};
 
 /// The context of a request's HTTP span, put in the request's `http::request::Parts` extensions
@@ -46,14 +46,20 @@ pub fn request_span(
     Span::start(name, SpanKind::Server, Parent::Context(parent), || {
         let mut attributes = Vec::with_capacity(8);
         attributes.push(KeyValue::new(attr::MCP_METHOD_NAME, method));
-        attributes.push(KeyValue::new(attr::JSONRPC_REQUEST_ID, context.id.to_string()));
+        attributes.push(KeyValue::new(
+            attr::JSONRPC_REQUEST_ID,
+            context.id.to_string(),
+        ));
         if let Some(parts) = parts {
             let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
             if let Some(tag) = header("mcp-session-id").and_then(telemetry::session_tag) {
                 attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag));
             }
             if let Some(version) = header("mcp-protocol-version") {
-                attributes.push(KeyValue::new(attr::MCP_PROTOCOL_VERSION, version.to_owned()));
+                attributes.push(KeyValue::new(
+                    attr::MCP_PROTOCOL_VERSION,
+                    version.to_owned(),
+                ));
             }
         }
         match target {
