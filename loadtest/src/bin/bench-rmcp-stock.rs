@@ -2,7 +2,10 @@
 //! trivial tool (`echo {text}`), served by hyper. It is what shoal is compared against in
 //! docs/benchmarks.md (scripts/bench-compare.sh): the same SDK without shared state.
 //!
-//! Usage: bench-rmcp-stock [ADDR]   (default 127.0.0.1:8090; the endpoint is any path)
+//! Usage: bench-rmcp-stock [ADDR] [--json-response]   (default 127.0.0.1:8090; the endpoint is any
+//! path). `--json-response` answers POSTs with plain JSON instead of an SSE stream (rmcp's
+//! JSON-response mode, which shoal also uses), for the 2026-07-28 comparison of
+//! `scripts/bench-wrk.sh`.
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -47,8 +50,12 @@ impl ServerHandler for Echo {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json_response = args.iter().any(|arg| arg == "--json-response");
+    let addr = args
+        .iter()
+        .find(|arg| !arg.starts_with("--"))
+        .cloned()
         .unwrap_or_else(|| "127.0.0.1:8090".to_owned());
     let service: StreamableHttpService<Echo, LocalSessionManager> = StreamableHttpService::new(
         || {
@@ -57,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
             })
         },
         Default::default(),
-        StreamableHttpServerConfig::default(),
+        StreamableHttpServerConfig::default().with_json_response(json_response),
     );
     let service = TowerToHyperService::new(service);
     let listener = tokio::net::TcpListener::bind(&addr).await?;

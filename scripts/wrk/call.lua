@@ -1,0 +1,51 @@
+-- wrk script: one MCP tools/call (echo) per request, on one connection after another.
+-- Environment: ERA (legacy | modern), SESSION (the Mcp-Session-Id of a legacy session).
+-- Counts the responses that are not 200 or carry no result (errors), and prints them at the end.
+local era = os.getenv("ERA") or "legacy"
+local session = os.getenv("SESSION")
+local body
+if era == "modern" then
+  body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"},'
+    .. '"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",'
+    .. '"io.modelcontextprotocol/clientInfo":{"name":"wrk","version":"1"},'
+    .. '"io.modelcontextprotocol/clientCapabilities":{}}}}'
+else
+  body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}'
+end
+wrk.method = "POST"
+wrk.body = body
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Accept"] = "application/json, text/event-stream"
+if era == "modern" then
+  wrk.headers["MCP-Protocol-Version"] = "2026-07-28"
+  wrk.headers["Mcp-Method"] = "tools/call"
+  wrk.headers["Mcp-Name"] = "echo"
+else
+  wrk.headers["MCP-Protocol-Version"] = "2025-11-25"
+  wrk.headers["Mcp-Session-Id"] = session
+end
+
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  bad = 0
+end
+
+function response(status, headers, body)
+  if status ~= 200 or not string.find(body, '"result"', 1, true) then
+    bad = bad + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local failed = 0
+  for _, thread in ipairs(threads) do
+    failed = failed + thread:get("bad")
+  end
+  io.write(string.format("WRK requests=%d seconds=%.3f failed=%d p50_ms=%.3f p99_ms=%.3f\n",
+    summary.requests, summary.duration / 1e6, failed,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
