@@ -71,11 +71,8 @@ impl App {
         let toolsets = Toolsets::parse(&config).map_err(anyhow::Error::msg)?;
         let config = Arc::new(config);
         let metrics = Metrics::new();
-        let (bus, control) = Bus::new(
-            Keys::new(config.redis.key_prefix.clone()),
-            tag.clone(),
-            metrics.clone(),
-        );
+        let keys = Keys::new(config.redis.key_prefix.clone());
+        let (bus, control) = Bus::new(keys.clone(), tag.clone(), metrics.clone());
         let backend = Backend::connect(
             config.redis.url.as_ref(),
             BackendConfig::from_config(&config),
@@ -121,6 +118,7 @@ impl App {
             config: config.clone(),
             backend: backend.clone(),
             bus: bus.clone(),
+            keys,
             metrics: metrics.clone(),
             draining: AtomicBool::new(false),
             request_state: tokio::sync::OnceCell::new(),

@@ -14,6 +14,7 @@ use shoal_shared::{
     cache::ResultCache,
     config::Config,
     db::Database,
+    keys::Keys,
     metrics::Metrics,
     rpc::RpcPool,
     telemetry,
@@ -28,6 +29,8 @@ pub struct AppState {
     pub backend: Backend,
     /// The replica's message demultiplexer.
     pub bus: Bus,
+    /// Names of Redis keys (for the coordination a toolset does itself: leases, shared maps).
+    pub keys: Keys,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// The shared result cache.

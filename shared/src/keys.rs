@@ -24,6 +24,18 @@ impl Keys {
         &self.prefix
     }
 
+    /// The prefixes the Lua scripts append a session id, a replica tag or a URI to (they build
+    /// those names inside Redis): `{prefix}:sess:`, `{prefix}:ev:`, `{prefix}:r:`,
+    /// `{prefix}:subs:`, in that order. The names below are these prefixes plus the suffix.
+    pub fn script_prefixes(&self) -> [String; 4] {
+        [
+            self.session(""),
+            self.event_log(""),
+            self.replica_channel(""),
+            self.subscribers(""),
+        ]
+    }
+
     /// Hash holding one legacy session: `init` (initialize params), `feed` (who holds the GET
     /// stream), `log` (logging level) and one `sub:{uri}` field per resource subscription.
     pub fn session(&self, sid: &str) -> String {
@@ -130,5 +142,9 @@ mod tests {
         assert_eq!(keys.cache_entry("x"), "t1:cache:x");
         assert_eq!(keys.cache_lock("x"), "t1:cache-lock:x");
         assert_eq!(keys.cache_channel(), "t1:cache");
+        assert_eq!(
+            keys.script_prefixes(),
+            ["t1:sess:", "t1:ev:", "t1:r:", "t1:subs:"].map(String::from)
+        );
     }
 }

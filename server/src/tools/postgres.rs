@@ -376,8 +376,8 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
 pub async fn run_change_poller(state: Arc<AppState>, stop: CancellationToken) {
     let Some(db) = state.db.clone() else { return };
     let every = Duration::from_millis(state.config.postgres.poll_ms);
-    let lease_key = state.bus.keys().poller_lease();
-    let signatures_key = state.bus.keys().pg_signatures();
+    let lease_key = state.keys.poller_lease();
+    let signatures_key = state.keys.pg_signatures();
     let holder = state.bus.tag().to_string();
     let mut known: Option<BTreeMap<String, String>> = None;
     let mut tick = tokio::time::interval(every);

@@ -149,11 +149,17 @@ impl RedisBackend {
         // Resubscribes to the tracked channels after every reconnect.
         subscriber.manage_subscriptions();
         let keys = bus.keys().clone();
+        let [
+            session_prefix,
+            log_prefix,
+            replica_prefix,
+            subscribers_prefix,
+        ] = keys.script_prefixes();
         let inner = Inner {
-            session_prefix: format!("{}:sess:", keys.prefix()),
-            log_prefix: format!("{}:ev:", keys.prefix()),
-            replica_prefix: format!("{}:r:", keys.prefix()),
-            subscribers_prefix: format!("{}:subs:", keys.prefix()),
+            session_prefix,
+            log_prefix,
+            replica_prefix,
+            subscribers_prefix,
             last_failure_us: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             origin: bus.tag().clone(),
