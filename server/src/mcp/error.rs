@@ -140,10 +140,9 @@ fn database_message(error: &DbError) -> String {
             "the database failed to run the statement (SQLSTATE {}); the replica's log has the detail",
             code.code()
         ),
-        DbError::Privileged(_) | DbError::Other { .. } => {
+        _ => {
             "the database failed to run the statement; the replica's log has the detail".to_owned()
         }
-        other => other.to_string(),
     }
 }
 
