@@ -44,8 +44,7 @@ run() { # $1 = workload, $2 = label (before|after), $3 = binary; appends a resul
   case "$workload" in
     echo) ;;
     traced)
-      cluster_args+=(--env "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$HTTP" --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
-        --env OTEL_TRACES_SAMPLER=always_on --env OTEL_METRICS_EXPORTER=none)
+      cluster_args+=("${TRACE_ALL[@]}")
       load_args=(--mix kv_get=4,kv_set=1,echo=2) ;;
     notify) load_args=(--mix kv_set=1 --subscribe true) ;;
     pg)
@@ -53,15 +52,8 @@ run() { # $1 = workload, $2 = label (before|after), $3 = binary; appends a resul
       load_args=(--mix pg_query=1 --pg-sql "SELECT name, tier FROM services ORDER BY name") ;;
     *) echo "unknown workload $workload" >&2; exit 2 ;;
   esac
-  rm -f "$WORK/ready.json"
-  "$BIN/shoal-cluster" --replicas 1 --no-balancer --server-bin "$server" --ready-file "$WORK/ready.json" \
-    "${cluster_args[@]}" > "$WORK/cluster.log" 2>&1 &
-  cluster=$!
-  for _ in $(seq 1 600); do [ -s "$WORK/ready.json" ] && break; sleep 0.1; done
-  [ -s "$WORK/ready.json" ] || { cat "$WORK/cluster.log" >&2; exit 1; }
   local url base before after bytes_before bytes_after
-  url=$(json "$WORK/ready.json" 'd["mcp_url"]')
-  base=$(json "$WORK/ready.json" 'd["replicas"][0]["base_url"]')
+  start_replica --server-bin "$server" "${cluster_args[@]}"
   "$BIN/shoal-loadtest" run --url "$url" --scenario max --era legacy --sessions "$SESSIONS" \
     "${load_args[@]}" --duration 3s --warmup 0s --quiet > /dev/null
   before=$(cpu_of "$base"); bytes_before=$(sink_bytes)
@@ -79,7 +71,7 @@ otlp = (int(sys.argv[7]) - int(sys.argv[6])) / ok
 print(f"{sys.argv[4]}\t{sys.argv[5]}\t{ok / secs:.0f}\t{cpu / ok * 1e6:.1f}\t{errors}\t{otlp:.0f}")
 PY
   tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "%-7s %-6s %8s ok/s %8s us CPU/call %s errors %6s OTLP bytes/call\n", $1, $2, $3, $4, $5, $6}'
-  kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=""
+  stop_replica
 }
 
 echo "before: $BEFORE"

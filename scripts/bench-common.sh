@@ -1,5 +1,6 @@
-# Shared by the single-replica benchmarks (bench-tracing.sh, bench-ab.sh); sourced, not run.
-# Sets BIN and WORK, starts shoal-otlp-sink on two free ports (GRPC, HTTP; its spans kept:
+# Shared by the single-replica benchmarks (bench-tracing.sh, bench-ab.sh, bench-wrk.sh); sourced, not run.
+# Sets BIN and WORK, defines start_replica / stop_replica / TRACE_ALL (below), starts
+# shoal-otlp-sink on two free ports (GRPC, HTTP; its spans kept:
 # SINK_MAX_SPANS, default 0 = only counted), and on exit stops the sink and the cluster whose pid
 # is in $cluster, then removes WORK.
 BIN=target/release
@@ -17,3 +18,21 @@ trap cleanup EXIT
 sink=$!
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
 cpu_of() { curl -s "$1/metrics" | awk '$1=="shoal_process_cpu_seconds_total"{print $2}'; }
+
+# start_replica ARGS...: one replica on Redis through shoal-cluster (no balancer), ARGS passed on
+# (--env ..., --server-bin ..., --postgres); sets cluster (its pid), url (/mcp) and base (its
+# admin/metrics base URL). Exits with the cluster's log when it is not ready within 60 s.
+start_replica() {
+  rm -f "$WORK/ready.json"
+  "$BIN/shoal-cluster" --replicas 1 --no-balancer --ready-file "$WORK/ready.json" "$@" \
+    > "$WORK/cluster.log" 2>&1 &
+  cluster=$!
+  for _ in $(seq 1 600); do [ -s "$WORK/ready.json" ] && break; sleep 0.1; done
+  [ -s "$WORK/ready.json" ] || { cat "$WORK/cluster.log" >&2; exit 1; }
+  url=$(json "$WORK/ready.json" 'd["mcp_url"]')
+  base=$(json "$WORK/ready.json" 'd["replicas"][0]["base_url"]')
+}
+stop_replica() { kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=""; }
+# Every request traced (100 % sampling), exported over OTLP/HTTP to the sink: extra start_replica args.
+TRACE_ALL=(--env "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$HTTP" --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
+  --env OTEL_TRACES_SAMPLER=always_on --env OTEL_METRICS_EXPORTER=none)

@@ -40,14 +40,8 @@ if [ "$PROTOCOL" = grpc ]; then ENDPOINT="http://127.0.0.1:$GRPC"; else ENDPOINT
 
 run() { # $1 = label, rest = extra --env for the replica; appends "label ok/s us/request" to results
   local label=$1; shift
-  rm -f "$WORK/ready.json"
-  "$BIN/shoal-cluster" --replicas 1 --no-balancer --ready-file "$WORK/ready.json" \
-    --env SHOAL_TOOLSETS=kv "$@" > "$WORK/cluster.log" 2>&1 &
-  cluster=$!
-  for _ in $(seq 1 200); do [ -s "$WORK/ready.json" ] && break; sleep 0.1; done
   local url base before after
-  url=$(json "$WORK/ready.json" 'd["mcp_url"]')
-  base=$(json "$WORK/ready.json" 'd["replicas"][0]["base_url"]')
+  start_replica --env SHOAL_TOOLSETS=kv "$@"
   # Warm up outside the measurement, then measure the server's CPU over the measured run.
   "$BIN/shoal-loadtest" run --url "$url" --scenario max --era legacy --sessions "$SESSIONS" \
     --mix kv_get=4,kv_set=1,echo=2 --duration 3s --warmup 0s --quiet > /dev/null
@@ -63,7 +57,7 @@ cpu = float(sys.argv[3]) - float(sys.argv[2])
 print(f"{sys.argv[4]}\t{ok / secs:.0f}\t{cpu / ok * 1e6:.1f}")
 PY
   tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "%-4s %8s ok/s %8s us CPU/request\n", $1, $2, $3}'
-  kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=""
+  stop_replica
 }
 
 echo "workload: legacy sessions=$SESSIONS mix kv_get=4,kv_set=1,echo=2, $DURATION per run; sampler $SAMPLER; OTLP $PROTOCOL; sink decodes: $([ "$MAX_SPANS" = 0 ] && echo no || echo yes)"

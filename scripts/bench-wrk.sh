@@ -71,17 +71,11 @@ PY
 
 shoal_run() { # $1 = label suffix, rest = extra --env
   local suffix=$1; shift
-  rm -f "$WORK/ready.json"
-  "$BIN/shoal-cluster" --replicas 1 --no-balancer --ready-file "$WORK/ready.json" \
-    --env SHOAL_TOOLSETS=kv "$@" > "$WORK/cluster.log" 2>&1 &
-  cluster=$!
-  for _ in $(seq 1 200); do [ -s "$WORK/ready.json" ] && break; sleep 0.1; done
   local url base
-  url=$(json "$WORK/ready.json" 'd["mcp_url"]')
-  base=$(json "$WORK/ready.json" 'd["replicas"][0]["base_url"]')
+  start_replica --env SHOAL_TOOLSETS=kv "$@"
   measure "shoal$suffix legacy" legacy "$url" cpu_of "$base"
   measure "shoal$suffix 2026" modern "$url" cpu_of "$base"
-  kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=""
+  stop_replica
 }
 
 stock_run() { # $1 = label, rest = extra arguments of bench-rmcp-stock
@@ -103,9 +97,7 @@ for round in $(seq 1 "$ROUNDS"); do
   shoal_run ""
   stock_run "rmcp"
   stock_run "rmcp-json" --json-response
-  shoal_run " traced" --env "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$HTTP" \
-    --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf --env OTEL_TRACES_SAMPLER=always_on \
-    --env OTEL_METRICS_EXPORTER=none
+  shoal_run " traced" "${TRACE_ALL[@]}"
 done
 python3 - "$WORK/results.txt" <<'PY'
 import statistics, sys
