@@ -29,7 +29,6 @@ use rmcp::{
 use serde_json::Value;
 use shoal_shared::{
     backend::SubscribeOutcome,
-    bus::{ListKind, ListenEvent},
     cache::{Fill, Source as CacheSource, entry_id, private_partition},
 };
 
@@ -38,6 +37,7 @@ use shoal_shared::telemetry::Span;
 use crate::{
     mcp::{
         error::{During as _, Failure},
+        listen::EarlyListeners,
         trace::{self, Target},
     },
     state::AppState,
@@ -52,6 +52,8 @@ use crate::{
 pub struct ShoalHandler {
     pub(crate) state: Arc<AppState>,
     pub(crate) tools: Arc<Toolbox>,
+    /// Listeners registered before their acknowledgment (see [`crate::mcp::listen`]).
+    pub(crate) early_listeners: EarlyListeners,
 }
 
 impl std::fmt::Debug for ShoalHandler {
@@ -89,7 +91,11 @@ pub(crate) fn session_id(context: &RequestContext<RoleServer>) -> Option<String>
 impl ShoalHandler {
     /// A handler over the shared services and the enabled toolsets.
     pub fn new(state: Arc<AppState>, tools: Arc<Toolbox>) -> Self {
-        Self { state, tools }
+        Self {
+            state,
+            tools,
+            early_listeners: EarlyListeners::default(),
+        }
     }
 
     /// Measures one request (duration and outcome by method) and traces it in `span` (see
@@ -365,6 +371,7 @@ impl ServerHandler for ShoalHandler {
         if let Some(uris) = &mut accepted.resource_subscriptions {
             uris.retain(|uri| self.tools.catalog.is_subscribable(uri));
         }
+        self.register_early(requested, &accepted);
         Some(accepted)
     }
 
@@ -574,85 +581,6 @@ impl ShoalHandler {
                     policy.name,
                     policy.timeout.as_secs_f64()
                 )))
-            }
-        }
-    }
-
-    /// Serves one `subscriptions/listen` stream until the client goes away or the replica shuts its
-    /// streams down (then the SDK sends the final result, so the client knows to reconnect).
-    async fn run_listener(&self, context: &SubscriptionContext) -> Result<(), McpError> {
-        let accepted = context.accepted().clone();
-        let mut lists = Vec::new();
-        if accepted.tools_list_changed == Some(true) {
-            lists.push(ListKind::Tools);
-        }
-        if accepted.prompts_list_changed == Some(true) {
-            lists.push(ListKind::Prompts);
-        }
-        if accepted.resources_list_changed == Some(true) {
-            lists.push(ListKind::Resources);
-        }
-        if self.state.streams.is_full() {
-            return Err(Failure::TooManyStreams.into());
-        }
-        let uris = accepted.resource_subscriptions.clone().unwrap_or_default();
-        let config = &self.state.config;
-        if uris.len() > config.sessions.max_listen_uris {
-            return Err(McpError::invalid_params(
-                format!(
-                    "subscriptions/listen names {} resources; at most {} are accepted",
-                    uris.len(),
-                    config.sessions.max_listen_uris
-                ),
-                None,
-            ));
-        }
-        if uris
-            .iter()
-            .any(|uri| uri.len() > config.sessions.max_uri_bytes)
-        {
-            return Err(McpError::invalid_params(
-                format!(
-                    "a resource URI is longer than {} bytes",
-                    config.sessions.max_uri_bytes
-                ),
-                None,
-            ));
-        }
-        crate::tools::postgres::ensure_tables_exist(&self.state, uris.iter().map(String::as_str))
-            .await?;
-        let Some(mut registration) = self.state.bus.register_listener(uris, lists) else {
-            return Ok(()); // shutting down: end at once, the client reconnects elsewhere
-        };
-        let _slot = self.state.streams.open("listen");
-        let shutdown = self.state.bus.shutdown_token();
-        let sink = context.sink();
-        loop {
-            tokio::select! {
-                () = context.cancelled() => return Ok(()),
-                () = shutdown.cancelled() => return Ok(()),
-                event = registration.events.recv() => {
-                    let Some(event) = event else { return Ok(()) };
-                    let sent = match event {
-                        ListenEvent::ResourceUpdated { uri, trace: parent } => {
-                            let span = trace::delivery_span(
-                                "notifications/resources/updated",
-                                "notifications/resources/updated",
-                                None,
-                                Some(&uri),
-                                parent.as_deref(),
-                            );
-                            span.wrap(sink.notify_resource_updated(uri)).await
-                        }
-                        ListenEvent::ListChanged(ListKind::Tools) => sink.notify_tool_list_changed().await,
-                        ListenEvent::ListChanged(ListKind::Prompts) => sink.notify_prompt_list_changed().await,
-                        ListenEvent::ListChanged(ListKind::Resources) => sink.notify_resource_list_changed().await,
-                    };
-                    if let Err(error) = sent {
-                        tracing::debug!(%error, "listen stream closed");
-                        return Ok(());
-                    }
-                }
             }
         }
     }

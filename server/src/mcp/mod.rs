@@ -3,5 +3,6 @@
 
 pub mod error;
 pub mod handler;
+pub mod listen;
 pub mod session;
 pub mod trace;

@@ -28,6 +28,23 @@ async fn pg_topology(replicas: usize, balancer: bool, env: &[(&str, &str)]) -> T
     topology
 }
 
+/// Waits until PostgreSQL runs `statement`, seen from the test's own connection `db` (the pool's
+/// in-use gauge cannot tell a test's query from the change poller's).
+async fn running(db: &tokio_postgres::Client, statement: &str) {
+    eventually(statement, WAIT, async || {
+        let rows = db
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE state = 'active' \
+                 AND pid <> pg_backend_pid() AND strpos(query, $1) > 0",
+                &[&statement],
+            )
+            .await
+            .ok()?;
+        (!rows.is_empty()).then_some(())
+    })
+    .await;
+}
+
 fn structured(result: &Value) -> &Value {
     result.get("structuredContent").unwrap_or(&Value::Null)
 }
@@ -140,23 +157,8 @@ async fn statement_timeout_and_pool_exhaustion_give_clear_errors() {
     let url = topology.mcp_url();
     let base = topology.replicas[0].base_url();
     let client = McpClient::modern(&url);
-    // The test's own connection, to see from PostgreSQL's side when a statement is running (the
-    // pool's in-use gauge cannot tell the test's query from the change poller's).
     let db = topology.postgres_client().await.expect("connect");
-    let running = async |statement: &'static str| {
-        eventually(statement, WAIT, async || {
-            let rows = db
-                .query(
-                    "SELECT 1 FROM pg_stat_activity WHERE state = 'active' \
-                     AND pid <> pg_backend_pid() AND strpos(query, $1) > 0",
-                    &[&statement],
-                )
-                .await
-                .ok()?;
-            (!rows.is_empty()).then_some(())
-        })
-        .await;
-    };
+    let running = async |statement: &'static str| running(&db, statement).await;
 
     let result = client
         .call_tool("pg_query", json!({"sql": "SELECT pg_sleep(10)"}))
@@ -338,4 +340,60 @@ async fn cancellation_cancels_the_query_on_the_server() {
             Err(()) => panic!("the cancelled request's stream stayed open"),
         }
     }
+}
+
+/// rmcp acknowledges a `subscriptions/listen` before it runs the handler's `listen`, which checks
+/// the named tables against the database. A client may write as soon as it reads the
+/// acknowledgment: an update raised while that check waits for a connection still reaches it.
+#[tokio::test]
+async fn a_listen_misses_nothing_raised_after_its_acknowledgment() {
+    let topology = pg_topology(
+        1,
+        false,
+        &[
+            ("SHOAL_POSTGRES_POOL_MAX", "1"),
+            ("SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS", "10000"),
+        ],
+    )
+    .await;
+    let url = topology.mcp_url();
+    let db = topology.postgres_client().await.expect("connect");
+    let first = McpClient::modern(&url);
+    let holder = tokio::spawn(async move {
+        first
+            .call_tool("pg_query", json!({"sql": "SELECT pg_sleep(2) AS held"}))
+            .await
+    });
+    running(&db, "SELECT pg_sleep(2) AS held").await;
+
+    let listener = McpClient::modern(&url);
+    let (_, mut listen) = listener
+        .open_request(
+            "subscriptions/listen",
+            json!({"notifications": {
+                "resourceSubscriptions": ["postgres://table/items", "kv://early"]
+            }}),
+        )
+        .await
+        .expect("listen");
+    next_matching(&mut listen, "the acknowledgment", |m| {
+        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
+    })
+    .await;
+    let writer = McpClient::modern(&url);
+    call_ok(&writer, "kv_set", json!({"key": "early", "value": "1"})).await;
+    assert!(
+        !holder.is_finished(),
+        "the update was raised while the only connection was held"
+    );
+    next_matching(
+        &mut listen,
+        "the update raised after the acknowledgment",
+        |m| is_update_of(m, "kv://early"),
+    )
+    .await;
+    assert_ne!(
+        holder.await.expect("join").expect("pg_query")["isError"],
+        json!(true)
+    );
 }
