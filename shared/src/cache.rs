@@ -110,6 +110,13 @@ impl Source {
     }
 }
 
+/// The entry a lookup wants: its id, how long a fill stays fresh, and the tags it is stored under.
+struct Wanted<'a> {
+    id: &'a str,
+    ttl: Duration,
+    tags: &'a [String],
+}
+
 /// A value from the cache or from the backend.
 #[derive(Debug, Clone)]
 pub struct Answer<T> {
@@ -261,7 +268,8 @@ impl ResultCache {
                 ttl.as_millis() as i64,
             )]
         });
-        let result = span.wrap(self.lookup(id, ttl, tags, fill)).await;
+        let wanted = Wanted { id, ttl, tags };
+        let result = span.wrap(self.lookup(&wanted, fill)).await;
         match &result {
             Ok(answer) => span.set(attr::SHOAL_CACHE_OUTCOME, answer.source.label()),
             Err(_) => span.mark_error("fill_error"),
@@ -271,11 +279,10 @@ impl ResultCache {
 
     async fn lookup<T, E>(
         &self,
-        id: &str,
-        ttl: Duration,
-        tags: &[String],
+        wanted: &Wanted<'_>,
         fill: impl Future<Output = Result<Fill<T>, E>>,
     ) -> Result<Answer<T>, E> {
+        let id = wanted.id;
         let start = Instant::now();
         let previous = match self.backend.cache_get(id).await {
             Ok(Some(raw)) => match decode(&raw) {
@@ -308,9 +315,7 @@ impl ResultCache {
             {
                 Ok(true) => {
                     let Some(fill) = fill.take() else { break };
-                    return self
-                        .fill_and_store(id, ttl, tags, &owner, previous, fill)
-                        .await;
+                    return self.fill_and_store(wanted, &owner, previous, fill).await;
                 }
                 Ok(false) => {
                     let _ = tokio::time::timeout(self.options.lock_ttl, announced).await;
@@ -349,9 +354,7 @@ impl ResultCache {
 
     async fn fill_and_store<T, E>(
         &self,
-        id: &str,
-        ttl: Duration,
-        tags: &[String],
+        wanted: &Wanted<'_>,
         owner: &str,
         previous: Option<String>,
         fill: impl Future<Output = Result<Fill<T>, E>>,
@@ -361,19 +364,20 @@ impl ResultCache {
             Ok(Fill {
                 stored: Some(value),
                 ..
-            }) if value.len() <= self.options.max_entry_bytes => {
-                Some(format!("{}\n{value}", now_ms() + ttl.as_millis() as u64,))
-            }
+            }) if value.len() <= self.options.max_entry_bytes => Some(format!(
+                "{}\n{value}",
+                now_ms() + wanted.ttl.as_millis() as u64
+            )),
             _ => None,
         };
         // Kept for a second TTL as a stale copy, to compare the refreshed content with. Storing,
         // announcing and unlocking are one round trip.
         let entry = raw.as_deref().map(|value| CacheEntry {
             value,
-            ttl: ttl * 2,
-            tags,
+            ttl: wanted.ttl * 2,
+            tags: wanted.tags,
         });
-        let stored = match self.backend.cache_release(id, owner, entry).await {
+        let stored = match self.backend.cache_release(wanted.id, owner, entry).await {
             Ok(()) => entry.is_some(),
             Err(error) => {
                 tracing::debug!(%error, "cache store failed");

@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use shoal_shared::{
-    bus::{Bus, BusMessage},
+    bus::{Bus, BusMessage, SessionEvent},
     cache::{canonical_json, entry_id},
     ids::{ClientEventId, EventId, ReplicaTag, is_session_id},
     keys::Keys,
@@ -92,13 +92,13 @@ proptest! {
     fn bus_frames_keep_every_field_whole(session in ".{0,40}", payload in ".{0,200}", trace in ".{0,60}", id in any::<(u64, u64)>(), prev in any::<(u64, u64)>(), stream in any::<u64>(), cut in any::<prop::sample::Index>()) {
         let trace = Some(trace.as_str()).filter(|t| !t.is_empty());
         let messages = [
-            BusMessage::Event {
+            BusMessage::Event(SessionEvent {
                 session: &session,
                 stream,
                 id: EventId { ms: id.0, seq: id.1 },
                 prev: EventId { ms: prev.0, seq: prev.1 },
                 payload: &payload,
-            },
+            }),
             BusMessage::Cancel { origin: &session, session: &payload, trace, payload: &payload },
             BusMessage::Forward { session: &session, trace, payload: &payload },
             BusMessage::ResourceUpdated { uri: &payload, trace },

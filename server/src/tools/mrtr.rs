@@ -84,6 +84,13 @@ fn requests(entries: Vec<(&str, InputRequest)>) -> InputRequests {
         .collect()
 }
 
+/// An `input_required` answer asking `questions`, with no state to carry.
+fn ask(questions: Vec<(&str, InputRequest)>) -> CallToolResponse {
+    CallToolResponse::InputRequired(InputRequiredResult::from_input_requests(requests(
+        questions,
+    )))
+}
+
 fn complete(text: impl Into<String>) -> CallToolResponse {
     CallToolResponse::Complete(CallToolResult::success(vec![ContentBlock::text(text)]))
 }
@@ -112,6 +119,33 @@ fn accepted<'a>(
         ))),
         None => Err(invalid(&format!("inputResponses.{key} has no action"))),
     }
+}
+
+/// The `field` of the accepted content of the elicitation answer `key`, when it is a string.
+fn accepted_text<'a>(
+    responses: &'a Option<rmcp::model::InputResponses>,
+    key: &str,
+    field: &str,
+) -> Result<Option<&'a str>, McpError> {
+    Ok(accepted(responses, key)?
+        .and_then(|content| content.get(field))
+        .and_then(Value::as_str))
+}
+
+/// The text a sampling answer carries (empty when it has none).
+fn sampled_text(answer: &Value) -> &str {
+    answer
+        .pointer("/content/text")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// How many roots a `roots/list` answer names.
+fn root_count(answer: &Value) -> usize {
+    answer
+        .get("roots")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len)
 }
 
 fn answered(responses: &Option<rmcp::model::InputResponses>, key: &str) -> Result<Value, McpError> {
@@ -156,17 +190,34 @@ impl ShoalHandler {
             .map_err(|error| Failure::internal("sealing request state", error).into())
     }
 
-    /// The first round of a fixture that carries state: asks `questions`, with round 1 sealed.
-    async fn ask_first(
+    /// An `input_required` answer asking `questions`, with `round` sealed for `tool`.
+    async fn ask_sealed(
         &self,
         tool: &str,
+        round: u32,
+        carried: Value,
         questions: Vec<(&str, InputRequest)>,
     ) -> Result<CallToolResponse, McpError> {
-        let state = self.seal(tool, 1, Value::Null).await?;
+        let state = self.seal(tool, round, carried).await?;
         Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
             Some(requests(questions)),
             Some(state),
         )))
+    }
+
+    /// Where a fixture that carries state stands: on a first call (no answers, no state), the
+    /// answer asking `first` with round 1 sealed (`Err`); else the round its state opens to.
+    async fn resume(
+        &self,
+        tool: &str,
+        responses: &Option<rmcp::model::InputResponses>,
+        state: Option<String>,
+        first: impl FnOnce() -> Result<Vec<(&'static str, InputRequest)>, McpError>,
+    ) -> Result<Result<Round, CallToolResponse>, McpError> {
+        if responses.is_none() && state.is_none() {
+            return Ok(Err(self.ask_sealed(tool, 1, Value::Null, first()?).await?));
+        }
+        self.open(tool, state).await.map(Ok)
     }
 
     /// Opens a state sealed for `tool`; a forged, tampered or expired one is -32602.
@@ -226,12 +277,10 @@ impl ShoalHandler {
                 Ok(complete(format!("Hello, {name}!")))
             }
             // First round, or answers that miss the key: ask (again).
-            None => Ok(CallToolResponse::InputRequired(
-                InputRequiredResult::from_input_requests(requests(vec![(
-                    "user_name",
-                    elicit("What is your name?", "name", "string")?,
-                )])),
-            )),
+            None => Ok(ask(vec![(
+                "user_name",
+                elicit("What is your name?", "name", "string")?,
+            )])),
         }
     }
 
@@ -243,19 +292,16 @@ impl ShoalHandler {
         InputResponses(responses): InputResponses,
     ) -> Result<CallToolResponse, McpError> {
         if responses.is_none() {
-            return Ok(CallToolResponse::InputRequired(
-                InputRequiredResult::from_input_requests(requests(vec![(
-                    "capital_question",
-                    sample("What is the capital of France?", 100)?,
-                )])),
-            ));
+            return Ok(ask(vec![(
+                "capital_question",
+                sample("What is the capital of France?", 100)?,
+            )]));
         }
         let answer = answered(&responses, "capital_question")?;
-        let text = answer
-            .pointer("/content/text")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        Ok(complete(format!("The model answered: {text}")))
+        Ok(complete(format!(
+            "The model answered: {}",
+            sampled_text(&answer)
+        )))
     }
 
     #[tool(
@@ -266,18 +312,9 @@ impl ShoalHandler {
         InputResponses(responses): InputResponses,
     ) -> Result<CallToolResponse, McpError> {
         if responses.is_none() {
-            return Ok(CallToolResponse::InputRequired(
-                InputRequiredResult::from_input_requests(requests(vec![(
-                    "client_roots",
-                    roots()?,
-                )])),
-            ));
+            return Ok(ask(vec![("client_roots", roots()?)]));
         }
-        let answer = answered(&responses, "client_roots")?;
-        let count = answer
-            .get("roots")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
+        let count = root_count(&answered(&responses, "client_roots")?);
         Ok(complete(format!("The client has {count} root(s)")))
     }
 
@@ -289,16 +326,23 @@ impl ShoalHandler {
         InputResponses(responses): InputResponses,
         RequestState(state): RequestState,
     ) -> Result<CallToolResponse, McpError> {
-        const TOOL: &str = "test_input_required_result_request_state";
-        if responses.is_none() && state.is_none() {
-            return self
-                .ask_first(
-                    TOOL,
-                    vec![("confirm", elicit("Please confirm", "ok", "boolean")?)],
-                )
-                .await;
+        let first = || {
+            Ok(vec![(
+                "confirm",
+                elicit("Please confirm", "ok", "boolean")?,
+            )])
+        };
+        if let Err(asked) = self
+            .resume(
+                "test_input_required_result_request_state",
+                &responses,
+                state,
+                first,
+            )
+            .await?
+        {
+            return Ok(asked);
         }
-        self.open(TOOL, state).await?;
         let ok = accepted(&responses, "confirm")?
             .and_then(|content| content.get("ok"))
             .and_then(Value::as_bool)
@@ -314,36 +358,31 @@ impl ShoalHandler {
         InputResponses(responses): InputResponses,
         RequestState(state): RequestState,
     ) -> Result<CallToolResponse, McpError> {
-        const TOOL: &str = "test_input_required_result_multiple_inputs";
-        if responses.is_none() && state.is_none() {
-            return self
-                .ask_first(
-                    TOOL,
-                    vec![
-                        ("user_name", elicit("What is your name?", "name", "string")?),
-                        ("greeting", sample("Generate a greeting", 50)?),
-                        ("client_roots", roots()?),
-                    ],
-                )
-                .await;
+        let first = || {
+            Ok(vec![
+                ("user_name", elicit("What is your name?", "name", "string")?),
+                ("greeting", sample("Generate a greeting", 50)?),
+                ("client_roots", roots()?),
+            ])
+        };
+        if let Err(asked) = self
+            .resume(
+                "test_input_required_result_multiple_inputs",
+                &responses,
+                state,
+                first,
+            )
+            .await?
+        {
+            return Ok(asked);
         }
-        self.open(TOOL, state).await?;
-        let name = accepted(&responses, "user_name")?
-            .and_then(|c| c.get("name"))
-            .and_then(Value::as_str)
-            .unwrap_or("someone")
-            .to_owned();
+        let name = accepted_text(&responses, "user_name", "name")?.unwrap_or("someone");
         let greeting = answered(&responses, "greeting")?;
-        let greeting = greeting
-            .pointer("/content/text")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let roots = answered(&responses, "client_roots")?;
-        let count = roots
-            .get("roots")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
-        Ok(complete(format!("{greeting} {name}; {count} root(s)")))
+        let count = root_count(&answered(&responses, "client_roots")?);
+        Ok(complete(format!(
+            "{} {name}; {count} root(s)",
+            sampled_text(&greeting)
+        )))
     }
 
     #[tool(
@@ -355,40 +394,27 @@ impl ShoalHandler {
         RequestState(state): RequestState,
     ) -> Result<CallToolResponse, McpError> {
         const TOOL: &str = "test_input_required_result_multi_round";
-        if responses.is_none() && state.is_none() {
-            return self
-                .ask_first(
-                    TOOL,
-                    vec![(
-                        "step1",
-                        elicit("Step 1: What is your name?", "name", "string")?,
-                    )],
-                )
-                .await;
-        }
-        let round = self.open(TOOL, state).await?;
+        let first = || {
+            Ok(vec![(
+                "step1",
+                elicit("Step 1: What is your name?", "name", "string")?,
+            )])
+        };
+        let round = match self.resume(TOOL, &responses, state, first).await? {
+            Ok(round) => round,
+            Err(asked) => return Ok(asked),
+        };
         match round.round {
             1 => {
-                let name = accepted(&responses, "step1")?
-                    .and_then(|c| c.get("name"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| invalid("step1 needs a name"))?
-                    .to_owned();
-                let state = self.seal(TOOL, 2, json!({"name": name})).await?;
-                Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
-                    Some(requests(vec![(
-                        "step2",
-                        elicit("Step 2: What is your favorite color?", "color", "string")?,
-                    )])),
-                    Some(state),
-                )))
+                let name = accepted_text(&responses, "step1", "name")?
+                    .ok_or_else(|| invalid("step1 needs a name"))?;
+                let color = elicit("Step 2: What is your favorite color?", "color", "string")?;
+                self.ask_sealed(TOOL, 2, json!({"name": name}), vec![("step2", color)])
+                    .await
             }
             2 => {
-                let color = accepted(&responses, "step2")?
-                    .and_then(|c| c.get("color"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| invalid("step2 needs a color"))?
-                    .to_owned();
+                let color = accepted_text(&responses, "step2", "color")?
+                    .ok_or_else(|| invalid("step2 needs a color"))?;
                 let name = round
                     .carried
                     .get("name")
@@ -408,17 +434,26 @@ impl ShoalHandler {
         InputResponses(responses): InputResponses,
         RequestState(state): RequestState,
     ) -> Result<CallToolResponse, McpError> {
-        const TOOL: &str = "test_input_required_result_tampered_state";
-        if responses.is_none() && state.is_none() {
-            return self
-                .ask_first(
-                    TOOL,
-                    vec![("confirm", elicit("Please confirm", "ok", "boolean")?)],
+        let first = || {
+            Ok(vec![(
+                "confirm",
+                elicit("Please confirm", "ok", "boolean")?,
+            )])
+        };
+        Ok(
+            match self
+                .resume(
+                    "test_input_required_result_tampered_state",
+                    &responses,
+                    state,
+                    first,
                 )
-                .await;
-        }
-        self.open(TOOL, state).await?;
-        Ok(complete("state verified"))
+                .await?
+            {
+                Ok(_) => complete("state verified"),
+                Err(asked) => asked,
+            },
+        )
     }
 
     #[tool(
@@ -448,9 +483,7 @@ impl ShoalHandler {
                 "the client declared no capability this tool could use",
             ));
         }
-        Ok(CallToolResponse::InputRequired(
-            InputRequiredResult::from_input_requests(requests(asked)),
-        ))
+        Ok(ask(asked))
     }
 
     #[tool(
@@ -478,12 +511,10 @@ impl ShoalHandler {
         if responses.is_some() {
             return Ok(complete("thanks"));
         }
-        Ok(CallToolResponse::InputRequired(
-            InputRequiredResult::from_input_requests(requests(vec![(
-                "user_name",
-                elicit("What is your name?", "name", "string")?,
-            )])),
-        ))
+        Ok(ask(vec![(
+            "user_name",
+            elicit("What is your name?", "name", "string")?,
+        )]))
     }
 
     #[tool(

@@ -12,7 +12,7 @@ use fred::{
 use secrecy::SecretString;
 use shoal_shared::{
     backend::{Backend, BackendConfig},
-    bus::{self, Bus, BusMessage},
+    bus::{self, Bus, BusMessage, SessionEvent},
     ids::{EventId, ReplicaTag},
     keys::Keys,
     metrics::Metrics,
@@ -103,13 +103,13 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
         .expect("append")
         .expect("live");
     for (id, prev, payload) in [(first, EventId::ZERO, payload), (second, first, "é")] {
-        let expected = BusMessage::Event {
+        let expected = BusMessage::Event(SessionEvent {
             session: &session,
             stream: 7,
             id,
             prev,
             payload,
-        };
+        });
         let (channel, frame) = next_frame(&mut messages).await;
         assert_eq!(channel, replica_channel);
         assert_eq!(BusMessage::decode(&frame), Ok(expected.clone()));
@@ -146,19 +146,19 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
     let (channel, frame) = next_frame(&mut messages).await;
     assert_eq!(channel, replica_channel);
     let (third, prev) = match BusMessage::decode(&frame).expect("a frame") {
-        BusMessage::Event { id, prev, .. } => (id, prev),
+        BusMessage::Event(event) => (event.id, event.prev),
         other => panic!("expected an event, got {other:?}"),
     };
     assert_eq!(prev, second);
     assert_eq!(
         frame,
-        BusMessage::Event {
+        BusMessage::Event(SessionEvent {
             session: &session,
             stream: 8,
             id: third,
             prev: second,
             payload: "{}",
-        }
+        })
         .encode()
         .into_bytes()
     );

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{BackendConfig, CacheEntry, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome};
 use crate::{
-    bus::{Bus, BusMessage, ListKind},
+    bus::{Bus, BusMessage, ListKind, SessionEvent},
     ids::{EventId, ReplicaTag},
     metrics::Metrics,
 };
@@ -270,13 +270,13 @@ impl MemoryBackend {
             .map(|(tag, stream)| {
                 (
                     self.inner.bus.keys().replica_channel(&tag),
-                    BusMessage::Event {
+                    BusMessage::Event(SessionEvent {
                         session,
                         stream,
                         id,
                         prev,
                         payload,
-                    }
+                    })
                     .encode(),
                 )
             });

@@ -25,21 +25,8 @@ pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// encoding), so dispatch copies only what a consumer keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BusMessage<'a> {
-    /// A session event, sent to the replica holding the session's GET stream (its stream
-    /// `stream`). `prev` is the id of the event before it in the session's log (zero when none),
-    /// so the feed sees when a live event arrives without its predecessor and re-reads the log.
-    Event {
-        /// The session.
-        session: &'a str,
-        /// The holding stream on the receiving replica.
-        stream: u64,
-        /// The event's id in the session's log.
-        id: EventId,
-        /// The id of the event before it in the log.
-        prev: EventId,
-        /// The JSON-RPC message.
-        payload: &'a str,
-    },
+    /// A session event, sent to the replica holding the session's GET stream.
+    Event(SessionEvent<'a>),
     /// A client's response to a request the receiving replica sent.
     Forward {
         /// The session.
@@ -93,6 +80,23 @@ pub enum BusMessage<'a> {
     },
 }
 
+/// A session event on its way to the replica holding the session's GET stream (its stream
+/// `stream`). `prev` is the id of the event before it in the session's log (zero when none), so
+/// the feed sees when a live event arrives without its predecessor and re-reads the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionEvent<'a> {
+    /// The session.
+    pub session: &'a str,
+    /// The holding stream on the receiving replica.
+    pub stream: u64,
+    /// The event's id in the session's log.
+    pub id: EventId,
+    /// The id of the event before it in the log.
+    pub prev: EventId,
+    /// The JSON-RPC message.
+    pub payload: &'a str,
+}
+
 /// Why a frame was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed bus frame: {0}")]
@@ -102,7 +106,7 @@ impl<'a> BusMessage<'a> {
     /// The frame's kind tag.
     pub fn kind(&self) -> &'static str {
         match self {
-            BusMessage::Event { .. } => "ev",
+            BusMessage::Event(_) => "ev",
             BusMessage::Forward { .. } => "fwd",
             BusMessage::FeedEnd { .. } => "end",
             BusMessage::Probe { .. } => "png",
@@ -118,18 +122,12 @@ impl<'a> BusMessage<'a> {
     pub fn encode(&self) -> String {
         let mut frame = Frame::new(self.kind());
         match self {
-            BusMessage::Event {
-                session,
-                stream,
-                id,
-                prev,
-                payload,
-            } => frame
-                .str(session)
-                .display(stream)
-                .display(id)
-                .display(prev)
-                .str(payload),
+            BusMessage::Event(event) => frame
+                .str(event.session)
+                .display(&event.stream)
+                .display(&event.id)
+                .display(&event.prev)
+                .str(event.payload),
             BusMessage::Forward {
                 session,
                 trace,
@@ -166,13 +164,13 @@ impl<'a> BusMessage<'a> {
         let text = std::str::from_utf8(frame).map_err(|_| FrameError("not UTF-8"))?;
         let mut fields = Fields { rest: text };
         let message = match fields.next()? {
-            "ev" => BusMessage::Event {
+            "ev" => BusMessage::Event(SessionEvent {
                 session: fields.next()?,
                 stream: fields.number()?,
                 id: fields.event_id()?,
                 prev: fields.event_id()?,
                 payload: fields.next()?,
-            },
+            }),
             "fwd" => BusMessage::Forward {
                 session: fields.next()?,
                 trace: fields.optional()?,
@@ -303,13 +301,13 @@ mod tests {
 
     fn every_kind() -> Vec<BusMessage<'static>> {
         vec![
-            BusMessage::Event {
+            BusMessage::Event(SessionEvent {
                 session: "s",
                 stream: 7,
                 id: EventId { ms: 12, seq: 3 },
                 prev: EventId { ms: 12, seq: 2 },
                 payload: "{\"a\": \"b c\"}\nx,9:y",
-            },
+            }),
             BusMessage::Forward {
                 session: "s",
                 trace: Some(TRACE),

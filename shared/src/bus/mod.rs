@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 mod codec;
 
-pub use codec::{BusMessage, FrameError, LUA_NETSTRING, MAX_FRAME_BYTES};
+pub use codec::{BusMessage, FrameError, LUA_NETSTRING, MAX_FRAME_BYTES, SessionEvent};
 
 use crate::{
     ids::{EventId, ReplicaTag},
@@ -538,7 +538,7 @@ impl Bus {
                 let expected = if channel == self.inner.replica_channel {
                     matches!(
                         message,
-                        BusMessage::Event { .. }
+                        BusMessage::Event(_)
                             | BusMessage::Forward { .. }
                             | BusMessage::FeedEnd { .. }
                             | BusMessage::Probe { .. }
@@ -576,14 +576,8 @@ impl Bus {
     /// Hands one decoded message to its consumers; returns the metric label of its kind.
     fn deliver(&self, message: BusMessage<'_>) -> &'static str {
         match message {
-            BusMessage::Event {
-                session,
-                stream,
-                id,
-                prev,
-                payload,
-            } => {
-                self.deliver_feed_event(session, stream, id, prev, payload);
+            BusMessage::Event(event) => {
+                self.deliver_feed_event(event);
                 "event"
             }
             BusMessage::Forward {
@@ -696,25 +690,18 @@ impl Bus {
         }
     }
 
-    fn deliver_feed_event(
-        &self,
-        session: &str,
-        stream: u64,
-        id: EventId,
-        prev: EventId,
-        payload: &str,
-    ) {
+    fn deliver_feed_event(&self, event: SessionEvent<'_>) {
         let feeds = self.inner.feeds.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(primary) = feeds.get(session).and_then(|f| f.primary.as_ref()) else {
+        let Some(primary) = feeds.get(event.session).and_then(|f| f.primary.as_ref()) else {
             return; // the stream closed, or a newer stream on another replica took over
         };
-        if primary.stream != stream {
+        if primary.stream != event.stream {
             return;
         }
         let event = FeedEvent {
-            id,
-            prev,
-            payload: Arc::from(payload),
+            id: event.id,
+            prev: event.prev,
+            payload: Arc::from(event.payload),
         };
         if let Err(mpsc::error::TrySendError::Full(_)) = primary.tx.try_send(event) {
             self.inner.metrics.feed_lagged();
@@ -746,13 +733,13 @@ mod tests {
     }
 
     fn ev(session: &str, stream: u64, id: EventId) -> String {
-        BusMessage::Event {
+        BusMessage::Event(SessionEvent {
             session,
             stream,
             id,
             prev: EventId::ZERO,
             payload: "{}",
-        }
+        })
         .encode()
     }
 
