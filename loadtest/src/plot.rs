@@ -22,6 +22,9 @@ fn register_font() -> Result<(), String> {
         .map_err(|_| "unreadable font".to_owned())
 }
 
+/// One line of a panel: its legend label, colour and points (second, value).
+type Series = (&'static str, RGBColor, Vec<(u64, f64)>);
+
 /// Draws the report's timeline into `path` (SVG).
 pub fn draw(report: &Report, title: &str, path: &Path) -> Result<(), String> {
     register_font()?;
@@ -33,90 +36,89 @@ pub fn draw(report: &Report, title: &str, path: &Path) -> Result<(), String> {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (top, bottom) = root.split_vertically(350);
     let seconds = points.len() as u64;
-
-    let max_rate = points
-        .iter()
-        .map(|p| p.ok + p.errors)
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64
-        * 1.1;
-    let mut chart = ChartBuilder::on(&top)
-        .caption(format!("{title}: throughput"), ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0u64..seconds, 0f64..max_rate)
-        .map_err(|e| e.to_string())?;
-    chart
-        .configure_mesh()
-        .x_desc("second")
-        .y_desc("requests/s")
-        .draw()
-        .map_err(|e| e.to_string())?;
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|p| (p.second, p.ok as f64)),
-            &BLUE,
-        ))
-        .map_err(|e| e.to_string())?
-        .label("ok/s")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|p| (p.second, p.errors as f64)),
-            &RED,
-        ))
-        .map_err(|e| e.to_string())?
-        .label("errors/s")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| e.to_string())?;
-
-    let max_latency = points
-        .iter()
-        .filter_map(|p| p.p99_ms)
-        .fold(1.0f64, f64::max)
-        * 1.1;
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption(format!("{title}: latency"), ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0u64..seconds, 0f64..max_latency)
-        .map_err(|e| e.to_string())?;
-    chart
-        .configure_mesh()
-        .x_desc("second")
-        .y_desc("ms")
-        .draw()
-        .map_err(|e| e.to_string())?;
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().filter_map(|p| Some((p.second, p.p50_ms?))),
-            &GREEN,
-        ))
-        .map_err(|e| e.to_string())?
-        .label("p50")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().filter_map(|p| Some((p.second, p.p99_ms?))),
-            &MAGENTA,
-        ))
-        .map_err(|e| e.to_string())?
-        .label("p99")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| e.to_string())?;
+    panel(
+        &top,
+        &format!("{title}: throughput"),
+        "requests/s",
+        seconds,
+        vec![
+            (
+                "ok/s",
+                BLUE,
+                points.iter().map(|p| (p.second, p.ok as f64)).collect(),
+            ),
+            (
+                "errors/s",
+                RED,
+                points.iter().map(|p| (p.second, p.errors as f64)).collect(),
+            ),
+        ],
+    )?;
+    panel(
+        &bottom,
+        &format!("{title}: latency"),
+        "ms",
+        seconds,
+        vec![
+            (
+                "p50",
+                GREEN,
+                points
+                    .iter()
+                    .filter_map(|p| Some((p.second, p.p50_ms?)))
+                    .collect(),
+            ),
+            (
+                "p99",
+                MAGENTA,
+                points
+                    .iter()
+                    .filter_map(|p| Some((p.second, p.p99_ms?)))
+                    .collect(),
+            ),
+        ],
+    )?;
     root.present().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// One chart of `series` over `seconds`, its y axis up to 10% above the highest point.
+fn panel(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    caption: &str,
+    y_desc: &str,
+    seconds: u64,
+    series: Vec<Series>,
+) -> Result<(), String> {
+    let highest = series
+        .iter()
+        .flat_map(|(_, _, points)| points.iter().map(|(_, value)| *value))
+        .fold(1.0f64, f64::max);
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0u64..seconds, 0f64..highest * 1.1)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("second")
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (label, color, points) in series {
+        chart
+            .draw_series(LineSeries::new(points, &color))
+            .map_err(|e| e.to_string())?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -339,15 +339,7 @@ impl ResultCache {
             }
         }
         match fill.take() {
-            Some(fill) => {
-                self.metrics.cache_lookup("bypass");
-                let filled = fill.await?;
-                Ok(Answer {
-                    content: Content::Filled(filled.result),
-                    source: Source::Bypass,
-                    previous: None,
-                })
-            }
+            Some(fill) => self.run_directly(fill).await,
             None => unreachable!("the fill runs at most once and returns"),
         }
     }
@@ -404,6 +396,14 @@ impl ResultCache {
         fill: impl Future<Output = Result<Fill<T>, E>>,
     ) -> Result<Answer<T>, E> {
         tracing::debug!(%error, "result cache unavailable; calling the backend directly");
+        self.run_directly(fill).await
+    }
+
+    /// Runs `fill` without storing its result (counted as a bypass).
+    async fn run_directly<T, E>(
+        &self,
+        fill: impl Future<Output = Result<Fill<T>, E>>,
+    ) -> Result<Answer<T>, E> {
         self.metrics.cache_lookup("bypass");
         let filled = fill.await?;
         Ok(Answer {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::{
-    backend::{Backend, BackendResult, FeedStart, LoggedEvent},
+    backend::{Backend, BackendResult, FeedClaim, FeedStart, LoggedEvent},
     bus::{self, Bus, FeedRegistration},
     ids::EventId,
 };
@@ -76,7 +76,14 @@ pub async fn open(
     let registration = bus.register_feed(session).ok_or(FeedError::ShuttingDown)?;
     let holder = bus::feed_holder(bus.tag(), registration.stream());
     let start = backend
-        .feed_open(session, &holder, after, options.read_batch)
+        .feed_open(
+            FeedClaim {
+                session,
+                holder: &holder,
+            },
+            after,
+            options.read_batch,
+        )
         .await?
         .ok_or(FeedError::SessionGone)?;
     let (tx, rx) = mpsc::channel(options.output_capacity.max(1));
@@ -117,12 +124,19 @@ enum End {
 }
 
 impl FeedTask {
+    fn claim(&self) -> FeedClaim<'_> {
+        FeedClaim {
+            session: &self.session,
+            holder: &self.holder,
+        }
+    }
+
     async fn run(mut self, start: FeedStart, fresh: bool) {
         if let End::Release = self.drive(start, fresh).await {
             // Record how far this stream got, so the client's next fresh stream continues there.
             let _ = self
                 .backend
-                .feed_checkpoint(&self.session, &self.holder, self.last, true)
+                .feed_checkpoint(self.claim(), self.last, true)
                 .await;
         }
     }
@@ -150,7 +164,7 @@ impl FeedTask {
                 }
                 () = self.out.closed() => return End::Release,
                 _ = touch.tick() => {
-                    match self.backend.feed_checkpoint(&self.session, &self.holder, self.last, false).await {
+                    match self.backend.feed_checkpoint(self.claim(), self.last, false).await {
                         Ok(false) => return End::SessionGone, // expired or deleted
                         _ => Ok(()),
                     }
@@ -280,6 +294,15 @@ mod tests {
     }
 
     /// A new session "s" and its first GET stream, past its start marker.
+    /// Appends the events `0`, `1`, … up to `count` to session `s`; returns their ids.
+    async fn append_numbered(backend: &Backend, count: usize) -> Vec<EventId> {
+        let mut ids = Vec::new();
+        for n in 0..count {
+            ids.push(append(backend, &n.to_string()).await);
+        }
+        ids
+    }
+
     async fn fresh_feed(backend: &Backend, bus: &Bus) -> mpsc::Receiver<FeedItem> {
         backend.session_create("s", "{}").await.expect("create");
         let mut rx = open(backend, bus, "s", None, options())
@@ -301,16 +324,7 @@ mod tests {
         let (backend, bus) = setup(1000);
         let mut rx = fresh_feed(&backend, &bus).await;
         // Far more events than the live channel and the output hold, before anything is read.
-        let mut ids = Vec::new();
-        for n in 0..(crate::bus::FEED_CHANNEL_CAPACITY + 50) {
-            ids.push(
-                backend
-                    .event_append("s", &n.to_string())
-                    .await
-                    .expect("append")
-                    .expect("live"),
-            );
-        }
+        let ids = append_numbered(&backend, crate::bus::FEED_CHANNEL_CAPACITY + 50).await;
         for (n, id) in ids.iter().enumerate() {
             let event = next_event(&mut rx).await;
             assert_eq!((event.id, &*event.payload), (*id, n.to_string().as_str()));
@@ -321,16 +335,7 @@ mod tests {
     async fn resuming_replays_exactly_what_followed() {
         let (backend, bus) = setup(1000);
         backend.session_create("s", "{}").await.expect("create");
-        let mut ids = Vec::new();
-        for n in 0..10 {
-            ids.push(
-                backend
-                    .event_append("s", &n.to_string())
-                    .await
-                    .expect("append")
-                    .expect("live"),
-            );
-        }
+        let ids = append_numbered(&backend, 10).await;
         let mut rx = open(&backend, &bus, "s", Some(ids[2]), options())
             .await
             .expect("open");
@@ -388,13 +393,27 @@ mod tests {
         let ours = crate::bus::feed_holder(bus.tag(), 1);
         let elsewhere = crate::bus::feed_holder(&ReplicaTag::generate(), 1);
         backend
-            .feed_open("s", &elsewhere, None, 1)
+            .feed_open(
+                FeedClaim {
+                    session: "s",
+                    holder: &elsewhere,
+                },
+                None,
+                1,
+            )
             .await
             .expect("reassign")
             .expect("live");
         let lost = append(&backend, "lost").await;
         backend
-            .feed_open("s", &ours, None, 1)
+            .feed_open(
+                FeedClaim {
+                    session: "s",
+                    holder: &ours,
+                },
+                None,
+                1,
+            )
             .await
             .expect("give back")
             .expect("live");

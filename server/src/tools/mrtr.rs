@@ -77,6 +77,14 @@ fn roots() -> Result<InputRequest, McpError> {
     input(json!({"method": "roots/list", "params": {}}))
 }
 
+/// The one question of the fixtures that only need a confirmation.
+fn confirmation() -> Result<Vec<(&'static str, InputRequest)>, McpError> {
+    Ok(vec![(
+        "confirm",
+        elicit("Please confirm", "ok", "boolean")?,
+    )])
+}
+
 fn requests(entries: Vec<(&str, InputRequest)>) -> InputRequests {
     entries
         .into_iter()
@@ -326,18 +334,12 @@ impl ShoalHandler {
         InputResponses(responses): InputResponses,
         RequestState(state): RequestState,
     ) -> Result<CallToolResponse, McpError> {
-        let first = || {
-            Ok(vec![(
-                "confirm",
-                elicit("Please confirm", "ok", "boolean")?,
-            )])
-        };
         if let Err(asked) = self
             .resume(
                 "test_input_required_result_request_state",
                 &responses,
                 state,
-                first,
+                confirmation,
             )
             .await?
         {
@@ -434,19 +436,13 @@ impl ShoalHandler {
         InputResponses(responses): InputResponses,
         RequestState(state): RequestState,
     ) -> Result<CallToolResponse, McpError> {
-        let first = || {
-            Ok(vec![(
-                "confirm",
-                elicit("Please confirm", "ok", "boolean")?,
-            )])
-        };
         Ok(
             match self
                 .resume(
                     "test_input_required_result_tampered_state",
                     &responses,
                     state,
-                    first,
+                    confirmation,
                 )
                 .await?
             {

@@ -11,7 +11,7 @@ use fred::{
 };
 use secrecy::SecretString;
 use shoal_shared::{
-    backend::{Backend, BackendConfig},
+    backend::{Backend, BackendConfig, FeedClaim},
     bus::{self, Bus, BusMessage, SessionEvent},
     ids::{EventId, ReplicaTag},
     keys::Keys,
@@ -85,7 +85,14 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
         .expect("create");
     let first_holder = bus::feed_holder(&tag, 7);
     backend
-        .feed_open(&session, &first_holder, None, 10)
+        .feed_open(
+            FeedClaim {
+                session: &session,
+                holder: &first_holder,
+            },
+            None,
+            10,
+        )
         .await
         .expect("open")
         .expect("live");
@@ -118,7 +125,14 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
 
     // FEED_OPEN: a newer stream tells the holder of the previous one to end it.
     backend
-        .feed_open(&session, &bus::feed_holder(&tag, 8), None, 10)
+        .feed_open(
+            FeedClaim {
+                session: &session,
+                holder: &bus::feed_holder(&tag, 8),
+            },
+            None,
+            10,
+        )
         .await
         .expect("reopen")
         .expect("live");

@@ -13,7 +13,9 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{BackendConfig, CacheEntry, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome};
+use super::{
+    BackendConfig, CacheEntry, FeedClaim, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome,
+};
 use crate::{
     bus::{Bus, BusMessage, ListKind, SessionEvent},
     ids::{EventId, ReplicaTag},
@@ -306,8 +308,7 @@ impl MemoryBackend {
 
     pub(super) fn feed_open(
         &self,
-        session: &str,
-        holder: &str,
+        FeedClaim { session, holder }: FeedClaim<'_>,
         after: Option<EventId>,
         limit: u64,
     ) -> Option<FeedStart> {
@@ -355,8 +356,7 @@ impl MemoryBackend {
 
     pub(super) fn feed_checkpoint(
         &self,
-        session: &str,
-        holder: &str,
+        FeedClaim { session, holder }: FeedClaim<'_>,
         last: EventId,
         release: bool,
     ) -> bool {
@@ -671,7 +671,14 @@ mod tests {
         let mut feed = bus.register_feed("s1").expect("feed");
         let holder = crate::bus::feed_holder(bus.tag(), feed.stream());
         let start = backend
-            .feed_open("s1", &holder, None, 10)
+            .feed_open(
+                FeedClaim {
+                    session: "s1",
+                    holder: &holder,
+                },
+                None,
+                10,
+            )
             .await
             .expect("open")
             .expect("live");
@@ -702,7 +709,14 @@ mod tests {
             .expect("read");
         assert_eq!(kept.iter().map(|e| e.id).collect::<Vec<_>>(), ids[2..]);
         let start = backend
-            .feed_open("s1", &holder, Some(ids[3]), 10)
+            .feed_open(
+                FeedClaim {
+                    session: "s1",
+                    holder: &holder,
+                },
+                Some(ids[3]),
+                10,
+            )
             .await
             .expect("open")
             .expect("live");

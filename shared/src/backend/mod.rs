@@ -106,6 +106,16 @@ pub struct LoggedEvent {
     pub payload: Arc<str>,
 }
 
+/// A session's GET stream as the shared state records it: the session, and the holder that claims
+/// its stream (`{replica}:{stream}`, see [`crate::bus::feed_holder`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedClaim<'a> {
+    /// The session.
+    pub session: &'a str,
+    /// The replica and stream holding it.
+    pub holder: &'a str,
+}
+
 /// Where a GET stream starts, as read atomically with claiming the stream: every event after
 /// `from` is either in `events` (up to the read limit) or will be published to the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,12 +366,11 @@ impl Backend {
     /// Fails when Redis is unreachable.
     pub async fn feed_open(
         &self,
-        session: &str,
-        holder: &str,
+        feed: FeedClaim<'_>,
         after: Option<EventId>,
         limit: u64,
     ) -> BackendResult<Option<FeedStart>> {
-        delegate!(self, "feed_open", feed_open(session, holder, after, limit))
+        delegate!(self, "feed_open", feed_open(feed, after, limit))
     }
 
     /// Records how far the feed `holder` got, and with `release` that it no longer holds the
@@ -371,15 +380,14 @@ impl Backend {
     /// Fails when Redis is unreachable.
     pub async fn feed_checkpoint(
         &self,
-        session: &str,
-        holder: &str,
+        feed: FeedClaim<'_>,
         last: EventId,
         release: bool,
     ) -> BackendResult<bool> {
         delegate!(
             self,
             "feed_checkpoint",
-            feed_checkpoint(session, holder, last, release)
+            feed_checkpoint(feed, last, release)
         )
     }
 

@@ -21,8 +21,8 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{
-    BackendConfig, BackendError, BackendResult, CacheEntry, FeedStart, KvSetOutcome, LoggedEvent,
-    SubscribeOutcome, scripts,
+    BackendConfig, BackendError, BackendResult, CacheEntry, FeedClaim, FeedStart, KvSetOutcome,
+    LoggedEvent, SubscribeOutcome, scripts,
 };
 use crate::{
     bus::{Bus, BusMessage, ListKind},
@@ -440,8 +440,7 @@ impl RedisBackend {
 
     pub(super) async fn feed_open(
         &self,
-        session: &str,
-        holder: &str,
+        FeedClaim { session, holder }: FeedClaim<'_>,
         after: Option<EventId>,
         limit: u64,
     ) -> BackendResult<Option<FeedStart>> {
@@ -484,8 +483,7 @@ impl RedisBackend {
 
     pub(super) async fn feed_checkpoint(
         &self,
-        session: &str,
-        holder: &str,
+        FeedClaim { session, holder }: FeedClaim<'_>,
         last: EventId,
         release: bool,
     ) -> BackendResult<bool> {
