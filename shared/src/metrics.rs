@@ -97,46 +97,84 @@ struct HttpLabels {
 type FloatGauge = Gauge<f64, AtomicU64>;
 type FloatCounter = Counter<f64, AtomicU64>;
 
+/// Declares the Prometheus families, one line each: field, type, constructor, name, help. They are
+/// registered in declaration order (the order of `/metrics`).
+macro_rules! families {
+    ($($field:ident: $ty:ty = $make:expr, $name:literal, $help:literal;)*) => {
+        struct Families {
+            $($field: $ty,)*
+        }
+
+        impl Families {
+            fn register(registry: &mut Registry) -> Self {
+                $(
+                    let $field: $ty = $make;
+                    registry.register($name, $help, $field.clone());
+                )*
+                Self { $($field,)* }
+            }
+        }
+    };
+}
+
+#[rustfmt::skip]
+families! {
+    sessions_active: Gauge = Default::default(), "shoal_sessions_active", "Legacy sessions with an in-memory worker on this replica";
+    streams_active: Family<KindLabel, Gauge> = Default::default(), "shoal_streams_active", "Open server-to-client streams on this replica (kind=get|listen)";
+    mcp_requests: Family<RequestLabels, Counter> = Default::default(), "shoal_mcp_requests", "MCP requests handled, by JSON-RPC method and outcome (ok|error|tool_error|cancelled)";
+    mcp_duration: Family<MethodLabel, Histogram> = timed(), "shoal_mcp_request_duration_seconds", "Time to handle an MCP request, by JSON-RPC method";
+    http_rejections: Family<ReasonLabel, Counter> = Default::default(), "shoal_http_rejections", "HTTP requests rejected before MCP handling, by reason";
+    session_creates: Counter = Default::default(), "shoal_session_creates", "Legacy sessions initialized on this replica";
+    session_restores: Counter = Default::default(), "shoal_session_restores", "Legacy sessions restored from the shared store onto this replica";
+    forwards: Family<KindLabel, Counter> = Default::default(), "shoal_forwards", "Client messages forwarded to another replica (kind=response|cancel)";
+    bus_messages: Family<KindLabel, Counter> = Default::default(), "shoal_bus_messages", "Cluster bus messages received, by kind";
+    feed_lagged: Counter = Default::default(), "shoal_feed_lagged", "Times a GET stream fell behind live delivery and re-read the event log";
+    listener_dropped: Counter = Default::default(), "shoal_listener_dropped", "Notifications dropped because a subscriptions/listen stream was full";
+    backend_errors: Family<OperationLabel, Counter> = Default::default(), "shoal_backend_errors", "Failed operations on the shared state backend, by operation";
+    events_appended: Counter = Default::default(), "shoal_events_appended", "Events appended to session event logs by this replica";
+    process_rss: Gauge = Default::default(), "shoal_process_resident_memory_bytes", "Resident set size of this replica's process";
+    runtime_alive_tasks: Gauge = Default::default(), "shoal_runtime_alive_tasks", "Tasks alive in this replica's async runtime";
+    tool_duration: Family<ToolOutcome, Histogram> = timed(), "shoal_tool_duration_seconds", "Time to run a tool call (cache included), by tool and outcome (ok|tool_error|error|cancelled)";
+    tool_in_flight: Family<ToolLabel, Gauge> = Default::default(), "shoal_tool_calls_in_flight", "Tool calls holding one of their tool's concurrency slots on this replica";
+    tool_rejections: Family<ToolOutcome, Counter> = Default::default(), "shoal_tool_rejections", "Tool calls refused or cut by request isolation, by tool and outcome (busy|timeout)";
+    db_pool_max: Gauge = Default::default(), "shoal_db_pool_connections_max", "PostgreSQL pool size";
+    db_pool_in_use: Gauge = Default::default(), "shoal_db_pool_connections_in_use", "PostgreSQL connections checked out by tool calls";
+    db_pool_waiting: Gauge = Default::default(), "shoal_db_pool_waiting", "Tool calls waiting for a PostgreSQL connection";
+    db_pool_wait: Histogram = histogram(), "shoal_db_pool_wait_seconds", "Time tool calls waited for a PostgreSQL connection";
+    db_operation: Family<OperationOutcome, Histogram> = timed(), "shoal_db_operation_duration_seconds", "PostgreSQL operations by kind and outcome";
+    cache_lookups: Family<OutcomeLabel, Counter> = Default::default(), "shoal_cache_lookups", "Result-cache lookups by outcome (hit|miss|stale|coalesced|bypass)";
+    cache_hit_duration: Histogram = histogram(), "shoal_cache_hit_duration_seconds", "Time to answer a tool call from the result cache";
+    cache_invalidations: Counter = Default::default(), "shoal_cache_invalidations", "Cache entries dropped because what they depend on changed";
+    rpc_requests: Family<EndpointOutcome, Counter> = Default::default(), "shoal_rpc_requests", "Upstream JSON-RPC requests by endpoint and outcome";
+    rpc_duration: Family<EndpointLabel, Histogram> = timed(), "shoal_rpc_request_duration_seconds", "Upstream JSON-RPC latency by endpoint";
+    rpc_in_flight: Family<EndpointLabel, Gauge> = Default::default(), "shoal_rpc_in_flight", "Upstream requests in flight by endpoint";
+    rpc_healthy: Family<EndpointLabel, Gauge> = Default::default(), "shoal_rpc_endpoint_healthy", "1 while an upstream endpoint is eligible, 0 while it cools down";
+    http_duration: Family<HttpLabels, Histogram> = timed(), "shoal_http_request_duration_seconds", "HTTP requests by method, route and status, until the response body ended (a GET stream counts its whole life)";
+    redis_duration: Family<OperationLabel, Histogram> = timed(), "shoal_redis_operation_duration_seconds", "Shared-state (Redis) operations by shoal operation name, errors included";
+    process_cpu: FloatCounter = Default::default(), "shoal_process_cpu_seconds", "CPU time (user + system) used by this replica's process";
+    runtime_busy: FloatGauge = Default::default(), "shoal_runtime_busy_ratio", "Share of the async runtime's worker time spent running tasks over the last second (0..1)";
+    runtime_workers: Gauge = Default::default(), "shoal_runtime_workers", "Worker threads of this replica's async runtime";
+    scheduling_delay: Histogram = fine_histogram(), "shoal_runtime_scheduling_delay_seconds", "Time a freshly spawned probe task waited to be polled (the event-loop lag of the runtime)";
+    bus_roundtrip: Histogram = fine_histogram(), "shoal_bus_roundtrip_seconds", "Time for a probe published on the cluster bus to come back to this replica (pub/sub lag)";
+}
+
+/// A histogram family with the duration buckets of [`histogram`].
+fn timed<S: Clone + std::hash::Hash + Eq>() -> Family<S, Histogram> {
+    Family::new_with_constructor(histogram as fn() -> Histogram)
+}
+
 struct Inner {
     registry: Registry,
-    sessions_active: Gauge,
-    streams_active: Family<KindLabel, Gauge>,
-    mcp_requests: Family<RequestLabels, Counter>,
-    mcp_duration: Family<MethodLabel, Histogram>,
-    http_rejections: Family<ReasonLabel, Counter>,
-    session_restores: Counter,
-    session_creates: Counter,
-    forwards: Family<KindLabel, Counter>,
-    bus_messages: Family<KindLabel, Counter>,
-    feed_lagged: Counter,
-    listener_dropped: Counter,
-    backend_errors: Family<OperationLabel, Counter>,
-    events_appended: Counter,
-    process_rss: Gauge,
-    runtime_alive_tasks: Gauge,
-    tool_duration: Family<ToolOutcome, Histogram>,
-    tool_in_flight: Family<ToolLabel, Gauge>,
-    tool_rejections: Family<ToolOutcome, Counter>,
-    db_pool_max: Gauge,
-    db_pool_in_use: Gauge,
-    db_pool_waiting: Gauge,
-    db_pool_wait: Histogram,
-    db_operation: Family<OperationOutcome, Histogram>,
-    cache_lookups: Family<OutcomeLabel, Counter>,
-    cache_hit_duration: Histogram,
-    cache_invalidations: Counter,
-    rpc_requests: Family<EndpointOutcome, Counter>,
-    rpc_duration: Family<EndpointLabel, Histogram>,
-    rpc_in_flight: Family<EndpointLabel, Gauge>,
-    rpc_healthy: Family<EndpointLabel, Gauge>,
-    http_duration: Family<HttpLabels, Histogram>,
-    redis_duration: Family<OperationLabel, Histogram>,
-    process_cpu: FloatCounter,
-    runtime_busy: FloatGauge,
-    runtime_workers: Gauge,
-    scheduling_delay: Histogram,
-    bus_roundtrip: Histogram,
+    families: Families,
     otel: Option<Otel>,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Families;
+
+    fn deref(&self) -> &Families {
+        &self.families
+    }
 }
 
 /// The OpenTelemetry instruments, present while OTLP metrics are exported.
@@ -192,298 +230,32 @@ impl Metrics {
     /// Creates and registers every family.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let sessions_active = Gauge::default();
-        registry.register(
-            "shoal_sessions_active",
-            "Legacy sessions with an in-memory worker on this replica",
-            sessions_active.clone(),
-        );
-        let streams_active = Family::<KindLabel, Gauge>::default();
+        let families = Families::register(&mut registry);
         for kind in ["get", "listen"] {
             // Rendered from the start, at 0, instead of appearing with the first stream.
-            let _ = streams_active.get_or_create(&KindLabel { kind });
+            let _ = families.streams_active.get_or_create(&KindLabel { kind });
         }
-        registry.register(
-            "shoal_streams_active",
-            "Open server-to-client streams on this replica (kind=get|listen)",
-            streams_active.clone(),
-        );
-        let mcp_requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "shoal_mcp_requests",
-            "MCP requests handled, by JSON-RPC method and outcome (ok|error|tool_error|cancelled)",
-            mcp_requests.clone(),
-        );
-        let mcp_duration =
-            Family::<MethodLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
-        registry.register(
-            "shoal_mcp_request_duration_seconds",
-            "Time to handle an MCP request, by JSON-RPC method",
-            mcp_duration.clone(),
-        );
-        let http_rejections = Family::<ReasonLabel, Counter>::default();
-        registry.register(
-            "shoal_http_rejections",
-            "HTTP requests rejected before MCP handling, by reason",
-            http_rejections.clone(),
-        );
-        let session_creates = Counter::default();
-        registry.register(
-            "shoal_session_creates",
-            "Legacy sessions initialized on this replica",
-            session_creates.clone(),
-        );
-        let session_restores = Counter::default();
-        registry.register(
-            "shoal_session_restores",
-            "Legacy sessions restored from the shared store onto this replica",
-            session_restores.clone(),
-        );
-        let forwards = Family::<KindLabel, Counter>::default();
-        registry.register(
-            "shoal_forwards",
-            "Client messages forwarded to another replica (kind=response|cancel)",
-            forwards.clone(),
-        );
-        let bus_messages = Family::<KindLabel, Counter>::default();
-        registry.register(
-            "shoal_bus_messages",
-            "Cluster bus messages received, by kind",
-            bus_messages.clone(),
-        );
-        let feed_lagged = Counter::default();
-        registry.register(
-            "shoal_feed_lagged",
-            "Times a GET stream fell behind live delivery and re-read the event log",
-            feed_lagged.clone(),
-        );
-        let listener_dropped = Counter::default();
-        registry.register(
-            "shoal_listener_dropped",
-            "Notifications dropped because a subscriptions/listen stream was full",
-            listener_dropped.clone(),
-        );
-        let backend_errors = Family::<OperationLabel, Counter>::default();
-        registry.register(
-            "shoal_backend_errors",
-            "Failed operations on the shared state backend, by operation",
-            backend_errors.clone(),
-        );
-        let events_appended = Counter::default();
-        registry.register(
-            "shoal_events_appended",
-            "Events appended to session event logs by this replica",
-            events_appended.clone(),
-        );
-        let process_rss = Gauge::default();
-        registry.register(
-            "shoal_process_resident_memory_bytes",
-            "Resident set size of this replica's process",
-            process_rss.clone(),
-        );
-        let runtime_alive_tasks = Gauge::default();
-        registry.register(
-            "shoal_runtime_alive_tasks",
-            "Tasks alive in this replica's async runtime",
-            runtime_alive_tasks.clone(),
-        );
-        let tool_duration =
-            Family::<ToolOutcome, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
-        registry.register(
-            "shoal_tool_duration_seconds",
-            "Time to run a tool call (cache included), by tool and outcome (ok|tool_error|error|cancelled)",
-            tool_duration.clone(),
-        );
-        let tool_in_flight = Family::<ToolLabel, Gauge>::default();
-        registry.register(
-            "shoal_tool_calls_in_flight",
-            "Tool calls holding one of their tool's concurrency slots on this replica",
-            tool_in_flight.clone(),
-        );
-        let tool_rejections = Family::<ToolOutcome, Counter>::default();
-        registry.register(
-            "shoal_tool_rejections",
-            "Tool calls refused or cut by request isolation, by tool and outcome (busy|timeout)",
-            tool_rejections.clone(),
-        );
-        let db_pool_max = Gauge::default();
-        registry.register(
-            "shoal_db_pool_connections_max",
-            "PostgreSQL pool size",
-            db_pool_max.clone(),
-        );
-        let db_pool_in_use = Gauge::default();
-        registry.register(
-            "shoal_db_pool_connections_in_use",
-            "PostgreSQL connections checked out by tool calls",
-            db_pool_in_use.clone(),
-        );
-        let db_pool_waiting = Gauge::default();
-        registry.register(
-            "shoal_db_pool_waiting",
-            "Tool calls waiting for a PostgreSQL connection",
-            db_pool_waiting.clone(),
-        );
-        let db_pool_wait = histogram();
-        registry.register(
-            "shoal_db_pool_wait_seconds",
-            "Time tool calls waited for a PostgreSQL connection",
-            db_pool_wait.clone(),
-        );
-        let db_operation = Family::<OperationOutcome, Histogram>::new_with_constructor(
-            histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "shoal_db_operation_duration_seconds",
-            "PostgreSQL operations by kind and outcome",
-            db_operation.clone(),
-        );
-        let cache_lookups = Family::<OutcomeLabel, Counter>::default();
-        registry.register(
-            "shoal_cache_lookups",
-            "Result-cache lookups by outcome (hit|miss|stale|coalesced|bypass)",
-            cache_lookups.clone(),
-        );
-        let cache_hit_duration = histogram();
-        registry.register(
-            "shoal_cache_hit_duration_seconds",
-            "Time to answer a tool call from the result cache",
-            cache_hit_duration.clone(),
-        );
-        let cache_invalidations = Counter::default();
-        registry.register(
-            "shoal_cache_invalidations",
-            "Cache entries dropped because what they depend on changed",
-            cache_invalidations.clone(),
-        );
-        let rpc_requests = Family::<EndpointOutcome, Counter>::default();
-        registry.register(
-            "shoal_rpc_requests",
-            "Upstream JSON-RPC requests by endpoint and outcome",
-            rpc_requests.clone(),
-        );
-        let rpc_duration = Family::<EndpointLabel, Histogram>::new_with_constructor(
-            histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "shoal_rpc_request_duration_seconds",
-            "Upstream JSON-RPC latency by endpoint",
-            rpc_duration.clone(),
-        );
-        let rpc_in_flight = Family::<EndpointLabel, Gauge>::default();
-        registry.register(
-            "shoal_rpc_in_flight",
-            "Upstream requests in flight by endpoint",
-            rpc_in_flight.clone(),
-        );
-        let rpc_healthy = Family::<EndpointLabel, Gauge>::default();
-        registry.register(
-            "shoal_rpc_endpoint_healthy",
-            "1 while an upstream endpoint is eligible, 0 while it cools down",
-            rpc_healthy.clone(),
-        );
-        let http_duration =
-            Family::<HttpLabels, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
-        registry.register(
-            "shoal_http_request_duration_seconds",
-            "HTTP requests by method, route and status, until the response body ended (a GET stream counts its whole life)",
-            http_duration.clone(),
-        );
-        let redis_duration = Family::<OperationLabel, Histogram>::new_with_constructor(
-            histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "shoal_redis_operation_duration_seconds",
-            "Shared-state (Redis) operations by shoal operation name, errors included",
-            redis_duration.clone(),
-        );
-        let process_cpu = FloatCounter::default();
-        registry.register(
-            "shoal_process_cpu_seconds",
-            "CPU time (user + system) used by this replica's process",
-            process_cpu.clone(),
-        );
-        let runtime_busy = FloatGauge::default();
-        registry.register(
-            "shoal_runtime_busy_ratio",
-            "Share of the async runtime's worker time spent running tasks over the last second (0..1)",
-            runtime_busy.clone(),
-        );
-        let runtime_workers = Gauge::default();
-        registry.register(
-            "shoal_runtime_workers",
-            "Worker threads of this replica's async runtime",
-            runtime_workers.clone(),
-        );
-        let scheduling_delay = fine_histogram();
-        registry.register(
-            "shoal_runtime_scheduling_delay_seconds",
-            "Time a freshly spawned probe task waited to be polled (the event-loop lag of the runtime)",
-            scheduling_delay.clone(),
-        );
-        let bus_roundtrip = fine_histogram();
-        registry.register(
-            "shoal_bus_roundtrip_seconds",
-            "Time for a probe published on the cluster bus to come back to this replica (pub/sub lag)",
-            bus_roundtrip.clone(),
-        );
         let otel = crate::telemetry::meter().map(|meter| {
             Otel::new(
                 meter,
                 &Observed {
-                    sessions_active: sessions_active.clone(),
-                    streams_active: streams_active.clone(),
-                    db_pool_max: db_pool_max.clone(),
-                    db_pool_in_use: db_pool_in_use.clone(),
-                    db_pool_waiting: db_pool_waiting.clone(),
-                    process_rss: process_rss.clone(),
-                    process_cpu: process_cpu.clone(),
-                    runtime_busy: runtime_busy.clone(),
-                    runtime_alive_tasks: runtime_alive_tasks.clone(),
+                    sessions_active: families.sessions_active.clone(),
+                    streams_active: families.streams_active.clone(),
+                    db_pool_max: families.db_pool_max.clone(),
+                    db_pool_in_use: families.db_pool_in_use.clone(),
+                    db_pool_waiting: families.db_pool_waiting.clone(),
+                    process_rss: families.process_rss.clone(),
+                    process_cpu: families.process_cpu.clone(),
+                    runtime_busy: families.runtime_busy.clone(),
+                    runtime_alive_tasks: families.runtime_alive_tasks.clone(),
                 },
             )
         });
         Self {
             inner: Arc::new(Inner {
-                http_duration,
-                redis_duration,
-                process_cpu,
-                runtime_busy,
-                runtime_workers,
-                scheduling_delay,
-                bus_roundtrip,
-                otel,
-                tool_duration,
-                tool_in_flight,
-                tool_rejections,
-                db_pool_max,
-                db_pool_in_use,
-                db_pool_waiting,
-                db_pool_wait,
-                db_operation,
-                cache_lookups,
-                cache_hit_duration,
-                cache_invalidations,
-                rpc_requests,
-                rpc_duration,
-                rpc_in_flight,
-                rpc_healthy,
-                process_rss,
-                runtime_alive_tasks,
                 registry,
-                sessions_active,
-                streams_active,
-                mcp_requests,
-                mcp_duration,
-                http_rejections,
-                session_restores,
-                session_creates,
-                forwards,
-                bus_messages,
-                feed_lagged,
-                listener_dropped,
-                backend_errors,
-                events_appended,
+                families,
+                otel,
             }),
         }
     }
