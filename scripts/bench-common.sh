@@ -1,5 +1,5 @@
 # Shared by the single-replica benchmarks (bench-tracing.sh, bench-ab.sh, bench-wrk.sh); sourced, not run.
-# Sets BIN and WORK, defines start_replica / stop_replica / TRACE_ALL (below), starts
+# Sets BIN and WORK, defines start_replica / stop_replica / start_stock / stop_stock / open_session / TRACE_ALL (below), starts
 # shoal-otlp-sink on two free ports (GRPC, HTTP; its spans kept:
 # SINK_MAX_SPANS, default 0 = only counted), and on exit stops the sink and the cluster whose pid
 # is in $cluster, then removes WORK.
@@ -7,8 +7,9 @@ BIN=target/release
 WORK=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 GRPC=$(free_port); HTTP=$(free_port)
-cluster=""; sink=""
+cluster=""; sink=""; stock=""
 cleanup() {
+  stop_stock
   if [ -n "$cluster" ]; then kill "$cluster" 2>/dev/null || true; wait "$cluster" 2>/dev/null || true; fi
   if [ -n "$sink" ]; then kill "$sink" 2>/dev/null || true; wait "$sink" 2>/dev/null || true; fi
   rm -rf "$WORK"
@@ -17,6 +18,18 @@ trap cleanup EXIT
 "$BIN/shoal-otlp-sink" --grpc "127.0.0.1:$GRPC" --http "127.0.0.1:$HTTP" --max-spans "${SINK_MAX_SPANS:-0}" 2> "$WORK/sink.log" &
 sink=$!
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
+# open_session URL: opens a legacy session (initialize + initialized) and prints its id.
+open_session() {
+  local id
+  id=$(curl -s -D - -o /dev/null "$1" -H 'content-type: application/json' \
+    -H 'accept: application/json, text/event-stream' \
+    -d '{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"wrk","version":"1"}}}' \
+    | awk 'tolower($1)=="mcp-session-id:"{print $2}' | tr -d '\r')
+  curl -s -o /dev/null "$1" -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
+    -H "mcp-session-id: $id" -H 'mcp-protocol-version: 2025-11-25' \
+    -d '{"jsonrpc":"2.0","method":"notifications/initialized"}'
+  echo "$id"
+}
 cpu_of() { curl -s "$1/metrics" | awk '$1=="shoal_process_cpu_seconds_total"{print $2}'; }
 
 # start_replica ARGS...: one replica on Redis through shoal-cluster (no balancer), ARGS passed on
@@ -32,6 +45,16 @@ start_replica() {
   url=$(json "$WORK/ready.json" 'd["mcp_url"]')
   base=$(json "$WORK/ready.json" 'd["replicas"][0]["base_url"]')
 }
+# start_stock ARGS...: stock rmcp 3.11 (bench-rmcp-stock, ARGS passed on) on a free port; sets
+# stock (its pid) and stock_url (/mcp) once it answers.
+start_stock() {
+  local port; port=$(free_port)
+  "$BIN/bench-rmcp-stock" "127.0.0.1:$port" "$@" 2> "$WORK/stock.log" &
+  stock=$!
+  stock_url="http://127.0.0.1:$port/mcp"
+  for _ in $(seq 1 100); do curl -s -o /dev/null "$stock_url" && break; sleep 0.1; done
+}
+stop_stock() { if [ -n "$stock" ]; then kill "$stock" 2>/dev/null || true; wait "$stock" 2>/dev/null || true; stock=""; fi; }
 stop_replica() { kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=""; }
 # Every request traced (100 % sampling), exported over OTLP/HTTP to the sink: extra start_replica args.
 TRACE_ALL=(--env "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$HTTP" --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf

@@ -30,24 +30,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 . scripts/bench-common.sh
-stock=""
-stop_stock() { if [ -n "$stock" ]; then kill "$stock" 2>/dev/null || true; wait "$stock" 2>/dev/null || true; stock=""; fi; }
-trap 'stop_stock; cleanup' EXIT
 
 proc_cpu() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
-
-# Opens a legacy session on $1 and prints its id.
-open_session() {
-  local id
-  id=$(curl -s -D - -o /dev/null "$1" -H 'content-type: application/json' \
-    -H 'accept: application/json, text/event-stream' \
-    -d '{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"wrk","version":"1"}}}' \
-    | awk 'tolower($1)=="mcp-session-id:"{print $2}' | tr -d '\r')
-  curl -s -o /dev/null "$1" -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
-    -H "mcp-session-id: $id" -H 'mcp-protocol-version: 2025-11-25' \
-    -d '{"jsonrpc":"2.0","method":"notifications/initialized"}'
-  echo "$id"
-}
 
 # measure LABEL ERA URL CPU-COMMAND...: a warm-up, then one measured wrk run; appends
 # "label calls/s us-cpu/call p50 p99 failed" to the results.
@@ -80,13 +64,10 @@ shoal_run() { # $1 = label suffix, rest = extra --env
 
 stock_run() { # $1 = label, rest = extra arguments of bench-rmcp-stock
   local label=$1; shift
-  local port; port=$(free_port)
-  "$BIN/bench-rmcp-stock" "127.0.0.1:$port" "$@" 2> "$WORK/stock.log" &
-  stock=$!
-  for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/mcp" && break; sleep 0.1; done
-  measure "$label legacy" legacy "http://127.0.0.1:$port/mcp" proc_cpu "$stock"
+  start_stock "$@"
+  measure "$label legacy" legacy "$stock_url" proc_cpu "$stock"
   if [ "${1:-}" = --json-response ]; then
-    measure "$label 2026" modern "http://127.0.0.1:$port/mcp" proc_cpu "$stock"
+    measure "$label 2026" modern "$stock_url" proc_cpu "$stock"
   fi
   stop_stock
 }

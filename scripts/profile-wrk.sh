@@ -22,24 +22,8 @@ while [ $# -gt 0 ]; do
 done
 command -v perf > /dev/null || { echo "perf is not installed (scripts/install-deps.sh --bench)" >&2; exit 1; }
 . scripts/bench-common.sh
-stock=""
-stop_stock() { if [ -n "$stock" ]; then kill "$stock" 2>/dev/null || true; wait "$stock" 2>/dev/null || true; stock=""; fi; }
-trap 'stop_stock; cleanup' EXIT
 OUT=target/profile
 mkdir -p "$OUT"
-
-# Opens a legacy session on $1 and prints its id (as bench-wrk.sh does).
-open_session() {
-  local id
-  id=$(curl -s -D - -o /dev/null "$1" -H 'content-type: application/json' \
-    -H 'accept: application/json, text/event-stream' \
-    -d '{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"wrk","version":"1"}}}' \
-    | awk 'tolower($1)=="mcp-session-id:"{print $2}' | tr -d '\r')
-  curl -s -o /dev/null "$1" -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
-    -H "mcp-session-id: $id" -H 'mcp-protocol-version: 2025-11-25' \
-    -d '{"jsonrpc":"2.0","method":"notifications/initialized"}'
-  echo "$id"
-}
 
 # profile NAME PID URL: warm-up, then perf on PID while wrk loads URL.
 profile() {
@@ -64,16 +48,12 @@ profile() {
 }
 
 start_replica --env SHOAL_TOOLSETS=kv
-shoal_pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["replicas"][0]["pid"])' "$WORK/ready.json" 2> /dev/null \
-  || pgrep -n -f "$BIN/shoal-server")
+shoal_pid=$(json "$WORK/ready.json" 'd["replicas"][0]["pid"]')
 profile shoal "$shoal_pid" "$url"
 stop_replica
 
-port=$(free_port)
-"$BIN/bench-rmcp-stock" "127.0.0.1:$port" --json-response 2> "$WORK/stock.log" &
-stock=$!
-for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/mcp" && break; sleep 0.1; done
-profile rmcp "$stock" "http://127.0.0.1:$port/mcp"
+start_stock --json-response
+profile rmcp "$stock" "$stock_url"
 stop_stock
 
 python3 - "$WORK" "$SECONDS_SAMPLED" <<'PY'

@@ -48,7 +48,6 @@ use crate::{
 };
 
 /// The handler rmcp instantiates per session (legacy) or per request (2026-07-28).
-#[derive(Clone)]
 pub struct ShoalHandler {
     pub(crate) state: Arc<AppState>,
     pub(crate) tools: Arc<Toolbox>,

@@ -1,18 +1,16 @@
 //! `subscriptions/listen` (2026-07-28): one stream per request, fed by the bus's table of local
 //! listeners.
 //!
-//! rmcp sends the acknowledgment before it calls [`ServerHandler::listen`], and a client may write
+//! rmcp sends the acknowledgment before it calls [`rmcp::ServerHandler::listen`], and a client may write
 //! as soon as it reads the acknowledgment: a listener registered inside `listen` would miss what is
-//! published in between. rmcp calls [`ServerHandler::accepted_subscription_filter`] just before it
+//! published in between. rmcp calls [`rmcp::ServerHandler::accepted_subscription_filter`] just before it
 //! acknowledges, on the handler it made for this one request, so the listener is registered there
 //! (for the filter rmcp is about to acknowledge, computed as rmcp does) and `listen` takes it from
 //! the handler.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use rmcp::{
-    ErrorData as McpError, ServerHandler, model::SubscriptionFilter, service::SubscriptionContext,
-};
+use rmcp::{ErrorData as McpError, model::SubscriptionFilter, service::SubscriptionContext};
 use shoal_shared::bus::{ListKind, ListenEvent, ListenerRegistration};
 
 use crate::mcp::{error::Failure, handler::ShoalHandler, trace};
@@ -48,9 +46,10 @@ impl Interest {
 }
 
 /// Listeners registered before their acknowledgment, waiting for `listen` to take them. Dropped
-/// unused (the request failed between the two), they unregister.
-#[derive(Clone, Default)]
-pub(crate) struct EarlyListeners(Arc<Mutex<Vec<(Interest, ListenerRegistration)>>>);
+/// unused (the request failed between the two), they unregister. Held by the handler itself, not
+/// shared: an empty one costs no allocation on the per-request handler.
+#[derive(Default)]
+pub(crate) struct EarlyListeners(Mutex<Vec<(Interest, ListenerRegistration)>>);
 
 impl EarlyListeners {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Interest, ListenerRegistration)>> {
@@ -74,7 +73,7 @@ impl ShoalHandler {
         requested: &SubscriptionFilter,
         candidate: &SubscriptionFilter,
     ) {
-        let advertised = requested.supported_by(&self.get_info().capabilities);
+        let advertised = requested.supported_by(&self.tools.info.capabilities);
         let accepted = requested.intersection(candidate).intersection(&advertised);
         if self.refusal(&accepted).is_some() {
             return;

@@ -447,10 +447,7 @@ async fn listen_stream_receives_changes_from_other_replicas() {
         .expect("listen");
     assert_eq!(stream.status, 200);
     let holder = replica_of(&stream.headers);
-    let (_, ack) = next_matching(&mut stream, "the acknowledgment", |m| {
-        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
-    })
-    .await;
+    let ack = acknowledged(&mut stream).await;
     assert_eq!(
         ack.pointer("/params/_meta/io.modelcontextprotocol~1subscriptionId"),
         Some(&json!(id))
@@ -486,10 +483,7 @@ async fn listen_handlers_end_when_the_client_goes_away() {
         .await
         .expect("listen");
     let holder = replica_of(&stream.headers);
-    next_matching(&mut stream, "the acknowledgment", |m| {
-        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
-    })
-    .await;
+    acknowledged(&mut stream).await;
     let url = topology
         .replicas
         .iter()

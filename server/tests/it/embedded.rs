@@ -65,10 +65,7 @@ async fn embedded_default_serves_both_eras_alone() {
         )
         .await
         .expect("listen");
-    next_matching(&mut listen, "the acknowledgment", |m| {
-        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
-    })
-    .await;
+    acknowledged(&mut listen).await;
     let writer = McpClient::modern(&url);
     call_ok(&writer, "kv_set", json!({"key": "solo", "value": "3"})).await;
     next_matching(&mut listen, "the update", |m| is_update_of(m, "kv://solo")).await;

@@ -172,6 +172,15 @@ pub async fn next_matching(
     }
 }
 
+/// Waits on a `subscriptions/listen` stream for its acknowledgment and returns it.
+pub async fn acknowledged(stream: &mut EventStream) -> Value {
+    next_matching(stream, "the acknowledgment", |m| {
+        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
+    })
+    .await
+    .1
+}
+
 /// Whether `message` is `notifications/resources/updated` for `uri`.
 pub fn is_update_of(message: &Value, uri: &str) -> bool {
     message.get("method").and_then(Value::as_str) == Some("notifications/resources/updated")

@@ -376,10 +376,7 @@ async fn a_listen_misses_nothing_raised_after_its_acknowledgment() {
         )
         .await
         .expect("listen");
-    next_matching(&mut listen, "the acknowledgment", |m| {
-        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
-    })
-    .await;
+    acknowledged(&mut listen).await;
     let writer = McpClient::modern(&url);
     call_ok(&writer, "kv_set", json!({"key": "early", "value": "1"})).await;
     assert!(

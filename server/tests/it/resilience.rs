@@ -149,10 +149,7 @@ async fn sigterm_drains_streams_and_in_flight_calls() {
         )
         .await
         .expect("listen");
-    next_matching(&mut listen, "the acknowledgment", |m| {
-        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
-    })
-    .await;
+    acknowledged(&mut listen).await;
 
     let replica = topology.replica(&victim).expect("victim");
     replica.send_sigterm();

@@ -386,10 +386,7 @@ async fn a_replica_holds_at_most_its_stream_limit() {
         .open_request("subscriptions/listen", listen_params("kv://a"))
         .await
         .expect("listen");
-    next_matching(&mut listen, "the acknowledgment", |m| {
-        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
-    })
-    .await;
+    acknowledged(&mut listen).await;
 
     // Full: a GET and a listen are both refused.
     let second = subscribed_client(&url, "kv://b").await;

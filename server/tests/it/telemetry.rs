@@ -341,10 +341,7 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
         .await
         .expect("listen");
     let listen_holder = replica_of(&listen.headers);
-    next_matching(&mut listen, "the acknowledgment", |m| {
-        m.get("method") == Some(&json!("notifications/subscriptions/acknowledged"))
-    })
-    .await;
+    acknowledged(&mut listen).await;
     let writer = McpClient::modern(topology.mcp_url());
     let mut write = None;
     for _ in 0..9 {
