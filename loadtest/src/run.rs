@@ -398,52 +398,9 @@ pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<S
     let pending: Pending = Arc::default();
     let stop = Stop::new();
 
-    // Preload the keys kv_get reads.
-    let mut setup = McpClient::new(&config.url, config.era);
-    if config.era == Era::Legacy {
-        setup
-            .initialize()
-            .await
-            .map_err(|e| format!("initialize: {e}"))?;
-    }
-    if config.mix.iter().any(|m| m.tool == "kv_get") {
-        for n in 0..PRELOADED_KEYS {
-            setup
-                .call_tool(
-                    "kv_set",
-                    json!({"key": format!("lt-{n}"), "value": format!("value {n}")}),
-                )
-                .await
-                .map_err(|e| format!("preloading keys: {e}"))?;
-        }
-    }
-    if config.era == Era::Legacy {
-        let _ = setup.delete().await;
-    }
+    preload(&config).await?;
 
-    // Open every session (in parallel, bounded).
-    let mut opened = JoinSet::new();
-    let semaphore = Arc::new(tokio::sync::Semaphore::new(32));
-    for index in 0..config.sessions {
-        let config = config.clone();
-        let semaphore = semaphore.clone();
-        opened.spawn(async move {
-            let _permit = semaphore.acquire().await;
-            let mut client = McpClient::new(&config.url, config.era);
-            if config.era == Era::Legacy {
-                client
-                    .initialize()
-                    .await
-                    .map_err(|e| format!("initialize: {e}"))?;
-            }
-            Ok::<_, String>((index, client))
-        });
-    }
-    let mut clients = Vec::with_capacity(config.sessions);
-    while let Some(result) = opened.join_next().await {
-        clients.push(result.map_err(|e| e.to_string())??);
-    }
-    clients.sort_by_key(|(index, _)| *index);
+    let clients = open_sessions(&config).await?;
 
     let mut listeners = Vec::new();
     if config.subscribe {
@@ -475,45 +432,90 @@ pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<S
             weights: weights.clone(),
         };
         let stop = stop.clone();
-        workers.spawn(async move {
-            match worker.config.pacing {
-                Pacing::Closed { think } => {
-                    while !stop.fired() {
-                        let tool = worker.pick().to_owned();
-                        worker.call(&tool, Instant::now()).await;
-                        if !think.is_zero() {
-                            tokio::select! {
-                                () = stop.wait() => break,
-                                () = tokio::time::sleep(think) => {}
-                            }
-                        }
-                    }
-                }
-                Pacing::Open { rate } => {
-                    let per_worker = rate / worker.config.sessions as f64;
-                    let interval = Duration::from_secs_f64(1.0 / per_worker.max(1e-6));
-                    // Spread the workers' schedules over one interval.
-                    let offset = interval.mul_f64(index as f64 / worker.config.sessions as f64);
-                    let mut next = started + offset;
-                    while !stop.fired() {
-                        let now = Instant::now();
-                        if next > now {
-                            tokio::select! {
-                                () = stop.wait() => break,
-                                () = tokio::time::sleep(next - now) => {}
-                            }
-                        }
-                        let tool = worker.pick().to_owned();
-                        worker.call(&tool, next).await;
-                        next += interval;
-                    }
-                }
-            }
-            worker.client
-        });
+        workers.spawn(worker.drive(started, stop));
     }
 
-    // Warm-up, then measure, with optional chaos and a progress line.
+    let events = measure(&config, &stats, progress).await;
+    // Give in-flight notifications a moment, then stop everything.
+    if config.subscribe {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.fire();
+    let mut closing = Vec::new();
+    while let Some(result) = workers.join_next().await {
+        if let Ok(client) = result {
+            closing.push(client);
+        }
+    }
+    for listener in listeners {
+        listener.abort();
+    }
+    if config.era == Era::Legacy {
+        let mut deletes = JoinSet::new();
+        for client in closing {
+            deletes.spawn(async move { client.delete().await });
+        }
+        while deletes.join_next().await.is_some() {}
+    }
+    Ok((stats, events))
+}
+
+/// Preloads the keys `kv_get` reads (through a session of its own in the legacy era).
+async fn preload(config: &RunConfig) -> Result<(), String> {
+    let mut setup = McpClient::new(&config.url, config.era);
+    if config.era == Era::Legacy {
+        setup
+            .initialize()
+            .await
+            .map_err(|e| format!("initialize: {e}"))?;
+    }
+    if config.mix.iter().any(|m| m.tool == "kv_get") {
+        for n in 0..PRELOADED_KEYS {
+            setup
+                .call_tool(
+                    "kv_set",
+                    json!({"key": format!("lt-{n}"), "value": format!("value {n}")}),
+                )
+                .await
+                .map_err(|e| format!("preloading keys: {e}"))?;
+        }
+    }
+    if config.era == Era::Legacy {
+        let _ = setup.delete().await;
+    }
+    Ok(())
+}
+
+/// Opens every client (a legacy session each, in parallel, at most 32 at a time), in index order.
+async fn open_sessions(config: &Arc<RunConfig>) -> Result<Vec<(usize, McpClient)>, String> {
+    let mut opened = JoinSet::new();
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(32));
+    for index in 0..config.sessions {
+        let config = config.clone();
+        let semaphore = semaphore.clone();
+        opened.spawn(async move {
+            let _permit = semaphore.acquire().await;
+            let mut client = McpClient::new(&config.url, config.era);
+            if config.era == Era::Legacy {
+                client
+                    .initialize()
+                    .await
+                    .map_err(|e| format!("initialize: {e}"))?;
+            }
+            Ok::<_, String>((index, client))
+        });
+    }
+    let mut clients = Vec::with_capacity(config.sessions);
+    while let Some(result) = opened.join_next().await {
+        clients.push(result.map_err(|e| e.to_string())??);
+    }
+    clients.sort_by_key(|(index, _)| *index);
+    Ok(clients)
+}
+
+/// Warm-up, then the measured run with optional chaos and a progress line; returns the chaos
+/// events.
+async fn measure(config: &RunConfig, stats: &Stats, progress: bool) -> Vec<String> {
     tokio::time::sleep(config.warmup).await;
     stats.begin();
     let bar = progress.then(|| {
@@ -567,28 +569,47 @@ pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<S
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    // Give in-flight notifications a moment, then stop everything.
-    if config.subscribe {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    stop.fire();
-    let mut closing = Vec::new();
-    while let Some(result) = workers.join_next().await {
-        if let Ok(client) = result {
-            closing.push(client);
+    events
+}
+
+impl Worker {
+    /// Calls tools until `stop` fires, at the configured pacing; hands the client back.
+    async fn drive(self, started: Instant, stop: Stop) -> McpClient {
+        match self.config.pacing {
+            Pacing::Closed { think } => {
+                while !stop.fired() {
+                    let tool = self.pick().to_owned();
+                    self.call(&tool, Instant::now()).await;
+                    if !think.is_zero() {
+                        tokio::select! {
+                            () = stop.wait() => break,
+                            () = tokio::time::sleep(think) => {}
+                        }
+                    }
+                }
+            }
+            Pacing::Open { rate } => {
+                let per_worker = rate / self.config.sessions as f64;
+                let interval = Duration::from_secs_f64(1.0 / per_worker.max(1e-6));
+                // Spread the workers' schedules over one interval.
+                let offset = interval.mul_f64(self.index as f64 / self.config.sessions as f64);
+                let mut next = started + offset;
+                while !stop.fired() {
+                    let now = Instant::now();
+                    if next > now {
+                        tokio::select! {
+                            () = stop.wait() => break,
+                            () = tokio::time::sleep(next - now) => {}
+                        }
+                    }
+                    let tool = self.pick().to_owned();
+                    self.call(&tool, next).await;
+                    next += interval;
+                }
+            }
         }
+        self.client
     }
-    for listener in listeners {
-        listener.abort();
-    }
-    if config.era == Era::Legacy {
-        let mut deletes = JoinSet::new();
-        for client in closing {
-            deletes.spawn(async move { client.delete().await });
-        }
-        while deletes.join_next().await.is_some() {}
-    }
-    Ok((stats, events))
 }
 
 async fn run_hook(command: &str, events: &mut Vec<String>) {

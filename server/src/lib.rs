@@ -81,30 +81,13 @@ impl App {
         )
         .await
         .context("connecting the shared state backend")?;
-        tracing::info!(
-            replica = %tag,
-            name = config.replica_name().as_deref().unwrap_or("-"),
-            backend = backend.kind(),
-            redis = config.redis_url_redacted().as_deref().unwrap_or("-"),
-            prefix = %config.redis.key_prefix,
-            toolsets = ?config.tools.toolsets,
-            "replica configured"
-        );
-
-        if config.any_host() {
-            tracing::warn!(
-                "SHOAL_ALLOWED_HOSTS=*: any Host header is accepted (no DNS-rebinding protection)"
-            );
-        }
+        log_start(&config, &tag, &backend);
         let db = connect_postgres(&config, toolsets, &metrics).await?;
-        let rpc = if toolsets.rpc {
-            Some(
-                RpcPool::new(RpcConfig::from(&config.rpc), metrics.clone())
-                    .context("configuring the JSON-RPC upstreams")?,
-            )
-        } else {
-            None
-        };
+        let rpc = toolsets
+            .rpc
+            .then(|| RpcPool::new(RpcConfig::from(&config.rpc), metrics.clone()))
+            .transpose()
+            .context("configuring the JSON-RPC upstreams")?;
         let cache = ResultCache::new(
             backend.clone(),
             bus.clone(),
@@ -204,6 +187,25 @@ impl App {
         self.state.backend.shutdown().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// What this replica is and runs, logged once at start (the Redis URL without its password).
+fn log_start(config: &Config, tag: &ReplicaTag, backend: &Backend) {
+    tracing::info!(
+        replica = %tag,
+        name = config.replica_name().as_deref().unwrap_or("-"),
+        backend = backend.kind(),
+        redis = config.redis_url_redacted().as_deref().unwrap_or("-"),
+        prefix = %config.redis.key_prefix,
+        toolsets = ?config.tools.toolsets,
+        "replica configured"
+    );
+
+    if config.any_host() {
+        tracing::warn!(
+            "SHOAL_ALLOWED_HOSTS=*: any Host header is accepted (no DNS-rebinding protection)"
+        );
     }
 }
 

@@ -626,7 +626,32 @@ impl Config {
     /// # Errors
     /// Returns a [`ConfigError`] naming the broken rule.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
-        let nonzero = [
+        if let Some((name, _)) = self
+            .nonzero_settings()
+            .iter()
+            .find(|(_, value)| *value == 0)
+        {
+            return Err(ConfigError::rule(name, "must be greater than zero"));
+        }
+        if self.http.max_body_bytes < 1024 {
+            return Err(ConfigError::rule(
+                "SHOAL_MAX_BODY_BYTES",
+                "must be at least 1024",
+            ));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::rule(
+                "SHOAL_KEY_PREFIX",
+                "must be non-empty and contain no whitespace",
+            ));
+        }
+        self.normalise();
+        self.check_rules()
+    }
+
+    /// The settings that must be greater than zero, by environment name.
+    fn nonzero_settings(&self) -> [(&'static str, u64); 27] {
+        [
             (
                 "SHOAL_MAX_LOCAL_SESSIONS",
                 self.sessions.max_local_sessions as u64,
@@ -687,22 +712,11 @@ impl Config {
                 "SHOAL_RPC_MAX_RESPONSE_BYTES",
                 self.rpc.max_response_bytes as u64,
             ),
-        ];
-        if let Some((name, _)) = nonzero.iter().find(|(_, value)| *value == 0) {
-            return Err(ConfigError::rule(name, "must be greater than zero"));
-        }
-        if self.http.max_body_bytes < 1024 {
-            return Err(ConfigError::rule(
-                "SHOAL_MAX_BODY_BYTES",
-                "must be at least 1024",
-            ));
-        }
-        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(char::is_whitespace) {
-            return Err(ConfigError::rule(
-                "SHOAL_KEY_PREFIX",
-                "must be non-empty and contain no whitespace",
-            ));
-        }
+        ]
+    }
+
+    /// Trims and deduplicates the lists, and caps values that depend on others.
+    fn normalise(&mut self) {
         // An idle worker never outlives its session: a replica holds no memory for expired sessions.
         self.sessions.worker_idle_secs = self
             .sessions
@@ -718,6 +732,10 @@ impl Config {
             list.retain(|item| !item.is_empty());
             list.dedup();
         }
+    }
+
+    /// The rules between settings, checked after [`Config::normalise`].
+    fn check_rules(&self) -> Result<(), ConfigError> {
         if self.http.allowed_hosts.is_empty() {
             return Err(ConfigError::rule(
                 "SHOAL_ALLOWED_HOSTS",

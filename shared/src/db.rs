@@ -764,42 +764,10 @@ impl Database {
         let rows = self
             .cancellable(&checkout, cancel, async {
                 let stream = checkout.client().query_typed_raw(&wrapped, typed).await?;
-                futures::pin_mut!(stream);
-                let mut rows = Vec::new();
-                let mut bytes = 0_usize;
-                let mut truncated = None;
-                while let Some(row) = stream.try_next().await? {
-                    if rows.len() == cap {
-                        truncated = Some(Truncation::RowCap);
-                        break;
-                    }
-                    let length = usize::try_from(row.get::<_, i32>(0)).unwrap_or(usize::MAX);
-                    let text: Option<String> = row.get(1);
-                    bytes = bytes.saturating_add(length);
-                    match text {
-                        Some(text) if bytes <= budget => rows.push(text),
-                        _ => {
-                            truncated = Some(Truncation::ByteBudget);
-                            break;
-                        }
-                    }
-                }
-                Ok((rows, truncated))
+                collect_rows(stream, cap, budget).await
             })
             .await
-            .map_err(|error| match error {
-                // Valid alone, but not as a subquery (a data-modifying WITH, say).
-                DbError::Rejected { sqlstate, .. }
-                | DbError::Other {
-                    sqlstate: Some(sqlstate),
-                    ..
-                } if sqlstate == SqlState::FEATURE_NOT_SUPPORTED
-                    || sqlstate == SqlState::SYNTAX_ERROR =>
-                {
-                    DbError::NotAQuery("this statement is not one (use pg_execute for writes)")
-                }
-                other => other,
-            })?;
+            .map_err(not_a_query)?;
         checkout.commit().await.map_err(|e| self.pg(e))?;
         let (texts, truncated) = rows;
         let rows = texts
@@ -990,6 +958,44 @@ impl Database {
             .await
             .map_err(|e| self.pg(e))?;
         Ok(())
+    }
+}
+
+/// The wrapped query's rows (each one's length and JSON text), until `cap` rows or `budget` bytes.
+async fn collect_rows(
+    stream: tokio_postgres::RowStream,
+    cap: usize,
+    budget: usize,
+) -> Result<(Vec<String>, Option<Truncation>), tokio_postgres::Error> {
+    futures::pin_mut!(stream);
+    let mut rows = Vec::new();
+    let mut bytes = 0_usize;
+    while let Some(row) = stream.try_next().await? {
+        if rows.len() == cap {
+            return Ok((rows, Some(Truncation::RowCap)));
+        }
+        let length = usize::try_from(row.get::<_, i32>(0)).unwrap_or(usize::MAX);
+        let text: Option<String> = row.get(1);
+        bytes = bytes.saturating_add(length);
+        match text {
+            Some(text) if bytes <= budget => rows.push(text),
+            _ => return Ok((rows, Some(Truncation::ByteBudget))),
+        }
+    }
+    Ok((rows, None))
+}
+
+/// A statement valid alone but not as a subquery (a data-modifying WITH, say) is not a query.
+fn not_a_query(error: DbError) -> DbError {
+    match error {
+        DbError::Rejected { sqlstate, .. }
+        | DbError::Other {
+            sqlstate: Some(sqlstate),
+            ..
+        } if sqlstate == SqlState::FEATURE_NOT_SUPPORTED || sqlstate == SqlState::SYNTAX_ERROR => {
+            DbError::NotAQuery("this statement is not one (use pg_execute for writes)")
+        }
+        other => other,
     }
 }
 

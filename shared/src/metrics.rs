@@ -636,110 +636,6 @@ impl Otel {
                 .with_description(description)
                 .build()
         };
-        let mut observed_instruments: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
-        let gauge =
-            |name: &'static str,
-             unit: &'static str,
-             description: &'static str,
-             read: Box<dyn Fn() -> Vec<(i64, Vec<KeyValue>)> + Send + Sync>| {
-                Box::new(
-                    meter
-                        .i64_observable_gauge(name)
-                        .with_unit(unit)
-                        .with_description(description)
-                        .with_callback(move |observer| {
-                            for (value, attributes) in read() {
-                                observer.observe(value, &attributes);
-                            }
-                        })
-                        .build(),
-                ) as Box<dyn std::any::Any + Send + Sync>
-            };
-        let sessions = observed.sessions_active.clone();
-        observed_instruments.push(gauge(
-            "shoal.sessions.active",
-            "{session}",
-            "Legacy sessions with a worker on this replica",
-            Box::new(move || vec![(sessions.get(), Vec::new())]),
-        ));
-        let streams = observed.streams_active.clone();
-        observed_instruments.push(gauge(
-            "shoal.streams.active",
-            "{stream}",
-            "Open server-to-client streams on this replica",
-            Box::new(move || {
-                ["get", "listen"]
-                    .into_iter()
-                    .map(|kind| {
-                        (
-                            streams.get_or_create(&KindLabel { kind }).get(),
-                            vec![KeyValue::new("kind", kind)],
-                        )
-                    })
-                    .collect()
-            }),
-        ));
-        let (max, in_use) = (
-            observed.db_pool_max.clone(),
-            observed.db_pool_in_use.clone(),
-        );
-        observed_instruments.push(gauge(
-            "db.client.connection.count",
-            "{connection}",
-            "PostgreSQL pool connections by state",
-            Box::new(move || {
-                let used = in_use.get();
-                vec![
-                    (
-                        used,
-                        vec![KeyValue::new(attr::DB_CLIENT_CONNECTION_STATE, "used")],
-                    ),
-                    (
-                        (max.get() - used).max(0),
-                        vec![KeyValue::new(attr::DB_CLIENT_CONNECTION_STATE, "idle")],
-                    ),
-                ]
-            }),
-        ));
-        let waiting = observed.db_pool_waiting.clone();
-        observed_instruments.push(gauge(
-            "db.client.connection.pending_requests",
-            "{request}",
-            "Tool calls waiting for a PostgreSQL connection",
-            Box::new(move || vec![(waiting.get(), Vec::new())]),
-        ));
-        let rss = observed.process_rss.clone();
-        observed_instruments.push(gauge(
-            "process.memory.usage",
-            "By",
-            "Resident set size of the replica process",
-            Box::new(move || vec![(rss.get(), Vec::new())]),
-        ));
-        let tasks = observed.runtime_alive_tasks.clone();
-        observed_instruments.push(gauge(
-            "shoal.runtime.alive_tasks",
-            "{task}",
-            "Tasks alive in the async runtime",
-            Box::new(move || vec![(tasks.get(), Vec::new())]),
-        ));
-        let busy = observed.runtime_busy.clone();
-        observed_instruments.push(Box::new(
-            meter
-                .f64_observable_gauge("shoal.runtime.busy_ratio")
-                .with_unit("1")
-                .with_description("Share of runtime worker time spent running tasks")
-                .with_callback(move |observer| observer.observe(busy.get(), &[]))
-                .build(),
-        ));
-        let cpu = observed.process_cpu.clone();
-        observed_instruments.push(Box::new(
-            meter
-                .f64_observable_counter("process.cpu.time")
-                .with_unit("s")
-                .with_description("CPU time used by the replica process")
-                .with_callback(move |observer| observer.observe(cpu.get(), &[]))
-                .build(),
-        ));
         Self {
             operation_duration: seconds(
                 "mcp.server.operation.duration",
@@ -778,9 +674,142 @@ impl Otel {
                 "shoal.bus.roundtrip",
                 "Round trip of a probe through the cluster bus",
             ),
-            _observed: observed_instruments,
+            _observed: observed_instruments(meter, observed),
         }
     }
+}
+
+/// The OTLP instruments read at each export from the values the probe and the gauges keep; held
+/// for as long as the meter provider exports them.
+fn observed_instruments(
+    meter: &opentelemetry::metrics::Meter,
+    observed: &Observed,
+) -> Vec<Box<dyn std::any::Any + Send + Sync>> {
+    let mut instruments = integer_gauges(meter, observed);
+    let busy = observed.runtime_busy.clone();
+    instruments.push(Box::new(
+        meter
+            .f64_observable_gauge("shoal.runtime.busy_ratio")
+            .with_unit("1")
+            .with_description("Share of runtime worker time spent running tasks")
+            .with_callback(move |observer| observer.observe(busy.get(), &[]))
+            .build(),
+    ));
+    let cpu = observed.process_cpu.clone();
+    instruments.push(Box::new(
+        meter
+            .f64_observable_counter("process.cpu.time")
+            .with_unit("s")
+            .with_description("CPU time used by the replica process")
+            .with_callback(move |observer| observer.observe(cpu.get(), &[]))
+            .build(),
+    ));
+    instruments
+}
+
+/// The integer gauges of [`observed_instruments`]: sessions, streams, the PostgreSQL pool, memory
+/// and tasks.
+fn integer_gauges(
+    meter: &opentelemetry::metrics::Meter,
+    observed: &Observed,
+) -> Vec<Box<dyn std::any::Any + Send + Sync>> {
+    let mut instruments = Vec::new();
+    let sessions = observed.sessions_active.clone();
+    instruments.push(i64_gauge(
+        meter,
+        "shoal.sessions.active",
+        "{session}",
+        "Legacy sessions with a worker on this replica",
+        Box::new(move || vec![(sessions.get(), Vec::new())]),
+    ));
+    let streams = observed.streams_active.clone();
+    instruments.push(i64_gauge(
+        meter,
+        "shoal.streams.active",
+        "{stream}",
+        "Open server-to-client streams on this replica",
+        Box::new(move || {
+            ["get", "listen"]
+                .into_iter()
+                .map(|kind| {
+                    (
+                        streams.get_or_create(&KindLabel { kind }).get(),
+                        vec![KeyValue::new("kind", kind)],
+                    )
+                })
+                .collect()
+        }),
+    ));
+    let (max, in_use) = (
+        observed.db_pool_max.clone(),
+        observed.db_pool_in_use.clone(),
+    );
+    instruments.push(i64_gauge(
+        meter,
+        "db.client.connection.count",
+        "{connection}",
+        "PostgreSQL pool connections by state",
+        Box::new(move || {
+            let used = in_use.get();
+            vec![
+                (
+                    used,
+                    vec![KeyValue::new(attr::DB_CLIENT_CONNECTION_STATE, "used")],
+                ),
+                (
+                    (max.get() - used).max(0),
+                    vec![KeyValue::new(attr::DB_CLIENT_CONNECTION_STATE, "idle")],
+                ),
+            ]
+        }),
+    ));
+    let waiting = observed.db_pool_waiting.clone();
+    instruments.push(i64_gauge(
+        meter,
+        "db.client.connection.pending_requests",
+        "{request}",
+        "Tool calls waiting for a PostgreSQL connection",
+        Box::new(move || vec![(waiting.get(), Vec::new())]),
+    ));
+    let rss = observed.process_rss.clone();
+    instruments.push(i64_gauge(
+        meter,
+        "process.memory.usage",
+        "By",
+        "Resident set size of the replica process",
+        Box::new(move || vec![(rss.get(), Vec::new())]),
+    ));
+    let tasks = observed.runtime_alive_tasks.clone();
+    instruments.push(i64_gauge(
+        meter,
+        "shoal.runtime.alive_tasks",
+        "{task}",
+        "Tasks alive in the async runtime",
+        Box::new(move || vec![(tasks.get(), Vec::new())]),
+    ));
+    instruments
+}
+
+/// An integer gauge whose callback reports what `read` returns (value and attributes).
+fn i64_gauge(
+    meter: &opentelemetry::metrics::Meter,
+    name: &'static str,
+    unit: &'static str,
+    description: &'static str,
+    read: Box<dyn Fn() -> Vec<(i64, Vec<KeyValue>)> + Send + Sync>,
+) -> Box<dyn std::any::Any + Send + Sync> {
+    Box::new(
+        meter
+            .i64_observable_gauge(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |observer| {
+                for (value, attributes) in read() {
+                    observer.observe(value, &attributes);
+                }
+            })
+            .build(),
+    )
 }
 
 /// CPU time (user + system) used by this process so far, from `/proc/self/stat` through the

@@ -207,19 +207,23 @@ fn resource(instance: &str, replica_name: Option<&str>) -> Resource {
         .build()
 }
 
-/// Key of the session tags (see [`session_tag`]).
-static SESSION_TAG_KEY: OnceLock<Vec<u8>> = OnceLock::new();
+/// The keyed hash of the session tags (see [`session_tag`]), its key already absorbed: each tag
+/// clones it and hashes only the session id.
+static SESSION_TAG_MAC: OnceLock<hmac::Hmac<sha2::Sha256>> = OnceLock::new();
 /// How long a session tag is (hex digits): enough to tell sessions apart in a trace backend.
 const SESSION_TAG_LEN: usize = 16;
 
 /// Sets the key of [`session_tag`] (the first call wins: one key per process).
 pub fn set_session_tag_key(key: Vec<u8>) {
-    let _ = SESSION_TAG_KEY.set(key);
+    use hmac::KeyInit as _;
+    if let Ok(mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key) {
+        let _ = SESSION_TAG_MAC.set(mac);
+    }
 }
 
 /// Whether [`set_session_tag_key`] was called.
 pub fn session_tag_key_set() -> bool {
-    SESSION_TAG_KEY.get().is_some()
+    SESSION_TAG_MAC.get().is_some()
 }
 
 /// What logs and spans carry instead of a session id, which is a bearer credential: a keyed hash
@@ -227,9 +231,8 @@ pub fn session_tag_key_set() -> bool {
 /// session's spans still group, and useless for taking the session over. `None` until the key is
 /// set (then telemetry carries nothing of the session).
 pub fn session_tag(session: &str) -> Option<String> {
-    use hmac::{KeyInit as _, Mac as _};
-    let key = SESSION_TAG_KEY.get()?;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).ok()?;
+    use hmac::Mac as _;
+    let mut mac = SESSION_TAG_MAC.get()?.clone();
     mac.update(session.as_bytes());
     let mut tag = hex::encode(mac.finalize().into_bytes());
     tag.truncate(SESSION_TAG_LEN);

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use shoal_shared::testkit::topology::{Topology, TopologyOptions, repo_root};
+use shoal_shared::testkit::{
+    postgres::PostgresServer,
+    topology::{Topology, TopologyOptions, repo_root},
+};
 
 /// Start a local shoal cluster: Redis, replicas and an nginx balancer on loopback ports.
 #[derive(Debug, Parser)]
@@ -88,26 +91,43 @@ async fn main() -> anyhow::Result<()> {
         .context("starting the topology")?;
 
     if let Some(postgres) = &topology.postgres {
-        let path = args
-            .schema
-            .clone()
-            .unwrap_or_else(|| repo_root().join("deploy/postgres/demo.sql"));
-        let sql = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        postgres
-            .client()
-            .await
-            .context("connecting to PostgreSQL")?
-            .batch_execute(&sql)
-            .await
-            .with_context(|| format!("loading {}", path.display()))?;
-        println!(
-            "  postgres:     {} (schema {})",
-            postgres.url(),
-            path.display()
-        );
+        load_schema(postgres, args.schema.clone()).await?;
     }
 
+    announce(&topology, args.ready_file.as_deref())?;
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    println!("stopping");
+    drop(topology);
+    Ok(())
+}
+
+/// Loads the demo schema (or `schema`) into the topology's PostgreSQL.
+async fn load_schema(postgres: &PostgresServer, schema: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = schema.unwrap_or_else(|| repo_root().join("deploy/postgres/demo.sql"));
+    let sql =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    postgres
+        .client()
+        .await
+        .context("connecting to PostgreSQL")?
+        .batch_execute(&sql)
+        .await
+        .with_context(|| format!("loading {}", path.display()))?;
+    println!(
+        "  postgres:     {} (schema {})",
+        postgres.url(),
+        path.display()
+    );
+    Ok(())
+}
+
+/// Prints the endpoints, and writes them as JSON to `ready_file` when asked.
+fn announce(topology: &Topology, ready_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     println!("shoal cluster is up (logs in {})", topology.dir().display());
     println!("  MCP endpoint: {}", topology.mcp_url());
     if let Some(redis) = &topology.redis {
@@ -126,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!("Press Ctrl-C to stop.");
-    if let Some(path) = &args.ready_file {
+    if let Some(path) = ready_file {
         let ready = serde_json::json!({
             "mcp_url": topology.mcp_url(),
             "redis_url": topology.redis.as_ref().map(|r| r.url()),
@@ -141,13 +161,5 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&ready)?)
             .context("writing the ready file")?;
     }
-
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
-    println!("stopping");
-    drop(topology);
     Ok(())
 }

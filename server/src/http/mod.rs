@@ -147,7 +147,7 @@ impl HttpService {
         match (request.method(), path) {
             (_, "/mcp") if !self.admin => self.mcp(request, span).await,
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (&Method::GET, "/readyz") => self.readyz().await,
+            (&Method::GET, "/readyz") => Box::pin(self.readyz()).await,
             (&Method::GET, "/metrics")
                 if !self.admin && self.state.config.http.admin_listen.is_some() =>
             {
@@ -251,7 +251,9 @@ impl HttpService {
             Method::DELETE => {
                 let (mut parts, _) = request.into_parts();
                 *span = http_span(&mut parts, None);
-                span.wrap(self.delete(&parts.headers)).await
+                // Boxed, as is readiness: rare paths whose Redis futures would otherwise make
+                // every request's future (moved by hyper) several KB larger.
+                span.wrap(Box::pin(self.delete(&parts.headers))).await
             }
             _ => method_not_allowed("GET, POST, DELETE"),
         }
@@ -266,42 +268,9 @@ impl HttpService {
                 .forward(Request::from_parts(parts, Full::new(Bytes::new())), None)
                 .await;
         }
-        let limit = self.state.config.http.max_body_bytes;
-        let collected =
-            tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
-        let bytes = match collected {
-            Err(_) => {
-                return self.reject(
-                    "body_timeout",
-                    jsonrpc_error(
-                        StatusCode::REQUEST_TIMEOUT,
-                        -32600,
-                        "request body not received in time",
-                    ),
-                );
-            }
-            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-                tracing::info!(limit, "rejected request: body too large");
-                return self.reject(
-                    "body_too_large",
-                    jsonrpc_error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        -32600,
-                        &format!("request body exceeds {limit} bytes"),
-                    ),
-                );
-            }
-            Ok(Err(_)) => {
-                return self.reject(
-                    "body_read",
-                    jsonrpc_error(
-                        StatusCode::BAD_REQUEST,
-                        -32600,
-                        "request body could not be read",
-                    ),
-                );
-            }
-            Ok(Ok(collected)) => collected.to_bytes(),
+        let bytes = match self.read_body(body).await {
+            Ok(bytes) => bytes,
+            Err(rejected) => return rejected,
         };
         let envelope = match Envelope::peek(&bytes) {
             Ok(envelope) => envelope,
@@ -344,13 +313,53 @@ impl HttpService {
         .await
     }
 
+    /// The request body, read within [`BODY_READ_TIMEOUT`] and `SHOAL_MAX_BODY_BYTES`, or the
+    /// response that rejects it.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, Response<Body>> {
+        let limit = self.state.config.http.max_body_bytes;
+        let collected =
+            tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await;
+        match collected {
+            Err(_) => Err(self.reject(
+                "body_timeout",
+                jsonrpc_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    -32600,
+                    "request body not received in time",
+                ),
+            )),
+            Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+                tracing::info!(limit, "rejected request: body too large");
+                Err(self.reject(
+                    "body_too_large",
+                    jsonrpc_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        -32600,
+                        &format!("request body exceeds {limit} bytes"),
+                    ),
+                ))
+            }
+            Ok(Err(_)) => Err(self.reject(
+                "body_read",
+                jsonrpc_error(
+                    StatusCode::BAD_REQUEST,
+                    -32600,
+                    "request body could not be read",
+                ),
+            )),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
     async fn forward(
         &self,
         request: Request<Full<Bytes>>,
         id: Option<&serde_json::Value>,
     ) -> Response<Body> {
         let started = std::time::Instant::now();
-        let response = self.mcp.handle(request).await;
+        // Boxed: rmcp's request future is ~10 KB, and held inline it would be copied with every
+        // future that wraps it here (the span, the routing) and again by hyper.
+        let response = Box::pin(self.mcp.handle(request)).await;
         if response.status() == StatusCode::INTERNAL_SERVER_ERROR
             && (!self.state.backend.is_connected() || self.state.backend.failed_since(started))
         {

@@ -32,6 +32,7 @@ pub(super) fn http_span(parts: &mut http::request::Parts, meta_traceparent: Opti
         "DELETE" => "DELETE /mcp",
         _ => "HTTP /mcp",
     };
+    let mut session_tag = None;
     let span = Span::start(
         name,
         SpanKind::Server,
@@ -56,14 +57,18 @@ pub(super) fn http_span(parts: &mut http::request::Parts, meta_traceparent: Opti
                 attributes.push(KeyValue::new("user_agent.original", agent.to_owned()));
             }
             // Never the id itself (a bearer credential): its keyed hash.
-            if let Some(tag) = header("mcp-session-id").and_then(telemetry::session_tag) {
-                attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag));
+            session_tag = header("mcp-session-id").and_then(telemetry::session_tag);
+            if let Some(tag) = &session_tag {
+                attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag.clone()));
             }
             attributes
         },
     );
     if let Some(context) = span.context() {
-        parts.extensions.insert(HttpTrace(context.clone()));
+        parts.extensions.insert(HttpTrace {
+            context: context.clone(),
+            session_tag,
+        });
     }
     span
 }

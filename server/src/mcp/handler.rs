@@ -10,7 +10,9 @@
     reason = "logging, subscribe and unsubscribe are legacy-era features still served to legacy clients"
 )]
 
-use std::{borrow::Cow, future::Future, sync::Arc, time::Instant};
+use std::{borrow::Cow, sync::Arc, time::Instant};
+
+use futures::{FutureExt as _, future::BoxFuture};
 
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
@@ -99,11 +101,16 @@ impl ShoalHandler {
 
     /// Measures one request (duration and outcome by method) and traces it in `span` (see
     /// [`trace::request_span`]).
+    ///
+    /// The work comes boxed: rmcp spawns one task per request whose future is as large as the
+    /// largest of this handler's methods, and moves it several times on the way in. Held inline,
+    /// a PostgreSQL read or a Redis call made every request's task 12–50 KB and most of the
+    /// replica's instructions were `memcpy` (docs/benchmarks.md, "instructions per call").
     async fn observe<T>(
         &self,
         method: &'static str,
         span: Span,
-        future: impl Future<Output = Result<T, McpError>>,
+        future: BoxFuture<'_, Result<T, McpError>>,
     ) -> Result<T, McpError> {
         let start = Instant::now();
         let result = span.wrap(future).await;
@@ -191,7 +198,8 @@ impl ServerHandler for ShoalHandler {
             async {
                 context.peer.set_peer_info(request.clone());
                 self.negotiate_initialize(&request)
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -202,7 +210,7 @@ impl ServerHandler for ShoalHandler {
         self.observe(
             "ping",
             trace::request_span("ping", Target::None, &context),
-            async { Ok(()) },
+            async { Ok(()) }.boxed(),
         )
         .await
     }
@@ -221,7 +229,8 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
                 Ok(result)
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -273,7 +282,8 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .list_resources(&self.state, cursor.as_deref())
                     .await
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -294,7 +304,8 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
                 Ok(result)
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -313,7 +324,8 @@ impl ServerHandler for ShoalHandler {
                     .read(&self.state, &request.uri)
                     .await
                     .map(ReadResourceResponse::Complete)
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -330,7 +342,7 @@ impl ServerHandler for ShoalHandler {
                 Target::Resource(&request.uri),
                 &context,
             ),
-            self.subscribe_legacy(&request.uri, &context),
+            self.subscribe_legacy(&request.uri, &context).boxed(),
         )
         .await
     }
@@ -357,7 +369,8 @@ impl ServerHandler for ShoalHandler {
                     .await
                     .during("unsubscribe")
                     .map_err(McpError::from)
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -381,7 +394,7 @@ impl ServerHandler for ShoalHandler {
             Target::None,
             context.request_context(),
         );
-        let result = span.wrap(self.run_listener(&context)).await;
+        let result = span.wrap(self.run_listener(&context).boxed()).await;
         if let Err(error) = &result {
             trace::record_error(&span, error);
         }
@@ -415,7 +428,8 @@ impl ServerHandler for ShoalHandler {
                     .await
                     .during("set_level")?;
                 Ok(())
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -433,7 +447,8 @@ impl ServerHandler for ShoalHandler {
                 let completion = CompletionInfo::with_all_values(values)
                     .map_err(|message| Failure::internal("completion values", message))?;
                 Ok(CompleteResult::new(completion))
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -453,7 +468,8 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
                 Ok(result)
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -474,7 +490,8 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .get_prompt(&request)
                     .map(GetPromptResponse::Complete)
-            },
+            }
+            .boxed(),
         )
         .await
     }
@@ -550,7 +567,8 @@ impl ShoalHandler {
                 ),
             }
         };
-        let answer = self.state.cache.get_or_fill(&id, ttl, &tags, fill).await?;
+        // Boxed so that only calls that use the cache carry its (Redis) future: see `observe`.
+        let answer = Box::pin(self.state.cache.get_or_fill(&id, ttl, &tags, fill)).await?;
         if answer.source == CacheSource::Hit {
             tracing::trace!(tool = policy.name, "answered from the result cache");
         }

@@ -11,7 +11,13 @@ use shoal_shared::telemetry::{self, Context, KeyValue, Parent, Span, SpanKind};
 /// The context of a request's HTTP span, put in the request's `http::request::Parts` extensions
 /// by [`crate::http`], where rmcp hands it to the handler (also for a restore replay).
 #[derive(Clone, Debug)]
-pub struct HttpTrace(pub Context);
+pub struct HttpTrace {
+    /// The HTTP span's context: the parent of the MCP request span.
+    pub context: Context,
+    /// The session's tag ([`telemetry::session_tag`]) computed for the HTTP span, reused by the
+    /// MCP span instead of hashing the session id again.
+    pub session_tag: Option<String>,
+}
 
 /// What an MCP request is about, for its span's name and attributes.
 #[derive(Debug, Clone, Copy)]
@@ -36,9 +42,8 @@ pub fn request_span(
         return Span::none();
     }
     let parts = context.extensions.get::<http::request::Parts>();
-    let parent = parts
-        .and_then(|parts| parts.extensions.get::<HttpTrace>())
-        .map(|trace| &trace.0);
+    let http = parts.and_then(|parts| parts.extensions.get::<HttpTrace>());
+    let parent = http.map(|trace| &trace.context);
     let name = match target {
         Target::Tool(name) | Target::Prompt(name) => format!("{method} {name}"),
         Target::None | Target::Resource(_) => method.to_owned(),
@@ -52,7 +57,11 @@ pub fn request_span(
         ));
         if let Some(parts) = parts {
             let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-            if let Some(tag) = header("mcp-session-id").and_then(telemetry::session_tag) {
+            let tag = match http {
+                Some(http) => http.session_tag.clone(),
+                None => header("mcp-session-id").and_then(telemetry::session_tag),
+            };
+            if let Some(tag) = tag {
                 attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag));
             }
             if let Some(version) = header("mcp-protocol-version") {

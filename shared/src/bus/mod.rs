@@ -597,26 +597,11 @@ impl Bus {
                 "feed_end"
             }
             BusMessage::Probe { sent_nanos } => {
-                let now = self.inner.epoch.elapsed().as_nanos() as u64;
-                self.inner
-                    .metrics
-                    .bus_roundtrip(Duration::from_nanos(now.saturating_sub(sent_nanos)));
-                self.inner.last_roundtrip.fetch_max(now, Ordering::Relaxed);
+                self.probe_returned(sent_nanos);
                 "probe"
             }
             BusMessage::SessionDeleted { session } => {
-                if let Some(entry) = self
-                    .inner
-                    .feeds
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(session)
-                {
-                    entry.gone.cancel();
-                }
-                self.control(ControlMessage::SessionDeleted {
-                    session: session.to_owned(),
-                });
+                self.session_deleted(session);
                 "deleted"
             }
             BusMessage::Cancel {
@@ -635,22 +620,7 @@ impl Bus {
                 "cancel"
             }
             BusMessage::ResourceUpdated { uri, trace } => {
-                let event = ListenEvent::ResourceUpdated {
-                    uri: uri.to_owned(),
-                    trace: trace.map(str::to_owned),
-                };
-                let listeners = self
-                    .inner
-                    .listeners
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let targets = listeners
-                    .by_uri
-                    .get(uri)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|id| listeners.by_id.get(id));
-                self.notify_listeners(targets, &event);
+                self.resource_updated(uri, trace);
                 "resource"
             }
             BusMessage::ListChanged(list) => {
@@ -676,6 +646,51 @@ impl Bus {
                 "cache_fill"
             }
         }
+    }
+
+    /// A probe this replica sent came back: the bus round trip.
+    fn probe_returned(&self, sent_nanos: u64) {
+        let now = self.inner.epoch.elapsed().as_nanos() as u64;
+        self.inner
+            .metrics
+            .bus_roundtrip(Duration::from_nanos(now.saturating_sub(sent_nanos)));
+        self.inner.last_roundtrip.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// A session was deleted somewhere: its GET stream here ends, its worker is dropped.
+    fn session_deleted(&self, session: &str) {
+        if let Some(entry) = self
+            .inner
+            .feeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(session)
+        {
+            entry.gone.cancel();
+        }
+        self.control(ControlMessage::SessionDeleted {
+            session: session.to_owned(),
+        });
+    }
+
+    /// A resource changed: every listener here that listens to its URI is told.
+    fn resource_updated(&self, uri: &str, trace: Option<&str>) {
+        let event = ListenEvent::ResourceUpdated {
+            uri: uri.to_owned(),
+            trace: trace.map(str::to_owned),
+        };
+        let listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let targets = listeners
+            .by_uri
+            .get(uri)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| listeners.by_id.get(id));
+        self.notify_listeners(targets, &event);
     }
 
     fn notify_listeners<'l>(

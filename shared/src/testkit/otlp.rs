@@ -361,14 +361,23 @@ impl OtlpReceiver {
     }
 }
 
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+fn json_reply(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec(value).unwrap_or_default(),
+    )
+}
+
 async fn answer(request: Request<Incoming>, services: &Services) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
-        Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid response")
-    };
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     match (method.as_str(), path.as_str()) {
@@ -380,83 +389,58 @@ async fn answer(request: Request<Incoming>, services: &Services) -> Response<Ful
                     b"unreadable body".to_vec(),
                 );
             };
-            let body = body.to_bytes();
-            {
-                let mut store = services.store();
-                store.bytes += body.len() as u64;
-                if store.capacity == 0 && path == "/v1/traces" {
-                    store.exports += 1;
-                    return reply(
-                        StatusCode::OK,
-                        "application/x-protobuf",
-                        ExportTraceServiceResponse::default().encode_to_vec(),
-                    );
-                }
-            }
-            if path == "/v1/traces" {
-                match ExportTraceServiceRequest::decode(body) {
-                    Ok(export) => services.store().add_spans(export),
-                    Err(_) => {
-                        return reply(
-                            StatusCode::BAD_REQUEST,
-                            "text/plain",
-                            b"bad protobuf".to_vec(),
-                        );
-                    }
-                }
-                reply(
-                    StatusCode::OK,
-                    "application/x-protobuf",
-                    ExportTraceServiceResponse::default().encode_to_vec(),
-                )
-            } else {
-                match ExportMetricsServiceRequest::decode(body) {
-                    Ok(export) => services.store().add_metrics(export),
-                    Err(_) => {
-                        return reply(
-                            StatusCode::BAD_REQUEST,
-                            "text/plain",
-                            b"bad protobuf".to_vec(),
-                        );
-                    }
-                }
-                reply(
-                    StatusCode::OK,
-                    "application/x-protobuf",
-                    ExportMetricsServiceResponse::default().encode_to_vec(),
-                )
-            }
+            export(&path, body.to_bytes(), services)
         }
         ("GET", "/api/spans") => {
             let spans: Vec<ReceivedSpan> = services.store().spans.iter().cloned().collect();
-            reply(
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_vec(&spans).unwrap_or_default(),
-            )
+            json_reply(&spans)
         }
         ("GET", "/api/stats") => {
             let store = services.store();
-            let stats = ReceivedStats {
+            json_reply(&ReceivedStats {
                 exports: store.exports,
                 bytes: store.bytes,
                 spans: store.spans.len(),
-            };
-            reply(
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_vec(&stats).unwrap_or_default(),
-            )
+            })
         }
-        ("GET", "/api/metrics") => {
-            let names = services.store().metrics.clone();
-            reply(
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_vec(&names).unwrap_or_default(),
-            )
-        }
+        ("GET", "/api/metrics") => json_reply(&services.store().metrics.clone()),
         ("GET", "/healthz") => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+    }
+}
+
+/// One OTLP/HTTP export: counted, and kept (decoded) unless the sink only counts spans.
+fn export(path: &str, body: Bytes, services: &Services) -> Response<Full<Bytes>> {
+    let traces = path == "/v1/traces";
+    {
+        let mut store = services.store();
+        store.bytes += body.len() as u64;
+        if store.capacity == 0 && traces {
+            store.exports += 1;
+            return reply(
+                StatusCode::OK,
+                "application/x-protobuf",
+                ExportTraceServiceResponse::default().encode_to_vec(),
+            );
+        }
+    }
+    let acknowledgment = if traces {
+        ExportTraceServiceRequest::decode(body).map(|export| {
+            services.store().add_spans(export);
+            ExportTraceServiceResponse::default().encode_to_vec()
+        })
+    } else {
+        ExportMetricsServiceRequest::decode(body).map(|export| {
+            services.store().add_metrics(export);
+            ExportMetricsServiceResponse::default().encode_to_vec()
+        })
+    };
+    match acknowledgment {
+        Ok(acknowledgment) => reply(StatusCode::OK, "application/x-protobuf", acknowledgment),
+        Err(_) => reply(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            b"bad protobuf".to_vec(),
+        ),
     }
 }

@@ -98,28 +98,7 @@ impl PostgresServer {
                 .status();
         }
         let log = base.join("postgres.log");
-        let output = as_postgres_user(&bin.join("initdb"), root)
-            .args(["-D"])
-            .arg(&data)
-            .args([
-                "-U",
-                "shoal",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--locale=C",
-            ])
-            .output()
-            .await
-            .map_err(|source| TopologyError::Spawn {
-                what: "initdb".into(),
-                source,
-            })?;
-        if !output.status.success() {
-            std::fs::write(&log, &output.stderr)?;
-            return Err(TopologyError::NotReady("initdb".into(), log));
-        }
+        initdb(&bin, &data, &log, root).await?;
         let port = free_port();
         let log_file = std::fs::File::create(&log)?;
         if root {
@@ -159,21 +138,7 @@ impl PostgresServer {
             })?;
         // Ready when it accepts a query, not merely a TCP connection.
         let url = format!("postgres://shoal@127.0.0.1:{port}/postgres");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((client, connection)) =
-                tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-            {
-                tokio::spawn(connection);
-                if client.simple_query("SELECT 1").await.is_ok() {
-                    break;
-                }
-            }
-            if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
-                return Err(TopologyError::NotReady("postgres".into(), log));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(&url, &mut child, &log).await?;
         let server = Self {
             child: Some(child),
             port,
@@ -222,6 +187,53 @@ impl PostgresServer {
         tokio::spawn(connection);
         Ok(client)
     }
+}
+
+/// Creates the database cluster in `data` (user `shoal`, trust authentication, no fsync).
+async fn initdb(bin: &Path, data: &Path, log: &Path, root: bool) -> TopologyResult<()> {
+    let output = as_postgres_user(&bin.join("initdb"), root)
+        .args(["-D"])
+        .arg(data)
+        .args([
+            "-U",
+            "shoal",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ])
+        .output()
+        .await
+        .map_err(|source| TopologyError::Spawn {
+            what: "initdb".into(),
+            source,
+        })?;
+    if !output.status.success() {
+        std::fs::write(log, &output.stderr)?;
+        return Err(TopologyError::NotReady("initdb".into(), log.to_owned()));
+    }
+    Ok(())
+}
+
+/// Waits until the server at `url` answers a query (not merely accepts a connection), or fails
+/// when it exits or 30 s pass.
+async fn wait_ready(url: &str, child: &mut Child, log: &Path) -> TopologyResult<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(connection);
+            if client.simple_query("SELECT 1").await.is_ok() {
+                break;
+            }
+        }
+        if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
+            return Err(TopologyError::NotReady("postgres".into(), log.to_owned()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 impl Drop for PostgresServer {
