@@ -24,18 +24,20 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY server/Cargo.toml server/
 COPY shared/Cargo.toml shared/
+COPY testkit/Cargo.toml testkit/
 COPY loadtest/Cargo.toml loadtest/
-RUN mkdir -p server/src shared/src loadtest/src/bin \
- && echo 'fn main() {}' > server/src/main.rs && touch server/src/lib.rs shared/src/lib.rs \
+RUN mkdir -p server/src shared/src testkit/src loadtest/src/bin \
+ && echo 'fn main() {}' > server/src/main.rs && touch server/src/lib.rs shared/src/lib.rs testkit/src/lib.rs \
  && echo 'fn main() {}' > loadtest/src/main.rs \
  && for bin in $(sed -n 's|^path = "\(src/bin/[^"]*\)"$|\1|p' loadtest/Cargo.toml); do echo 'fn main() {}' > "loadtest/$bin"; done \
  && cargo build --release --locked -p shoal-server -p shoal-loadtest \
- && rm -rf server/src shared/src loadtest/src
+ && rm -rf server/src shared/src testkit/src loadtest/src
 # Then the sources (touched so cargo rebuilds our crates over the stubs).
 COPY server server
 COPY shared shared
+COPY testkit testkit
 COPY loadtest loadtest
-RUN find server/src shared/src loadtest/src -name '*.rs' -exec touch {} + \
+RUN find server/src shared/src testkit/src loadtest/src -name '*.rs' -exec touch {} + \
  && cargo build --release --locked -p shoal-server -p shoal-loadtest \
  && mkdir /out && cp target/release/shoal-server target/release/shoal-loadtest target/release/shoal-otlp-sink /out/ \
  && strip --strip-debug /out/*

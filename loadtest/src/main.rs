@@ -12,7 +12,7 @@ mod stats;
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use shoal_shared::testkit::client::{Era, McpClient};
+use shoal_testkit::client::{Era, McpClient};
 use tokio::task::JoinSet;
 
 use crate::run::{Chaos, Pacing, RunConfig, parse_mix};

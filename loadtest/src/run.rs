@@ -10,7 +10,7 @@ use std::{
 
 use rand::Rng;
 use serde_json::{Value, json};
-use shoal_shared::testkit::client::{Era, EventStream, McpClient};
+use shoal_testkit::client::{Era, EventStream, McpClient};
 use tokio::task::JoinSet;
 
 use crate::stats::Stats;

@@ -5,7 +5,7 @@
 use std::{path::PathBuf, process::Output, time::Duration};
 
 use serde_json::Value;
-use shoal_shared::testkit::topology::{Topology, TopologyOptions};
+use shoal_testkit::topology::{Topology, TopologyOptions};
 
 fn loadtest_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_shoal-loadtest"))

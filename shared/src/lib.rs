@@ -15,7 +15,6 @@
 //! - [`feed`]: resumable, cluster-wide GET streams over the event log.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`telemetry`]: logging set-up.
-//! - `testkit` (feature `testkit`): a raw MCP client and a launcher for local cluster topologies.
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -29,5 +28,3 @@ pub mod keys;
 pub mod metrics;
 pub mod rpc;
 pub mod telemetry;
-#[cfg(feature = "testkit")]
-pub mod testkit;

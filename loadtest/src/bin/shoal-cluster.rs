@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use shoal_shared::testkit::{
+use shoal_testkit::{
     postgres::PostgresServer,
     topology::{Topology, TopologyOptions, repo_root},
 };

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use shoal_shared::testkit::otlp::{DEFAULT_CAPACITY, OtlpReceiver};
+use shoal_testkit::otlp::{DEFAULT_CAPACITY, OtlpReceiver};
 
 /// Receive OTLP traces and metrics (gRPC and HTTP/protobuf) and serve them back as JSON.
 #[derive(Debug, Parser)]

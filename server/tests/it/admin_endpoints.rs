@@ -5,7 +5,7 @@
 
 use std::{process::Stdio, time::Duration};
 
-use shoal_shared::testkit::topology::free_port;
+use shoal_testkit::topology::free_port;
 
 use crate::helpers::*;
 

@@ -3,7 +3,7 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use shoal_shared::testkit::client::McpClient;
+use shoal_testkit::client::McpClient;
 
 use crate::helpers::*;
 
@@ -48,7 +48,7 @@ fn error_code(body: &str) -> Option<i64> {
         .as_i64()
 }
 
-fn log_count(topology: &shoal_shared::testkit::topology::Topology, needle: &str) -> usize {
+fn log_count(topology: &shoal_testkit::topology::Topology, needle: &str) -> usize {
     std::fs::read_to_string(topology.replicas[0].log())
         .unwrap_or_default()
         .lines()

@@ -16,8 +16,8 @@ use shoal_shared::{
     ids::{EventId, ReplicaTag},
     keys::Keys,
     metrics::Metrics,
-    testkit::topology::RedisServer,
 };
+use shoal_testkit::topology::RedisServer;
 use tokio::sync::broadcast;
 
 const PREFIX: &str = "pin";

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shoal_shared::testkit::{
+use shoal_testkit::{
     client::McpClient,
     topology::Topology,
     upstream::{Behavior, FakeUpstream},

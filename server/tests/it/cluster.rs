@@ -4,7 +4,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use serde_json::{Value, json};
-use shoal_shared::testkit::client::McpClient;
+use shoal_testkit::client::McpClient;
 
 use crate::helpers::*;
 
@@ -149,7 +149,7 @@ async fn killed_replica_stream_resumes_without_loss_or_duplicates() {
 }
 
 async fn receive(
-    stream: &mut shoal_shared::testkit::client::EventStream,
+    stream: &mut shoal_testkit::client::EventStream,
     key: &str,
     received: &mut Vec<(String, String)>,
 ) {
@@ -219,7 +219,7 @@ async fn delete_ends_the_session_everywhere() {
 }
 
 /// Calls EXPIRE has served so far (Redis `INFO commandstats`).
-async fn expire_calls(topology: &shoal_shared::testkit::topology::Topology) -> u64 {
+async fn expire_calls(topology: &shoal_testkit::topology::Topology) -> u64 {
     let info = redis_cli(topology, &["INFO", "commandstats"]).await;
     info.lines()
         .find_map(|line| line.strip_prefix("cmdstat_expire:calls="))

@@ -6,7 +6,7 @@
 use std::{process::Stdio, time::Duration};
 
 use serde_json::{Value, json};
-use shoal_shared::testkit::{
+use shoal_testkit::{
     client::McpClient,
     postgres::PostgresServer,
     topology::{Topology, free_port},

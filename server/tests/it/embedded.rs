@@ -2,7 +2,7 @@
 //! behaviour minus the cluster.
 
 use serde_json::json;
-use shoal_shared::testkit::{client::McpClient, topology::TopologyOptions};
+use shoal_testkit::{client::McpClient, topology::TopologyOptions};
 
 use crate::helpers::*;
 

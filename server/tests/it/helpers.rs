@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use serde_json::{Value, json};
-use shoal_shared::testkit::{
+use shoal_testkit::{
     client::{EventStream, Exchange, McpClient},
     topology::{Topology, TopologyOptions},
 };

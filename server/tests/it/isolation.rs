@@ -9,7 +9,7 @@ use std::{
 };
 
 use serde_json::json;
-use shoal_shared::testkit::client::McpClient;
+use shoal_testkit::client::McpClient;
 
 use crate::helpers::*;
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shoal_shared::testkit::{client::McpClient, topology::Topology};
+use shoal_testkit::{client::McpClient, topology::Topology};
 
 use crate::helpers::*;
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shoal_shared::testkit::client::McpClient;
+use shoal_testkit::client::McpClient;
 
 use crate::helpers::*;
 

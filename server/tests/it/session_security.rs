@@ -5,11 +5,11 @@
 
 use serde_json::json;
 
-use shoal_shared::testkit::client::McpClient;
+use shoal_testkit::client::McpClient;
 
 use crate::helpers::*;
 
-async fn subscribed_client(url: &str, uri: &str) -> shoal_shared::testkit::client::McpClient {
+async fn subscribed_client(url: &str, uri: &str) -> shoal_testkit::client::McpClient {
     let client = legacy_client(url).await;
     client
         .request("resources/subscribe", json!({"uri": uri}))
@@ -135,7 +135,7 @@ async fn a_last_event_id_from_the_future_does_not_blind_the_session() {
 /// refused listen's stream open after the error); returns what was read.
 async fn listen_until_answered(
     url: &str,
-    listener: &shoal_shared::testkit::client::McpClient,
+    listener: &shoal_testkit::client::McpClient,
     params: serde_json::Value,
     answer: &str,
 ) -> String {
@@ -173,7 +173,7 @@ async fn per_request_state_is_bounded_with_clear_errors() {
     let topology = start(options).await;
     let url = topology.mcp_url();
 
-    let mut big = shoal_shared::testkit::client::McpClient::legacy(url.clone());
+    let mut big = shoal_testkit::client::McpClient::legacy(url.clone());
     let error = big
         .initialize_with(json!({"experimental": {"padding": {"x": "y".repeat(100_000)}}}))
         .await
@@ -199,7 +199,7 @@ async fn per_request_state_is_bounded_with_clear_errors() {
         Some(&json!(-32602))
     );
 
-    let listener = shoal_shared::testkit::client::McpClient::modern(url.clone());
+    let listener = shoal_testkit::client::McpClient::modern(url.clone());
     let many: Vec<String> = (0..300).map(|n| format!("kv://k{n}")).collect();
     // Too many URIs: refused with -32602. A URI over the length limit is not accepted either: the
     // acknowledgment leaves it out (or the listen is refused), and nothing is held for it.

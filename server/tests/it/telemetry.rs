@@ -2,7 +2,7 @@
 //! in-memory receiver; traces cross the nginx balancer and the replicas; `/metrics` moves.
 
 use serde_json::{Value, json};
-use shoal_shared::testkit::{
+use shoal_testkit::{
     client::McpClient,
     otlp::{OtlpReceiver, ReceivedSpan},
     topology::{Topology, TopologyOptions},

@@ -1,4 +1,4 @@
-//! Test kit (feature `testkit`): a raw MCP client, real-process cluster topologies (Redis,
+//! The test kit: a raw MCP client, real-process cluster topologies (Redis,
 //! PostgreSQL, replicas, nginx), fake JSON-RPC upstreams and an in-memory OTLP receiver.
 
 pub mod client;

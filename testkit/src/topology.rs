@@ -305,7 +305,7 @@ impl Replica {
             .env(
                 "RUST_LOG",
                 std::env::var("SHOAL_TEST_LOG")
-                    .unwrap_or_else(|_| crate::telemetry::DEFAULT_LOG_FILTER.into()),
+                    .unwrap_or_else(|_| shoal_shared::telemetry::DEFAULT_LOG_FILTER.into()),
             )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
