@@ -10,7 +10,7 @@
     reason = "logging, subscribe and unsubscribe are legacy-era features still served to legacy clients"
 )]
 
-use std::{borrow::Cow, sync::Arc, time::Instant};
+use std::{borrow::Cow, future::Future, sync::Arc, time::Instant};
 
 use futures::{FutureExt as _, future::BoxFuture};
 
@@ -102,26 +102,29 @@ impl ShoalHandler {
     /// Measures one request (duration and outcome by method) and traces it in `span` (see
     /// [`trace::request_span`]).
     ///
-    /// The work comes boxed: rmcp spawns one task per request whose future is as large as the
+    /// Returns the work boxed: rmcp spawns one task per request whose future is as large as the
     /// largest of this handler's methods, and moves it several times on the way in. Held inline,
-    /// a PostgreSQL read or a Redis call made every request's task 12–50 KB and most of the
-    /// replica's instructions were `memcpy` (docs/benchmarks.md, "instructions per call").
-    async fn observe<T>(
-        &self,
+    /// a PostgreSQL read or a Redis call made every request's task 12–50 KB, copied on every move
+    /// (docs/architecture.md, "Futures stay small").
+    fn observe<'a, T: Send + 'a>(
+        &'a self,
         method: &'static str,
         span: Span,
-        future: BoxFuture<'_, Result<T, McpError>>,
-    ) -> Result<T, McpError> {
-        let start = Instant::now();
-        let result = span.wrap(future).await;
-        if let Err(error) = &result {
-            trace::record_error(&span, error);
+        future: impl Future<Output = Result<T, McpError>> + Send + 'a,
+    ) -> BoxFuture<'a, Result<T, McpError>> {
+        async move {
+            let start = Instant::now();
+            let result = span.wrap(future).await;
+            if let Err(error) = &result {
+                trace::record_error(&span, error);
+            }
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            self.state
+                .metrics
+                .mcp_request(method, outcome, start.elapsed());
+            result
         }
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.state
-            .metrics
-            .mcp_request(method, outcome, start.elapsed());
-        result
+        .boxed()
     }
 
     async fn subscribe_legacy(
@@ -198,8 +201,7 @@ impl ServerHandler for ShoalHandler {
             async {
                 context.peer.set_peer_info(request.clone());
                 self.negotiate_initialize(&request)
-            }
-            .boxed(),
+            },
         )
         .await
     }
@@ -210,7 +212,7 @@ impl ServerHandler for ShoalHandler {
         self.observe(
             "ping",
             trace::request_span("ping", Target::None, &context),
-            async { Ok(()) }.boxed(),
+            async { Ok(()) },
         )
         .await
     }
@@ -229,8 +231,7 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
                 Ok(result)
-            }
-            .boxed(),
+            },
         )
         .await
     }
@@ -282,8 +283,7 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .list_resources(&self.state, cursor.as_deref())
                     .await
-            }
-            .boxed(),
+            },
         )
         .await
     }
@@ -304,8 +304,7 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
                 Ok(result)
-            }
-            .boxed(),
+            },
         )
         .await
     }
@@ -324,8 +323,7 @@ impl ServerHandler for ShoalHandler {
                     .read(&self.state, &request.uri)
                     .await
                     .map(ReadResourceResponse::Complete)
-            }
-            .boxed(),
+            },
         )
         .await
     }
@@ -342,7 +340,7 @@ impl ServerHandler for ShoalHandler {
                 Target::Resource(&request.uri),
                 &context,
             ),
-            self.subscribe_legacy(&request.uri, &context).boxed(),
+            self.subscribe_legacy(&request.uri, &context),
         )
         .await
     }
@@ -369,8 +367,7 @@ impl ServerHandler for ShoalHandler {
                     .await
                     .during("unsubscribe")
                     .map_err(McpError::from)
-            }
-            .boxed(),
+            },
         )
         .await
     }
@@ -428,8 +425,7 @@ impl ServerHandler for ShoalHandler {
                     .await
                     .during("set_level")?;
                 Ok(())
-            }
-            .boxed(),
+            },
         )
         .await
     }
@@ -447,8 +443,7 @@ impl ServerHandler for ShoalHandler {
                 let completion = CompletionInfo::with_all_values(values)
                     .map_err(|message| Failure::internal("completion values", message))?;
                 Ok(CompleteResult::new(completion))
-            }
-            .boxed(),
+            },
         )
         .await
     }
@@ -468,8 +463,7 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
                 Ok(result)
-            }
-            .boxed(),
+            },
         )
         .await
     }
@@ -490,8 +484,7 @@ impl ServerHandler for ShoalHandler {
                     .catalog
                     .get_prompt(&request)
                     .map(GetPromptResponse::Complete)
-            }
-            .boxed(),
+            },
         )
         .await
     }
