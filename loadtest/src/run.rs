@@ -126,6 +126,44 @@ struct Worker {
 }
 
 impl Worker {
+    /// Calls tools until `stop` fires, at the configured pacing; hands the client back.
+    async fn drive(self, started: Instant, stop: Stop) -> McpClient {
+        match self.config.pacing {
+            Pacing::Closed { think } => {
+                while !stop.fired() {
+                    let tool = self.pick().to_owned();
+                    self.call(&tool, Instant::now()).await;
+                    if !think.is_zero() {
+                        tokio::select! {
+                            () = stop.wait() => break,
+                            () = tokio::time::sleep(think) => {}
+                        }
+                    }
+                }
+            }
+            Pacing::Open { rate } => {
+                let per_worker = rate / self.config.sessions as f64;
+                let interval = Duration::from_secs_f64(1.0 / per_worker.max(1e-6));
+                // Spread the workers' schedules over one interval.
+                let offset = interval.mul_f64(self.index as f64 / self.config.sessions as f64);
+                let mut next = started + offset;
+                while !stop.fired() {
+                    let now = Instant::now();
+                    if next > now {
+                        tokio::select! {
+                            () = stop.wait() => break,
+                            () = tokio::time::sleep(next - now) => {}
+                        }
+                    }
+                    let tool = self.pick().to_owned();
+                    self.call(&tool, next).await;
+                    next += interval;
+                }
+            }
+        }
+        self.client
+    }
+
     fn pick(&self) -> &str {
         let total: u32 = self.weights.iter().sum();
         let mut roll = rand::rng().random_range(0..total.max(1));
@@ -570,46 +608,6 @@ async fn measure(config: &RunConfig, stats: &Stats, progress: bool) -> Vec<Strin
         bar.finish_and_clear();
     }
     events
-}
-
-impl Worker {
-    /// Calls tools until `stop` fires, at the configured pacing; hands the client back.
-    async fn drive(self, started: Instant, stop: Stop) -> McpClient {
-        match self.config.pacing {
-            Pacing::Closed { think } => {
-                while !stop.fired() {
-                    let tool = self.pick().to_owned();
-                    self.call(&tool, Instant::now()).await;
-                    if !think.is_zero() {
-                        tokio::select! {
-                            () = stop.wait() => break,
-                            () = tokio::time::sleep(think) => {}
-                        }
-                    }
-                }
-            }
-            Pacing::Open { rate } => {
-                let per_worker = rate / self.config.sessions as f64;
-                let interval = Duration::from_secs_f64(1.0 / per_worker.max(1e-6));
-                // Spread the workers' schedules over one interval.
-                let offset = interval.mul_f64(self.index as f64 / self.config.sessions as f64);
-                let mut next = started + offset;
-                while !stop.fired() {
-                    let now = Instant::now();
-                    if next > now {
-                        tokio::select! {
-                            () = stop.wait() => break,
-                            () = tokio::time::sleep(next - now) => {}
-                        }
-                    }
-                    let tool = self.pick().to_owned();
-                    self.call(&tool, next).await;
-                    next += interval;
-                }
-            }
-        }
-        self.client
-    }
 }
 
 async fn run_hook(command: &str, events: &mut Vec<String>) {
