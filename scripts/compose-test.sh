@@ -17,6 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { echo "--- $* ($(date +%H:%M:%S))"; }
+# The demo API key of deploy/api-keys.toml (the compose cluster authenticates every /mcp request).
+demo_key=shoal-demo-key-change-me
 die() { echo "compose test FAILED: $*" >&2; exit 1; }
 
 prebuilt=false
@@ -170,11 +172,17 @@ for path in /metrics /readyz /healthz /; do
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:8080$path")
   [ "$code" = 404 ] || die "the balancer exposes $path (HTTP $code)"
 done
-code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'content-type: application/json' \
-  -H 'accept: application/json, text/event-stream' -H 'mcp-protocol-version: 2026-07-28' \
-  --data '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}' \
-  http://127.0.0.1:8080/mcp)
-[ "$code" != 404 ] && [ "$code" != 502 ] || die "the balancer does not reach the replicas' /mcp (HTTP $code)"
+list_tools() {
+  curl -s -o /dev/null -w '%{http_code}' -X POST -H 'content-type: application/json' \
+    -H 'accept: application/json, text/event-stream' -H 'mcp-protocol-version: 2026-07-28' \
+    --data '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}' \
+    "$@" http://127.0.0.1:8080/mcp
+}
+# Authentication is on (API keys, deploy/api-keys.toml): no key is 401, the demo key is served.
+code=$(list_tools)
+[ "$code" = 401 ] || die "/mcp without an API key answered HTTP $code, expected 401"
+code=$(list_tools -H "authorization: Bearer $demo_key")
+[ "$code" = 200 ] || die "the balancer does not reach the replicas' /mcp with the demo key (HTTP $code)"
 
 step "prometheus scrapes every replica"
 up=0
@@ -192,7 +200,7 @@ step "legacy-era baseline through the balancer; replica shoal-shoal-2 killed aft
 # Clients retry a request whose replica died under it (at most 3 times) and resume their GET
 # streams with Last-Event-ID; the run fails on any request that still fails and on any lost
 # notification.
-target/release/shoal-loadtest run --url http://127.0.0.1:8080/mcp --scenario baseline --era legacy \
+target/release/shoal-loadtest --token "$demo_key" run --url http://127.0.0.1:8080/mcp --scenario baseline --era legacy \
   --sessions 30 --warmup 2s --duration 25s --retries 3 \
   --chaos-cmd "podman kill shoal-shoal-2" --chaos-at 8s \
   --restart-cmd "podman start shoal-shoal-2" --restart-after 6s \
@@ -207,7 +215,7 @@ assert ok_after > 0
 EOF
 
 step "2026-07-28 era (stateless, subscriptions/listen) through the balancer"
-target/release/shoal-loadtest run --url http://127.0.0.1:8080/mcp --scenario baseline --era modern \
+target/release/shoal-loadtest --token "$demo_key" run --url http://127.0.0.1:8080/mcp --scenario baseline --era modern \
   --sessions 20 --warmup 1s --duration 8s --retries 3 --quiet \
   || die "modern-era clients saw errors or lost notifications"
 

@@ -23,6 +23,8 @@ step "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build (release, once for every stage)"
 cargo build --release --workspace --all-targets --locked
+step "the OAuth test server's packages (oidc-provider, pinned in testkit/oidc/package-lock.json)"
+npm ci --prefix testkit/oidc --no-audit --no-fund --loglevel=error
 step "unit and integration tests"
 cargo nextest run --release --workspace --locked --no-fail-fast
 if ! $quick; then

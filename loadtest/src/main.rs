@@ -21,6 +21,15 @@ use crate::run::{Chaos, Pacing, RunConfig, parse_mix};
 #[derive(Debug, Parser)]
 #[command(name = "shoal-loadtest", version)]
 struct Cli {
+    /// Bearer token sent with every request: an API key or an OAuth access token (for servers
+    /// with authentication on, as shoal's compose cluster is).
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_LOADTEST_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -151,12 +160,12 @@ struct RunArgs {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => args.run().await,
+        Command::Run(args) => args.run(cli.token).await,
         Command::IdleSessions {
             url,
             count,
             concurrency,
-        } => idle_sessions(url, count, concurrency).await,
+        } => idle_sessions(url, cli.token, count, concurrency).await,
     };
     match result {
         Ok(code) => code,
@@ -166,7 +175,7 @@ async fn main() -> ExitCode {
 
 impl RunArgs {
     /// Runs the scenario these options describe.
-    async fn run(self) -> Result<ExitCode, String> {
+    async fn run(self, token: Option<String>) -> Result<ExitCode, String> {
         let Self {
             url,
             notify_url,
@@ -222,6 +231,7 @@ impl RunArgs {
         };
         let config = RunConfig {
             url,
+            token,
             notify_url,
             era,
             sessions: sessions.unwrap_or(if baseline { 150 } else { 32 }).max(1),
@@ -303,16 +313,22 @@ async fn run_scenario(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn idle_sessions(url: String, count: usize, concurrency: usize) -> Result<ExitCode, String> {
+async fn idle_sessions(
+    url: String,
+    token: Option<String>,
+    count: usize,
+    concurrency: usize,
+) -> Result<ExitCode, String> {
     let start = std::time::Instant::now();
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = JoinSet::new();
     for _ in 0..count {
         let url = url.clone();
+        let token = token.clone();
         let semaphore = semaphore.clone();
         tasks.spawn(async move {
             let _permit = semaphore.acquire().await;
-            let mut client = McpClient::legacy(url);
+            let mut client = McpClient::legacy(url).with_bearer(token.as_deref());
             client.initialize().await.map(|_| ())
         });
     }

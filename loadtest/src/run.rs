@@ -75,6 +75,8 @@ pub struct Chaos {
 pub struct RunConfig {
     /// MCP endpoint.
     pub url: String,
+    /// Bearer token (API key or OAuth access token) every request carries.
+    pub token: Option<String>,
     /// Protocol era.
     pub era: Era,
     /// Concurrent sessions (or stateless clients).
@@ -500,7 +502,7 @@ pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<S
 
 /// Preloads the keys `kv_get` reads (through a session of its own in the legacy era).
 async fn preload(config: &RunConfig) -> Result<(), String> {
-    let mut setup = McpClient::new(&config.url, config.era);
+    let mut setup = McpClient::new(&config.url, config.era).with_bearer(config.token.as_deref());
     if config.era == Era::Legacy {
         setup
             .initialize()
@@ -533,7 +535,8 @@ async fn open_sessions(config: &Arc<RunConfig>) -> Result<Vec<(usize, McpClient)
         let semaphore = semaphore.clone();
         opened.spawn(async move {
             let _permit = semaphore.acquire().await;
-            let mut client = McpClient::new(&config.url, config.era);
+            let mut client =
+                McpClient::new(&config.url, config.era).with_bearer(config.token.as_deref());
             if config.era == Era::Legacy {
                 client
                     .initialize()

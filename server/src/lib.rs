@@ -5,11 +5,13 @@
 //! telemetry and calls these two; tests drive the same wiring.
 //!
 //! Modules:
+//! - [`auth`]: who is calling (OAuth bearer tokens, API keys), before MCP.
 //! - [`http`]: routing, pre-MCP checks, connection loop and graceful shutdown.
 //! - [`mcp`]: the MCP handler, the cluster-aware session manager and the session-store adapter.
 //! - [`tools`]: the toolsets.
 //! - [`state`]: the state every request shares.
 
+pub mod auth;
 pub mod http;
 pub mod mcp;
 pub mod state;
@@ -41,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 pub use shoal_shared::{config, ids};
 
 use crate::{
+    auth::Authenticator,
     http::HttpService,
     mcp::{
         handler::ShoalHandler,
@@ -69,6 +72,10 @@ impl App {
     /// Fails on configuration the server rejects (unknown toolsets, malformed Redis URL).
     pub async fn build(config: Config, tag: ReplicaTag) -> anyhow::Result<Self> {
         let toolsets = Toolsets::parse(&config).map_err(anyhow::Error::msg)?;
+        let auth = Arc::new(
+            Authenticator::from_config(&config, auth::toolset_scopes(&toolsets.names()))
+                .context("configuring authentication")?,
+        );
         let config = Arc::new(config);
         let metrics = Metrics::new();
         let keys = Keys::new(config.redis.key_prefix.clone());
@@ -123,9 +130,10 @@ impl App {
 
         let background = CancellationToken::new();
         start_background(&state, &sessions, control, tag, &background).await;
+        auth.start(background.clone());
 
         Ok(Self {
-            http: HttpService::new(state.clone(), sessions, mcp),
+            http: HttpService::new(state.clone(), sessions, mcp, auth),
             state,
             mcp_shutdown,
             background,

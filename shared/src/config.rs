@@ -38,6 +38,10 @@ pub struct Config {
     #[command(flatten)]
     pub http: HttpConfig,
 
+    /// Authentication: who may call /mcp.
+    #[command(flatten)]
+    pub auth: AuthConfig,
+
     /// Shared state (Redis).
     #[command(flatten)]
     pub redis: RedisConfig,
@@ -127,6 +131,71 @@ pub struct HttpConfig {
     /// Seconds to wait for in-flight requests on shutdown before the rest is cut off.
     #[arg(long, env = "SHOAL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+}
+
+/// How callers of /mcp are authenticated (`SHOAL_AUTH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// OAuth 2.1 bearer JWTs from the issuers of `SHOAL_OAUTH_ISSUERS`, for `SHOAL_RESOURCE_URL`.
+    Oauth,
+    /// Static API keys from `SHOAL_API_KEYS_FILE`, sent as `Authorization: Bearer <key>`.
+    ApiKeys,
+    /// No authentication: every caller is the same anonymous principal.
+    None,
+}
+
+/// Authentication: who may call /mcp.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Authentication")]
+pub struct AuthConfig {
+    /// How callers are authenticated: `oauth`, `api-keys` or `none`. When unset: `none` if every
+    /// listener is on loopback (with a warning), else the replica refuses to start.
+    #[arg(long = "auth", id = "auth_mode", env = "SHOAL_AUTH", value_enum)]
+    pub mode: Option<AuthMode>,
+
+    /// Allows `SHOAL_AUTH=none` on a listener that is not loopback-only (anyone who reaches the
+    /// port can then use every tool). Without it such a configuration is refused.
+    #[arg(long, env = "SHOAL_AUTH_ALLOW_NONE_REMOTE", default_value_t = false)]
+    pub auth_allow_none_remote: bool,
+
+    /// Comma-separated issuer URLs of the OAuth authorization servers whose access tokens are
+    /// accepted; each issuer's JWKS is found through its metadata (RFC 8414, else OpenID
+    /// discovery).
+    #[arg(long, env = "SHOAL_OAUTH_ISSUERS", value_delimiter = ',')]
+    pub oauth_issuers: Vec<String>,
+
+    /// This server's canonical resource URI (e.g. `https://mcp.example.com/mcp`): the audience
+    /// access tokens must carry (RFC 8707) and the `resource` of the protected resource metadata.
+    #[arg(long, env = "SHOAL_RESOURCE_URL")]
+    pub resource_url: Option<String>,
+
+    /// Comma-separated JWS algorithms accepted on access tokens (`none` and HMAC are never).
+    #[arg(
+        long,
+        env = "SHOAL_OAUTH_ALGORITHMS",
+        value_delimiter = ',',
+        default_value = "RS256,RS384,RS512,PS256,PS384,PS512,ES256,ES384,EdDSA"
+    )]
+    pub oauth_algorithms: Vec<String>,
+
+    /// Clock skew tolerated on a token's `exp` and `nbf`, in seconds.
+    #[arg(long, env = "SHOAL_OAUTH_LEEWAY_SECS", default_value_t = 30)]
+    pub oauth_leeway_secs: u64,
+
+    /// Least number of seconds between two JWKS fetches of one issuer caused by a token with an
+    /// unknown key id (a key rotation is picked up at the first such token; a flood of forged
+    /// key ids costs one fetch per interval).
+    #[arg(long, env = "SHOAL_OAUTH_JWKS_REFRESH_SECS", default_value_t = 10)]
+    pub oauth_jwks_refresh_secs: u64,
+
+    /// Timeout of each request to an issuer (metadata, JWKS), in milliseconds.
+    #[arg(long, env = "SHOAL_OAUTH_TIMEOUT_MS", default_value_t = 5000)]
+    pub oauth_timeout_ms: u64,
+
+    /// The API keys file (TOML, `[[key]]` tables with `principal`, `scopes` and `sha256`, the hex
+    /// SHA-256 of the key); re-read when it changes and on SIGHUP.
+    #[arg(long, env = "SHOAL_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
 }
 
 /// Shared state (Redis).
@@ -650,7 +719,7 @@ impl Config {
     }
 
     /// The settings that must be greater than zero, by environment name.
-    fn nonzero_settings(&self) -> [(&'static str, u64); 27] {
+    fn nonzero_settings(&self) -> [(&'static str, u64); 29] {
         [
             (
                 "SHOAL_MAX_LOCAL_SESSIONS",
@@ -712,6 +781,11 @@ impl Config {
                 "SHOAL_RPC_MAX_RESPONSE_BYTES",
                 self.rpc.max_response_bytes as u64,
             ),
+            ("SHOAL_OAUTH_TIMEOUT_MS", self.auth.oauth_timeout_ms),
+            (
+                "SHOAL_OAUTH_JWKS_REFRESH_SECS",
+                self.auth.oauth_jwks_refresh_secs,
+            ),
         ]
     }
 
@@ -726,6 +800,8 @@ impl Config {
             &mut self.http.allowed_hosts,
             &mut self.http.allowed_origins,
             &mut self.tools.toolsets,
+            &mut self.auth.oauth_issuers,
+            &mut self.auth.oauth_algorithms,
         ] {
             list.iter_mut()
                 .for_each(|item| *item = item.trim().to_owned());
@@ -771,7 +847,81 @@ impl Config {
                 "must start with redis:// or rediss://",
             ));
         }
+        self.check_auth()
+    }
+
+    /// The authentication rules: what each mode needs, and no unauthenticated network listener
+    /// unless asked for twice.
+    fn check_auth(&self) -> Result<(), ConfigError> {
+        let auth = &self.auth;
+        match auth.mode {
+            Some(AuthMode::Oauth) => {
+                if auth.oauth_issuers.is_empty()
+                    || !auth.oauth_issuers.iter().all(|i| is_http_url(i))
+                {
+                    return Err(ConfigError::rule(
+                        "SHOAL_OAUTH_ISSUERS",
+                        "must list at least one issuer, each an http(s) URL, when SHOAL_AUTH=oauth",
+                    ));
+                }
+                if !auth
+                    .resource_url
+                    .as_deref()
+                    .is_some_and(|url| is_http_url(url) && !url.contains('#'))
+                {
+                    return Err(ConfigError::rule(
+                        "SHOAL_RESOURCE_URL",
+                        "must be this server's http(s) URL without a fragment (the token audience, \
+                         e.g. https://mcp.example.com/mcp) when SHOAL_AUTH=oauth",
+                    ));
+                }
+                if auth.oauth_algorithms.is_empty()
+                    || !auth
+                        .oauth_algorithms
+                        .iter()
+                        .all(|a| ALLOWED_ALGORITHMS.contains(&a.as_str()))
+                {
+                    return Err(ConfigError::rule(
+                        "SHOAL_OAUTH_ALGORITHMS",
+                        "must list asymmetric JWS algorithms (RS256, RS384, RS512, PS256, PS384, \
+                         PS512, ES256, ES384, EdDSA)",
+                    ));
+                }
+            }
+            Some(AuthMode::ApiKeys) if auth.api_keys_file.is_none() => {
+                return Err(ConfigError::rule(
+                    "SHOAL_API_KEYS_FILE",
+                    "must name the keys file when SHOAL_AUTH=api-keys",
+                ));
+            }
+            Some(AuthMode::ApiKeys) => {}
+            Some(AuthMode::None)
+                if !self.http.listen.ip().is_loopback() && !auth.auth_allow_none_remote =>
+            {
+                return Err(ConfigError::rule(
+                    "SHOAL_AUTH",
+                    "is none on a listener that is not loopback: anyone who reaches it could \
+                     use every tool; set SHOAL_AUTH to oauth or api-keys, or confirm with \
+                     SHOAL_AUTH_ALLOW_NONE_REMOTE=true",
+                ));
+            }
+            Some(AuthMode::None) => {}
+            None if !self.http.listen.ip().is_loopback() => {
+                return Err(ConfigError::rule(
+                    "SHOAL_AUTH",
+                    "is unset and the listener is not loopback: set SHOAL_AUTH to oauth or \
+                     api-keys (or none, with SHOAL_AUTH_ALLOW_NONE_REMOTE=true)",
+                ));
+            }
+            None => {}
+        }
         Ok(())
+    }
+
+    /// The authentication mode in force: `SHOAL_AUTH`, or `none` when unset (validation allows
+    /// that only on loopback).
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth.mode.unwrap_or(AuthMode::None)
     }
 
     /// The TTL override for `tool`, if configured (`Some(ZERO)` disables caching).
@@ -877,6 +1027,17 @@ impl Config {
     }
 }
 
+/// The JWS algorithms `SHOAL_OAUTH_ALGORITHMS` may name: asymmetric ones only, so no shared
+/// secret and no unsigned token is ever accepted.
+pub const ALLOWED_ALGORITHMS: [&str; 9] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+fn is_http_url(value: &str) -> bool {
+    (value.starts_with("https://") || value.starts_with("http://"))
+        && reqwest::Url::parse(value).is_ok_and(|url| url.host_str().is_some())
+}
+
 fn host_without_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or_default();
@@ -937,7 +1098,56 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 56, "settings in the tree");
+        assert_eq!(seen.len(), 65, "settings in the tree");
+    }
+
+    /// No listener that is not loopback serves without authentication unless asked twice, and each
+    /// mode names what it lacks.
+    #[test]
+    fn authentication_is_required_off_loopback() {
+        let refused = |args: &[&str]| parse(args).expect_err("refused").setting();
+        assert_eq!(parse(&[]).expect("loopback").auth_mode(), AuthMode::None);
+        assert_eq!(refused(&["--listen", "0.0.0.0:8080"]), Some("SHOAL_AUTH"));
+        assert_eq!(
+            refused(&["--listen", "0.0.0.0:8080", "--auth", "none"]),
+            Some("SHOAL_AUTH")
+        );
+        let open = parse(&[
+            "--listen",
+            "0.0.0.0:8080",
+            "--auth",
+            "none",
+            "--auth-allow-none-remote",
+        ])
+        .expect("confirmed");
+        assert_eq!(open.auth_mode(), AuthMode::None);
+        assert_eq!(
+            refused(&["--listen", "0.0.0.0:8080", "--auth", "api-keys"]),
+            Some("SHOAL_API_KEYS_FILE")
+        );
+        assert_eq!(
+            refused(&[
+                "--auth",
+                "oauth",
+                "--resource-url",
+                "https://mcp.example/mcp"
+            ]),
+            Some("SHOAL_OAUTH_ISSUERS")
+        );
+        let issuer = ["--auth", "oauth", "--oauth-issuers", "https://id.example"];
+        assert_eq!(refused(&issuer), Some("SHOAL_RESOURCE_URL"));
+        let with = |extra: &[&'static str]| {
+            let mut args = issuer.to_vec();
+            args.extend_from_slice(&["--resource-url", "https://mcp.example/mcp"]);
+            args.extend_from_slice(extra);
+            args
+        };
+        assert_eq!(
+            refused(&with(&["--oauth-algorithms", "HS256"])),
+            Some("SHOAL_OAUTH_ALGORITHMS")
+        );
+        let config = parse(&with(&["--listen", "0.0.0.0:8080"])).expect("oauth");
+        assert_eq!(config.auth_mode(), AuthMode::Oauth);
     }
 
     #[test]

@@ -304,7 +304,10 @@ mod tests {
     }
 
     async fn fresh_feed(backend: &Backend, bus: &Bus) -> mpsc::Receiver<FeedItem> {
-        backend.session_create("s", "{}").await.expect("create");
+        backend
+            .session_create("s", "{}", "p")
+            .await
+            .expect("create");
         let mut rx = open(backend, bus, "s", None, options())
             .await
             .expect("open");
@@ -334,7 +337,10 @@ mod tests {
     #[tokio::test]
     async fn resuming_replays_exactly_what_followed() {
         let (backend, bus) = setup(1000);
-        backend.session_create("s", "{}").await.expect("create");
+        backend
+            .session_create("s", "{}", "p")
+            .await
+            .expect("create");
         let ids = append_numbered(&backend, 10).await;
         let mut rx = open(&backend, &bus, "s", Some(ids[2]), options())
             .await
@@ -350,7 +356,10 @@ mod tests {
     #[tokio::test]
     async fn a_fresh_stream_continues_where_the_last_one_stopped() {
         let (backend, bus) = setup(1000);
-        backend.session_create("s", "{}").await.expect("create");
+        backend
+            .session_create("s", "{}", "p")
+            .await
+            .expect("create");
         // Raised before any GET stream was open: the first stream delivers it.
         let early = append(&backend, "early").await;
         let mut rx = open(&backend, &bus, "s", None, options())
@@ -426,7 +435,10 @@ mod tests {
     #[tokio::test]
     async fn a_deleted_session_ends_its_feed() {
         let (backend, bus) = setup(1000);
-        backend.session_create("s", "{}").await.expect("create");
+        backend
+            .session_create("s", "{}", "p")
+            .await
+            .expect("create");
         let mut rx = open(&backend, &bus, "s", None, options())
             .await
             .expect("open");

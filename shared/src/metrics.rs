@@ -124,6 +124,7 @@ families! {
     mcp_requests: Family<RequestLabels, Counter> = Default::default(), "shoal_mcp_requests", "MCP requests handled, by JSON-RPC method and outcome (ok|error|tool_error|cancelled)";
     mcp_duration: Family<MethodLabel, Histogram> = timed(), "shoal_mcp_request_duration_seconds", "Time to handle an MCP request, by JSON-RPC method";
     http_rejections: Family<ReasonLabel, Counter> = Default::default(), "shoal_http_rejections", "HTTP requests rejected before MCP handling, by reason";
+    auth_failures: Family<ReasonLabel, Counter> = Default::default(), "shoal_auth_failures", "Requests refused by authentication, by reason (missing|malformed|invalid_token|expired|unknown_key|wrong_issuer|wrong_audience|unknown_api_key|insufficient_scope|issuer_unavailable|foreign_session)";
     session_creates: Counter = Default::default(), "shoal_session_creates", "Legacy sessions initialized on this replica";
     session_restores: Counter = Default::default(), "shoal_session_restores", "Legacy sessions restored from the shared store onto this replica";
     forwards: Family<KindLabel, Counter> = Default::default(), "shoal_forwards", "Client messages forwarded to another replica (kind=response|cancel)";
@@ -187,6 +188,7 @@ struct Otel {
     sessions: opentelemetry::metrics::Counter<u64>,
     forwards: opentelemetry::metrics::Counter<u64>,
     rejections: opentelemetry::metrics::Counter<u64>,
+    auth_failures: opentelemetry::metrics::Counter<u64>,
     scheduling_delay: opentelemetry::metrics::Histogram<f64>,
     bus_roundtrip: opentelemetry::metrics::Histogram<f64>,
     // Observable instruments report through callbacks; holding them keeps them registered.
@@ -434,6 +436,18 @@ impl Metrics {
         }
     }
 
+    /// A request was refused by authentication (or used another principal's session).
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.inner
+            .auth_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        if let Some(otel) = &self.inner.otel {
+            otel.auth_failures
+                .add(1, &[KeyValue::new("reason", reason)]);
+        }
+    }
+
     /// A client message was forwarded to another replica.
     pub fn forwarded(&self, kind: &'static str) {
         self.inner.forwards.get_or_create(&KindLabel { kind }).inc();
@@ -665,6 +679,10 @@ impl Otel {
             rejections: counter(
                 "shoal.http.rejections",
                 "HTTP requests rejected before MCP handling",
+            ),
+            auth_failures: counter(
+                "shoal.auth.failures",
+                "Requests refused by authentication, by reason",
             ),
             scheduling_delay: seconds(
                 "shoal.runtime.scheduling_delay",

@@ -73,6 +73,8 @@ pub mod attr {
     pub const DB_RESPONSE_RETURNED_ROWS: &str = "db.response.returned_rows";
     /// `db.system.name`
     pub const DB_SYSTEM_NAME: &str = "db.system.name";
+    /// `enduser.id`: the authenticated principal's name (never a credential).
+    pub const ENDUSER_ID: &str = "enduser.id";
     /// `error.type`
     pub const ERROR_TYPE: &str = "error.type";
     /// `http.request.method`

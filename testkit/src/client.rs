@@ -241,6 +241,22 @@ impl McpClient {
         }
     }
 
+    /// Sends `Authorization: Bearer <token>` with every request (an API key or an OAuth access
+    /// token), when a token is given.
+    ///
+    /// # Panics
+    /// When the token is not a valid header value.
+    #[must_use]
+    pub fn with_bearer(mut self, token: Option<&str>) -> Self {
+        if let Some(token) = token {
+            let value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+                .expect("a token is printable ASCII");
+            self.extra_headers
+                .insert(http::header::AUTHORIZATION, value);
+        }
+        self
+    }
+
     /// The URL.
     pub fn url(&self) -> &str {
         &self.url
@@ -508,7 +524,8 @@ impl McpClient {
         let mut request = self
             .http
             .delete(&self.url)
-            .header("mcp-protocol-version", self.protocol());
+            .header("mcp-protocol-version", self.protocol())
+            .headers(self.extra_headers.clone());
         if let Some(session) = &self.session {
             request = request.header("mcp-session-id", session);
         }

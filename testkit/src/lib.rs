@@ -2,6 +2,7 @@
 //! PostgreSQL, replicas, nginx), fake JSON-RPC upstreams and an in-memory OTLP receiver.
 
 pub mod client;
+pub mod oidc;
 pub mod otlp;
 pub mod postgres;
 pub mod topology;

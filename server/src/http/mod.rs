@@ -2,10 +2,14 @@
 //! with graceful shutdown.
 //!
 //! Routes: `/mcp` (MCP Streamable HTTP: POST, GET, DELETE), `/healthz` (alive), `/readyz` (ready:
-//! not draining and the shared state reachable), `/metrics` (Prometheus text).
+//! not draining and the shared state reachable), `/metrics` (Prometheus text), and with
+//! `SHOAL_AUTH=oauth` the protected resource metadata (RFC 9728) at
+//! `/.well-known/oauth-protected-resource` and `/.well-known/oauth-protected-resource/mcp`.
 //!
 //! Before a message reaches rmcp this layer enforces, each with its status and a JSON-RPC error
-//! body where the client speaks JSON-RPC: Host and Origin allow-lists (403), the body size limit
+//! body where the client speaks JSON-RPC: Host and Origin allow-lists (403), authentication
+//! (401 with a `WWW-Authenticate` challenge, 403 `insufficient_scope`; [`crate::auth`]), a session
+//! used only by the principal that opened it (404 otherwise, as for an unknown session), the body size limit
 //! (413), a body read timeout (408), JSON syntax (400, -32700), JSON-RPC framing (400, -32600),
 //! the replica's session and stream limits (503), and a shared state that is down (503 instead of
 //! rmcp's 500). DELETE is handled here entirely, so that a session is only reported deleted once
@@ -44,6 +48,7 @@ use shoal_shared::telemetry::Span;
 use tokio::time::Instant;
 
 use crate::{
+    auth::{Authenticator, Failure},
     mcp::{handler::ShoalHandler, session::ClusterSessionManager},
     state::AppState,
 };
@@ -67,6 +72,7 @@ pub struct HttpService {
     sessions: Arc<ClusterSessionManager>,
     mcp: McpService,
     policy: Arc<OriginPolicy>,
+    auth: Arc<Authenticator>,
     replica: HeaderValue,
     /// The admin listener's service: /metrics, /healthz and /readyz only, no Host check.
     admin: bool,
@@ -75,11 +81,12 @@ pub struct HttpService {
 }
 
 impl HttpService {
-    /// The service over `mcp`, whose session manager is `sessions`.
+    /// The service over `mcp`, whose session manager is `sessions`, authenticating with `auth`.
     pub fn new(
         state: Arc<AppState>,
         sessions: Arc<ClusterSessionManager>,
         mcp: McpService,
+        auth: Arc<Authenticator>,
     ) -> Self {
         let policy = Arc::new(OriginPolicy::new(
             &state.config.host_allow_list(),
@@ -93,6 +100,7 @@ impl HttpService {
             sessions,
             mcp,
             policy,
+            auth,
             replica,
             admin: false,
             ready: Arc::new(AtomicBool::new(true)),
@@ -146,6 +154,11 @@ impl HttpService {
         let path = request.uri().path();
         match (request.method(), path) {
             (_, "/mcp") if !self.admin => self.mcp(request, span).await,
+            (
+                &Method::GET,
+                "/.well-known/oauth-protected-resource"
+                | "/.well-known/oauth-protected-resource/mcp",
+            ) if !self.admin => self.resource_metadata(),
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => Box::pin(self.readyz()).await,
             (&Method::GET, "/metrics")
@@ -209,12 +222,81 @@ impl HttpService {
         }
     }
 
+    /// The protected resource metadata (RFC 9728), when authenticating with OAuth.
+    fn resource_metadata(&self) -> Response<Body> {
+        let Some(document) = self.auth.resource_metadata() else {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        };
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CACHE_CONTROL, "max-age=300")
+            // Browser clients (the MCP Inspector) read it from another origin.
+            .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
+            .body(full(document.to_string()))
+            .expect("valid response")
+    }
+
+    /// The answer to a request authentication refused: the status, challenge and an OAuth error
+    /// body (RFC 6750 §3).
+    fn refuse(&self, failure: &Failure) -> Response<Body> {
+        self.state.metrics.auth_failure(failure.reason);
+        tracing::info!(reason = failure.reason, "refused request: authentication");
+        let (status, challenge) = self.auth.challenge(failure);
+        let error = match failure.reason {
+            "missing" => "unauthorized",
+            "insufficient_scope" => "insufficient_scope",
+            "issuer_unavailable" => "temporarily_unavailable",
+            _ => "invalid_token",
+        };
+        let body = serde_json::json!({ "error": error, "error_description": failure.description });
+        let mut response = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(full(body.to_string()))
+            .expect("valid response");
+        if let Some(challenge) = challenge {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        response
+    }
+
+    /// Whether `session` belongs to the authenticated caller: `Err` holds the response when it
+    /// does not (404, exactly as for an unknown session, so no one learns another's session
+    /// exists) or when the shared state cannot say (503).
+    async fn check_owner(&self, session: &str, principal: &str) -> Result<(), Response<Body>> {
+        match self.sessions.owner(session).await {
+            Ok(Some(owner)) if &*owner == principal => Ok(()),
+            Ok(owner) => {
+                if owner.is_some() {
+                    self.state.metrics.auth_failure("foreign_session");
+                    tracing::info!("refused request: session of another principal");
+                }
+                Err(text(
+                    StatusCode::NOT_FOUND,
+                    "Not Found: Session not found\n",
+                ))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "session owner unknown: shared state unavailable");
+                Err(self.reject("backend_unavailable", unavailable(None)))
+            }
+        }
+    }
+
     fn reject(&self, reason: &'static str, response: Response<Body>) -> Response<Body> {
         self.state.metrics.http_rejection(reason);
         response
     }
 
-    async fn mcp(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
+    async fn mcp(&self, mut request: Request<Incoming>, span: &mut Span) -> Response<Body> {
         if let Err(rejection) = self.policy.check(request.uri(), request.headers()) {
             tracing::info!(
                 reason = rejection.reason,
@@ -234,6 +316,29 @@ impl HttpService {
                 text(StatusCode::NOT_FOUND, "Not Found: Session not found\n"),
             );
         }
+        let principal = match self.auth.authenticate(request.headers()).await {
+            Ok(principal) => principal,
+            Err(failure) => return self.refuse(&failure),
+        };
+        if self.auth.is_on()
+            && let Some(session) = request
+                .headers()
+                .get("mcp-session-id")
+                .and_then(|value| value.to_str().ok())
+            && let Err(refused) = Box::pin(self.check_owner(session, &principal.id)).await
+        {
+            return refused;
+        }
+        let name = principal.name.clone();
+        request.extensions_mut().insert(principal);
+        let response = self.dispatch(request, span).await;
+        if span.is_recording() {
+            span.set(attr::ENDUSER_ID, name.to_string());
+        }
+        response
+    }
+
+    async fn dispatch(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
         match *request.method() {
             Method::POST => self.post(request, span).await,
             Method::GET => {

@@ -92,6 +92,9 @@ pub(super) fn route_label(path: &str) -> &'static str {
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
+        "/.well-known/oauth-protected-resource" | "/.well-known/oauth-protected-resource/mcp" => {
+            "/.well-known/oauth-protected-resource"
+        }
         _ => "other",
     }
 }

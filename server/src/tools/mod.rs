@@ -51,6 +51,20 @@ pub struct Toolsets {
 }
 
 impl Toolsets {
+    /// The names of the enabled toolsets.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            ("kv", self.kv),
+            ("postgres", self.postgres),
+            ("rpc", self.rpc),
+            ("compute", self.compute),
+            ("conformance", self.conformance),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect()
+    }
+
     /// Parses `SHOAL_TOOLSETS`; toolsets whose backend is not configured stay off (logged).
     ///
     /// # Errors

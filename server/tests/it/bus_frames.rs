@@ -80,7 +80,7 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
 
     let session = uuid::Uuid::new_v4().to_string();
     backend
-        .session_create(&session, "{}")
+        .session_create(&session, "{}", "p")
         .await
         .expect("create");
     let first_holder = bus::feed_holder(&tag, 7);

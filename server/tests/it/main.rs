@@ -2,6 +2,7 @@
 //! upstreams on real sockets. See `helpers`.
 
 mod admin_endpoints;
+mod auth;
 mod bad_input;
 mod bus_frames;
 mod cache;

@@ -119,13 +119,13 @@ impl MemoryBackend {
 
     pub(super) fn ping(&self) {}
 
-    pub(super) fn session_create(&self, session: &str, init: &str) {
+    pub(super) fn session_create(&self, session: &str, init: &str, owner: &str) {
         let expires_at = Instant::now() + self.inner.config.session_ttl;
         self.state().sessions.insert(
             session.to_owned(),
             SessionRecord {
                 init: init.to_owned(),
-                fields: HashMap::new(),
+                fields: HashMap::from([(super::OWNER_FIELD.to_owned(), owner.to_owned())]),
                 subscriptions: HashSet::new(),
                 feed: None,
                 cursor: None,
@@ -644,7 +644,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sessions_slide_and_expire() {
         let (backend, _bus, _control) = backend();
-        backend.session_create("s1", "{}").await.expect("create");
+        backend
+            .session_create("s1", "{}", "p")
+            .await
+            .expect("create");
         tokio::time::advance(Duration::from_secs(50)).await;
         assert!(backend.session_touch("s1").await.expect("touch"));
         tokio::time::advance(Duration::from_secs(50)).await;
@@ -667,7 +670,10 @@ mod tests {
     #[tokio::test]
     async fn events_reach_the_feed_holder_and_are_bounded() {
         let (backend, bus, _control) = backend();
-        backend.session_create("s1", "{}").await.expect("create");
+        backend
+            .session_create("s1", "{}", "p")
+            .await
+            .expect("create");
         let mut feed = bus.register_feed("s1").expect("feed");
         let holder = crate::bus::feed_holder(bus.tag(), feed.stream());
         let start = backend
@@ -736,8 +742,14 @@ mod tests {
     #[tokio::test]
     async fn subscriptions_fan_out_and_are_bounded() {
         let (backend, _bus, _control) = backend();
-        backend.session_create("a", "{}").await.expect("create");
-        backend.session_create("b", "{}").await.expect("create");
+        backend
+            .session_create("a", "{}", "p")
+            .await
+            .expect("create");
+        backend
+            .session_create("b", "{}", "p")
+            .await
+            .expect("create");
         assert_eq!(
             backend.subscribe("a", "kv://x").await.expect("sub"),
             SubscribeOutcome::Subscribed
@@ -786,7 +798,10 @@ mod tests {
     #[tokio::test]
     async fn deletion_is_broadcast() {
         let (backend, _bus, mut control) = backend();
-        backend.session_create("a", "{}").await.expect("create");
+        backend
+            .session_create("a", "{}", "p")
+            .await
+            .expect("create");
         assert!(backend.session_delete("a").await.expect("delete"));
         assert!(!backend.session_delete("a").await.expect("delete"));
         assert_eq!(

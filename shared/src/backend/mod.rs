@@ -17,6 +17,9 @@ use std::{sync::Arc, time::Duration};
 
 use secrecy::SecretString;
 
+/// The field of a session record that names its owning principal.
+pub const OWNER_FIELD: &str = "owner";
+
 pub use self::{memory::MemoryBackend, redis::RedisBackend};
 use crate::{
     bus::{Bus, ListKind},
@@ -265,8 +268,22 @@ impl Backend {
     ///
     /// # Errors
     /// Fails when Redis is unreachable; the session must then not be handed to the client.
-    pub async fn session_create(&self, session: &str, init: &str) -> BackendResult<()> {
-        delegate!(self, "session_create", session_create(session, init))
+    pub async fn session_create(
+        &self,
+        session: &str,
+        init: &str,
+        owner: &str,
+    ) -> BackendResult<()> {
+        delegate!(self, "session_create", session_create(session, init, owner))
+    }
+
+    /// The principal that owns a session (recorded at its creation), or `None` when the session
+    /// does not exist.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn session_owner(&self, session: &str) -> BackendResult<Option<String>> {
+        self.session_get_field(session, OWNER_FIELD).await
     }
 
     /// Slides the session's idle TTL. Returns `false` when the session does not exist (deleted or

@@ -292,12 +292,17 @@ impl RedisBackend {
         Value::from(self.inner.config.session_ttl_secs() as i64)
     }
 
-    pub(super) async fn session_create(&self, session: &str, init: &str) -> BackendResult<()> {
+    pub(super) async fn session_create(
+        &self,
+        session: &str,
+        init: &str,
+        owner: &str,
+    ) -> BackendResult<()> {
         let _: Value = self
             .eval(
                 &self.inner.scripts.session_create,
                 vec![self.inner.keys.session(session)],
-                vec![init.into(), self.ttl()],
+                vec![init.into(), self.ttl(), owner.into()],
             )
             .await?;
         Ok(())

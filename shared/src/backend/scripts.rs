@@ -33,9 +33,9 @@ local function append(skey, lkey, sid, payload, maxlen, retention, rprefix)
 end
 ";
 
-/// KEYS: session. ARGV: initialize params JSON, ttl.
+/// KEYS: session. ARGV: initialize params JSON, ttl, owning principal.
 pub const SESSION_CREATE: &str = r"
-redis.call('HSET', KEYS[1], 'init', ARGV[1])
+redis.call('HSET', KEYS[1], 'init', ARGV[1], 'owner', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 ";

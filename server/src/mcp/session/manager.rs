@@ -34,6 +34,7 @@ use std::{
 
 use crate::mcp::trace::{delivery_span, traceparent_in};
 use crate::{
+    auth::Principal,
     mcp::error::ClusterError,
     state::{StreamSlot, StreamSlots},
 };
@@ -93,6 +94,11 @@ pub struct ClusterSessionManager {
     /// When this replica last slid each of its sessions' TTL (taken before the command was sent).
     /// One entry per local worker: removed with the worker.
     touched: std::sync::Mutex<HashMap<SessionId, Instant>>,
+    /// The principal owning each session this replica serves (a session's owner never changes):
+    /// filled at `initialize` and at the first request a replica sees of a session; an entry goes
+    /// with the local worker, and the map is pruned to the local workers when it reaches
+    /// twice `max_local_sessions`.
+    owners: std::sync::Mutex<HashMap<SessionId, Arc<str>>>,
 }
 
 impl std::fmt::Debug for ClusterSessionManager {
@@ -126,11 +132,41 @@ impl ClusterSessionManager {
             tag,
             options,
             touched: std::sync::Mutex::default(),
+            owners: std::sync::Mutex::default(),
         }
     }
 
     fn touched(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Instant>> {
         self.touched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<str>>> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The principal id owning `session`, from memory or else the shared record; `None` when the
+    /// session does not exist (or predates owners).
+    ///
+    /// # Errors
+    /// The shared state is unavailable.
+    pub async fn owner(&self, session: &str) -> Result<Option<Arc<str>>, BackendError> {
+        if let Some(owner) = self.owners().get(session) {
+            return Ok(Some(owner.clone()));
+        }
+        let Some(owner) = self.backend.session_owner(session).await? else {
+            return Ok(None);
+        };
+        let owner: Arc<str> = Arc::from(owner);
+        let limit = self.options.max_local_sessions.saturating_mul(2);
+        if self.owners().len() >= limit {
+            let local = self.local.sessions.read().await;
+            self.owners().retain(|id, _| local.contains_key(id));
+        }
+        let mut owners = self.owners();
+        if owners.len() < limit {
+            owners.insert(Arc::from(session), owner.clone());
+        }
+        Ok(Some(owner))
     }
 
     /// Number of session workers held by this replica.
@@ -346,8 +382,19 @@ impl SessionManager for ClusterSessionManager {
             // handshake fails instead of handing out a session no other replica knows.
             let params = serde_json::to_string(&initialize.params)
                 .map_err(|_| ClusterError::BadInitialize)?;
-            if let Err(error) = self.backend.session_create(id, &params).await {
+            let owner = request
+                .request
+                .extensions()
+                .get::<http::request::Parts>()
+                .and_then(|parts| parts.extensions.get::<Principal>())
+                .map_or_else(
+                    || Principal::anonymous().id,
+                    |principal| principal.id.clone(),
+                );
+            self.owners().insert(id.clone(), owner.clone());
+            if let Err(error) = self.backend.session_create(id, &params, &owner).await {
                 tracing::warn!(%error, "cannot record a new session");
+                self.owners().remove(id);
                 let _ = self.local.close_session(id).await;
                 return Err(error.into());
             }
@@ -395,6 +442,7 @@ impl SessionManager for ClusterSessionManager {
         // for the rest of the cluster.
         let present = self.local.sessions.read().await.contains_key(id);
         self.touched().remove(id);
+        self.owners().remove(id);
         self.local.close_session(id).await?;
         if present {
             self.metrics.sessions_active_add(-1);

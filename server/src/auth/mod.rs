@@ -1,0 +1,331 @@
+//! Who is calling: authentication of every `/mcp` request before it reaches rmcp, and the
+//! principal it yields.
+//!
+//! One [`Authenticator`] per replica, chosen by `SHOAL_AUTH`: [`oauth`] (bearer JWTs checked
+//! against each issuer's JWKS), [`api_keys`] (static keys, stored hashed) or none (one anonymous
+//! principal). The HTTP layer calls [`Authenticator::authenticate`] and answers a failure with
+//! [`Failure::response`]: `401` with a `WWW-Authenticate: Bearer` challenge that points at the
+//! protected resource metadata (RFC 9728, [`Authenticator::resource_metadata`]), `403
+//! insufficient_scope`, or `503` when an issuer cannot be reached. The principal travels on with
+//! the request (in its extensions) to the session manager, which binds each session to it.
+
+pub mod api_keys;
+pub mod oauth;
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use sha2::{Digest, Sha256};
+use shoal_shared::config::{AuthMode, Config};
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Stable opaque id (32 hex digits: a hash of the issuer and subject, or of the API key's
+    /// principal name): what sessions record as their owner. Names no secret.
+    pub id: Arc<str>,
+    /// The name telemetry shows as `enduser.id`: the token's subject or the key's principal.
+    pub name: Arc<str>,
+    /// What the caller was granted.
+    pub scopes: Arc<[String]>,
+}
+
+impl Principal {
+    /// The one principal of `SHOAL_AUTH=none`: every caller, granted everything.
+    pub fn anonymous() -> Self {
+        Self {
+            id: Arc::from("anonymous"),
+            name: Arc::from("anonymous"),
+            scopes: Arc::from(vec!["*".to_owned()]),
+        }
+    }
+
+    /// A principal named `name` in the namespace `kind` (an issuer URL, or `api-key`).
+    pub fn new(kind: &str, name: &str, scopes: Vec<String>) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(kind.as_bytes());
+        hash.update([0]);
+        hash.update(name.as_bytes());
+        let id = hex::encode(&hash.finalize()[..16]);
+        Self {
+            id: Arc::from(id),
+            name: Arc::from(name),
+            scopes: Arc::from(scopes),
+        }
+    }
+
+    /// Whether any of the caller's scopes is one of `supported` (or `*`).
+    pub fn has_any(&self, supported: &[String]) -> bool {
+        self.scopes
+            .iter()
+            .any(|scope| scope == "*" || supported.contains(scope))
+    }
+}
+
+/// Why a request was not authenticated, and how to answer it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Metric and log label: `missing`, `malformed`, `invalid_token`, `expired`, `unknown_key`,
+    /// `wrong_issuer`, `wrong_audience`, `unknown_api_key`, `insufficient_scope`,
+    /// `issuer_unavailable`.
+    pub reason: &'static str,
+    /// `error_description` for the client; names no secret and no internal detail.
+    pub description: &'static str,
+}
+
+impl Failure {
+    pub(crate) const fn new(reason: &'static str, description: &'static str) -> Self {
+        Self {
+            reason,
+            description,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self.reason {
+            "insufficient_scope" => StatusCode::FORBIDDEN,
+            "issuer_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+/// The configured way of authenticating callers.
+pub struct Authenticator {
+    method: Method,
+    /// The scopes this server knows (RFC 9728 `scopes_supported`, the `scope` of challenges).
+    scopes: Vec<String>,
+    /// `WWW-Authenticate` parameters every challenge carries: `resource_metadata="…"` (oauth) or
+    /// `realm="shoal"` (api-keys).
+    challenge_base: String,
+    /// The protected resource metadata document (oauth only).
+    metadata: Option<serde_json::Value>,
+}
+
+enum Method {
+    None,
+    ApiKeys(api_keys::ApiKeys),
+    Oauth(oauth::Oauth),
+}
+
+impl Authenticator {
+    /// The authenticator `config` asks for; `scopes` are the scopes the enabled toolsets define.
+    ///
+    /// # Errors
+    /// Fails when the API keys file cannot be read or parsed.
+    pub fn from_config(config: &Config, scopes: Vec<String>) -> anyhow::Result<Self> {
+        let auth = &config.auth;
+        let (method, challenge_base, metadata) = match config.auth_mode() {
+            AuthMode::None => {
+                if auth.mode.is_none() {
+                    tracing::warn!(
+                        "SHOAL_AUTH is unset: serving without authentication, on loopback only"
+                    );
+                } else {
+                    tracing::warn!(
+                        listen = %config.http.listen,
+                        "SHOAL_AUTH=none: every caller may use every tool"
+                    );
+                }
+                (Method::None, String::new(), None)
+            }
+            AuthMode::ApiKeys => {
+                let path = auth
+                    .api_keys_file
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("SHOAL_API_KEYS_FILE is unset"))?;
+                (
+                    Method::ApiKeys(api_keys::ApiKeys::load(path)?),
+                    "realm=\"shoal\"".to_owned(),
+                    None,
+                )
+            }
+            AuthMode::Oauth => {
+                let resource = auth.resource_url.clone().unwrap_or_default();
+                let metadata_url = metadata_url(&resource);
+                let document = serde_json::json!({
+                    "resource": resource,
+                    "authorization_servers": auth.oauth_issuers,
+                    "scopes_supported": scopes,
+                    "bearer_methods_supported": ["header"],
+                    "resource_name": "shoal MCP server",
+                });
+                (
+                    Method::Oauth(oauth::Oauth::new(auth, resource)?),
+                    format!("resource_metadata=\"{metadata_url}\""),
+                    Some(document),
+                )
+            }
+        };
+        Ok(Self {
+            method,
+            scopes,
+            challenge_base,
+            metadata,
+        })
+    }
+
+    /// Whether callers are authenticated at all (sessions are then bound to their principal).
+    pub fn is_on(&self) -> bool {
+        !matches!(self.method, Method::None)
+    }
+
+    /// Starts what the method runs in the background (API keys file reloads, JWKS warm-up) until
+    /// `stop` fires.
+    pub fn start(&self, stop: tokio_util::sync::CancellationToken) {
+        match &self.method {
+            Method::None => {}
+            Method::ApiKeys(keys) => keys.watch(stop),
+            Method::Oauth(oauth) => oauth.warm_up(stop),
+        }
+    }
+
+    /// The caller of a request with these headers.
+    ///
+    /// # Errors
+    /// A [`Failure`] when the request carries no credentials, bad ones, or ones that grant
+    /// nothing on this server.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Failure> {
+        let principal = match &self.method {
+            Method::None => return Ok(Principal::anonymous()),
+            Method::ApiKeys(keys) => keys.authenticate(bearer(headers)?)?,
+            Method::Oauth(oauth) => oauth.authenticate(bearer(headers)?).await?,
+        };
+        if !principal.has_any(&self.scopes) {
+            return Err(Failure::new(
+                "insufficient_scope",
+                "the token grants no scope of this server",
+            ));
+        }
+        Ok(principal)
+    }
+
+    /// The response to a failed authentication: its status, `WWW-Authenticate` challenge and a
+    /// short text body.
+    pub fn challenge(&self, failure: &Failure) -> (StatusCode, Option<HeaderValue>) {
+        let status = failure.status();
+        let mut params = vec![];
+        if !self.challenge_base.is_empty() {
+            params.push(self.challenge_base.clone());
+        }
+        match failure.reason {
+            "missing" => {}
+            "insufficient_scope" => params.push("error=\"insufficient_scope\"".to_owned()),
+            "issuer_unavailable" => return (status, None),
+            _ => params.push("error=\"invalid_token\"".to_owned()),
+        }
+        if failure.reason != "missing" {
+            params.push(format!("error_description=\"{}\"", failure.description));
+        }
+        if !self.scopes.is_empty() {
+            params.push(format!("scope=\"{}\"", self.scopes.join(" ")));
+        }
+        let value = format!("Bearer {}", params.join(", "));
+        (status, HeaderValue::from_str(&value).ok())
+    }
+
+    /// The protected resource metadata document (RFC 9728), in `oauth` mode.
+    pub fn resource_metadata(&self) -> Option<&serde_json::Value> {
+        self.metadata.as_ref()
+    }
+}
+
+/// Where the metadata of `resource` is published: the well-known path with the resource's path
+/// appended (RFC 9728 §3.1), e.g. `https://h/mcp` → `https://h/.well-known/oauth-protected-resource/mcp`.
+fn metadata_url(resource: &str) -> String {
+    let Ok(url) = reqwest::Url::parse(resource) else {
+        return String::new();
+    };
+    let path = url.path().trim_end_matches('/');
+    let origin = url.origin().ascii_serialization();
+    format!("{origin}/.well-known/oauth-protected-resource{path}")
+}
+
+/// The bearer token of `Authorization`, the only place credentials are read from (never the query
+/// string).
+fn bearer(headers: &HeaderMap) -> Result<&str, Failure> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(Failure::new("missing", "no credentials"));
+    };
+    let malformed = Failure::new(
+        "malformed",
+        "the Authorization header is not a bearer token",
+    );
+    if values.next().is_some() {
+        return Err(malformed);
+    }
+    let value = value.to_str().map_err(|_| malformed.clone())?;
+    let (scheme, token) = value.split_once(' ').ok_or(malformed.clone())?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.len() > 16 * 1024 {
+        return Err(malformed);
+    }
+    Ok(token)
+}
+
+/// The scopes the enabled toolsets define: `<toolset>` (its read-only tools and resources) and
+/// `<toolset>:write` (its write tools as well).
+pub fn toolset_scopes(toolsets: &[&str]) -> Vec<String> {
+    toolsets
+        .iter()
+        .flat_map(|toolset| [(*toolset).to_owned(), format!("{toolset}:write")])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(value).expect("header"),
+        );
+        headers
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_authorization_header_only() {
+        assert_eq!(bearer(&headers("Bearer abc")), Ok("abc"));
+        assert_eq!(bearer(&headers("bearer  abc ")), Ok("abc"));
+        assert_eq!(
+            bearer(&HeaderMap::new()).expect_err("none").reason,
+            "missing"
+        );
+        for bad in ["Basic abc", "Bearer", "Bearer ", "abc"] {
+            assert_eq!(
+                bearer(&headers(bad)).expect_err(bad).reason,
+                "malformed",
+                "{bad}"
+            );
+        }
+        let mut two = headers("Bearer a");
+        two.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(bearer(&two).expect_err("two").reason, "malformed");
+    }
+
+    #[test]
+    fn metadata_lives_under_the_well_known_path_of_the_resource() {
+        assert_eq!(
+            metadata_url("https://mcp.example.com/mcp"),
+            "https://mcp.example.com/.well-known/oauth-protected-resource/mcp"
+        );
+        assert_eq!(
+            metadata_url("http://127.0.0.1:8080/"),
+            "http://127.0.0.1:8080/.well-known/oauth-protected-resource"
+        );
+    }
+
+    #[test]
+    fn principals_are_namespaced_and_name_no_secret() {
+        let a = Principal::new("https://issuer.example", "alice", vec![]);
+        let b = Principal::new("api-key", "alice", vec![]);
+        assert_ne!(a.id, b.id);
+        assert_eq!(a.id.len(), 32);
+        assert_eq!(&*a.name, "alice");
+        assert!(Principal::anonymous().has_any(&["kv".to_owned()]));
+        assert!(!a.has_any(&["kv".to_owned()]));
+    }
+}
