@@ -175,7 +175,8 @@ done
 list_tools() {
   curl -s -o /dev/null -w '%{http_code}' -X POST -H 'content-type: application/json' \
     -H 'accept: application/json, text/event-stream' -H 'mcp-protocol-version: 2026-07-28' \
-    --data '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}' \
+    -H 'mcp-method: tools/list' \
+    --data '{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"compose-test","version":"1"},"io.modelcontextprotocol/clientCapabilities":{}}}}' \
     "$@" http://127.0.0.1:8080/mcp
 }
 # Authentication is on (API keys, deploy/api-keys.toml): no key is 401, the demo key is served.
