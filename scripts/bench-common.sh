@@ -18,14 +18,16 @@ trap cleanup EXIT
 "$BIN/shoal-otlp-sink" --grpc "127.0.0.1:$GRPC" --http "127.0.0.1:$HTTP" --max-spans "${SINK_MAX_SPANS:-0}" 2> "$WORK/sink.log" &
 sink=$!
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
-# open_session URL: opens a legacy session (initialize + initialized) and prints its id.
+# open_session URL: opens a legacy session (initialize + initialized) and prints its id; with TOKEN
+# set, as that bearer.
 open_session() {
-  local id
-  id=$(curl -s -D - -o /dev/null "$1" -H 'content-type: application/json' \
+  local id auth=()
+  [ -n "${TOKEN:-}" ] && auth=(-H "authorization: Bearer $TOKEN")
+  id=$(curl -s -D - -o /dev/null "$1" "${auth[@]}" -H 'content-type: application/json' \
     -H 'accept: application/json, text/event-stream' \
     -d '{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"wrk","version":"1"}}}' \
     | awk 'tolower($1)=="mcp-session-id:"{print $2}' | tr -d '\r')
-  curl -s -o /dev/null "$1" -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
+  curl -s -o /dev/null "$1" "${auth[@]}" -H 'content-type: application/json' -H 'accept: application/json, text/event-stream' \
     -H "mcp-session-id: $id" -H 'mcp-protocol-version: 2025-11-25' \
     -d '{"jsonrpc":"2.0","method":"notifications/initialized"}'
   echo "$id"

@@ -1,8 +1,10 @@
 -- wrk script: one MCP tools/call (echo) per request, on one connection after another.
--- Environment: ERA (legacy | modern), SESSION (the Mcp-Session-Id of a legacy session).
+-- Environment: ERA (legacy | modern), SESSION (the Mcp-Session-Id of a legacy session), TOKEN (sent
+-- as `Authorization: Bearer`, when set).
 -- Counts the responses that are not 200 or carry no result (errors), and prints them at the end.
 local era = os.getenv("ERA") or "legacy"
 local session = os.getenv("SESSION")
+local token = os.getenv("TOKEN")
 local body
 if era == "modern" then
   body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"},'
@@ -16,6 +18,9 @@ wrk.method = "POST"
 wrk.body = body
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Accept"] = "application/json, text/event-stream"
+if token and token ~= "" then
+  wrk.headers["Authorization"] = "Bearer " .. token
+end
 if era == "modern" then
   wrk.headers["MCP-Protocol-Version"] = "2026-07-28"
   wrk.headers["Mcp-Method"] = "tools/call"

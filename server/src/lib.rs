@@ -126,6 +126,7 @@ impl App {
 
         let mcp_shutdown = CancellationToken::new();
         let toolbox = Arc::new(Toolbox::new(&config, toolsets));
+        let grants = toolbox.grants.clone();
         let mcp = mcp_service(&state, toolbox, sessions.clone(), mcp_shutdown.clone());
 
         let background = CancellationToken::new();
@@ -133,7 +134,7 @@ impl App {
         auth.start(background.clone());
 
         Ok(Self {
-            http: HttpService::new(state.clone(), sessions, mcp, auth),
+            http: HttpService::new(state.clone(), sessions, mcp, auth, grants),
             state,
             mcp_shutdown,
             background,

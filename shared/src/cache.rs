@@ -220,7 +220,8 @@ pub fn entry_id(tool: &str, arguments: &Value, partition: &str) -> String {
     format!("{tool}:{}", hex::encode(&digest[..16]))
 }
 
-/// A partition name for a principal (e.g. an `Authorization` header): never the secret itself.
+/// The partition name of a principal (the verified principal id the server authenticated; hashed
+/// again so no partition names anything a client sent).
 pub fn private_partition(principal: &str) -> String {
     let digest = Sha256::digest(principal.as_bytes());
     format!("p-{}", hex::encode(&digest[..12]))

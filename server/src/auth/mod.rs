@@ -54,6 +54,22 @@ impl Principal {
         }
     }
 
+    /// Whether the caller may use `toolset`: its read-only tools and resources, or with `write`
+    /// its other tools too. `<toolset>:write` implies `<toolset>`; `*` grants everything.
+    pub fn may(&self, toolset: &str, write: bool) -> bool {
+        self.scopes.iter().any(|scope| {
+            scope == "*"
+                || scope
+                    .strip_prefix(toolset)
+                    .is_some_and(|rest| rest == ":write" || (rest.is_empty() && !write))
+        })
+    }
+
+    /// Whether the caller is granted everything (`*`).
+    pub fn is_unrestricted(&self) -> bool {
+        self.scopes.iter().any(|scope| scope == "*")
+    }
+
     /// Whether any of the caller's scopes is one of `supported` (or `*`).
     pub fn has_any(&self, supported: &[String]) -> bool {
         self.scopes
@@ -74,7 +90,8 @@ pub struct Failure {
 }
 
 impl Failure {
-    pub(crate) const fn new(reason: &'static str, description: &'static str) -> Self {
+    /// A failure for `reason`, told to the client as `description`.
+    pub const fn new(reason: &'static str, description: &'static str) -> Self {
         Self {
             reason,
             description,
@@ -203,6 +220,16 @@ impl Authenticator {
     /// The response to a failed authentication: its status, `WWW-Authenticate` challenge and a
     /// short text body.
     pub fn challenge(&self, failure: &Failure) -> (StatusCode, Option<HeaderValue>) {
+        self.challenge_for(failure, None)
+    }
+
+    /// Like [`Authenticator::challenge`], naming `scope` (the scopes one operation needs) instead
+    /// of every scope of the server.
+    pub fn challenge_for(
+        &self,
+        failure: &Failure,
+        scope: Option<&str>,
+    ) -> (StatusCode, Option<HeaderValue>) {
         let status = failure.status();
         let mut params = vec![];
         if !self.challenge_base.is_empty() {
@@ -217,8 +244,12 @@ impl Authenticator {
         if failure.reason != "missing" {
             params.push(format!("error_description=\"{}\"", failure.description));
         }
-        if !self.scopes.is_empty() {
-            params.push(format!("scope=\"{}\"", self.scopes.join(" ")));
+        match scope {
+            Some(scope) => params.push(format!("scope=\"{scope}\"")),
+            None if !self.scopes.is_empty() => {
+                params.push(format!("scope=\"{}\"", self.scopes.join(" ")));
+            }
+            None => {}
         }
         let value = format!("Bearer {}", params.join(", "));
         (status, HeaderValue::from_str(&value).ok())
@@ -327,5 +358,25 @@ mod tests {
         assert_eq!(&*a.name, "alice");
         assert!(Principal::anonymous().has_any(&["kv".to_owned()]));
         assert!(!a.has_any(&["kv".to_owned()]));
+    }
+
+    #[test]
+    fn write_scopes_imply_read_and_star_grants_everything() {
+        let scoped = |scopes: &[&str]| {
+            Principal::new(
+                "api-key",
+                "p",
+                scopes.iter().map(|s| (*s).to_owned()).collect(),
+            )
+        };
+        let reader = scoped(&["kv"]);
+        assert!(reader.may("kv", false) && !reader.may("kv", true));
+        assert!(!reader.may("kvx", false) && !reader.may("postgres", false));
+        let writer = scoped(&["kv:write"]);
+        assert!(writer.may("kv", false) && writer.may("kv", true));
+        assert!(!scoped(&["kvx:write"]).may("kv", false));
+        let all = scoped(&["*"]);
+        assert!(all.may("postgres", true) && all.is_unrestricted());
+        assert!(!writer.is_unrestricted());
     }
 }

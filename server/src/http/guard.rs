@@ -27,6 +27,8 @@ pub(super) struct Envelope {
     pub(super) id: Option<serde_json::Value>,
     /// `params._meta.traceparent` (2026-07-28 trace context propagation).
     pub(super) traceparent: Option<String>,
+    /// `params.name` of a `tools/call` (checked against the caller's grants).
+    pub(super) tool: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -49,6 +51,8 @@ struct RawEnvelope<'a> {
 struct RawParams {
     #[serde(rename = "_meta", default)]
     meta: Option<RawMeta>,
+    #[serde(default)]
+    name: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -89,14 +93,17 @@ impl Envelope {
                 "Invalid Request: a message needs a method, a result or an error",
             ));
         }
+        let is_call = raw.method.as_deref() == Some("tools/call");
+        let (meta, name) = raw.params.map(|p| (p.meta, p.name)).unwrap_or_default();
         Ok(Envelope {
             is_initialize: raw.method.as_deref() == Some("initialize"),
             id: raw.id,
-            traceparent: raw
-                .params
-                .and_then(|p| p.meta)
+            traceparent: meta
                 .and_then(|m| m.traceparent)
                 .and_then(|tp| tp.as_str().map(str::to_owned)),
+            tool: name
+                .filter(|_| is_call)
+                .and_then(|name| name.as_str().map(str::to_owned)),
         })
     }
 }

@@ -48,9 +48,10 @@ use shoal_shared::telemetry::Span;
 use tokio::time::Instant;
 
 use crate::{
-    auth::{Authenticator, Failure},
+    auth::{Authenticator, Failure, Principal},
     mcp::{handler::ShoalHandler, session::ClusterSessionManager},
     state::AppState,
+    tools::Grants,
 };
 
 /// Response body type shared with rmcp.
@@ -73,6 +74,8 @@ pub struct HttpService {
     mcp: McpService,
     policy: Arc<OriginPolicy>,
     auth: Arc<Authenticator>,
+    /// The scope each tool needs (checked on `tools/call` before rmcp).
+    grants: Arc<Grants>,
     replica: HeaderValue,
     /// The admin listener's service: /metrics, /healthz and /readyz only, no Host check.
     admin: bool,
@@ -87,6 +90,7 @@ impl HttpService {
         sessions: Arc<ClusterSessionManager>,
         mcp: McpService,
         auth: Arc<Authenticator>,
+        grants: Arc<Grants>,
     ) -> Self {
         let policy = Arc::new(OriginPolicy::new(
             &state.config.host_allow_list(),
@@ -101,6 +105,7 @@ impl HttpService {
             mcp,
             policy,
             auth,
+            grants,
             replica,
             admin: false,
             ready: Arc::new(AtomicBool::new(true)),
@@ -268,6 +273,34 @@ impl HttpService {
         response
     }
 
+    /// A tool call outside the caller's grants: 403 `insufficient_scope` naming the scope the call
+    /// needs, so a client may ask for it (step-up authorization).
+    fn refuse_scope(&self, needed: &str) -> Response<Body> {
+        self.state.metrics.auth_failure("insufficient_scope");
+        tracing::info!(needed, "refused tool call: insufficient scope");
+        let failure = Failure::new(
+            "insufficient_scope",
+            "the call needs a scope the token lacks",
+        );
+        let (status, challenge) = self.auth.challenge_for(&failure, Some(needed));
+        let body = serde_json::json!({
+            "error": "insufficient_scope",
+            "error_description": failure.description,
+            "scope": needed,
+        });
+        let mut response = Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(full(body.to_string()))
+            .expect("valid response");
+        if let Some(challenge) = challenge {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        response
+    }
+
     /// Whether `session` belongs to the authenticated caller: `Err` holds the response when it
     /// does not (404, exactly as for an unknown session, so no one learns another's session
     /// exists) or when the shared state cannot say (503).
@@ -409,6 +442,13 @@ impl HttpService {
                 "sessions_full",
                 busy(envelope.id.as_ref(), "this replica holds too many sessions"),
             );
+        }
+        if let Some(tool) = &envelope.tool
+            && let Some(grant) = self.grants.get(tool)
+            && let Some(caller) = parts.extensions.get::<Principal>()
+            && !caller.may(grant.toolset, grant.write)
+        {
+            return self.refuse_scope(&grant.scope());
         }
         *span = http_span(&mut parts, envelope.traceparent.as_deref());
         span.wrap(self.forward(

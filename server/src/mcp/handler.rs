@@ -37,6 +37,7 @@ use shoal_shared::{
 use shoal_shared::telemetry::Span;
 
 use crate::{
+    auth::Principal,
     mcp::{
         error::{During as _, Failure},
         listen::EarlyListeners,
@@ -44,8 +45,9 @@ use crate::{
     },
     state::AppState,
     tools::{
-        Toolbox,
+        Toolbox, may_read,
         policy::{Scope, ToolPolicy},
+        resource_not_found,
     },
 };
 
@@ -63,16 +65,15 @@ impl std::fmt::Debug for ShoalHandler {
     }
 }
 
-/// The caller's principal for private cache partitions: its `Authorization` header (hashed before
-/// use), or `anonymous`.
-fn principal(context: &RequestContext<RoleServer>) -> String {
+/// The authenticated caller of the request behind `context` (put there by the HTTP layer; the
+/// anonymous principal when authentication is off).
+fn caller(context: &RequestContext<RoleServer>) -> Principal {
     context
         .extensions
         .get::<http::request::Parts>()
-        .and_then(|parts| parts.headers.get(http::header::AUTHORIZATION))
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("anonymous")
-        .to_owned()
+        .and_then(|parts| parts.extensions.get::<Principal>())
+        .cloned()
+        .unwrap_or_else(Principal::anonymous)
 }
 
 fn tool_error(message: String) -> CallToolResponse {
@@ -141,7 +142,7 @@ impl ShoalHandler {
                 None,
             ));
         }
-        if !self.tools.catalog.is_subscribable(uri) {
+        if !self.tools.catalog.is_subscribable(uri) || !may_read(&caller(context), uri) {
             return Err(McpError::resource_not_found(
                 "no such resource to subscribe to",
                 Some(serde_json::json!({ "uri": uri })),
@@ -226,10 +227,25 @@ impl ServerHandler for ShoalHandler {
             "tools/list",
             trace::request_span("tools/list", Target::None, &context),
             async {
-                let mut result = ListToolsResult::with_all_items(self.tools.router.list_all());
-                self.tools
-                    .catalog
-                    .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+                let caller = caller(&context);
+                let grants = &self.tools.grants;
+                let tools = self
+                    .tools
+                    .router
+                    .list_all()
+                    .into_iter()
+                    .filter(|tool| {
+                        grants
+                            .get(tool.name.as_ref())
+                            .is_some_and(|grant| caller.may(grant.toolset, grant.write))
+                    })
+                    .collect();
+                let mut result = ListToolsResult::with_all_items(tools);
+                self.tools.catalog.cache_hint_static(
+                    &mut result.ttl_ms,
+                    &mut result.cache_scope,
+                    &caller,
+                );
                 Ok(result)
             },
         )
@@ -281,7 +297,7 @@ impl ServerHandler for ShoalHandler {
                 let cursor = request.and_then(|r| r.cursor);
                 self.tools
                     .catalog
-                    .list_resources(&self.state, cursor.as_deref())
+                    .list_resources(&self.state, cursor.as_deref(), &caller(&context))
                     .await
             },
         )
@@ -297,12 +313,21 @@ impl ServerHandler for ShoalHandler {
             "resources/templates/list",
             trace::request_span("resources/templates/list", Target::None, &context),
             async {
-                let mut result = ListResourceTemplatesResult::with_all_items(
-                    self.tools.catalog.templates.clone(),
-                );
-                self.tools
+                let caller = caller(&context);
+                let templates = self
+                    .tools
                     .catalog
-                    .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+                    .templates
+                    .iter()
+                    .filter(|template| may_read(&caller, &template.uri_template))
+                    .cloned()
+                    .collect();
+                let mut result = ListResourceTemplatesResult::with_all_items(templates);
+                self.tools.catalog.cache_hint_static(
+                    &mut result.ttl_ms,
+                    &mut result.cache_scope,
+                    &caller,
+                );
                 Ok(result)
             },
         )
@@ -318,6 +343,10 @@ impl ServerHandler for ShoalHandler {
             "resources/read",
             trace::request_span("resources/read", Target::Resource(&request.uri), &context),
             async {
+                // A resource outside the caller's grants does not exist for it.
+                if !may_read(&caller(&context), &request.uri) {
+                    return Err(resource_not_found(&request.uri));
+                }
                 self.tools
                     .catalog
                     .read(&self.state, &request.uri)
@@ -457,11 +486,19 @@ impl ServerHandler for ShoalHandler {
             "prompts/list",
             trace::request_span("prompts/list", Target::None, &context),
             async {
-                let mut result =
-                    ListPromptsResult::with_all_items(self.tools.catalog.prompts.clone());
-                self.tools
-                    .catalog
-                    .cache_hint_static(&mut result.ttl_ms, &mut result.cache_scope);
+                // Every prompt belongs to the conformance toolset.
+                let caller = caller(&context);
+                let prompts = if caller.may("conformance", false) {
+                    self.tools.catalog.prompts.clone()
+                } else {
+                    Vec::new()
+                };
+                let mut result = ListPromptsResult::with_all_items(prompts);
+                self.tools.catalog.cache_hint_static(
+                    &mut result.ttl_ms,
+                    &mut result.cache_scope,
+                    &caller,
+                );
                 Ok(result)
             },
         )
@@ -477,6 +514,9 @@ impl ServerHandler for ShoalHandler {
             "prompts/get",
             trace::request_span("prompts/get", Target::Prompt(&request.name), &context),
             async {
+                if !caller(&context).may("conformance", false) {
+                    return Err(McpError::invalid_params("no such prompt", None));
+                }
                 if self.tools.catalog.is_input_required_prompt(&request.name) {
                     return self.input_required_prompt(&request).await;
                 }
@@ -538,7 +578,7 @@ impl ShoalHandler {
         let arguments = Value::Object(request.arguments.clone().unwrap_or_default());
         let partition = match policy.scope {
             Scope::Public => "public".to_owned(),
-            Scope::Private => private_partition(&principal(&context)),
+            Scope::Private => private_partition(&caller(&context).id),
         };
         let id = entry_id(policy.name, &arguments, &partition);
         let tags = (policy.tags)(&arguments);

@@ -21,6 +21,7 @@ use rmcp::{
 };
 
 use crate::{
+    auth::Principal,
     mcp::{error::During as _, handler::ShoalHandler},
     state::AppState,
 };
@@ -103,29 +104,102 @@ impl Toolsets {
 
     /// The tool router of every enabled toolset.
     pub fn tool_router(&self) -> ToolRouter<ShoalHandler> {
-        let mut router = ToolRouter::new();
+        self.routers()
+            .into_iter()
+            .fold(ToolRouter::new(), |mut all, (_, router)| {
+                all += router;
+                all
+            })
+    }
+
+    /// The tools of each enabled toolset, by toolset name.
+    fn routers(&self) -> Vec<(&'static str, ToolRouter<ShoalHandler>)> {
+        let mut routers = Vec::new();
         if self.kv {
-            router += ShoalHandler::kv_tools();
+            routers.push(("kv", ShoalHandler::kv_tools()));
         }
         if self.postgres {
-            router += ShoalHandler::postgres_tools();
+            let mut router = ShoalHandler::postgres_tools();
             if self.postgres_writes {
                 router += ShoalHandler::postgres_write_tools();
             }
+            routers.push(("postgres", router));
         }
         if self.rpc {
-            router += ShoalHandler::rpc_tools();
+            routers.push(("rpc", ShoalHandler::rpc_tools()));
         }
         if self.compute {
-            router += ShoalHandler::compute_tools();
+            routers.push(("compute", ShoalHandler::compute_tools()));
         }
         if self.conformance {
-            router += ShoalHandler::conformance_tools();
+            let mut router = ShoalHandler::conformance_tools();
             router += ShoalHandler::mrtr_tools();
             router.add_route(conformance::json_schema_tool());
             router.add_route(conformance::custom_header_tool());
+            routers.push(("conformance", router));
         }
-        router
+        routers
+    }
+
+    /// What calling each tool takes: its toolset's scope, with `:write` unless the tool is
+    /// declared read-only.
+    pub fn grants(&self) -> Grants {
+        self.routers()
+            .into_iter()
+            .flat_map(|(toolset, router)| {
+                router.list_all().into_iter().map(move |tool| {
+                    let read_only = tool
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.read_only_hint)
+                        .unwrap_or(false);
+                    (
+                        tool.name.to_string(),
+                        Grant {
+                            toolset,
+                            write: !read_only,
+                        },
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// The scope a tool needs: `<toolset>` for a read-only tool, `<toolset>:write` for any other
+/// (`*` grants both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The toolset the tool belongs to.
+    pub toolset: &'static str,
+    /// Whether the tool changes anything (not declared `readOnlyHint`).
+    pub write: bool,
+}
+
+impl Grant {
+    /// The scope that grants it.
+    pub fn scope(&self) -> String {
+        if self.write {
+            format!("{}:write", self.toolset)
+        } else {
+            self.toolset.to_owned()
+        }
+    }
+}
+
+/// Each tool's [`Grant`], by tool name.
+pub type Grants = std::collections::HashMap<String, Grant>;
+
+/// The toolset whose scope covers the resource (or template) `uri`.
+pub fn toolset_of(uri: &str) -> Option<&'static str> {
+    if kv::key_of(uri).is_some() || uri.starts_with("kv://") {
+        Some("kv")
+    } else if uri.starts_with("postgres://") {
+        Some("postgres")
+    } else if uri.starts_with("test://") {
+        Some("conformance")
+    } else {
+        None
     }
 }
 
@@ -141,6 +215,8 @@ pub struct Toolbox {
     pub catalog: Catalog,
     /// What `initialize` announces.
     pub info: rmcp::model::ServerConfig,
+    /// The scope each tool needs.
+    pub grants: std::sync::Arc<Grants>,
 }
 
 impl Toolbox {
@@ -151,6 +227,7 @@ impl Toolbox {
             policies: policy::Policies::new(config, declared_policies(&toolsets)),
             catalog: Catalog::new(toolsets),
             info: crate::mcp::handler::server_info(),
+            grants: std::sync::Arc::new(toolsets.grants()),
         }
     }
 }
@@ -171,6 +248,21 @@ pub fn declared_policies(toolsets: &Toolsets) -> Vec<(String, policy::Declared)>
         declared.extend(compute::policies());
     }
     declared
+}
+
+/// Whether `caller` may read (list, read, subscribe to) the resource `uri`.
+pub fn may_read(caller: &Principal, uri: &str) -> bool {
+    toolset_of(uri).is_some_and(|toolset| caller.may(toolset, false)) || caller.is_unrestricted()
+}
+
+/// The cache scope of a list shown to `caller`: public when it sees everything, else private (its
+/// grants filtered it).
+fn scope_for(caller: &Principal) -> CacheScope {
+    if caller.is_unrestricted() {
+        CacheScope::Public
+    } else {
+        CacheScope::Private
+    }
 }
 
 /// Resources, templates and prompts of the enabled toolsets.
@@ -209,10 +301,16 @@ impl Catalog {
         catalog
     }
 
-    /// Sets the cache hints of results that only change with a deployment.
-    pub fn cache_hint_static(&self, ttl_ms: &mut Option<u64>, scope: &mut Option<CacheScope>) {
+    /// Sets the cache hints of results that only change with a deployment (and, for a caller
+    /// whose grants filter them, are its own: `private`).
+    pub fn cache_hint_static(
+        &self,
+        ttl_ms: &mut Option<u64>,
+        scope: &mut Option<CacheScope>,
+        caller: &Principal,
+    ) {
         *ttl_ms = Some(STATIC_TTL_MS);
-        *scope = Some(CacheScope::Public);
+        *scope = Some(scope_for(caller));
     }
 
     /// Whether `uri` names a resource clients may subscribe to.
@@ -231,14 +329,19 @@ impl Catalog {
         &self,
         state: &AppState,
         cursor: Option<&str>,
+        caller: &Principal,
     ) -> Result<ListResourcesResult, McpError> {
         let mut resources = if cursor.is_none() {
-            self.resources.clone()
+            self.resources
+                .iter()
+                .filter(|resource| may_read(caller, &resource.uri))
+                .cloned()
+                .collect()
         } else {
             Vec::new()
         };
         let mut next_cursor = None;
-        if self.toolsets.kv {
+        if self.toolsets.kv && caller.may("kv", false) {
             let after = match cursor {
                 Some(cursor) => Some(
                     kv::decode_cursor(cursor)
@@ -262,7 +365,7 @@ impl Catalog {
         result.next_cursor = next_cursor;
         // The kv keys change at any time: clients should not reuse the list.
         result.ttl_ms = Some(0);
-        result.cache_scope = Some(CacheScope::Public);
+        result.cache_scope = Some(scope_for(caller));
         Ok(result)
     }
 

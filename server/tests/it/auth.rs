@@ -582,3 +582,123 @@ async fn the_typescript_sdk_client_discovers_authenticates_and_calls_tools() {
     assert_eq!(report["written"], "through the SDK");
     assert!(metric_sum(&cluster.topology, "shoal_session_restores_total").await >= 1.0);
 }
+
+/// What a principal sees and may call follows its scopes: `kv` lists and calls the read-only kv
+/// tools only (a write is 403 `insufficient_scope` naming `kv:write`, on every replica), sees no
+/// conformance tool, resource or prompt and cannot read one; `kv:write` adds the write tools; `*`
+/// sees everything, listed as public where filtered lists are private.
+#[tokio::test]
+async fn what_a_principal_lists_and_calls_follows_its_scopes() {
+    const READER: &str = "reader-key-0123456789abcdef0123456789abcdef";
+    const WRITER: &str = "writer-key-0123456789abcdef0123456789abcdef";
+    const ADMIN: &str = "admin-key-0123456789abcdef0123456789abcdef";
+    let keys = keys_file(&format!(
+        "{}{}{}",
+        key_entry("reader", &["kv"], READER),
+        key_entry("writer", &["kv:write"], WRITER),
+        key_entry("admin", &["*"], ADMIN)
+    ));
+    let topology = api_key_cluster(&keys).await;
+    let url = topology.mcp_url();
+    let tools_of = async |key: &str| {
+        let client = initialized(&url, key).await;
+        let exchange = client
+            .request("tools/list", json!({}))
+            .await
+            .expect("tools/list");
+        let result = exchange.result().expect("result").clone();
+        let names: HashSet<String> = result["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
+            .collect();
+        (client, names, result["cacheScope"].clone())
+    };
+    let (reader, read_tools, read_scope) = tools_of(READER).await;
+    let (writer, write_tools, _) = tools_of(WRITER).await;
+    let (admin, all_tools, all_scope) = tools_of(ADMIN).await;
+    assert!(
+        read_tools.contains("kv_get") && !read_tools.contains("kv_set"),
+        "{read_tools:?}"
+    );
+    assert!(
+        !read_tools.iter().any(|t| t.starts_with("test_")),
+        "{read_tools:?}"
+    );
+    assert!(write_tools.contains("kv_set") && write_tools.contains("kv_get"));
+    assert!(write_tools.is_subset(&all_tools) && write_tools.len() < all_tools.len());
+    assert!(
+        all_tools.iter().any(|t| t.starts_with("test_")),
+        "{all_tools:?}"
+    );
+    assert_eq!(read_scope, json!("private"));
+    assert_eq!(all_scope, json!("public"));
+
+    // A write by the reader is refused before it runs, on every replica, naming the scope it needs.
+    let session = reader.session_id().expect("session").to_owned();
+    let set = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+        "params": {"name": "kv_set", "arguments": {"key": "k", "value": "reader"}}});
+    let mut refused_on = HashSet::new();
+    for _ in 0..3 {
+        let (status, headers, body) = post_raw(&url, Some(&session), Some(READER), &set).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(
+            challenge(&headers).contains("error=\"insufficient_scope\"")
+                && challenge(&headers).contains("scope=\"kv:write\""),
+            "{headers:?}"
+        );
+        refused_on.insert(replica_of(&headers));
+    }
+    assert_eq!(refused_on.len(), 3, "{refused_on:?}");
+    call_ok(&writer, "kv_set", json!({"key": "k", "value": "writer"})).await;
+    let read = call_ok(&reader, "kv_get", json!({"key": "k"})).await;
+    assert_eq!(
+        text_of(read.result().expect("result")),
+        "writer",
+        "the reader's write never ran"
+    );
+
+    // Resources and prompts of a toolset outside the grants do not exist for the caller.
+    let uris = async |client: &McpClient| -> Vec<String> {
+        let exchange = client
+            .request("resources/list", json!({}))
+            .await
+            .expect("list");
+        exchange.result().expect("result")["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .filter_map(|r| r["uri"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let reader_uris = uris(&reader).await;
+    assert!(
+        reader_uris.contains(&"kv://k".to_owned()),
+        "{reader_uris:?}"
+    );
+    assert!(
+        !reader_uris.iter().any(|u| u.starts_with("test://")),
+        "{reader_uris:?}"
+    );
+    assert!(uris(&admin).await.iter().any(|u| u.starts_with("test://")));
+    let static_text = json!({"uri": "test://static-text"});
+    let refused = reader
+        .request("resources/read", static_text.clone())
+        .await
+        .expect("read");
+    assert!(
+        refused.response().expect("response").get("error").is_some(),
+        "{refused:?}"
+    );
+    let allowed = admin
+        .request("resources/read", static_text)
+        .await
+        .expect("read");
+    allowed.result().expect("the admin reads it");
+    let prompts = reader
+        .request("prompts/list", json!({}))
+        .await
+        .expect("prompts");
+    assert_eq!(prompts.result().expect("result")["prompts"], json!([]));
+}

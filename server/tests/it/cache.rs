@@ -10,6 +10,8 @@ use shoal_testkit::{
     upstream::{Behavior, FakeUpstream},
 };
 
+use sha2::Digest as _;
+
 use crate::helpers::*;
 
 const ADDRESS: &str = "4Nd1mYQ9P8Ew7ZsDMhCXHqkuhbuBFvf6VGK2mX4EdhyS";
@@ -123,12 +125,39 @@ async fn argument_order_does_not_matter_and_errors_are_not_cached() {
     );
 }
 
+/// A `private` result is cached per verified principal (API keys here): its owner is served from
+/// the cache, another principal never sees it; writes always execute.
 #[tokio::test]
 async fn private_results_stay_with_their_principal_and_writes_are_never_cached() {
     let upstream = FakeUpstream::start(Behavior::Healthy)
         .await
         .expect("upstream");
-    let topology = cached_cluster(&upstream, true, &[]).await;
+    let keys = tempfile::NamedTempFile::new().expect("keys file");
+    let entry = |principal: &str, scope: &str, key: &str| {
+        format!(
+            "[[key]]\nprincipal = \"{principal}\"\nscopes = [\"{scope}\"]\nsha256 = \"{}\"\n",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        )
+    };
+    std::fs::write(
+        keys.path(),
+        entry(
+            "alice",
+            "postgres:write",
+            "alice-0123456789abcdef0123456789abcdef",
+        ) + &entry("bob", "postgres", "bob-0123456789abcdef0123456789abcdef"),
+    )
+    .expect("write keys");
+    let keys_path = keys.path().display().to_string();
+    let topology = cached_cluster(
+        &upstream,
+        true,
+        &[
+            ("SHOAL_AUTH", "api-keys"),
+            ("SHOAL_API_KEYS_FILE", &keys_path),
+        ],
+    )
+    .await;
     let db = topology.postgres_client().await.expect("connect");
     db.batch_execute("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES (1, 0);")
         .await
@@ -141,8 +170,8 @@ async fn private_results_stay_with_their_principal_and_writes_are_never_cached()
         );
         client
     };
-    let alice = as_principal("alice");
-    let bob = as_principal("bob");
+    let alice = as_principal("alice-0123456789abcdef0123456789abcdef");
+    let bob = as_principal("bob-0123456789abcdef0123456789abcdef");
     let query = json!({"sql": "SELECT clock_timestamp()::text AS at"});
     let at = |result: Value| {
         result["structuredContent"]["rows"][0]["at"]

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Issue 12, acceptance 5: what authentication costs on the trivial tool call. One replica on Redis
+# (shoal-cluster, no balancer), driven by wrk (scripts/wrk/call.lua, 32 connections) with
+# tools/call echo in both protocol eras, in three configurations side by side in one run:
+#
+#   off        SHOAL_AUTH unset (loopback: no authentication)
+#   api-keys   SHOAL_AUTH=api-keys, the request's key hashed and looked up
+#   oauth      SHOAL_AUTH=oauth against the test authorization server (testkit/oidc, oidc-provider):
+#              one ES256 access token, verified once, then served from the verified-token memory
+#
+# Every request of the legacy era also passes the session owner check (in memory after the first).
+# CPU per call comes from the replica's own /metrics. Rounds repeat the three configurations;
+# medians and ratios against `off` are printed.
+#
+# Usage: scripts/bench-auth.sh [--duration 10s] [--connections 32] [--rounds 3]
+# Needs: cargo build --release --workspace; wrk (scripts/install-deps.sh --bench); Node.js and
+# `npm ci --prefix testkit/oidc`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=10s
+CONNECTIONS=32
+ROUNDS=3
+while [ $# -gt 0 ]; do
+  case $1 in
+    --duration) DURATION=$2; shift 2 ;;
+    --connections) CONNECTIONS=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ -d testkit/oidc/node_modules/oidc-provider ] || npm ci --prefix testkit/oidc --no-audit --no-fund --loglevel=error
+. scripts/bench-common.sh
+
+# The test authorization server, for the oauth configuration.
+coproc RIG { PORT=0 CLIENTS='[{"client_id":"bench","client_secret":"bench-secret","scopes":["kv"]}]' \
+  exec node testkit/oidc/server.mjs 2> "$WORK/rig.log"; }
+rig_pid=$RIG_PID
+trap 'kill $rig_pid 2>/dev/null || true; cleanup' EXIT
+read -r ready <&"${RIG[0]}"
+issuer=${ready#READY }
+resource="http://127.0.0.1:9/mcp" # the audience only: nothing fetches it
+oauth_token=$(curl -s -u bench:bench-secret -d grant_type=client_credentials -d scope=kv \
+  --data-urlencode "resource=$resource" "$issuer/token" | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+api_key=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+printf '[[key]]\nprincipal = "bench"\nscopes = ["kv"]\nsha256 = "%s"\n' \
+  "$(printf %s "$api_key" | sha256sum | cut -d' ' -f1)" > "$WORK/keys.toml"
+
+# measure LABEL ERA: a warm-up, then one measured wrk run against $url; appends
+# "label calls/s us-cpu/call p50 p99 failed" to the results.
+measure() {
+  local label=$1 era=$2 session="" before after line
+  [ "$era" = legacy ] && session=$(open_session "$url")
+  ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d2s -s scripts/wrk/call.lua "$url" > /dev/null
+  before=$(cpu_of "$base")
+  line=$(ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s scripts/wrk/call.lua "$url" | grep '^WRK')
+  after=$(cpu_of "$base")
+  python3 - "$label" "$before" "$after" "$line" >> "$WORK/results.txt" <<'PY'
+import sys
+label, before, after, line = sys.argv[1:5]
+f = dict(kv.split("=") for kv in line.split()[1:])
+calls = int(f["requests"]); secs = float(f["seconds"])
+print(f"{label}\t{calls / secs:.0f}\t{(float(after) - float(before)) / calls * 1e6:.1f}\t{f['p50_ms']}\t{f['p99_ms']}\t{f['failed']}")
+PY
+  tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "  %-20s %7s calls/s %7s us CPU/call  p50 %s ms  p99 %s ms  failed %s\n", $1, $2, $3, $4, $5, $6}'
+}
+
+run() { # $1 = label, $2 = token (may be empty), rest = extra --env
+  local label=$1; export TOKEN=$2; shift 2
+  start_replica --env SHOAL_TOOLSETS=kv "$@"
+  measure "$label legacy" legacy
+  measure "$label 2026" modern
+  stop_replica
+  unset TOKEN
+}
+
+echo "wrk -t2 -c$CONNECTIONS, $DURATION per run, $ROUNDS rounds; tools/call echo"
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round"
+  run off ""
+  run api-keys "$api_key" --env SHOAL_AUTH=api-keys --env "SHOAL_API_KEYS_FILE=$WORK/keys.toml"
+  run oauth "$oauth_token" --env SHOAL_AUTH=oauth --env "SHOAL_OAUTH_ISSUERS=$issuer" \
+    --env "SHOAL_RESOURCE_URL=$resource"
+done
+python3 - "$WORK/results.txt" <<'PY'
+import statistics, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+med = {}
+for label in dict.fromkeys(r[0] for r in rows):
+    mine = [r for r in rows if r[0] == label]
+    med[label] = (statistics.median(float(r[1]) for r in mine), statistics.median(float(r[2]) for r in mine),
+                  sum(int(r[5]) for r in mine))
+print("\nmedians")
+for label, (rate, cpu, failed) in med.items():
+    print(f"  {label:<20} {rate:8.0f} calls/s {cpu:7.1f} us CPU/call  failed {failed}")
+print("\nratios against auth off")
+for mode in ("api-keys", "oauth"):
+    for era in ("legacy", "2026"):
+        a, b = med[f"{mode} {era}"], med[f"off {era}"]
+        print(f"  {mode:<9} {era:<7} {a[0] / b[0]:.3f}x calls/s, {a[1] / b[1]:.3f}x CPU/call")
+PY
