@@ -31,13 +31,15 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// The one principal of `SHOAL_AUTH=none`: every caller, granted everything.
+    /// The one principal of `SHOAL_AUTH=none`: every caller, granted everything (built once;
+    /// each request gets a clone of three `Arc`s).
     pub fn anonymous() -> Self {
-        Self {
+        static ANONYMOUS: std::sync::LazyLock<Principal> = std::sync::LazyLock::new(|| Principal {
             id: Arc::from("anonymous"),
             name: Arc::from("anonymous"),
             scopes: Arc::from(vec!["*".to_owned()]),
-        }
+        });
+        ANONYMOUS.clone()
     }
 
     /// A principal named `name` in the namespace `kind` (an issuer URL, or `api-key`).
