@@ -18,19 +18,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=10s
-CONNECTIONS=32
-ROUNDS=3
-while [ $# -gt 0 ]; do
-  case $1 in
-    --duration) DURATION=$2; shift 2 ;;
-    --connections) CONNECTIONS=$2; shift 2 ;;
-    --rounds) ROUNDS=$2; shift 2 ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
-  esac
-done
 [ -d testkit/oidc/node_modules/oidc-provider ] || npm ci --prefix testkit/oidc --no-audit --no-fund --loglevel=error
 . scripts/bench-common.sh
+wrk_options "$@"
 
 # The test authorization server, for the oauth configuration.
 coproc RIG { PORT=0 CLIENTS='[{"client_id":"bench","client_secret":"bench-secret","scopes":["kv"]}]' \
@@ -46,30 +36,11 @@ api_key=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
 printf '[[key]]\nprincipal = "bench"\nscopes = ["kv"]\nsha256 = "%s"\n' \
   "$(printf %s "$api_key" | sha256sum | cut -d' ' -f1)" > "$WORK/keys.toml"
 
-# measure LABEL ERA: a warm-up, then one measured wrk run against $url; appends
-# "label calls/s us-cpu/call p50 p99 failed" to the results.
-measure() {
-  local label=$1 era=$2 session="" before after line
-  [ "$era" = legacy ] && session=$(open_session "$url")
-  ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d2s -s scripts/wrk/call.lua "$url" > /dev/null
-  before=$(cpu_of "$base")
-  line=$(ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s scripts/wrk/call.lua "$url" | grep '^WRK')
-  after=$(cpu_of "$base")
-  python3 - "$label" "$before" "$after" "$line" >> "$WORK/results.txt" <<'PY'
-import sys
-label, before, after, line = sys.argv[1:5]
-f = dict(kv.split("=") for kv in line.split()[1:])
-calls = int(f["requests"]); secs = float(f["seconds"])
-print(f"{label}\t{calls / secs:.0f}\t{(float(after) - float(before)) / calls * 1e6:.1f}\t{f['p50_ms']}\t{f['p99_ms']}\t{f['failed']}")
-PY
-  tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "  %-20s %7s calls/s %7s us CPU/call  p50 %s ms  p99 %s ms  failed %s\n", $1, $2, $3, $4, $5, $6}'
-}
-
 run() { # $1 = label, $2 = token (may be empty), rest = extra --env
   local label=$1; export TOKEN=$2; shift 2
   start_replica --env SHOAL_TOOLSETS=kv "$@"
-  measure "$label legacy" legacy
-  measure "$label 2026" modern
+  wrk_measure "$label legacy" legacy "$url" cpu_of "$base"
+  wrk_measure "$label 2026" modern "$url" cpu_of "$base"
   stop_replica
   unset TOKEN
 }

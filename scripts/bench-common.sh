@@ -1,4 +1,5 @@
-# Shared by the single-replica benchmarks (bench-tracing.sh, bench-ab.sh, bench-wrk.sh); sourced, not run.
+# Shared by the single-replica benchmarks (bench-tracing.sh, bench-ab.sh, bench-wrk.sh, bench-auth.sh,
+# callgrind-calls.sh); sourced, not run.
 # Sets BIN and WORK, defines start_replica / stop_replica / start_stock / stop_stock / open_session / TRACE_ALL (below), starts
 # shoal-otlp-sink on two free ports (GRPC, HTTP; its spans kept:
 # SINK_MAX_SPANS, default 0 = only counted), and on exit stops the sink and the cluster whose pid
@@ -61,3 +62,38 @@ stop_replica() { kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster="
 # Every request traced (100 % sampling), exported over OTLP/HTTP to the sink: extra start_replica args.
 TRACE_ALL=(--env "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$HTTP" --env OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf
   --env OTEL_TRACES_SAMPLER=always_on --env OTEL_METRICS_EXPORTER=none)
+
+# wrk_options ARGS...: the options of the wrk-driven benchmarks: --duration (10s), --connections
+# (32), --rounds (3), into DURATION, CONNECTIONS and ROUNDS.
+wrk_options() {
+  DURATION=10s; CONNECTIONS=32; ROUNDS=3
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --duration) DURATION=$2; shift 2 ;;
+      --connections) CONNECTIONS=$2; shift 2 ;;
+      --rounds) ROUNDS=$2; shift 2 ;;
+      *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+  done
+}
+
+# wrk_measure LABEL ERA URL CPU-COMMAND...: a 2 s warm-up, then one measured run of
+# scripts/wrk/call.lua (tools/call echo; a legacy session of its own, TOKEN as bearer when set)
+# against URL; CPU-COMMAND prints the server's CPU seconds before and after. Appends
+# "label calls/s us-cpu/call p50 p99 failed" to $WORK/results.txt and prints it.
+wrk_measure() {
+  local label=$1 era=$2 url=$3 session="" before after line; shift 3
+  [ "$era" = legacy ] && session=$(open_session "$url")
+  ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d2s -s scripts/wrk/call.lua "$url" > /dev/null
+  before=$("$@")
+  line=$(ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s scripts/wrk/call.lua "$url" | grep '^WRK')
+  after=$("$@")
+  python3 - "$label" "$before" "$after" "$line" >> "$WORK/results.txt" <<'PY'
+import sys
+label, before, after, line = sys.argv[1:5]
+f = dict(kv.split("=") for kv in line.split()[1:])
+calls = int(f["requests"]); secs = float(f["seconds"])
+print(f"{label}\t{calls / secs:.0f}\t{(float(after) - float(before)) / calls * 1e6:.1f}\t{f['p50_ms']}\t{f['p99_ms']}\t{f['failed']}")
+PY
+  tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "  %-24s %7s calls/s %7s us CPU/call  p50 %s ms  p99 %s ms  failed %s\n", $1, $2, $3, $4, $5, $6}'
+}

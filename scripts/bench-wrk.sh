@@ -18,56 +18,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=10s
-CONNECTIONS=32
-ROUNDS=3
-while [ $# -gt 0 ]; do
-  case $1 in
-    --duration) DURATION=$2; shift 2 ;;
-    --connections) CONNECTIONS=$2; shift 2 ;;
-    --rounds) ROUNDS=$2; shift 2 ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
-  esac
-done
 . scripts/bench-common.sh
+wrk_options "$@"
 
 proc_cpu() { python3 -c 'import os,sys; f=open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")",1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf("SC_CLK_TCK"))' "$1"; }
-
-# measure LABEL ERA URL CPU-COMMAND...: a warm-up, then one measured wrk run; appends
-# "label calls/s us-cpu/call p50 p99 failed" to the results.
-measure() {
-  local label=$1 era=$2 url=$3; shift 3
-  local session="" before after line
-  [ "$era" = legacy ] && session=$(open_session "$url")
-  ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d2s -s scripts/wrk/call.lua "$url" > /dev/null
-  before=$("$@")
-  line=$(ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s scripts/wrk/call.lua "$url" | grep '^WRK')
-  after=$("$@")
-  python3 - "$label" "$before" "$after" "$line" >> "$WORK/results.txt" <<'PY'
-import sys
-label, before, after, line = sys.argv[1:5]
-f = dict(kv.split("=") for kv in line.split()[1:])
-calls = int(f["requests"]); secs = float(f["seconds"])
-print(f"{label}\t{calls / secs:.0f}\t{(float(after) - float(before)) / calls * 1e6:.1f}\t{f['p50_ms']}\t{f['p99_ms']}\t{f['failed']}")
-PY
-  tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "  %-24s %7s calls/s %7s us CPU/call  p50 %s ms  p99 %s ms  failed %s\n", $1, $2, $3, $4, $5, $6}'
-}
 
 shoal_run() { # $1 = label suffix, rest = extra --env
   local suffix=$1; shift
   local url base
   start_replica --env SHOAL_TOOLSETS=kv "$@"
-  measure "shoal$suffix legacy" legacy "$url" cpu_of "$base"
-  measure "shoal$suffix 2026" modern "$url" cpu_of "$base"
+  wrk_measure "shoal$suffix legacy" legacy "$url" cpu_of "$base"
+  wrk_measure "shoal$suffix 2026" modern "$url" cpu_of "$base"
   stop_replica
 }
 
 stock_run() { # $1 = label, rest = extra arguments of bench-rmcp-stock
   local label=$1; shift
   start_stock "$@"
-  measure "$label legacy" legacy "$stock_url" proc_cpu "$stock"
+  wrk_measure "$label legacy" legacy "$stock_url" proc_cpu "$stock"
   if [ "${1:-}" = --json-response ]; then
-    measure "$label 2026" modern "$stock_url" proc_cpu "$stock"
+    wrk_measure "$label 2026" modern "$stock_url" proc_cpu "$stock"
   fi
   stop_stock
 }

@@ -219,15 +219,9 @@ impl Authenticator {
         Ok(principal)
     }
 
-    /// The response to a failed authentication: its status, `WWW-Authenticate` challenge and a
-    /// short text body.
-    pub fn challenge(&self, failure: &Failure) -> (StatusCode, Option<HeaderValue>) {
-        self.challenge_for(failure, None)
-    }
-
-    /// Like [`Authenticator::challenge`], naming `scope` (the scopes one operation needs) instead
-    /// of every scope of the server.
-    pub fn challenge_for(
+    /// The status and `WWW-Authenticate` challenge of a failed authentication. `scope` names the
+    /// scopes one operation needs; without it the challenge lists every scope of the server.
+    pub fn challenge(
         &self,
         failure: &Failure,
         scope: Option<&str>,

@@ -242,19 +242,29 @@ impl HttpService {
             .expect("valid response")
     }
 
-    /// The answer to a request authentication refused: the status, challenge and an OAuth error
-    /// body (RFC 6750 §3).
-    fn refuse(&self, failure: &Failure) -> Response<Body> {
+    /// The answer to a request authentication refused: the status, the challenge and an OAuth
+    /// error body (RFC 6750 §3). `scope` names what one operation needs (a tool call outside the
+    /// caller's grants, so a client may ask for it: step-up authorization); without it the
+    /// challenge lists every scope of the server.
+    fn refuse(&self, failure: &Failure, scope: Option<&str>) -> Response<Body> {
         self.state.metrics.auth_failure(failure.reason);
-        tracing::info!(reason = failure.reason, "refused request: authentication");
-        let (status, challenge) = self.auth.challenge(failure);
+        tracing::info!(
+            reason = failure.reason,
+            scope,
+            "refused request: authentication"
+        );
+        let (status, challenge) = self.auth.challenge(failure, scope);
         let error = match failure.reason {
             "missing" => "unauthorized",
             "insufficient_scope" => "insufficient_scope",
             "issuer_unavailable" => "temporarily_unavailable",
             _ => "invalid_token",
         };
-        let body = serde_json::json!({ "error": error, "error_description": failure.description });
+        let mut body =
+            serde_json::json!({ "error": error, "error_description": failure.description });
+        if let Some(scope) = scope {
+            body["scope"] = scope.into();
+        }
         let mut response = Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, "application/json")
@@ -269,34 +279,6 @@ impl HttpService {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        }
-        response
-    }
-
-    /// A tool call outside the caller's grants: 403 `insufficient_scope` naming the scope the call
-    /// needs, so a client may ask for it (step-up authorization).
-    fn refuse_scope(&self, needed: &str) -> Response<Body> {
-        self.state.metrics.auth_failure("insufficient_scope");
-        tracing::info!(needed, "refused tool call: insufficient scope");
-        let failure = Failure::new(
-            "insufficient_scope",
-            "the call needs a scope the token lacks",
-        );
-        let (status, challenge) = self.auth.challenge_for(&failure, Some(needed));
-        let body = serde_json::json!({
-            "error": "insufficient_scope",
-            "error_description": failure.description,
-            "scope": needed,
-        });
-        let mut response = Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(full(body.to_string()))
-            .expect("valid response");
-        if let Some(challenge) = challenge {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, challenge);
         }
         response
     }
@@ -351,7 +333,7 @@ impl HttpService {
         }
         let principal = match self.auth.authenticate(request.headers()).await {
             Ok(principal) => principal,
-            Err(failure) => return self.refuse(&failure),
+            Err(failure) => return self.refuse(&failure, None),
         };
         if self.auth.is_on()
             && let Some(session) = request
@@ -448,7 +430,11 @@ impl HttpService {
             && let Some(caller) = parts.extensions.get::<Principal>()
             && !caller.may(grant.toolset, grant.write)
         {
-            return self.refuse_scope(&grant.scope());
+            let failure = Failure::new(
+                "insufficient_scope",
+                "the call needs a scope the token lacks",
+            );
+            return self.refuse(&failure, Some(&grant.scope()));
         }
         *span = http_span(&mut parts, envelope.traceparent.as_deref());
         span.wrap(self.forward(
