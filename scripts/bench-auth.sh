@@ -53,20 +53,8 @@ for round in $(seq 1 "$ROUNDS"); do
   run oauth "$oauth_token" --env SHOAL_AUTH=oauth --env "SHOAL_OAUTH_ISSUERS=$issuer" \
     --env "SHOAL_RESOURCE_URL=$resource"
 done
-python3 - "$WORK/results.txt" <<'PY'
-import statistics, sys
-rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
-med = {}
-for label in dict.fromkeys(r[0] for r in rows):
-    mine = [r for r in rows if r[0] == label]
-    med[label] = (statistics.median(float(r[1]) for r in mine), statistics.median(float(r[2]) for r in mine),
-                  sum(int(r[5]) for r in mine))
-print("\nmedians")
-for label, (rate, cpu, failed) in med.items():
-    print(f"  {label:<20} {rate:8.0f} calls/s {cpu:7.1f} us CPU/call  failed {failed}")
-print("\nratios against auth off")
-for mode in ("api-keys", "oauth"):
-    for era in ("legacy", "2026"):
-        a, b = med[f"{mode} {era}"], med[f"off {era}"]
-        print(f"  {mode:<9} {era:<7} {a[0] / b[0]:.3f}x calls/s, {a[1] / b[1]:.3f}x CPU/call")
-PY
+wrk_summary \
+  "api-keys / off, legacy=api-keys legacy/off legacy" \
+  "api-keys / off, 2026=api-keys 2026/off 2026" \
+  "oauth / off, legacy=oauth legacy/off legacy" \
+  "oauth / off, 2026=oauth 2026/off 2026"

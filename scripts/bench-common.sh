@@ -97,3 +97,25 @@ print(f"{label}\t{calls / secs:.0f}\t{(float(after) - float(before)) / calls * 1
 PY
   tail -1 "$WORK/results.txt" | awk -F'\t' '{printf "  %-24s %7s calls/s %7s us CPU/call  p50 %s ms  p99 %s ms  failed %s\n", $1, $2, $3, $4, $5, $6}'
 }
+
+# wrk_summary "TITLE=LABEL/BASE"...: the medians of every label in $WORK/results.txt (over the rounds),
+# then for each argument the ratio of LABEL's medians to BASE's (calls/s and CPU per call).
+wrk_summary() {
+  python3 - "$WORK/results.txt" "$@" <<'PY'
+import statistics, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+med = {}
+for label in dict.fromkeys(r[0] for r in rows):
+    mine = [r for r in rows if r[0] == label]
+    med[label] = (statistics.median(float(r[1]) for r in mine), statistics.median(float(r[2]) for r in mine),
+                  sum(int(r[5]) for r in mine))
+print("\nmedians")
+for label, (rate, cpu, failed) in med.items():
+    print(f"  {label:<24} {rate:8.0f} calls/s {cpu:7.1f} us CPU/call  failed {failed}")
+print("\nratios")
+for spec in sys.argv[2:]:
+    title, pair = spec.split("=", 1)
+    a, b = (med[label] for label in pair.split("/", 1))
+    print(f"  {title:<38} {a[0] / b[0]:.3f}x calls/s, {a[1] / b[1]:.3f}x CPU/call")
+PY
+}

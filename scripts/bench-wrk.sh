@@ -50,23 +50,9 @@ for round in $(seq 1 "$ROUNDS"); do
   stock_run "rmcp-json" --json-response
   shoal_run " traced" "${TRACE_ALL[@]}"
 done
-python3 - "$WORK/results.txt" <<'PY'
-import statistics, sys
-rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
-med = {}
-for label in dict.fromkeys(r[0] for r in rows):
-    mine = [r for r in rows if r[0] == label]
-    med[label] = (statistics.median(float(r[1]) for r in mine), statistics.median(float(r[2]) for r in mine),
-                  sum(int(r[5]) for r in mine))
-print("\nmedians")
-for label, (rate, cpu, failed) in med.items():
-    print(f"  {label:<24} {rate:8.0f} calls/s {cpu:7.1f} us CPU/call  failed {failed}")
-def ratio(a, b):
-    return f"{med[a][0] / med[b][0]:.2f}x calls/s, {med[a][1] / med[b][1]:.2f}x CPU/call"
-print("\nratios")
-print("  legacy: shoal / stock rmcp           ", ratio("shoal legacy", "rmcp legacy"))
-print("  legacy: shoal / rmcp JSON-response   ", ratio("shoal legacy", "rmcp-json legacy"))
-print("  2026:   shoal / rmcp JSON-response   ", ratio("shoal 2026", "rmcp-json 2026"))
-print("  traced / untraced, legacy            ", ratio("shoal traced legacy", "shoal legacy"))
-print("  traced / untraced, 2026              ", ratio("shoal traced 2026", "shoal 2026"))
-PY
+wrk_summary \
+  "legacy: shoal / stock rmcp=shoal legacy/rmcp legacy" \
+  "legacy: shoal / rmcp JSON-response=shoal legacy/rmcp-json legacy" \
+  "2026:   shoal / rmcp JSON-response=shoal 2026/rmcp-json 2026" \
+  "traced / untraced, legacy=shoal traced legacy/shoal legacy" \
+  "traced / untraced, 2026=shoal traced 2026/shoal 2026"

@@ -32,14 +32,15 @@ const POLL_EVERY: Duration = Duration::from_secs(2);
 pub struct ApiKeys {
     path: PathBuf,
     keys: Arc<RwLock<Arc<KeySet>>>,
+    /// What the file looked like when it was loaded (modification time, length).
+    loaded: Option<Stamp>,
 }
 
-#[derive(Debug, Default)]
-struct KeySet {
-    by_hash: HashMap<[u8; 32], Principal>,
-    /// What the file looked like when read (modification time, length).
-    stamp: Option<(SystemTime, u64)>,
-}
+/// Principals by the SHA-256 of their keys.
+type KeySet = HashMap<[u8; 32], Principal>;
+
+/// A file's modification time and length: what the watcher compares.
+type Stamp = (SystemTime, u64);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,11 +85,13 @@ impl ApiKeys {
     /// # Errors
     /// Fails when the file cannot be read or is not valid.
     pub fn load(path: PathBuf) -> Result<Self, KeysError> {
+        let loaded = stamp(&path);
         let set = read(&path)?;
-        tracing::info!(keys = set.by_hash.len(), path = %path.display(), "API keys loaded");
+        tracing::info!(keys = set.len(), path = %path.display(), "API keys loaded");
         Ok(Self {
             path,
             keys: Arc::new(RwLock::new(Arc::new(set))),
+            loaded,
         })
     }
 
@@ -99,17 +102,18 @@ impl ApiKeys {
     pub fn authenticate(&self, key: &str) -> Result<Principal, Failure> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
-        keys.by_hash
-            .get(&hash)
+        keys.get(&hash)
             .cloned()
             .ok_or(Failure::new("unknown_api_key", "unknown API key"))
     }
 
     /// Re-reads the file when it changes (checked every [`POLL_EVERY`]) and on SIGHUP, until
-    /// `stop` fires. A file that cannot be read or parsed leaves the keys in force, logged.
+    /// `stop` fires. A file that cannot be read or parsed leaves the keys in force, logged, and is
+    /// not read again until it changes.
     pub fn watch(&self, stop: tokio_util::sync::CancellationToken) {
         let path = self.path.clone();
         let keys = self.keys.clone();
+        let mut seen = self.loaded;
         tokio::spawn(async move {
             let mut hangup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -120,24 +124,18 @@ impl ApiKeys {
                     _ = tick.tick() => false,
                     Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
                 };
-                let current = keys.read().unwrap_or_else(|e| e.into_inner()).stamp;
-                if !forced && stamp(&path) == current {
+                let current = stamp(&path);
+                if !forced && current == seen {
                     continue;
                 }
+                seen = current;
                 match read(&path) {
                     Ok(set) => {
-                        tracing::info!(keys = set.by_hash.len(), forced, "API keys reloaded");
+                        tracing::info!(keys = set.len(), forced, "API keys reloaded");
                         *keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
                     }
                     Err(error) => {
                         tracing::error!(%error, "API keys not reloaded; the previous keys stay");
-                        // Not retried until the file changes again.
-                        let mut guard = keys.write().unwrap_or_else(|e| e.into_inner());
-                        let by_hash = guard.by_hash.clone();
-                        *guard = Arc::new(KeySet {
-                            by_hash,
-                            stamp: stamp(&path),
-                        });
                     }
                 }
             }
@@ -145,26 +143,23 @@ impl ApiKeys {
     }
 }
 
-fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
     let metadata = std::fs::metadata(path).ok()?;
     Some((metadata.modified().ok()?, metadata.len()))
 }
 
 fn read(path: &std::path::Path) -> Result<KeySet, KeysError> {
-    let stamp = stamp(path);
     let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let invalid = |message: String| KeysError::Invalid {
+    parse(&text).map_err(|message| KeysError::Invalid {
         path: path.to_owned(),
         message,
-    };
-    let by_hash = parse(&text).map_err(invalid)?;
-    Ok(KeySet { by_hash, stamp })
+    })
 }
 
-fn parse(text: &str) -> Result<HashMap<[u8; 32], Principal>, String> {
+fn parse(text: &str) -> Result<KeySet, String> {
     // toml's errors quote the offending line, which may hold a hash: only its position is kept.
     let file: KeyFile = toml::from_str(text).map_err(|error| match error.span() {
         Some(span) => format!(

@@ -107,6 +107,17 @@ impl Failure {
             _ => StatusCode::UNAUTHORIZED,
         }
     }
+
+    /// The OAuth `error` code the client is told (RFC 6750 §3), in the challenge and the body;
+    /// `None` for a request that carried no credentials (it gets a bare challenge).
+    pub fn error_code(&self) -> Option<&'static str> {
+        match self.reason {
+            "missing" => None,
+            "insufficient_scope" => Some("insufficient_scope"),
+            "issuer_unavailable" => Some("temporarily_unavailable"),
+            _ => Some("invalid_token"),
+        }
+    }
 }
 
 /// The configured way of authenticating callers.
@@ -231,13 +242,11 @@ impl Authenticator {
         if !self.challenge_base.is_empty() {
             params.push(self.challenge_base.clone());
         }
-        match failure.reason {
-            "missing" => {}
-            "insufficient_scope" => params.push("error=\"insufficient_scope\"".to_owned()),
-            "issuer_unavailable" => return (status, None),
-            _ => params.push("error=\"invalid_token\"".to_owned()),
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return (status, None); // the issuer, not the token, is at fault
         }
-        if failure.reason != "missing" {
+        if let Some(code) = failure.error_code() {
+            params.push(format!("error=\"{code}\""));
             params.push(format!("error_description=\"{}\"", failure.description));
         }
         match scope {
@@ -257,15 +266,19 @@ impl Authenticator {
     }
 }
 
-/// Where the metadata of `resource` is published: the well-known path with the resource's path
-/// appended (RFC 9728 §3.1), e.g. `https://h/mcp` → `https://h/.well-known/oauth-protected-resource/mcp`.
+/// Where the metadata of `resource` is published (RFC 9728 §3.1), e.g. `https://h/mcp` →
+/// `https://h/.well-known/oauth-protected-resource/mcp`.
 fn metadata_url(resource: &str) -> String {
-    let Ok(url) = reqwest::Url::parse(resource) else {
-        return String::new();
-    };
+    well_known(resource, "oauth-protected-resource").unwrap_or_default()
+}
+
+/// The well-known URI `name` of `url`, inserted between its origin and its path, as RFC 8414 §3.1
+/// (authorization server metadata) and RFC 9728 §3.1 (protected resource metadata) both build it.
+pub(crate) fn well_known(url: &str, name: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
     let path = url.path().trim_end_matches('/');
     let origin = url.origin().ascii_serialization();
-    format!("{origin}/.well-known/oauth-protected-resource{path}")
+    Some(format!("{origin}/.well-known/{name}{path}"))
 }
 
 /// The bearer token of `Authorization`, the only place credentials are read from (never the query

@@ -341,11 +341,10 @@ impl Issuer {
     /// The issuer's metadata: RFC 8414 (`/.well-known/oauth-authorization-server` inserted before
     /// the issuer's path), else OpenID discovery (appended to it).
     async fn metadata(&self) -> anyhow::Result<Metadata> {
-        let url = reqwest::Url::parse(&self.url)?;
-        let path = url.path().trim_end_matches('/');
-        let origin = url.origin().ascii_serialization();
+        let rfc8414 = super::well_known(&self.url, "oauth-authorization-server")
+            .ok_or_else(|| anyhow::anyhow!("the issuer is not a URL"))?;
         let candidates = [
-            format!("{origin}/.well-known/oauth-authorization-server{path}"),
+            rfc8414,
             format!(
                 "{}/.well-known/openid-configuration",
                 self.url.trim_end_matches('/')

@@ -254,12 +254,7 @@ impl HttpService {
             "refused request: authentication"
         );
         let (status, challenge) = self.auth.challenge(failure, scope);
-        let error = match failure.reason {
-            "missing" => "unauthorized",
-            "insufficient_scope" => "insufficient_scope",
-            "issuer_unavailable" => "temporarily_unavailable",
-            _ => "invalid_token",
-        };
+        let error = failure.error_code().unwrap_or("unauthorized");
         let mut body =
             serde_json::json!({ "error": error, "error_description": failure.description });
         if let Some(scope) = scope {

@@ -53,7 +53,7 @@ pub fn policies() -> Vec<(String, Declared)> {
     ]
 }
 
-const SCHEME: &str = "kv://";
+pub(crate) const SCHEME: &str = "kv://";
 const MAX_KEY_LEN: usize = 256;
 /// Upper bound of `sleep`.
 pub const MAX_SLEEP_MS: u64 = 10 * 60 * 1000;

@@ -192,7 +192,7 @@ pub type Grants = std::collections::HashMap<String, Grant>;
 
 /// The toolset whose scope covers the resource (or template) `uri`.
 pub fn toolset_of(uri: &str) -> Option<&'static str> {
-    if kv::key_of(uri).is_some() || uri.starts_with("kv://") {
+    if uri.starts_with(kv::SCHEME) {
         Some("kv")
     } else if uri.starts_with("postgres://") {
         Some("postgres")
