@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod http;
 pub mod mcp;
+pub mod quota;
 pub mod state;
 pub mod tools;
 
@@ -132,9 +133,11 @@ impl App {
         let background = CancellationToken::new();
         start_background(&state, &sessions, control, tag, &background).await;
         auth.start(background.clone());
+        let quotas = quota::Quotas::new(backend.clone(), &config.quota, metrics.clone());
+        tokio::spawn(quotas.clone().run_renewal(background.clone()));
 
         Ok(Self {
-            http: HttpService::new(state.clone(), sessions, mcp, auth, grants),
+            http: HttpService::new(state.clone(), sessions, mcp, auth, grants, quotas),
             state,
             mcp_shutdown,
             background,

@@ -42,6 +42,10 @@ pub struct Config {
     #[command(flatten)]
     pub auth: AuthConfig,
 
+    /// Quotas: what one principal, and everyone together, may use (cluster-wide).
+    #[command(flatten)]
+    pub quota: QuotaConfig,
+
     /// Shared state (Redis).
     #[command(flatten)]
     pub redis: RedisConfig,
@@ -196,6 +200,115 @@ pub struct AuthConfig {
     /// SHA-256 of the key); re-read when it changes and on SIGHUP.
     #[arg(long, env = "SHOAL_API_KEYS_FILE")]
     pub api_keys_file: Option<std::path::PathBuf>,
+}
+
+/// Quotas, enforced cluster-wide in the shared state: per principal (defaults here, overridden per
+/// API key in the keys file and per scope or claim in `SHOAL_QUOTA_TIERS_FILE`) and for everyone
+/// together (the `GLOBAL` settings). `0` means unlimited. The anonymous principal of
+/// `SHOAL_AUTH=none` has no per-principal quotas (it is every caller); the global ones apply.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Quotas (cluster-wide; 0 = unlimited)")]
+pub struct QuotaConfig {
+    /// Requests per second one principal may send to /mcp, sustained (every POST, GET and DELETE).
+    #[arg(
+        long = "quota-requests-per-sec",
+        id = "quota_requests_per_sec",
+        env = "SHOAL_QUOTA_REQUESTS_PER_SEC",
+        default_value_t = 100
+    )]
+    pub requests_per_sec: u32,
+
+    /// Requests one principal may send at once above its rate (0: one second's worth).
+    #[arg(
+        long = "quota-burst",
+        id = "quota_burst",
+        env = "SHOAL_QUOTA_BURST",
+        default_value_t = 200
+    )]
+    pub burst: u32,
+
+    /// Tool calls one principal may have running at once, across the cluster.
+    #[arg(
+        long = "quota-concurrent-calls",
+        id = "quota_concurrent_calls",
+        env = "SHOAL_QUOTA_CONCURRENT_CALLS",
+        default_value_t = 32
+    )]
+    pub concurrent_calls: u32,
+
+    /// Legacy (2025-11-25 era) sessions one principal may hold open, across the cluster.
+    #[arg(
+        long = "quota-sessions",
+        id = "quota_sessions",
+        env = "SHOAL_QUOTA_SESSIONS",
+        default_value_t = 100
+    )]
+    pub sessions: u32,
+
+    /// Long-lived streams (GET streams and `subscriptions/listen`) one principal may hold open,
+    /// across the cluster.
+    #[arg(
+        long = "quota-streams",
+        id = "quota_streams",
+        env = "SHOAL_QUOTA_STREAMS",
+        default_value_t = 100
+    )]
+    pub streams: u32,
+
+    /// Requests per second the whole cluster accepts, from every principal together.
+    #[arg(
+        long = "quota-global-requests-per-sec",
+        id = "quota_global_requests_per_sec",
+        env = "SHOAL_QUOTA_GLOBAL_REQUESTS_PER_SEC",
+        default_value_t = 0
+    )]
+    pub global_requests_per_sec: u32,
+
+    /// Burst above the global rate (0: one second's worth).
+    #[arg(
+        long = "quota-global-burst",
+        id = "quota_global_burst",
+        env = "SHOAL_QUOTA_GLOBAL_BURST",
+        default_value_t = 0
+    )]
+    pub global_burst: u32,
+
+    /// Tool calls running at once in the whole cluster.
+    #[arg(
+        long = "quota-global-concurrent-calls",
+        id = "quota_global_concurrent_calls",
+        env = "SHOAL_QUOTA_GLOBAL_CONCURRENT_CALLS",
+        default_value_t = 0
+    )]
+    pub global_concurrent_calls: u32,
+
+    /// Legacy sessions open in the whole cluster.
+    #[arg(
+        long = "quota-global-sessions",
+        id = "quota_global_sessions",
+        env = "SHOAL_QUOTA_GLOBAL_SESSIONS",
+        default_value_t = 0
+    )]
+    pub global_sessions: u32,
+
+    /// Long-lived streams open in the whole cluster.
+    #[arg(
+        long = "quota-global-streams",
+        id = "quota_global_streams",
+        env = "SHOAL_QUOTA_GLOBAL_STREAMS",
+        default_value_t = 0
+    )]
+    pub global_streams: u32,
+
+    /// Quota tiers (TOML, `[[tier]]` tables with `scope`, or `claim` and `value`, and a `quota`
+    /// table of overrides): a principal gets the first tier whose scope it holds or whose token
+    /// claim matches. Read at start.
+    #[arg(
+        long = "quota-tiers-file",
+        id = "quota_tiers_file",
+        env = "SHOAL_QUOTA_TIERS_FILE"
+    )]
+    pub tiers_file: Option<std::path::PathBuf>,
 }
 
 /// Shared state (Redis).
@@ -1098,7 +1211,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 65, "settings in the tree");
+        assert_eq!(seen.len(), 76, "settings in the tree");
     }
 
     /// No listener that is not loopback serves without authentication unless asked twice, and each

@@ -92,6 +92,18 @@ impl Keys {
         format!("{}:cache", self.prefix)
     }
 
+    /// A quota's state: `kind` is `rate` (a GCRA arrival time), `calls` or `streams` (sorted sets of
+    /// leases) or `sessions` (sorted set of session ids); `subject` is a principal id, or `cluster` for
+    /// the cluster-wide quota (principal ids are hex digits).
+    pub fn quota(&self, kind: &str, subject: &str) -> String {
+        format!("{}:quota:{kind}:{subject}", self.prefix)
+    }
+
+    /// Pattern matching every session quota index (for the janitor's SCAN).
+    pub fn quota_sessions_pattern(&self) -> String {
+        format!("{}:quota:sessions:*", self.prefix)
+    }
+
     /// Lease key that elects the replica polling PostgreSQL for outside changes.
     pub fn poller_lease(&self) -> String {
         format!("{}:lease:pg-poller", self.prefix)
@@ -142,6 +154,12 @@ mod tests {
         assert_eq!(keys.cache_entry("x"), "t1:cache:x");
         assert_eq!(keys.cache_lock("x"), "t1:cache-lock:x");
         assert_eq!(keys.cache_channel(), "t1:cache");
+        assert_eq!(keys.quota("rate", "ab12"), "t1:quota:rate:ab12");
+        assert_eq!(
+            keys.quota("sessions", "cluster"),
+            "t1:quota:sessions:cluster"
+        );
+        assert_eq!(keys.quota_sessions_pattern(), "t1:quota:sessions:*");
         assert_eq!(
             keys.script_prefixes(),
             ["t1:sess:", "t1:ev:", "t1:r:", "t1:subs:"].map(String::from)

@@ -125,6 +125,7 @@ families! {
     mcp_duration: Family<MethodLabel, Histogram> = timed(), "shoal_mcp_request_duration_seconds", "Time to handle an MCP request, by JSON-RPC method";
     http_rejections: Family<ReasonLabel, Counter> = Default::default(), "shoal_http_rejections", "HTTP requests rejected before MCP handling, by reason";
     auth_failures: Family<ReasonLabel, Counter> = Default::default(), "shoal_auth_failures", "Requests refused by authentication, by reason (missing|malformed|invalid_token|expired|unknown_key|wrong_issuer|wrong_audience|unknown_api_key|insufficient_scope|issuer_unavailable|foreign_session)";
+    quota_rejections: Family<KindLabel, Counter> = Default::default(), "shoal_quota_rejections", "Requests refused by a quota, by kind (requests|concurrent_calls|sessions|streams, global_ prefixed for the cluster-wide quotas)";
     session_creates: Counter = Default::default(), "shoal_session_creates", "Legacy sessions initialized on this replica";
     session_restores: Counter = Default::default(), "shoal_session_restores", "Legacy sessions restored from the shared store onto this replica";
     forwards: Family<KindLabel, Counter> = Default::default(), "shoal_forwards", "Client messages forwarded to another replica (kind=response|cancel)";
@@ -189,6 +190,7 @@ struct Otel {
     forwards: opentelemetry::metrics::Counter<u64>,
     rejections: opentelemetry::metrics::Counter<u64>,
     auth_failures: opentelemetry::metrics::Counter<u64>,
+    quota_rejections: opentelemetry::metrics::Counter<u64>,
     scheduling_delay: opentelemetry::metrics::Histogram<f64>,
     bus_roundtrip: opentelemetry::metrics::Histogram<f64>,
     // Observable instruments report through callbacks; holding them keeps them registered.
@@ -448,6 +450,17 @@ impl Metrics {
         }
     }
 
+    /// A request was refused by a quota of `kind`.
+    pub fn quota_rejection(&self, kind: &'static str) {
+        self.inner
+            .quota_rejections
+            .get_or_create(&KindLabel { kind })
+            .inc();
+        if let Some(otel) = &self.inner.otel {
+            otel.quota_rejections.add(1, &[KeyValue::new("kind", kind)]);
+        }
+    }
+
     /// A client message was forwarded to another replica.
     pub fn forwarded(&self, kind: &'static str) {
         self.inner.forwards.get_or_create(&KindLabel { kind }).inc();
@@ -683,6 +696,10 @@ impl Otel {
             auth_failures: counter(
                 "shoal.auth.failures",
                 "Requests refused by authentication, by reason",
+            ),
+            quota_rejections: counter(
+                "shoal.quota.rejections",
+                "Requests refused by a quota, by kind",
             ),
             scheduling_delay: seconds(
                 "shoal.runtime.scheduling_delay",

@@ -6,6 +6,7 @@
 //! principal = "reporting"
 //! scopes = ["postgres", "kv:write"]
 //! sha256 = "…64 hex digits: the SHA-256 of the key…"
+//! quota = { requests_per_sec = 20, concurrent_calls = 4 }   # optional, see crate::quota
 //! ```
 //!
 //! Only hashes are held in memory: a presented key is hashed and looked up, so neither the file
@@ -23,6 +24,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{Failure, Principal};
+use crate::quota::{Overrides, Policy};
 
 /// How often the file's modification time and size are checked for a change.
 const POLL_EVERY: Duration = Duration::from_secs(2);
@@ -34,6 +36,8 @@ pub struct ApiKeys {
     keys: Arc<RwLock<Arc<KeySet>>>,
     /// What the file looked like when it was loaded (modification time, length).
     loaded: Option<Stamp>,
+    /// Decides each key's quota limits.
+    policy: Arc<Policy>,
 }
 
 /// Principals by the SHA-256 of their keys.
@@ -56,6 +60,8 @@ struct KeyEntry {
     #[serde(default)]
     scopes: Vec<String>,
     sha256: String,
+    #[serde(default)]
+    quota: Option<Overrides>,
 }
 
 /// The keys file cannot be used.
@@ -84,14 +90,15 @@ impl ApiKeys {
     ///
     /// # Errors
     /// Fails when the file cannot be read or is not valid.
-    pub fn load(path: PathBuf) -> Result<Self, KeysError> {
+    pub fn load(path: PathBuf, policy: Arc<Policy>) -> Result<Self, KeysError> {
         let loaded = stamp(&path);
-        let set = read(&path)?;
+        let set = read(&path, &policy)?;
         tracing::info!(keys = set.len(), path = %path.display(), "API keys loaded");
         Ok(Self {
             path,
             keys: Arc::new(RwLock::new(Arc::new(set))),
             loaded,
+            policy,
         })
     }
 
@@ -113,6 +120,7 @@ impl ApiKeys {
     pub fn watch(&self, stop: tokio_util::sync::CancellationToken) {
         let path = self.path.clone();
         let keys = self.keys.clone();
+        let policy = self.policy.clone();
         let mut seen = self.loaded;
         tokio::spawn(async move {
             let mut hangup =
@@ -129,7 +137,7 @@ impl ApiKeys {
                     continue;
                 }
                 seen = current;
-                match read(&path) {
+                match read(&path, &policy) {
                     Ok(set) => {
                         tracing::info!(keys = set.len(), forced, "API keys reloaded");
                         *keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
@@ -148,18 +156,18 @@ fn stamp(path: &std::path::Path) -> Option<Stamp> {
     Some((metadata.modified().ok()?, metadata.len()))
 }
 
-fn read(path: &std::path::Path) -> Result<KeySet, KeysError> {
+fn read(path: &std::path::Path, policy: &Policy) -> Result<KeySet, KeysError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse(&text).map_err(|message| KeysError::Invalid {
+    parse(&text, policy).map_err(|message| KeysError::Invalid {
         path: path.to_owned(),
         message,
     })
 }
 
-fn parse(text: &str) -> Result<KeySet, String> {
+fn parse(text: &str, policy: &Policy) -> Result<KeySet, String> {
     // toml's errors quote the offending line, which may hold a hash: only its position is kept.
     let file: KeyFile = toml::from_str(text).map_err(|error| match error.span() {
         Some(span) => format!(
@@ -186,7 +194,8 @@ fn parse(text: &str) -> Result<KeySet, String> {
         {
             return Err(format!("key {n}: scopes must be non-empty words"));
         }
-        let principal = Principal::new("api-key", principal, entry.scopes);
+        let limits = policy.limits(&entry.scopes, None, entry.quota.as_ref());
+        let principal = Principal::new("api-key", principal, entry.scopes).with_limits(limits);
         if by_hash.insert(hash, principal).is_some() {
             return Err(format!("key {n}: the same key is listed twice"));
         }
@@ -210,7 +219,7 @@ mod tests {
             sha("one"),
             sha("two")
         );
-        let keys = parse(&text).expect("valid");
+        let keys = parse(&text, &Policy::default()).expect("valid");
         let one: [u8; 32] = Sha256::digest(b"one").into();
         let two: [u8; 32] = Sha256::digest(b"two").into();
         assert_eq!(keys[&one].name.as_ref(), "alice");
@@ -233,7 +242,7 @@ mod tests {
             format!("[[key]]\nprincipal = \"a\"\nsha256 = \"{hash}\n"),
         ];
         for case in cases {
-            let error = parse(&case).expect_err(&case);
+            let error = parse(&case, &Policy::default()).expect_err(&case);
             assert!(!error.contains(&hash), "{error}");
         }
     }

@@ -18,6 +18,8 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use sha2::{Digest, Sha256};
 use shoal_shared::config::{AuthMode, Config};
 
+use crate::quota::{Limits, Policy};
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -28,6 +30,8 @@ pub struct Principal {
     pub name: Arc<str>,
     /// What the caller was granted.
     pub scopes: Arc<[String]>,
+    /// What the caller may use ([`crate::quota`]).
+    pub limits: Limits,
 }
 
 impl Principal {
@@ -38,11 +42,13 @@ impl Principal {
             id: Arc::from("anonymous"),
             name: Arc::from("anonymous"),
             scopes: Arc::from(vec!["*".to_owned()]),
+            limits: Limits::UNLIMITED,
         });
         ANONYMOUS.clone()
     }
 
-    /// A principal named `name` in the namespace `kind` (an issuer URL, or `api-key`).
+    /// A principal named `name` in the namespace `kind` (an issuer URL, or `api-key`), without
+    /// limits until [`Principal::with_limits`].
     pub fn new(kind: &str, name: &str, scopes: Vec<String>) -> Self {
         let mut hash = Sha256::new();
         hash.update(kind.as_bytes());
@@ -53,7 +59,15 @@ impl Principal {
             id: Arc::from(id),
             name: Arc::from(name),
             scopes: Arc::from(scopes),
+            limits: Limits::UNLIMITED,
         }
+    }
+
+    /// The same principal with `limits`.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Whether the caller may use `toolset`: its read-only tools and resources, or with `write`
@@ -140,11 +154,13 @@ enum Method {
 
 impl Authenticator {
     /// The authenticator `config` asks for; `scopes` are the scopes the enabled toolsets define.
+    /// Principals carry the quota limits of `SHOAL_QUOTA_*`, their tier and their key.
     ///
     /// # Errors
-    /// Fails when the API keys file cannot be read or parsed.
+    /// Fails when the API keys file or the quota tiers file cannot be read or parsed.
     pub fn from_config(config: &Config, scopes: Vec<String>) -> anyhow::Result<Self> {
         let auth = &config.auth;
+        let policy = Arc::new(Policy::from_config(&config.quota)?);
         let (method, challenge_base, metadata) = match config.auth_mode() {
             AuthMode::None => {
                 if auth.mode.is_none() {
@@ -165,7 +181,7 @@ impl Authenticator {
                     .clone()
                     .ok_or_else(|| anyhow::anyhow!("SHOAL_API_KEYS_FILE is unset"))?;
                 (
-                    Method::ApiKeys(api_keys::ApiKeys::load(path)?),
+                    Method::ApiKeys(api_keys::ApiKeys::load(path, policy)?),
                     "realm=\"shoal\"".to_owned(),
                     None,
                 )
@@ -181,7 +197,7 @@ impl Authenticator {
                     "resource_name": "shoal MCP server",
                 });
                 (
-                    Method::Oauth(oauth::Oauth::new(auth, resource)?),
+                    Method::Oauth(oauth::Oauth::new(auth, resource, policy)?),
                     format!("resource_metadata=\"{metadata_url}\""),
                     Some(document),
                 )

@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use shoal_shared::config::AuthConfig;
 
 use super::{Failure, Principal};
+use crate::quota::Policy;
 
 /// Largest metadata or JWKS document read from an issuer.
 const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
@@ -43,6 +44,8 @@ pub struct Oauth {
     algorithms: Vec<Algorithm>,
     leeway: u64,
     verified: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    /// Decides each principal's quota limits (by scope or claim).
+    policy: Arc<Policy>,
 }
 
 /// A verification key and the algorithm its JWK names, if any.
@@ -76,6 +79,9 @@ struct Claims {
     scope: Option<String>,
     #[serde(default)]
     scp: Option<Vec<String>>,
+    /// The other claims (quota tiers may match on them).
+    #[serde(flatten)]
+    other: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -94,7 +100,7 @@ impl Oauth {
     ///
     /// # Errors
     /// Fails when the HTTP client cannot be built.
-    pub fn new(config: &AuthConfig, resource: String) -> anyhow::Result<Self> {
+    pub fn new(config: &AuthConfig, resource: String, policy: Arc<Policy>) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.oauth_timeout_ms))
             .redirect(reqwest::redirect::Policy::limited(3))
@@ -124,6 +130,7 @@ impl Oauth {
             algorithms,
             leeway: config.oauth_leeway_secs,
             verified: Mutex::default(),
+            policy,
         })
     }
 
@@ -195,7 +202,7 @@ impl Oauth {
             .map_err(|error| refusal(error.kind()))?
             .claims;
         let exp = claims.exp;
-        let principal = principal_of(claims)?;
+        let principal = principal_of(claims, &self.policy)?;
         self.remember(digest, &principal, exp);
         Ok(principal)
     }
@@ -226,7 +233,7 @@ impl Oauth {
     }
 }
 
-fn principal_of(claims: Claims) -> Result<Principal, Failure> {
+fn principal_of(claims: Claims, policy: &Policy) -> Result<Principal, Failure> {
     let name = claims
         .sub
         .or(claims.client_id)
@@ -240,7 +247,8 @@ fn principal_of(claims: Claims) -> Result<Principal, Failure> {
         .map(str::to_owned)
         .collect();
     scopes.extend(claims.scp.unwrap_or_default());
-    Ok(Principal::new(&claims.iss, &name, scopes))
+    let limits = policy.limits(&scopes, Some(&claims.other), None);
+    Ok(Principal::new(&claims.iss, &name, scopes).with_limits(limits))
 }
 
 /// The failure a rejected token is reported as.

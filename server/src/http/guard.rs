@@ -29,6 +29,8 @@ pub(super) struct Envelope {
     pub(super) traceparent: Option<String>,
     /// `params.name` of a `tools/call` (checked against the caller's grants).
     pub(super) tool: Option<String>,
+    /// A `subscriptions/listen` (a long-lived stream).
+    pub(super) is_listen: bool,
 }
 
 #[derive(Deserialize)]
@@ -97,6 +99,7 @@ impl Envelope {
         let (meta, name) = raw.params.map(|p| (p.meta, p.name)).unwrap_or_default();
         Ok(Envelope {
             is_initialize: raw.method.as_deref() == Some("initialize"),
+            is_listen: raw.method.as_deref() == Some("subscriptions/listen"),
             id: raw.id,
             traceparent: meta
                 .and_then(|m| m.traceparent)

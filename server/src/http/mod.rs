@@ -9,7 +9,8 @@
 //! Before a message reaches rmcp this layer enforces, each with its status and a JSON-RPC error
 //! body where the client speaks JSON-RPC: Host and Origin allow-lists (403), authentication
 //! (401 with a `WWW-Authenticate` challenge, 403 `insufficient_scope`; [`crate::auth`]), a session
-//! used only by the principal that opened it (404 otherwise, as for an unknown session), the body size limit
+//! used only by the principal that opened it (404 otherwise, as for an unknown session), the
+//! cluster-wide quotas (429 with `Retry-After`; [`crate::quota`]), the body size limit
 //! (413), a body read timeout (408), JSON syntax (400, -32700), JSON-RPC framing (400, -32600),
 //! the replica's session and stream limits (503), and a shared state that is down (503 instead of
 //! rmcp's 500). DELETE is handled here entirely, so that a session is only reported deleted once
@@ -50,6 +51,7 @@ use tokio::time::Instant;
 use crate::{
     auth::{Authenticator, Failure, Principal},
     mcp::{handler::ShoalHandler, session::ClusterSessionManager},
+    quota::{Demand, Lease, Quotas, Refusal},
     state::AppState,
     tools::Grants,
 };
@@ -76,6 +78,8 @@ pub struct HttpService {
     auth: Arc<Authenticator>,
     /// The scope each tool needs (checked on `tools/call` before rmcp).
     grants: Arc<Grants>,
+    /// Cluster-wide quotas, checked after authentication.
+    quotas: Arc<Quotas>,
     replica: HeaderValue,
     /// The admin listener's service: /metrics, /healthz and /readyz only, no Host check.
     admin: bool,
@@ -91,6 +95,7 @@ impl HttpService {
         mcp: McpService,
         auth: Arc<Authenticator>,
         grants: Arc<Grants>,
+        quotas: Arc<Quotas>,
     ) -> Self {
         let policy = Arc::new(OriginPolicy::new(
             &state.config.host_allow_list(),
@@ -106,6 +111,7 @@ impl HttpService {
             policy,
             auth,
             grants,
+            quotas,
             replica,
             admin: false,
             ready: Arc::new(AtomicBool::new(true)),
@@ -131,6 +137,7 @@ impl HttpService {
         response
             .headers_mut()
             .insert("x-shoal-replica", self.replica.clone());
+        let lease = response.extensions_mut().remove::<Lease>();
         let status = response.status().as_u16();
         if span.is_recording() {
             span.set(attr::HTTP_RESPONSE_STATUS_CODE, i64::from(status));
@@ -145,6 +152,7 @@ impl HttpService {
             status,
             start,
             _span: span,
+            _lease: lease,
         };
         response.map(|body| {
             ObservedBody {
@@ -340,17 +348,22 @@ impl HttpService {
             return refused;
         }
         let name = principal.name.clone();
-        request.extensions_mut().insert(principal);
-        let response = self.dispatch(request, span).await;
+        request.extensions_mut().insert(principal.clone());
+        let response = self.dispatch(request, span, &principal).await;
         if span.is_recording() {
             span.set(attr::ENDUSER_ID, name.to_string());
         }
         response
     }
 
-    async fn dispatch(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
+    async fn dispatch(
+        &self,
+        request: Request<Incoming>,
+        span: &mut Span,
+        principal: &Principal,
+    ) -> Response<Body> {
         match *request.method() {
-            Method::POST => self.post(request, span).await,
+            Method::POST => self.post(request, span, principal).await,
             Method::GET => {
                 if self.state.streams.is_full() {
                     return self.reject(
@@ -358,23 +371,64 @@ impl HttpService {
                         busy(None, "this replica has too many open streams"),
                     );
                 }
+                let lease = match self.quotas.admit(principal, Demand::Stream).await {
+                    Ok(lease) => lease,
+                    Err(refusal) => return self.over_quota(&refusal, None),
+                };
                 let (mut parts, _) = request.into_parts();
                 *span = http_span(&mut parts, None);
-                span.wrap(self.forward(Request::from_parts(parts, Full::new(Bytes::new())), None))
-                    .await
+                let response = span
+                    .wrap(self.forward(Request::from_parts(parts, Full::new(Bytes::new())), None))
+                    .await;
+                with_lease(response, lease)
             }
             Method::DELETE => {
+                if let Err(refusal) = self.quotas.admit(principal, Demand::Request).await {
+                    return self.over_quota(&refusal, None);
+                }
                 let (mut parts, _) = request.into_parts();
                 *span = http_span(&mut parts, None);
                 // Boxed, as is readiness: rare paths whose Redis futures would otherwise make
                 // every request's future (moved by hyper) several KB larger.
-                span.wrap(Box::pin(self.delete(&parts.headers))).await
+                span.wrap(Box::pin(self.delete(&parts.headers, principal)))
+                    .await
             }
             _ => method_not_allowed("GET, POST, DELETE"),
         }
     }
 
-    async fn post(&self, request: Request<Incoming>, span: &mut Span) -> Response<Body> {
+    /// The answer to a request over a quota (429 with `Retry-After`), or one the quotas could
+    /// not decide (503).
+    fn over_quota(&self, refusal: &Refusal, id: Option<&serde_json::Value>) -> Response<Body> {
+        match refusal {
+            Refusal::Unavailable => self.reject("backend_unavailable", unavailable(id)),
+            Refusal::Over { kind, retry_after } => {
+                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                let body = serde_json::json!({
+                    "jsonrpc": "2.0",
+                    "id": id.unwrap_or(&serde_json::Value::Null),
+                    "error": {
+                        "code": -32000,
+                        "message": refusal.message(),
+                        "data": { "quota": kind, "retryAfterSeconds": seconds },
+                    },
+                });
+                Response::builder()
+                    .status(StatusCode::TOO_MANY_REQUESTS)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::RETRY_AFTER, seconds)
+                    .body(full(body.to_string()))
+                    .expect("valid response")
+            }
+        }
+    }
+
+    async fn post(
+        &self,
+        request: Request<Incoming>,
+        span: &mut Span,
+        principal: &Principal,
+    ) -> Response<Body> {
         let (mut parts, body) = request.into_parts();
         // Accept and Content-Type are checked by rmcp (406, 415) before it reads the body: send it
         // nothing to read when they are wrong.
@@ -422,8 +476,7 @@ impl HttpService {
         }
         if let Some(tool) = &envelope.tool
             && let Some(grant) = self.grants.get(tool)
-            && let Some(caller) = parts.extensions.get::<Principal>()
-            && !caller.may(grant.toolset, grant.write)
+            && !principal.may(grant.toolset, grant.write)
         {
             let failure = Failure::new(
                 "insufficient_scope",
@@ -431,12 +484,37 @@ impl HttpService {
             );
             return self.refuse(&failure, Some(&grant.scope()));
         }
+        let demand = if envelope.tool.is_some() {
+            Demand::ToolCall
+        } else if envelope.is_listen {
+            Demand::Stream
+        } else if envelope.is_initialize {
+            Demand::Session
+        } else {
+            Demand::Request
+        };
+        let lease = match self.quotas.admit(principal, demand).await {
+            Ok(lease) => lease,
+            Err(refusal) => return self.over_quota(&refusal, envelope.id.as_ref()),
+        };
         *span = http_span(&mut parts, envelope.traceparent.as_deref());
-        span.wrap(self.forward(
-            Request::from_parts(parts, Full::new(bytes)),
-            envelope.id.as_ref(),
-        ))
-        .await
+        let response = span
+            .wrap(self.forward(
+                Request::from_parts(parts, Full::new(bytes)),
+                envelope.id.as_ref(),
+            ))
+            .await;
+        if demand == Demand::Session
+            && let Some(lease) = &lease
+            && let Some(session) = response
+                .headers()
+                .get("mcp-session-id")
+                .and_then(|value| value.to_str().ok())
+        {
+            // Boxed: a rare path (one per session).
+            Box::pin(lease.bind_session(session)).await;
+        }
+        with_lease(response, lease)
     }
 
     /// The request body, read within [`BODY_READ_TIMEOUT`] and `SHOAL_MAX_BODY_BYTES`, or the
@@ -497,7 +575,7 @@ impl HttpService {
         response
     }
 
-    async fn delete(&self, headers: &HeaderMap) -> Response<Body> {
+    async fn delete(&self, headers: &HeaderMap, principal: &Principal) -> Response<Body> {
         if let Some(version) = headers.get("mcp-protocol-version") {
             let Some(version) = version.to_str().ok().and_then(known_version) else {
                 return text(
@@ -516,7 +594,10 @@ impl HttpService {
             );
         };
         match self.sessions.delete(session).await {
-            Ok(true) => empty(StatusCode::ACCEPTED),
+            Ok(true) => {
+                self.quotas.session_closed(principal, session).await;
+                empty(StatusCode::ACCEPTED)
+            }
             Ok(false) => text(StatusCode::NOT_FOUND, "Not Found: Session not found\n"),
             Err(error) => {
                 tracing::warn!(%error, "DELETE failed: shared state unavailable");
@@ -524,6 +605,14 @@ impl HttpService {
             }
         }
     }
+}
+
+/// `response` holding `lease` until its body ends (see [`HttpService::handle`]).
+fn with_lease(mut response: Response<Body>, lease: Option<Lease>) -> Response<Body> {
+    if let Some(lease) = lease {
+        response.extensions_mut().insert(lease);
+    }
+    response
 }
 
 fn full(body: impl Into<Bytes>) -> Body {

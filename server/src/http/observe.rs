@@ -108,6 +108,8 @@ pub(super) struct Finish {
     pub(super) status: u16,
     pub(super) start: Instant,
     pub(super) _span: Span,
+    /// The quota lease of a tool call or stream, given back when the response ends.
+    pub(super) _lease: Option<crate::quota::Lease>,
 }
 
 impl Drop for Finish {

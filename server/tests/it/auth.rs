@@ -15,11 +15,11 @@ use shoal_testkit::{
 
 use crate::helpers::*;
 
-const ALICE: &str = "alice-key-0123456789abcdef0123456789abcdef";
-const BOB: &str = "bob-key-0123456789abcdef0123456789abcdef";
+pub(crate) const ALICE: &str = "alice-key-0123456789abcdef0123456789abcdef";
+pub(crate) const BOB: &str = "bob-key-0123456789abcdef0123456789abcdef";
 const NARROW: &str = "narrow-key-0123456789abcdef0123456789abcdef";
 
-fn key_entry(principal: &str, scopes: &[&str], key: &str) -> String {
+pub(crate) fn key_entry(principal: &str, scopes: &[&str], key: &str) -> String {
     let scopes: Vec<String> = scopes.iter().map(|s| format!("\"{s}\"")).collect();
     format!(
         "[[key]]\nprincipal = \"{principal}\"\nscopes = [{}]\nsha256 = \"{}\"\n\n",
@@ -29,7 +29,7 @@ fn key_entry(principal: &str, scopes: &[&str], key: &str) -> String {
 }
 
 /// Three replicas behind nginx with `SHOAL_AUTH=api-keys` and the keys file `keys`.
-async fn api_key_cluster(keys: &tempfile::NamedTempFile) -> Topology {
+pub(crate) async fn api_key_cluster(keys: &tempfile::NamedTempFile) -> Topology {
     start(
         cluster_options(3)
             .env("SHOAL_AUTH", "api-keys")
@@ -38,13 +38,13 @@ async fn api_key_cluster(keys: &tempfile::NamedTempFile) -> Topology {
     .await
 }
 
-fn keys_file(text: &str) -> tempfile::NamedTempFile {
+pub(crate) fn keys_file(text: &str) -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), text).expect("write keys");
     file
 }
 
-fn as_caller(mut client: McpClient, token: &str) -> McpClient {
+pub(crate) fn as_caller(mut client: McpClient, token: &str) -> McpClient {
     client.extra_headers.insert(
         "authorization",
         HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
@@ -52,14 +52,14 @@ fn as_caller(mut client: McpClient, token: &str) -> McpClient {
     client
 }
 
-async fn initialized(url: &str, token: &str) -> McpClient {
+pub(crate) async fn initialized(url: &str, token: &str) -> McpClient {
     let mut client = as_caller(McpClient::legacy(url), token);
     client.initialize().await.expect("initialize");
     client
 }
 
 /// A raw POST of `body` on `session` with `token` (none: no Authorization): status, headers.
-async fn post_raw(
+pub(crate) async fn post_raw(
     url: &str,
     session: Option<&str>,
     token: Option<&str>,
@@ -84,7 +84,7 @@ async fn post_raw(
     (status, headers, response.text().await.unwrap_or_default())
 }
 
-fn initialize_body() -> Value {
+pub(crate) fn initialize_body() -> Value {
     json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {},
         "clientInfo": {"name": "auth-test", "version": "1"}}})

@@ -12,6 +12,7 @@ mod embedded;
 mod helpers;
 mod isolation;
 mod postgres;
+mod quota;
 mod resilience;
 mod rpc;
 mod session_security;

@@ -14,7 +14,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    BackendConfig, CacheEntry, FeedClaim, FeedStart, KvSetOutcome, LoggedEvent, SubscribeOutcome,
+    BackendConfig, CacheEntry, FeedClaim, FeedStart, KvSetOutcome, LoggedEvent, QuotaCheck,
+    QuotaKind, QuotaRefusal, SESSION_RECHECK, SubscribeOutcome,
 };
 use crate::{
     bus::{Bus, BusMessage, ListKind, SessionEvent},
@@ -50,6 +51,10 @@ struct State {
     cache_tags: HashMap<String, HashSet<String>>,
     leases: HashMap<String, (String, Instant)>,
     maps: HashMap<String, BTreeMap<String, String>>,
+    /// GCRA arrival times of the rate quotas, by subject.
+    quota_rates: HashMap<String, Instant>,
+    /// Members of the cap quotas with their deadline (lease expiry, or session recheck).
+    quota_caps: HashMap<(QuotaKind, String), HashMap<String, Instant>>,
     last_id: EventId,
 }
 
@@ -594,6 +599,116 @@ impl MemoryBackend {
         self.state().maps.insert(key.to_owned(), entries.clone());
     }
 
+    pub(super) fn quota_admit(
+        &self,
+        checks: &[QuotaCheck<'_>],
+        member: &str,
+        lease: Duration,
+    ) -> Option<QuotaRefusal> {
+        let now = Instant::now();
+        let mut state = self.state();
+        let mut arrivals = Vec::with_capacity(checks.len());
+        for (index, check) in checks.iter().enumerate() {
+            if check.kind == QuotaKind::Rate {
+                let interval = Duration::from_secs_f64(1.0 / f64::from(check.limit));
+                let tat = state
+                    .quota_rates
+                    .get(check.subject)
+                    .copied()
+                    .unwrap_or(now)
+                    .max(now);
+                let next = tat + interval;
+                let allowed_until = now + interval * check.burst.max(1);
+                if next > allowed_until {
+                    return Some(QuotaRefusal {
+                        index,
+                        retry_after: Some(next - allowed_until),
+                    });
+                }
+                arrivals.push((check.subject, next));
+                continue;
+            }
+            let State {
+                sessions,
+                quota_caps,
+                ..
+            } = &mut *state;
+            let members = quota_caps
+                .entry((check.kind, check.subject.to_owned()))
+                .or_default();
+            members.retain(|member, deadline| {
+                if *deadline > now {
+                    return true;
+                }
+                let live = check.kind == QuotaKind::Sessions
+                    && sessions
+                        .get(member)
+                        .is_some_and(|record| record.expires_at > now);
+                if live {
+                    *deadline = now + SESSION_RECHECK;
+                }
+                live
+            });
+            if members.len() >= check.limit as usize {
+                return Some(QuotaRefusal {
+                    index,
+                    retry_after: None,
+                });
+            }
+        }
+        for (subject, next) in arrivals {
+            state.quota_rates.insert(subject.to_owned(), next);
+        }
+        for check in checks.iter().filter(|check| check.kind != QuotaKind::Rate) {
+            state
+                .quota_caps
+                .entry((check.kind, check.subject.to_owned()))
+                .or_default()
+                .insert(member.to_owned(), now + lease);
+        }
+        None
+    }
+
+    pub(super) fn quota_release(&self, caps: &[(QuotaKind, &str)], member: &str) {
+        let mut state = self.state();
+        for (kind, subject) in caps {
+            if let Some(members) = state.quota_caps.get_mut(&(*kind, (*subject).to_owned())) {
+                members.remove(member);
+            }
+        }
+    }
+
+    pub(super) fn quota_renew(
+        &self,
+        (kind, subject): (QuotaKind, &str),
+        members: &[String],
+        lease: Duration,
+    ) {
+        let until = Instant::now() + lease;
+        let mut state = self.state();
+        if let Some(held) = state.quota_caps.get_mut(&(kind, subject.to_owned())) {
+            for member in members {
+                if let Some(deadline) = held.get_mut(member) {
+                    *deadline = until;
+                }
+            }
+        }
+    }
+
+    pub(super) fn quota_bind_session(&self, subjects: &[&str], token: &str, session: &str) {
+        let at = Instant::now() + SESSION_RECHECK;
+        let mut state = self.state();
+        for subject in subjects {
+            if let Some(members) = state
+                .quota_caps
+                .get_mut(&(QuotaKind::Sessions, (*subject).to_owned()))
+                && members.remove(token).is_some()
+            {
+                members.insert(session.to_owned(), at);
+            }
+        }
+    }
+
     pub(super) fn janitor_pass(&self, _holder: &ReplicaTag, _lease: Duration) -> u64 {
         let now = Instant::now();
         let mut state = self.state();
@@ -612,6 +727,22 @@ impl MemoryBackend {
             set.retain(|session| sessions.contains_key(session));
         }
         subscribers.retain(|_, set| !set.is_empty());
+        state.quota_rates.retain(|_, tat| *tat > now);
+        let State {
+            sessions,
+            quota_caps,
+            ..
+        } = &mut *state;
+        for ((kind, _), members) in quota_caps.iter_mut() {
+            members.retain(|member, deadline| {
+                *deadline > now
+                    || (*kind == QuotaKind::Sessions
+                        && sessions
+                            .get(member)
+                            .is_some_and(|record| record.expires_at > now))
+            });
+        }
+        state.quota_caps.retain(|_, members| !members.is_empty());
         (before - state.sessions.len() - state.logs.len()) as u64
     }
 }
@@ -639,6 +770,124 @@ mod tests {
         let (bus, control) = Bus::new(Keys::new("t"), ReplicaTag::generate(), metrics.clone());
         let backend = Backend::Memory(MemoryBackend::new(config(), bus.clone(), metrics));
         (backend, bus, control)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quotas_limit_rates_and_caps_and_free_again() {
+        use crate::backend::{QuotaCheck, QuotaKind};
+        let (backend, _bus, _control) = backend();
+        let lease = Duration::from_secs(60);
+        let rate = [QuotaCheck {
+            kind: QuotaKind::Rate,
+            subject: "p",
+            limit: 2,
+            burst: 3,
+        }];
+        for _ in 0..3 {
+            assert_eq!(
+                backend.quota_admit(&rate, "", lease).await.expect("admit"),
+                None
+            );
+        }
+        let refused = backend
+            .quota_admit(&rate, "", lease)
+            .await
+            .expect("admit")
+            .expect("over the burst");
+        assert_eq!(refused.index, 0);
+        assert_eq!(refused.retry_after, Some(Duration::from_millis(500)));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(
+            backend.quota_admit(&rate, "", lease).await.expect("admit"),
+            None
+        );
+
+        // A cap refuses nothing it cannot also record: the rate is not spent by a refused call.
+        let calls = |subject| QuotaCheck {
+            kind: QuotaKind::Calls,
+            subject,
+            limit: 1,
+            burst: 0,
+        };
+        let both = [calls("p"), calls("cluster")];
+        assert_eq!(
+            backend
+                .quota_admit(&both, "c1", lease)
+                .await
+                .expect("admit"),
+            None
+        );
+        let refused = backend
+            .quota_admit(&[calls("q"), calls("cluster")], "c2", lease)
+            .await
+            .expect("admit")
+            .expect("the cluster cap");
+        assert_eq!((refused.index, refused.retry_after), (1, None));
+        backend
+            .quota_release(
+                &[(QuotaKind::Calls, "p"), (QuotaKind::Calls, "cluster")],
+                "c1",
+            )
+            .await
+            .expect("release");
+        assert_eq!(
+            backend
+                .quota_admit(&[calls("q"), calls("cluster")], "c2", lease)
+                .await
+                .expect("admit"),
+            None
+        );
+        // An unrenewed lease lapses.
+        tokio::time::advance(lease + Duration::from_secs(1)).await;
+        assert_eq!(
+            backend
+                .quota_admit(&both, "c3", lease)
+                .await
+                .expect("admit"),
+            None
+        );
+
+        // Sessions: a reservation bound to a session holds the slot until the session is gone.
+        let sessions = [QuotaCheck {
+            kind: QuotaKind::Sessions,
+            subject: "p",
+            limit: 1,
+            burst: 0,
+        }];
+        assert_eq!(
+            backend
+                .quota_admit(&sessions, "r1", lease)
+                .await
+                .expect("admit"),
+            None
+        );
+        backend
+            .session_create("s1", "{}", "p")
+            .await
+            .expect("create");
+        backend
+            .quota_bind_session(&["p"], "r1", "s1")
+            .await
+            .expect("bind");
+        // Past its recheck, the session is found alive and still counts.
+        tokio::time::advance(super::SESSION_RECHECK + Duration::from_secs(1)).await;
+        assert!(
+            backend
+                .quota_admit(&sessions, "r2", lease)
+                .await
+                .expect("admit")
+                .is_some()
+        );
+        // Deleted: its slot is given back (by the DELETE, or at the next recheck).
+        backend.session_delete("s1").await.expect("delete");
+        tokio::time::advance(super::SESSION_RECHECK).await;
+        assert_eq!(
+            backend
+                .quota_admit(&sessions, "r2", lease)
+                .await
+                .expect("admit"),
+            None
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -153,6 +153,60 @@ pub enum KvSetOutcome {
     Full,
 }
 
+/// How long a session quota entry goes before it is checked against the session records again
+/// (sessions that expired idle leave their principal's quota within this time; a DELETE at once).
+pub const SESSION_RECHECK: Duration = Duration::from_secs(30);
+
+/// The kinds of quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuotaKind {
+    /// Requests per second with a burst (GCRA).
+    Rate,
+    /// Tool calls running at once (leases).
+    Calls,
+    /// Long-lived streams open at once (leases).
+    Streams,
+    /// Legacy sessions open at once.
+    Sessions,
+}
+
+impl QuotaKind {
+    /// The name in keys and scripts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaKind::Rate => "rate",
+            QuotaKind::Calls => "calls",
+            QuotaKind::Streams => "streams",
+            QuotaKind::Sessions => "sessions",
+        }
+    }
+}
+
+/// One limit a quota decision checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaCheck<'a> {
+    /// What is limited.
+    pub kind: QuotaKind,
+    /// Whose quota: a principal id, or [`QUOTA_CLUSTER`] for everyone together.
+    pub subject: &'a str,
+    /// Requests per second of a rate, or the cap (greater than zero).
+    pub limit: u32,
+    /// Requests allowed at once above a rate (at least 1; ignored by caps).
+    pub burst: u32,
+}
+
+/// The subject of the cluster-wide quotas.
+pub const QUOTA_CLUSTER: &str = "cluster";
+
+/// A quota decision that said no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaRefusal {
+    /// The check that refused (index into the checks).
+    pub index: usize,
+    /// When a retry can pass: exact for rates, `None` for caps (they free when something ends).
+    pub retry_after: Option<Duration>,
+}
+
 /// The shared-state backend of a replica. Cheap to clone.
 #[derive(Debug, Clone)]
 pub enum Backend {
@@ -600,6 +654,65 @@ impl Backend {
         lease: Duration,
     ) -> BackendResult<u64> {
         delegate!(self, "janitor", janitor_pass(lease_holder, lease))
+    }
+
+    /// One quota decision: every check passes and `member` is recorded in each cap (a lease
+    /// expiring after `lease` unless renewed, or for sessions a reservation until
+    /// [`Backend::quota_bind_session`]), or nothing is recorded and the first refusing check is
+    /// returned.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn quota_admit(
+        &self,
+        checks: &[QuotaCheck<'_>],
+        member: &str,
+        lease: Duration,
+    ) -> BackendResult<Option<QuotaRefusal>> {
+        delegate!(self, "quota_admit", quota_admit(checks, member, lease))
+    }
+
+    /// Drops `member` from the caps `(kind, subject)` (a lease ended, a session was deleted).
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable (a lease then expires by itself).
+    pub async fn quota_release(
+        &self,
+        caps: &[(QuotaKind, &str)],
+        member: &str,
+    ) -> BackendResult<()> {
+        delegate!(self, "quota_release", quota_release(caps, member))
+    }
+
+    /// Renews the leases `members` (still held by this replica) in one cap for another `lease`.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn quota_renew(
+        &self,
+        cap: (QuotaKind, &str),
+        members: &[String],
+        lease: Duration,
+    ) -> BackendResult<()> {
+        delegate!(self, "quota_renew", quota_renew(cap, members, lease))
+    }
+
+    /// Replaces an `initialize`'s reservation `token` with the session it created, in the session
+    /// caps of `subjects`.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable (the reservation then lapses).
+    pub async fn quota_bind_session(
+        &self,
+        subjects: &[&str],
+        token: &str,
+        session: &str,
+    ) -> BackendResult<()> {
+        delegate!(
+            self,
+            "quota_bind_session",
+            quota_bind_session(subjects, token, session)
+        )
     }
 
     /// Closes connections (after the server stopped using the backend).

@@ -22,7 +22,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::{
     BackendConfig, BackendError, BackendResult, CacheEntry, FeedClaim, FeedStart, KvSetOutcome,
-    LoggedEvent, SubscribeOutcome, scripts,
+    LoggedEvent, QuotaCheck, QuotaKind, QuotaRefusal, SESSION_RECHECK, SubscribeOutcome, scripts,
 };
 use crate::{
     bus::{Bus, BusMessage, ListKind},
@@ -54,6 +54,11 @@ struct Scripts {
     cache_invalidate: Script,
     lease: Script,
     map_replace: Script,
+    quota_admit: Script,
+    quota_release: Script,
+    quota_renew: Script,
+    quota_bind_session: Script,
+    quota_prune_sessions: Script,
 }
 
 impl Scripts {
@@ -77,6 +82,11 @@ impl Scripts {
             cache_invalidate: Script::from_lua(scripts::CACHE_INVALIDATE),
             lease: Script::from_lua(scripts::LEASE),
             map_replace: Script::from_lua(scripts::MAP_REPLACE),
+            quota_admit: Script::from_lua(scripts::quota_admit()),
+            quota_release: Script::from_lua(scripts::QUOTA_RELEASE),
+            quota_renew: Script::from_lua(scripts::QUOTA_RENEW),
+            quota_bind_session: Script::from_lua(scripts::QUOTA_BIND_SESSION),
+            quota_prune_sessions: Script::from_lua(scripts::quota_prune_sessions()),
         }
     }
 }
@@ -815,6 +825,91 @@ impl RedisBackend {
         Ok(())
     }
 
+    pub(super) async fn quota_admit(
+        &self,
+        checks: &[QuotaCheck<'_>],
+        member: &str,
+        lease: Duration,
+    ) -> BackendResult<Option<QuotaRefusal>> {
+        let keys = checks
+            .iter()
+            .map(|check| self.inner.keys.quota(check.kind.as_str(), check.subject))
+            .collect();
+        let mut args: Vec<Value> = vec![
+            member.into(),
+            Value::from(lease.as_millis().max(1) as i64),
+            self.inner.session_prefix.as_str().into(),
+            Value::from(SESSION_RECHECK.as_millis() as i64),
+        ];
+        for check in checks {
+            args.push(check.kind.as_str().into());
+            args.push(Value::from(i64::from(check.limit)));
+            args.push(Value::from(i64::from(check.burst.max(1))));
+        }
+        let (index, retry_ms): (i64, i64) = self
+            .eval(&self.inner.scripts.quota_admit, keys, args)
+            .await?;
+        Ok(refusal(checks, index, retry_ms))
+    }
+
+    pub(super) async fn quota_release(
+        &self,
+        caps: &[(QuotaKind, &str)],
+        member: &str,
+    ) -> BackendResult<()> {
+        let keys = caps
+            .iter()
+            .map(|(kind, subject)| self.inner.keys.quota(kind.as_str(), subject))
+            .collect();
+        let _: i64 = self
+            .eval(&self.inner.scripts.quota_release, keys, vec![member.into()])
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn quota_renew(
+        &self,
+        (kind, subject): (QuotaKind, &str),
+        members: &[String],
+        lease: Duration,
+    ) -> BackendResult<()> {
+        let mut args: Vec<Value> = Vec::with_capacity(members.len() + 1);
+        args.push(Value::from(lease.as_millis().max(1) as i64));
+        args.extend(members.iter().map(|member| Value::from(member.as_str())));
+        let _: i64 = self
+            .eval(
+                &self.inner.scripts.quota_renew,
+                vec![self.inner.keys.quota(kind.as_str(), subject)],
+                args,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn quota_bind_session(
+        &self,
+        subjects: &[&str],
+        token: &str,
+        session: &str,
+    ) -> BackendResult<()> {
+        let keys = subjects
+            .iter()
+            .map(|subject| self.inner.keys.quota(QuotaKind::Sessions.as_str(), subject))
+            .collect();
+        let _: i64 = self
+            .eval(
+                &self.inner.scripts.quota_bind_session,
+                keys,
+                vec![
+                    token.into(),
+                    session.into(),
+                    Value::from(SESSION_RECHECK.as_millis() as i64),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
     pub(super) async fn janitor_pass(
         &self,
         lease_holder: &ReplicaTag,
@@ -854,6 +949,27 @@ impl RedisBackend {
                 .await?;
             removed += pruned.max(0) as u64;
         }
+        // Session quota indexes of principals that open no new session (their next initialize
+        // would prune them too): bounded by the sessions that still exist.
+        let indexes: Vec<fred::types::Key> = client
+            .scan_buffered(self.inner.keys.quota_sessions_pattern(), Some(200), None)
+            .try_collect()
+            .await?;
+        for index in indexes {
+            let Some(index) = index.as_str().map(str::to_owned) else {
+                continue;
+            };
+            let _: i64 = self
+                .eval(
+                    &self.inner.scripts.quota_prune_sessions,
+                    vec![index],
+                    vec![
+                        self.inner.session_prefix.as_str().into(),
+                        Value::from(SESSION_RECHECK.as_millis() as i64),
+                    ],
+                )
+                .await?;
+        }
         Ok(removed)
     }
 
@@ -861,6 +977,19 @@ impl RedisBackend {
         let _ = self.inner.subscriber.quit().await;
         let _ = self.inner.pool.quit().await;
     }
+}
+
+/// The refusal a quota script's `{index, retry ms}` answer names (`index` 0: allowed).
+fn refusal(checks: &[QuotaCheck<'_>], index: i64, retry_ms: i64) -> Option<QuotaRefusal> {
+    let index = usize::try_from(index)
+        .ok()
+        .filter(|i| (1..=checks.len()).contains(i))?
+        - 1;
+    Some(QuotaRefusal {
+        index,
+        retry_after: (checks[index].kind == QuotaKind::Rate)
+            .then(|| Duration::from_millis(retry_ms.max(1) as u64)),
+    })
 }
 
 fn parse_id(id: &str) -> BackendResult<EventId> {

@@ -290,3 +290,109 @@ redis.call('DEL', KEYS[1])
 if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
 return 1
 ";
+
+/// Shared helper of the session-quota scripts: drops from the index `key` the sessions that are
+/// gone (their record `sprefix .. id` no longer exists) among those due for a recheck (score at or
+/// before `now` ms); pushes the recheck of the live ones to `now + recheck`.
+const PRUNE_SESSION_INDEX_FN: &str = r"
+local function prune_sessions(key, now, sprefix, recheck)
+  local due = redis.call('ZRANGEBYSCORE', key, '-inf', now)
+  for _, m in ipairs(due) do
+    if redis.call('EXISTS', sprefix .. m) == 1 then
+      redis.call('ZADD', key, now + recheck, m)
+    else
+      redis.call('ZREM', key, m)
+    end
+  end
+end
+";
+
+/// One quota decision (see [`crate::backend::QuotaCheck`]). KEYS: one per check. ARGV: member,
+/// lease ms, session key prefix, session recheck ms, then per check its kind (`rate`, `calls`,
+/// `streams`, `sessions`), its limit and its burst.
+///
+/// Every check is decided before anything is recorded, so a refusal leaves every quota as it was.
+/// Rates are GCRA on Redis's clock: the key holds the theoretical arrival time (µs); a request is
+/// allowed when it is at most `burst` emission intervals ahead of now. Caps are sorted sets of
+/// leases scored by their expiry (ms; the holder renews them), except sessions, scored by their
+/// next recheck against the session records. Returns `{0, 0}` when allowed, else `{index of the
+/// refusing check, retry after ms}`.
+pub fn quota_admit() -> String {
+    format!(
+        "{PRUNE_SESSION_INDEX_FN}{}",
+        r"
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(now_us / 1000)
+local member, lease, sprefix, recheck = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local tats = {}
+for i, key in ipairs(KEYS) do
+  local kind, limit, burst = ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3]), tonumber(ARGV[3 * i + 4])
+  if kind == 'rate' then
+    local interval = 1000000 / limit
+    local tat = tonumber(redis.call('GET', key) or '0')
+    if tat < now_us then tat = now_us end
+    local next = tat + interval
+    local over = next - now_us - interval * burst
+    if over > 0 then return {i, math.ceil(over / 1000)} end
+    tats[i] = next
+  else
+    if kind == 'sessions' then
+      prune_sessions(key, now, sprefix, recheck)
+    else
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    end
+    if redis.call('ZCARD', key) >= limit then return {i, 0} end
+  end
+end
+for i, key in ipairs(KEYS) do
+  if tats[i] then
+    redis.call('SET', key, string.format('%.0f', tats[i]), 'PX', math.ceil((tats[i] - now_us) / 1000) + 1)
+  else
+    redis.call('ZADD', key, now + lease, member)
+    if ARGV[3 * i + 2] ~= 'sessions' then redis.call('PEXPIRE', key, 2 * lease) end
+  end
+end
+return {0, 0}
+"
+    )
+}
+
+/// KEYS: quota sorted sets. ARGV: member. Drops the member (a lease or a session) from each.
+pub const QUOTA_RELEASE: &str = r"
+for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
+return 1
+";
+
+/// KEYS: one quota sorted set. ARGV: lease ms, members... Renews the leases still recorded.
+pub const QUOTA_RENEW: &str = r"
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
+return 1
+";
+
+/// KEYS: session quota indexes. ARGV: reservation token, session id, recheck ms. Replaces the
+/// reservation an `initialize` held with the session it created.
+pub const QUOTA_BIND_SESSION: &str = r"
+local t = redis.call('TIME')
+local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  if redis.call('ZREM', key, ARGV[1]) == 1 then redis.call('ZADD', key, at, ARGV[2]) end
+end
+return 1
+";
+
+/// KEYS: one session quota index. ARGV: session key prefix, recheck ms. The janitor's pass over
+/// the indexes of principals that open no new sessions.
+pub fn quota_prune_sessions() -> String {
+    format!(
+        "{PRUNE_SESSION_INDEX_FN}{}",
+        r"
+local t = redis.call('TIME')
+prune_sessions(KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1], tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+"
+    )
+}

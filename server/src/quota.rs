@@ -1,0 +1,616 @@
+//! Quotas: how much one principal, and everyone together, may use of the cluster.
+//!
+//! Every decision is one script in the shared state ([`Backend::quota_admit`]), so a quota holds
+//! across replicas, survives a replica's restart and is the same whichever replica a balancer
+//! picks. Four kinds, each per principal and cluster-wide (`SHOAL_QUOTA_*`, 0 = unlimited):
+//!
+//! - **requests per second with a burst**, on every `/mcp` request (GCRA on Redis's clock);
+//! - **concurrent tool calls** and **open streams** (GET streams and `subscriptions/listen`): a
+//!   lease per call or stream, renewed by the replica holding it and dropped when it ends, so the
+//!   leases of a replica that dies lapse within [`LEASE`];
+//! - **open sessions** (legacy era): a reservation at `initialize`, bound to the session it
+//!   creates, dropped at DELETE, and noticed gone within
+//!   [`shoal_shared::backend::SESSION_RECHECK`] of an idle expiry.
+//!
+//! A principal's limits are decided when it is authenticated ([`Policy::limits`]): its API key's
+//! own `quota` table, else the first tier of `SHOAL_QUOTA_TIERS_FILE` it matches (by scope, or by
+//! a token claim), else the defaults. The anonymous principal of `SHOAL_AUTH=none` (every caller
+//! at once) has no per-principal limits; the cluster-wide ones apply to it.
+//!
+//! Over a quota the HTTP layer answers `429 Too Many Requests` with `Retry-After` and a JSON-RPC
+//! error naming the quota ([`Refusal`]); when the shared state cannot decide, `503` (quotas fail
+//! closed).
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::Deserialize;
+use shoal_shared::{
+    backend::{Backend, QUOTA_CLUSTER, QuotaCheck, QuotaKind, QuotaRefusal},
+    config::QuotaConfig,
+    metrics::Metrics,
+};
+
+use crate::auth::Principal;
+
+/// How long a call or stream lease lasts unless its replica renews it (every third of it).
+pub const LEASE: Duration = Duration::from_secs(60);
+
+/// What one principal may use; 0 is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Sustained requests per second.
+    pub requests_per_sec: u32,
+    /// Requests at once above the rate (0: one second's worth).
+    pub burst: u32,
+    /// Tool calls running at once.
+    pub concurrent_calls: u32,
+    /// Legacy sessions open at once.
+    pub sessions: u32,
+    /// Long-lived streams open at once.
+    pub streams: u32,
+}
+
+impl Limits {
+    /// No limit at all.
+    pub const UNLIMITED: Limits = Limits {
+        requests_per_sec: 0,
+        burst: 0,
+        concurrent_calls: 0,
+        sessions: 0,
+        streams: 0,
+    };
+
+    /// The per-principal defaults of the configuration.
+    pub fn defaults(config: &QuotaConfig) -> Self {
+        Self {
+            requests_per_sec: config.requests_per_sec,
+            burst: config.burst,
+            concurrent_calls: config.concurrent_calls,
+            sessions: config.sessions,
+            streams: config.streams,
+        }
+    }
+
+    /// The cluster-wide limits of the configuration.
+    pub fn global(config: &QuotaConfig) -> Self {
+        Self {
+            requests_per_sec: config.global_requests_per_sec,
+            burst: config.global_burst,
+            concurrent_calls: config.global_concurrent_calls,
+            sessions: config.global_sessions,
+            streams: config.global_streams,
+        }
+    }
+
+    /// These limits with `overrides` applied.
+    pub fn with(self, overrides: &Overrides) -> Self {
+        Self {
+            requests_per_sec: overrides.requests_per_sec.unwrap_or(self.requests_per_sec),
+            burst: overrides.burst.unwrap_or(self.burst),
+            concurrent_calls: overrides.concurrent_calls.unwrap_or(self.concurrent_calls),
+            sessions: overrides.sessions.unwrap_or(self.sessions),
+            streams: overrides.streams.unwrap_or(self.streams),
+        }
+    }
+
+    fn cap(&self, kind: QuotaKind) -> u32 {
+        match kind {
+            QuotaKind::Rate => self.requests_per_sec,
+            QuotaKind::Calls => self.concurrent_calls,
+            QuotaKind::Streams => self.streams,
+            QuotaKind::Sessions => self.sessions,
+        }
+    }
+
+    fn burst(&self) -> u32 {
+        if self.burst == 0 {
+            self.requests_per_sec
+        } else {
+            self.burst
+        }
+    }
+}
+
+/// A `quota` table (in the API keys file or a tier): the limits it sets, the others inherited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// Sustained requests per second.
+    pub requests_per_sec: Option<u32>,
+    /// Requests at once above the rate.
+    pub burst: Option<u32>,
+    /// Tool calls running at once.
+    pub concurrent_calls: Option<u32>,
+    /// Legacy sessions open at once.
+    pub sessions: Option<u32>,
+    /// Long-lived streams open at once.
+    pub streams: Option<u32>,
+}
+
+/// A quota tier: who it applies to and the limits it sets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tier {
+    /// A label for logs.
+    #[serde(default)]
+    name: Option<String>,
+    /// Applies to principals granted this scope.
+    #[serde(default)]
+    scope: Option<String>,
+    /// Applies to token holders whose claim `claim` is (or, for a list, contains) `value`.
+    #[serde(default)]
+    claim: Option<String>,
+    #[serde(default)]
+    value: Option<String>,
+    quota: Overrides,
+}
+
+impl Tier {
+    fn matches(
+        &self,
+        scopes: &[String],
+        claims: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> bool {
+        if let Some(scope) = &self.scope {
+            return scopes.iter().any(|held| held == scope);
+        }
+        let (Some(claim), Some(value), Some(claims)) = (&self.claim, &self.value, claims) else {
+            return false;
+        };
+        let same = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s == value,
+            serde_json::Value::Bool(b) => value.parse::<bool>() == Ok(*b),
+            serde_json::Value::Number(n) => {
+                value.parse::<serde_json::Number>().ok().as_ref() == Some(n)
+            }
+            _ => false,
+        };
+        match claims.get(claim) {
+            Some(serde_json::Value::Array(items)) => items.iter().any(same),
+            Some(other) => same(other),
+            None => false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TiersFile {
+    #[serde(default)]
+    tier: Vec<Tier>,
+}
+
+/// How a principal's limits are decided: defaults and tiers.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    defaults: Limits,
+    tiers: Vec<Tier>,
+}
+
+impl Policy {
+    /// The policy of `config`, reading `SHOAL_QUOTA_TIERS_FILE` when set.
+    ///
+    /// # Errors
+    /// When the tiers file cannot be read or is not valid.
+    pub fn from_config(config: &QuotaConfig) -> anyhow::Result<Self> {
+        let tiers = match &config.tiers_file {
+            Some(path) => read_tiers(path)?,
+            None => vec![],
+        };
+        Ok(Self {
+            defaults: Limits::defaults(config),
+            tiers,
+        })
+    }
+
+    /// The limits of a principal granted `scopes`, with token `claims` (OAuth) and its API key's
+    /// own `quota` table: the key's table over the first matching tier over the defaults.
+    pub fn limits(
+        &self,
+        scopes: &[String],
+        claims: Option<&serde_json::Map<String, serde_json::Value>>,
+        own: Option<&Overrides>,
+    ) -> Limits {
+        let tiered = match self.tiers.iter().find(|tier| tier.matches(scopes, claims)) {
+            Some(tier) => self.defaults.with(&tier.quota),
+            None => self.defaults,
+        };
+        match own {
+            Some(own) => tiered.with(own),
+            None => tiered,
+        }
+    }
+}
+
+fn read_tiers(path: &Path) -> anyhow::Result<Vec<Tier>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", path.display()))?;
+    let file: TiersFile = toml::from_str(&text)
+        .map_err(|error| anyhow::anyhow!("invalid quota tiers file {}: {error}", path.display()))?;
+    for (index, tier) in file.tier.iter().enumerate() {
+        let by_scope = tier.scope.is_some();
+        let by_claim = tier.claim.is_some() && tier.value.is_some();
+        if by_scope == by_claim || (tier.claim.is_some() != tier.value.is_some()) {
+            anyhow::bail!(
+                "invalid quota tiers file {}: tier {} ({}) needs either `scope`, or `claim` and `value`",
+                path.display(),
+                index + 1,
+                tier.name.as_deref().unwrap_or("unnamed"),
+            );
+        }
+    }
+    tracing::info!(tiers = file.tier.len(), path = %path.display(), "quota tiers loaded");
+    Ok(file.tier)
+}
+
+/// What a request asks of the quotas besides its rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Demand {
+    /// A request and nothing more.
+    Request,
+    /// A `tools/call` (holds a concurrent-call lease while it runs).
+    ToolCall,
+    /// A GET stream or a `subscriptions/listen` (holds a stream lease while open).
+    Stream,
+    /// A legacy `initialize` (reserves a session).
+    Session,
+}
+
+impl Demand {
+    fn cap(self) -> Option<QuotaKind> {
+        match self {
+            Demand::Request => None,
+            Demand::ToolCall => Some(QuotaKind::Calls),
+            Demand::Stream => Some(QuotaKind::Streams),
+            Demand::Session => Some(QuotaKind::Sessions),
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over a quota: `kind` names it (the metric label), `retry_after` when to try again.
+    Over {
+        /// `requests`, `concurrent_calls`, `sessions` or `streams`, `global_` prefixed for the
+        /// cluster-wide quotas.
+        kind: &'static str,
+        /// When a retry can pass (rates), or a short pause (caps free when something ends).
+        retry_after: Duration,
+    },
+    /// The shared state could not decide.
+    Unavailable,
+}
+
+impl Refusal {
+    /// What the client is told.
+    pub fn message(&self) -> &'static str {
+        match self {
+            Refusal::Over { kind, .. } => match *kind {
+                "requests" => "Too Many Requests: request rate quota exceeded",
+                "concurrent_calls" => "Too Many Requests: concurrent tool call quota exceeded",
+                "sessions" => "Too Many Requests: open session quota exceeded",
+                "streams" => "Too Many Requests: open stream quota exceeded",
+                "global_requests" => {
+                    "Too Many Requests: the server's request rate limit is reached"
+                }
+                "global_concurrent_calls" => {
+                    "Too Many Requests: the server's concurrent tool call limit is reached"
+                }
+                "global_sessions" => "Too Many Requests: the server's session limit is reached",
+                _ => "Too Many Requests: the server's stream limit is reached",
+            },
+            Refusal::Unavailable => "quotas cannot be checked: shared state unavailable",
+        }
+    }
+}
+
+/// One cap a lease is recorded in: its kind and subject.
+type Cap = (QuotaKind, Arc<str>);
+
+/// How long a client should wait after a cap refused it (caps free when a call, stream or
+/// session ends, which cannot be predicted).
+const CAP_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The quotas of a replica. Cheap to share.
+pub struct Quotas {
+    backend: Backend,
+    global: Limits,
+    metrics: Metrics,
+    /// Leases of calls and streams this replica holds, renewed every third of [`LEASE`].
+    held: Mutex<HashMap<Arc<str>, Vec<Cap>>>,
+}
+
+impl std::fmt::Debug for Quotas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quotas")
+            .field("global", &self.global)
+            .finish()
+    }
+}
+
+impl Quotas {
+    /// Quotas kept in `backend`, with the cluster-wide limits of `config`.
+    pub fn new(backend: Backend, config: &QuotaConfig, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            backend,
+            global: Limits::global(config),
+            metrics,
+            held: Mutex::default(),
+        })
+    }
+
+    /// Admits a request of `principal` that asks for `demand`: `Ok(Some(lease))` when it holds a
+    /// call, stream or session slot until the lease is dropped (or bound to a session), `Ok(None)`
+    /// when nothing is held. No round trip when no limit applies.
+    ///
+    /// # Errors
+    /// A [`Refusal`] when a quota is exhausted or the shared state cannot decide.
+    pub async fn admit(
+        self: &Arc<Self>,
+        principal: &Principal,
+        demand: Demand,
+    ) -> Result<Option<Lease>, Refusal> {
+        let own = &principal.limits;
+        let mut checks: Vec<QuotaCheck<'_>> = Vec::with_capacity(4);
+        let mut labels: Vec<&'static str> = Vec::with_capacity(4);
+        for (limits, subject, global) in [
+            (own, &*principal.id, false),
+            (&self.global, QUOTA_CLUSTER, true),
+        ] {
+            if limits.requests_per_sec > 0 {
+                checks.push(QuotaCheck {
+                    kind: QuotaKind::Rate,
+                    subject,
+                    limit: limits.requests_per_sec,
+                    burst: limits.burst(),
+                });
+                labels.push(label(QuotaKind::Rate, global));
+            }
+            if let Some(kind) = demand.cap()
+                && limits.cap(kind) > 0
+            {
+                checks.push(QuotaCheck {
+                    kind,
+                    subject,
+                    limit: limits.cap(kind),
+                    burst: 0,
+                });
+                labels.push(label(kind, global));
+            }
+        }
+        if checks.is_empty() {
+            return Ok(None);
+        }
+        // Rates need no member; caps record this one.
+        let member: Arc<str> = if checks.iter().any(|check| check.kind != QuotaKind::Rate) {
+            Arc::from(format!("{:032x}", rand::random::<u128>()))
+        } else {
+            Arc::from("")
+        };
+        match self.backend.quota_admit(&checks, &member, LEASE).await {
+            Ok(None) => {}
+            Ok(Some(QuotaRefusal { index, retry_after })) => {
+                let kind = labels[index];
+                self.metrics.quota_rejection(kind);
+                tracing::info!(kind, principal = %principal.name, "refused request: quota");
+                return Err(Refusal::Over {
+                    kind,
+                    retry_after: retry_after.unwrap_or(CAP_RETRY_AFTER),
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "quota not checked: shared state unavailable");
+                return Err(Refusal::Unavailable);
+            }
+        }
+        let caps: Vec<Cap> = checks
+            .iter()
+            .filter(|check| check.kind != QuotaKind::Rate)
+            .map(|check| (check.kind, Arc::from(check.subject)))
+            .collect();
+        if caps.is_empty() {
+            return Ok(None);
+        }
+        let renewed = demand != Demand::Session;
+        if renewed {
+            self.held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(member.clone(), caps.clone());
+        }
+        Ok(Some(Lease(Arc::new(Held {
+            quotas: self.clone(),
+            member,
+            caps,
+            renewed,
+            bound: AtomicBool::new(false),
+        }))))
+    }
+
+    /// A legacy session of `principal` was deleted: it no longer counts against the session caps.
+    pub async fn session_closed(&self, principal: &Principal, session: &str) {
+        let mut caps: Vec<(QuotaKind, &str)> = Vec::with_capacity(2);
+        if principal.limits.sessions > 0 {
+            caps.push((QuotaKind::Sessions, &principal.id));
+        }
+        if self.global.sessions > 0 {
+            caps.push((QuotaKind::Sessions, QUOTA_CLUSTER));
+        }
+        if !caps.is_empty()
+            && let Err(error) = self.backend.quota_release(&caps, session).await
+        {
+            tracing::debug!(%error, "session quota not released (noticed within the recheck)");
+        }
+    }
+
+    /// Renews the leases this replica holds, every third of [`LEASE`], until `stop` fires.
+    pub async fn run_renewal(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(LEASE / 3);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let mut by_cap: HashMap<(QuotaKind, Arc<str>), Vec<String>> = HashMap::new();
+            for (member, caps) in self.held.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                for cap in caps {
+                    by_cap
+                        .entry(cap.clone())
+                        .or_default()
+                        .push(member.to_string());
+                }
+            }
+            for ((kind, subject), members) in by_cap {
+                if let Err(error) = self
+                    .backend
+                    .quota_renew((kind, &subject), &members, LEASE)
+                    .await
+                {
+                    tracing::warn!(%error, "quota leases not renewed");
+                }
+            }
+        }
+    }
+}
+
+fn label(kind: QuotaKind, global: bool) -> &'static str {
+    match (kind, global) {
+        (QuotaKind::Rate, false) => "requests",
+        (QuotaKind::Calls, false) => "concurrent_calls",
+        (QuotaKind::Sessions, false) => "sessions",
+        (QuotaKind::Streams, false) => "streams",
+        (QuotaKind::Rate, true) => "global_requests",
+        (QuotaKind::Calls, true) => "global_concurrent_calls",
+        (QuotaKind::Sessions, true) => "global_sessions",
+        (QuotaKind::Streams, true) => "global_streams",
+    }
+}
+
+/// A call, stream or session slot held in the quotas; dropping the last clone gives it back
+/// (unless it was bound to a session, which then holds it until deleted).
+#[derive(Debug, Clone)]
+pub struct Lease(Arc<Held>);
+
+struct Held {
+    quotas: Arc<Quotas>,
+    member: Arc<str>,
+    caps: Vec<Cap>,
+    renewed: bool,
+    bound: AtomicBool,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("caps", &self.caps).finish()
+    }
+}
+
+impl Lease {
+    /// Binds an `initialize`'s session reservation to the session it created: the slot is then
+    /// held until the session is deleted or expires.
+    pub async fn bind_session(&self, session: &str) {
+        let held = &self.0;
+        let subjects: Vec<&str> = held.caps.iter().map(|(_, subject)| &**subject).collect();
+        match held
+            .quotas
+            .backend
+            .quota_bind_session(&subjects, &held.member, session)
+            .await
+        {
+            Ok(()) => held.bound.store(true, Ordering::SeqCst),
+            Err(error) => tracing::warn!(%error, "session quota reservation not bound"),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.renewed {
+            self.quotas
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.member);
+        }
+        if self.bound.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // the lease lapses by itself
+        };
+        let backend = self.quotas.backend.clone();
+        let member = self.member.clone();
+        let caps = std::mem::take(&mut self.caps);
+        runtime.spawn(async move {
+            let caps: Vec<(QuotaKind, &str)> = caps
+                .iter()
+                .map(|(kind, subject)| (*kind, &**subject))
+                .collect();
+            if let Err(error) = backend.quota_release(&caps, &member).await {
+                tracing::debug!(%error, "quota lease not released (it lapses by itself)");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(tiers: &str) -> Policy {
+        let file: TiersFile = toml::from_str(tiers).expect("tiers");
+        Policy {
+            defaults: Limits {
+                requests_per_sec: 10,
+                burst: 20,
+                concurrent_calls: 4,
+                sessions: 5,
+                streams: 6,
+            },
+            tiers: file.tier,
+        }
+    }
+
+    #[test]
+    fn a_key_overrides_its_tier_which_overrides_the_defaults() {
+        let policy = policy(
+            "[[tier]]\nname = \"gold\"\nscope = \"quota:gold\"\nquota = { requests_per_sec = 100, sessions = 0 }\n\
+             [[tier]]\nclaim = \"groups\"\nvalue = \"batch\"\nquota = { concurrent_calls = 50 }\n",
+        );
+        let scopes = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(policy.limits(&scopes(&["kv"]), None, None), policy.defaults);
+        let gold = policy.limits(&scopes(&["kv", "quota:gold"]), None, None);
+        assert_eq!(
+            (gold.requests_per_sec, gold.burst, gold.sessions),
+            (100, 20, 0)
+        );
+        let claims = serde_json::json!({ "groups": ["staff", "batch"] });
+        let batch = policy.limits(&scopes(&["kv"]), claims.as_object(), None);
+        assert_eq!((batch.concurrent_calls, batch.requests_per_sec), (50, 10));
+        let own = Overrides {
+            requests_per_sec: Some(1),
+            ..Overrides::default()
+        };
+        let keyed = policy.limits(&scopes(&["quota:gold"]), None, Some(&own));
+        assert_eq!((keyed.requests_per_sec, keyed.sessions), (1, 0));
+    }
+
+    #[test]
+    fn a_rate_without_burst_allows_one_second_of_requests() {
+        let limits = Limits {
+            requests_per_sec: 7,
+            ..Limits::UNLIMITED
+        };
+        assert_eq!(limits.burst(), 7);
+    }
+}

@@ -1,0 +1,257 @@
+//! Quotas (`docs/security.md`, "Quotas"): per principal and cluster-wide, kept in Redis, so they
+//! hold whichever replica the balancer picks, and survive a replica's restart.
+
+use std::{collections::HashSet, time::Duration};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use shoal_testkit::{
+    client::{EventStream, McpClient},
+    topology::Topology,
+};
+
+use crate::auth::{ALICE, BOB, initialize_body, initialized, keys_file, post_raw};
+use crate::helpers::*;
+
+/// A keys file entry granting `kv:write` and `conformance:write` with the `quota` table `quota`.
+fn key_with_quota(principal: &str, key: &str, quota: &str) -> String {
+    format!(
+        "[[key]]\nprincipal = \"{principal}\"\nscopes = [\"kv:write\", \"conformance:write\"]\n\
+         sha256 = \"{}\"\nquota = {{ {quota} }}\n\n",
+        hex::encode(Sha256::digest(key.as_bytes()))
+    )
+}
+
+async fn quota_cluster(keys: &tempfile::NamedTempFile, extra: &[(&str, &str)]) -> Topology {
+    let mut options = cluster_options(3)
+        .env("SHOAL_AUTH", "api-keys")
+        .env("SHOAL_API_KEYS_FILE", keys.path().display());
+    for (name, value) in extra {
+        options = options.env(name, value);
+    }
+    start(options).await
+}
+
+/// The quota a 429 names (`error.data.quota`), after checking the answer's shape: status 429, a
+/// `Retry-After` of whole seconds, a JSON-RPC error.
+fn refused_quota(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &str) -> String {
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let retry: u64 = headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!(retry >= 1, "Retry-After {retry}");
+    let body: Value = serde_json::from_str(body).expect("a JSON-RPC error");
+    assert_eq!(body["error"]["code"], -32000, "{body}");
+    assert_eq!(body["error"]["data"]["retryAfterSeconds"], retry, "{body}");
+    body["error"]["data"]["quota"]
+        .as_str()
+        .expect("the quota")
+        .to_owned()
+}
+
+/// [`refused_quota`] of a request opened as a stream.
+async fn stream_refusal(mut stream: EventStream) -> String {
+    let (status, headers) = (stream.status, stream.headers.clone());
+    let body = stream
+        .next_event()
+        .await
+        .and_then(|event| event.message)
+        .expect("a JSON body");
+    refused_quota(status, &headers, &body.to_string())
+}
+
+fn ping() -> Value {
+    json!({"jsonrpc": "2.0", "id": 9, "method": "ping"})
+}
+
+/// A principal's request rate holds across the cluster: sent to the three replicas in turn, no
+/// more requests pass than its burst plus its rate over the time taken (three replicas limiting
+/// on their own would pass three bursts), each replica refuses some, another principal is never
+/// refused, and the quota refills.
+#[tokio::test]
+async fn a_principal_over_its_rate_is_refused_on_every_replica_and_others_are_not() {
+    let keys = keys_file(&format!(
+        "{}{}",
+        key_with_quota("alice", ALICE, "requests_per_sec = 2, burst = 4"),
+        key_with_quota("bob", BOB, "requests_per_sec = 1000")
+    ));
+    let topology = quota_cluster(&keys, &[]).await;
+    let alice = initialized(&topology.mcp_url(), ALICE).await;
+    let alice_session = alice.session_id().expect("session").to_owned();
+    let bob = initialized(&topology.mcp_url(), BOB).await;
+    let bob_session = bob.session_id().expect("session").to_owned();
+
+    let replicas: Vec<String> = topology.replicas.iter().map(|r| r.mcp_url()).collect();
+    let started = std::time::Instant::now();
+    let mut passed = 0;
+    let mut refused_on = HashSet::new();
+    for round in 0..30 {
+        let at = &replicas[round % 3];
+        let (status, headers, body) =
+            post_raw(at, Some(&alice_session), Some(ALICE), &ping()).await;
+        if status == StatusCode::OK {
+            passed += 1;
+        } else {
+            assert_eq!(refused_quota(status, &headers, &body), "requests");
+            refused_on.insert(replica_of(&headers));
+        }
+        let (status, _, body) = post_raw(at, Some(&bob_session), Some(BOB), &ping()).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "bob is not limited by alice: {body}"
+        );
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let allowed = 4.0 + 2.0 * elapsed;
+    assert!(
+        f64::from(passed) <= allowed.floor(),
+        "{passed} requests passed in {elapsed:.2} s; the quota allows {allowed:.1}"
+    );
+    assert_eq!(refused_on.len(), 3, "every replica refused: {refused_on:?}");
+    assert!(
+        metric_sum(&topology, "shoal_quota_rejections_total{kind=\"requests\"}").await
+            >= f64::from(30 - passed)
+    );
+
+    // The rate refills: within a second or so, alice passes again.
+    eventually("alice's rate refills", Duration::from_secs(3), async || {
+        (post_raw(&replicas[0], Some(&alice_session), Some(ALICE), &ping())
+            .await
+            .0
+            == StatusCode::OK)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Concurrent tool calls and open sessions are capped across the cluster, the caps survive a
+/// replica's restart (they live in Redis), and they free when calls end and sessions are deleted.
+#[tokio::test]
+async fn call_and_session_caps_hold_cluster_wide_and_free_again() {
+    let keys = keys_file(&format!(
+        "{}{}",
+        key_with_quota("alice", ALICE, "concurrent_calls = 1, sessions = 2"),
+        key_with_quota("bob", BOB, "concurrent_calls = 1")
+    ));
+    let mut topology = quota_cluster(&keys, &[]).await;
+    let urls: Vec<String> = topology.replicas.iter().map(|r| r.mcp_url()).collect();
+    let at = |i: usize| urls[i].clone();
+    let first = initialized(&at(0), ALICE).await;
+    let second = initialized(&at(1), ALICE).await;
+    let (status, headers, body) = post_raw(&at(2), None, Some(ALICE), &initialize_body()).await;
+    assert_eq!(refused_quota(status, &headers, &body), "sessions");
+    let bob = initialized(&at(2), BOB).await;
+
+    // One call of alice's runs (it waits for the client's sampling answer) on one replica...
+    let (_, mut running) = first
+        .open_request(
+            "tools/call",
+            json!({"name": "test_sampling", "arguments": {"prompt": "hold"}}),
+        )
+        .await
+        .expect("tools/call");
+    let (_, sampling) = next_matching(&mut running, "sampling/createMessage", |m| {
+        m.get("method") == Some(&json!("sampling/createMessage"))
+    })
+    .await;
+    // ...so a second one is refused on another, while bob's calls run.
+    let kv_get = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "kv_get", "arguments": {"key": "k"}}});
+    let second_session = second.session_id().expect("session").to_owned();
+    let (status, headers, body) =
+        post_raw(&at(1), Some(&second_session), Some(ALICE), &kv_get).await;
+    assert_eq!(refused_quota(status, &headers, &body), "concurrent_calls");
+    call_ok(&bob, "kv_set", json!({"key": "k", "value": "v"})).await;
+
+    // The session cap is in Redis: a restarted replica still refuses a third session.
+    topology.replicas[2]
+        .restart()
+        .await
+        .expect("replica restarts");
+    let (status, headers, body) = post_raw(&at(2), None, Some(ALICE), &initialize_body()).await;
+    assert_eq!(refused_quota(status, &headers, &body), "sessions");
+
+    // The call ends when the client answers: the next call passes.
+    let answer = json!({"role": "assistant", "content": {"type": "text", "text": "ok"},
+        "model": "m", "stopReason": "endTurn"});
+    assert_eq!(
+        first
+            .respond(sampling["id"].clone(), answer)
+            .await
+            .expect("respond"),
+        StatusCode::ACCEPTED
+    );
+    next_matching(&mut running, "the call's result", |m| {
+        m.get("result").is_some()
+    })
+    .await;
+    eventually(
+        "the call slot is free",
+        Duration::from_secs(5),
+        async || {
+            (post_raw(&at(1), Some(&second_session), Some(ALICE), &kv_get)
+                .await
+                .0
+                == StatusCode::OK)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // A deleted session frees its slot at once.
+    assert_eq!(first.delete().await.expect("DELETE"), StatusCode::ACCEPTED);
+    let (status, _, body) = post_raw(&at(2), None, Some(ALICE), &initialize_body()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Open streams are capped per principal and for the whole cluster; a closed stream frees its slot.
+#[tokio::test]
+async fn stream_caps_hold_per_principal_and_for_the_cluster() {
+    let keys = keys_file(&format!(
+        "{}{}",
+        key_with_quota("alice", ALICE, "streams = 1"),
+        key_with_quota("bob", BOB, "streams = 5")
+    ));
+    let topology = quota_cluster(&keys, &[("SHOAL_QUOTA_GLOBAL_STREAMS", "2")]).await;
+    let at = |i: usize| topology.replicas[i].mcp_url();
+    let listen = |i: usize, key: &str| McpClient::modern(at(i)).with_bearer(Some(key));
+    let alice = listen(0, ALICE);
+    let (_, mut alice_stream) = alice
+        .open_request("subscriptions/listen", listen_params("kv://a"))
+        .await
+        .expect("listen");
+    acknowledged(&mut alice_stream).await;
+    let (_, refused) = listen(1, ALICE)
+        .open_request("subscriptions/listen", listen_params("kv://a"))
+        .await
+        .expect("listen");
+    assert_eq!(stream_refusal(refused).await, "streams");
+
+    let (_, mut bob_stream) = listen(1, BOB)
+        .open_request("subscriptions/listen", listen_params("kv://b"))
+        .await
+        .expect("listen");
+    acknowledged(&mut bob_stream).await;
+    // Two streams are open in the cluster: bob's second is over the global cap, not his own.
+    let (_, refused) = listen(2, BOB)
+        .open_request("subscriptions/listen", listen_params("kv://b"))
+        .await
+        .expect("listen");
+    assert_eq!(stream_refusal(refused).await, "global_streams");
+
+    // Alice hangs up: a slot is free again, on any replica.
+    drop(alice_stream);
+    let mut reopened = eventually("a stream slot frees", Duration::from_secs(10), async || {
+        let (_, stream) = listen(2, BOB)
+            .open_request("subscriptions/listen", listen_params("kv://b"))
+            .await
+            .expect("listen");
+        (stream.status == StatusCode::OK).then_some(stream)
+    })
+    .await;
+    acknowledged(&mut reopened).await;
+}
