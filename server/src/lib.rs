@@ -134,7 +134,7 @@ impl App {
         start_background(&state, &sessions, control, tag, &background).await;
         auth.start(background.clone());
         let quotas = quota::Quotas::new(backend.clone(), &config.quota, metrics.clone());
-        tokio::spawn(quotas.clone().run_renewal(background.clone()));
+        tokio::spawn(quotas.clone().run(background.clone()));
 
         Ok(Self {
             http: HttpService::new(state.clone(), sessions, mcp, auth, grants, quotas),

@@ -320,6 +320,15 @@ type Cap = (QuotaKind, Arc<str>);
 /// session ends, which cannot be predicted).
 const CAP_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Releases waiting for the release loop (beyond them, a release takes a round trip of its own).
+const RELEASE_QUEUE: usize = 4096;
+
+/// Most releases sent in one round trip.
+const RELEASE_BATCH: usize = 256;
+
+/// A lease to give back: its member and the caps it is recorded in.
+type Release = (Arc<str>, Vec<Cap>);
+
 /// The quotas of a replica. Cheap to share.
 pub struct Quotas {
     backend: Backend,
@@ -327,6 +336,10 @@ pub struct Quotas {
     metrics: Metrics,
     /// Leases of calls and streams this replica holds, renewed every third of [`LEASE`].
     held: Mutex<HashMap<Arc<str>, Vec<Cap>>>,
+    /// Ended leases, given back in batches by [`Quotas::run`] (one round trip for all the calls
+    /// that ended while the previous batch was on its way).
+    releases: tokio::sync::mpsc::Sender<Release>,
+    pending: Mutex<Option<tokio::sync::mpsc::Receiver<Release>>>,
 }
 
 impl std::fmt::Debug for Quotas {
@@ -340,11 +353,14 @@ impl std::fmt::Debug for Quotas {
 impl Quotas {
     /// Quotas kept in `backend`, with the cluster-wide limits of `config`.
     pub fn new(backend: Backend, config: &QuotaConfig, metrics: Metrics) -> Arc<Self> {
+        let (releases, pending) = tokio::sync::mpsc::channel(RELEASE_QUEUE);
         Arc::new(Self {
             backend,
             global: Limits::global(config),
             metrics,
             held: Mutex::default(),
+            releases,
+            pending: Mutex::new(Some(pending)),
         })
     }
 
@@ -438,48 +454,82 @@ impl Quotas {
 
     /// A legacy session of `principal` was deleted: it no longer counts against the session caps.
     pub async fn session_closed(&self, principal: &Principal, session: &str) {
-        let mut caps: Vec<(QuotaKind, &str)> = Vec::with_capacity(2);
+        let mut releases: Vec<(QuotaKind, &str, &str)> = Vec::with_capacity(2);
         if principal.limits.sessions > 0 {
-            caps.push((QuotaKind::Sessions, &principal.id));
+            releases.push((QuotaKind::Sessions, &principal.id, session));
         }
         if self.global.sessions > 0 {
-            caps.push((QuotaKind::Sessions, QUOTA_CLUSTER));
+            releases.push((QuotaKind::Sessions, QUOTA_CLUSTER, session));
         }
-        if !caps.is_empty()
-            && let Err(error) = self.backend.quota_release(&caps, session).await
+        if !releases.is_empty()
+            && let Err(error) = self.backend.quota_release(&releases).await
         {
             tracing::debug!(%error, "session quota not released (noticed within the recheck)");
         }
     }
 
-    /// Renews the leases this replica holds, every third of [`LEASE`], until `stop` fires.
-    pub async fn run_renewal(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+    /// Gives back ended leases in batches, and renews the leases this replica holds every third
+    /// of [`LEASE`], until `stop` fires.
+    pub async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let Some(mut pending) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return; // already running
+        };
         let mut every = tokio::time::interval(LEASE / 3);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(RELEASE_BATCH);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                _ = every.tick() => {}
-            }
-            let mut by_cap: HashMap<(QuotaKind, Arc<str>), Vec<String>> = HashMap::new();
-            for (member, caps) in self.held.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                for cap in caps {
-                    by_cap
-                        .entry(cap.clone())
-                        .or_default()
-                        .push(member.to_string());
-                }
-            }
-            for ((kind, subject), members) in by_cap {
-                if let Err(error) = self
-                    .backend
-                    .quota_renew((kind, &subject), &members, LEASE)
-                    .await
-                {
-                    tracing::warn!(%error, "quota leases not renewed");
+                _ = every.tick() => self.renew().await,
+                received = pending.recv_many(&mut batch, RELEASE_BATCH) => {
+                    if received == 0 {
+                        return;
+                    }
+                    release(&self.backend, &batch).await;
+                    batch.clear();
                 }
             }
         }
+    }
+
+    async fn renew(&self) {
+        let mut by_cap: HashMap<Cap, Vec<String>> = HashMap::new();
+        for (member, caps) in self.held.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for cap in caps {
+                by_cap
+                    .entry(cap.clone())
+                    .or_default()
+                    .push(member.to_string());
+            }
+        }
+        for ((kind, subject), members) in by_cap {
+            if let Err(error) = self
+                .backend
+                .quota_renew((kind, &subject), &members, LEASE)
+                .await
+            {
+                tracing::warn!(%error, "quota leases not renewed");
+            }
+        }
+    }
+}
+
+/// Gives back `batch` in one round trip.
+async fn release(backend: &Backend, batch: &[Release]) {
+    let releases: Vec<(QuotaKind, &str, &str)> = batch
+        .iter()
+        .flat_map(|(member, caps)| {
+            caps.iter()
+                .map(move |(kind, subject)| (*kind, &**subject, &**member))
+        })
+        .collect();
+    if let Err(error) = backend.quota_release(&releases).await {
+        tracing::debug!(%error, "quota leases not released (they lapse by themselves)");
     }
 }
 
@@ -545,21 +595,15 @@ impl Drop for Held {
         if self.bound.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // the lease lapses by itself
-        };
-        let backend = self.quotas.backend.clone();
-        let member = self.member.clone();
-        let caps = std::mem::take(&mut self.caps);
-        runtime.spawn(async move {
-            let caps: Vec<(QuotaKind, &str)> = caps
-                .iter()
-                .map(|(kind, subject)| (*kind, &**subject))
-                .collect();
-            if let Err(error) = backend.quota_release(&caps, &member).await {
-                tracing::debug!(%error, "quota lease not released (it lapses by itself)");
-            }
-        });
+        let ended = (self.member.clone(), std::mem::take(&mut self.caps));
+        // Usually queued for the next batch; with the queue full, released on its own.
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(ended)) =
+            self.quotas.releases.try_send(ended)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let backend = self.quotas.backend.clone();
+            runtime.spawn(async move { release(&backend, &[ended]).await });
+        }
     }
 }
 

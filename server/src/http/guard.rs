@@ -31,6 +31,8 @@ pub(super) struct Envelope {
     pub(super) tool: Option<String>,
     /// A `subscriptions/listen` (a long-lived stream).
     pub(super) is_listen: bool,
+    /// The resource URIs a `subscriptions/listen` asks to follow (checked against the grants).
+    pub(super) listen_uris: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -55,6 +57,9 @@ struct RawParams {
     meta: Option<RawMeta>,
     #[serde(default)]
     name: Option<serde_json::Value>,
+    /// `subscriptions/listen`'s filter (kept as a value: other methods may use the name freely).
+    #[serde(default)]
+    notifications: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -96,10 +101,26 @@ impl Envelope {
             ));
         }
         let is_call = raw.method.as_deref() == Some("tools/call");
-        let (meta, name) = raw.params.map(|p| (p.meta, p.name)).unwrap_or_default();
+        let is_listen = raw.method.as_deref() == Some("subscriptions/listen");
+        let (meta, name, notifications) = raw
+            .params
+            .map(|p| (p.meta, p.name, p.notifications))
+            .unwrap_or_default();
+        let listen_uris = notifications
+            .filter(|_| is_listen)
+            .and_then(|filter| match filter.get("resourceSubscriptions") {
+                Some(serde_json::Value::Array(uris)) => Some(
+                    uris.iter()
+                        .filter_map(|uri| uri.as_str().map(str::to_owned))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default();
         Ok(Envelope {
             is_initialize: raw.method.as_deref() == Some("initialize"),
-            is_listen: raw.method.as_deref() == Some("subscriptions/listen"),
+            is_listen,
+            listen_uris,
             id: raw.id,
             traceparent: meta
                 .and_then(|m| m.traceparent)

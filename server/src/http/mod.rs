@@ -53,7 +53,7 @@ use crate::{
     mcp::{handler::ShoalHandler, session::ClusterSessionManager},
     quota::{Demand, Lease, Quotas, Refusal},
     state::AppState,
-    tools::Grants,
+    tools::{Grants, may_read, toolset_of},
 };
 
 /// Response body type shared with rmcp.
@@ -483,6 +483,20 @@ impl HttpService {
                 "the call needs a scope the token lacks",
             );
             return self.refuse(&failure, Some(&grant.scope()));
+        }
+        // A listen stream follows only resources the caller may read: one outside its grants is
+        // refused as a tool call outside them is, naming the scope it needs.
+        if let Some(toolset) = envelope
+            .listen_uris
+            .iter()
+            .filter(|uri| !may_read(principal, uri))
+            .find_map(|uri| toolset_of(uri))
+        {
+            let failure = Failure::new(
+                "insufficient_scope",
+                "following this resource needs a scope the token lacks",
+            );
+            return self.refuse(&failure, Some(toolset));
         }
         let demand = if envelope.tool.is_some() {
             Demand::ToolCall

@@ -67,7 +67,8 @@ impl std::fmt::Debug for ShoalHandler {
 
 /// The authenticated caller of the request behind `context` (put there by the HTTP layer; the
 /// anonymous principal when authentication is off).
-fn caller(context: &RequestContext<RoleServer>) -> Principal {
+/// The principal a request was authenticated as (anonymous without authentication).
+pub(crate) fn caller(context: &RequestContext<RoleServer>) -> Principal {
     context
         .extensions
         .get::<http::request::Parts>()

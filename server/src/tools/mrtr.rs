@@ -164,6 +164,13 @@ fn answered(responses: &Option<rmcp::model::InputResponses>, key: &str) -> Resul
         .ok_or_else(|| invalid(&format!("missing inputResponses.{key}")))
 }
 
+/// What a sealed `requestState` is bound to (its associated data): the tool and the calling
+/// principal, so a state opens only for the same tool called by the same principal.
+fn binding(tool: &str, context: &RequestContext<RoleServer>) -> Vec<u8> {
+    let caller = crate::mcp::handler::caller(context);
+    [tool.as_bytes(), &[0], caller.id.as_bytes()].concat()
+}
+
 fn supports(capabilities: &Option<ClientCapabilities>, capability: &str) -> bool {
     capabilities
         .as_ref()
@@ -181,7 +188,7 @@ impl ShoalHandler {
             .map_err(Failure::RequestState)?)
     }
 
-    async fn seal(&self, tool: &str, round: u32, carried: Value) -> Result<String, McpError> {
+    async fn seal(&self, binding: &[u8], round: u32, carried: Value) -> Result<String, McpError> {
         let codec = self.codec().await?;
         let payload = Round {
             round,
@@ -191,22 +198,21 @@ impl ShoalHandler {
         codec
             .seal_json_with(
                 &payload,
-                &SealOptions::new()
-                    .associated_data(tool.as_bytes())
-                    .ttl(STATE_TTL),
+                &SealOptions::new().associated_data(binding).ttl(STATE_TTL),
             )
             .map_err(|error| Failure::internal("sealing request state", error).into())
     }
 
-    /// An `input_required` answer asking `questions`, with `round` sealed for `tool`.
+    /// An `input_required` answer asking `questions`, with `round` sealed for `binding` (see
+    /// [`binding`]).
     async fn ask_sealed(
         &self,
-        tool: &str,
+        binding: &[u8],
         round: u32,
         carried: Value,
         questions: Vec<(&str, InputRequest)>,
     ) -> Result<CallToolResponse, McpError> {
-        let state = self.seal(tool, round, carried).await?;
+        let state = self.seal(binding, round, carried).await?;
         Ok(CallToolResponse::InputRequired(InputRequiredResult::new(
             Some(requests(questions)),
             Some(state),
@@ -217,24 +223,27 @@ impl ShoalHandler {
     /// answer asking `first` with round 1 sealed (`Err`); else the round its state opens to.
     async fn resume(
         &self,
-        tool: &str,
+        binding: &[u8],
         responses: &Option<rmcp::model::InputResponses>,
         state: Option<String>,
         first: impl FnOnce() -> Result<Vec<(&'static str, InputRequest)>, McpError>,
     ) -> Result<Result<Round, CallToolResponse>, McpError> {
         if responses.is_none() && state.is_none() {
-            return Ok(Err(self.ask_sealed(tool, 1, Value::Null, first()?).await?));
+            return Ok(Err(self
+                .ask_sealed(binding, 1, Value::Null, first()?)
+                .await?));
         }
-        self.open(tool, state).await.map(Ok)
+        self.open(binding, state).await.map(Ok)
     }
 
-    /// Opens a state sealed for `tool`; a forged, tampered or expired one is -32602.
-    async fn open(&self, tool: &str, state: Option<String>) -> Result<Round, McpError> {
+    /// Opens a state sealed for `binding`; a forged, tampered or expired one, or one sealed for
+    /// another tool or another principal, is -32602.
+    async fn open(&self, binding: &[u8], state: Option<String>) -> Result<Round, McpError> {
         let state =
             state.ok_or_else(|| invalid("requestState is required to continue this request"))?;
         self.codec()
             .await?
-            .open_json_with(&state, tool.as_bytes())
+            .open_json_with(&state, binding)
             .map_err(|_| invalid("requestState integrity check failed"))
     }
 
@@ -333,10 +342,11 @@ impl ShoalHandler {
         &self,
         InputResponses(responses): InputResponses,
         RequestState(state): RequestState,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         if let Err(asked) = self
             .resume(
-                "test_input_required_result_request_state",
+                &binding("test_input_required_result_request_state", &context),
                 &responses,
                 state,
                 confirmation,
@@ -359,6 +369,7 @@ impl ShoalHandler {
         &self,
         InputResponses(responses): InputResponses,
         RequestState(state): RequestState,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let first = || {
             Ok(vec![
@@ -369,7 +380,7 @@ impl ShoalHandler {
         };
         if let Err(asked) = self
             .resume(
-                "test_input_required_result_multiple_inputs",
+                &binding("test_input_required_result_multiple_inputs", &context),
                 &responses,
                 state,
                 first,
@@ -394,15 +405,17 @@ impl ShoalHandler {
         &self,
         InputResponses(responses): InputResponses,
         RequestState(state): RequestState,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         const TOOL: &str = "test_input_required_result_multi_round";
+        let binding = binding(TOOL, &context);
         let first = || {
             Ok(vec![(
                 "step1",
                 elicit("Step 1: What is your name?", "name", "string")?,
             )])
         };
-        let round = match self.resume(TOOL, &responses, state, first).await? {
+        let round = match self.resume(&binding, &responses, state, first).await? {
             Ok(round) => round,
             Err(asked) => return Ok(asked),
         };
@@ -411,7 +424,7 @@ impl ShoalHandler {
                 let name = accepted_text(&responses, "step1", "name")?
                     .ok_or_else(|| invalid("step1 needs a name"))?;
                 let color = elicit("Step 2: What is your favorite color?", "color", "string")?;
-                self.ask_sealed(TOOL, 2, json!({"name": name}), vec![("step2", color)])
+                self.ask_sealed(&binding, 2, json!({"name": name}), vec![("step2", color)])
                     .await
             }
             2 => {
@@ -435,11 +448,12 @@ impl ShoalHandler {
         &self,
         InputResponses(responses): InputResponses,
         RequestState(state): RequestState,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         Ok(
             match self
                 .resume(
-                    "test_input_required_result_tampered_state",
+                    &binding("test_input_required_result_tampered_state", &context),
                     &responses,
                     state,
                     confirmation,

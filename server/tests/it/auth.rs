@@ -701,4 +701,87 @@ async fn what_a_principal_lists_and_calls_follows_its_scopes() {
         .await
         .expect("prompts");
     assert_eq!(prompts.result().expect("result")["prompts"], json!([]));
+
+    // A listen stream follows only what the caller may read: one naming a resource outside the
+    // grants is refused with the scope it needs; the caller's own resources are followed.
+    let modern = |key: &str| McpClient::modern(&url).with_bearer(Some(key));
+    let (_, refused) = modern(READER)
+        .open_request(
+            "subscriptions/listen",
+            listen_params_for(&["kv://k", "test://watched-resource"]),
+        )
+        .await
+        .expect("listen");
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let challenged = challenge(&refused.headers);
+    assert!(
+        challenged.contains("insufficient_scope") && challenged.contains("scope=\"conformance\""),
+        "{challenged}"
+    );
+    let (_, mut followed) = modern(READER)
+        .open_request("subscriptions/listen", listen_params_for(&["kv://k"]))
+        .await
+        .expect("listen");
+    assert_eq!(followed.status, StatusCode::OK);
+    acknowledged(&mut followed).await;
+    call_ok(&writer, "kv_set", json!({"key": "k", "value": "again"})).await;
+    next_matching(&mut followed, "the update of kv://k", |m| {
+        is_update_of(m, "kv://k")
+    })
+    .await;
+    let (_, mut everything) = modern(ADMIN)
+        .open_request(
+            "subscriptions/listen",
+            listen_params_for(&["test://watched-resource"]),
+        )
+        .await
+        .expect("listen");
+    acknowledged(&mut everything).await;
+}
+
+fn listen_params_for(uris: &[&str]) -> Value {
+    json!({"notifications": {"resourceSubscriptions": uris}})
+}
+
+/// An MRTR `requestState` is bound to the principal it was issued to: another principal's retry
+/// with it is refused as a forged state (-32602), the issuer's own retry completes, on any replica.
+#[tokio::test]
+async fn request_state_is_bound_to_its_principal() {
+    let keys = keys_file(&format!(
+        "{}{}",
+        key_entry("alice", &["*"], ALICE),
+        key_entry("bob", &["*"], BOB)
+    ));
+    let topology = api_key_cluster(&keys).await;
+    let url = topology.mcp_url();
+    let alice = McpClient::modern(&url).with_bearer(Some(ALICE));
+    let bob = McpClient::modern(&url).with_bearer(Some(BOB));
+    const TOOL: &str = "test_input_required_result_request_state";
+    let first = alice
+        .request("tools/call", json!({"name": TOOL, "arguments": {}}))
+        .await
+        .expect("tools/call");
+    let state = first.result().expect("result")["requestState"]
+        .as_str()
+        .expect("a requestState")
+        .to_owned();
+    let retry = json!({"name": TOOL, "arguments": {},
+        "inputResponses": {"confirm": {"action": "accept", "content": {"ok": true}}},
+        "requestState": state});
+    for _ in 0..3 {
+        let stolen = bob
+            .request("tools/call", retry.clone())
+            .await
+            .expect("tools/call");
+        let error = &stolen.response().expect("response")["error"];
+        assert_eq!(error["code"], -32602, "{stolen:?}");
+    }
+    let resumed = alice
+        .request("tools/call", retry)
+        .await
+        .expect("tools/call");
+    assert_eq!(
+        text_of(resumed.result().expect("alice resumes")),
+        "state-ok: confirmed=true"
+    );
 }

@@ -669,11 +669,11 @@ impl MemoryBackend {
         None
     }
 
-    pub(super) fn quota_release(&self, caps: &[(QuotaKind, &str)], member: &str) {
+    pub(super) fn quota_release(&self, releases: &[(QuotaKind, &str, &str)]) {
         let mut state = self.state();
-        for (kind, subject) in caps {
+        for (kind, subject, member) in releases {
             if let Some(members) = state.quota_caps.get_mut(&(*kind, (*subject).to_owned())) {
-                members.remove(member);
+                members.remove(*member);
             }
         }
     }
@@ -824,10 +824,10 @@ mod tests {
             .expect("the cluster cap");
         assert_eq!((refused.index, refused.retry_after), (1, None));
         backend
-            .quota_release(
-                &[(QuotaKind::Calls, "p"), (QuotaKind::Calls, "cluster")],
-                "c1",
-            )
+            .quota_release(&[
+                (QuotaKind::Calls, "p", "c1"),
+                (QuotaKind::Calls, "cluster", "c1"),
+            ])
             .await
             .expect("release");
         assert_eq!(

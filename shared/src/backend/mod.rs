@@ -672,16 +672,13 @@ impl Backend {
         delegate!(self, "quota_admit", quota_admit(checks, member, lease))
     }
 
-    /// Drops `member` from the caps `(kind, subject)` (a lease ended, a session was deleted).
+    /// Drops each `(kind, subject, member)`: `member` leaves the cap `(kind, subject)` (a lease
+    /// ended, a session was deleted). Many releases share one round trip.
     ///
     /// # Errors
     /// Fails when Redis is unreachable (a lease then expires by itself).
-    pub async fn quota_release(
-        &self,
-        caps: &[(QuotaKind, &str)],
-        member: &str,
-    ) -> BackendResult<()> {
-        delegate!(self, "quota_release", quota_release(caps, member))
+    pub async fn quota_release(&self, releases: &[(QuotaKind, &str, &str)]) -> BackendResult<()> {
+        delegate!(self, "quota_release", quota_release(releases))
     }
 
     /// Renews the leases `members` (still held by this replica) in one cap for another `lease`.

@@ -854,15 +854,21 @@ impl RedisBackend {
 
     pub(super) async fn quota_release(
         &self,
-        caps: &[(QuotaKind, &str)],
-        member: &str,
+        releases: &[(QuotaKind, &str, &str)],
     ) -> BackendResult<()> {
-        let keys = caps
+        if releases.is_empty() {
+            return Ok(());
+        }
+        let keys = releases
             .iter()
-            .map(|(kind, subject)| self.inner.keys.quota(kind.as_str(), subject))
+            .map(|(kind, subject, _)| self.inner.keys.quota(kind.as_str(), subject))
+            .collect();
+        let members = releases
+            .iter()
+            .map(|(_, _, member)| Value::from(*member))
             .collect();
         let _: i64 = self
-            .eval(&self.inner.scripts.quota_release, keys, vec![member.into()])
+            .eval(&self.inner.scripts.quota_release, keys, members)
             .await?;
         Ok(())
     }

@@ -358,9 +358,10 @@ return {0, 0}
     )
 }
 
-/// KEYS: quota sorted sets. ARGV: member. Drops the member (a lease or a session) from each.
+/// KEYS: quota sorted sets. ARGV: one member per key. Drops each member (a lease or a session)
+/// from its set: the releases of many calls and streams in one round trip.
 pub const QUOTA_RELEASE: &str = r"
-for _, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[1]) end
+for i, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[i]) end
 return 1
 ";
 
