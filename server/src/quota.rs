@@ -323,6 +323,9 @@ const CAP_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Releases waiting for the release loop (beyond them, a release takes a round trip of its own).
 const RELEASE_QUEUE: usize = 4096;
 
+/// Most leases renewed by one script.
+const RENEW_CHUNK: usize = 1000;
+
 /// Most releases sent in one round trip.
 const RELEASE_BATCH: usize = 256;
 
@@ -508,12 +511,15 @@ impl Quotas {
             }
         }
         for ((kind, subject), members) in by_cap {
-            if let Err(error) = self
-                .backend
-                .quota_renew((kind, &subject), &members, LEASE)
-                .await
-            {
-                tracing::warn!(%error, "quota leases not renewed");
+            // Bounded scripts: a principal with many open streams renews them in chunks.
+            for chunk in members.chunks(RENEW_CHUNK) {
+                if let Err(error) = self
+                    .backend
+                    .quota_renew((kind, &subject), chunk, LEASE)
+                    .await
+                {
+                    tracing::warn!(%error, "quota leases not renewed");
+                }
             }
         }
     }
