@@ -112,6 +112,7 @@ impl App {
             keys,
             metrics: metrics.clone(),
             draining: AtomicBool::new(false),
+            shared_state_lost: AtomicBool::new(false),
             request_state: tokio::sync::OnceCell::new(),
             session_calls: state::SessionCalls::default(),
             streams: state::StreamSlots::new(config.sessions.max_streams, metrics.clone()),
@@ -375,11 +376,61 @@ async fn start_background(
     tokio::spawn(sessions.clone().run_control(control));
     tokio::spawn(janitor(state.backend.clone(), tag, stop.clone()));
     tokio::spawn(probe(state.clone(), stop.clone()));
+    tokio::spawn(watchdog(state.clone(), stop.clone()));
     if state.db.is_some() {
         tokio::spawn(tools::postgres::run_change_poller(
             state.clone(),
             stop.clone(),
         ));
+    }
+}
+
+/// How often the watchdog checks that the replica reaches the shared state (one PING).
+const WATCHDOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Failed checks in a row after which the replica ends its streams.
+const WATCHDOG_FAILURES: u32 = 2;
+
+/// Ends the replica's GET and listen streams when it loses the shared state (Redis down, or a
+/// partition between this replica and Redis that no connection error reveals), and refuses new
+/// ones until it is back: a stream here would stay silent while the rest of the cluster goes on,
+/// whereas an ended stream makes its client reconnect, with `Last-Event-ID`, to a replica that
+/// can serve it. Two failed PINGs in a row (each bounded by `SHOAL_REDIS_TIMEOUT_MS`, at most
+/// 2 s) decide, so a single slow reply ends nothing.
+async fn watchdog(state: Arc<AppState>, stop: CancellationToken) {
+    if state.backend.kind() == "memory" {
+        return;
+    }
+    let timeout = Duration::from_millis(state.config.redis.timeout_ms).min(Duration::from_secs(2));
+    let mut every = tokio::time::interval(WATCHDOG_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let reached = matches!(
+            tokio::time::timeout(timeout, state.backend.ping()).await,
+            Ok(Ok(()))
+        );
+        if reached {
+            failures = 0;
+            if state.shared_state_lost.swap(false, Ordering::SeqCst) {
+                tracing::info!("shared state reachable again: accepting streams");
+            }
+            continue;
+        }
+        failures += 1;
+        if failures >= WATCHDOG_FAILURES && !state.shared_state_lost.swap(true, Ordering::SeqCst) {
+            let (feeds, listeners) = state.bus.stream_counts();
+            tracing::warn!(
+                feeds,
+                listeners,
+                "shared state unreachable: ending this replica's streams so their clients reconnect elsewhere"
+            );
+            state.bus.interrupt_streams();
+        }
     }
 }
 

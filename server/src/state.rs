@@ -41,6 +41,9 @@ pub struct AppState {
     pub rpc: Option<RpcPool>,
     /// Set when shutdown began: `/readyz` answers 503.
     pub draining: AtomicBool,
+    /// Set while the replica cannot reach the shared state (see `watchdog` in the crate root):
+    /// its streams were ended and new ones are refused (503), since they would stay silent.
+    pub shared_state_lost: AtomicBool,
     /// Seals MRTR `requestState`; created on first use (see [`AppState::request_state`]).
     pub request_state: OnceCell<RequestStateCodec>,
     /// Tool calls running per legacy session on this replica.

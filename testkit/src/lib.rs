@@ -1,7 +1,9 @@
 //! The test kit: a raw MCP client, real-process cluster topologies (Redis,
-//! PostgreSQL, replicas, nginx), fake JSON-RPC upstreams and an in-memory OTLP receiver.
+//! PostgreSQL, replicas, nginx), fake JSON-RPC upstreams, an in-memory OTLP receiver and a TCP
+//! proxy that injects network faults.
 
 pub mod client;
+pub mod fault;
 pub mod oidc;
 pub mod otlp;
 pub mod postgres;

@@ -237,6 +237,11 @@ impl RedisServer {
         self.port
     }
 
+    /// [`RedisServer::url`] with another port (a [`crate::fault::FaultProxy`] in front of it).
+    pub fn url_via(&self, port: u16) -> String {
+        format!("redis://{REDIS_USER}:{REDIS_TEST_PASSWORD}@127.0.0.1:{port}")
+    }
+
     /// Kills the server (SIGKILL) and waits for it to exit.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -561,6 +566,8 @@ pub struct TopologyOptions {
     pub keep_dir: bool,
     /// Port of the balancer (a free one when `None`).
     pub balancer_port: Option<u16>,
+    /// Replicas (by index) that reach Redis through a [`crate::fault::FaultProxy`].
+    pub redis_proxied: Vec<usize>,
 }
 
 impl TopologyOptions {
@@ -575,7 +582,15 @@ impl TopologyOptions {
             env: Vec::new(),
             keep_dir: false,
             balancer_port: None,
+            redis_proxied: Vec::new(),
         }
+    }
+
+    /// Replica `index` (0-based) reaches Redis through a fault proxy
+    /// ([`Topology::redis_proxies`]).
+    pub fn redis_through_proxy(mut self, index: usize) -> Self {
+        self.redis_proxied.push(index);
+        self
     }
 
     /// Adds an environment variable for every replica.
@@ -598,6 +613,9 @@ pub struct Topology {
     pub postgres: Option<super::postgres::PostgresServer>,
     /// The key prefix shared by the replicas (unique per topology).
     pub prefix: String,
+    /// The fault proxies between replicas and Redis, by replica index
+    /// ([`TopologyOptions::redis_through_proxy`]).
+    pub redis_proxies: std::collections::BTreeMap<usize, crate::fault::FaultProxy>,
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
 }
@@ -640,9 +658,22 @@ impl Topology {
         }
         env.extend(options.env.iter().cloned());
         let mut replicas = Vec::with_capacity(options.replicas);
+        let mut redis_proxies = std::collections::BTreeMap::new();
         for n in 1..=options.replicas {
+            let mut own = env.clone();
+            if let Some(redis) = &redis
+                && options.redis_proxied.contains(&(n - 1))
+            {
+                let proxy =
+                    crate::fault::FaultProxy::start(([127, 0, 0, 1], redis.port()).into()).await?;
+                own.push((
+                    "SHOAL_REDIS_URL".to_owned(),
+                    redis.url_via(proxy.addr().port()),
+                ));
+                redis_proxies.insert(n - 1, proxy);
+            }
             replicas
-                .push(Replica::start(&options.server_bin, &format!("r{n}"), &path, &env).await?);
+                .push(Replica::start(&options.server_bin, &format!("r{n}"), &path, &own).await?);
         }
         let balancer = if options.balancer {
             let ports: Vec<u16> = replicas.iter().map(Replica::port).collect();
@@ -662,6 +693,7 @@ impl Topology {
             redis,
             postgres,
             prefix,
+            redis_proxies,
             dir,
             path,
         })

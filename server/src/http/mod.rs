@@ -371,6 +371,9 @@ impl HttpService {
                         busy(None, "this replica has too many open streams"),
                     );
                 }
+                if self.state.shared_state_lost.load(Ordering::Relaxed) {
+                    return self.reject("backend_unavailable", unavailable(None));
+                }
                 let lease = match self.quotas.admit(principal, Demand::Stream).await {
                     Ok(lease) => lease,
                     Err(refusal) => return self.over_quota(&refusal, None),
@@ -497,6 +500,10 @@ impl HttpService {
                 "following this resource needs a scope the token lacks",
             );
             return self.refuse(&failure, Some(toolset));
+        }
+        if envelope.is_listen && self.state.shared_state_lost.load(Ordering::Relaxed) {
+            // A listen stream here would stay silent: the client should reach another replica.
+            return self.reject("backend_unavailable", unavailable(envelope.id.as_ref()));
         }
         let demand = if envelope.tool.is_some() {
             Demand::ToolCall

@@ -148,7 +148,7 @@ impl ShoalHandler {
             return Ok(()); // shutting down: end at once, the client reconnects elsewhere
         };
         let _slot = self.state.streams.open("listen");
-        let shutdown = self.state.bus.shutdown_token();
+        let shutdown = self.state.bus.stream_token();
         let sink = context.sink();
         loop {
             tokio::select! {

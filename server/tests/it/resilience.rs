@@ -1,10 +1,10 @@
-//! Failures of the parts around a replica: Redis going away and coming back, and a replica
-//! shutting down gracefully.
+//! Failures of the parts around a replica: Redis going away and coming back, a replica cut off
+//! from Redis by a partition, and a replica shutting down gracefully.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shoal_testkit::client::McpClient;
+use shoal_testkit::{client::McpClient, fault::Fault};
 
 use crate::helpers::*;
 
@@ -190,4 +190,94 @@ async fn sigterm_drains_streams_and_in_flight_calls() {
         is_update_of(m, "kv://drain")
     })
     .await;
+}
+
+/// A partition between one replica and Redis (a cut link: no connection error, only silence): the
+/// cut-off replica ends its GET stream within seconds and refuses new streams (503) and readiness,
+/// so its client resumes on a healthy replica with `Last-Event-ID` and receives every update raised
+/// during the partition, each once; when the link heals the replica serves again by itself.
+#[tokio::test]
+async fn a_replica_cut_off_from_redis_ends_its_streams_and_recovers() {
+    let topology = start(cluster_options(3).redis_through_proxy(2)).await;
+    let cut = &topology.replicas[2];
+    let healthy = topology.replicas[0].mcp_url();
+    let mut subscriber = McpClient::legacy(cut.mcp_url());
+    subscriber.initialize().await.expect("initialize");
+    subscriber
+        .request("resources/subscribe", json!({"uri": "kv://p"}))
+        .await
+        .expect("subscribe")
+        .result()
+        .expect("subscribed");
+    let mut stream = subscriber.open_get(None).await.expect("GET");
+    assert_eq!(stream.status, 200);
+    let writer = legacy_client(&healthy).await;
+    call_ok(&writer, "kv_set", json!({"key": "p", "value": "0"})).await;
+    let (before, _) = next_matching(&mut stream, "the update before the cut", |m| {
+        is_update_of(m, "kv://p")
+    })
+    .await;
+    let before = before.expect("an event id");
+
+    topology.redis_proxies[&2].set(Fault::Blackhole);
+    for n in 1..=3 {
+        call_ok(
+            &writer,
+            "kv_set",
+            json!({"key": "p", "value": n.to_string()}),
+        )
+        .await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(event) = stream.next_event().await {
+            assert!(
+                event
+                    .message
+                    .as_ref()
+                    .is_none_or(|m| !is_update_of(m, "kv://p")),
+                "nothing reaches the cut-off replica: {event:?}"
+            );
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the cut-off replica ended its stream");
+    let refused = subscriber.open_get(Some(&before)).await.expect("GET");
+    assert_eq!(refused.status, 503, "no new stream on the cut-off replica");
+    let base = cut.base_url();
+    eventually("the cut-off replica reports not ready", WAIT, async || {
+        (ready(&base).await == 503).then_some(())
+    })
+    .await;
+
+    // The client resumes on a healthy replica: the three updates raised meanwhile, each once.
+    let mut resumed = subscriber
+        .fork_at(&healthy)
+        .open_get(Some(&before))
+        .await
+        .expect("GET");
+    assert_eq!(resumed.status, 200);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (id, _) = next_matching(&mut resumed, "an update raised during the partition", |m| {
+            is_update_of(m, "kv://p")
+        })
+        .await;
+        ids.push(id.expect("an event id"));
+    }
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 3, "no update twice: {ids:?}");
+    drop(resumed);
+
+    // The link heals: the replica is ready and serves streams again, with no operator action.
+    topology.redis_proxies[&2].set(Fault::Pass);
+    eventually("the replica to be ready again", WAIT, async || {
+        (ready(&base).await == 200).then_some(())
+    })
+    .await;
+    let again = eventually("a stream on the healed replica", WAIT, async || {
+        let stream = subscriber.open_get(None).await.expect("GET");
+        (stream.status == 200).then_some(stream)
+    })
+    .await;
+    assert_eq!(replica_of(&again.headers), replica_of(&refused.headers));
 }

@@ -142,8 +142,10 @@ pub struct FeedRegistration {
     /// Set when live events were dropped (full channel, bus reconnect): re-read the log.
     pub lagged: Arc<LagSignal>,
     /// Cancelled when the session is deleted anywhere in the cluster, or this replica shuts its
-    /// streams down.
+    /// streams down or interrupts them.
     pub gone: CancellationToken,
+    /// The streams' generation this feed belongs to.
+    generation: CancellationToken,
 }
 
 impl FeedRegistration {
@@ -153,9 +155,9 @@ impl FeedRegistration {
     }
 
     /// Whether [`FeedRegistration::gone`] fired because the session was deleted (rather than
-    /// because the replica shuts its streams down).
+    /// because the replica shuts its streams down or interrupts them).
     pub fn session_deleted(&self) -> bool {
-        self.gone.is_cancelled() && !self.bus.inner.shutdown.is_cancelled()
+        self.gone.is_cancelled() && !self.generation.is_cancelled()
     }
 }
 
@@ -242,6 +244,8 @@ struct PrimaryFeed {
 struct SessionFeeds {
     primary: Option<PrimaryFeed>,
     gone: CancellationToken,
+    /// The streams' generation `gone` descends from.
+    generation: CancellationToken,
     streams: usize,
 }
 
@@ -272,6 +276,9 @@ struct BusInner {
     next_id: AtomicU64,
     control_tx: mpsc::Sender<ControlMessage>,
     shutdown: CancellationToken,
+    /// The streams' generation: a child of `shutdown`, cancelled and replaced by
+    /// [`Bus::interrupt_streams`] (the streams open now end, later ones are accepted).
+    streams: Mutex<CancellationToken>,
     metrics: Metrics,
     /// Reference point of round-trip probes.
     epoch: Instant,
@@ -293,6 +300,7 @@ impl Bus {
         metrics: Metrics,
     ) -> (Self, mpsc::Receiver<ControlMessage>) {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
+        let shutdown = CancellationToken::new();
         let inner = BusInner {
             replica_channel: keys.replica_channel(tag.as_str()),
             control_channel: keys.control_channel(),
@@ -305,7 +313,8 @@ impl Bus {
             listeners: Mutex::default(),
             next_id: AtomicU64::new(1),
             control_tx,
-            shutdown: CancellationToken::new(),
+            streams: Mutex::new(shutdown.child_token()),
+            shutdown,
             metrics,
             epoch: Instant::now(),
             last_roundtrip: AtomicU64::new(0),
@@ -385,14 +394,22 @@ impl Bus {
         let stream = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(FEED_CHANNEL_CAPACITY);
         let lagged = Arc::new(LagSignal::default());
+        let generation = self.stream_token();
         let mut feeds = self.inner.feeds.lock().unwrap_or_else(|e| e.into_inner());
         let entry = feeds
             .entry(session.to_owned())
             .or_insert_with(|| SessionFeeds {
                 primary: None,
-                gone: self.inner.shutdown.child_token(),
+                gone: generation.child_token(),
+                generation: generation.clone(),
                 streams: 0,
             });
+        if entry.generation.is_cancelled() {
+            // The session's streams of an interrupted generation are still winding down: this
+            // one belongs to the current generation.
+            entry.gone = generation.child_token();
+            entry.generation = generation.clone();
+        }
         entry.streams += 1;
         entry.primary = Some(PrimaryFeed {
             stream,
@@ -402,6 +419,7 @@ impl Bus {
         let gone = entry.gone.clone();
         drop(feeds);
         Some(FeedRegistration {
+            generation,
             bus: self.clone(),
             session: session.to_owned(),
             stream,
@@ -517,6 +535,25 @@ impl Bus {
     /// Cancelled once [`Bus::shut_down_streams`] was called.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.inner.shutdown.clone()
+    }
+
+    /// The token a stream opened now watches: cancelled by [`Bus::shut_down_streams`] and by the
+    /// next [`Bus::interrupt_streams`].
+    pub fn stream_token(&self) -> CancellationToken {
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Ends every GET and listen stream open now, and keeps accepting new ones: the replica lost
+    /// the shared state, so its streams would stay silent; ended, their clients reconnect (with
+    /// `Last-Event-ID`) to a replica that can serve them.
+    pub fn interrupt_streams(&self) {
+        let mut current = self.inner.streams.lock().unwrap_or_else(|e| e.into_inner());
+        current.cancel();
+        *current = self.inner.shutdown.child_token();
     }
 
     /// Marks every feed as lagged: live messages may have been lost (subscriber reconnect or a
@@ -915,6 +952,28 @@ mod tests {
         bus.dispatch(&bus.keys().control_channel(), b"del s1");
         assert!(!feed.gone.is_cancelled());
         assert!(control.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn interrupted_streams_end_and_new_ones_are_accepted() {
+        let (bus, _control) = bus();
+        let old = bus.register_feed("s1").expect("register");
+        let listener = bus.stream_token();
+        bus.interrupt_streams();
+        assert!(old.gone.is_cancelled() && listener.is_cancelled());
+        assert!(!old.session_deleted(), "an interruption is not a deletion");
+        // The old stream is still winding down when the client comes back.
+        let new = bus
+            .register_feed("s1")
+            .expect("accepted after an interruption");
+        assert!(!new.gone.is_cancelled() && !bus.stream_token().is_cancelled());
+        bus.dispatch(
+            &bus.keys().control_channel(),
+            BusMessage::SessionDeleted { session: "s1" }
+                .encode()
+                .as_bytes(),
+        );
+        assert!(new.gone.is_cancelled() && new.session_deleted());
     }
 
     #[tokio::test]
