@@ -64,6 +64,8 @@ pub struct PostgresServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    bin: PathBuf,
+    root: bool,
 }
 
 impl PostgresServer {
@@ -100,50 +102,14 @@ impl PostgresServer {
         let log = base.join("postgres.log");
         initdb(&bin, &data, &log, root).await?;
         let port = free_port();
-        let log_file = std::fs::File::create(&log)?;
-        if root {
-            let _ = std::process::Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&log)
-                .status();
-        }
-        let mut child = as_postgres_user(&bin.join("postgres"), root)
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-k",
-            ])
-            .arg(&base)
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ])
-            .args(["-c", "max_connections=100", "-c", "shared_buffers=32MB"])
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| TopologyError::Spawn {
-                what: "postgres".into(),
-                source,
-            })?;
-        // Ready when it accepts a query, not merely a TCP connection.
-        let url = format!("postgres://shoal@127.0.0.1:{port}/postgres");
-        wait_ready(&url, &mut child, &log).await?;
-        let server = Self {
-            child: Some(child),
+        let mut server = Self {
+            child: None,
             port,
             dir: base,
+            bin,
+            root,
         };
+        server.spawn().await?;
         let roles = std::fs::read_to_string(
             super::topology::repo_root().join("deploy/postgres/roles.sql"),
         )?;
@@ -175,6 +141,73 @@ impl PostgresServer {
     /// Its directory (data and log).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Stops the server (fast shutdown: connections are closed) and waits for it to exit.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGINT);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        }
+    }
+
+    /// Starts the server again on the same port and data (after [`PostgresServer::stop`]).
+    ///
+    /// # Errors
+    /// When it does not come up.
+    pub async fn start_again(&mut self) -> TopologyResult<()> {
+        self.stop().await;
+        self.spawn().await
+    }
+
+    /// Starts the postmaster on the data directory and waits until it answers a query.
+    async fn spawn(&mut self) -> TopologyResult<()> {
+        let log = self.dir.join("postgres.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        if self.root {
+            let _ = std::process::Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&log)
+                .status();
+        }
+        let mut child = as_postgres_user(&self.bin.join("postgres"), self.root)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-k",
+            ])
+            .arg(&self.dir)
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
+            .args(["-c", "max_connections=100", "-c", "shared_buffers=32MB"])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| TopologyError::Spawn {
+                what: "postgres".into(),
+                source,
+            })?;
+        // Ready when it accepts a query, not merely a TCP connection.
+        wait_ready(&self.url(), &mut child, &log).await?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// A direct client, for setting up data and for changes "by other writers".

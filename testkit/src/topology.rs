@@ -249,6 +249,21 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered, as when Redis
+    /// stalls (a long fork, a slow disk, a paused VM).
+    pub fn freeze(&self) {
+        if let Some(child) = &self.child {
+            signal(child, Signal::SIGSTOP);
+        }
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        if let Some(child) = &self.child {
+            signal(child, Signal::SIGCONT);
+        }
+    }
+
     /// Starts the server again on the same port (after [`RedisServer::kill`]); its data is gone.
     ///
     /// # Errors

@@ -394,3 +394,76 @@ async fn a_listen_misses_nothing_raised_after_its_acknowledgment() {
         json!(true)
     );
 }
+
+/// PostgreSQL stopped and started under a client: while it is down, calls fail within the
+/// acquire timeout with a tool error that says the database is unavailable (not "busy"); when it
+/// is back the pools recover with no restart of any replica, and the change poller picks up an
+/// outside change again, notifying a subscriber that stayed connected throughout.
+#[tokio::test]
+async fn a_database_restart_fails_fast_then_recovers_by_itself() {
+    let mut topology = pg_topology(2, true, &[("SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS", "1000")]).await;
+    let url = topology.mcp_url();
+    let client = McpClient::modern(&url);
+    // A different statement each time: a cached result must not stand in for the database.
+    let attempt = std::sync::atomic::AtomicU32::new(0);
+    let count = || {
+        let n = attempt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        json!({"sql": format!("SELECT count(*) AS n, {n} AS attempt FROM items")})
+    };
+    let before = client
+        .call_tool("pg_query", count())
+        .await
+        .expect("pg_query");
+    assert_eq!(structured(&before)["rows"][0]["n"], json!(25), "{before}");
+    let subscriber = legacy_client(&url).await;
+    subscriber
+        .request(
+            "resources/subscribe",
+            json!({"uri": "postgres://table/public.items"}),
+        )
+        .await
+        .expect("subscribe")
+        .result()
+        .expect("subscribed");
+    let mut stream = subscriber.open_get(None).await.expect("GET");
+    assert_eq!(stream.status, 200);
+
+    topology.postgres.as_mut().expect("postgres").stop().await;
+    for _ in 0..4 {
+        let sent = std::time::Instant::now();
+        let result = client
+            .call_tool("pg_query", count())
+            .await
+            .expect("pg_query");
+        let took = sent.elapsed();
+        assert!(
+            error_text(&result).contains("unavailable"),
+            "a clear error while the database is down: {result}"
+        );
+        assert!(took < Duration::from_secs(3), "failed fast: {took:?}");
+    }
+
+    topology
+        .postgres
+        .as_mut()
+        .expect("postgres")
+        .start_again()
+        .await
+        .expect("postgres back");
+    eventually("the pools to recover", WAIT, async || {
+        let result = client.call_tool("pg_query", count()).await.ok()?;
+        (result.get("isError") != Some(&json!(true))).then_some(())
+    })
+    .await;
+    // Drain what the restart raised, then change the table from outside: the poller notices.
+    while let Ok(Some(_)) = stream.next_message(Duration::from_millis(1500)).await {}
+    let db = topology.postgres_client().await.expect("connect");
+    db.execute("INSERT INTO items (name) VALUES ('after-restart')", &[])
+        .await
+        .expect("outside insert");
+    drop(db);
+    next_matching(&mut stream, "the outside change after the restart", |m| {
+        is_update_of(m, "postgres://table/public.items")
+    })
+    .await;
+}

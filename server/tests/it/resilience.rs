@@ -281,3 +281,113 @@ async fn a_replica_cut_off_from_redis_ends_its_streams_and_recovers() {
     .await;
     assert_eq!(replica_of(&again.headers), replica_of(&refused.headers));
 }
+
+/// Redis frozen (SIGSTOP) for 5 s while a client writes every 50 ms and another follows the
+/// updates on a GET stream: no request waits much beyond the command timeout (clear errors, no
+/// hang), and afterwards the follower, reconnecting with `Last-Event-ID` as SDK clients do, has one
+/// update per acknowledged write, none twice.
+#[tokio::test]
+async fn a_frozen_redis_bounds_every_request_and_loses_nothing() {
+    const TIMEOUT_MS: u64 = 500;
+    let topology = start(cluster_options(2).env("SHOAL_REDIS_TIMEOUT_MS", TIMEOUT_MS)).await;
+    let url = topology.mcp_url();
+    let follower = legacy_client(&url).await;
+    follower
+        .request("resources/subscribe", json!({"uri": "kv://frozen"}))
+        .await
+        .expect("subscribe")
+        .result()
+        .expect("subscribed");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reader = {
+        let (follower, seen, stop) = (follower.fork(), seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut last: Option<String> = None;
+            while !stop.is_cancelled() {
+                let Ok(mut stream) = follower.open_get(last.as_deref()).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                if stream.status != 200 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                loop {
+                    let event = tokio::select! {
+                        () = stop.cancelled() => return,
+                        event = stream.next_event() => event,
+                    };
+                    let Some(event) = event else { break };
+                    if let (Some(id), Some(message)) = (&event.id, &event.message)
+                        && is_update_of(message, "kv://frozen")
+                    {
+                        seen.lock().expect("seen").push(id.clone());
+                    }
+                    if event.id.is_some() {
+                        last = event.id;
+                    }
+                }
+            }
+        })
+    };
+    let writer = legacy_client(&url).await;
+    let started = tokio::time::Instant::now();
+    let (mut acknowledged, mut attempted, mut slowest) = (0usize, 0usize, Duration::ZERO);
+    let mut frozen = false;
+    let mut thawed = false;
+    while started.elapsed() < Duration::from_secs(9) {
+        if !frozen && started.elapsed() >= Duration::from_secs(1) {
+            topology.redis.as_ref().expect("redis").freeze();
+            frozen = true;
+        }
+        if frozen && !thawed && started.elapsed() >= Duration::from_secs(6) {
+            topology.redis.as_ref().expect("redis").thaw();
+            thawed = true;
+        }
+        let sent = tokio::time::Instant::now();
+        attempted += 1;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            writer.request(
+                "tools/call",
+                json!({"name": "kv_set", "arguments": {"key": "frozen", "value": attempted.to_string()}}),
+            ),
+        )
+        .await
+        .expect("no request hangs");
+        slowest = slowest.max(sent.elapsed());
+        if let Ok(exchange) = answer
+            && exchange.status == 200
+            && exchange
+                .result()
+                .is_ok_and(|result| result.get("isError") != Some(&json!(true)))
+        {
+            acknowledged += 1;
+        }
+        tokio::time::sleep_until(sent + Duration::from_millis(50)).await;
+    }
+    // Every Redis command is bounded by the timeout, and the first that fails ends the request.
+    assert!(
+        slowest <= Duration::from_millis(2 * TIMEOUT_MS),
+        "the slowest request took {slowest:?}"
+    );
+    assert!(
+        acknowledged > 0 && acknowledged < attempted,
+        "{acknowledged} of {attempted} writes acknowledged: some before and after the freeze, not during"
+    );
+    eventually("an update for every acknowledged write", WAIT, async || {
+        (seen.lock().expect("seen").len() >= acknowledged).then_some(())
+    })
+    .await;
+    stop.cancel();
+    let _ = reader.await;
+    let seen = seen.lock().expect("seen").clone();
+    let distinct: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!(distinct.len(), seen.len(), "no update twice");
+    assert!(seen.len() <= attempted, "no update that no write raised");
+    eprintln!(
+        "frozen Redis: {acknowledged} of {attempted} writes acknowledged, slowest request {slowest:?}, {} updates delivered",
+        seen.len()
+    );
+}
