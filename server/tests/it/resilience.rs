@@ -391,3 +391,100 @@ async fn a_frozen_redis_bounds_every_request_and_loses_nothing() {
         seen.len()
     );
 }
+
+/// A rolling restart of every replica (SIGTERM, one at a time, the next once the restarted one is
+/// ready, as compose or Kubernetes do it) under looping clients of both eras: with the retry an SDK
+/// client does (a refused connection, 502 or 503: try again shortly), no call fails and no legacy
+/// session is lost.
+#[tokio::test]
+async fn a_rolling_restart_under_load_fails_no_call() {
+    let mut topology = cluster(3).await;
+    let url = topology.mcp_url();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut clients = tokio::task::JoinSet::new();
+    for n in 0..8 {
+        let (url, stop) = (url.clone(), stop.clone());
+        clients.spawn(async move {
+            let client = if n % 2 == 0 {
+                legacy_client(&url).await
+            } else {
+                McpClient::modern(&url)
+            };
+            let (mut done, mut retries, mut failures) = (0u32, 0u32, Vec::new());
+            while !stop.is_cancelled() {
+                let arguments = json!({"key": format!("roll-{n}"), "value": done.to_string()});
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let answer = client
+                        .request(
+                            "tools/call",
+                            json!({"name": "kv_set", "arguments": arguments}),
+                        )
+                        .await;
+                    let retry = match &answer {
+                        Err(_) => true,
+                        Ok(exchange) => matches!(exchange.status.as_u16(), 502 | 503),
+                    };
+                    if retry && attempt < 100 {
+                        retries += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    match answer {
+                        Ok(exchange)
+                            if exchange.status == 200
+                                && exchange.result().is_ok_and(|r| {
+                                    r.get("isError").is_none() || r["isError"] == json!(false)
+                                }) =>
+                        {
+                            done += 1;
+                        }
+                        Ok(exchange) => {
+                            failures.push(format!("{}: {:?}", exchange.status, exchange.response()))
+                        }
+                        Err(error) => failures.push(error.to_string()),
+                    }
+                    break;
+                }
+            }
+            (done, retries, failures)
+        });
+    }
+    // Let every client get going, then restart the replicas one by one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..topology.replicas.len() {
+        let replica = &mut topology.replicas[i];
+        replica.send_sigterm();
+        let status = replica
+            .wait(Duration::from_secs(20))
+            .await
+            .expect("the replica exited");
+        assert!(status.success(), "clean exit: {status:?}");
+        replica.restart().await.expect("the replica restarts");
+        let base = replica.base_url();
+        eventually("the restarted replica is ready", WAIT, async || {
+            (ready(&base).await == 200).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.cancel();
+    let (mut done, mut retries, mut failures) = (0, 0, Vec::new());
+    while let Some(outcome) = clients.join_next().await {
+        let (d, r, f) = outcome.expect("client task");
+        done += d;
+        retries += r;
+        failures.extend(f);
+    }
+    eprintln!(
+        "rolling restart: {done} calls done, {retries} retries, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} calls failed: {failures:?}",
+        failures.len()
+    );
+    assert!(done > 100, "the clients kept calling: {done}");
+}
