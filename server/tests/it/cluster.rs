@@ -49,12 +49,7 @@ async fn legacy_session_roams_across_all_replicas() {
 async fn resource_update_reaches_the_get_stream_on_another_replica() {
     let topology = cluster(3).await;
     let subscriber = legacy_client(&topology.mcp_url()).await;
-    subscriber
-        .request("resources/subscribe", json!({"uri": "kv://fan"}))
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&subscriber, "kv://fan").await;
     let mut stream = subscriber.open_get(None).await.expect("GET");
     assert_eq!(stream.status, 200);
     let holder = replica_of(&stream.headers);
@@ -168,12 +163,7 @@ async fn delete_ends_the_session_everywhere() {
     for _ in 0..3 {
         call_ok(&client, "test_simple_text", json!({})).await;
     }
-    client
-        .request("resources/subscribe", json!({"uri": "kv://del"}))
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&client, "kv://del").await;
     let mut stream = client.open_get(None).await.expect("GET");
     assert_eq!(stream.status, 200);
 

@@ -181,6 +181,16 @@ pub async fn acknowledged(stream: &mut EventStream) -> Value {
     .1
 }
 
+/// Subscribes a legacy `client` to updates of `uri` (`resources/subscribe`), which must succeed.
+pub async fn subscribe(client: &McpClient, uri: &str) {
+    client
+        .request("resources/subscribe", json!({"uri": uri}))
+        .await
+        .expect("subscribe")
+        .result()
+        .expect("subscribed");
+}
+
 /// Whether `message` is `notifications/resources/updated` for `uri`.
 pub fn is_update_of(message: &Value, uri: &str) -> bool {
     message.get("method").and_then(Value::as_str) == Some("notifications/resources/updated")

@@ -222,15 +222,7 @@ async fn writes_and_outside_changes_notify_subscribers_on_other_replicas() {
     let topology = pg_topology(3, true, &[]).await;
     let url = topology.mcp_url();
     let subscriber = legacy_client(&url).await;
-    subscriber
-        .request(
-            "resources/subscribe",
-            json!({"uri": "postgres://table/public.items"}),
-        )
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&subscriber, "postgres://table/public.items").await;
     let mut stream = subscriber.open_get(None).await.expect("GET");
     let holder = replica_of(&stream.headers);
 
@@ -416,15 +408,7 @@ async fn a_database_restart_fails_fast_then_recovers_by_itself() {
         .expect("pg_query");
     assert_eq!(structured(&before)["rows"][0]["n"], json!(25), "{before}");
     let subscriber = legacy_client(&url).await;
-    subscriber
-        .request(
-            "resources/subscribe",
-            json!({"uri": "postgres://table/public.items"}),
-        )
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&subscriber, "postgres://table/public.items").await;
     let mut stream = subscriber.open_get(None).await.expect("GET");
     assert_eq!(stream.status, 200);
 

@@ -87,12 +87,7 @@ async fn redis_outage_gives_503_and_replicas_recover() {
         .expect("request");
     assert_eq!(exchange.status, 404);
     let subscriber = legacy_client(&url).await;
-    subscriber
-        .request("resources/subscribe", json!({"uri": "kv://back"}))
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&subscriber, "kv://back").await;
     let mut stream = subscriber.open_get(None).await.expect("GET");
     let holder = replica_of(&stream.headers);
     let writer = legacy_client(&url).await;
@@ -115,12 +110,7 @@ async fn sigterm_drains_streams_and_in_flight_calls() {
     let mut topology = cluster(2).await;
     let url = topology.mcp_url();
     let client = legacy_client(&url).await;
-    client
-        .request("resources/subscribe", json!({"uri": "kv://drain"}))
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&client, "kv://drain").await;
     let mut stream = client.open_get(None).await.expect("GET");
     let victim = replica_of(&stream.headers);
     let direct = topology.replica(&victim).expect("victim").mcp_url();
@@ -203,12 +193,7 @@ async fn a_replica_cut_off_from_redis_ends_its_streams_and_recovers() {
     let healthy = topology.replicas[0].mcp_url();
     let mut subscriber = McpClient::legacy(cut.mcp_url());
     subscriber.initialize().await.expect("initialize");
-    subscriber
-        .request("resources/subscribe", json!({"uri": "kv://p"}))
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&subscriber, "kv://p").await;
     let mut stream = subscriber.open_get(None).await.expect("GET");
     assert_eq!(stream.status, 200);
     let writer = legacy_client(&healthy).await;
@@ -292,12 +277,7 @@ async fn a_frozen_redis_bounds_every_request_and_loses_nothing() {
     let topology = start(cluster_options(2).env("SHOAL_REDIS_TIMEOUT_MS", TIMEOUT_MS)).await;
     let url = topology.mcp_url();
     let follower = legacy_client(&url).await;
-    follower
-        .request("resources/subscribe", json!({"uri": "kv://frozen"}))
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&follower, "kv://frozen").await;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let stop = tokio_util::sync::CancellationToken::new();
     let reader = {
