@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use shoal_testkit::{
     client::McpClient,
     oidc::{OidcClient, OidcProvider},
-    topology::{Topology, TopologyOptions, free_port},
+    topology::{Topology, TopologyError, TopologyOptions, free_port},
 };
 
 use crate::helpers::*;
@@ -272,32 +272,43 @@ struct OauthCluster {
 }
 
 async fn oauth_cluster(extra: &[(&str, &str)]) -> OauthCluster {
-    let port = free_port();
-    let resource = format!("http://127.0.0.1:{port}/mcp");
-    let client = OidcClient::new("shoal-test", &["kv", "kv:write", "compute"]);
-    let other = OidcClient::new("no-scope", &["billing"]);
-    let provider = OidcProvider::start(
-        &[resource.clone(), "http://127.0.0.1:1/elsewhere".to_owned()],
-        &[client.clone(), other],
-    )
-    .await
-    .expect("start the OAuth test server");
-    let mut options: TopologyOptions = cluster_options(3)
-        .env("SHOAL_AUTH", "oauth")
-        .env("SHOAL_OAUTH_ISSUERS", provider.issuer())
-        .env("SHOAL_RESOURCE_URL", &resource)
-        .env("SHOAL_OAUTH_LEEWAY_SECS", "5");
-    for (key, value) in extra {
-        options = options.env(key, value);
+    // The balancer's port is chosen before it binds (the resource URL names it, and the
+    // authorization server must know it first): another test may take that port meanwhile, so a
+    // taken port means starting over on another one.
+    for _ in 0..5 {
+        let port = free_port();
+        let resource = format!("http://127.0.0.1:{port}/mcp");
+        let client = OidcClient::new("shoal-test", &["kv", "kv:write", "compute"]);
+        let other = OidcClient::new("no-scope", &["billing"]);
+        let provider = OidcProvider::start(
+            &[resource.clone(), "http://127.0.0.1:1/elsewhere".to_owned()],
+            &[client.clone(), other],
+        )
+        .await
+        .expect("start the OAuth test server");
+        let mut options: TopologyOptions = cluster_options(3)
+            .env("SHOAL_AUTH", "oauth")
+            .env("SHOAL_OAUTH_ISSUERS", provider.issuer())
+            .env("SHOAL_RESOURCE_URL", &resource)
+            .env("SHOAL_OAUTH_LEEWAY_SECS", "5");
+        for (key, value) in extra {
+            options = options.env(key, value);
+        }
+        options.balancer_port = Some(port);
+        match Topology::start(options).await {
+            Ok(topology) => {
+                return OauthCluster {
+                    topology,
+                    provider,
+                    resource,
+                    client,
+                };
+            }
+            Err(TopologyError::PortInUse { .. }) => continue,
+            Err(error) => panic!("cannot start the test topology: {error}"),
+        }
     }
-    options.balancer_port = Some(port);
-    let topology = start(options).await;
-    OauthCluster {
-        topology,
-        provider,
-        resource,
-        client,
-    }
+    panic!("no free balancer port in five tries");
 }
 
 /// Discovery as MCP clients do it: a 401 naming the metadata document, the document at both
