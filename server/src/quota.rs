@@ -380,11 +380,7 @@ impl Quotas {
     ) -> Result<Option<Lease>, Refusal> {
         let own = &principal.limits;
         let mut checks: Vec<QuotaCheck<'_>> = Vec::with_capacity(4);
-        let mut labels: Vec<&'static str> = Vec::with_capacity(4);
-        for (limits, subject, global) in [
-            (own, &*principal.id, false),
-            (&self.global, QUOTA_CLUSTER, true),
-        ] {
+        for (limits, subject) in [(own, &*principal.id), (&self.global, QUOTA_CLUSTER)] {
             if limits.requests_per_sec > 0 {
                 checks.push(QuotaCheck {
                     kind: QuotaKind::Rate,
@@ -392,7 +388,6 @@ impl Quotas {
                     limit: limits.requests_per_sec,
                     burst: limits.burst(),
                 });
-                labels.push(label(QuotaKind::Rate, global));
             }
             if let Some(kind) = demand.cap()
                 && limits.cap(kind) > 0
@@ -403,7 +398,6 @@ impl Quotas {
                     limit: limits.cap(kind),
                     burst: 0,
                 });
-                labels.push(label(kind, global));
             }
         }
         if checks.is_empty() {
@@ -418,7 +412,8 @@ impl Quotas {
         match self.backend.quota_admit(&checks, &member, LEASE).await {
             Ok(None) => {}
             Ok(Some(QuotaRefusal { index, retry_after })) => {
-                let kind = labels[index];
+                let refusing = &checks[index];
+                let kind = label(refusing.kind, refusing.subject == QUOTA_CLUSTER);
                 self.metrics.quota_rejection(kind);
                 tracing::info!(kind, principal = %principal.name, "refused request: quota");
                 return Err(Refusal::Over {

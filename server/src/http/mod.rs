@@ -53,7 +53,7 @@ use crate::{
     mcp::{handler::ShoalHandler, session::ClusterSessionManager},
     quota::{Demand, Lease, Quotas, Refusal},
     state::AppState,
-    tools::{Grants, may_read, toolset_of},
+    tools::{Grants, toolset_of},
 };
 
 /// Response body type shared with rmcp.
@@ -492,8 +492,7 @@ impl HttpService {
         if let Some(toolset) = envelope
             .listen_uris
             .iter()
-            .filter(|uri| !may_read(principal, uri))
-            .find_map(|uri| toolset_of(uri))
+            .find_map(|uri| toolset_of(uri).filter(|toolset| !principal.may(toolset, false)))
         {
             let failure = Failure::new(
                 "insufficient_scope",

@@ -87,12 +87,7 @@ async fn killed_replica_stream_resumes_without_loss_or_duplicates() {
     let subscriber = legacy_client(&url).await;
     let keys: Vec<String> = (0..30).map(|n| format!("k{n:02}")).collect();
     for key in &keys {
-        subscriber
-            .request("resources/subscribe", json!({"uri": format!("kv://{key}")}))
-            .await
-            .expect("subscribe")
-            .result()
-            .expect("subscribed");
+        subscribe(&subscriber, &format!("kv://{key}")).await;
     }
     let writer = legacy_client(&url).await;
     let mut stream = subscriber.open_get(None).await.expect("GET");

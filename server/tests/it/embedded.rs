@@ -24,12 +24,7 @@ async fn embedded_default_serves_both_eras_alone() {
 
     // Legacy: subscribe, GET stream, notification, resume, DELETE.
     let client = legacy_client(&url).await;
-    client
-        .request("resources/subscribe", json!({"uri": "kv://solo"}))
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&client, "kv://solo").await;
     let mut stream = client.open_get(None).await.expect("GET");
     call_ok(&client, "kv_set", json!({"key": "solo", "value": "1"})).await;
     let (first, _) = next_matching(&mut stream, "the first update", |m| {

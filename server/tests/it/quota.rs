@@ -217,39 +217,30 @@ async fn stream_caps_hold_per_principal_and_for_the_cluster() {
         key_with_quota("bob", BOB, "streams = 5")
     ));
     let topology = quota_cluster(&keys, &[("SHOAL_QUOTA_GLOBAL_STREAMS", "2")]).await;
-    let at = |i: usize| topology.replicas[i].mcp_url();
-    let listen = |i: usize, key: &str| McpClient::modern(at(i)).with_bearer(Some(key));
-    let alice = listen(0, ALICE);
-    let (_, mut alice_stream) = alice
-        .open_request("subscriptions/listen", listen_params("kv://a"))
-        .await
-        .expect("listen");
+    // A `subscriptions/listen` for `uri` by the holder of `key`, on replica `i`.
+    let listen = async |i: usize, key: &str, uri: &str| {
+        McpClient::modern(topology.replicas[i].mcp_url())
+            .with_bearer(Some(key))
+            .open_request("subscriptions/listen", listen_params(uri))
+            .await
+            .expect("listen")
+            .1
+    };
+    let mut alice_stream = listen(0, ALICE, "kv://a").await;
     acknowledged(&mut alice_stream).await;
-    let (_, refused) = listen(1, ALICE)
-        .open_request("subscriptions/listen", listen_params("kv://a"))
-        .await
-        .expect("listen");
+    let refused = listen(1, ALICE, "kv://a").await;
     assert_eq!(stream_refusal(refused).await, "streams");
 
-    let (_, mut bob_stream) = listen(1, BOB)
-        .open_request("subscriptions/listen", listen_params("kv://b"))
-        .await
-        .expect("listen");
+    let mut bob_stream = listen(1, BOB, "kv://b").await;
     acknowledged(&mut bob_stream).await;
     // Two streams are open in the cluster: bob's second is over the global cap, not his own.
-    let (_, refused) = listen(2, BOB)
-        .open_request("subscriptions/listen", listen_params("kv://b"))
-        .await
-        .expect("listen");
+    let refused = listen(2, BOB, "kv://b").await;
     assert_eq!(stream_refusal(refused).await, "global_streams");
 
     // Alice hangs up: a slot is free again, on any replica.
     drop(alice_stream);
     let mut reopened = eventually("a stream slot frees", Duration::from_secs(10), async || {
-        let (_, stream) = listen(2, BOB)
-            .open_request("subscriptions/listen", listen_params("kv://b"))
-            .await
-            .expect("listen");
+        let stream = listen(2, BOB, "kv://b").await;
         (stream.status == StatusCode::OK).then_some(stream)
     })
     .await;

@@ -11,12 +11,7 @@ use crate::helpers::*;
 
 async fn subscribed_client(url: &str, uri: &str) -> shoal_testkit::client::McpClient {
     let client = legacy_client(url).await;
-    client
-        .request("resources/subscribe", json!({"uri": uri}))
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&client, uri).await;
     client
 }
 

@@ -327,12 +327,7 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
     // stream and a `subscriptions/listen` stream held by others: the deliveries there are spans of
     // the write's trace.
     let subscriber = legacy_client(&topology.mcp_url()).await;
-    subscriber
-        .request("resources/subscribe", json!({"uri": "kv://traced"}))
-        .await
-        .expect("subscribe")
-        .result()
-        .expect("subscribed");
+    subscribe(&subscriber, "kv://traced").await;
     let mut stream = subscriber.open_get(None).await.expect("GET");
     let holder = replica_of(&stream.headers);
     let listener = McpClient::modern(topology.mcp_url());
