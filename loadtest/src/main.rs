@@ -5,8 +5,11 @@
 //! write the full report and an SVG of throughput and latency over time. `idle-sessions` opens
 //! sessions and leaves them idle (for memory measurements). See `docs/benchmarks.md`.
 
+mod chaos;
+mod ledger;
 mod plot;
 mod run;
+mod soak;
 mod stats;
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
@@ -15,7 +18,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use shoal_testkit::client::{Era, McpClient};
 use tokio::task::JoinSet;
 
-use crate::run::{Chaos, Pacing, RunConfig, parse_mix};
+use crate::{
+    chaos::{Fault, Schedule},
+    run::{Pacing, RunConfig, parse_mix},
+};
 
 /// Load generator for MCP servers (Streamable HTTP).
 #[derive(Debug, Parser)]
@@ -40,6 +46,8 @@ enum EraArg {
     Legacy,
     /// 2026-07-28: stateless requests, subscriptions/listen.
     Modern,
+    /// Both: even-numbered sessions legacy, odd-numbered 2026-07-28.
+    Both,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -58,6 +66,19 @@ enum Scenario {
 enum Command {
     /// Drive a server with a scenario.
     Run(RunArgs),
+    /// Plot a soak's samples (scripts/soak.sh) and check that they stayed flat.
+    PlotSoak {
+        /// The samples: `minute,series,value` lines.
+        #[arg(long)]
+        csv: PathBuf,
+        /// Where to write the SVG.
+        #[arg(long)]
+        svg: PathBuf,
+        /// Tolerated ratio of a series' mean over the last quarter to its mean over the second
+        /// quarter (the first is the warm-up; exit status 1 beyond it).
+        #[arg(long, default_value_t = 1.25)]
+        max_growth: f64,
+    },
     /// Open sessions (legacy initialize) and leave them idle; prints how long it took.
     IdleSessions {
         /// MCP endpoint.
@@ -122,7 +143,11 @@ struct RunArgs {
         default_value = "SELECT count(*) AS deployments FROM deployments"
     )]
     pg_sql: String,
-    /// Shell command run at --chaos-at (e.g. kill a replica).
+    /// A chaos schedule (TOML, `[[fault]]` tables with `name`, `at`, `run`, `heal`, `heal_after`):
+    /// faults injected during the measured run; the report shows what each did to the clients.
+    #[arg(long, conflicts_with = "chaos_cmd")]
+    chaos: Option<PathBuf>,
+    /// Shell command run at --chaos-at (e.g. kill a replica): a one-fault schedule.
     #[arg(long, requires = "chaos_at")]
     chaos_cmd: Option<String>,
     /// When to run --chaos-cmd, from the start of measurement.
@@ -148,7 +173,7 @@ struct RunArgs {
     /// Fraction of failed requests tolerated before exiting non-zero (0: any failure fails).
     #[arg(long, default_value_t = 0.0)]
     max_error_rate: f64,
-    /// Lost notifications tolerated before exiting non-zero.
+    /// Lost (or duplicated) notifications tolerated before exiting non-zero.
     #[arg(long, default_value_t = 0)]
     max_lost: u64,
     /// No progress bar.
@@ -161,6 +186,11 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => args.run(cli.token).await,
+        Command::PlotSoak {
+            csv,
+            svg,
+            max_growth,
+        } => soak::plot(&csv, &svg, max_growth),
         Command::IdleSessions {
             url,
             count,
@@ -191,6 +221,7 @@ impl RunArgs {
             slow_ms,
             hash_rounds,
             pg_sql,
+            chaos,
             chaos_cmd,
             chaos_at,
             restart_cmd,
@@ -216,10 +247,24 @@ impl RunArgs {
             Ok(_) => return Err("the tool mix is empty".to_owned()),
             Err(error) => return Err(error),
         };
-        let era = match era {
-            EraArg::Legacy => Era::Legacy,
-            EraArg::Modern => Era::Modern,
+        let (era, mixed_eras) = match era {
+            EraArg::Legacy => (Era::Legacy, false),
+            EraArg::Modern => (Era::Modern, false),
+            EraArg::Both => (Era::Legacy, true),
         };
+        let mut schedule = match &chaos {
+            Some(path) => Schedule::load(path)?,
+            None => Schedule::default(),
+        };
+        if let (Some(run), Some(at)) = (chaos_cmd, chaos_at) {
+            schedule.push(Fault {
+                name: None,
+                at,
+                run,
+                heal: restart_cmd,
+                heal_after: restart_after,
+            });
+        }
         let pacing = match scenario {
             Scenario::Open => Pacing::Open { rate },
             Scenario::Baseline => Pacing::Closed {
@@ -234,6 +279,7 @@ impl RunArgs {
             token,
             notify_url,
             era,
+            mixed_eras,
             sessions: sessions.unwrap_or(if baseline { 150 } else { 32 }).max(1),
             duration,
             warmup,
@@ -243,11 +289,7 @@ impl RunArgs {
             slow_ms,
             hash_rounds,
             pg_sql,
-            chaos: chaos_cmd.zip(chaos_at).map(|(command, at)| Chaos {
-                at,
-                command,
-                restart: restart_cmd.map(|command| (restart_after, command)),
-            }),
+            schedule,
             retries,
         };
         run_scenario(config, json, plot, max_error_rate, max_lost, quiet).await
@@ -269,18 +311,29 @@ async fn run_scenario(
 ) -> Result<ExitCode, String> {
     let description = serde_json::json!({
         "url": config.url,
-        "era": format!("{:?}", config.era),
+        "era": if config.mixed_eras { "Both".to_owned() } else { format!("{:?}", config.era) },
         "sessions": config.sessions,
         "duration_secs": config.duration.as_secs_f64(),
         "warmup_secs": config.warmup.as_secs_f64(),
         "pacing": format!("{:?}", config.pacing),
         "mix": config.mix.iter().map(|m| format!("{}={}", m.tool, m.weight)).collect::<Vec<_>>(),
         "subscribe": config.subscribe,
-        "chaos": config.chaos.as_ref().map(|c| format!("{c:?}")),
+        "chaos": config.schedule.faults.iter().map(|f| serde_json::json!({
+            "name": f.label(), "at_secs": f.at.as_secs_f64(), "run": f.run, "heal": f.heal,
+            "heal_after_secs": f.heal.as_ref().map(|_| f.heal_after.as_secs_f64()),
+        })).collect::<Vec<_>>(),
         "retries": config.retries,
         "notify_url": config.notify_url,
     });
-    let title = format!("{} sessions, {:?}", config.sessions, config.era);
+    let title = format!(
+        "{} sessions, {}",
+        config.sessions,
+        if config.mixed_eras {
+            "both eras".to_owned()
+        } else {
+            format!("{:?}", config.era)
+        }
+    );
     let duration = config.duration;
     let (stats, events) = run::run(config, !quiet).await?;
     let report = stats.report(duration, description);
@@ -303,10 +356,20 @@ async fn run_scenario(
         eprintln!("plot not written: {error}");
     }
     let error_rate = report.errors as f64 / report.requests.max(1) as f64;
-    if error_rate > max_error_rate || report.notifications.lost > max_lost || report.ok == 0 {
+    let hooks_failed = events.iter().filter(|e| e.contains(" FAILED: ")).count();
+    let n = &report.notifications;
+    if error_rate > max_error_rate
+        || n.lost > max_lost
+        || n.duplicated > max_lost
+        || !report.lost_writes.is_empty()
+        || hooks_failed > 0
+        || report.ok == 0
+    {
         eprintln!(
-            "FAILED: error rate {:.4} (max {max_error_rate}), {} notifications lost (max {max_lost})",
-            error_rate, report.notifications.lost
+            "FAILED: error rate {error_rate:.4} (max {max_error_rate}), {} notifications lost and {} duplicated (max {max_lost}), {} writes lost, {hooks_failed} chaos commands failed",
+            n.lost,
+            n.duplicated,
+            report.lost_writes.len()
         );
         return Ok(ExitCode::from(1));
     }

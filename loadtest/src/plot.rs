@@ -12,7 +12,7 @@ const FONT_PATHS: [&str; 3] = [
     "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
 ];
 
-fn register_font() -> Result<(), String> {
+pub(crate) fn register_font() -> Result<(), String> {
     let bytes = FONT_PATHS
         .iter()
         .find_map(|path| std::fs::read(path).ok())
@@ -23,7 +23,7 @@ fn register_font() -> Result<(), String> {
 }
 
 /// One line of a panel: its legend label, colour and points (second, value).
-type Series = (&'static str, RGBColor, Vec<(u64, f64)>);
+pub(crate) type Series = (String, RGBColor, Vec<(u64, f64)>);
 
 /// Draws the report's timeline into `path` (SVG).
 pub fn draw(report: &Report, title: &str, path: &Path) -> Result<(), String> {
@@ -39,16 +39,17 @@ pub fn draw(report: &Report, title: &str, path: &Path) -> Result<(), String> {
     panel(
         &top,
         &format!("{title}: throughput"),
+        "second",
         "requests/s",
         seconds,
         vec![
             (
-                "ok/s",
+                "ok/s".to_owned(),
                 BLUE,
                 points.iter().map(|p| (p.second, p.ok as f64)).collect(),
             ),
             (
-                "errors/s",
+                "errors/s".to_owned(),
                 RED,
                 points.iter().map(|p| (p.second, p.errors as f64)).collect(),
             ),
@@ -57,11 +58,12 @@ pub fn draw(report: &Report, title: &str, path: &Path) -> Result<(), String> {
     panel(
         &bottom,
         &format!("{title}: latency"),
+        "second",
         "ms",
         seconds,
         vec![
             (
-                "p50",
+                "p50".to_owned(),
                 GREEN,
                 points
                     .iter()
@@ -69,7 +71,7 @@ pub fn draw(report: &Report, title: &str, path: &Path) -> Result<(), String> {
                     .collect(),
             ),
             (
-                "p99",
+                "p99".to_owned(),
                 MAGENTA,
                 points
                     .iter()
@@ -82,10 +84,11 @@ pub fn draw(report: &Report, title: &str, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// One chart of `series` over `seconds`, its y axis up to 10% above the highest point.
-fn panel(
+/// One chart of `series` over `seconds` (x from 0), its y axis up to 10% above the highest point.
+pub(crate) fn panel(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     caption: &str,
+    x_desc: &str,
     y_desc: &str,
     seconds: u64,
     series: Vec<Series>,
@@ -103,7 +106,7 @@ fn panel(
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
-        .x_desc("second")
+        .x_desc(x_desc)
         .y_desc(y_desc)
         .draw()
         .map_err(|e| e.to_string())?;

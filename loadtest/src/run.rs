@@ -1,10 +1,9 @@
 //! The load scenarios: many concurrent MCP sessions (legacy) or stateless clients (2026-07-28)
 //! calling a weighted mix of tools, closed-loop or open-loop, optionally subscribed to resources to
-//! measure notification delivery, optionally with a chaos hook that kills and restarts a replica.
+//! measure notification delivery, optionally under a chaos schedule (see [`crate::chaos`]).
 
 use std::{
-    collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -13,7 +12,11 @@ use serde_json::{Value, json};
 use shoal_testkit::client::{Era, EventStream, McpClient};
 use tokio::task::JoinSet;
 
-use crate::stats::Stats;
+use crate::{
+    chaos::Schedule,
+    ledger::{Ledger, Received},
+    stats::Stats,
+};
 
 /// How requests are paced.
 #[derive(Debug, Clone, Copy)]
@@ -59,17 +62,6 @@ pub fn parse_mix(spec: &str) -> Result<Vec<MixEntry>, String> {
         .collect()
 }
 
-/// A command run at a point of the run (e.g. to kill a replica).
-#[derive(Debug, Clone)]
-pub struct Chaos {
-    /// When to run `command`, from the start of measurement.
-    pub at: Duration,
-    /// Shell command that breaks something.
-    pub command: String,
-    /// Shell command that repairs it, run `restart_after` later.
-    pub restart: Option<(Duration, String)>,
-}
-
 /// A whole run.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -79,6 +71,8 @@ pub struct RunConfig {
     pub token: Option<String>,
     /// Protocol era.
     pub era: Era,
+    /// Both eras: even-numbered sessions legacy, odd-numbered 2026-07-28 (`era` is ignored).
+    pub mixed_eras: bool,
     /// Concurrent sessions (or stateless clients).
     pub sessions: usize,
     /// Measured duration.
@@ -97,8 +91,8 @@ pub struct RunConfig {
     pub hash_rounds: u64,
     /// The statement `pg_query` runs.
     pub pg_sql: String,
-    /// Chaos hook.
-    pub chaos: Option<Chaos>,
+    /// Faults injected during the measured run.
+    pub schedule: Schedule,
     /// Where the notification streams are opened (default: `url`); with a replica's own URL here
     /// and another replica's in `url`, every notification crosses replicas.
     pub notify_url: Option<String>,
@@ -108,23 +102,32 @@ pub struct RunConfig {
     pub retries: u32,
 }
 
+impl RunConfig {
+    /// The era session `index` speaks.
+    pub fn era_of(&self, index: usize) -> Era {
+        match (self.mixed_eras, index % 2) {
+            (false, _) => self.era,
+            (true, 0) => Era::Legacy,
+            (true, _) => Era::Modern,
+        }
+    }
+}
+
 const PRELOADED_KEYS: usize = 100;
 
 fn subscription_key(session: usize) -> String {
     format!("lt-sub-{session}")
 }
 
-/// Send times of writes waiting for their notification, per subscribed key. The flag says whether
-/// the write was counted (sent while recording).
-type Pending = Arc<Mutex<HashMap<String, VecDeque<(Instant, bool)>>>>;
-
 struct Worker {
     index: usize,
     config: Arc<RunConfig>,
     client: McpClient,
     stats: Arc<Stats>,
-    pending: Pending,
+    ledger: Arc<Ledger>,
     weights: Vec<u32>,
+    /// Writes this worker sent (their values are unique).
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl Worker {
@@ -184,7 +187,10 @@ impl Worker {
             "kv_get" => json!({"key": format!("lt-{}", rng.random_range(0..PRELOADED_KEYS))}),
             "kv_set" if self.config.subscribe => {
                 let key = subscription_key((self.index + 1) % self.config.sessions);
-                json!({"key": key, "value": format!("v{}", rng.random::<u32>())})
+                let n = self
+                    .writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                json!({"key": key, "value": format!("v{}-{n}", self.index)})
             }
             "kv_set" => {
                 json!({"key": format!("lt-{}", rng.random_range(0..PRELOADED_KEYS)), "value": format!("v{}", rng.random::<u32>())})
@@ -202,17 +208,12 @@ impl Worker {
 
     async fn call(&self, tool: &str, intended: Instant) {
         let arguments = self.arguments(tool);
-        if tool == "kv_set" && self.config.subscribe {
+        // A write another session is subscribed to: accounted in the ledger.
+        let watched = (tool == "kv_set" && self.config.subscribe).then(|| {
             let key = arguments["key"].as_str().unwrap_or_default().to_owned();
-            let counted = self.stats.is_recording();
-            self.stats.notification_expected();
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(key)
-                .or_default()
-                .push_back((Instant::now(), counted));
-        }
+            let ticket = self.ledger.sent(&key, self.stats.current_window());
+            (key, ticket)
+        });
         let mut attempt = 0;
         let outcome = loop {
             let outcome = self
@@ -233,13 +234,30 @@ impl Worker {
             match transient {
                 Some(kind) if attempt < self.config.retries => {
                     attempt += 1;
-                    self.stats
-                        .recovered(format!("request retried after {kind}"));
+                    self.stats.retried(format!("request retried after {kind}"));
+                    if let Some((key, _)) = &watched {
+                        // It may have been applied (and notify) before it failed.
+                        self.ledger.uncertain(key);
+                    }
                     tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
                 }
                 _ => break outcome,
             }
         };
+        let succeeded = matches!(&outcome, Ok(exchange) if exchange.status.is_success()
+            && exchange.response().is_some_and(|r| r.get("error").is_none()
+                && r.pointer("/result/isError") != Some(&json!(true))));
+        if let Some((key, ticket)) = &watched {
+            if succeeded {
+                let value = arguments["value"].as_str().unwrap_or_default();
+                self.ledger.acked(key, *ticket, value);
+            } else {
+                self.ledger.failed(key, *ticket);
+            }
+        }
+        if succeeded && attempt > 0 {
+            self.stats.request_recovered();
+        }
         match outcome {
             Ok(exchange) => {
                 if !exchange.status.is_success() {
@@ -314,12 +332,13 @@ async fn listen(
     client: &McpClient,
     index: usize,
     stats: Arc<Stats>,
-    pending: Pending,
+    ledger: Arc<Ledger>,
     stop: tokio_util_stop::Stop,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let key = subscription_key(index);
     let uri = format!("kv://{key}");
-    if config.era == Era::Legacy {
+    let era = config.era_of(index);
+    if era == Era::Legacy {
         let exchange = client
             .request("resources/subscribe", json!({"uri": uri}))
             .await
@@ -330,7 +349,7 @@ async fn listen(
         Some(url) => client.fork_at(url),
         None => client.fork(),
     };
-    let mut stream = open_stream(config.era, &client, &uri, None).await?;
+    let mut stream = open_stream(era, &client, &uri, None).await?;
     Ok(tokio::spawn(async move {
         let mut last_event_id: Option<String> = None;
         loop {
@@ -339,9 +358,14 @@ async fn listen(
                 event = stream.next_event() => event,
             };
             let Some(event) = event else {
-                match reopen(&config, &client, &uri, last_event_id.as_deref(), &stop).await {
+                if era == Era::Modern {
+                    // No resumption in this era: what the ended listen had not delivered, and
+                    // what is written until the new one is acknowledged, is missed by design.
+                    stats.notifications_missed(&ledger.listen_ended(&key));
+                }
+                match reopen(era, &client, &uri, last_event_id.as_deref(), &stop).await {
                     Ok(Some(reopened)) => {
-                        stats.recovered("notification stream reopened");
+                        stats.stream_reopened();
                         stream = reopened;
                         continue;
                     }
@@ -358,18 +382,19 @@ async fn listen(
             let Some(message) = event.message else {
                 continue;
             };
-            if message.get("method").and_then(Value::as_str)
-                != Some("notifications/resources/updated")
-            {
-                continue;
-            }
-            let sent = pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_mut(&key)
-                .and_then(VecDeque::pop_front);
-            if let Some((sent, true)) = sent {
-                stats.notification_delivered(sent.elapsed());
+            match message.get("method").and_then(Value::as_str) {
+                Some("notifications/subscriptions/acknowledged") => {
+                    ledger.listen_acknowledged(&key);
+                }
+                Some("notifications/resources/updated") => match ledger.received(&key) {
+                    Received::Delivered { window, latency } => {
+                        stats.notification_delivered(window, latency);
+                    }
+                    Received::Uncounted => {}
+                    Received::Slack => stats.notification_slack(),
+                    Received::Duplicate => stats.notification_duplicated(),
+                },
+                _ => {}
             }
         }
     }))
@@ -377,7 +402,7 @@ async fn listen(
 
 /// Reopens an ended notification stream with backoff; `Ok(None)` when the run stopped meanwhile.
 async fn reopen(
-    config: &RunConfig,
+    era: Era,
     client: &McpClient,
     uri: &str,
     last_event_id: Option<&str>,
@@ -389,7 +414,7 @@ async fn reopen(
         if stop.fired() {
             return Ok(None);
         }
-        match open_stream(config.era, client, uri, last_event_id).await {
+        match open_stream(era, client, uri, last_event_id).await {
             Ok(stream) => return Ok(Some(stream)),
             Err(error) if Instant::now() + delay > deadline => return Err(error),
             Err(_) => {}
@@ -435,8 +460,10 @@ use tokio_util_stop::Stop;
 pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<String>), String> {
     let config = Arc::new(config);
     let stats = Arc::new(Stats::new());
-    let pending: Pending = Arc::default();
+    let ledger = Arc::new(Ledger::default());
+    // Workers stop at the end of the run; listeners once the last notifications had their chance.
     let stop = Stop::new();
+    let listeners_stop = Stop::new();
 
     preload(&config).await?;
 
@@ -451,8 +478,8 @@ pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<S
                     client,
                     *index,
                     stats.clone(),
-                    pending.clone(),
-                    stop.clone(),
+                    ledger.clone(),
+                    listeners_stop.clone(),
                 )
                 .await?,
             );
@@ -468,18 +495,15 @@ pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<S
             config: config.clone(),
             client,
             stats: stats.clone(),
-            pending: pending.clone(),
+            ledger: ledger.clone(),
             weights: weights.clone(),
+            writes: std::sync::atomic::AtomicU64::new(0),
         };
         let stop = stop.clone();
         workers.spawn(worker.drive(started, stop));
     }
 
-    let events = measure(&config, &stats, progress).await;
-    // Give in-flight notifications a moment, then stop everything.
-    if config.subscribe {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let mut events = measure(&config, &stats, progress).await;
     stop.fire();
     let mut closing = Vec::new();
     while let Some(result) = workers.join_next().await {
@@ -487,23 +511,74 @@ pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<S
             closing.push(client);
         }
     }
+    if config.subscribe {
+        // Notifications still in flight (a stream being resumed) get their chance.
+        let deadline = Instant::now() + NOTIFICATION_GRACE;
+        while ledger.waiting() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stats.notifications_lost(&ledger.lost());
+        stats.notification_slack_unspent(ledger.unspent_slack());
+        check_writes(&config, &ledger, &stats, &mut events).await;
+    }
+    listeners_stop.fire();
     for listener in listeners {
         listener.abort();
     }
-    if config.era == Era::Legacy {
-        let mut deletes = JoinSet::new();
-        for client in closing {
+    let mut deletes = JoinSet::new();
+    for (index, client) in closing.into_iter().enumerate() {
+        if config.era_of(index) == Era::Legacy {
             deletes.spawn(async move { client.delete().await });
         }
-        while deletes.join_next().await.is_some() {}
     }
+    while deletes.join_next().await.is_some() {}
     Ok((stats, events))
+}
+
+/// How long the end of a run waits for notifications still in flight.
+const NOTIFICATION_GRACE: Duration = Duration::from_secs(10);
+
+/// Reads back every subscribed key: it must hold the value of its last acknowledged write.
+async fn check_writes(
+    config: &RunConfig,
+    ledger: &Ledger,
+    stats: &Stats,
+    events: &mut Vec<String>,
+) {
+    let mut reader =
+        McpClient::new(&config.url, config.era_of(0)).with_bearer(config.token.as_deref());
+    if config.era_of(0) == Era::Legacy && reader.initialize().await.is_err() {
+        events.push("the written values could not be checked: no session".to_owned());
+        return;
+    }
+    let expected = ledger.expected_values();
+    let mut checked = 0;
+    for (key, value) in &expected {
+        match reader.call_tool("kv_get", json!({"key": key})).await {
+            Ok(result) => {
+                let held = result.pointer("/content/0/text").and_then(Value::as_str);
+                if held != Some(value.as_str()) {
+                    stats.write_lost(format!("{key}: acknowledged {value:?}, holds {held:?}"));
+                }
+                checked += 1;
+            }
+            Err(error) => events.push(format!("reading {key} back failed: {error}")),
+        }
+    }
+    events.push(format!(
+        "writes checked: {checked} keys hold their last acknowledged value or not ({} keys skipped: their last write failed)",
+        config.sessions.saturating_sub(expected.len())
+    ));
+    if config.era_of(0) == Era::Legacy {
+        let _ = reader.delete().await;
+    }
 }
 
 /// Preloads the keys `kv_get` reads (through a session of its own in the legacy era).
 async fn preload(config: &RunConfig) -> Result<(), String> {
-    let mut setup = McpClient::new(&config.url, config.era).with_bearer(config.token.as_deref());
-    if config.era == Era::Legacy {
+    let era = config.era_of(0);
+    let mut setup = McpClient::new(&config.url, era).with_bearer(config.token.as_deref());
+    if era == Era::Legacy {
         setup
             .initialize()
             .await
@@ -520,7 +595,7 @@ async fn preload(config: &RunConfig) -> Result<(), String> {
                 .map_err(|e| format!("preloading keys: {e}"))?;
         }
     }
-    if config.era == Era::Legacy {
+    if era == Era::Legacy {
         let _ = setup.delete().await;
     }
     Ok(())
@@ -535,9 +610,9 @@ async fn open_sessions(config: &Arc<RunConfig>) -> Result<Vec<(usize, McpClient)
         let semaphore = semaphore.clone();
         opened.spawn(async move {
             let _permit = semaphore.acquire().await;
-            let mut client =
-                McpClient::new(&config.url, config.era).with_bearer(config.token.as_deref());
-            if config.era == Era::Legacy {
+            let era = config.era_of(index);
+            let mut client = McpClient::new(&config.url, era).with_bearer(config.token.as_deref());
+            if era == Era::Legacy {
                 client
                     .initialize()
                     .await
@@ -554,8 +629,8 @@ async fn open_sessions(config: &Arc<RunConfig>) -> Result<Vec<(usize, McpClient)
     Ok(clients)
 }
 
-/// Warm-up, then the measured run with optional chaos and a progress line; returns the chaos
-/// events.
+/// Warm-up, then the measured run with its chaos schedule and a progress line; returns what
+/// happened (faults injected and healed, hooks that failed).
 async fn measure(config: &RunConfig, stats: &Stats, progress: bool) -> Vec<String> {
     tokio::time::sleep(config.warmup).await;
     stats.begin();
@@ -568,41 +643,45 @@ async fn measure(config: &RunConfig, stats: &Stats, progress: bool) -> Vec<Strin
         bar
     });
     let mut events = Vec::new();
-    let mut chaos_done = false;
-    let mut restart_done = false;
+    // The next fault to inject, and the heal the last one still waits for.
+    let mut faults = config.schedule.faults.iter().peekable();
+    let mut heal: Option<(Duration, &str)> = None;
     let mut last = (0, 0);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
         let elapsed = stats.elapsed();
-        if let Some(chaos) = &config.chaos {
-            if !chaos_done && elapsed >= chaos.at {
-                chaos_done = true;
-                events.push(format!(
-                    "{:.1}s chaos: {}",
-                    elapsed.as_secs_f64(),
-                    chaos.command
-                ));
-                run_hook(&chaos.command, &mut events).await;
-            }
-            if let Some((after, command)) = &chaos.restart
-                && chaos_done
-                && !restart_done
-                && elapsed >= chaos.at + *after
-            {
-                restart_done = true;
-                events.push(format!("{:.1}s restart: {command}", elapsed.as_secs_f64()));
-                run_hook(command, &mut events).await;
+        if let Some((when, command)) = heal
+            && elapsed >= when
+        {
+            heal = None;
+            hook(stats, &mut events, "heal", command).await;
+            stats.fault_ended();
+        }
+        if heal.is_none()
+            && let Some(fault) = faults.next_if(|f| elapsed >= f.at)
+        {
+            stats.fault_started(&fault.label());
+            hook(
+                stats,
+                &mut events,
+                &format!("fault {:?}", fault.label()),
+                &fault.run,
+            )
+            .await;
+            match &fault.heal {
+                Some(command) => heal = Some((fault.at + fault.heal_after, command)),
+                None => stats.fault_ended(),
             }
         }
         if let Some(bar) = &bar {
             let (ok, errors) = stats.counts();
-            let rate = (ok - last.0) as f64 * 4.0;
+            let rate = (ok - last.0) as f64 * 10.0;
             last = (ok, errors);
             bar.set_position(elapsed.as_secs());
             bar.set_message(format!("{rate:>8.0} ok/s  {errors} errors"));
         }
-        if elapsed >= config.duration {
+        if elapsed >= config.duration && heal.is_none() {
             break;
         }
     }
@@ -613,18 +692,17 @@ async fn measure(config: &RunConfig, stats: &Stats, progress: bool) -> Vec<Strin
     events
 }
 
-async fn run_hook(command: &str, events: &mut Vec<String>) {
-    match tokio::process::Command::new("sh")
-        .args(["-c", command])
-        .output()
-        .await
-    {
-        Ok(output) if output.status.success() => {}
-        Ok(output) => events.push(format!(
-            "  hook exited {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )),
-        Err(error) => events.push(format!("  hook failed: {error}")),
-    }
+/// Runs a schedule's command and notes it (and its failure) in the events.
+async fn hook(stats: &Stats, events: &mut Vec<String>, what: &str, command: &str) {
+    let started = stats.elapsed();
+    let outcome = crate::chaos::run_hook(command).await;
+    let took = stats.elapsed() - started;
+    events.push(format!(
+        "{:>6.1}s {what}: {command} ({:.1} s){}",
+        started.as_secs_f64(),
+        took.as_secs_f64(),
+        outcome
+            .err()
+            .map_or(String::new(), |e| format!(" FAILED: {e}"))
+    ));
 }

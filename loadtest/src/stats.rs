@@ -25,6 +25,40 @@ struct Second {
     latency: Option<Histogram<u64>>,
 }
 
+/// One stretch of the run: before the first fault, then from each fault's injection to the next's.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Window {
+    /// The fault (or `steady` before the first one).
+    pub name: String,
+    /// When it was injected, seconds from the start of measurement.
+    pub at_secs: f64,
+    /// When the fault ended: its heal command finished, or its command did when there is none.
+    pub ended_secs: Option<f64>,
+    /// Requests that succeeded.
+    pub ok: u64,
+    /// Requests that failed (after their retries).
+    pub failed: u64,
+    /// Attempts sent again after a transient failure.
+    pub retried: u64,
+    /// Requests that succeeded after at least one retry.
+    pub recovered: u64,
+    /// Notification streams that ended early and were reopened.
+    pub streams_reopened: u64,
+    /// Counted writes sent in this window whose notification arrived.
+    pub notifications_delivered: u64,
+    /// Acknowledged writes sent in this window whose notification never arrived.
+    pub notifications_lost: u64,
+    /// Notifications received twice.
+    pub notifications_duplicated: u64,
+    /// Writes a 2026-07-28 listen missed while it was being requested again (no resumption in
+    /// that era).
+    pub notifications_missed_relistening: u64,
+    /// First and last failure, retry or stream reopening, seconds from the start.
+    pub disturbed: Option<(f64, f64)>,
+    /// From the end of the fault to the last disturbance it caused (0 when there was none after).
+    pub time_to_recover_secs: Option<f64>,
+}
+
 #[derive(Debug)]
 struct Inner {
     start: Instant,
@@ -33,8 +67,14 @@ struct Inner {
     errors: BTreeMap<String, u64>,
     recoveries: BTreeMap<String, u64>,
     notification_latency: Histogram<u64>,
-    notifications_expected: u64,
     notifications_delivered: u64,
+    notifications_lost: u64,
+    notifications_duplicated: u64,
+    notifications_missed: u64,
+    notifications_slack: u64,
+    notifications_slack_unspent: u64,
+    lost_writes: Vec<String>,
+    windows: Vec<Window>,
     timeline: Vec<Second>,
 }
 
@@ -58,8 +98,17 @@ impl Stats {
                 errors: BTreeMap::new(),
                 recoveries: BTreeMap::new(),
                 notification_latency: histogram(),
-                notifications_expected: 0,
                 notifications_delivered: 0,
+                notifications_lost: 0,
+                notifications_duplicated: 0,
+                notifications_missed: 0,
+                notifications_slack: 0,
+                notifications_slack_unspent: 0,
+                lost_writes: Vec::new(),
+                windows: vec![Window {
+                    name: "steady".to_owned(),
+                    ..Window::default()
+                }],
                 timeline: Vec::new(),
             }),
         }
@@ -107,6 +156,7 @@ impl Stats {
         let mut inner = self.lock();
         let at = inner.start.elapsed();
         inner.ok += 1;
+        Self::window(&mut inner).ok += 1;
         let _ = inner
             .per_op
             .entry(op.to_owned())
@@ -126,30 +176,138 @@ impl Stats {
         let at = inner.start.elapsed();
         *inner.errors.entry(kind.into()).or_default() += 1;
         Self::second(&mut inner, at).errors += 1;
+        Self::window(&mut inner).failed += 1;
+        Self::disturbed(&mut inner, at);
     }
 
-    /// A failure the client recovered from (a retried request, a resumed stream), by kind. Not an
-    /// error: the operation went on to succeed or fail on its own account.
-    pub fn recovered(&self, kind: impl Into<String>) {
+    /// The current window (the last fault injected, or `steady`).
+    fn window(inner: &mut Inner) -> &mut Window {
+        inner.windows.last_mut().expect("the steady window")
+    }
+
+    /// The index of the current window, while recording.
+    pub fn current_window(&self) -> Option<usize> {
+        self.is_recording()
+            .then(|| self.lock().windows.len().saturating_sub(1))
+    }
+
+    fn disturbed(inner: &mut Inner, at: Duration) {
+        let at = at.as_secs_f64();
+        let window = Self::window(inner);
+        window.disturbed = Some(match window.disturbed {
+            Some((first, _)) => (first, at),
+            None => (at, at),
+        });
+    }
+
+    /// An attempt that failed transiently and is sent again, by kind. Not an error: the request
+    /// goes on to succeed or fail on its own account.
+    pub fn retried(&self, kind: impl Into<String>) {
         if self.is_recording() {
-            *self.lock().recoveries.entry(kind.into()).or_default() += 1;
+            let mut inner = self.lock();
+            let at = inner.start.elapsed();
+            *inner.recoveries.entry(kind.into()).or_default() += 1;
+            Self::window(&mut inner).retried += 1;
+            Self::disturbed(&mut inner, at);
         }
     }
 
-    /// A write whose notification some subscriber should receive.
-    pub fn notification_expected(&self) {
+    /// A request that succeeded after at least one retry.
+    pub fn request_recovered(&self) {
         if self.is_recording() {
-            self.lock().notifications_expected += 1;
+            Self::window(&mut self.lock()).recovered += 1;
         }
     }
 
-    /// A notification arrived `latency` after its write was sent. Counted even after
-    /// [`Stats::end`], so notifications still in flight at the end are not reported lost.
-    pub fn notification_delivered(&self, latency: Duration) {
+    /// A notification stream that ended early was reopened.
+    pub fn stream_reopened(&self) {
+        if self.is_recording() {
+            let mut inner = self.lock();
+            let at = inner.start.elapsed();
+            *inner
+                .recoveries
+                .entry("notification stream reopened".to_owned())
+                .or_default() += 1;
+            Self::window(&mut inner).streams_reopened += 1;
+            Self::disturbed(&mut inner, at);
+        }
+    }
+
+    /// A fault is injected now: a new window begins.
+    pub fn fault_started(&self, name: &str) {
+        let mut inner = self.lock();
+        let at = inner.start.elapsed().as_secs_f64();
+        inner.windows.push(Window {
+            name: name.to_owned(),
+            at_secs: at,
+            ..Window::default()
+        });
+    }
+
+    /// The current fault ended now (its command or its heal finished).
+    pub fn fault_ended(&self) {
+        let mut inner = self.lock();
+        let at = inner.start.elapsed().as_secs_f64();
+        Self::window(&mut inner).ended_secs = Some(at);
+    }
+
+    /// A notification arrived for a counted write sent in `window`, `latency` after it. Counted
+    /// even after [`Stats::end`], so notifications still in flight at the end are not lost.
+    pub fn notification_delivered(&self, window: usize, latency: Duration) {
         let micros = (latency.as_micros() as u64).clamp(1, 60_000_000);
         let mut inner = self.lock();
         inner.notifications_delivered += 1;
         let _ = inner.notification_latency.record(micros);
+        if let Some(w) = inner.windows.get_mut(window) {
+            w.notifications_delivered += 1;
+        }
+    }
+
+    /// A notification no write accounts for.
+    pub fn notification_duplicated(&self) {
+        if self.is_recording() {
+            let mut inner = self.lock();
+            inner.notifications_duplicated += 1;
+            Self::window(&mut inner).notifications_duplicated += 1;
+        }
+    }
+
+    /// A notification that spent slack (see [`crate::ledger`]).
+    pub fn notification_slack(&self) {
+        self.lock().notifications_slack += 1;
+    }
+
+    /// Counted writes a 2026-07-28 listen missed while it was requested again, by window.
+    pub fn notifications_missed(&self, windows: &[usize]) {
+        let mut inner = self.lock();
+        for &window in windows {
+            inner.notifications_missed += 1;
+            if let Some(w) = inner.windows.get_mut(window) {
+                w.notifications_missed_relistening += 1;
+            }
+        }
+    }
+
+    /// Acknowledged counted writes never notified, by window (at the end of the run).
+    pub fn notifications_lost(&self, windows: &[usize]) {
+        let mut inner = self.lock();
+        for &window in windows {
+            inner.notifications_lost += 1;
+            if let Some(w) = inner.windows.get_mut(window) {
+                w.notifications_lost += 1;
+            }
+        }
+    }
+
+    /// Slack left at the end: writes that may have notified and did not (retried attempts that
+    /// were not applied, writes a re-established listen missed).
+    pub fn notification_slack_unspent(&self, slack: u64) {
+        self.lock().notifications_slack_unspent = slack;
+    }
+
+    /// A key that does not hold the value of its last acknowledged write.
+    pub fn write_lost(&self, what: String) {
+        self.lock().lost_writes.push(what);
     }
 
     /// Successful operations and errors so far.
@@ -192,14 +350,28 @@ impl Stats {
             errors_by_kind: inner.errors.clone(),
             recovered_by_kind: inner.recoveries.clone(),
             notifications: Notifications {
-                expected: inner.notifications_expected,
+                expected: inner.notifications_delivered + inner.notifications_lost,
                 delivered: inner.notifications_delivered,
-                lost: inner
-                    .notifications_expected
-                    .saturating_sub(inner.notifications_delivered),
+                lost: inner.notifications_lost,
+                duplicated: inner.notifications_duplicated,
+                missed_relistening: inner.notifications_missed,
+                slack_spent: inner.notifications_slack,
+                slack_unspent: inner.notifications_slack_unspent,
                 latency: (inner.notifications_delivered > 0)
                     .then(|| summarize(&inner.notification_latency)),
             },
+            lost_writes: inner.lost_writes.clone(),
+            faults: inner
+                .windows
+                .iter()
+                .map(|w| {
+                    let mut w = w.clone();
+                    w.time_to_recover_secs = w
+                        .ended_secs
+                        .map(|ended| w.disturbed.map_or(0.0, |(_, last)| (last - ended).max(0.0)));
+                    w
+                })
+                .collect(),
             timeline: inner
                 .timeline
                 .iter()
@@ -248,8 +420,17 @@ pub struct Notifications {
     pub expected: u64,
     /// Notifications received.
     pub delivered: u64,
-    /// Expected but never received.
+    /// Acknowledged but never received.
     pub lost: u64,
+    /// Received with no write to account for them.
+    pub duplicated: u64,
+    /// Missed by 2026-07-28 listens while they were requested again (no resumption in that era).
+    pub missed_relistening: u64,
+    /// Notifications of retried writes or of writes sent while a listen was re-established
+    /// (see the ledger): neither expected nor duplicates.
+    pub slack_spent: u64,
+    /// Such writes that did not notify (not applied, or missed while re-listening).
+    pub slack_unspent: u64,
     /// From sending the write to receiving the notification.
     pub latency: Option<Summary>,
 }
@@ -294,6 +475,10 @@ pub struct Report {
     pub recovered_by_kind: BTreeMap<String, u64>,
     /// Notification delivery.
     pub notifications: Notifications,
+    /// Keys that did not hold the value of their last acknowledged write at the end.
+    pub lost_writes: Vec<String>,
+    /// Per fault (and `steady` before the first): what the clients saw.
+    pub faults: Vec<Window>,
     /// Per-second throughput and latency.
     pub timeline: Vec<TimelinePoint>,
 }
@@ -337,11 +522,40 @@ impl Report {
                 out.push_str(&format!("  {kind:<40} {count}\n"));
             }
         }
-        if self.notifications.expected > 0 {
+        let n = &self.notifications;
+        if n.expected > 0 {
             out.push_str(&format!(
-                "\nnotifications: {} expected, {} delivered, {} lost\n",
-                self.notifications.expected, self.notifications.delivered, self.notifications.lost
+                "\nnotifications: {} expected, {} delivered, {} lost, {} duplicated; {} missed while a listen was requested again; {} of retried writes\n",
+                n.expected, n.delivered, n.lost, n.duplicated, n.missed_relistening, n.slack_spent
             ));
+        }
+        if !self.lost_writes.is_empty() {
+            out.push_str(&format!("\nLOST WRITES: {:?}\n", self.lost_writes));
+        }
+        if self.faults.len() > 1 {
+            out.push_str(&format!(
+                "\n{:<26} {:>6} {:>6} {:>7} {:>6} {:>7} {:>8} {:>8} {:>9} {:>5} {:>5} {:>7} {:>9}\n",
+                "fault", "at s", "end s", "ok", "failed", "retried", "recovered", "reopened",
+                "delivered", "lost", "dupl", "missed", "recover s"
+            ));
+            for w in &self.faults {
+                out.push_str(&format!(
+                    "{:<26} {:>6.1} {:>6} {:>7} {:>6} {:>7} {:>8} {:>8} {:>9} {:>5} {:>5} {:>7} {:>9}\n",
+                    w.name.chars().take(26).collect::<String>(),
+                    w.at_secs,
+                    w.ended_secs.map_or("-".to_owned(), |s| format!("{s:.1}")),
+                    w.ok,
+                    w.failed,
+                    w.retried,
+                    w.recovered,
+                    w.streams_reopened,
+                    w.notifications_delivered,
+                    w.notifications_lost,
+                    w.notifications_duplicated,
+                    w.notifications_missed_relistening,
+                    w.time_to_recover_secs.map_or("-".to_owned(), |s| format!("{s:.1}")),
+                ));
+            }
         }
         out
     }

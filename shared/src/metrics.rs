@@ -461,6 +461,12 @@ impl Metrics {
         }
     }
 
+    /// A client's response to a server request found no replica waiting for it (the replica that
+    /// sent the request is gone).
+    pub fn forward_undelivered(&self) {
+        self.forwarded("undelivered");
+    }
+
     /// A client message was forwarded to another replica.
     pub fn forwarded(&self, kind: &'static str) {
         self.inner.forwards.get_or_create(&KindLabel { kind }).inc();

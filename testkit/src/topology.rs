@@ -150,6 +150,7 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     prefix: String,
+    aof: bool,
 }
 
 /// The Redis ACL user replicas connect as, as in docker-compose.yml: its key and channel patterns
@@ -168,11 +169,21 @@ impl RedisServer {
     /// # Errors
     /// When the binary is missing or the server does not come up.
     pub async fn start(dir: &Path, prefix: &str) -> TopologyResult<Self> {
+        Self::start_with(dir, prefix, false).await
+    }
+
+    /// [`RedisServer::start`], with the append-only file on when `aof` (`appendfsync everysec`,
+    /// as in compose), so data survives a restart.
+    ///
+    /// # Errors
+    /// When the binary is missing or the server does not come up.
+    pub async fn start_with(dir: &Path, prefix: &str, aof: bool) -> TopologyResult<Self> {
         let mut server = Self {
             child: None,
             port: free_port(),
             dir: dir.join("redis"),
             prefix: prefix.to_owned(),
+            aof,
         };
         std::fs::create_dir_all(&server.dir)?;
         server.spawn().await?;
@@ -190,7 +201,9 @@ impl RedisServer {
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                if self.aof { "yes" } else { "no" },
+                "--appendfsync",
+                "everysec",
             ])
             .args([
                 "--dir",
@@ -264,7 +277,27 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (after [`RedisServer::kill`]); its data is gone.
+    /// Stops the server as an orchestrator does (SIGTERM: with the append-only file on, Redis
+    /// writes it out before it exits), then starts it again on the same port: with
+    /// [`TopologyOptions::redis_aof`] its data survives.
+    ///
+    /// # Errors
+    /// When it does not come up.
+    pub async fn restart_gracefully(&mut self) -> TopologyResult<()> {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, Signal::SIGTERM);
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+        self.spawn().await
+    }
+
+    /// Starts the server again on the same port (after [`RedisServer::kill`]); without the
+    /// append-only file its data is gone.
     ///
     /// # Errors
     /// When it does not come up.
@@ -411,6 +444,20 @@ impl Replica {
                 let _ = child.kill().await;
                 None
             }
+        }
+    }
+
+    /// Freezes the replica (SIGSTOP): its connections stay open and nothing is answered.
+    pub fn freeze(&self) {
+        if let Some(child) = &self.child {
+            signal(child, Signal::SIGSTOP);
+        }
+    }
+
+    /// Lets a frozen replica go on (SIGCONT).
+    pub fn thaw(&self) {
+        if let Some(child) = &self.child {
+            signal(child, Signal::SIGCONT);
         }
     }
 
@@ -583,6 +630,9 @@ pub struct TopologyOptions {
     pub balancer_port: Option<u16>,
     /// Replicas (by index) that reach Redis through a [`crate::fault::FaultProxy`].
     pub redis_proxied: Vec<usize>,
+    /// Redis keeps an append-only file (`appendfsync everysec`, as in compose): its data
+    /// survives [`RedisServer::restart_gracefully`].
+    pub redis_aof: bool,
 }
 
 impl TopologyOptions {
@@ -598,6 +648,7 @@ impl TopologyOptions {
             keep_dir: false,
             balancer_port: None,
             redis_proxied: Vec::new(),
+            redis_aof: false,
         }
     }
 
@@ -647,7 +698,7 @@ impl Topology {
         let path = dir.path().to_owned();
         let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
         let redis = if options.redis {
-            Some(RedisServer::start(&path, &prefix).await?)
+            Some(RedisServer::start_with(&path, &prefix, options.redis_aof).await?)
         } else {
             None
         };

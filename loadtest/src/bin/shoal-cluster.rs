@@ -46,6 +46,19 @@ struct Args {
     /// Keep the working directory (logs) after stopping.
     #[arg(long)]
     keep_logs: bool,
+    /// Serve the fault-control endpoint on this loopback port (`POST /replicas/r2/kill`,
+    /// `/redis/restart`, `/redis/partition/r2`, `/postgres/stop`…; see docs/loadtest.md), for
+    /// the load generator's chaos schedules.
+    #[arg(long)]
+    control_port: Option<u16>,
+    /// Every replica reaches Redis through a fault proxy, so that `/redis/partition/{replica}`
+    /// can cut one replica off.
+    #[arg(long)]
+    redis_proxies: bool,
+    /// Redis keeps an append-only file (`appendfsync everysec`, as in compose), so its data
+    /// survives `/redis/restart`.
+    #[arg(long)]
+    redis_aof: bool,
 }
 
 fn parse_env(value: &str) -> Result<(String, String), String> {
@@ -86,6 +99,10 @@ async fn main() -> anyhow::Result<()> {
     options.postgres = args.postgres;
     options.keep_dir = args.keep_logs;
     options.env = args.env;
+    options.redis_aof = args.redis_aof;
+    if args.redis_proxies {
+        options.redis_proxied = (0..options.replicas).collect();
+    }
     let topology = Topology::start(options)
         .await
         .context("starting the topology")?;
@@ -94,7 +111,20 @@ async fn main() -> anyhow::Result<()> {
         load_schema(postgres, args.schema.clone()).await?;
     }
 
-    announce(&topology, args.ready_file.as_deref())?;
+    let topology = std::sync::Arc::new(tokio::sync::Mutex::new(topology));
+    let control = match args.control_port {
+        Some(port) => Some(
+            shoal_testkit::control::serve(topology.clone(), port)
+                .await
+                .context("binding the control port")?,
+        ),
+        None => None,
+    };
+    announce(
+        &*topology.lock().await,
+        args.ready_file.as_deref(),
+        control.as_ref().map(|(addr, _)| *addr),
+    )?;
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -102,6 +132,10 @@ async fn main() -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     println!("stopping");
+    if let Some((_, task)) = control {
+        task.abort();
+        let _ = task.await;
+    }
     drop(topology);
     Ok(())
 }
@@ -127,7 +161,11 @@ async fn load_schema(postgres: &PostgresServer, schema: Option<PathBuf>) -> anyh
 }
 
 /// Prints the endpoints, and writes them as JSON to `ready_file` when asked.
-fn announce(topology: &Topology, ready_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn announce(
+    topology: &Topology,
+    ready_file: Option<&std::path::Path>,
+    control: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     println!("shoal cluster is up (logs in {})", topology.dir().display());
     println!("  MCP endpoint: {}", topology.mcp_url());
     if let Some(redis) = &topology.redis {
@@ -145,6 +183,9 @@ fn announce(topology: &Topology, ready_file: Option<&std::path::Path>) -> anyhow
             replica.base_url()
         );
     }
+    if let Some(addr) = control {
+        println!("  fault control: http://{addr} (POST /replicas/r2/kill, /redis/restart, …)");
+    }
     println!("Press Ctrl-C to stop.");
     if let Some(path) = ready_file {
         let ready = serde_json::json!({
@@ -157,6 +198,7 @@ fn announce(topology: &Topology, ready_file: Option<&std::path::Path>) -> anyhow
                 "name": r.name, "mcp_url": r.mcp_url(), "base_url": r.base_url(), "log": r.log(), "pid": r.pid(),
             })).collect::<Vec<_>>(),
             "dir": topology.dir(),
+            "control_url": control.map(|addr| format!("http://{addr}")),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&ready)?)
             .context("writing the ready file")?;

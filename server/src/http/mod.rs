@@ -309,6 +309,13 @@ impl HttpService {
         }
     }
 
+    /// The shared state cannot serve right now: Redis unreachable as far as this replica knows
+    /// ([`shoal_shared::backend::Backend::in_trouble`]; the watchdog's failed PINGs count, and
+    /// the first operation that succeeds again, such as a `/readyz` PING, clears it).
+    fn shared_state_in_trouble(&self) -> bool {
+        self.state.backend.in_trouble()
+    }
+
     fn reject(&self, reason: &'static str, response: Response<Body>) -> Response<Body> {
         self.state.metrics.http_rejection(reason);
         response
@@ -371,7 +378,7 @@ impl HttpService {
                         busy(None, "this replica has too many open streams"),
                     );
                 }
-                if self.state.shared_state_lost.load(Ordering::Relaxed) {
+                if self.shared_state_in_trouble() {
                     return self.reject("backend_unavailable", unavailable(None));
                 }
                 let lease = match self.quotas.admit(principal, Demand::Stream).await {
@@ -459,6 +466,11 @@ impl HttpService {
                 );
             }
         };
+        if self.shared_state_in_trouble() {
+            // Fail closed at the door: a call let in now would wait for a Redis command to time
+            // out and end in a tool error; a 503 with Retry-After sends the client elsewhere.
+            return self.reject("backend_unavailable", unavailable(envelope.id.as_ref()));
+        }
         if envelope.is_initialize && bytes.len() > self.state.config.http.max_initialize_bytes {
             let limit = self.state.config.http.max_initialize_bytes;
             tracing::info!(limit, "rejected request: initialize too large");
@@ -499,10 +511,6 @@ impl HttpService {
                 "following this resource needs a scope the token lacks",
             );
             return self.refuse(&failure, Some(toolset));
-        }
-        if envelope.is_listen && self.state.shared_state_lost.load(Ordering::Relaxed) {
-            // A listen stream here would stay silent: the client should reach another replica.
-            return self.reject("backend_unavailable", unavailable(envelope.id.as_ref()));
         }
         let demand = if envelope.tool.is_some() {
             Demand::ToolCall
@@ -583,7 +591,24 @@ impl HttpService {
         let started = std::time::Instant::now();
         // Boxed: rmcp's request future is ~10 KB, and held inline it would be copied with every
         // future that wraps it here (the span, the routing) and again by hyper.
-        let response = Box::pin(self.mcp.handle(request)).await;
+        let (response, requester_gone) = crate::mcp::session::REQUESTER_GONE
+            .scope(std::cell::Cell::new(false), async {
+                let response = Box::pin(self.mcp.handle(request)).await;
+                let gone = crate::mcp::session::REQUESTER_GONE.with(std::cell::Cell::get);
+                (response, gone)
+            })
+            .await;
+        if requester_gone {
+            // A response to a server request whose replica died: the request was abandoned
+            // with it. Reported to the client (which can drop its pending answer), not dropped.
+            return self.reject(
+                "requester_gone",
+                text(
+                    StatusCode::GONE,
+                    "Gone: the replica that sent the request this answers is gone; the request was abandoned\n",
+                ),
+            );
+        }
         if response.status() == StatusCode::INTERNAL_SERVER_ERROR
             && (!self.state.backend.is_connected() || self.state.backend.failed_since(started))
         {

@@ -184,6 +184,10 @@ pub enum ClusterError {
     /// The `initialize` message was not an initialize request.
     #[error("malformed initialize request")]
     BadInitialize,
+    /// A client's response to a server request (sampling, elicitation, roots) whose replica is
+    /// gone: the request was abandoned with it.
+    #[error("the replica that sent the request this answers is gone; the request was abandoned")]
+    RequesterGone,
     /// A `Last-Event-ID` that does not belong to this session or replica.
     #[error("unknown event id")]
     ForeignEventId,

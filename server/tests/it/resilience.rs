@@ -85,7 +85,14 @@ async fn redis_outage_gives_503_and_replicas_recover() {
         .request("tools/list", Value::Null)
         .await
         .expect("request");
-    assert_eq!(exchange.status, 404);
+    assert_eq!(
+        exchange.status,
+        404,
+        "{:?} {:?}\n{}",
+        exchange.headers,
+        exchange.events,
+        topology.log_tail(30)
+    );
     let subscriber = legacy_client(&url).await;
     subscribe(&subscriber, "kv://back").await;
     let mut stream = subscriber.open_get(None).await.expect("GET");
@@ -467,4 +474,133 @@ async fn a_rolling_restart_under_load_fails_no_call() {
         failures.len()
     );
     assert!(done > 100, "the clients kept calling: {done}");
+}
+
+/// A replica killed (SIGKILL) while it waits for a client's sampling answer and holds a GET
+/// stream: the client's pending call ends at once (its response stream closes; no wait for a
+/// timeout), its answer to the dead replica's request is refused with 410 (reported, not silently
+/// dropped, and counted), a cancellation of the dead call is accepted, and the GET stream resumes
+/// on another replica with nothing lost.
+#[tokio::test]
+async fn a_replica_killed_while_it_waits_for_a_sampling_answer_fails_cleanly() {
+    let mut topology = cluster(3).await;
+    let url = topology.mcp_url();
+    let client = legacy_client(&url).await;
+    subscribe(&client, "kv://killed").await;
+    // The call that asks the client for sampling and the session's GET stream, both on r2 (the
+    // session works on any replica; these requests go to r2 directly).
+    let runner = topology.replicas[1].id.clone();
+    let at_runner = client.fork_at(&topology.replicas[1].mcp_url());
+    let (call_id, mut call) = at_runner
+        .open_request(
+            "tools/call",
+            json!({"name": "test_sampling", "arguments": {"prompt": "say hi"}}),
+        )
+        .await
+        .expect("tools/call");
+    assert_eq!(replica_of(&call.headers), runner);
+    let (_, request) = next_matching(&mut call, "sampling/createMessage", |m| {
+        m.get("method") == Some(&json!("sampling/createMessage"))
+    })
+    .await;
+    let mut stream = at_runner.open_get(None).await.expect("GET");
+    assert_eq!(replica_of(&stream.headers), runner);
+    let writer = legacy_client(&url).await;
+    call_ok(
+        &writer,
+        "kv_set",
+        json!({"key": "killed", "value": "before"}),
+    )
+    .await;
+    let (before_id, _) = next_matching(&mut stream, "the update before the kill", |m| {
+        is_update_of(m, "kv://killed")
+    })
+    .await;
+
+    let killed_at = std::time::Instant::now();
+    topology.replica(&runner).expect("the runner").kill9().await;
+
+    // The pending call ends now, without its response: the client knows to give up or retry.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = call.next_event().await {
+            assert!(
+                event.message.as_ref().and_then(|m| m.get("id")) != Some(&json!(call_id)),
+                "no response can come from a dead replica: {event:?}"
+            );
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the call's stream stayed open after the kill"
+    );
+    assert!(killed_at.elapsed() < Duration::from_secs(5));
+
+    // The answer to the dead replica's request: refused and reported, on whichever replica.
+    let answer = json!({
+        "jsonrpc": "2.0",
+        "id": request["id"],
+        "result": {
+            "role": "assistant",
+            "content": {"type": "text", "text": "too late"},
+            "model": "test-model",
+            "stopReason": "endTurn"
+        }
+    });
+    let refused = client
+        .http()
+        .post(client.url())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", client.session_id().expect("session"))
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(answer.to_string())
+        .send()
+        .await
+        .expect("the answer is posted");
+    let receiver = replica_of(refused.headers());
+    assert_ne!(receiver, runner);
+    assert_eq!(refused.status(), 410, "reported, not dropped");
+    let body = refused.text().await.expect("body");
+    assert!(body.contains("the request was abandoned"), "{body}");
+    let receiver_url = topology
+        .replica(&receiver)
+        .expect("the receiving replica")
+        .base_url();
+    assert_eq!(
+        metric(&receiver_url, "shoal_forwards_total{kind=\"undelivered\"}").await,
+        1.0
+    );
+    // Cancelling the dead call is accepted (there is nothing left to cancel).
+    let status = client
+        .notify(
+            "notifications/cancelled",
+            json!({"requestId": call_id, "reason": "gave up"}),
+        )
+        .await
+        .expect("cancel");
+    assert_eq!(status, 202);
+
+    // The GET stream ended with its replica; resumed elsewhere, it misses nothing.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while stream.next_event().await.is_some() {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the GET stream ended with its replica");
+    call_ok(
+        &writer,
+        "kv_set",
+        json!({"key": "killed", "value": "after"}),
+    )
+    .await;
+    let mut resumed = client.open_get(before_id.as_deref()).await.expect("resume");
+    assert_eq!(resumed.status, 200);
+    assert_ne!(replica_of(&resumed.headers), runner);
+    next_matching(&mut resumed, "the update written after the kill", |m| {
+        is_update_of(m, "kv://killed")
+    })
+    .await;
+    // And the session goes on, on the live replicas.
+    let exchange = call_ok(&writer, "kv_get", json!({"key": "killed"})).await;
+    assert!(text_of(&exchange.result().expect("result").clone()).contains("after"));
 }

@@ -446,7 +446,16 @@ impl MemoryBackend {
         );
     }
 
-    pub(super) fn publish_forward(&self, target: &ReplicaTag, session: &str, payload: &str) {
+    pub(super) fn publish_forward(
+        &self,
+        target: &ReplicaTag,
+        session: &str,
+        payload: &str,
+    ) -> bool {
+        // One process: a tag other than ours names a replica (an earlier run) nobody hears.
+        if target.as_str() != self.inner.bus.tag().as_str() {
+            return false;
+        }
         self.publish(
             &self.inner.bus.keys().replica_channel(target.as_str()),
             &BusMessage::Forward {
@@ -456,6 +465,7 @@ impl MemoryBackend {
             }
             .encode(),
         );
+        true
     }
 
     pub(super) fn publish_probe(&self, probe: &str) {

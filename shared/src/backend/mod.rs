@@ -95,6 +95,20 @@ impl BackendError {
             BackendError::Protocol(_) => false,
         }
     }
+
+    /// Whether Redis could not be reached or did not answer in time (as opposed to an error reply
+    /// to one command): what makes a replica fail closed (see [`Backend::in_trouble`]).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            BackendError::Redis(error) => matches!(
+                error.kind(),
+                fred::error::ErrorKind::IO
+                    | fred::error::ErrorKind::Timeout
+                    | fred::error::ErrorKind::Canceled
+            ),
+            BackendError::Protocol(_) => false,
+        }
+    }
 }
 
 /// Result of a backend operation.
@@ -231,9 +245,14 @@ macro_rules! delegate {
                 let start = std::time::Instant::now();
                 let result = span.wrap(backend.$call($($arg),*)).await;
                 backend.metrics().redis_operation($op, result.is_ok(), start.elapsed());
-                if result.is_err() {
-                    backend.note_failure();
-                    span.mark_error("backend_error");
+                match &result {
+                    Ok(_) => backend.note_success(),
+                    Err(error) => {
+                        if error.is_unreachable() {
+                            backend.note_failure();
+                        }
+                        span.mark_error("backend_error");
+                    }
                 }
                 result
             }
@@ -298,6 +317,18 @@ impl Backend {
         match self {
             Backend::Redis(backend) => backend.is_connected(),
             Backend::Memory(_) => true,
+        }
+    }
+
+    /// Whether this replica should refuse work that needs the shared state: not connected, or
+    /// the last operation that ended could not reach Redis (a partition, a frozen or restarting
+    /// Redis) and none has succeeded since. Operations that are let through meanwhile (the
+    /// watchdog's PING every second) clear it as soon as Redis answers again. Costs two atomic
+    /// loads: checked on every request.
+    pub fn in_trouble(&self) -> bool {
+        match self {
+            Backend::Redis(backend) => backend.in_trouble(),
+            Backend::Memory(_) => false,
         }
     }
 
@@ -497,7 +528,9 @@ impl Backend {
         delegate!(self, "list_changed", list_changed(list))
     }
 
-    /// Sends a client's JSON-RPC response to the replica `target` that is waiting for it.
+    /// Sends a client's JSON-RPC response to the replica `target` that is waiting for it; `false`
+    /// when no replica of that tag listens any more (it died or stopped: the request the
+    /// response answers was abandoned with it).
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
@@ -506,7 +539,7 @@ impl Backend {
         target: &ReplicaTag,
         session: &str,
         payload: &str,
-    ) -> BackendResult<()> {
+    ) -> BackendResult<bool> {
         delegate!(
             self,
             "publish_forward",

@@ -103,8 +103,11 @@ struct Inner {
     log_prefix: String,
     replica_prefix: String,
     subscribers_prefix: String,
-    /// When the last command failed, in microseconds after `epoch` (0: never).
+    /// When the last command failed for want of Redis (connection, timeout), in microseconds
+    /// after `epoch` (0: never).
     last_failure_us: std::sync::atomic::AtomicU64,
+    /// When the last command succeeded, likewise.
+    last_success_us: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
 }
 
@@ -171,6 +174,7 @@ impl RedisBackend {
             replica_prefix,
             subscribers_prefix,
             last_failure_us: std::sync::atomic::AtomicU64::new(0),
+            last_success_us: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             origin: bus.tag().clone(),
             pool,
@@ -231,7 +235,8 @@ impl RedisBackend {
                             bus.dispatch(&message.channel, payload);
                         }
                         Err(RecvError::Lagged(missed)) => {
-                            tracing::warn!(missed, "bus subscriber lagged; GET streams re-read their logs");
+                            let listeners = bus.end_listeners();
+                            tracing::warn!(missed, listeners, "bus subscriber lagged; GET streams re-read their logs, listen streams end");
                             bus.all_feeds_lagged();
                         }
                         Err(RecvError::Closed) => break,
@@ -242,12 +247,17 @@ impl RedisBackend {
                             // logs before that would miss what is published in between, for good.
                             // SUBSCRIBE is answered in order on the subscriber connection, so its
                             // reply means every later message reaches this replica.
+                            // Listen streams have no log: what was published while the subscriber
+                            // was away is lost to them, so they end and their clients listen again
+                            // (after the resubscription, so the new listens miss nothing).
                             resubscribe(&subscriber, &channels).await;
-                            tracing::info!(%server, "bus subscriber reconnected and resubscribed; GET streams re-read their logs");
+                            let listeners = bus.end_listeners();
+                            tracing::info!(%server, listeners, "bus subscriber reconnected and resubscribed; GET streams re-read their logs, listen streams end");
                             bus.all_feeds_lagged();
                         }
                         Err(RecvError::Lagged(_)) => {
                             resubscribe(&subscriber, &channels).await;
+                            bus.end_listeners();
                             bus.all_feeds_lagged();
                         }
                         Err(RecvError::Closed) => break,
@@ -261,8 +271,9 @@ impl RedisBackend {
         &self.inner.metrics
     }
 
+    /// Whether a connection of the pool is up (commands go to connected ones first).
     pub(super) fn is_connected(&self) -> bool {
-        self.inner.pool.next().is_connected()
+        self.inner.pool.next_connected().is_connected()
     }
 
     pub(super) fn note_failure(&self) {
@@ -270,6 +281,26 @@ impl RedisBackend {
         self.inner
             .last_failure_us
             .store(now.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn note_success(&self) {
+        let now = self.inner.epoch.elapsed().as_micros() as u64;
+        self.inner
+            .last_success_us
+            .store(now.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Not connected, or the last command that ended failed for want of Redis.
+    pub(super) fn in_trouble(&self) -> bool {
+        let failure = self
+            .inner
+            .last_failure_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let success = self
+            .inner
+            .last_success_us
+            .load(std::sync::atomic::Ordering::Relaxed);
+        !self.is_connected() || failure > success
     }
 
     pub(super) fn failed_since(&self, since: std::time::Instant) -> bool {
@@ -289,12 +320,12 @@ impl RedisBackend {
         args: Vec<Value>,
     ) -> BackendResult<R> {
         Ok(script
-            .evalsha_with_reload(self.inner.pool.next(), keys, args)
+            .evalsha_with_reload(self.inner.pool.next_connected(), keys, args)
             .await?)
     }
 
     pub(super) async fn ping(&self) -> BackendResult<()> {
-        let _: Value = self.inner.pool.next().ping(None).await?;
+        let _: Value = self.inner.pool.next_connected().ping(None).await?;
         Ok(())
     }
 
@@ -526,7 +557,7 @@ impl RedisBackend {
         let entries: Vec<(String, Vec<(String, String)>)> = self
             .inner
             .pool
-            .next()
+            .next_connected()
             .xrange(
                 self.inner.keys.event_log(session),
                 format!("({after}"),
@@ -583,7 +614,7 @@ impl RedisBackend {
         let _: i64 = self
             .inner
             .pool
-            .next()
+            .next_connected()
             .publish(
                 self.inner.keys.resource_channel(),
                 BusMessage::ListChanged(list).encode(),
@@ -597,11 +628,11 @@ impl RedisBackend {
         target: &ReplicaTag,
         session: &str,
         payload: &str,
-    ) -> BackendResult<()> {
-        let _: i64 = self
+    ) -> BackendResult<bool> {
+        let receivers: i64 = self
             .inner
             .pool
-            .next()
+            .next_connected()
             .publish(
                 self.inner.keys.replica_channel(target.as_str()),
                 BusMessage::Forward {
@@ -612,14 +643,14 @@ impl RedisBackend {
                 .encode(),
             )
             .await?;
-        Ok(())
+        Ok(receivers > 0)
     }
 
     pub(super) async fn publish_probe(&self, probe: &str) -> BackendResult<()> {
         let _: i64 = self
             .inner
             .pool
-            .next()
+            .next_connected()
             .publish(
                 self.inner.keys.replica_channel(self.inner.origin.as_str()),
                 probe,
@@ -632,7 +663,7 @@ impl RedisBackend {
         let _: i64 = self
             .inner
             .pool
-            .next()
+            .next_connected()
             .publish(
                 self.inner.keys.control_channel(),
                 BusMessage::Cancel {
@@ -936,7 +967,7 @@ impl RedisBackend {
         if won.is_none() {
             return Ok(0);
         }
-        let client = self.inner.pool.next();
+        let client = self.inner.pool.next_connected();
         let sets: Vec<fred::types::Key> = client
             .scan_buffered(self.inner.keys.subscribers_pattern(), Some(200), None)
             .try_collect()

@@ -262,6 +262,22 @@ struct Listeners {
     by_uri: HashMap<String, HashSet<u64>>,
 }
 
+impl Listeners {
+    /// Drops listener `id` (its stream's channel closes).
+    fn remove(&mut self, id: u64) {
+        if let Some(listener) = self.by_id.remove(&id) {
+            for uri in listener.uris {
+                if let Some(ids) = self.by_uri.get_mut(&uri) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        self.by_uri.remove(&uri);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct BusInner {
     keys: Keys,
@@ -489,21 +505,11 @@ impl Bus {
     }
 
     fn unregister_listener(&self, id: u64) {
-        let mut listeners = self
-            .inner
+        self.inner
             .listeners
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(listener) = listeners.by_id.remove(&id) {
-            for uri in listener.uris {
-                if let Some(ids) = listeners.by_uri.get_mut(&uri) {
-                    ids.remove(&id);
-                    if ids.is_empty() {
-                        listeners.by_uri.remove(&uri);
-                    }
-                }
-            }
-        }
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     /// Number of feeds and listeners registered (for tests and gauges).
@@ -661,13 +667,18 @@ impl Bus {
                 "resource"
             }
             BusMessage::ListChanged(list) => {
-                let listeners = self
+                let mut listeners = self
                     .inner
                     .listeners
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                let targets = listeners.by_id.values().filter(|l| l.lists.contains(&list));
-                self.notify_listeners(targets, &ListenEvent::ListChanged(list));
+                let targets: Vec<u64> = listeners
+                    .by_id
+                    .iter()
+                    .filter(|(_, l)| l.lists.contains(&list))
+                    .map(|(id, _)| *id)
+                    .collect();
+                self.notify_listeners(&mut listeners, targets, &ListenEvent::ListChanged(list));
                 "resource"
             }
             BusMessage::CacheFilled { id } => {
@@ -716,30 +727,49 @@ impl Bus {
             uri: uri.to_owned(),
             trace: trace.map(str::to_owned),
         };
-        let listeners = self
+        let mut listeners = self
             .inner
             .listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let targets = listeners
+        let targets: Vec<u64> = listeners
             .by_uri
             .get(uri)
             .into_iter()
             .flatten()
-            .filter_map(|id| listeners.by_id.get(id));
-        self.notify_listeners(targets, &event);
+            .copied()
+            .collect();
+        self.notify_listeners(&mut listeners, targets, &event);
     }
 
-    fn notify_listeners<'l>(
-        &self,
-        targets: impl Iterator<Item = &'l Listener>,
-        event: &ListenEvent,
-    ) {
-        for listener in targets {
+    /// Hands `event` to each listener of `targets`. A listener whose buffer is full would miss it
+    /// for good (a listen stream has no log to re-read): it is ended instead, so that its client
+    /// listens again and knows to re-read what it follows.
+    fn notify_listeners(&self, listeners: &mut Listeners, targets: Vec<u64>, event: &ListenEvent) {
+        for id in targets {
+            let Some(listener) = listeners.by_id.get(&id) else {
+                continue;
+            };
             if listener.tx.try_send(event.clone()).is_err() {
                 self.inner.metrics.listener_dropped();
+                listeners.remove(id);
             }
         }
+    }
+
+    /// Ends every `subscriptions/listen` stream open now (their registrations are dropped, so each
+    /// stream's next read finds its channel closed): live messages may have been missed (the
+    /// bus subscriber reconnected or lagged), and a listen stream has no log to catch up from.
+    /// Ended, their clients listen again, on this replica or another. Returns how many ended.
+    pub fn end_listeners(&self) -> usize {
+        let mut listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let ended = listeners.by_id.len();
+        *listeners = Listeners::default();
+        ended
     }
 
     fn deliver_feed_event(&self, event: SessionEvent<'_>) {

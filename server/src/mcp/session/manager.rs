@@ -67,6 +67,13 @@ use shoal_shared::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+tokio::task_local! {
+    /// Set when a client's response posted in this HTTP request found no replica waiting for it
+    /// ([`ClusterError::RequesterGone`]), so that the HTTP layer answers `410 Gone` where rmcp
+    /// would answer 500. Scoped by [`crate::http`] around each request it hands to rmcp.
+    pub static REQUESTER_GONE: std::cell::Cell<bool>;
+}
+
 /// Settings of the cluster session manager.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -341,7 +348,17 @@ impl ClusterSessionManager {
             Some((tag, _)) if tag != *self.tag => {
                 let payload =
                     serde_json::to_string(&message).map_err(|_| ClusterError::BadInitialize)?;
-                self.backend.publish_forward(&tag, id, &payload).await?;
+                if !self.backend.publish_forward(&tag, id, &payload).await? {
+                    // Reported, not dropped: the client learns its answer went nowhere.
+                    tracing::warn!(
+                        session = %id,
+                        requester = tag.as_str(),
+                        "a client's response found no replica waiting for it (the replica that asked is gone)"
+                    );
+                    self.metrics.forward_undelivered();
+                    REQUESTER_GONE.try_with(|gone| gone.set(true)).ok();
+                    return Err(ClusterError::RequesterGone);
+                }
                 self.metrics.forwarded("response");
                 Ok(())
             }
