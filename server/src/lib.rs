@@ -388,6 +388,10 @@ async fn start_background(
 /// How often the watchdog checks that the replica reaches the shared state (one PING).
 const WATCHDOG_EVERY: Duration = Duration::from_secs(1);
 
+/// How often it checks while the replica is in trouble (its door closed, see
+/// `HttpService::shared_state_in_trouble`), so that the door opens again soon after Redis does.
+const WATCHDOG_EVERY_IN_TROUBLE: Duration = Duration::from_millis(250);
+
 /// Failed checks in a row after which the replica ends its streams.
 const WATCHDOG_FAILURES: u32 = 2;
 
@@ -402,13 +406,16 @@ async fn watchdog(state: Arc<AppState>, stop: CancellationToken) {
         return;
     }
     let timeout = Duration::from_millis(state.config.redis.timeout_ms).min(Duration::from_secs(2));
-    let mut every = tokio::time::interval(WATCHDOG_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = 0u32;
     loop {
+        let pause = if failures > 0 || state.backend.in_trouble() {
+            WATCHDOG_EVERY_IN_TROUBLE
+        } else {
+            WATCHDOG_EVERY
+        };
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = every.tick() => {}
+            () = tokio::time::sleep(pause) => {}
         }
         let reached = matches!(
             tokio::time::timeout(timeout, state.backend.ping()).await,

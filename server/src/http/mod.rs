@@ -50,7 +50,11 @@ use tokio::time::Instant;
 
 use crate::{
     auth::{Authenticator, Failure, Principal},
-    mcp::{handler::ShoalHandler, session::ClusterSessionManager},
+    mcp::{
+        error::{STATUS_OVERRIDE, StatusOverride},
+        handler::ShoalHandler,
+        session::ClusterSessionManager,
+    },
     quota::{Demand, Lease, Quotas, Refusal},
     state::AppState,
     tools::{Grants, toolset_of},
@@ -313,7 +317,14 @@ impl HttpService {
     /// ([`shoal_shared::backend::Backend::in_trouble`]; the watchdog's failed PINGs count, and
     /// the first operation that succeeds again, such as a `/readyz` PING, clears it).
     fn shared_state_in_trouble(&self) -> bool {
-        self.state.backend.in_trouble()
+        let in_trouble = self.state.backend.in_trouble();
+        if in_trouble {
+            tracing::debug!(
+                connected = self.state.backend.is_connected(),
+                "refused at the door: shared state in trouble"
+            );
+        }
+        in_trouble
     }
 
     fn reject(&self, reason: &'static str, response: Response<Body>) -> Response<Body> {
@@ -591,33 +602,35 @@ impl HttpService {
         let started = std::time::Instant::now();
         // Boxed: rmcp's request future is ~10 KB, and held inline it would be copied with every
         // future that wraps it here (the span, the routing) and again by hyper.
-        let (response, requester_gone) = crate::mcp::session::REQUESTER_GONE
-            .scope(std::cell::Cell::new(false), async {
+        let (response, status_override) = STATUS_OVERRIDE
+            .scope(std::cell::Cell::new(None), async {
                 let response = Box::pin(self.mcp.handle(request)).await;
-                let gone = crate::mcp::session::REQUESTER_GONE.with(std::cell::Cell::get);
-                (response, gone)
+                (response, STATUS_OVERRIDE.with(std::cell::Cell::get))
             })
             .await;
-        if requester_gone {
+        if response.status() != StatusCode::INTERNAL_SERVER_ERROR {
+            return response;
+        }
+        match status_override {
             // A response to a server request whose replica died: the request was abandoned
             // with it. Reported to the client (which can drop its pending answer), not dropped.
-            return self.reject(
+            Some(StatusOverride::RequesterGone) => self.reject(
                 "requester_gone",
                 text(
                     StatusCode::GONE,
                     "Gone: the replica that sent the request this answers is gone; the request was abandoned\n",
                 ),
-            );
+            ),
+            // rmcp reports a failed session operation as 500; the shared state failed it, which
+            // clients should retry.
+            Some(StatusOverride::SharedState) => self.reject("backend_unavailable", unavailable(id)),
+            None if !self.state.backend.is_connected()
+                || self.state.backend.failed_since(started) =>
+            {
+                self.reject("backend_unavailable", unavailable(id))
+            }
+            None => response,
         }
-        if response.status() == StatusCode::INTERNAL_SERVER_ERROR
-            && (!self.state.backend.is_connected() || self.state.backend.failed_since(started))
-        {
-            // rmcp reports a failed session lookup as 500; the cause is a shared state that is down
-            // (the connection state may not know yet when the failure is fresh), which clients
-            // should retry.
-            return self.reject("backend_unavailable", unavailable(id));
-        }
-        response
     }
 
     async fn delete(&self, headers: &HeaderMap, principal: &Principal) -> Response<Body> {

@@ -169,9 +169,9 @@ pub enum ClusterError {
     /// The local worker failed.
     #[error("session worker error")]
     Local(#[from] LocalSessionManagerError),
-    /// The shared state backend failed.
+    /// The shared state backend failed (built through `From`, which notes the refusal).
     #[error("shared session state is unavailable")]
-    Backend(#[from] BackendError),
+    Backend(BackendError),
     /// The session is gone.
     #[error("session not found")]
     SessionGone,
@@ -193,14 +193,50 @@ pub enum ClusterError {
     ForeignEventId,
 }
 
+impl From<BackendError> for ClusterError {
+    fn from(error: BackendError) -> Self {
+        override_status(StatusOverride::SharedState);
+        ClusterError::Backend(error)
+    }
+}
+
 impl From<FeedError> for ClusterError {
     fn from(error: FeedError) -> Self {
         match error {
             FeedError::SessionGone => ClusterError::SessionGone,
             FeedError::ShuttingDown => ClusterError::ShuttingDown,
-            FeedError::Backend(error) => ClusterError::Backend(error),
+            FeedError::Backend(error) => ClusterError::from(error),
         }
     }
+}
+
+/// Why rmcp's answer to an HTTP request must be replaced: rmcp turns every session-manager error
+/// into `500 Internal Server Error`, but some have a better status that clients act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusOverride {
+    /// The shared state failed during a session operation: `503` with `Retry-After` (retry).
+    SharedState,
+    /// A client's response to a server request whose replica died: `410 Gone` (the request was
+    /// abandoned; the client can drop its pending answer).
+    RequesterGone,
+}
+
+tokio::task_local! {
+    /// The override noted while rmcp handled the current HTTP request ([`override_status`]); scoped
+    /// by [`crate::http`] around each request it hands to rmcp.
+    pub static STATUS_OVERRIDE: std::cell::Cell<Option<StatusOverride>>;
+}
+
+/// Notes why the HTTP request being handled failed, when it is handled in a [`STATUS_OVERRIDE`] scope.
+/// The first one noted wins.
+pub fn override_status(status: StatusOverride) {
+    STATUS_OVERRIDE
+        .try_with(|noted| {
+            if noted.get().is_none() {
+                noted.set(Some(status));
+            }
+        })
+        .ok();
 }
 
 #[cfg(test)]

@@ -93,7 +93,13 @@ async fn redis_outage_gives_503_and_replicas_recover() {
         exchange.events,
         topology.log_tail(30)
     );
-    let subscriber = legacy_client(&url).await;
+    let mut subscriber = McpClient::legacy(&url);
+    if let Err(error) = subscriber.initialize().await {
+        panic!(
+            "initialize after recovery: {error}\n{}",
+            topology.log_tail(40)
+        );
+    }
     subscribe(&subscriber, "kv://back").await;
     let mut stream = subscriber.open_get(None).await.expect("GET");
     let holder = replica_of(&stream.headers);

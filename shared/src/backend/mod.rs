@@ -246,10 +246,11 @@ macro_rules! delegate {
                 let result = span.wrap(backend.$call($($arg),*)).await;
                 backend.metrics().redis_operation($op, result.is_ok(), start.elapsed());
                 match &result {
-                    Ok(_) => backend.note_success(),
+                    Ok(_) => backend.note_success(start),
                     Err(error) => {
                         if error.is_unreachable() {
-                            backend.note_failure();
+                            tracing::debug!(operation = $op, %error, "redis unreachable");
+                            backend.note_failure(start);
                         }
                         span.mark_error("backend_error");
                     }
@@ -321,10 +322,10 @@ impl Backend {
     }
 
     /// Whether this replica should refuse work that needs the shared state: not connected, or
-    /// the last operation that ended could not reach Redis (a partition, a frozen or restarting
-    /// Redis) and none has succeeded since. Operations that are let through meanwhile (the
-    /// watchdog's PING every second) clear it as soon as Redis answers again. Costs two atomic
-    /// loads: checked on every request.
+    /// the latest operation (by start time) to fail could not reach Redis (a partition, a frozen
+    /// or restarting Redis) and none started since has succeeded. Operations that run meanwhile
+    /// (the watchdog's PING, every 250 ms while in trouble) clear it as soon as Redis answers
+    /// again. Costs two atomic loads: checked on every request.
     pub fn in_trouble(&self) -> bool {
         match self {
             Backend::Redis(backend) => backend.in_trouble(),
@@ -332,8 +333,8 @@ impl Backend {
         }
     }
 
-    /// Whether an operation failed at or after `since` (the shared state is in trouble even if the
-    /// connection state has not caught up yet).
+    /// Whether an operation started at or after `since` failed for want of Redis (the shared
+    /// state is in trouble even if the connection state has not caught up yet).
     pub fn failed_since(&self, since: std::time::Instant) -> bool {
         match self {
             Backend::Redis(backend) => backend.failed_since(since),

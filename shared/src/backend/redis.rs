@@ -271,26 +271,42 @@ impl RedisBackend {
         &self.inner.metrics
     }
 
+    /// The pool's client for the next command: a connected one when there is one (round robin
+    /// over those), so a connection still reconnecting after an outage fails no command.
+    fn client(&self) -> &fred::clients::Client {
+        self.inner.pool.next_connected()
+    }
+
     /// Whether a connection of the pool is up (commands go to connected ones first).
     pub(super) fn is_connected(&self) -> bool {
-        self.inner.pool.next_connected().is_connected()
+        self.client().is_connected()
     }
 
-    pub(super) fn note_failure(&self) {
-        let now = self.inner.epoch.elapsed().as_micros() as u64;
+    /// Microseconds from the backend's epoch to `at`.
+    fn micros(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.inner.epoch).as_micros() as u64
+    }
+
+    /// Notes that an operation started at `started` failed for want of Redis.
+    pub(super) fn note_failure(&self, started: std::time::Instant) {
+        let at = self.micros(started).max(1);
         self.inner
             .last_failure_us
-            .store(now.max(1), std::sync::atomic::Ordering::Relaxed);
+            .fetch_max(at, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub(super) fn note_success(&self) {
-        let now = self.inner.epoch.elapsed().as_micros() as u64;
+    /// Notes that an operation started at `started` succeeded.
+    pub(super) fn note_success(&self, started: std::time::Instant) {
+        let at = self.micros(started).max(1);
         self.inner
             .last_success_us
-            .store(now.max(1), std::sync::atomic::Ordering::Relaxed);
+            .fetch_max(at, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Not connected, or the last command that ended failed for want of Redis.
+    /// Not connected, or the latest operation to fail for want of Redis started after the latest
+    /// one to succeed. Operations are ordered by when they started, not when they ended: a
+    /// command queued during an outage that times out just after Redis is back says nothing about
+    /// Redis now, whereas a PING sent since and answered does.
     pub(super) fn in_trouble(&self) -> bool {
         let failure = self
             .inner
@@ -320,12 +336,12 @@ impl RedisBackend {
         args: Vec<Value>,
     ) -> BackendResult<R> {
         Ok(script
-            .evalsha_with_reload(self.inner.pool.next_connected(), keys, args)
+            .evalsha_with_reload(self.client(), keys, args)
             .await?)
     }
 
     pub(super) async fn ping(&self) -> BackendResult<()> {
-        let _: Value = self.inner.pool.next_connected().ping(None).await?;
+        let _: Value = self.client().ping(None).await?;
         Ok(())
     }
 
@@ -352,8 +368,7 @@ impl RedisBackend {
     pub(super) async fn session_touch(&self, session: &str) -> BackendResult<bool> {
         let ttl = self.inner.config.session_ttl_secs() as i64;
         Ok(self
-            .inner
-            .pool
+            .client()
             .expire(self.inner.keys.session(session), ttl, None)
             .await?)
     }
@@ -408,8 +423,7 @@ impl RedisBackend {
         field: &str,
     ) -> BackendResult<Option<String>> {
         Ok(self
-            .inner
-            .pool
+            .client()
             .hget(self.inner.keys.session(session), field)
             .await?)
     }
@@ -555,9 +569,7 @@ impl RedisBackend {
         limit: u64,
     ) -> BackendResult<Vec<LoggedEvent>> {
         let entries: Vec<(String, Vec<(String, String)>)> = self
-            .inner
-            .pool
-            .next_connected()
+            .client()
             .xrange(
                 self.inner.keys.event_log(session),
                 format!("({after}"),
@@ -612,9 +624,7 @@ impl RedisBackend {
 
     pub(super) async fn list_changed(&self, list: ListKind) -> BackendResult<()> {
         let _: i64 = self
-            .inner
-            .pool
-            .next_connected()
+            .client()
             .publish(
                 self.inner.keys.resource_channel(),
                 BusMessage::ListChanged(list).encode(),
@@ -630,9 +640,7 @@ impl RedisBackend {
         payload: &str,
     ) -> BackendResult<bool> {
         let receivers: i64 = self
-            .inner
-            .pool
-            .next_connected()
+            .client()
             .publish(
                 self.inner.keys.replica_channel(target.as_str()),
                 BusMessage::Forward {
@@ -648,9 +656,7 @@ impl RedisBackend {
 
     pub(super) async fn publish_probe(&self, probe: &str) -> BackendResult<()> {
         let _: i64 = self
-            .inner
-            .pool
-            .next_connected()
+            .client()
             .publish(
                 self.inner.keys.replica_channel(self.inner.origin.as_str()),
                 probe,
@@ -661,9 +667,7 @@ impl RedisBackend {
 
     pub(super) async fn publish_cancel(&self, session: &str, payload: &str) -> BackendResult<()> {
         let _: i64 = self
-            .inner
-            .pool
-            .next_connected()
+            .client()
             .publish(
                 self.inner.keys.control_channel(),
                 BusMessage::Cancel {
@@ -698,7 +702,7 @@ impl RedisBackend {
     }
 
     pub(super) async fn kv_get(&self, key: &str) -> BackendResult<Option<String>> {
-        Ok(self.inner.pool.hget(self.inner.keys.kv(), key).await?)
+        Ok(self.client().hget(self.inner.keys.kv(), key).await?)
     }
 
     pub(super) async fn kv_delete(&self, key: &str) -> BackendResult<bool> {
@@ -723,8 +727,7 @@ impl RedisBackend {
             None => "-".to_owned(),
         };
         Ok(self
-            .inner
-            .pool
+            .client()
             .zrange(
                 self.inner.keys.kv_index(),
                 min,
@@ -747,7 +750,7 @@ impl RedisBackend {
     }
 
     pub(super) async fn cache_get(&self, id: &str) -> BackendResult<Option<String>> {
-        Ok(self.inner.pool.get(self.inner.keys.cache_entry(id)).await?)
+        Ok(self.client().get(self.inner.keys.cache_entry(id)).await?)
     }
 
     pub(super) async fn cache_lock(
@@ -757,8 +760,7 @@ impl RedisBackend {
         ttl: Duration,
     ) -> BackendResult<bool> {
         let taken: Option<String> = self
-            .inner
-            .pool
+            .client()
             .set(
                 self.inner.keys.cache_lock(id),
                 owner,
@@ -837,7 +839,7 @@ impl RedisBackend {
         &self,
         key: &str,
     ) -> BackendResult<std::collections::BTreeMap<String, String>> {
-        let map: std::collections::HashMap<String, String> = self.inner.pool.hgetall(key).await?;
+        let map: std::collections::HashMap<String, String> = self.client().hgetall(key).await?;
         Ok(map.into_iter().collect())
     }
 
@@ -954,8 +956,7 @@ impl RedisBackend {
     ) -> BackendResult<u64> {
         use futures::TryStreamExt;
         let won: Option<String> = self
-            .inner
-            .pool
+            .client()
             .set(
                 self.inner.keys.janitor_lease(),
                 lease_holder.as_str(),
@@ -967,7 +968,7 @@ impl RedisBackend {
         if won.is_none() {
             return Ok(0);
         }
-        let client = self.inner.pool.next_connected();
+        let client = self.client();
         let sets: Vec<fred::types::Key> = client
             .scan_buffered(self.inner.keys.subscribers_pattern(), Some(200), None)
             .try_collect()

@@ -35,7 +35,7 @@ use std::{
 use crate::mcp::trace::{delivery_span, traceparent_in};
 use crate::{
     auth::Principal,
-    mcp::error::ClusterError,
+    mcp::error::{ClusterError, StatusOverride, override_status},
     state::{StreamSlot, StreamSlots},
 };
 use futures::{Stream, StreamExt};
@@ -66,13 +66,6 @@ use shoal_shared::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-tokio::task_local! {
-    /// Set when a client's response posted in this HTTP request found no replica waiting for it
-    /// ([`ClusterError::RequesterGone`]), so that the HTTP layer answers `410 Gone` where rmcp
-    /// would answer 500. Scoped by [`crate::http`] around each request it hands to rmcp.
-    pub static REQUESTER_GONE: std::cell::Cell<bool>;
-}
 
 /// Settings of the cluster session manager.
 #[derive(Debug, Clone)]
@@ -356,7 +349,7 @@ impl ClusterSessionManager {
                         "a client's response found no replica waiting for it (the replica that asked is gone)"
                     );
                     self.metrics.forward_undelivered();
-                    REQUESTER_GONE.try_with(|gone| gone.set(true)).ok();
+                    override_status(StatusOverride::RequesterGone);
                     return Err(ClusterError::RequesterGone);
                 }
                 self.metrics.forwarded("response");

@@ -5,5 +5,5 @@
 pub mod manager;
 pub mod store;
 
-pub use manager::{ClusterOptions, ClusterSessionManager, REQUESTER_GONE};
+pub use manager::{ClusterOptions, ClusterSessionManager};
 pub use store::ClusterSessionStore;
