@@ -500,7 +500,8 @@ pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<S
             writes: std::sync::atomic::AtomicU64::new(0),
         };
         let stop = stop.clone();
-        workers.spawn(worker.drive(started, stop));
+        // With its index: workers end in any order, and the index says the client's era.
+        workers.spawn(async move { (index, worker.drive(started, stop).await) });
     }
 
     let mut events = measure(&config, &stats, progress).await;
@@ -526,7 +527,7 @@ pub async fn run(config: RunConfig, progress: bool) -> Result<(Arc<Stats>, Vec<S
         listener.abort();
     }
     let mut deletes = JoinSet::new();
-    for (index, client) in closing.into_iter().enumerate() {
+    for (index, client) in closing {
         if config.era_of(index) == Era::Legacy {
             deletes.spawn(async move { client.delete().await });
         }
