@@ -279,22 +279,34 @@ impl Stats {
 
     /// Counted writes a 2026-07-28 listen missed while it was requested again, by window.
     pub fn notifications_missed(&self, windows: &[usize]) {
-        let mut inner = self.lock();
-        for &window in windows {
-            inner.notifications_missed += 1;
-            if let Some(w) = inner.windows.get_mut(window) {
-                w.notifications_missed_relistening += 1;
-            }
-        }
+        self.count_in_windows(
+            windows,
+            |inner| &mut inner.notifications_missed,
+            |w| &mut w.notifications_missed_relistening,
+        );
     }
 
     /// Acknowledged counted writes never notified, by window (at the end of the run).
     pub fn notifications_lost(&self, windows: &[usize]) {
+        self.count_in_windows(
+            windows,
+            |inner| &mut inner.notifications_lost,
+            |w| &mut w.notifications_lost,
+        );
+    }
+
+    /// Counts one for each of `windows`: in the run's `total` and in that window's `field`.
+    fn count_in_windows(
+        &self,
+        windows: &[usize],
+        total: fn(&mut Inner) -> &mut u64,
+        field: fn(&mut Window) -> &mut u64,
+    ) {
         let mut inner = self.lock();
         for &window in windows {
-            inner.notifications_lost += 1;
+            *total(&mut inner) += 1;
             if let Some(w) = inner.windows.get_mut(window) {
-                w.notifications_lost += 1;
+                *field(w) += 1;
             }
         }
     }

@@ -2,25 +2,13 @@
 //! runs it: the article's baseline scenario for a short time in both protocol eras, and the exit
 //! status when a run goes wrong. Faults under the same load are in `chaos.rs`.
 
-use std::{path::PathBuf, process::Output, time::Duration};
+mod common;
+
+use common::{describe, loadtest_bin, server_bin};
+use std::{process::Output, time::Duration};
 
 use serde_json::Value;
 use shoal_testkit::topology::{Topology, TopologyOptions};
-
-fn loadtest_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_shoal-loadtest"))
-}
-
-/// `shoal-server` is built next to the load generator (`cargo build --workspace`).
-fn server_bin() -> PathBuf {
-    let bin = loadtest_bin().with_file_name("shoal-server");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace first",
-        bin.display()
-    );
-    bin
-}
 
 async fn cluster() -> Topology {
     Topology::start(TopologyOptions::cluster(server_bin(), 3))
@@ -48,15 +36,6 @@ async fn run(url: &str, args: &[&str]) -> (Output, Option<Value>) {
         .ok()
         .map(|bytes| serde_json::from_slice(&bytes).expect("a JSON report"));
     (output, report)
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// Every tool of the baseline mix succeeded, and every write's notification arrived.

@@ -7,27 +7,16 @@
 //! must not: lost or duplicated notifications, lost writes, and failed calls beyond those a Redis
 //! fault catches in flight (see [`assert_failures_only_as_the_fault_struck`]).
 
-use std::{path::PathBuf, process::Output, sync::Arc, time::Duration};
+mod common;
+
+use common::{describe, loadtest_bin, server_bin};
+use std::{process::Output, sync::Arc, time::Duration};
 
 use serde_json::Value;
 use shoal_testkit::{
     control::{self, SharedTopology},
     topology::{Topology, TopologyOptions, repo_root},
 };
-
-fn loadtest_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_shoal-loadtest"))
-}
-
-fn server_bin() -> PathBuf {
-    let bin = loadtest_bin().with_file_name("shoal-server");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace first",
-        bin.display()
-    );
-    bin
-}
 
 /// A running cluster and its control endpoint.
 struct Chaos {
@@ -136,21 +125,22 @@ impl Chaos {
     }
 }
 
-fn describe(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
 /// The report's window of fault `name`.
 fn window<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["faults"]
         .as_array()
         .and_then(|faults| faults.iter().find(|w| w["name"] == name))
         .unwrap_or_else(|| panic!("no window {name}: {report:#}"))
+}
+
+/// Every command of the schedule (fault and heal) ran and succeeded: the run's log marks a
+/// failed one ` FAILED: `.
+fn assert_fault_commands_succeeded(output: &Output) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !stdout.contains(" FAILED: "),
+        "a fault command failed: {stdout}"
+    );
 }
 
 /// Nothing lost: no notification lost or duplicated, every key holds its last acknowledged
@@ -241,11 +231,7 @@ async fn a_redis_restart_with_its_append_only_file_loses_nothing() {
         .await;
     // Every legacy session survived (a lost one would answer 404, an error here), every write is
     // still there and notified once; calls failed only as the restart struck.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        !stdout.contains(" FAILED: "),
-        "a fault command failed: {stdout}"
-    );
+    assert_fault_commands_succeeded(&output);
     assert_nothing_lost(&report);
     assert_failures_only_as_the_fault_struck(&report, "Redis restarted");
     let fault = window(&report, "Redis restarted");
@@ -276,7 +262,7 @@ async fn a_replica_partitioned_from_redis_for_10s_fails_closed_and_loses_nothing
             &[],
         )
         .await;
-    assert!(!String::from_utf8_lossy(&output.stdout).contains(" FAILED: "));
+    assert_fault_commands_succeeded(&output);
     assert_nothing_lost(&report);
     assert_failures_only_as_the_fault_struck(&report, "r2 cut off from Redis");
     let fault = window(&report, "r2 cut off from Redis");
@@ -309,7 +295,7 @@ async fn a_redis_frozen_for_5s_delays_calls_within_their_limits_and_loses_nothin
             &[],
         )
         .await;
-    assert!(!String::from_utf8_lossy(&output.stdout).contains(" FAILED: "));
+    assert_fault_commands_succeeded(&output);
     assert_nothing_lost(&report);
     assert_failures_only_as_the_fault_struck(&report, "Redis frozen");
     let fault = window(&report, "Redis frozen");
@@ -341,11 +327,7 @@ async fn a_postgres_restart_fails_database_calls_clearly_and_only_while_it_is_do
         )
         .await;
     assert_nothing_lost(&report);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        !stdout.contains(" FAILED: "),
-        "a fault command failed: {stdout}"
-    );
+    assert_fault_commands_succeeded(&output);
     // Only database calls failed, as tool errors (isError), and only during the outage.
     let errors = report["errors_by_kind"].as_object().expect("errors");
     assert!(

@@ -487,6 +487,12 @@ impl McpClient {
         Ok(self.post(&body).send().await?.status())
     }
 
+    /// The POST of JSON-RPC message `body` with this client's headers (session, protocol
+    /// version, era headers), for tests that need the whole response or extra headers.
+    pub fn post_message(&self, body: &Value) -> reqwest::RequestBuilder {
+        self.post(body)
+    }
+
     /// Answers a server-to-client request; returns the HTTP status.
     ///
     /// # Errors

@@ -64,8 +64,9 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn signal(child: &Child, signal: Signal) {
-    if let Some(pid) = child.id() {
+/// Sends `signal` to `child` if there is one and it runs.
+fn signal(child: Option<&Child>, signal: Signal) {
+    if let Some(pid) = child.and_then(Child::id) {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
     }
 }
@@ -265,16 +266,12 @@ impl RedisServer {
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered, as when Redis
     /// stalls (a long fork, a slow disk, a paused VM).
     pub fn freeze(&self) {
-        if let Some(child) = &self.child {
-            signal(child, Signal::SIGSTOP);
-        }
+        signal(self.child.as_ref(), Signal::SIGSTOP);
     }
 
     /// Lets a frozen server go on (SIGCONT).
     pub fn thaw(&self) {
-        if let Some(child) = &self.child {
-            signal(child, Signal::SIGCONT);
-        }
+        signal(self.child.as_ref(), Signal::SIGCONT);
     }
 
     /// Stops the server as an orchestrator does (SIGTERM: with the append-only file on, Redis
@@ -285,7 +282,7 @@ impl RedisServer {
     /// When it does not come up.
     pub async fn restart_gracefully(&mut self) -> TopologyResult<()> {
         if let Some(mut child) = self.child.take() {
-            signal(&child, Signal::SIGTERM);
+            signal(Some(&child), Signal::SIGTERM);
             if tokio::time::timeout(Duration::from_secs(10), child.wait())
                 .await
                 .is_err()
@@ -437,7 +434,7 @@ impl Replica {
     /// when it had to be killed.
     pub async fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        signal(&child, Signal::SIGTERM);
+        signal(Some(&child), Signal::SIGTERM);
         match tokio::time::timeout(timeout, child.wait()).await {
             Ok(Ok(status)) => Some(status),
             _ => {
@@ -449,23 +446,17 @@ impl Replica {
 
     /// Freezes the replica (SIGSTOP): its connections stay open and nothing is answered.
     pub fn freeze(&self) {
-        if let Some(child) = &self.child {
-            signal(child, Signal::SIGSTOP);
-        }
+        signal(self.child.as_ref(), Signal::SIGSTOP);
     }
 
     /// Lets a frozen replica go on (SIGCONT).
     pub fn thaw(&self) {
-        if let Some(child) = &self.child {
-            signal(child, Signal::SIGCONT);
-        }
+        signal(self.child.as_ref(), Signal::SIGCONT);
     }
 
     /// Sends SIGTERM without waiting.
     pub fn send_sigterm(&self) {
-        if let Some(child) = &self.child {
-            signal(child, Signal::SIGTERM);
-        }
+        signal(self.child.as_ref(), Signal::SIGTERM);
     }
 
     /// Waits for the process to exit (after [`Replica::send_sigterm`]).
@@ -600,7 +591,7 @@ impl Drop for Balancer {
         // kill_on_drop, whose SIGKILL would orphan the workers (still listening) if it landed
         // first: wait for the master to exit (briefly; it takes milliseconds) before that.
         if let Some(child) = &mut self.child {
-            signal(child, Signal::SIGTERM);
+            signal(Some(child), Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(5));

@@ -314,17 +314,7 @@ async fn sampling_response_is_forwarded_to_the_waiting_replica() {
             "stopReason": "endTurn"
         });
         let body = json!({"jsonrpc": "2.0", "id": request["id"], "result": response});
-        let response = client
-            .http()
-            .post(client.url())
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .header("mcp-session-id", client.session_id().expect("session"))
-            .header("mcp-protocol-version", "2025-11-25")
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("respond");
+        let response = client.post_message(&body).send().await.expect("respond");
         (response.status(), replica_of(response.headers()))
     };
     assert_eq!(status_and_replica.0, 202);
@@ -371,17 +361,7 @@ async fn cancellation_reaches_the_replica_running_the_tool() {
     })
     .await;
     let body = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": id, "reason": "test"}});
-    let response = client
-        .http()
-        .post(client.url())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-session-id", client.session_id().expect("session"))
-        .header("mcp-protocol-version", "2025-11-25")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("cancel");
+    let response = client.post_message(&body).send().await.expect("cancel");
     assert_eq!(response.status(), 202);
     assert_ne!(
         replica_of(response.headers()),

@@ -554,13 +554,7 @@ async fn a_replica_killed_while_it_waits_for_a_sampling_answer_fails_cleanly() {
         }
     });
     let refused = client
-        .http()
-        .post(client.url())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-session-id", client.session_id().expect("session"))
-        .header("mcp-protocol-version", "2025-11-25")
-        .body(answer.to_string())
+        .post_message(&answer)
         .send()
         .await
         .expect("the answer is posted");

@@ -482,14 +482,8 @@ async fn forwarded_responses_carry_their_trace_across_replicas() {
         "stopReason": "endTurn"
     }});
     let response = client
-        .http()
-        .post(client.url())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-session-id", client.session_id().expect("session"))
-        .header("mcp-protocol-version", "2025-11-25")
+        .post_message(&body)
         .header("traceparent", traceparent)
-        .body(body.to_string())
         .send()
         .await
         .expect("respond");

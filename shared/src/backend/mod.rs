@@ -249,7 +249,6 @@ macro_rules! delegate {
                     Ok(_) => backend.note_success(start),
                     Err(error) => {
                         if error.is_unreachable() {
-                            tracing::debug!(operation = $op, %error, "redis unreachable");
                             backend.note_failure(start);
                         }
                         span.mark_error("backend_error");
