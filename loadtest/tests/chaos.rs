@@ -304,6 +304,33 @@ async fn a_redis_frozen_for_5s_delays_calls_within_their_limits_and_loses_nothin
     // retried; the slowest call (retries included) is bounded by the freeze plus backoff.
     let slowest = report["overall"]["max_ms"].as_f64().unwrap_or(f64::MAX);
     assert!(slowest < 9_000.0, "slowest call {slowest} ms: {report:#}");
+    // Service is back within a second of the thaw. Every replica answered 503 during the freeze,
+    // so nginx's passive health checks ejected all of them; the balancer must still route to
+    // them (deploy/nginx/nginx.conf: each replica again as a never-ejected backup) instead of
+    // answering 502 "no live upstreams" until its fail_timeout lets a probe through.
+    let recovered = fault["time_to_recover_secs"].as_f64().expect("recovery");
+    assert!(
+        recovered < 1.0,
+        "recovered {recovered} s after the thaw: {fault:#}"
+    );
+    let log = {
+        let topology = chaos.topology.lock().await;
+        topology
+            .balancer
+            .as_ref()
+            .expect("balancer")
+            .dir()
+            .join("error.log")
+    };
+    let log = std::fs::read_to_string(log).expect("nginx's error log");
+    let lockouts = log
+        .lines()
+        .filter(|l| l.contains("no live upstreams"))
+        .count();
+    assert_eq!(
+        lockouts, 0,
+        "nginx locked every replica out {lockouts} times"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

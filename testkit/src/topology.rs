@@ -511,9 +511,16 @@ impl Balancer {
             }
             None => free_port(),
         };
+        // Every replica twice, as deploy/nginx/nginx.conf does it: ejected by a failure, and again
+        // as a backup that is never ejected, for when every primary is (see that file).
         let servers: String = upstream_ports
             .iter()
             .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"))
+            .chain(
+                upstream_ports
+                    .iter()
+                    .map(|p| format!("        server 127.0.0.1:{p} backup max_fails=0;\n")),
+            )
             .collect();
         let include = repo_root().join("deploy/nginx/mcp-proxy.conf");
         // nginx started as root switches its workers to `nobody` unless told otherwise.
@@ -615,7 +622,8 @@ pub struct TopologyOptions {
     pub postgres: bool,
     /// Extra environment for every replica.
     pub env: Vec<(String, String)>,
-    /// Keep the working directory (logs) after the topology is dropped.
+    /// Keep the working directory (logs) after the topology is dropped; on by default when the
+    /// environment sets `SHOAL_TEST_KEEP` (to read the logs of a failed test).
     pub keep_dir: bool,
     /// Port of the balancer (a free one when `None`).
     pub balancer_port: Option<u16>,
@@ -636,7 +644,7 @@ impl TopologyOptions {
             balancer: true,
             postgres: false,
             env: Vec::new(),
-            keep_dir: false,
+            keep_dir: std::env::var_os("SHOAL_TEST_KEEP").is_some(),
             balancer_port: None,
             redis_proxied: Vec::new(),
             redis_aof: false,

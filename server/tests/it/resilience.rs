@@ -1,7 +1,7 @@
 //! Failures of the parts around a replica: Redis going away and coming back, a replica cut off
 //! from Redis by a partition, and a replica shutting down gracefully.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use serde_json::{Value, json};
 use shoal_testkit::{client::McpClient, fault::Fault};
@@ -383,6 +383,77 @@ async fn a_frozen_redis_bounds_every_request_and_loses_nothing() {
         "frozen Redis: {acknowledged} of {attempted} writes acknowledged, slowest request {slowest:?}, {} updates delivered",
         seen.len()
     );
+}
+
+/// The upstream addresses nginx's passive health checks have ejected so far ("upstream server
+/// temporarily disabled" in its error log).
+fn ejected_upstreams(topology: &shoal_testkit::topology::Topology) -> HashSet<String> {
+    let log = topology
+        .balancer
+        .as_ref()
+        .expect("balancer")
+        .dir()
+        .join("error.log");
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("upstream server temporarily disabled"))
+        .filter_map(|line| line.split("upstream: \"").nth(1)?.split('"').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Redis frozen for every replica: each answers 503, so nginx's passive health checks eject all of
+/// them (on the GET streams clients reopen). The balancer then still routes to the replicas (as backups that are never ejected):
+/// clients get the replicas' 503 with Retry-After rather than nginx's bare 502, and calls succeed
+/// as soon as the replicas are ready again, not whenever nginx next lets a request probe each one
+/// (a probe that is a long-lived stream keeps a replica ejected for as long as it lasts).
+#[tokio::test]
+async fn a_balancer_that_ejected_every_replica_still_reaches_them() {
+    let topology = start(cluster_options(3).env("SHOAL_REDIS_TIMEOUT_MS", 500)).await;
+    let url = topology.mcp_url();
+    let client = legacy_client(&url).await;
+    let set =
+        |value: &str| json!({"name": "kv_set", "arguments": {"key": "panic", "value": value}});
+    topology.redis.as_ref().expect("redis").freeze();
+    // nginx counts a 503 against a replica only when it may try another one: a GET (a POST that
+    // reached a replica is never replayed). Reconnecting GET streams are what eject replicas.
+    eventually("nginx to eject every replica", WAIT, async || {
+        let stream = client.open_get(None).await.expect("an answer");
+        assert_ne!(stream.status, 200, "no stream while Redis is frozen");
+        (ejected_upstreams(&topology).len() == 3).then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        let exchange = client
+            .request("tools/call", set("frozen"))
+            .await
+            .expect("an answer");
+        assert_eq!(
+            exchange.status, 503,
+            "the replica's answer, not the balancer's: {:?}",
+            exchange.headers
+        );
+        assert!(exchange.headers.get("retry-after").is_some());
+        assert_ne!(replica_of(&exchange.headers), "?", "answered by a replica");
+    }
+    topology.redis.as_ref().expect("redis").thaw();
+    for replica in &topology.replicas {
+        let base = replica.base_url();
+        eventually("the replica to be ready again", WAIT, async || {
+            (ready(&base).await == 200).then_some(())
+        })
+        .await;
+    }
+    for value in ["1", "2", "3"] {
+        let exchange = client
+            .request("tools/call", set(value))
+            .await
+            .expect("an answer");
+        assert_eq!(exchange.status, 200, "{:?}", exchange.headers);
+        let result = exchange.result().expect("a result");
+        assert_ne!(result.get("isError"), Some(&json!(true)), "{result}");
+    }
 }
 
 /// A rolling restart of every replica (SIGTERM, one at a time, the next once the restarted one is
