@@ -45,3 +45,42 @@ GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO shoal_writer;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO shoal_reader;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO shoal_writer;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO shoal_writer;
+
+-- Tenant isolation (docs/security.md, "The database"): every principal's calls run as these two
+-- roles, and PostgreSQL lets a role read the statement text of every other session of the same
+-- role (pg_stat_activity, with its literals) and cancel or terminate it (pg_cancel_backend,
+-- pg_terminate_backend): one principal could watch another's SQL or kill every replica's pooled
+-- connections. Those functions are taken from PUBLIC in this database and given back to the
+-- roles made for them (pg_read_all_stats, part of pg_monitor; pg_signal_backend), so monitoring
+-- keeps working. Superusers are not affected. By name, so it holds whatever the signatures of
+-- this PostgreSQL version are.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = 'pg_catalog'::regnamespace
+               AND p.proname IN ('pg_stat_get_activity', 'pg_stat_get_backend_activity')
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_read_all_stats', f);
+    END LOOP;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = 'pg_catalog'::regnamespace
+               AND p.proname IN ('pg_cancel_backend', 'pg_terminate_backend')
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_signal_backend', f);
+    END LOOP;
+END
+$$;
+
+-- What one statement may make the server spill: sorts and hashes use at most work_mem each
+-- before they go to temporary files, and temporary files are capped per session (temp_file_limit
+-- can only be set by a superuser, so a tool's SQL cannot lift it; work_mem is reset with every
+-- pooled connection's reset between calls). The statement timeout is set per transaction by the
+-- replica (SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS).
+ALTER ROLE shoal_reader SET work_mem = '16MB';
+ALTER ROLE shoal_reader SET temp_file_limit = '256MB';
+ALTER ROLE shoal_writer SET work_mem = '16MB';
+ALTER ROLE shoal_writer SET temp_file_limit = '256MB';

@@ -113,6 +113,11 @@ pub enum DbError {
         "this tool only reads: pg_query runs exactly one query (SELECT, WITH … SELECT, VALUES or TABLE); {0}"
     )]
     NotAQuery(&'static str),
+    /// `pg_execute` was given something other than one data-modifying statement.
+    #[error(
+        "pg_execute runs exactly one data-modifying statement (INSERT, UPDATE, DELETE or MERGE, optionally after WITH); {0}"
+    )]
+    NotAWrite(String),
     /// shoal refused the request before sending it (empty statement, bad parameters, bad URL).
     #[error("{0}")]
     Invalid(String),
@@ -197,6 +202,7 @@ impl DbError {
             DbError::Timeout(_) => "timeout",
             DbError::ReadOnly => "read_only",
             DbError::NotAQuery(_) => "not_a_query",
+            DbError::NotAWrite(_) => "not_a_write",
             DbError::Invalid(_) | DbError::Rejected { .. } => "invalid",
             DbError::NoSuchTable(_) => "no_such_table",
             DbError::Denied(_) => "denied",
@@ -797,6 +803,7 @@ impl Database {
         cancel: &CancellationToken,
     ) -> Result<WriteOutput, DbError> {
         let sql = trim_statement(sql)?;
+        data_modifying_only(sql)?;
         let span = db_span("WRITE", first_table(sql));
         self.observed("WRITE", &span, self.write_inner(sql, params, cancel))
             .await
@@ -1070,6 +1077,50 @@ fn wrap_query(sql: &str, limit: usize, budget: usize) -> String {
     )
 }
 
+/// Accepts exactly one data-modifying statement (INSERT, UPDATE, DELETE, MERGE, each optionally
+/// after a WITH clause), parsed, not pattern-matched: the writer role may change rows, never itself
+/// (`ALTER ROLE CURRENT_USER SET default_transaction_read_only = on` would lock every replica out
+/// of writes once connections recycle; `… PASSWORD` out of the database), the schema, session
+/// settings or anything else. What the parser does not understand is refused too.
+fn data_modifying_only(sql: &str) -> Result<(), DbError> {
+    use sqlparser::{
+        ast::{SetExpr, Statement},
+        dialect::PostgreSqlDialect,
+        parser::Parser,
+    };
+    let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|error| {
+        DbError::NotAWrite(format!("the statement could not be parsed ({error})"))
+    })?;
+    let [statement] = statements.as_slice() else {
+        return Err(DbError::NotAWrite(format!(
+            "got {} statements",
+            statements.len()
+        )));
+    };
+    let modifies = match statement {
+        Statement::Insert { .. }
+        | Statement::Update { .. }
+        | Statement::Delete { .. }
+        | Statement::Merge { .. } => true,
+        Statement::Query(query) => matches!(
+            *query.body,
+            SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)
+        ),
+        _ => false,
+    };
+    if modifies {
+        Ok(())
+    } else {
+        let kind = statement.to_string();
+        let kind: String = kind
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        Err(DbError::NotAWrite(format!("refused: {kind} …")))
+    }
+}
+
 /// Accepts one statement; strips trailing semicolons.
 fn trim_statement(sql: &str) -> Result<&str, DbError> {
     let sql = sql.trim().trim_end_matches(';').trim_end();
@@ -1149,6 +1200,39 @@ mod tests {
         );
         assert_eq!(first_table("SELECT 1"), None);
         assert_eq!(first_table("SELECT * FROM (SELECT 1) x"), None);
+    }
+
+    #[test]
+    fn writes_are_data_modifying_statements_only() {
+        for sql in [
+            "INSERT INTO items (name) VALUES ($1)",
+            "UPDATE items SET name = 'x' WHERE id = 1",
+            "DELETE FROM items WHERE id = $1 RETURNING id",
+            "MERGE INTO items t USING (SELECT 1 AS id) s ON t.id = s.id WHEN MATCHED THEN DELETE",
+            "WITH gone AS (SELECT 1) INSERT INTO items (name) SELECT 'x' FROM gone",
+        ] {
+            assert!(data_modifying_only(sql).is_ok(), "{sql}");
+        }
+        for sql in [
+            "ALTER ROLE CURRENT_USER SET default_transaction_read_only = on",
+            "ALTER ROLE CURRENT_USER PASSWORD 'x'",
+            "SET statement_timeout = 0",
+            "SELECT pg_advisory_lock(1)",
+            "CREATE TABLE t (id int)",
+            "DROP TABLE items",
+            "TRUNCATE items",
+            "GRANT SELECT ON items TO PUBLIC",
+            "COPY items TO PROGRAM 'id'",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "INSERT INTO items VALUES (1); DROP TABLE items",
+            "VACUUM items",
+            "not sql at all",
+        ] {
+            assert!(
+                matches!(data_modifying_only(sql), Err(DbError::NotAWrite(_))),
+                "{sql}"
+            );
+        }
     }
 
     #[test]

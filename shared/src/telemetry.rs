@@ -114,8 +114,10 @@ pub mod attr {
     pub const MCP_PROTOCOL_VERSION: &str = "mcp.protocol.version";
     /// `mcp.resource.uri`
     pub const MCP_RESOURCE_URI: &str = "mcp.resource.uri";
-    /// `mcp.session.tag`
-    pub const MCP_SESSION_TAG: &str = "mcp.session.tag";
+    /// `mcp.session.id`: the attribute of the MCP semantic conventions, so OTLP backends that
+    /// follow them group a session's spans. It carries the session's tag ([`super::session_tag`]),
+    /// never the id itself (a bearer credential).
+    pub const MCP_SESSION_ID: &str = "mcp.session.id";
     // shoal's own
     /// `shoal.cache.outcome`
     pub const SHOAL_CACHE_OUTCOME: &str = "shoal.cache.outcome";

@@ -250,7 +250,8 @@ impl ShoalHandler {
 #[tool_router(router = postgres_write_tools, vis = "pub(crate)")]
 impl ShoalHandler {
     #[tool(
-        description = "Run one data-changing SQL statement (INSERT, UPDATE, DELETE…) in its own transaction. Never \
+        description = "Run one data-changing SQL statement (INSERT, UPDATE, DELETE or MERGE, optionally after WITH) in \
+                       its own transaction; any other statement (DDL, ALTER, SET, SELECT…) is refused. Never \
                        cached. Returns the rows affected and the tables changed; subscribers of those tables are \
                        notified on every replica. Bind values with $1, $2… and `params`.",
         annotations(

@@ -95,7 +95,8 @@ async fn the_tools_cannot_run_programs_or_read_files_on_the_database_host() {
     let result = client
         .call_tool(
             "pg_execute",
-            json!({"sql": "SELECT pg_read_file('/etc/hostname')"}),
+            // pg_execute takes data-modifying statements only; the role is what refuses this one.
+            json!({"sql": "INSERT INTO items (name) SELECT pg_read_file('/etc/hostname')"}),
         )
         .await
         .expect("pg_execute");
@@ -220,7 +221,11 @@ async fn pooled_connections_carry_nothing_from_one_call_to_the_next() {
             "pg_query",
             "SELECT set_config('statement_timeout', '0', false) AS t",
         ),
-        ("pg_execute", "SET statement_timeout = 0"),
+        // pg_execute takes data-modifying statements only; one can still call set_config.
+        (
+            "pg_execute",
+            "UPDATE items SET name = name WHERE set_config('statement_timeout', '0', false) IS NOT NULL",
+        ),
     ] {
         let result = client
             .call_tool(tool, json!({"sql": sql}))
@@ -250,7 +255,10 @@ async fn pooled_connections_carry_nothing_from_one_call_to_the_next() {
     let advisory = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'";
     for (tool, sql) in [
         ("pg_query", "SELECT pg_advisory_lock(42) AS locked"),
-        ("pg_execute", "SELECT pg_advisory_lock(43)"),
+        (
+            "pg_execute",
+            "UPDATE items SET name = name WHERE id = 1 AND pg_advisory_lock(43) IS NOT NULL",
+        ),
     ] {
         let result = client
             .call_tool(tool, json!({"sql": sql}))
@@ -258,8 +266,13 @@ async fn pooled_connections_carry_nothing_from_one_call_to_the_next() {
             .expect(tool);
         assert_ne!(result["isError"], json!(true), "{tool}: {result}");
         // The next call on the same connection can only start once it was reset.
+        let next = if tool == "pg_query" {
+            "SELECT 1 AS one"
+        } else {
+            "UPDATE items SET name = name WHERE id = 1"
+        };
         let result = client
-            .call_tool(tool, json!({"sql": "SELECT 1 AS one"}))
+            .call_tool(tool, json!({"sql": next}))
             .await
             .expect(tool);
         assert_ne!(result["isError"], json!(true), "{tool}: {result}");
@@ -435,5 +448,149 @@ async fn table_resources_notify_every_spelling_and_unknown_tables_are_refused() 
         response.pointer("/error/data/uri"),
         Some(&json!("postgres://table/nope")),
         "{response}"
+    );
+}
+
+/// Second review, finding 3: the writer may change rows, never itself, the schema or the session.
+/// `ALTER ROLE CURRENT_USER SET default_transaction_read_only = on` would lock every replica out of
+/// writes once connections recycle; it and every other statement that is not INSERT, UPDATE,
+/// DELETE or MERGE is refused with a clear tool error, and the role is left as it was.
+#[tokio::test]
+async fn pg_execute_runs_data_modifying_statements_only() {
+    let topology = pg_topology(&[]).await;
+    let client = McpClient::modern(topology.mcp_url());
+    let db = topology.postgres_client().await.expect("connect");
+    let role_settings = "SELECT rolconfig FROM pg_roles WHERE rolname = 'shoal_writer'";
+    let before: Option<Vec<String>> = db
+        .query_one(role_settings, &[])
+        .await
+        .expect("pg_roles")
+        .get(0);
+    for sql in [
+        "ALTER ROLE CURRENT_USER SET default_transaction_read_only = on",
+        "ALTER ROLE CURRENT_USER PASSWORD 'taken-over'",
+        "SET statement_timeout = 0",
+        "CREATE TABLE planted (id int)",
+        "TRUNCATE items",
+        "SELECT count(*) FROM items",
+        "DO $$ BEGIN EXECUTE 'TRUNCATE items'; END $$",
+    ] {
+        let result = client
+            .call_tool("pg_execute", json!({"sql": sql}))
+            .await
+            .expect("pg_execute");
+        let message = tool_error(&result);
+        assert!(
+            message.contains("pg_execute runs exactly one data-modifying statement"),
+            "{sql}: {message}"
+        );
+    }
+    let after: Option<Vec<String>> = db
+        .query_one(role_settings, &[])
+        .await
+        .expect("pg_roles")
+        .get(0);
+    assert_eq!(after, before, "the writer role's settings are untouched");
+    assert_items(&client, 25, "nothing truncated").await;
+    let planted: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'planted'",
+            &[],
+        )
+        .await
+        .expect("pg_tables")
+        .get(0);
+    assert_eq!(planted, 0);
+    for sql in [
+        "INSERT INTO items (name) VALUES ('new')",
+        "UPDATE items SET name = 'renamed' WHERE name = 'new'",
+        "WITH doomed AS (SELECT id FROM items WHERE name = 'renamed') DELETE FROM items WHERE id IN (SELECT id FROM doomed)",
+    ] {
+        let result = client
+            .call_tool("pg_execute", json!({"sql": sql}))
+            .await
+            .expect("pg_execute");
+        assert_eq!(rows(&result)["rows_affected"], json!(1), "{sql}");
+    }
+}
+
+/// Second review, finding 2: every principal's calls run as the same database roles, and
+/// PostgreSQL lets a role read the statements of, and cancel or terminate, every other session of
+/// the same role. Neither works through the tools: a call cannot read another call's running
+/// statement (with its literals) nor stop it, whatever pid it names.
+#[tokio::test]
+async fn one_principal_can_neither_see_nor_stop_another_principals_statements() {
+    let topology = pg_topology(&[("SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS", "30000")]).await;
+    let db = topology.postgres_client().await.expect("connect");
+    let victim = McpClient::modern(topology.mcp_url());
+    let spy = McpClient::modern(topology.mcp_url());
+    let running = tokio::spawn(async move {
+        victim
+            .call_tool(
+                "pg_query",
+                json!({"sql": "SELECT 'secret-literal-42' AS s, pg_sleep(4)::text AS slept"}),
+            )
+            .await
+    });
+    let victim_pid: i32 = eventually("the victim's statement to run", WAIT, async || {
+        db.query_opt(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE query LIKE '%secret-literal-42%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .ok()?
+        .map(|row| row.get(0))
+    })
+    .await;
+    for sql in [
+        "SELECT pid, query FROM pg_stat_activity WHERE usename = current_user",
+        "SELECT s.query FROM pg_stat_get_activity(NULL) AS s",
+    ] {
+        let result = spy
+            .call_tool("pg_query", json!({"sql": sql}))
+            .await
+            .expect("pg_query");
+        assert!(
+            !result.to_string().contains("secret-literal-42"),
+            "{sql} showed another call's statement: {result}"
+        );
+        assert!(
+            tool_error(&result).contains("permission denied"),
+            "{result}"
+        );
+    }
+    for (tool, sql) in [
+        ("pg_query", "SELECT pg_terminate_backend($1) AS killed"),
+        ("pg_query", "SELECT pg_cancel_backend($1) AS cancelled"),
+        (
+            "pg_query",
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS killed \
+             FROM pg_stat_activity WHERE usename = current_user AND pid <> pg_backend_pid()",
+        ),
+        (
+            "pg_execute",
+            "UPDATE items SET name = name WHERE id = 1 AND pg_terminate_backend($1)",
+        ),
+    ] {
+        let params = if sql.contains("$1") {
+            json!([victim_pid])
+        } else {
+            json!([])
+        };
+        let result = spy
+            .call_tool(tool, json!({"sql": sql, "params": params}))
+            .await
+            .expect(tool);
+        assert!(
+            tool_error(&result).contains("permission denied"),
+            "{sql}: {result}"
+        );
+    }
+    let result = running.await.expect("joined").expect("pg_query");
+    assert_eq!(
+        rows(&result)["rows"],
+        json!([{"s": "secret-literal-42", "slept": ""}]),
+        "the victim's call ran to its end"
     );
 }
