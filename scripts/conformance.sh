@@ -43,6 +43,8 @@ status=0
 cluster_pid=""
 cleanup() { [ -n "$cluster_pid" ] && kill "$cluster_pid" 2>/dev/null && wait "$cluster_pid" 2>/dev/null; true; }
 trap cleanup EXIT
+# scripts/test.sh bounds this script with `timeout` (SIGTERM): stop the cluster then too.
+trap 'exit 143' TERM INT
 
 run_against() {
   local label=$1; shift

@@ -17,6 +17,20 @@ step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 
 step "packages a fresh machine would lack (scripts/fresh-check.sh)"
 scripts/fresh-check.sh || echo "warning: the packages above were installed by hand; CI on this machine passes with them, a fresh machine would not"
+step "free disk"
+# What a full run writes on a fresh machine, measured (docs/operations.md, "Tests"): the host's
+# target/ (about 6 GB) and, for the compose test, podman's images and the image build's cache
+# (about 6 GB under /var/lib/containers and /var/tmp). Later runs reuse most of it.
+need_gb=$($quick && echo 8 || echo 16)
+for dir in . /var/lib/containers /var/tmp; do
+  [ -d "$dir" ] || continue
+  free_gb=$(( $(df --output=avail -k "$dir" | tail -1) / 1024 / 1024 ))
+  if [ "$free_gb" -lt "$need_gb" ]; then
+    echo "warning: $(realpath "$dir") has $free_gb GB free; a full run may need up to $need_gb GB (podman image prune -f --filter label=io.shoal.image, and docs/operations.md on the build cache)"
+  else
+    echo "$(realpath "$dir"): $free_gb GB free"
+  fi
+done
 step "format"
 cargo fmt --all -- --check
 step "lints"
@@ -25,12 +39,19 @@ step "build (release, once for every stage)"
 cargo build --release --workspace --all-targets --locked
 step "the OAuth test server's packages (oidc-provider, pinned in testkit/oidc/package-lock.json)"
 npm ci --prefix testkit/oidc --no-audit --no-fund --loglevel=error
+step "the official Python SDK for the interop test (mcp, pinned in testkit/python/requirements.txt)"
+[ -x testkit/python/.venv/bin/python ] || python3 -m venv testkit/python/.venv
+testkit/python/.venv/bin/pip install -q --disable-pip-version-check -r testkit/python/requirements.txt
 step "unit and integration tests"
 cargo nextest run --release --workspace --locked --no-fail-fast
 if ! $quick; then
   step "MCP conformance suite"
-  scripts/conformance.sh --bin-dir target/release
+  # Each bounded well above its normal duration (3 and 16 minutes on a fresh 2-core machine), so a
+  # hang fails the run with its name instead of running CI into its own limit.
+  timeout --kill-after=60 15m scripts/conformance.sh --bin-dir target/release \
+    || { echo "the conformance suite failed or ran over 15 minutes (status $?)"; exit 1; }
   step "docker compose: the real docker-compose.yml on podman"
-  scripts/compose-test.sh
+  timeout --kill-after=60 35m scripts/compose-test.sh \
+    || { echo "the compose test failed or ran over 35 minutes (status $?)"; exit 1; }
 fi
 step "all tests passed"

@@ -128,8 +128,12 @@ impl App {
 
         let mcp_shutdown = CancellationToken::new();
         let toolbox = Arc::new(Toolbox::new(&config, toolsets));
-        let grants = toolbox.grants.clone();
-        let mcp = mcp_service(&state, toolbox, sessions.clone(), mcp_shutdown.clone());
+        let mcp = mcp_service(
+            &state,
+            toolbox.clone(),
+            sessions.clone(),
+            mcp_shutdown.clone(),
+        );
 
         let background = CancellationToken::new();
         start_background(&state, &sessions, control, tag, &background).await;
@@ -138,7 +142,7 @@ impl App {
         tokio::spawn(quotas.clone().run(background.clone()));
 
         Ok(Self {
-            http: HttpService::new(state.clone(), sessions, mcp, auth, grants, quotas),
+            http: HttpService::new(state.clone(), sessions, mcp, auth, toolbox, quotas),
             state,
             mcp_shutdown,
             background,

@@ -154,6 +154,15 @@ struct Tier {
 }
 
 impl Tier {
+    /// How logs and errors name the tier at `index`.
+    fn label(&self, index: usize) -> String {
+        format!(
+            "{} ({})",
+            index + 1,
+            self.name.as_deref().unwrap_or("unnamed")
+        )
+    }
+
     fn matches(
         &self,
         scopes: &[String],
@@ -211,6 +220,15 @@ impl Policy {
         })
     }
 
+    /// The name of the first tier that matches on a token claim, if any.
+    pub fn claim_tier(&self) -> Option<String> {
+        self.tiers
+            .iter()
+            .enumerate()
+            .find(|(_, tier)| tier.claim.is_some())
+            .map(|(index, tier)| tier.label(index))
+    }
+
     /// The limits of a principal granted `scopes`, with token `claims` (OAuth) and its API key's
     /// own `quota` table: the key's table over the first matching tier over the defaults.
     pub fn limits(
@@ -240,10 +258,20 @@ fn read_tiers(path: &Path) -> anyhow::Result<Vec<Tier>> {
         let by_claim = tier.claim.is_some() && tier.value.is_some();
         if by_scope == by_claim || (tier.claim.is_some() != tier.value.is_some()) {
             anyhow::bail!(
-                "invalid quota tiers file {}: tier {} ({}) needs either `scope`, or `claim` and `value`",
+                "invalid quota tiers file {}: tier {} needs either `scope`, or `claim` and `value`",
                 path.display(),
-                index + 1,
-                tier.name.as_deref().unwrap_or("unnamed"),
+                tier.label(index),
+            );
+        }
+        if tier
+            .claim
+            .as_deref()
+            .is_some_and(|claim| claim.trim().is_empty())
+        {
+            anyhow::bail!(
+                "invalid quota tiers file {}: tier {} names an empty claim",
+                path.display(),
+                tier.label(index),
             );
         }
     }

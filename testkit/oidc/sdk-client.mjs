@@ -5,7 +5,7 @@
 //
 //   node sdk-client.mjs <mcp-url> <client-id> <client-secret> <scope> <expected-issuer>
 //
-// stdout: one JSON object {"requests": ["POST <url> -> 401", ...], "listed": [...tool names],
+// Ends the session with DELETE. stdout: one JSON object {"requests": ["POST <url> -> 401", ...], "listed": [...tool names],
 // "written": "<kv_get result>"}; the exit status is non-zero on any failure.
 
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
@@ -40,6 +40,8 @@ await client.connect(transport);
 const listed = (await client.listTools()).tools.map((tool) => tool.name);
 await client.callTool({ name: 'kv_set', arguments: { key: 'sdk-auth', value: 'through the SDK' } });
 const read = await client.callTool({ name: 'kv_get', arguments: { key: 'sdk-auth' } });
+// Ends the session with DELETE (throws unless the answer is 2xx or 405).
+await transport.terminateSession();
 await client.close();
 clearTimeout(deadline);
 process.stdout.write(`${JSON.stringify({ requests, listed, written: read.content[0].text })}\n`);

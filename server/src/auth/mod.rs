@@ -160,7 +160,17 @@ impl Authenticator {
     /// Fails when the API keys file or the quota tiers file cannot be read or parsed.
     pub fn from_config(config: &Config, scopes: Vec<String>) -> anyhow::Result<Self> {
         let auth = &config.auth;
-        let policy = Arc::new(Policy::from_config(&config.quota)?);
+        let policy = Policy::from_config(&config.quota)?;
+        // Only OAuth tokens carry claims: a tier on a claim would never match anyone else.
+        if config.auth_mode() != AuthMode::Oauth
+            && let Some(tier) = policy.claim_tier()
+        {
+            anyhow::bail!(
+                "quota tier {tier} matches on a token claim, but only SHOAL_AUTH=oauth principals have claims: \
+                 match it on a scope instead"
+            );
+        }
+        let policy = Arc::new(policy);
         let (method, challenge_base, metadata) = match config.auth_mode() {
             AuthMode::None => {
                 if auth.mode.is_none() {

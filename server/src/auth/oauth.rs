@@ -69,6 +69,9 @@ struct Unverified {
     iss: Option<String>,
 }
 
+/// The claims shoal reads from a verified token. Read from a copy of the whole claim set, which
+/// quota tiers match on as it is: every claim, these included (a tier on `client_id`, `sub` or
+/// `iss` must see them).
 #[derive(Deserialize)]
 struct Claims {
     iss: String,
@@ -79,9 +82,6 @@ struct Claims {
     scope: Option<String>,
     #[serde(default)]
     scp: Option<Vec<String>>,
-    /// The other claims (quota tiers may match on them).
-    #[serde(flatten)]
-    other: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -198,11 +198,17 @@ impl Oauth {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
-        let claims = jsonwebtoken::decode::<Claims>(token, &key, &validation)
-            .map_err(|error| refusal(error.kind()))?
-            .claims;
+        let all = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+            token,
+            &key,
+            &validation,
+        )
+        .map_err(|error| refusal(error.kind()))?
+        .claims;
+        let claims: Claims = serde_json::from_value(serde_json::Value::Object(all.clone()))
+            .map_err(|_| Failure::new("invalid_token", "the token's claims are not well-formed"))?;
         let exp = claims.exp;
-        let principal = principal_of(claims, &self.policy)?;
+        let principal = principal_of(claims, &all, &self.policy)?;
         self.remember(digest, &principal, exp);
         Ok(principal)
     }
@@ -233,7 +239,11 @@ impl Oauth {
     }
 }
 
-fn principal_of(claims: Claims, policy: &Policy) -> Result<Principal, Failure> {
+fn principal_of(
+    claims: Claims,
+    all: &serde_json::Map<String, serde_json::Value>,
+    policy: &Policy,
+) -> Result<Principal, Failure> {
     let name = claims
         .sub
         .or(claims.client_id)
@@ -247,7 +257,7 @@ fn principal_of(claims: Claims, policy: &Policy) -> Result<Principal, Failure> {
         .map(str::to_owned)
         .collect();
     scopes.extend(claims.scp.unwrap_or_default());
-    let limits = policy.limits(&scopes, Some(&claims.other), None);
+    let limits = policy.limits(&scopes, Some(all), None);
     Ok(Principal::new(&claims.iss, &name, scopes).with_limits(limits))
 }
 

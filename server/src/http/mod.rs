@@ -57,7 +57,7 @@ use crate::{
     },
     quota::{Demand, Lease, Quotas, Refusal},
     state::AppState,
-    tools::{Grants, toolset_of},
+    tools::{Toolbox, toolset_of},
 };
 
 /// Response body type shared with rmcp.
@@ -80,8 +80,9 @@ pub struct HttpService {
     mcp: McpService,
     policy: Arc<OriginPolicy>,
     auth: Arc<Authenticator>,
-    /// The scope each tool needs (checked on `tools/call` before rmcp).
-    grants: Arc<Grants>,
+    /// The toolsets: the scope each tool needs (checked on `tools/call` before rmcp) and the
+    /// resources a `subscriptions/listen` may name (checked before rmcp acknowledges it).
+    tools: Arc<Toolbox>,
     /// Cluster-wide quotas, checked after authentication.
     quotas: Arc<Quotas>,
     replica: HeaderValue,
@@ -98,7 +99,7 @@ impl HttpService {
         sessions: Arc<ClusterSessionManager>,
         mcp: McpService,
         auth: Arc<Authenticator>,
-        grants: Arc<Grants>,
+        tools: Arc<Toolbox>,
         quotas: Arc<Quotas>,
     ) -> Self {
         let policy = Arc::new(OriginPolicy::new(
@@ -114,7 +115,7 @@ impl HttpService {
             mcp,
             policy,
             auth,
-            grants,
+            tools,
             quotas,
             replica,
             admin: false,
@@ -501,7 +502,7 @@ impl HttpService {
             );
         }
         if let Some(tool) = &envelope.tool
-            && let Some(grant) = self.grants.get(tool)
+            && let Some(grant) = self.tools.grants.get(tool)
             && !principal.may(grant.toolset, grant.write)
         {
             let failure = Failure::new(
@@ -522,6 +523,28 @@ impl HttpService {
                 "following this resource needs a scope the token lacks",
             );
             return self.refuse(&failure, Some(toolset));
+        }
+        // rmcp acknowledges a listen before the handler sees it, and the client then believes it
+        // listens: every bound is checked here, so a listen that will be refused is refused
+        // before any acknowledgment, naming the URI.
+        if envelope.is_listen
+            && let Err(refusal) = self.check_listen(&envelope.listen_uris).await
+        {
+            tracing::info!(
+                reason = refusal.reason,
+                "refused subscriptions/listen: {}",
+                refusal.message
+            );
+            return self.reject(
+                "invalid_listen",
+                jsonrpc_error_with(
+                    envelope.id.as_ref(),
+                    StatusCode::OK,
+                    -32602,
+                    &refusal.message,
+                    refusal.data,
+                ),
+            );
         }
         let demand = if envelope.tool.is_some() {
             Demand::ToolCall
@@ -554,6 +577,57 @@ impl HttpService {
             Box::pin(lease.bind_session(session)).await;
         }
         with_lease(response, lease)
+    }
+
+    /// Whether a `subscriptions/listen` naming `uris` may be acknowledged: at most
+    /// `SHOAL_MAX_LISTEN_URIS` of them, each at most `SHOAL_MAX_URI_BYTES` long and naming a
+    /// resource that exists and may be subscribed to (a PostgreSQL table the read role sees).
+    async fn check_listen(&self, uris: &[String]) -> Result<(), ListenRefusal> {
+        let limits = &self.state.config.sessions;
+        if uris.len() > limits.max_listen_uris {
+            return Err(ListenRefusal {
+                reason: "too_many_uris",
+                message: format!(
+                    "subscriptions/listen names {} resources; at most {} are accepted",
+                    uris.len(),
+                    limits.max_listen_uris
+                ),
+                data: None,
+            });
+        }
+        for uri in uris {
+            if uri.len() > limits.max_uri_bytes {
+                let shown: String = uri.chars().take(64).collect();
+                return Err(ListenRefusal {
+                    reason: "uri_too_long",
+                    message: format!(
+                        "the resource URI {shown}… is longer than {} bytes",
+                        limits.max_uri_bytes
+                    ),
+                    data: Some(serde_json::json!({ "uri": shown })),
+                });
+            }
+            if !self.tools.catalog.is_subscribable(uri) {
+                return Err(ListenRefusal {
+                    reason: "unknown_uri",
+                    message: format!("no resource {uri} to listen to"),
+                    data: Some(serde_json::json!({ "uri": uri })),
+                });
+            }
+        }
+        if let Err(error) = crate::tools::postgres::ensure_tables_exist(
+            &self.state,
+            uris.iter().map(String::as_str),
+        )
+        .await
+        {
+            return Err(ListenRefusal {
+                reason: "unknown_uri",
+                message: error.message.to_string(),
+                data: error.data,
+            });
+        }
+        Ok(())
     }
 
     /// The request body, read within [`BODY_READ_TIMEOUT`] and `SHOAL_MAX_BODY_BYTES`, or the
@@ -654,7 +728,10 @@ impl HttpService {
         match self.sessions.delete(session).await {
             Ok(true) => {
                 self.quotas.session_closed(principal, session).await;
-                empty(StatusCode::ACCEPTED)
+                // 204, not the 202 stock rmcp answers: the session is gone everywhere when this is
+                // sent, and the official Python SDK accepts only 200 or 204 for a DELETE (it logs
+                // "Session termination failed: 202" otherwise).
+                empty(StatusCode::NO_CONTENT)
             }
             Ok(false) => text(StatusCode::NOT_FOUND, "Not Found: Session not found\n"),
             Err(error) => {
@@ -702,16 +779,37 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
 
 /// A JSON-RPC error response. `id` is the request's id when it could be read (errors echo it),
 /// otherwise `null` as JSON-RPC prescribes for unreadable requests.
+/// Why a `subscriptions/listen` is refused before rmcp acknowledges it.
+struct ListenRefusal {
+    reason: &'static str,
+    message: String,
+    data: Option<serde_json::Value>,
+}
+
 fn jsonrpc_error_for(
     id: Option<&serde_json::Value>,
     status: StatusCode,
     code: i64,
     message: &str,
 ) -> Response<Body> {
+    jsonrpc_error_with(id, status, code, message, None)
+}
+
+fn jsonrpc_error_with(
+    id: Option<&serde_json::Value>,
+    status: StatusCode,
+    code: i64,
+    message: &str,
+    data: Option<serde_json::Value>,
+) -> Response<Body> {
+    let mut error = serde_json::json!({ "code": code, "message": message });
+    if let Some(data) = data {
+        error["data"] = data;
+    }
     let body = serde_json::json!({
         "jsonrpc": "2.0",
         "id": id.unwrap_or(&serde_json::Value::Null),
-        "error": { "code": code, "message": message },
+        "error": error,
     });
     Response::builder()
         .status(status)

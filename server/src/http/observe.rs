@@ -59,7 +59,7 @@ pub(super) fn http_span(parts: &mut http::request::Parts, meta_traceparent: Opti
             // Never the id itself (a bearer credential): its keyed hash.
             session_tag = header("mcp-session-id").and_then(telemetry::session_tag);
             if let Some(tag) = &session_tag {
-                attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag.clone()));
+                attributes.push(KeyValue::new(attr::MCP_SESSION_ID, tag.clone()));
             }
             attributes
         },

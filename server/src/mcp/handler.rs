@@ -135,12 +135,13 @@ impl ShoalHandler {
         context: &RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
         if uri.len() > self.state.config.sessions.max_uri_bytes {
+            let shown: String = uri.chars().take(64).collect();
             return Err(McpError::invalid_params(
                 format!(
-                    "the resource URI is longer than {} bytes",
+                    "the resource URI {shown}… is longer than {} bytes",
                     self.state.config.sessions.max_uri_bytes
                 ),
-                None,
+                Some(serde_json::json!({ "uri": shown })),
             ));
         }
         if !self.tools.catalog.is_subscribable(uri) || !may_read(&caller(context), uri) {

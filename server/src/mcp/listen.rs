@@ -131,12 +131,9 @@ impl ShoalHandler {
         if let Some(refusal) = self.refusal(accepted) {
             return Err(refusal);
         }
+        // Every URI was checked (known, subscribable, an existing table) by the HTTP layer before
+        // rmcp acknowledged the listen (`HttpService::check_listen`).
         let interest = Interest::of(accepted);
-        crate::tools::postgres::ensure_tables_exist(
-            &self.state,
-            interest.uris.iter().map(String::as_str),
-        )
-        .await?;
         let registration = match self.early_listeners.take(&interest) {
             Some(registration) => Some(registration),
             None => self

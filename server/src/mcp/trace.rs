@@ -62,7 +62,7 @@ pub fn request_span(
                 None => header("mcp-session-id").and_then(telemetry::session_tag),
             };
             if let Some(tag) = tag {
-                attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag));
+                attributes.push(KeyValue::new(attr::MCP_SESSION_ID, tag));
             }
             if let Some(version) = header("mcp-protocol-version") {
                 attributes.push(KeyValue::new(
@@ -150,7 +150,7 @@ pub fn delivery_span(
         || {
             let mut attributes = vec![KeyValue::new(attr::MCP_METHOD_NAME, method)];
             if let Some(tag) = session.and_then(telemetry::session_tag) {
-                attributes.push(KeyValue::new(attr::MCP_SESSION_TAG, tag));
+                attributes.push(KeyValue::new(attr::MCP_SESSION_ID, tag));
             }
             if let Some(uri) = uri {
                 attributes.push(KeyValue::new(attr::MCP_RESOURCE_URI, uri.to_owned()));

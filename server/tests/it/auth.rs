@@ -232,7 +232,10 @@ async fn a_session_is_used_only_by_its_principal_on_every_replica() {
         let exchange = call_ok(&alice, "kv_get", json!({"key": "mine"})).await;
         assert_eq!(text_of(exchange.result().expect("result")), "secret");
     }
-    assert_eq!(alice.delete().await.expect("DELETE"), StatusCode::ACCEPTED);
+    assert_eq!(
+        alice.delete().await.expect("DELETE"),
+        StatusCode::NO_CONTENT
+    );
 }
 
 /// The keys file is re-read when it changes: a new key works and a removed key stops working on
@@ -580,8 +583,10 @@ async fn the_typescript_sdk_client_discovers_authenticates_and_calls_tools() {
     ));
     let token = position(&format!("POST {issuer}/token -> 200"));
     let served = position(&format!("POST {url} -> 200"));
+    // The session ends with 204 No Content (the Python SDK accepts only 200 or 204).
+    let ended = position(&format!("DELETE {url} -> 204"));
     assert!(
-        challenged < metadata && metadata < token && token < served,
+        challenged < metadata && metadata < token && token < served && served < ended,
         "{requests:#?}"
     );
     assert!(
@@ -795,4 +800,53 @@ async fn request_state_is_bound_to_its_principal() {
         text_of(resumed.result().expect("alice resumes")),
         "state-ok: confirmed=true"
     );
+}
+
+/// Second review, finding 5: a quota tier may match on any claim of the token, the ones shoal
+/// reads itself (`client_id`, `sub`, `iss`, `scope`…) included: a restrictive tier for one client
+/// holds, and leaves the others alone.
+#[tokio::test]
+async fn quota_tiers_match_on_every_claim_of_the_token() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tiers = dir.path().join("tiers.toml");
+    std::fs::write(
+        &tiers,
+        "[[tier]]\nname = \"untrusted\"\nclaim = \"client_id\"\nvalue = \"shoal-test\"\n\
+         quota = { requests_per_sec = 1, burst = 1 }\n",
+    )
+    .expect("tiers file");
+    let tiers = tiers.to_str().expect("UTF-8 path");
+    let cluster = oauth_cluster(&[("SHOAL_QUOTA_TIERS_FILE", tiers)]).await;
+    let url = cluster.topology.mcp_url();
+    let token = cluster
+        .provider
+        .token(&cluster.client, &cluster.resource, "kv")
+        .await
+        .expect("token");
+    let (first, _, body) = post_raw(&url, None, Some(&token), &initialize_body()).await;
+    assert_eq!(first, StatusCode::OK, "{body}");
+    let (second, headers, body) = post_raw(&url, None, Some(&token), &initialize_body()).await;
+    assert_eq!(
+        second,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the tier holds: {body}"
+    );
+    assert!(headers.get("retry-after").is_some());
+    let other = cluster
+        .provider
+        .mint(
+            json!({"client_id": "another-client", "sub": "another"}),
+            300,
+            false,
+        )
+        .await
+        .expect("mint");
+    for _ in 0..3 {
+        let (status, _, body) = post_raw(&url, None, Some(&other), &initialize_body()).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "another client is not in the tier: {body}"
+        );
+    }
 }

@@ -162,7 +162,7 @@ async fn delete_ends_the_session_everywhere() {
     let mut stream = client.open_get(None).await.expect("GET");
     assert_eq!(stream.status, 200);
 
-    assert_eq!(client.delete().await.expect("DELETE"), 202);
+    assert_eq!(client.delete().await.expect("DELETE"), 204);
     assert!(
         matches!(stream.next_message(WAIT).await, Ok(None)),
         "the GET stream ended"

@@ -41,7 +41,7 @@ async fn embedded_default_serves_both_eras_alone() {
     assert_ne!(first, second);
     let exchange = call_ok(&client, "kv_get", json!({"key": "solo"})).await;
     assert_eq!(text_of(exchange.result().expect("result")), "2");
-    assert_eq!(client.delete().await.expect("DELETE"), 202);
+    assert_eq!(client.delete().await.expect("DELETE"), 204);
     assert_eq!(
         client
             .request("tools/list", serde_json::Value::Null)

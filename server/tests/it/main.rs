@@ -10,6 +10,7 @@ mod cluster;
 mod database_security;
 mod embedded;
 mod helpers;
+mod interop;
 mod isolation;
 mod postgres;
 mod quota;

@@ -334,11 +334,13 @@ async fn cancellation_cancels_the_query_on_the_server() {
     }
 }
 
-/// rmcp acknowledges a `subscriptions/listen` before it runs the handler's `listen`, which checks
-/// the named tables against the database. A client may write as soon as it reads the
-/// acknowledgment: an update raised while that check waits for a connection still reaches it.
+/// A `subscriptions/listen` naming a table is checked against the database *before* rmcp
+/// acknowledges it (a listen that will be refused is never acknowledged first), and its listener
+/// is registered just before the acknowledgment, so an update raised as soon as the client reads
+/// the acknowledgment reaches the stream. Here the replica's only database connection is held
+/// for 2 s: the acknowledgment waits for it (the held statement has ended when it arrives).
 #[tokio::test]
-async fn a_listen_misses_nothing_raised_after_its_acknowledgment() {
+async fn a_listen_is_checked_before_its_acknowledgment_and_misses_nothing_after_it() {
     let topology = pg_topology(
         1,
         false,
@@ -369,15 +371,21 @@ async fn a_listen_misses_nothing_raised_after_its_acknowledgment() {
         .await
         .expect("listen");
     acknowledged(&mut listen).await;
+    let still_held: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+             AND pid <> pg_backend_pid() AND strpos(query, 'pg_sleep(2) AS held') > 0",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0);
+    assert_eq!(still_held, 0, "acknowledged before the tables were checked");
     let writer = McpClient::modern(&url);
     call_ok(&writer, "kv_set", json!({"key": "early", "value": "1"})).await;
-    assert!(
-        !holder.is_finished(),
-        "the update was raised while the only connection was held"
-    );
     next_matching(
         &mut listen,
-        "the update raised after the acknowledgment",
+        "the update raised right after the acknowledgment",
         |m| is_update_of(m, "kv://early"),
     )
     .await;

@@ -203,7 +203,10 @@ async fn call_and_session_caps_hold_cluster_wide_and_free_again() {
     .await;
 
     // A deleted session frees its slot at once.
-    assert_eq!(first.delete().await.expect("DELETE"), StatusCode::ACCEPTED);
+    assert_eq!(
+        first.delete().await.expect("DELETE"),
+        StatusCode::NO_CONTENT
+    );
     let (status, _, body) = post_raw(&at(2), None, Some(ALICE), &initialize_body()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }

@@ -194,29 +194,49 @@ async fn per_request_state_is_bounded_with_clear_errors() {
         Some(&json!(-32602))
     );
 
+    // Second review, finding 4: a listen over its limits, or naming a URI that is over-long,
+    // unknown or not a resource, is refused with -32602 naming it, and never acknowledged first
+    // (the client would believe it listens).
     let listener = shoal_testkit::client::McpClient::modern(url.clone());
     let many: Vec<String> = (0..300).map(|n| format!("kv://k{n}")).collect();
-    // Too many URIs: refused with -32602. A URI over the length limit is not accepted either: the
-    // acknowledgment leaves it out (or the listen is refused), and nothing is held for it.
+    let long_keys: Vec<String> = (0..5)
+        .map(|n| format!("kv://{n}{}", "k".repeat(300)))
+        .collect();
+    for (uris, named) in [
+        (many, "at most 256 are accepted".to_owned()),
+        (
+            vec![long_uri.clone()],
+            "is longer than 2048 bytes".to_owned(),
+        ),
+        (long_keys.clone(), format!("no resource {}", long_keys[0])),
+        (
+            vec!["kv://fine".to_owned(), "nope://x".to_owned()],
+            "no resource nope://x".to_owned(),
+        ),
+        (
+            vec!["not a uri".to_owned()],
+            "no resource not a uri".to_owned(),
+        ),
+    ] {
+        let seen = listen_until_answered(
+            &url,
+            &listener,
+            json!({"notifications": {"resourceSubscriptions": uris}}),
+            "\"code\":-32602",
+        )
+        .await;
+        assert!(!seen.contains("acknowledged"), "acknowledged first: {seen}");
+        assert!(seen.contains(&named), "{named}: {seen}");
+    }
+    // Within every bound: acknowledged.
     let seen = listen_until_answered(
         &url,
         &listener,
-        json!({"notifications": {"resourceSubscriptions": many}}),
-        "\"id\":7,\"error\"",
-    )
-    .await;
-    assert!(seen.contains("\"code\":-32602"), "{seen}");
-    let seen = listen_until_answered(
-        &url,
-        &listener,
-        json!({"notifications": {"resourceSubscriptions": [long_uri.clone()]}}),
+        json!({"notifications": {"resourceSubscriptions": ["kv://fine"]}}),
         "subscriptions/acknowledged",
     )
     .await;
-    assert!(
-        !seen.contains(&long_uri) || seen.contains("\"code\":-32602"),
-        "{seen}"
-    );
+    assert!(!seen.contains("-32602"), "{seen}");
 
     // Two sessions may subscribe to kv://popular; the third is told why not.
     for n in 0..3 {

@@ -185,15 +185,16 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
     // The session appears as its keyed tag, never as its id (a bearer credential); the same tag on
     // the HTTP and MCP spans.
     let tag = mcp
-        .attr("mcp.session.tag")
+        .attr("mcp.session.id")
         .expect("a session tag")
         .to_owned();
     assert!(
         tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()),
         "{tag}"
     );
-    assert_eq!(http.attr("mcp.session.tag"), Some(tag.as_str()));
-    assert!(!mcp.attributes.contains_key("mcp.session.id"));
+    assert_eq!(http.attr("mcp.session.id"), Some(tag.as_str()));
+    // The convention's attribute carries the tag, not the id.
+    assert_ne!(Some(tag.as_str()), client.session_id(), "the id itself");
     assert!(mcp.attributes.contains_key("jsonrpc.request.id"));
     assert_eq!(mcp.instance(), http.instance(), "same replica");
     let cache = child_of(&trace, mcp, |s| s.name == "cache lookup")
@@ -321,7 +322,7 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
     let http = named(&trace, "POST /mcp").expect("HTTP span");
     assert_eq!(replay.parent_span_id, http.span_id, "{}", dump(&trace));
     // Restored on another replica: the same tag (one key for the cluster).
-    assert_eq!(replay.attr("mcp.session.tag"), Some(tag.as_str()));
+    assert_eq!(replay.attr("mcp.session.id"), Some(tag.as_str()));
 
     // A write on one replica (a 2026-07-28 request, parent in `_meta.traceparent`) reaches a GET
     // stream and a `subscriptions/listen` stream held by others: the deliveries there are spans of
@@ -405,7 +406,7 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
     assert_eq!(delivery.kind, PRODUCER);
     assert_eq!(delivery.attr("mcp.resource.uri"), Some("kv://traced"));
     let subscriber_tag = delivery
-        .attr("mcp.session.tag")
+        .attr("mcp.session.id")
         .expect("the subscriber's tag");
     assert_ne!(subscriber_tag, tag, "sessions have different tags");
     assert!(
@@ -430,6 +431,16 @@ async fn traces_follow_requests_through_the_balancer_and_across_replicas() {
         "{}",
         dump(&trace)
     );
+
+    // A response to a request the client never got (its id names a replica that does not exist)
+    // is refused with 410, and the replica logs it: by the session's tag, not its id.
+    let stray = json!({"jsonrpc": "2.0", "id": "0123456789ab-7", "result": {}});
+    let refused = subscriber
+        .post_message(&stray)
+        .send()
+        .await
+        .expect("respond");
+    assert_eq!(refused.status(), 410);
 
     // Security review, finding 10: no live session id in any exported span or any replica's log.
     let spans = receiver.spans();

@@ -343,8 +343,11 @@ impl ClusterSessionManager {
                     serde_json::to_string(&message).map_err(|_| ClusterError::BadInitialize)?;
                 if !self.backend.publish_forward(&tag, id, &payload).await? {
                     // Reported, not dropped: the client learns its answer went nowhere.
+                    // The session's tag, never its id (a bearer credential).
                     tracing::warn!(
-                        session = %id,
+                        session = shoal_shared::telemetry::session_tag(id)
+                            .as_deref()
+                            .unwrap_or("-"),
                         requester = tag.as_str(),
                         "a client's response found no replica waiting for it (the replica that asked is gone)"
                     );
