@@ -60,7 +60,7 @@ for round in $(seq 1 "$ROUNDS"); do
   run api-keys "$api_key" "${no_quotas[@]}" --env SHOAL_AUTH=api-keys \
     --env "SHOAL_API_KEYS_FILE=$WORK/keys.toml"
   run oauth "$oauth_token" "${no_quotas[@]}" --env SHOAL_AUTH=oauth \
-    --env "SHOAL_OAUTH_ISSUERS=$issuer" --env "SHOAL_RESOURCE_URL=$resource"
+    --env "SHOAL_OAUTH_ISSUERS=$issuer" --env "SHOAL_OAUTH_ALLOW_HTTP=true" --env "SHOAL_RESOURCE_URL=$resource"
   run quotas "$api_key" --env SHOAL_AUTH=api-keys --env "SHOAL_API_KEYS_FILE=$WORK/keys-quota.toml"
 done
 wrk_summary \

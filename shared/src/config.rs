@@ -123,6 +123,13 @@ pub struct HttpConfig {
     #[arg(long, env = "SHOAL_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
     pub header_read_timeout_ms: u64,
 
+    /// Connections a replica holds at once (HTTP/1 and h2c, the balancer's included); one more is
+    /// answered `503 Service Unavailable` with `Retry-After: 1` and closed. Each connection also
+    /// closes after `SHOAL_HEADER_READ_TIMEOUT_MS` without an open request (an h2c connection
+    /// with a GOAWAY), so an idle peer cannot hold its place.
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: usize,
+
     /// Seconds between SSE keep-alive comments on open streams (also how fast a vanished client
     /// is noticed).
     #[arg(long, env = "SHOAL_SSE_KEEPALIVE_SECS", default_value_t = 15)]
@@ -191,6 +198,19 @@ pub struct AuthConfig {
     /// key ids costs one fetch per interval).
     #[arg(long, env = "SHOAL_OAUTH_JWKS_REFRESH_SECS", default_value_t = 10)]
     pub oauth_jwks_refresh_secs: u64,
+
+    /// Longest a fetched JWKS is trusted, in seconds: each issuer's keys are fetched again at
+    /// least this often (sooner when the JWKS response's `Cache-Control: max-age` says so, never
+    /// sooner than `SHOAL_OAUTH_JWKS_REFRESH_SECS`). A key the issuer stopped publishing (a
+    /// compromised one, removed) stops verifying at that fetch, and tokens it verified are
+    /// checked again.
+    #[arg(long, env = "SHOAL_OAUTH_JWKS_MAX_AGE_SECS", default_value_t = 300)]
+    pub oauth_jwks_max_age_secs: u64,
+
+    /// Accepts `http://` issuers (development only: keys fetched in clear text can be replaced
+    /// by anyone on the path). Without it an `http://` issuer is refused at start.
+    #[arg(long, env = "SHOAL_OAUTH_ALLOW_HTTP", default_value_t = false)]
+    pub oauth_allow_http: bool,
 
     /// Timeout of each request to an issuer (metadata, JWKS), in milliseconds.
     #[arg(long, env = "SHOAL_OAUTH_TIMEOUT_MS", default_value_t = 5000)]
@@ -832,8 +852,9 @@ impl Config {
     }
 
     /// The settings that must be greater than zero, by environment name.
-    fn nonzero_settings(&self) -> [(&'static str, u64); 29] {
+    fn nonzero_settings(&self) -> [(&'static str, u64); 30] {
         [
+            ("SHOAL_MAX_CONNECTIONS", self.http.max_connections as u64),
             (
                 "SHOAL_MAX_LOCAL_SESSIONS",
                 self.sessions.max_local_sessions as u64,
@@ -975,6 +996,24 @@ impl Config {
                     return Err(ConfigError::rule(
                         "SHOAL_OAUTH_ISSUERS",
                         "must list at least one issuer, each an http(s) URL, when SHOAL_AUTH=oauth",
+                    ));
+                }
+                if !auth.oauth_allow_http
+                    && auth
+                        .oauth_issuers
+                        .iter()
+                        .any(|i| i.to_ascii_lowercase().starts_with("http://"))
+                {
+                    return Err(ConfigError::rule(
+                        "SHOAL_OAUTH_ISSUERS",
+                        "names an http:// issuer, whose keys anyone on the path could replace: use \
+                         https://, or set SHOAL_OAUTH_ALLOW_HTTP=true for development",
+                    ));
+                }
+                if auth.oauth_jwks_max_age_secs < auth.oauth_jwks_refresh_secs {
+                    return Err(ConfigError::rule(
+                        "SHOAL_OAUTH_JWKS_MAX_AGE_SECS",
+                        "must be at least SHOAL_OAUTH_JWKS_REFRESH_SECS",
                     ));
                 }
                 if !auth
@@ -1211,7 +1250,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 76, "settings in the tree");
+        assert_eq!(seen.len(), 79, "settings in the tree");
     }
 
     /// No listener that is not loopback serves without authentication unless asked twice, and each
@@ -1249,6 +1288,22 @@ mod tests {
         );
         let issuer = ["--auth", "oauth", "--oauth-issuers", "https://id.example"];
         assert_eq!(refused(&issuer), Some("SHOAL_RESOURCE_URL"));
+        // An http:// issuer only when asked for (development).
+        let plain = [
+            "--auth",
+            "oauth",
+            "--oauth-issuers",
+            "http://127.0.0.1:9000",
+            "--resource-url",
+            "http://127.0.0.1:8080/mcp",
+        ];
+        assert_eq!(refused(&plain), Some("SHOAL_OAUTH_ISSUERS"));
+        let mut allowed = plain.to_vec();
+        allowed.push("--oauth-allow-http");
+        assert_eq!(
+            parse(&allowed).expect("allowed").auth_mode(),
+            AuthMode::Oauth
+        );
         let with = |extra: &[&'static str]| {
             let mut args = issuer.to_vec();
             args.extend_from_slice(&["--resource-url", "https://mcp.example/mcp"]);

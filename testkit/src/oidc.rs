@@ -153,6 +153,16 @@ impl OidcProvider {
         self.admin("rotate", json!({})).await.map(|_| ())
     }
 
+    /// Signs with a new key and stops publishing every older one (a compromised key removed).
+    ///
+    /// # Errors
+    /// When the server does not answer.
+    pub async fn retire_old_keys(&self) -> TopologyResult<()> {
+        self.admin("rotate?retire_old=1", json!({}))
+            .await
+            .map(|_| ())
+    }
+
     /// A token forged for negative tests: `claims` override the defaults (`null` removes one),
     /// `ttl` seconds from now (negative: already expired), signed with the current key or, with
     /// `unpublished`, a key the JWKS does not list.

@@ -2,10 +2,15 @@
 //! the issuers in `SHOAL_OAUTH_ISSUERS`, for the audience `SHOAL_RESOURCE_URL` (RFC 8707).
 //!
 //! Each issuer's `jwks_uri` comes from its metadata (RFC 8414 first, then OpenID discovery), whose
-//! `issuer` must equal the configured URL. Keys are cached by `kid`; a token signed with a key the
-//! cache lacks refetches the JWKS (at most once per `SHOAL_OAUTH_JWKS_REFRESH_SECS` per issuer), so
-//! a rotation is picked up at its first token, without a restart. A verified token is remembered
-//! by its SHA-256 until it expires, so a client's next requests cost one hash and one lookup.
+//! `issuer` must equal the configured URL (`https://`, unless `SHOAL_OAUTH_ALLOW_HTTP`). Keys are
+//! cached by `kid`; a token signed with a key the cache lacks refetches the JWKS (at most once per
+//! `SHOAL_OAUTH_JWKS_REFRESH_SECS` per issuer, whether the issuer ever loaded or not), so a
+//! rotation is picked up at its first token, without a restart. Each issuer's keys are also
+//! fetched again on a schedule (`SHOAL_OAUTH_JWKS_MAX_AGE_SECS`, sooner when the JWKS response's
+//! `Cache-Control: max-age` says so): a key the issuer removed stops verifying then, and every
+//! remembered token is forgotten, so none verified by the removed key lives on. A verified token
+//! is remembered by its SHA-256 until it expires, so a client's next requests cost one hash and
+//! one lookup.
 //!
 //! Checked on every token: a signature by a published key, with an algorithm in
 //! `SHOAL_OAUTH_ALGORITHMS` matching the key; `iss` (one of the issuers), `aud` (this resource),
@@ -43,10 +48,13 @@ pub struct Oauth {
     resource: String,
     algorithms: Vec<Algorithm>,
     leeway: u64,
-    verified: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    verified: Arc<Verified>,
     /// Decides each principal's quota limits (by scope or claim).
     policy: Arc<Policy>,
 }
+
+/// Verified tokens by SHA-256, with their principal and until when they are remembered.
+type Verified = Mutex<HashMap<[u8; 32], (Principal, Instant)>>;
 
 /// A verification key and the algorithm its JWK names, if any.
 type Key = (DecodingKey, Option<Algorithm>);
@@ -62,6 +70,10 @@ struct Issuer {
     /// Held while fetching; the time of the last fetch that a token caused.
     fetch: tokio::sync::Mutex<Option<Instant>>,
     refresh: Duration,
+    /// The longest a fetched key set is trusted before it is fetched again.
+    max_age: Duration,
+    /// The authenticator's remembered tokens, forgotten when a key disappears.
+    verified: Arc<Verified>,
 }
 
 #[derive(Deserialize)]
@@ -106,6 +118,8 @@ impl Oauth {
             .redirect(reqwest::redirect::Policy::limited(3))
             .build()?;
         let refresh = Duration::from_secs(config.oauth_jwks_refresh_secs);
+        let max_age = Duration::from_secs(config.oauth_jwks_max_age_secs).max(refresh);
+        let verified = Arc::new(Verified::default());
         let issuers = config
             .oauth_issuers
             .iter()
@@ -116,6 +130,8 @@ impl Oauth {
                     keys: RwLock::default(),
                     fetch: tokio::sync::Mutex::new(None),
                     refresh,
+                    max_age,
+                    verified: verified.clone(),
                 })
             })
             .collect();
@@ -129,12 +145,13 @@ impl Oauth {
             resource,
             algorithms,
             leeway: config.oauth_leeway_secs,
-            verified: Mutex::default(),
+            verified,
             policy,
         })
     }
 
-    /// Fetches every issuer's keys once in the background, so the first token does not wait.
+    /// Keeps every issuer's keys fresh in the background until `stop`: fetched at once (so the
+    /// first token does not wait), then again on the issuer's schedule ([`Issuer::refresh_keys`]).
     pub fn warm_up(&self, stop: tokio_util::sync::CancellationToken) {
         for issuer in &self.issuers {
             let issuer = issuer.clone();
@@ -142,9 +159,7 @@ impl Oauth {
             tokio::spawn(async move {
                 tokio::select! {
                     () = stop.cancelled() => {}
-                    result = issuer.fetch_keys() => if let Err(error) = result {
-                        tracing::warn!(issuer = %issuer.url, %error, "issuer keys not loaded yet; retried at the first token");
-                    }
+                    () = issuer.refresh_keys() => {}
                 }
             });
         }
@@ -209,7 +224,7 @@ impl Oauth {
             .map_err(|_| Failure::new("invalid_token", "the token's claims are not well-formed"))?;
         let exp = claims.exp;
         let principal = principal_of(claims, &all, &self.policy)?;
-        self.remember(digest, &principal, exp);
+        self.remember(digest, &principal, exp, issuer, header.kid.as_deref());
         Ok(principal)
     }
 
@@ -221,13 +236,25 @@ impl Oauth {
             .map(|(principal, _)| principal.clone())
     }
 
-    /// Remembers a verified token until its `exp` (without the leeway).
-    fn remember(&self, digest: [u8; 32], principal: &Principal, exp: u64) {
+    /// Remembers a verified token until its `exp` (without the leeway), if the key that verified
+    /// it (`kid` of `issuer`) is still published: checked under the lock a key removal clears the
+    /// remembered tokens under, so no token of a removed key is remembered after the removal.
+    fn remember(
+        &self,
+        digest: [u8; 32],
+        principal: &Principal,
+        exp: u64,
+        issuer: &Issuer,
+        kid: Option<&str>,
+    ) {
         let Some(left) = exp.checked_sub(jsonwebtoken::get_current_timestamp()) else {
             return;
         };
         let until = Instant::now() + Duration::from_secs(left);
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if issuer.lookup(kid).is_none() {
+            return;
+        }
         if verified.len() >= TOKEN_CACHE_ENTRIES {
             let now = Instant::now();
             verified.retain(|_, (_, until)| *until > now);
@@ -299,7 +326,9 @@ impl Issuer {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty();
-        if never_loaded || last.is_none_or(|at| at.elapsed() >= self.refresh) {
+        // Throttled whether the issuer ever loaded or not: a flood of tokens naming an issuer
+        // that is down costs one fetch per interval, not one each.
+        if last.is_none_or(|at| at.elapsed() >= self.refresh) {
             *last = Some(Instant::now());
             if let Err(error) = self.fetch_keys().await {
                 tracing::warn!(issuer = %self.url, %error, "cannot fetch the issuer's keys");
@@ -311,10 +340,38 @@ impl Issuer {
                 }
             }
         }
+        if never_loaded && self.lookup(kid).is_none() {
+            return Err(Failure::new(
+                "issuer_unavailable",
+                "the token's issuer cannot be reached",
+            ));
+        }
         self.lookup(kid).ok_or(Failure::new(
             "unknown_key",
             "the access token is signed with an unknown key",
         ))
+    }
+
+    /// Fetches the keys now and then again on schedule, forever: after `max_age` (or the JWKS
+    /// response's `max-age`, within `refresh`..`max_age`); while it fails, again after a backoff
+    /// from 1 s up to `refresh` (the keys held so far stay in use meanwhile).
+    async fn refresh_keys(&self) {
+        let mut backoff = Duration::from_secs(1).min(self.refresh);
+        loop {
+            let wait = match self.fetch_keys().await {
+                Ok(max_age) => {
+                    backoff = Duration::from_secs(1).min(self.refresh);
+                    max_age.map_or(self.max_age, |age| age.clamp(self.refresh, self.max_age))
+                }
+                Err(error) => {
+                    tracing::warn!(issuer = %self.url, %error, "cannot fetch the issuer's keys; trying again");
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(self.refresh);
+                    wait
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
     }
 
     fn lookup(&self, kid: Option<&str>) -> Option<Key> {
@@ -327,10 +384,13 @@ impl Issuer {
         }
     }
 
-    /// Reads the issuer's metadata and JWKS and replaces the cached keys.
-    async fn fetch_keys(&self) -> anyhow::Result<()> {
+    /// Reads the issuer's metadata and JWKS and replaces the cached keys; returns the JWKS
+    /// response's `Cache-Control: max-age`, if any. When a key held before is gone, every
+    /// remembered token is forgotten (one may have been verified by it).
+    async fn fetch_keys(&self) -> anyhow::Result<Option<Duration>> {
         let metadata = self.metadata().await?;
-        let jwks: RawJwks = get_json(&self.http, &metadata.jwks_uri).await?;
+        let (jwks, max_age): (RawJwks, _) =
+            get_json_with_max_age(&self.http, &metadata.jwks_uri).await?;
         let mut keys = HashMap::new();
         for raw in jwks.keys {
             let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
@@ -351,9 +411,27 @@ impl Issuer {
             }
         }
         anyhow::ensure!(!keys.is_empty(), "the JWKS holds no usable signing key");
-        tracing::info!(issuer = %self.url, keys = keys.len(), "issuer keys loaded");
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
-        Ok(())
+        // Swapped under the remembered tokens' lock (see `Oauth::remember`).
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = std::mem::replace(
+            &mut *self.keys.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(keys.clone()),
+        );
+        let removed: Vec<&String> = previous
+            .keys()
+            .filter(|kid| !keys.contains_key(*kid))
+            .collect();
+        if !removed.is_empty() {
+            verified.clear();
+        }
+        drop(verified);
+        if !removed.is_empty() {
+            tracing::warn!(issuer = %self.url, removed = ?removed, "the issuer stopped publishing keys: they no longer verify, remembered tokens are checked again");
+        }
+        if previous.len() != keys.len() || !removed.is_empty() {
+            tracing::info!(issuer = %self.url, keys = keys.len(), "issuer keys loaded");
+        }
+        Ok(max_age)
     }
 
     /// The issuer's metadata: RFC 8414 (`/.well-known/oauth-authorization-server` inserted before
@@ -385,7 +463,22 @@ async fn get_json<T: serde::de::DeserializeOwned>(
     http: &reqwest::Client,
     url: &str,
 ) -> anyhow::Result<T> {
+    get_json_with_max_age(http, url)
+        .await
+        .map(|(value, _)| value)
+}
+
+/// [`get_json`], with the response's `Cache-Control: max-age` (`no-store`/`no-cache`: zero).
+async fn get_json_with_max_age<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<(T, Option<Duration>)> {
     let mut response = http.get(url).send().await?.error_for_status()?;
+    let max_age = response
+        .headers()
+        .get(reqwest::header::CACHE_CONTROL)
+        .and_then(|value| value.to_str().ok())
+        .and_then(max_age_of);
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
         anyhow::ensure!(
@@ -394,5 +487,19 @@ async fn get_json<T: serde::de::DeserializeOwned>(
         );
         body.extend_from_slice(&chunk);
     }
-    Ok(serde_json::from_slice(&body)?)
+    Ok((serde_json::from_slice(&body)?, max_age))
+}
+
+/// The freshness a `Cache-Control` value gives: `max-age=N`, or zero for `no-store`/`no-cache`.
+fn max_age_of(cache_control: &str) -> Option<Duration> {
+    cache_control.split(',').find_map(|directive| {
+        let directive = directive.trim().to_ascii_lowercase();
+        if directive == "no-store" || directive == "no-cache" {
+            return Some(Duration::ZERO);
+        }
+        directive
+            .strip_prefix("max-age=")
+            .and_then(|secs| secs.trim_matches('"').parse().ok())
+            .map(Duration::from_secs)
+    })
 }

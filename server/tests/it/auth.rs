@@ -292,6 +292,8 @@ async fn oauth_cluster(extra: &[(&str, &str)]) -> OauthCluster {
         let mut options: TopologyOptions = cluster_options(3)
             .env("SHOAL_AUTH", "oauth")
             .env("SHOAL_OAUTH_ISSUERS", provider.issuer())
+            // The test issuer serves plain HTTP on loopback.
+            .env("SHOAL_OAUTH_ALLOW_HTTP", "true")
             .env("SHOAL_RESOURCE_URL", &resource)
             .env("SHOAL_OAUTH_LEEWAY_SECS", "5");
         for (key, value) in extra {
@@ -849,4 +851,73 @@ async fn quota_tiers_match_on_every_claim_of_the_token() {
             "another client is not in the tier: {body}"
         );
     }
+}
+
+/// Second review, finding 6: keys are fetched again on a schedule, so a key the issuer stopped
+/// publishing (a compromised one, removed) stops verifying without a token naming a new key, and a
+/// token it verified is no longer accepted from the replicas' memory of verified tokens.
+#[tokio::test]
+async fn oauth_stops_accepting_a_key_the_issuer_removed() {
+    let cluster = oauth_cluster(&[
+        ("SHOAL_OAUTH_JWKS_MAX_AGE_SECS", "2"),
+        ("SHOAL_OAUTH_JWKS_REFRESH_SECS", "1"),
+    ])
+    .await;
+    let provider = &cluster.provider;
+    let resource = cluster.resource.as_str();
+    let old = provider
+        .token(&cluster.client, resource, "kv")
+        .await
+        .expect("token");
+    for replica in &cluster.topology.replicas {
+        let (status, _, _) =
+            post_raw(&replica.mcp_url(), None, Some(&old), &initialize_body()).await;
+        assert_eq!(status, StatusCode::OK, "remembered by {}", replica.name);
+    }
+    provider.retire_old_keys().await.expect("retire");
+    // Only the schedule can tell the replicas: no token names the new key yet.
+    for replica in &cluster.topology.replicas {
+        let at = replica.mcp_url();
+        eventually("the removed key to stop verifying", WAIT, async || {
+            let (status, _, _) = post_raw(&at, None, Some(&old), &initialize_body()).await;
+            (status == StatusCode::UNAUTHORIZED).then_some(())
+        })
+        .await;
+    }
+    let new = provider
+        .token(&cluster.client, resource, "kv")
+        .await
+        .expect("token");
+    for replica in &cluster.topology.replicas {
+        let (status, _, body) =
+            post_raw(&replica.mcp_url(), None, Some(&new), &initialize_body()).await;
+        assert_eq!(status, StatusCode::OK, "{}: {body}", replica.name);
+    }
+}
+
+/// Second review, finding 6: an `http://` issuer is refused at start unless allowed explicitly
+/// (its keys could be replaced by anyone on the path).
+#[tokio::test]
+async fn an_http_issuer_is_refused_unless_allowed() {
+    let output = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(server_bin())
+            .env_clear()
+            .env("SHOAL_LISTEN", "127.0.0.1:0")
+            .env("SHOAL_AUTH", "oauth")
+            .env("SHOAL_OAUTH_ISSUERS", "http://127.0.0.1:9/")
+            .env("SHOAL_RESOURCE_URL", "http://127.0.0.1:8080/mcp")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the replica exits at once")
+    .expect("runs");
+    assert!(!output.status.success());
+    let printed = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains("SHOAL_OAUTH_ISSUERS") && printed.contains("SHOAL_OAUTH_ALLOW_HTTP"),
+        "{printed}"
+    );
 }

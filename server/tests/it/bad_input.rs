@@ -1,6 +1,8 @@
 //! Bad input gets the status or JSON-RPC error the spec names, is logged once, and leaves every
 //! other client unaffected.
 
+use std::time::Duration;
+
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shoal_testkit::client::McpClient;
@@ -344,4 +346,90 @@ async fn stateless_requests_are_validated() {
     assert_eq!(body["id"], json!(9), "errors echo the request id");
     // And a good request still works.
     call_ok(&client, "kv_set", json!({"key": "modern", "value": "ok"})).await;
+}
+
+/// Second review, finding 9: a replica holds at most `SHOAL_MAX_CONNECTIONS` connections; one more
+/// is told `503` with `Retry-After` and closed. An h2c connection with no open request is closed
+/// (GOAWAY) after the header read timeout, as an idle HTTP/1 connection is: before, an h2c peer
+/// that sent its preface held its connection for as long as it answered pings.
+#[tokio::test]
+async fn connections_are_capped_and_idle_h2c_connections_are_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let topology = start(
+        cluster_options(1)
+            .env("SHOAL_MAX_CONNECTIONS", 4)
+            .env("SHOAL_HEADER_READ_TIMEOUT_MS", 2000),
+    )
+    .await;
+    let base = topology.replicas[0].base_url();
+    let addr = base.trim_start_matches("http://").to_owned();
+
+    // Connections that send nothing hold their slot until the header read timeout: the fifth
+    // at the latest is refused (a probe of the test kit may still hold one).
+    let mut held = Vec::new();
+    let mut refusal = None;
+    for _ in 0..5 {
+        let mut stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let mut answer = Vec::new();
+        match tokio::time::timeout(Duration::from_millis(300), stream.read_to_end(&mut answer))
+            .await
+        {
+            Ok(_) => {
+                refusal = Some(String::from_utf8_lossy(&answer).into_owned());
+                break;
+            }
+            Err(_) => held.push(stream), // still open: it holds a slot
+        }
+    }
+    let refusal = refusal.expect("a connection over the limit is refused");
+    assert!(
+        refusal.starts_with("HTTP/1.1 503 Service Unavailable")
+            && refusal.contains("Retry-After: 1"),
+        "{refusal}"
+    );
+    assert!(held.len() <= 4, "{} connections held", held.len());
+    drop(held);
+
+    // Slots free again: an h2c peer sends its preface and an empty SETTINGS frame, then nothing.
+    let mut h2 = eventually("a free connection slot", WAIT, async || {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.ok()?;
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .ok()?;
+        let mut first = [0_u8; 9];
+        tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut first))
+            .await
+            .ok()?
+            .ok()?;
+        // The server's SETTINGS frame (type 4), not a refusal.
+        (first[3] == 4).then_some(stream)
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(8), h2.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "an idle h2c connection was still open after 8 s (read {rest:?})"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "closed after {:?}, before the idle timeout",
+        started.elapsed()
+    );
+    // A GOAWAY (frame type 7) told the peer why.
+    assert!(
+        rest.windows(9)
+            .any(|frame| frame[3] == 7 && frame[5..9] == [0, 0, 0, 0]),
+        "no GOAWAY in {rest:?}"
+    );
+
+    // The replica still serves.
+    let alive = reqwest::get(format!("{base}/healthz"))
+        .await
+        .expect("healthz");
+    assert_eq!(alive.status(), StatusCode::OK);
 }
