@@ -13,36 +13,50 @@
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
-FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
+# The toolchain: no source in it, so it stays cached (and can be tagged to keep it) across builds.
+FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS toolchain
+# Every image this file makes carries this label, so what a rebuild superseded can be pruned
+# without touching anyone else's images: podman image prune -f --filter label=io.shoal.image
+LABEL io.shoal.image=toolchain
 # make: tikv-jemalloc-sys builds jemalloc with it (the slim image has gcc and libc6-dev only).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends make \
  && rm -rf /var/lib/apt/lists/*
+
+FROM toolchain AS build
+LABEL io.shoal.image=build
 WORKDIR /src
-# Dependencies first, from the manifests alone (with stub sources for every target they name), so
-# this layer stays cached until Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
-COPY server/Cargo.toml server/
-COPY shared/Cargo.toml shared/
-COPY testkit/Cargo.toml testkit/
-COPY loadtest/Cargo.toml loadtest/
-RUN mkdir -p server/src shared/src testkit/src loadtest/src/bin \
- && echo 'fn main() {}' > server/src/main.rs && touch server/src/lib.rs shared/src/lib.rs testkit/src/lib.rs \
- && echo 'fn main() {}' > loadtest/src/main.rs \
- && for bin in $(sed -n 's|^path = "\(src/bin/[^"]*\)"$|\1|p' loadtest/Cargo.toml); do echo 'fn main() {}' > "loadtest/$bin"; done \
- && cargo build --release --locked -p shoal-server -p shoal-loadtest \
- && rm -rf server/src shared/src testkit/src loadtest/src
-# Then the sources (touched so cargo rebuilds our crates over the stubs).
 COPY server server
 COPY shared shared
 COPY testkit testkit
 COPY loadtest loadtest
-RUN find server/src shared/src testkit/src loadtest/src -name '*.rs' -exec touch {} + \
+# The crate registry and the build's target/ live in cache mounts (BuildKit and buildah/podman
+# both keep them between builds, outside every image): a rebuild compiles only what changed since
+# the last one, and no layer carries target/. Only the three binaries leave the stage.
+# cargo decides what changed by modification time, which is not enough here: a file edited on the
+# host while a build runs keeps an mtime older than that build's start and would be skipped by the
+# next one. So the stage keeps a checksum list of the sources it last built (in the cache) and
+# touches every file whose content differs (all of them the first time) before building.
+# `sharing=locked`: two builds at once take turns rather than corrupt one target/. Reclaim the
+# cache: docs/operations.md, "Image builds".
+RUN --mount=type=cache,id=shoal-cargo-registry,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,id=shoal-target,target=/src/target,sharing=locked \
+    find Cargo.toml Cargo.lock server shared testkit loadtest -type f -print0 \
+      | xargs -0 sha256sum | sort > /tmp/sources \
+ && if [ -f target/shoal-sources.sha256 ]; then \
+      comm -13 target/shoal-sources.sha256 /tmp/sources | cut -c67- | xargs -r -d '\n' touch; \
+    else \
+      cut -c67- /tmp/sources | xargs -r -d '\n' touch; \
+    fi \
  && cargo build --release --locked -p shoal-server -p shoal-loadtest \
- && mkdir /out && cp target/release/shoal-server target/release/shoal-loadtest target/release/shoal-otlp-sink /out/ \
+ && cp /tmp/sources target/shoal-sources.sha256 \
+ && mkdir /out \
+ && cp target/release/shoal-server target/release/shoal-loadtest target/release/shoal-otlp-sink /out/ \
  && strip --strip-debug /out/*
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime-base
+LABEL io.shoal.image=runtime
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin shoal
 ENV SHOAL_LISTEN=0.0.0.0:8080 \
     SHOAL_LOG_FORMAT=json

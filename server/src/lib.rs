@@ -12,6 +12,7 @@
 //! - [`state`]: the state every request shares.
 
 pub mod auth;
+pub mod cli;
 pub mod http;
 pub mod mcp;
 pub mod quota;
@@ -158,12 +159,17 @@ impl App {
     /// listener closes, GET and listen streams end (clients reconnect to other replicas), in-flight
     /// requests get up to `SHOAL_SHUTDOWN_GRACE_SECS` to finish, and the rest is cut.
     ///
+    /// `shutdown` is boxed, not generic, so that the whole serving stack (hyper's connection code
+    /// included) is compiled here, in the library, rather than again in every binary that calls
+    /// this: a change to `main.rs` recompiles only `main.rs` (seconds, not minutes, in an image
+    /// rebuild).
+    ///
     /// # Errors
     /// When the admin listener (`SHOAL_ADMIN_LISTEN`) cannot be bound.
     pub async fn run(
         self,
         listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
+        shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> anyhow::Result<()> {
         let addr = listener
             .local_addr()
