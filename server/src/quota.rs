@@ -575,6 +575,28 @@ fn label(kind: QuotaKind, global: bool) -> &'static str {
     }
 }
 
+/// A tool call's lease handed to the call itself, in the HTTP request's extensions (rmcp passes
+/// the request's parts to the handler): the call takes it when it starts and holds it until it
+/// returns or is cancelled. The response body holds another clone, so the slot is given back when
+/// both the call and its response are done: a legacy client that hangs up after the headers
+/// leaves its call running (rmcp keeps it for resumption), and the call keeps counting.
+/// Taken rather than shared, so no copy of the request parts kept elsewhere (a session restore
+/// replays `initialize` with them) can hold the slot.
+#[derive(Debug, Clone)]
+pub struct CallLease(Arc<std::sync::Mutex<Option<Lease>>>);
+
+impl CallLease {
+    /// `lease`, to be taken by the call it admitted.
+    pub fn new(lease: Lease) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(lease))))
+    }
+
+    /// The lease, once: the call that takes it holds it until it ends.
+    pub fn take(&self) -> Option<Lease> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
 /// A call, stream or session slot held in the quotas; dropping the last clone gives it back
 /// (unless it was bound to a session, which then holds it until deleted).
 #[derive(Debug, Clone)]

@@ -55,7 +55,7 @@ use crate::{
         handler::ShoalHandler,
         session::ClusterSessionManager,
     },
-    quota::{Demand, Lease, Quotas, Refusal},
+    quota::{CallLease, Demand, Lease, Quotas, Refusal},
     state::AppState,
     tools::{Toolbox, toolset_of},
 };
@@ -559,6 +559,12 @@ impl HttpService {
             Ok(lease) => lease,
             Err(refusal) => return self.over_quota(&refusal, envelope.id.as_ref()),
         };
+        if demand == Demand::ToolCall
+            && let Some(lease) = &lease
+        {
+            // The call holds its slot until it ends, whatever becomes of the response.
+            parts.extensions.insert(CallLease::new(lease.clone()));
+        }
         *span = http_span(&mut parts, envelope.traceparent.as_deref());
         let response = span
             .wrap(self.forward(

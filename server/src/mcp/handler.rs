@@ -264,6 +264,13 @@ impl ServerHandler for ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let start = Instant::now();
+        // This call's concurrent-call slot, held until the call returns or is cancelled (see
+        // `CallLease`): the quota counts the work, not the HTTP response.
+        let _slot = context
+            .extensions
+            .get::<http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<crate::quota::CallLease>())
+            .and_then(crate::quota::CallLease::take);
         let policy = self.tools.policies.get(&request.name).clone();
         let span = trace::request_span("tools/call", Target::Tool(&request.name), &context);
         let cancelled = context.ct.clone();

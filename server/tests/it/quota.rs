@@ -249,3 +249,78 @@ async fn stream_caps_hold_per_principal_and_for_the_cluster() {
     .await;
     acknowledged(&mut reopened).await;
 }
+
+/// Second review, finding 1: the concurrent-call quota counts the work, not the HTTP response. A
+/// legacy client that hangs up after each response's headers leaves its call running (rmcp keeps
+/// legacy request streams for resumption); before, that released the call's slot at once, and a
+/// key with `concurrent_calls = 2` had eight statements running. Now the slot stays taken until
+/// the call ends: never more than two run, the others are refused with 429, and the slots free
+/// when the calls end.
+#[tokio::test]
+async fn a_call_holds_its_slot_until_it_ends_even_when_the_client_hangs_up() {
+    let keys = keys_file(&format!(
+        "[[key]]\nprincipal = \"alice\"\nscopes = [\"postgres\"]\nsha256 = \"{}\"\n\
+         quota = {{ concurrent_calls = 2 }}\n",
+        hex::encode(Sha256::digest(ALICE.as_bytes()))
+    ));
+    let mut options = cluster_options(1)
+        .env("SHOAL_AUTH", "api-keys")
+        .env("SHOAL_API_KEYS_FILE", keys.path().display())
+        .env("SHOAL_TOOLSETS", "kv,postgres")
+        .env("SHOAL_POSTGRES_STATEMENT_TIMEOUT_MS", 20_000);
+    options.postgres = true;
+    let topology = start(options).await;
+    let db = topology.postgres_client().await.expect("connect");
+    let client = initialized(&topology.mcp_url(), ALICE).await;
+    let running = async || -> i64 {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+             AND pid <> pg_backend_pid() AND strpos(query, 'pg_sleep(3) AS held') > 0",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+    };
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        let body = client.request_body(
+            100 + n,
+            "tools/call",
+            // A different statement each time (identical reads would share one run: single flight).
+            json!({"name": "pg_query", "arguments": {"sql": format!("SELECT pg_sleep(3) AS held, {n} AS call")}}),
+        );
+        let response = client.post_message(&body).send().await.expect("POST");
+        statuses.push(response.status());
+        if n < 2 {
+            assert_eq!(response.status(), StatusCode::OK, "call {n}: {response:?}");
+            eventually("the call's statement to run", WAIT, async || {
+                (running().await > n).then_some(())
+            })
+            .await;
+        }
+        // Hang up after the headers: the call goes on without its client.
+        drop(response);
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS,
+        ]
+    );
+    assert_eq!(running().await, 2, "at most the quota runs");
+    // The calls end by themselves, and their slots free with them.
+    eventually("a slot to free when the calls end", WAIT, async || {
+        let result = client
+            .call_tool("pg_query", json!({"sql": "SELECT 1 AS one"}))
+            .await
+            .ok()?;
+        (result["isError"] != json!(true)).then_some(())
+    })
+    .await;
+}
