@@ -56,21 +56,17 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO sh
 -- this PostgreSQL version are.
 DO $$
 DECLARE
-    f regprocedure;
+    f record;
 BEGIN
-    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+    FOR f IN SELECT p.oid::regprocedure AS signature,
+                    CASE WHEN p.proname LIKE 'pg_stat%' THEN 'pg_read_all_stats' ELSE 'pg_signal_backend' END AS role
+             FROM pg_proc p
              WHERE p.pronamespace = 'pg_catalog'::regnamespace
-               AND p.proname IN ('pg_stat_get_activity', 'pg_stat_get_backend_activity')
+               AND p.proname IN ('pg_stat_get_activity', 'pg_stat_get_backend_activity',
+                                 'pg_cancel_backend', 'pg_terminate_backend')
     LOOP
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_read_all_stats', f);
-    END LOOP;
-    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-             WHERE p.pronamespace = 'pg_catalog'::regnamespace
-               AND p.proname IN ('pg_cancel_backend', 'pg_terminate_backend')
-    LOOP
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_signal_backend', f);
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f.signature);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f.signature, f.role);
     END LOOP;
 END
 $$;
