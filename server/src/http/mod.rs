@@ -524,9 +524,23 @@ impl HttpService {
             );
             return self.refuse(&failure, Some(toolset));
         }
+        let demand = if envelope.tool.is_some() {
+            Demand::ToolCall
+        } else if envelope.is_listen {
+            Demand::Stream
+        } else if envelope.is_initialize {
+            Demand::Session
+        } else {
+            Demand::Request
+        };
+        let lease = match self.quotas.admit(principal, demand).await {
+            Ok(lease) => lease,
+            Err(refusal) => return self.over_quota(&refusal, envelope.id.as_ref()),
+        };
         // rmcp acknowledges a listen before the handler sees it, and the client then believes it
         // listens: every bound is checked here, so a listen that will be refused is refused
-        // before any acknowledgment, naming the URI.
+        // before any acknowledgment, naming the URI. After admission, so the check (a database
+        // query for table URIs) is charged to the caller's rate like any request.
         if envelope.is_listen
             && let Err(refusal) = self.check_listen(&envelope.listen_uris).await
         {
@@ -546,19 +560,6 @@ impl HttpService {
                 ),
             );
         }
-        let demand = if envelope.tool.is_some() {
-            Demand::ToolCall
-        } else if envelope.is_listen {
-            Demand::Stream
-        } else if envelope.is_initialize {
-            Demand::Session
-        } else {
-            Demand::Request
-        };
-        let lease = match self.quotas.admit(principal, demand).await {
-            Ok(lease) => lease,
-            Err(refusal) => return self.over_quota(&refusal, envelope.id.as_ref()),
-        };
         if demand == Demand::ToolCall
             && let Some(lease) = &lease
         {
