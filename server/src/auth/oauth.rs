@@ -321,35 +321,30 @@ impl Issuer {
         if let Some(found) = self.lookup(kid) {
             return Ok(found);
         }
-        let never_loaded = self
-            .keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty();
         // Throttled whether the issuer ever loaded or not: a flood of tokens naming an issuer
         // that is down costs one fetch per interval, not one each.
         if last.is_none_or(|at| at.elapsed() >= self.refresh) {
             *last = Some(Instant::now());
             if let Err(error) = self.fetch_keys().await {
                 tracing::warn!(issuer = %self.url, %error, "cannot fetch the issuer's keys");
-                if never_loaded {
-                    return Err(Failure::new(
-                        "issuer_unavailable",
-                        "the token's issuer cannot be reached",
-                    ));
-                }
             }
         }
-        if never_loaded && self.lookup(kid).is_none() {
-            return Err(Failure::new(
-                "issuer_unavailable",
-                "the token's issuer cannot be reached",
-            ));
+        if let Some(found) = self.lookup(kid) {
+            return Ok(found);
         }
-        self.lookup(kid).ok_or(Failure::new(
-            "unknown_key",
-            "the access token is signed with an unknown key",
-        ))
+        let never_loaded = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        Err(if never_loaded {
+            Failure::new("issuer_unavailable", "the token's issuer cannot be reached")
+        } else {
+            Failure::new(
+                "unknown_key",
+                "the access token is signed with an unknown key",
+            )
+        })
     }
 
     /// Fetches the keys now and then again on schedule, forever: after `max_age` (or the JWKS

@@ -604,15 +604,8 @@ impl HttpService {
         }
         for uri in uris {
             if uri.len() > limits.max_uri_bytes {
-                let shown: String = uri.chars().take(64).collect();
-                return Err(ListenRefusal {
-                    reason: "uri_too_long",
-                    message: format!(
-                        "the resource URI {shown}… is longer than {} bytes",
-                        limits.max_uri_bytes
-                    ),
-                    data: Some(serde_json::json!({ "uri": shown })),
-                });
+                let error = crate::tools::uri_too_long(uri, limits.max_uri_bytes);
+                return Err(ListenRefusal::of("uri_too_long", error));
             }
             if !self.tools.catalog.is_subscribable(uri) {
                 return Err(ListenRefusal {
@@ -622,19 +615,9 @@ impl HttpService {
                 });
             }
         }
-        if let Err(error) = crate::tools::postgres::ensure_tables_exist(
-            &self.state,
-            uris.iter().map(String::as_str),
-        )
-        .await
-        {
-            return Err(ListenRefusal {
-                reason: "unknown_uri",
-                message: error.message.to_string(),
-                data: error.data,
-            });
-        }
-        Ok(())
+        crate::tools::postgres::ensure_tables_exist(&self.state, uris.iter().map(String::as_str))
+            .await
+            .map_err(|error| ListenRefusal::of("unknown_uri", error))
     }
 
     /// The request body, read within [`BODY_READ_TIMEOUT`] and `SHOAL_MAX_BODY_BYTES`, or the
@@ -784,8 +767,6 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
         .expect("valid response")
 }
 
-/// A JSON-RPC error response. `id` is the request's id when it could be read (errors echo it),
-/// otherwise `null` as JSON-RPC prescribes for unreadable requests.
 /// Why a `subscriptions/listen` is refused before rmcp acknowledges it.
 struct ListenRefusal {
     reason: &'static str,
@@ -793,6 +774,19 @@ struct ListenRefusal {
     data: Option<serde_json::Value>,
 }
 
+impl ListenRefusal {
+    /// The refusal carrying `error`'s message and data.
+    fn of(reason: &'static str, error: rmcp::ErrorData) -> Self {
+        Self {
+            reason,
+            message: error.message.to_string(),
+            data: error.data,
+        }
+    }
+}
+
+/// A JSON-RPC error response. `id` is the request's id when it could be read (errors echo it),
+/// otherwise `null` as JSON-RPC prescribes for unreadable requests.
 fn jsonrpc_error_for(
     id: Option<&serde_json::Value>,
     status: StatusCode,

@@ -134,15 +134,9 @@ impl ShoalHandler {
         uri: &str,
         context: &RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        if uri.len() > self.state.config.sessions.max_uri_bytes {
-            let shown: String = uri.chars().take(64).collect();
-            return Err(McpError::invalid_params(
-                format!(
-                    "the resource URI {shown}… is longer than {} bytes",
-                    self.state.config.sessions.max_uri_bytes
-                ),
-                Some(serde_json::json!({ "uri": shown })),
-            ));
+        let limit = self.state.config.sessions.max_uri_bytes;
+        if uri.len() > limit {
+            return Err(crate::tools::uri_too_long(uri, limit));
         }
         if !self.tools.catalog.is_subscribable(uri) || !may_read(&caller(context), uri) {
             return Err(McpError::resource_not_found(

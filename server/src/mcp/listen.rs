@@ -67,7 +67,7 @@ impl EarlyListeners {
 impl ShoalHandler {
     /// Registers the listener of a `subscriptions/listen` about to be acknowledged with what rmcp
     /// computes from `requested` and this handler's `candidate` filter. A listen that `listen`
-    /// will refuse (bounds, stream limit) registers nothing.
+    /// will refuse (the stream limit) registers nothing.
     pub(crate) fn register_early(
         &self,
         requested: &SubscriptionFilter,
@@ -75,7 +75,7 @@ impl ShoalHandler {
     ) {
         let advertised = requested.supported_by(&self.tools.info.capabilities);
         let accepted = requested.intersection(candidate).intersection(&advertised);
-        if self.refusal(&accepted).is_some() {
+        if self.refusal().is_some() {
             return;
         }
         let mut waiting = self.early_listeners.lock();
@@ -92,43 +92,20 @@ impl ShoalHandler {
         }
     }
 
-    /// Why a listen for `accepted` is refused, if it is.
-    fn refusal(&self, accepted: &SubscriptionFilter) -> Option<McpError> {
-        if self.state.streams.is_full() {
-            return Some(Failure::TooManyStreams.into());
-        }
-        let sessions = &self.state.config.sessions;
-        let uris = accepted
-            .resource_subscriptions
-            .as_deref()
-            .unwrap_or_default();
-        if uris.len() > sessions.max_listen_uris {
-            return Some(McpError::invalid_params(
-                format!(
-                    "subscriptions/listen names {} resources; at most {} are accepted",
-                    uris.len(),
-                    sessions.max_listen_uris
-                ),
-                None,
-            ));
-        }
-        if uris.iter().any(|uri| uri.len() > sessions.max_uri_bytes) {
-            return Some(McpError::invalid_params(
-                format!(
-                    "a resource URI is longer than {} bytes",
-                    sessions.max_uri_bytes
-                ),
-                None,
-            ));
-        }
-        None
+    /// Why a listen is refused here, if it is: this replica holds its stream limit. Its URIs
+    /// were checked by the HTTP layer before rmcp acknowledged it (`HttpService::check_listen`).
+    fn refusal(&self) -> Option<McpError> {
+        self.state
+            .streams
+            .is_full()
+            .then(|| Failure::TooManyStreams.into())
     }
 
     /// Serves one `subscriptions/listen` stream until the client goes away or the replica shuts its
     /// streams down (then the SDK sends the final result, so the client knows to reconnect).
     pub(crate) async fn run_listener(&self, context: &SubscriptionContext) -> Result<(), McpError> {
         let accepted = context.accepted();
-        if let Some(refusal) = self.refusal(accepted) {
+        if let Some(refusal) = self.refusal() {
             return Err(refusal);
         }
         // Every URI was checked (known, subscribable, an existing table) by the HTTP layer before

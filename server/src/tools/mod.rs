@@ -429,6 +429,15 @@ impl Catalog {
     }
 }
 
+/// The refusal of a resource URI over `limit` bytes (`SHOAL_MAX_URI_BYTES`), naming its start.
+pub fn uri_too_long(uri: &str, limit: usize) -> McpError {
+    let shown: String = uri.chars().take(64).collect();
+    McpError::invalid_params(
+        format!("the resource URI {shown}… is longer than {limit} bytes"),
+        Some(serde_json::json!({ "uri": shown })),
+    )
+}
+
 /// The error for a resource that does not exist (SEP-2164: `-32602` with the URI in `data`).
 pub fn resource_not_found(uri: &str) -> McpError {
     McpError::resource_not_found(
