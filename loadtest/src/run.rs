@@ -358,12 +358,13 @@ async fn listen(
                 event = stream.next_event() => event,
             };
             let Some(event) = event else {
+                stats.stream_failed("notification stream ended");
                 if era == Era::Modern {
                     // No resumption in this era: what the ended listen had not delivered, and
                     // what is written until the new one is acknowledged, is missed by design.
                     stats.notifications_missed(&ledger.listen_ended(&key));
                 }
-                match reopen(era, &client, &uri, last_event_id.as_deref(), &stop).await {
+                match reopen(era, &client, &uri, last_event_id.as_deref(), &stop, &stats).await {
                     Ok(Some(reopened)) => {
                         stats.stream_reopened();
                         stream = reopened;
@@ -407,6 +408,7 @@ async fn reopen(
     uri: &str,
     last_event_id: Option<&str>,
     stop: &Stop,
+    stats: &Stats,
 ) -> Result<Option<EventStream>, String> {
     let deadline = Instant::now() + RESUME_PATIENCE;
     let mut delay = Duration::from_millis(50);
@@ -417,7 +419,12 @@ async fn reopen(
         match open_stream(era, client, uri, last_event_id).await {
             Ok(stream) => return Ok(Some(stream)),
             Err(error) if Instant::now() + delay > deadline => return Err(error),
-            Err(_) => {}
+            Err(error) => {
+                stats.stream_failed(&format!(
+                    "notification stream reopen refused: {}",
+                    short(&error)
+                ));
+            }
         }
         tokio::select! {
             () = stop.wait() => return Ok(None),

@@ -53,9 +53,14 @@ pub struct Window {
     /// Writes a 2026-07-28 listen missed while it was being requested again (no resumption in
     /// that era).
     pub notifications_missed_relistening: u64,
-    /// First and last failure, retry or stream reopening, seconds from the start.
+    /// First and last failure the clients saw (a request that failed or was retried, a stream
+    /// that ended or could not be reopened), seconds from the start.
     pub disturbed: Option<(f64, f64)>,
-    /// From the end of the fault to the last disturbance it caused (0 when there was none after).
+    /// What the last disturbance was (`error http_503`, `request retried after …`, `notification
+    /// stream ended`, `notification stream reopen refused: …`).
+    pub last_disturbance: Option<String>,
+    /// From the end of the fault to the last failure it caused (0 when there was none after): how
+    /// long the service went on failing, not when each client's backoff let it notice.
     pub time_to_recover_secs: Option<f64>,
 }
 
@@ -174,10 +179,11 @@ impl Stats {
         }
         let mut inner = self.lock();
         let at = inner.start.elapsed();
-        *inner.errors.entry(kind.into()).or_default() += 1;
+        let kind = kind.into();
+        Self::disturbed(&mut inner, at, format!("error {kind}"));
+        *inner.errors.entry(kind).or_default() += 1;
         Self::second(&mut inner, at).errors += 1;
         Self::window(&mut inner).failed += 1;
-        Self::disturbed(&mut inner, at);
     }
 
     /// The current window (the last fault injected, or `steady`).
@@ -191,13 +197,14 @@ impl Stats {
             .then(|| self.lock().windows.len().saturating_sub(1))
     }
 
-    fn disturbed(inner: &mut Inner, at: Duration) {
+    fn disturbed(inner: &mut Inner, at: Duration, what: String) {
         let at = at.as_secs_f64();
         let window = Self::window(inner);
         window.disturbed = Some(match window.disturbed {
             Some((first, _)) => (first, at),
             None => (at, at),
         });
+        window.last_disturbance = Some(what);
     }
 
     /// An attempt that failed transiently and is sent again, by kind. Not an error: the request
@@ -206,9 +213,10 @@ impl Stats {
         if self.is_recording() {
             let mut inner = self.lock();
             let at = inner.start.elapsed();
-            *inner.recoveries.entry(kind.into()).or_default() += 1;
+            let kind = kind.into();
+            Self::disturbed(&mut inner, at, kind.clone());
+            *inner.recoveries.entry(kind).or_default() += 1;
             Self::window(&mut inner).retried += 1;
-            Self::disturbed(&mut inner, at);
         }
     }
 
@@ -219,17 +227,27 @@ impl Stats {
         }
     }
 
+    /// A notification stream ended early, or an attempt to reopen it failed (`what`): a
+    /// disturbance at the moment the client saw it. Its reopening, later, is not one: the client's
+    /// own backoff decides when that happens (up to a second after the service is back), so
+    /// counting it would measure the client, not the service.
+    pub fn stream_failed(&self, what: &str) {
+        if self.is_recording() {
+            let mut inner = self.lock();
+            let at = inner.start.elapsed();
+            Self::disturbed(&mut inner, at, what.to_owned());
+        }
+    }
+
     /// A notification stream that ended early was reopened.
     pub fn stream_reopened(&self) {
         if self.is_recording() {
             let mut inner = self.lock();
-            let at = inner.start.elapsed();
             *inner
                 .recoveries
                 .entry("notification stream reopened".to_owned())
                 .or_default() += 1;
             Self::window(&mut inner).streams_reopened += 1;
-            Self::disturbed(&mut inner, at);
         }
     }
 
@@ -567,6 +585,14 @@ impl Report {
                     w.notifications_missed_relistening,
                     w.time_to_recover_secs.map_or("-".to_owned(), |s| format!("{s:.1}")),
                 ));
+            }
+            for w in &self.faults {
+                if let (Some((_, last)), Some(what)) = (w.disturbed, &w.last_disturbance) {
+                    out.push_str(&format!(
+                        "last disturbance of \"{}\": {what} at {last:.2} s\n",
+                        w.name
+                    ));
+                }
             }
         }
         out

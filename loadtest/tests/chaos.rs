@@ -105,7 +105,13 @@ impl Chaos {
             tokio::process::Command::new(loadtest_bin())
                 .args(["run", "--url", &url, "--quiet", "--scenario", "baseline"])
                 .args(["--era", "both", "--sessions", "150", "--warmup", "2s"])
-                .args(["--duration", duration, "--retries", "10", "--chaos"])
+                .args([
+                    "--duration",
+                    duration,
+                    "--retries",
+                    &RETRIES.to_string(),
+                    "--chaos",
+                ])
                 .arg(&schedule)
                 .arg("--json")
                 .arg(&report)
@@ -162,6 +168,16 @@ fn assert_no_failed_call(output: &Output, report: &Value) {
 
 const REDIS_TIMEOUT_MS: u64 = 1000;
 
+/// How often the clients retry a call that failed transiently (backoff 0.1, 0.2, 0.4, then 0.8 s:
+/// about 15 s of trying). A replica cut off from Redis answers every call it gets 503, and nginx
+/// cannot send a POST it already sent elsewhere: round robin gives it a third of the attempts
+/// (measured: 1 457, 450, 155, 61, 14, 4 and 1 of 2 146 retried calls needed 1 to 7 retries, a
+/// geometric spread with p = 0.32). With 10 retries, one call of a run failed outright about once
+/// in 50 runs (2 146 × 0.32^10 ≈ 0.02; CI met it); with 20 about once in four million runs. What
+/// would end it for any client is a replica that leaves the pool while it cannot serve
+/// (docs/operations.md, "A replica cut off from Redis").
+const RETRIES: u32 = 20;
+
 /// A Redis fault catches calls in flight: a call that already passed the door when Redis went
 /// away waits for its command to time out and ends in a tool error ("shared state is temporarily
 /// unavailable; retry shortly"), and so do calls that arrive before the replica knows (its first
@@ -174,7 +190,9 @@ fn assert_failures_only_as_the_fault_struck(report: &Value, fault: &str) {
         errors
             .keys()
             .all(|kind| kind == "tool_error_kv_get" || kind == "tool_error_kv_set"),
-        "{errors:?}"
+        "{errors:?} in {:#} {:#}",
+        report["faults"],
+        report["timeline"]
     );
     let at = window(report, fault)["at_secs"].as_f64().expect("at");
     let until = at + 2.0 * REDIS_TIMEOUT_MS as f64 / 1000.0 + 1.0;
@@ -304,7 +322,11 @@ async fn a_redis_frozen_for_5s_delays_calls_within_their_limits_and_loses_nothin
     // retried; the slowest call (retries included) is bounded by the freeze plus backoff.
     let slowest = report["overall"]["max_ms"].as_f64().unwrap_or(f64::MAX);
     assert!(slowest < 9_000.0, "slowest call {slowest} ms: {report:#}");
-    // Service is back within a second of the thaw. Every replica answered 503 during the freeze,
+    // Service is back within a second of the thaw: no client saw a failure (a refused attempt, a
+    // stream that ended or could not be reopened) later than that. Not when each stream was
+    // reopened: the clients back off up to a second between attempts, so that measured their
+    // backoff (a run failed at 1.017 s: an attempt refused just before the doors opened, the next
+    // one a second later). Every replica answered 503 during the freeze,
     // so nginx's passive health checks ejected all of them; the balancer must still route to
     // them (deploy/nginx/nginx.conf: each replica again as a never-ejected backup) instead of
     // answering 502 "no live upstreams" until its fail_timeout lets a probe through.

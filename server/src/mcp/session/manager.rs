@@ -52,7 +52,9 @@ use rmcp::{
             SessionId, SessionManager,
             session::{
                 EventStore, RestoreOutcome, ServerSseMessage, SessionRestoreMarker,
-                local::{LocalSessionManager, LocalSessionWorker},
+                local::{
+                    LocalSessionManager, LocalSessionManagerError, LocalSessionWorker, SessionError,
+                },
             },
         },
     },
@@ -452,15 +454,21 @@ impl SessionManager for ClusterSessionManager {
 
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
         // Local only: rmcp also calls this when a worker idles out, which must not end the session
-        // for the rest of the cluster.
-        let present = self.local.sessions.read().await.contains_key(id);
+        // for the rest of the cluster. Closes race (a DELETE here closes the worker while the bus
+        // brings this replica its own deletion): only the one that takes the worker out of the map
+        // counts it, so the gauge never goes below the workers held.
+        let handle = self.local.sessions.write().await.remove(id);
         self.touched().remove(id);
         self.owners().remove(id);
-        self.local.close_session(id).await?;
-        if present {
-            self.metrics.sessions_active_add(-1);
+        let Some(handle) = handle else {
+            return Ok(());
+        };
+        self.metrics.sessions_active_add(-1);
+        match handle.close().await {
+            // The worker already exited: nothing left to stop.
+            Ok(()) | Err(SessionError::SessionServiceTerminated) => Ok(()),
+            Err(error) => Err(LocalSessionManagerError::from(error).into()),
         }
-        Ok(())
     }
 
     async fn create_stream(
