@@ -40,9 +40,9 @@ oauth_token=$(curl -s -u bench:bench-secret -d grant_type=client_credentials -d 
 api_key=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
 key_hash=$(printf %s "$api_key" | sha256sum | cut -d' ' -f1)
 printf '[[key]]\nprincipal = "bench"\nscopes = ["kv"]\nsha256 = "%s"\n' "$key_hash" > "$WORK/keys.toml"
-printf '[[key]]\nprincipal = "bench"\nscopes = ["kv"]\nsha256 = "%s"\nquota = { requests_per_sec = 1000000, burst = 1000000, concurrent_calls = 100000 }\n' \
+printf '[[key]]\nprincipal = "bench"\nscopes = ["kv"]\nsha256 = "%s"\nquota = { requests_per_sec = 1000000, burst = 1000000, concurrent_calls = 100000, share_percent = 100 }\n' \
   "$key_hash" > "$WORK/keys-quota.toml"
-no_quotas=(--env SHOAL_QUOTA_REQUESTS_PER_SEC=0 --env SHOAL_QUOTA_CONCURRENT_CALLS=0)
+no_quotas=(--env SHOAL_QUOTA_REQUESTS_PER_SEC=0 --env SHOAL_QUOTA_CONCURRENT_CALLS=0 --env SHOAL_PRINCIPAL_SHARE_PERCENT=100)
 
 run() { # $1 = label, $2 = token (may be empty), rest = extra --env
   local label=$1; export TOKEN=$2; shift 2

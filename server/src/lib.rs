@@ -116,6 +116,7 @@ impl App {
             shared_state_lost: AtomicBool::new(false),
             request_state: tokio::sync::OnceCell::new(),
             session_calls: state::SessionCalls::default(),
+            tool_shares: shoal_shared::share::Shares::default(),
             streams: state::StreamSlots::new(config.sessions.max_streams, metrics.clone()),
         });
 
@@ -395,58 +396,64 @@ async fn start_background(
     }
 }
 
-/// How often the watchdog checks that the replica reaches the shared state (one PING).
-const WATCHDOG_EVERY: Duration = Duration::from_secs(1);
-
-/// How often it checks while the replica is in trouble (its door closed, see
-/// `HttpService::shared_state_in_trouble`), so that the door opens again soon after Redis does.
-const WATCHDOG_EVERY_IN_TROUBLE: Duration = Duration::from_millis(250);
-
-/// Failed checks in a row after which the replica ends its streams.
-const WATCHDOG_FAILURES: u32 = 2;
+/// How often the watchdog sends a PING to the shared state. PINGs overlap: one that Redis answers
+/// late does not delay the next.
+const WATCHDOG_EVERY: Duration = Duration::from_millis(250);
 
 /// Ends the replica's GET and listen streams when it loses the shared state (Redis down, or a
 /// partition between this replica and Redis that no connection error reveals), and refuses new
 /// ones until it is back: a stream here would stay silent while the rest of the cluster goes on,
 /// whereas an ended stream makes its client reconnect, with `Last-Event-ID`, to a replica that
-/// can serve it. Two failed PINGs in a row (each bounded by `SHOAL_REDIS_TIMEOUT_MS`, at most
-/// 2 s) decide, so a single slow reply ends nothing.
+/// can serve it.
+///
+/// Lost, as opposed to slow: no PING sent in the last `SHOAL_REDIS_LOST_AFTER_MS` has been
+/// answered. A PING goes out every [`WATCHDOG_EVERY`] whatever became of the previous ones, so a
+/// Redis that answers late (a stall, a slow network) keeps the replica connected as long as its
+/// answers take less than that window minus one interval; a partition, where nothing comes back,
+/// is known within the window plus one interval (1.75 s by default; two failed 2 s PINGs took 4–5 s).
 async fn watchdog(state: Arc<AppState>, stop: CancellationToken) {
     if state.backend.kind() == "memory" {
         return;
     }
-    let timeout = Duration::from_millis(state.config.redis.timeout_ms).min(Duration::from_secs(2));
-    let mut failures = 0u32;
+    let lost_after = Duration::from_millis(state.config.redis.lost_after_ms);
+    // Each PING runs to its command timeout, so that one Redis never answers is recorded as a
+    // failure (`Backend::in_trouble`, the door); this bound only guards against a PING that never
+    // ends. At most bound / interval of them are in flight.
+    let bound = Duration::from_millis(state.config.redis.timeout_ms) + Duration::from_secs(1);
+    let mut every = tokio::time::interval(WATCHDOG_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pings = tokio::task::JoinSet::new();
+    // When the latest answered PING was sent.
+    let mut answered = tokio::time::Instant::now();
     loop {
-        let pause = if failures > 0 || state.backend.in_trouble() {
-            WATCHDOG_EVERY_IN_TROUBLE
-        } else {
-            WATCHDOG_EVERY
-        };
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
-        }
-        let reached = matches!(
-            tokio::time::timeout(timeout, state.backend.ping()).await,
-            Ok(Ok(()))
-        );
-        if reached {
-            failures = 0;
-            if state.shared_state_lost.swap(false, Ordering::SeqCst) {
-                tracing::info!("shared state reachable again: accepting streams");
+            Some(Ok(Some(sent))) = pings.join_next() => {
+                answered = answered.max(sent);
+                if state.shared_state_lost.swap(false, Ordering::SeqCst) {
+                    tracing::info!("shared state reachable again: accepting streams");
+                }
             }
-            continue;
-        }
-        failures += 1;
-        if failures >= WATCHDOG_FAILURES && !state.shared_state_lost.swap(true, Ordering::SeqCst) {
-            let (feeds, listeners) = state.bus.stream_counts();
-            tracing::warn!(
-                feeds,
-                listeners,
-                "shared state unreachable: ending this replica's streams so their clients reconnect elsewhere"
-            );
-            state.bus.interrupt_streams();
+            _ = every.tick() => {
+                let sent = tokio::time::Instant::now();
+                let backend = state.backend.clone();
+                pings.spawn(async move {
+                    matches!(tokio::time::timeout(bound, backend.ping()).await, Ok(Ok(())))
+                        .then_some(sent)
+                });
+                if sent.duration_since(answered) >= lost_after
+                    && !state.shared_state_lost.swap(true, Ordering::SeqCst)
+                {
+                    let (feeds, listeners) = state.bus.stream_counts();
+                    tracing::warn!(
+                        feeds,
+                        listeners,
+                        silent_ms = sent.duration_since(answered).as_millis() as u64,
+                        "shared state unreachable: ending this replica's streams so their clients reconnect elsewhere"
+                    );
+                    state.bus.interrupt_streams();
+                }
+            }
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct Limits {
     pub sessions: u32,
     /// Long-lived streams open at once.
     pub streams: u32,
+    /// The most of a replica's slots of a tool, and of each database pool, held at once, in
+    /// percent (per replica; not a cluster-wide quota).
+    pub share_percent: u8,
 }
 
 impl Limits {
@@ -66,6 +69,7 @@ impl Limits {
         concurrent_calls: 0,
         sessions: 0,
         streams: 0,
+        share_percent: 100,
     };
 
     /// The per-principal defaults of the configuration.
@@ -76,6 +80,7 @@ impl Limits {
             concurrent_calls: config.concurrent_calls,
             sessions: config.sessions,
             streams: config.streams,
+            share_percent: config.principal_share_percent,
         }
     }
 
@@ -87,6 +92,7 @@ impl Limits {
             concurrent_calls: config.global_concurrent_calls,
             sessions: config.global_sessions,
             streams: config.global_streams,
+            share_percent: 100,
         }
     }
 
@@ -98,6 +104,9 @@ impl Limits {
             concurrent_calls: overrides.concurrent_calls.unwrap_or(self.concurrent_calls),
             sessions: overrides.sessions.unwrap_or(self.sessions),
             streams: overrides.streams.unwrap_or(self.streams),
+            share_percent: overrides
+                .share_percent
+                .map_or(self.share_percent, |percent| percent.clamp(1, 100)),
         }
     }
 
@@ -133,6 +142,8 @@ pub struct Overrides {
     pub sessions: Option<u32>,
     /// Long-lived streams open at once.
     pub streams: Option<u32>,
+    /// Share of a replica's tool slots and database pools, in percent (1–100).
+    pub share_percent: Option<u8>,
 }
 
 /// A quota tier: who it applies to and the limits it sets.
@@ -360,11 +371,20 @@ const RELEASE_BATCH: usize = 256;
 /// A lease to give back: its member and the caps it is recorded in.
 type Release = (Arc<str>, Vec<Cap>);
 
+/// Most rate refusals a replica remembers (one per principal over its rate, and one for the
+/// cluster); when full, the lapsed ones are dropped, and past that a refusal is not remembered.
+const OVER_RATE_MEMORY: usize = 10_000;
+
 /// The quotas of a replica. Cheap to share.
 pub struct Quotas {
     backend: Backend,
     global: Limits,
     metrics: Metrics,
+    /// Subjects (a principal's id, or the cluster) over their request rate, and until when. Exact,
+    /// not a guess: under GCRA no request of a refused subject passes before the retry time the
+    /// refusal named, on any replica, so until then this replica answers 429 from memory without
+    /// reading the body or asking Redis (an exhausted rate costs its holder nothing to enforce).
+    over_rate: Mutex<HashMap<Arc<str>, tokio::time::Instant>>,
     /// Leases of calls and streams this replica holds, renewed every third of [`LEASE`].
     held: Mutex<HashMap<Arc<str>, Vec<Cap>>>,
     /// Ended leases, given back in batches by [`Quotas::run`] (one round trip for all the calls
@@ -389,10 +409,47 @@ impl Quotas {
             backend,
             global: Limits::global(config),
             metrics,
+            over_rate: Mutex::default(),
             held: Mutex::default(),
             releases,
             pending: Mutex::new(Some(pending)),
         })
+    }
+
+    /// The refusal of any request of `principal` while it (or the cluster) is over its request
+    /// rate, as this replica last heard from the shared state: no round trip.
+    pub fn refused_from_memory(&self, principal: &Principal) -> Option<Refusal> {
+        let now = tokio::time::Instant::now();
+        let over = self.over_rate.lock().unwrap_or_else(|e| e.into_inner());
+        if over.is_empty() {
+            return None;
+        }
+        for (subject, kind) in [
+            (&*principal.id, "requests"),
+            (QUOTA_CLUSTER, "global_requests"),
+        ] {
+            if let Some(until) = over.get(subject).filter(|until| **until > now) {
+                self.metrics.quota_rejection(kind);
+                return Some(Refusal::Over {
+                    kind,
+                    retry_after: *until - now,
+                });
+            }
+        }
+        None
+    }
+
+    /// Remembers that `subject` is over its request rate for `retry_after`.
+    fn remember_over_rate(&self, subject: &str, retry_after: Duration) {
+        let now = tokio::time::Instant::now();
+        let mut over = self.over_rate.lock().unwrap_or_else(|e| e.into_inner());
+        if over.len() >= OVER_RATE_MEMORY && !over.contains_key(subject) {
+            over.retain(|_, until| *until > now);
+            if over.len() >= OVER_RATE_MEMORY {
+                return;
+            }
+        }
+        over.insert(Arc::from(subject), now + retry_after);
     }
 
     /// Admits a request of `principal` that asks for `demand`: `Ok(Some(lease))` when it holds a
@@ -444,6 +501,11 @@ impl Quotas {
                 let kind = label(refusing.kind, refusing.subject == QUOTA_CLUSTER);
                 self.metrics.quota_rejection(kind);
                 tracing::info!(kind, principal = %principal.name, "refused request: quota");
+                if refusing.kind == QuotaKind::Rate
+                    && let Some(retry_after) = retry_after
+                {
+                    self.remember_over_rate(refusing.subject, retry_after);
+                }
                 return Err(Refusal::Over {
                     kind,
                     retry_after: retry_after.unwrap_or(CAP_RETRY_AFTER),
@@ -671,6 +733,7 @@ mod tests {
                 concurrent_calls: 4,
                 sessions: 5,
                 streams: 6,
+                share_percent: 50,
             },
             tiers: file.tier,
         }

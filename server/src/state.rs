@@ -48,6 +48,8 @@ pub struct AppState {
     pub request_state: OnceCell<RequestStateCodec>,
     /// Tool calls running per legacy session on this replica.
     pub session_calls: SessionCalls,
+    /// What each principal holds of each tool's slots on this replica (its fair share).
+    pub tool_shares: shoal_shared::share::Shares,
     /// Long-lived streams (GET and `subscriptions/listen`) open on this replica.
     pub streams: StreamSlots,
 }

@@ -229,6 +229,19 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Quotas (cluster-wide; 0 = unlimited)")]
 pub struct QuotaConfig {
+    /// The most of one replica's slots of a tool, and of each of its database pools, one
+    /// principal may hold at once, in percent (at least one): past it, its calls are refused at
+    /// once, so another principal always finds room. 100 turns it off; a key or tier may set its
+    /// own (`share_percent`); the anonymous principal of SHOAL_AUTH=none is not limited.
+    #[arg(
+        long = "principal-share-percent",
+        id = "principal_share_percent",
+        env = "SHOAL_PRINCIPAL_SHARE_PERCENT",
+        default_value_t = 50,
+        value_parser = clap::value_parser!(u8).range(1..=100)
+    )]
+    pub principal_share_percent: u8,
+
     /// Requests per second one principal may send to /mcp, sustained (every POST, GET and DELETE).
     #[arg(
         long = "quota-requests-per-sec",
@@ -354,6 +367,18 @@ pub struct RedisConfig {
         default_value_t = 2000
     )]
     pub timeout_ms: u64,
+
+    /// A replica whose PINGs (one every 250 ms) have had no answer for this long, in milliseconds,
+    /// takes Redis for lost: it ends its GET and listen streams so their clients resume on another
+    /// replica, and refuses new ones until Redis answers again. A Redis that answers late, but
+    /// within this window less 250 ms, is merely slow and ends nothing. At least 500.
+    #[arg(
+        long = "redis-lost-after-ms",
+        id = "redis_lost_after_ms",
+        env = "SHOAL_REDIS_LOST_AFTER_MS",
+        default_value_t = 1500
+    )]
+    pub lost_after_ms: u64,
 
     /// Redis connections used for commands (the bus subscriber has one more of its own).
     #[arg(
@@ -852,7 +877,7 @@ impl Config {
     }
 
     /// The settings that must be greater than zero, by environment name.
-    fn nonzero_settings(&self) -> [(&'static str, u64); 30] {
+    fn nonzero_settings(&self) -> [(&'static str, u64); 31] {
         [
             ("SHOAL_MAX_CONNECTIONS", self.http.max_connections as u64),
             (
@@ -870,6 +895,7 @@ impl Config {
             ),
             ("SHOAL_SSE_KEEPALIVE_SECS", self.http.sse_keepalive_secs),
             ("SHOAL_REDIS_TIMEOUT_MS", self.redis.timeout_ms),
+            ("SHOAL_REDIS_LOST_AFTER_MS", self.redis.lost_after_ms),
             ("SHOAL_KV_MAX_KEYS", self.kv.max_keys),
             (
                 "SHOAL_HEADER_READ_TIMEOUT_MS",
@@ -946,6 +972,13 @@ impl Config {
 
     /// The rules between settings, checked after [`Config::normalise`].
     fn check_rules(&self) -> Result<(), ConfigError> {
+        if self.redis.lost_after_ms < 500 {
+            return Err(ConfigError::rule(
+                "SHOAL_REDIS_LOST_AFTER_MS",
+                "must be at least 500: the watchdog sends a PING every 250 ms, and a shorter \
+                 window would end streams on every ordinary hiccup",
+            ));
+        }
         if self.http.allowed_hosts.is_empty() {
             return Err(ConfigError::rule(
                 "SHOAL_ALLOWED_HOSTS",
@@ -1250,7 +1283,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 79, "settings in the tree");
+        assert_eq!(seen.len(), 81, "settings in the tree");
     }
 
     /// No listener that is not loopback serves without authentication unless asked twice, and each
@@ -1404,6 +1437,23 @@ mod tests {
         assert!(
             error.to_string().contains("must be greater than zero"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn a_lost_redis_window_under_two_pings_is_refused() {
+        let error = parse(&["--redis-lost-after-ms", "300"]).expect_err("must fail");
+        assert_eq!(
+            error.setting(),
+            Some("SHOAL_REDIS_LOST_AFTER_MS"),
+            "{error}"
+        );
+        assert_eq!(
+            parse(&["--redis-lost-after-ms", "500"])
+                .expect("parse")
+                .redis
+                .lost_after_ms,
+            500
         );
     }
 

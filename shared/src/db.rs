@@ -43,6 +43,16 @@ use crate::{
     telemetry::{KeyValue, Span, SpanKind},
 };
 
+/// Whose share of a pool a connection counts against: a principal's id, and the percent of the
+/// pool it may hold at once.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    /// The principal's id.
+    pub id: Arc<str>,
+    /// Its share, in percent.
+    pub percent: u8,
+}
+
 /// Pool and statement settings.
 #[derive(Debug, Clone)]
 pub struct DbConfig {
@@ -96,6 +106,17 @@ pub enum DbError {
     /// Every connection was busy for the whole acquire timeout.
     #[error("the database is busy: no connection became free within {0:?}")]
     PoolTimeout(Duration),
+    /// The caller already holds its share of the pool.
+    #[error(
+        "your calls already hold {held} of this replica's {pool} database connections, your share \
+         (SHOAL_PRINCIPAL_SHARE_PERCENT); retry when one of them ends"
+    )]
+    Share {
+        /// Connections the caller holds.
+        held: usize,
+        /// The pool's size.
+        pool: u32,
+    },
     /// The database cannot be reached.
     #[error("the database is unavailable")]
     Unavailable,
@@ -197,6 +218,7 @@ impl DbError {
     pub fn kind(&self) -> &'static str {
         match self {
             DbError::PoolTimeout(_) => "pool_timeout",
+            DbError::Share { .. } => "principal_share",
             DbError::Unavailable => "unavailable",
             DbError::Privileged(_) => "privileged_role",
             DbError::Timeout(_) => "timeout",
@@ -435,6 +457,8 @@ pub struct Database {
     metrics: Metrics,
     waiting: Arc<AtomicI64>,
     in_use: Arc<AtomicI64>,
+    /// What each principal holds of each pool.
+    shares: crate::share::Shares,
 }
 
 /// A checked-out connection, counted in the in-use gauge until it goes back to the pool. When it
@@ -450,6 +474,8 @@ struct Checkout {
     busy: AtomicBool,
     /// A transaction is open: roll it back before the reset.
     in_transaction: AtomicBool,
+    /// The caller's share of the pool, given back with the connection.
+    _share: Option<crate::share::Share>,
 }
 
 impl Checkout {
@@ -581,6 +607,7 @@ impl Database {
             metrics,
             waiting: Arc::new(AtomicI64::new(0)),
             in_use: Arc::new(AtomicI64::new(0)),
+            shares: crate::share::Shares::default(),
         })
     }
 
@@ -635,14 +662,36 @@ impl Database {
     /// # Errors
     /// See above.
     pub async fn verify_roles(&self) -> Result<(), DbError> {
-        drop(self.connection(&self.pool).await?);
+        drop(self.connection(&self.pool, "reads", None).await?);
         if let Some(pool) = &self.write_pool {
-            drop(self.connection(pool).await?);
+            drop(self.connection(pool, "writes", None).await?);
         }
         Ok(())
     }
 
-    async fn connection(&self, pool: &Pool<Manager>) -> Result<Checkout, DbError> {
+    /// A connection of `pool` (`reads` or `writes`) for `holder` (a principal, within its share
+    /// of the pool; `None`: counted against no one).
+    async fn connection(
+        &self,
+        pool: &Pool<Manager>,
+        purpose: &'static str,
+        holder: Option<&Holder>,
+    ) -> Result<Checkout, DbError> {
+        let share = match holder {
+            Some(holder) => Some(
+                self.shares
+                    .enter(
+                        purpose,
+                        &holder.id,
+                        crate::share::share_of(self.config.pool_max as usize, holder.percent),
+                    )
+                    .map_err(|held| DbError::Share {
+                        held,
+                        pool: self.config.pool_max,
+                    })?,
+            ),
+            None => None,
+        };
         let now = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
         self.metrics.db_pool_waiting(now);
         let _waiting = Waiting(&self.waiting, &self.metrics);
@@ -660,6 +709,7 @@ impl Database {
                     dirty: AtomicBool::new(false),
                     busy: AtomicBool::new(false),
                     in_transaction: AtomicBool::new(false),
+                    _share: share,
                 })
             }
             // Busy, unless the connections it waited for could not be made.
@@ -709,11 +759,16 @@ impl Database {
         sql: &str,
         params: &[Value],
         cancel: &CancellationToken,
+        holder: Option<&Holder>,
     ) -> Result<QueryOutput, DbError> {
         let sql = trim_statement(sql)?;
         let span = db_span("SELECT", first_table(sql));
         let result = self
-            .observed("SELECT", &span, self.read_inner(sql, params, cancel))
+            .observed(
+                "SELECT",
+                &span,
+                self.read_inner(sql, params, cancel, holder),
+            )
             .await;
         if let Ok(output) = &result {
             span.set(attr::DB_RESPONSE_RETURNED_ROWS, output.rows.len() as i64);
@@ -743,8 +798,9 @@ impl Database {
         sql: &str,
         params: &[Value],
         cancel: &CancellationToken,
+        holder: Option<&Holder>,
     ) -> Result<QueryOutput, DbError> {
-        let checkout = self.connection(&self.pool).await?;
+        let checkout = self.connection(&self.pool, "reads", holder).await?;
         let cap = self.config.row_cap;
         let budget = self.config.max_result_bytes;
         checkout
@@ -801,12 +857,17 @@ impl Database {
         sql: &str,
         params: &[Value],
         cancel: &CancellationToken,
+        holder: Option<&Holder>,
     ) -> Result<WriteOutput, DbError> {
         let sql = trim_statement(sql)?;
         data_modifying_only(sql)?;
         let span = db_span("WRITE", first_table(sql));
-        self.observed("WRITE", &span, self.write_inner(sql, params, cancel))
-            .await
+        self.observed(
+            "WRITE",
+            &span,
+            self.write_inner(sql, params, cancel, holder),
+        )
+        .await
     }
 
     async fn write_inner(
@@ -814,9 +875,10 @@ impl Database {
         sql: &str,
         params: &[Value],
         cancel: &CancellationToken,
+        holder: Option<&Holder>,
     ) -> Result<WriteOutput, DbError> {
         let pool = self.write_pool.as_ref().ok_or(DbError::NoWrites)?;
-        let checkout = self.connection(pool).await?;
+        let checkout = self.connection(pool, "writes", holder).await?;
         checkout
             .begin(false, self.config.statement_timeout)
             .await
@@ -853,7 +915,7 @@ impl Database {
     pub async fn list_tables(&self) -> Result<Vec<String>, DbError> {
         let span = db_span("LIST", Some("information_schema.tables"));
         let list = async {
-            let checkout = self.connection(&self.pool).await?;
+            let checkout = self.connection(&self.pool, "reads", None).await?;
             let rows = checkout
                 .client()
                 .query(
@@ -873,15 +935,23 @@ impl Database {
     ///
     /// # Errors
     /// [`DbError::Invalid`] when the table does not exist.
-    pub async fn describe(&self, table: &str) -> Result<TableInfo, DbError> {
+    pub async fn describe(
+        &self,
+        table: &str,
+        holder: Option<&Holder>,
+    ) -> Result<TableInfo, DbError> {
         let span = db_span("DESCRIBE", Some(table));
-        self.observed("DESCRIBE", &span, self.describe_inner(table))
+        self.observed("DESCRIBE", &span, self.describe_inner(table, holder))
             .await
     }
 
-    async fn describe_inner(&self, table: &str) -> Result<TableInfo, DbError> {
+    async fn describe_inner(
+        &self,
+        table: &str,
+        holder: Option<&Holder>,
+    ) -> Result<TableInfo, DbError> {
         let (schema, name) = table.split_once('.').unwrap_or(("public", table));
-        let checkout = self.connection(&self.pool).await?;
+        let checkout = self.connection(&self.pool, "reads", holder).await?;
         let connection = checkout.client();
         let columns = connection
             .query(
@@ -940,7 +1010,7 @@ impl Database {
     /// # Errors
     /// See [`DbError`].
     pub async fn signatures(&self) -> Result<BTreeMap<String, String>, DbError> {
-        let checkout = self.connection(&self.pool).await?;
+        let checkout = self.connection(&self.pool, "reads", None).await?;
         let rows = checkout
             .client()
             .query(
@@ -958,7 +1028,7 @@ impl Database {
     /// # Errors
     /// When the database cannot be reached.
     pub async fn ping(&self) -> Result<(), DbError> {
-        let checkout = self.connection(&self.pool).await?;
+        let checkout = self.connection(&self.pool, "reads", None).await?;
         checkout
             .client()
             .simple_query("SELECT 1")

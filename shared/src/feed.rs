@@ -132,12 +132,17 @@ impl FeedTask {
     }
 
     async fn run(mut self, start: FeedStart, fresh: bool) {
-        if let End::Release = self.drive(start, fresh).await {
+        let end = self.drive(start, fresh).await;
+        // The client's stream ends now: the final checkpoint below must not hold it open (when
+        // the replica lost Redis, it waits out a command timeout).
+        drop(self.out);
+        if let End::Release = end {
             // Record how far this stream got, so the client's next fresh stream continues there.
-            let _ = self
-                .backend
-                .feed_checkpoint(self.claim(), self.last, true)
-                .await;
+            let claim = FeedClaim {
+                session: &self.session,
+                holder: &self.holder,
+            };
+            let _ = self.backend.feed_checkpoint(claim, self.last, true).await;
         }
     }
 
@@ -164,9 +169,17 @@ impl FeedTask {
                 }
                 () = self.out.closed() => return End::Release,
                 _ = touch.tick() => {
-                    match self.backend.feed_checkpoint(self.claim(), self.last, false).await {
-                        Ok(false) => return End::SessionGone, // expired or deleted
-                        _ => Ok(()),
+                    let gone = self.registration.gone.clone();
+                    tokio::select! {
+                        biased;
+                        // Ended meanwhile: the next turn says how.
+                        () = gone.cancelled() => Ok(()),
+                        checkpoint = self.backend.feed_checkpoint(self.claim(), self.last, false) => {
+                            match checkpoint {
+                                Ok(false) => return End::SessionGone, // expired or deleted
+                                _ => Ok(()),
+                            }
+                        }
                     }
                 }
                 () = self.registration.lagged.raised() => {
@@ -197,7 +210,12 @@ impl FeedTask {
                 },
             };
             if step.is_err() {
-                return End::Release;
+                // A deleted session has nothing to release (a checkpoint would write to it again).
+                return if self.registration.session_deleted() {
+                    End::SessionGone
+                } else {
+                    End::Release
+                };
             }
         }
     }
@@ -220,11 +238,16 @@ impl FeedTask {
     /// backend is unreachable, as long as the consumer is there.
     async fn catch_up(&mut self) -> Result<(), Closed> {
         let mut backoff = Duration::from_millis(50);
+        let gone = self.registration.gone.clone();
         loop {
-            let batch: BackendResult<Vec<LoggedEvent>> = self
-                .backend
-                .events_after(&self.session, self.last, self.options.read_batch)
-                .await;
+            // An ended feed does not wait for a read from a Redis it may have lost.
+            let batch: BackendResult<Vec<LoggedEvent>> = tokio::select! {
+                biased;
+                () = gone.cancelled() => return Err(Closed),
+                batch = self
+                    .backend
+                    .events_after(&self.session, self.last, self.options.read_batch) => batch,
+            };
             match batch {
                 Ok(events) => {
                     let done = (events.len() as u64) < self.options.read_batch;

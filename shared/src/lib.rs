@@ -27,4 +27,5 @@ pub mod ids;
 pub mod keys;
 pub mod metrics;
 pub mod rpc;
+pub mod share;
 pub mod telemetry;

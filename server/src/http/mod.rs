@@ -357,6 +357,11 @@ impl HttpService {
             Ok(principal) => principal,
             Err(failure) => return self.refuse(&failure, None),
         };
+        // A principal this replica knows to be over its rate is answered at once: no body read,
+        // no lookup, no round trip (the body is dropped unread, and with it the connection).
+        if let Some(refusal) = self.quotas.refused_from_memory(&principal) {
+            return self.over_quota(&refusal, None);
+        }
         if self.auth.is_on()
             && let Some(session) = request
                 .headers()
@@ -364,7 +369,12 @@ impl HttpService {
                 .and_then(|value| value.to_str().ok())
             && let Err(refused) = Box::pin(self.check_owner(session, &principal.id)).await
         {
-            return refused;
+            // An unknown or foreign session (404) cost a lookup: charged to the caller's rate.
+            return if refused.status() == StatusCode::NOT_FOUND {
+                Box::pin(self.charged(&principal, refused, None)).await
+            } else {
+                refused
+            };
         }
         let name = principal.name.clone();
         request.extensions_mut().insert(principal.clone());
@@ -419,6 +429,23 @@ impl HttpService {
         }
     }
 
+    /// `refused`, the answer to a request of `principal` refused for its own fault before
+    /// admission (an unknown session, a scope it lacks, a malformed or oversized request), after
+    /// charging the request to the principal's rate as an admitted one would be: refusals are not
+    /// free work. Over its rate, the answer is that 429 instead. When the shared state cannot
+    /// charge it, the refusal stands.
+    async fn charged(
+        &self,
+        principal: &Principal,
+        refused: Response<Body>,
+        id: Option<&serde_json::Value>,
+    ) -> Response<Body> {
+        match self.quotas.admit(principal, Demand::Request).await {
+            Err(refusal @ Refusal::Over { .. }) => self.over_quota(&refusal, id),
+            Ok(_) | Err(Refusal::Unavailable) => refused,
+        }
+    }
+
     /// The answer to a request over a quota (429 with `Retry-After`), or one the quotas could
     /// not decide (503).
     fn over_quota(&self, refusal: &Refusal, id: Option<&serde_json::Value>) -> Response<Body> {
@@ -461,7 +488,7 @@ impl HttpService {
         }
         let bytes = match self.read_body(body).await {
             Ok(bytes) => bytes,
-            Err(rejected) => return rejected,
+            Err(rejected) => return self.charged(principal, rejected, None).await,
         };
         let envelope = match Envelope::peek(&bytes) {
             Ok(envelope) => envelope,
@@ -472,10 +499,11 @@ impl HttpService {
                 } else {
                     "invalid_request"
                 };
-                return self.reject(
+                let rejected = self.reject(
                     reason,
                     jsonrpc_error(StatusCode::BAD_REQUEST, code, message),
                 );
+                return self.charged(principal, rejected, None).await;
             }
         };
         if self.shared_state_in_trouble() {
@@ -486,7 +514,7 @@ impl HttpService {
         if envelope.is_initialize && bytes.len() > self.state.config.http.max_initialize_bytes {
             let limit = self.state.config.http.max_initialize_bytes;
             tracing::info!(limit, "rejected request: initialize too large");
-            return self.reject(
+            let rejected = self.reject(
                 "initialize_too_large",
                 jsonrpc_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -494,6 +522,9 @@ impl HttpService {
                     &format!("initialize request exceeds {limit} bytes"),
                 ),
             );
+            return self
+                .charged(principal, rejected, envelope.id.as_ref())
+                .await;
         }
         if envelope.is_initialize && self.sessions.is_full().await {
             return self.reject(
@@ -509,7 +540,8 @@ impl HttpService {
                 "insufficient_scope",
                 "the call needs a scope the token lacks",
             );
-            return self.refuse(&failure, Some(&grant.scope()));
+            let refused = self.refuse(&failure, Some(&grant.scope()));
+            return self.charged(principal, refused, envelope.id.as_ref()).await;
         }
         // A listen stream follows only resources the caller may read: one outside its grants is
         // refused as a tool call outside them is, naming the scope it needs.
@@ -522,7 +554,8 @@ impl HttpService {
                 "insufficient_scope",
                 "following this resource needs a scope the token lacks",
             );
-            return self.refuse(&failure, Some(toolset));
+            let refused = self.refuse(&failure, Some(toolset));
+            return self.charged(principal, refused, envelope.id.as_ref()).await;
         }
         let demand = if envelope.tool.is_some() {
             Demand::ToolCall

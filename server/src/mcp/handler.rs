@@ -32,6 +32,7 @@ use serde_json::Value;
 use shoal_shared::{
     backend::SubscribeOutcome,
     cache::{Fill, Source as CacheSource, entry_id, private_partition},
+    db::Holder,
 };
 
 use shoal_shared::telemetry::Span;
@@ -68,6 +69,17 @@ impl std::fmt::Debug for ShoalHandler {
 /// The authenticated caller of the request behind `context` (put there by the HTTP layer; the
 /// anonymous principal when authentication is off).
 /// The principal a request was authenticated as (anonymous without authentication).
+/// Whose share of the replica's tool slots and database pools a call counts against: its
+/// principal, unless that is the anonymous principal of `SHOAL_AUTH=none` (every caller at once,
+/// which no share could be fair between).
+pub(crate) fn share_holder(context: &RequestContext<RoleServer>) -> Option<Holder> {
+    let principal = caller(context);
+    (principal.id != Principal::anonymous().id).then_some(Holder {
+        percent: principal.limits.share_percent,
+        id: principal.id,
+    })
+}
+
 pub(crate) fn caller(context: &RequestContext<RoleServer>) -> Principal {
     context
         .extensions
@@ -557,6 +569,27 @@ impl ShoalHandler {
                     )));
                 }
             },
+            None => None,
+        };
+        // A principal's share of the tool's slots, before it waits for one: past it, refused at
+        // once (its own calls will free them), so that another principal always finds a slot.
+        let _share = match share_holder(&context) {
+            Some(holder) => {
+                let max = shoal_shared::share::share_of(policy.limit, holder.percent);
+                match self.state.tool_shares.enter(policy.name, &holder.id, max) {
+                    Ok(share) => Some(share),
+                    Err(held) => {
+                        self.state
+                            .metrics
+                            .tool_rejected(policy.name, "principal_share");
+                        return Ok(tool_error(format!(
+                            "your calls already hold {held} of this replica's {} slots of {}, your \
+                             share (SHOAL_PRINCIPAL_SHARE_PERCENT); retry when one of them ends",
+                            policy.limit, policy.name
+                        )));
+                    }
+                }
+            }
             None => None,
         };
         let Ok(Ok(slot)) = tokio::time::timeout(

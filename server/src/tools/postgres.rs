@@ -201,7 +201,11 @@ impl ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
         let db = self.database()?;
-        match db.read(&params.sql, &params.params, &context.ct).await {
+        let holder = crate::mcp::handler::share_holder(&context);
+        match db
+            .read(&params.sql, &params.params, &context.ct, holder.as_ref())
+            .await
+        {
             Ok(output) => {
                 let mut result = json!({
                     "columns": output.columns,
@@ -237,8 +241,14 @@ impl ShoalHandler {
     async fn pg_describe_table(
         &self,
         Parameters(params): Parameters<TableParams>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
-        match self.database()?.describe(&params.table).await {
+        let holder = crate::mcp::handler::share_holder(&context);
+        match self
+            .database()?
+            .describe(&params.table, holder.as_ref())
+            .await
+        {
             Ok(info) => Ok(CallToolResult::structured(
                 serde_json::to_value(info).unwrap_or_default(),
             )),
@@ -267,7 +277,11 @@ impl ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
         let db = self.database()?;
-        match db.write(&params.sql, &params.params, &context.ct).await {
+        let holder = crate::mcp::handler::share_holder(&context);
+        match db
+            .write(&params.sql, &params.params, &context.ct, holder.as_ref())
+            .await
+        {
             Ok(output) => {
                 Self::tables_changed(&self.state, &output.changed_tables, false).await;
                 Ok(CallToolResult::structured(json!({
@@ -331,7 +345,10 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
     let id = entry_id("resources/read", &json!({"uri": canonical}), "public");
     let fill = async {
         let value = match &table {
-            Some(table) => serde_json::to_value(db.describe(table).await?).unwrap_or_default(),
+            // Cached per table: one read per TTL whoever asks, so counted against no one's share.
+            Some(table) => {
+                serde_json::to_value(db.describe(table, None).await?).unwrap_or_default()
+            }
             None => json!({"tables": db.list_tables().await?}),
         };
         Ok::<_, DbError>(Fill::text(value.to_string(), true))

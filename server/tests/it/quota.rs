@@ -324,3 +324,275 @@ async fn a_call_holds_its_slot_until_it_ends_even_when_the_client_hangs_up() {
     })
     .await;
 }
+
+const CAROL: &str = "carol-key-0123456789abcdef0123456789abcdef";
+const DAVE: &str = "dave-key-0123456789abcdef0123456789abcdef";
+const ERIN: &str = "erin-key-0123456789abcdef0123456789abcdef";
+
+/// A keys file entry with `scopes` and the `quota` table `quota`.
+fn scoped_key_with_quota(principal: &str, key: &str, scopes: &str, quota: &str) -> String {
+    format!(
+        "[[key]]\nprincipal = \"{principal}\"\nscopes = [{scopes}]\n\
+         sha256 = \"{}\"\nquota = {{ {quota} }}\n\n",
+        hex::encode(Sha256::digest(key.as_bytes()))
+    )
+}
+
+/// Calls of Lua scripts Redis has served so far (every quota decision is one).
+async fn script_calls(topology: &Topology) -> u64 {
+    let info = redis_cli(topology, &["INFO", "commandstats"]).await;
+    info.lines()
+        .filter_map(|line| {
+            line.strip_prefix("cmdstat_evalsha:calls=")
+                .or_else(|| line.strip_prefix("cmdstat_eval:calls="))
+        })
+        .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Requests refused before admission for the caller's own fault are charged to its rate (issue
+/// 27, finding 7): naming random session ids (each a lookup and a 404) or calling a tool outside
+/// its scopes (a 403) soon gets 429 instead, so a principal cannot make unbounded free work. Over
+/// its rate, a principal's requests are answered from the replica's memory: no Redis round trip
+/// (counted in Redis's command statistics), and no body read (a request whose body never comes
+/// is answered at once).
+#[tokio::test]
+async fn refused_requests_are_charged_and_an_exhausted_rate_costs_nothing() {
+    let keys = keys_file(&format!(
+        "{}{}{}{}",
+        key_with_quota("alice", ALICE, "requests_per_sec = 1, burst = 3"),
+        key_with_quota("erin", ERIN, "requests_per_sec = 1, burst = 3"),
+        scoped_key_with_quota("carol", CAROL, "\"kv\"", "requests_per_sec = 1, burst = 5"),
+        scoped_key_with_quota(
+            "dave",
+            DAVE,
+            "\"kv:write\"",
+            "requests_per_sec = 1, burst = 1"
+        ),
+    ));
+    let topology = quota_cluster(&keys, &[]).await;
+    let url = topology.replicas[0].mcp_url();
+
+    // Random well-formed session ids: a few 404s (the burst, and what refills meanwhile), then 429.
+    let started = std::time::Instant::now();
+    let (mut unknown, mut over) = (0u32, 0u32);
+    for _ in 0..20 {
+        let session = uuid::Uuid::new_v4().to_string();
+        let (status, headers, body) = post_raw(&url, Some(&session), Some(ALICE), &ping()).await;
+        match status {
+            StatusCode::NOT_FOUND => unknown += 1,
+            _ => {
+                assert_eq!(refused_quota(status, &headers, &body), "requests");
+                over += 1;
+            }
+        }
+    }
+    let allowed = 3 + started.elapsed().as_secs_f64().ceil() as u32;
+    assert!(
+        unknown <= allowed && over >= 20 - allowed,
+        "{unknown} answered 404 and {over} 429; the rate allows {allowed}"
+    );
+
+    // Calls outside the caller's scopes: a few 403s, then 429.
+    let carol = initialized(&url, CAROL).await;
+    let session = carol.session_id().expect("session").to_owned();
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "kv_set", "arguments": {"key": "k", "value": "v"}}});
+    let started = std::time::Instant::now();
+    let (mut forbidden, mut over) = (0u32, 0u32);
+    for _ in 0..20 {
+        let (status, headers, body) = post_raw(&url, Some(&session), Some(CAROL), &call).await;
+        match status {
+            StatusCode::FORBIDDEN => forbidden += 1,
+            _ => {
+                assert_eq!(refused_quota(status, &headers, &body), "requests");
+                over += 1;
+            }
+        }
+    }
+    // Its burst of 5, less the initialize and the initialized notification.
+    let allowed = 3 + started.elapsed().as_secs_f64().ceil() as u32;
+    assert!(
+        forbidden <= allowed && over >= 20 - allowed,
+        "{forbidden} answered 403 and {over} 429; the rate allows {allowed}"
+    );
+
+    // Over its rate, a flood costs no round trip: about two quota decisions a second reach Redis
+    // (the refusal that starts a window, the request that passes when it ends), not one each.
+    let erin = initialized(&topology.replicas[1].mcp_url(), ERIN).await;
+    let session = erin.session_id().expect("session").to_owned();
+    let flood_url = topology.replicas[1].mcp_url();
+    let before = script_calls(&topology).await;
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    for _ in 0..200 {
+        let (status, _, _) = post_raw(&flood_url, Some(&session), Some(ERIN), &ping()).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            refused += 1;
+        }
+    }
+    let decided = script_calls(&topology).await - before;
+    let bound = 2 * (started.elapsed().as_secs_f64().ceil() as u64 + 1) + 10;
+    assert!(refused >= 150, "{refused} of 200 refused");
+    assert!(
+        decided <= bound,
+        "{decided} scripts ran in Redis for 200 requests of a principal over its rate (bound {bound})"
+    );
+
+    // Over its rate, a request is answered before its body arrives (it is never read).
+    let (status, _, _) = post_raw(&url, None, Some(DAVE), &ping()).await;
+    assert_ne!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "dave's first request"
+    );
+    let (status, headers, body) = post_raw(&url, None, Some(DAVE), &ping()).await;
+    assert_eq!(refused_quota(status, &headers, &body), "requests");
+    let port = topology.replicas[0].port();
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {DAVE}\r\n\
+         Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
+         Content-Length: 500000\r\n\r\n{{\"jsonrpc\": \"2.0\", \"id\": 1, "
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut socket, head.as_bytes())
+        .await
+        .expect("write");
+    let mut answer = vec![0u8; 64];
+    let read = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read(&mut socket, &mut answer),
+    )
+    .await
+    .expect("answered without waiting for the body")
+    .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+}
+
+/// Second review, finding 1 (second half): one principal within its quotas cannot take all of a
+/// replica's capacity of one kind. With a pool of four connections and the default share (half),
+/// a principal's third and fourth concurrent statements are refused at once, and another
+/// principal's query runs at once instead of waiting for the pool; likewise for a tool's slots
+/// (`sleep`, four slots on the replica).
+#[tokio::test]
+async fn one_principal_holds_at_most_its_share_of_a_replicas_pool_and_slots() {
+    let keys = keys_file(&format!(
+        "{}{}",
+        scoped_key_with_quota(
+            "alice",
+            ALICE,
+            "\"postgres\", \"kv:write\"",
+            "concurrent_calls = 32"
+        ),
+        scoped_key_with_quota(
+            "bob",
+            BOB,
+            "\"postgres\", \"kv:write\"",
+            "concurrent_calls = 32"
+        ),
+    ));
+    let mut options = cluster_options(1)
+        .env("SHOAL_AUTH", "api-keys")
+        .env("SHOAL_API_KEYS_FILE", keys.path().display())
+        .env("SHOAL_TOOLSETS", "kv,postgres")
+        .env("SHOAL_POSTGRES_POOL_MAX", 4)
+        .env("SHOAL_POSTGRES_ACQUIRE_TIMEOUT_MS", 5000)
+        .env("SHOAL_TOOL_CONCURRENCY_LIMITS", "sleep=4");
+    options.postgres = true;
+    options.balancer = false;
+    let topology = start(options).await;
+    let url = topology.replicas[0].mcp_url();
+    // One client shared by alice's calls: its request ids are distinct (a fork starts its own).
+    let alice = std::sync::Arc::new(initialized(&url, ALICE).await);
+    let bob = initialized(&url, BOB).await;
+
+    for (what, calls, quick) in [
+        (
+            "database connections",
+            (0..4)
+                .map(|n| {
+                    (
+                        "pg_query",
+                        json!({"sql": format!("SELECT pg_sleep(3) AS held, {n} AS call")}),
+                    )
+                })
+                .collect::<Vec<_>>(),
+            ("pg_query", json!({"sql": "SELECT 1 AS one"})),
+        ),
+        (
+            "sleep slots",
+            (0..4)
+                .map(|_| ("sleep", json!({"ms": 3000})))
+                .collect::<Vec<_>>(),
+            ("sleep", json!({"ms": 10})),
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let running: Vec<_> = calls
+            .into_iter()
+            .map(|(tool, arguments)| {
+                let alice = alice.clone();
+                tokio::spawn(async move { alice.call_tool(tool, arguments).await.expect("call") })
+            })
+            .collect();
+        // Two of alice's calls are refused at once, naming her share; two run.
+        let mut pending = Vec::new();
+        for call in running {
+            pending.push(call);
+        }
+        let mut finished = Vec::new();
+        while finished.len() < 2 && started.elapsed() < WAIT {
+            let mut still = Vec::new();
+            for call in pending.drain(..) {
+                if call.is_finished() {
+                    finished.push(call.await.expect("task"));
+                } else {
+                    still.push(call);
+                }
+            }
+            pending = still;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let refused = finished
+            .iter()
+            .filter(|result| {
+                result["isError"] == json!(true) && text_of(result).contains("your share")
+            })
+            .count();
+        assert_eq!(
+            refused, 2,
+            "two of alice's calls refused ({what}): {finished:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "refused at once, not after waiting ({what}): {:?}",
+            started.elapsed()
+        );
+        assert_eq!(pending.len(), 2, "two of alice's calls run ({what})");
+        // Bob is not kept waiting behind alice.
+        let asked = std::time::Instant::now();
+        let (tool, arguments) = quick;
+        let result = bob.call_tool(tool, arguments).await.expect("bob's call");
+        assert_ne!(
+            result["isError"],
+            json!(true),
+            "bob's call ({what}): {result}"
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "bob waited {:?} for {what}",
+            asked.elapsed()
+        );
+        for call in pending {
+            let result = call.await.expect("task");
+            assert_ne!(
+                result["isError"],
+                json!(true),
+                "alice's call ran ({what}): {result}"
+            );
+        }
+    }
+}

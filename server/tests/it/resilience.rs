@@ -280,6 +280,186 @@ async fn a_replica_cut_off_from_redis_ends_its_streams_and_recovers() {
     assert_eq!(replica_of(&again.headers), replica_of(&refused.headers));
 }
 
+/// What a client following a GET stream sees when its replica is cut off from Redis while updates
+/// go on elsewhere (a write every 100 ms through a healthy replica): the stream ends, the client
+/// resumes on a healthy replica with `Last-Event-ID` (as SDK clients do), and the longest time
+/// without an update, from before the cut to the first update on the resumed stream, stays under
+/// 3 s (6.7 s before: two failed PINGs of the 2 s command timeout decided, then the stream waited
+/// out one more command timeout for its final checkpoint). Every acknowledged
+/// write arrives, once.
+#[tokio::test]
+async fn a_partitioned_replicas_stream_is_silent_for_under_3s() {
+    let topology = start(cluster_options(3).redis_through_proxy(2)).await;
+    let cut = &topology.replicas[2];
+    let healthy = topology.replicas[0].mcp_url();
+    let mut subscriber = McpClient::legacy(cut.mcp_url());
+    subscriber.initialize().await.expect("initialize");
+    subscribe(&subscriber, "kv://silence").await;
+    let mut stream = subscriber.open_get(None).await.expect("GET");
+    assert_eq!(stream.status, 200);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (writer, stop) = (legacy_client(&healthy).await, stop.clone());
+        tokio::spawn(async move {
+            let mut acknowledged = 0usize;
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            while !stop.is_cancelled() {
+                every.tick().await;
+                let value = acknowledged.to_string();
+                call_ok(&writer, "kv_set", json!({"key": "silence", "value": value})).await;
+                acknowledged += 1;
+            }
+            acknowledged
+        })
+    };
+    // Updates flow; then the cut.
+    let (mut last_id, _) = next_matching(&mut stream, "an update before the cut", |m| {
+        is_update_of(m, "kv://silence")
+    })
+    .await;
+    let mut received = vec![tokio::time::Instant::now()];
+    let mut ids = vec![last_id.clone().expect("an event id")];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cut_at = tokio::time::Instant::now();
+    topology.redis_proxies[&2].set(Fault::Blackhole);
+
+    let mut resumed = false;
+    while tokio::time::Instant::now() < cut_at + Duration::from_secs(8) {
+        match stream.next_message(Duration::from_secs(10)).await {
+            Ok(Some(event)) => {
+                if event
+                    .message
+                    .as_ref()
+                    .is_some_and(|m| is_update_of(m, "kv://silence"))
+                {
+                    received.push(tokio::time::Instant::now());
+                    ids.push(event.id.clone().expect("an event id"));
+                }
+                if event.id.is_some() {
+                    last_id = event.id;
+                }
+            }
+            Ok(None) => {
+                assert!(!resumed, "the resumed stream ended too");
+                eprintln!("stream ended {:?} after the cut", cut_at.elapsed());
+                resumed = true;
+                stream = subscriber
+                    .fork_at(&healthy)
+                    .open_get(last_id.as_deref())
+                    .await
+                    .expect("GET");
+                assert_eq!(stream.status, 200, "resumed on a healthy replica");
+            }
+            Err(()) => panic!("no event for 10 s"),
+        }
+    }
+    stop.cancel();
+    let acknowledged = writer.await.expect("writer");
+    assert!(resumed, "the cut-off replica ended its stream");
+    // The last writes' updates, still in flight when the writer stopped.
+    while ids.len() < acknowledged {
+        let (id, _) = next_matching(&mut stream, "the last updates", |m| {
+            is_update_of(m, "kv://silence")
+        })
+        .await;
+        ids.push(id.expect("an event id"));
+    }
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "no update twice");
+    assert!(
+        ids.len() >= acknowledged,
+        "{} updates for {acknowledged} writes",
+        ids.len()
+    );
+    let silence = received
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .max()
+        .expect("updates");
+    eprintln!("longest silence: {silence:?} ({} updates)", received.len());
+    assert!(
+        silence < Duration::from_secs(3),
+        "the client heard nothing for {silence:?}"
+    );
+}
+
+/// A Redis that is slow, not lost, ends no stream: three stalls of 1 s (SIGSTOP, as a long fork
+/// or a paused VM) half a second apart, while a client writes every 100 ms and another follows the
+/// updates on a GET stream. The stream never ends, and every write's update arrives on it.
+#[tokio::test]
+async fn a_redis_stall_of_1s_ends_no_stream() {
+    let topology = cluster(2).await;
+    let follower = legacy_client(&topology.replicas[1].mcp_url()).await;
+    subscribe(&follower, "kv://stall").await;
+    let mut stream = follower.open_get(None).await.expect("GET");
+    assert_eq!(stream.status, 200);
+    let writer = legacy_client(&topology.replicas[0].mcp_url()).await;
+    let writes = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        for n in 0..40 {
+            every.tick().await;
+            call_ok(
+                &writer,
+                "kv_set",
+                json!({"key": "stall", "value": n.to_string()}),
+            )
+            .await;
+        }
+    });
+    let stalls = async {
+        let redis = topology.redis.as_ref().expect("redis");
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            redis.freeze();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            redis.thaw();
+        }
+    };
+    // Follow the stream through the stalls: it must never end.
+    let mut ids = HashSet::new();
+    let follow = async {
+        loop {
+            match stream.next_message(WAIT).await {
+                Ok(Some(event)) => {
+                    if event
+                        .message
+                        .as_ref()
+                        .is_some_and(|m| is_update_of(m, "kv://stall"))
+                    {
+                        ids.insert(event.id.expect("an event id"));
+                    }
+                }
+                Ok(None) => panic!("a stall of 1 s ended the stream ({} updates in)", ids.len()),
+                Err(()) => panic!("no event for {WAIT:?} ({} updates in)", ids.len()),
+            }
+        }
+    };
+    tokio::select! {
+        () = stalls => {}
+        () = follow => unreachable!(),
+    }
+    writes.await.expect("every write acknowledged");
+    while ids.len() < 40 {
+        match stream.next_message(WAIT).await {
+            Ok(Some(event)) => {
+                if event
+                    .message
+                    .as_ref()
+                    .is_some_and(|m| is_update_of(m, "kv://stall"))
+                {
+                    ids.insert(event.id.expect("an event id"));
+                }
+            }
+            Ok(None) => panic!(
+                "the stream ended after the stalls ({} updates in)",
+                ids.len()
+            ),
+            Err(()) => panic!("{} updates of 40", ids.len()),
+        }
+    }
+}
+
 /// Redis frozen (SIGSTOP) for 5 s while a client writes every 50 ms and another follows the
 /// updates on a GET stream: no request waits much beyond the command timeout (clear errors, no
 /// hang), and afterwards the follower, reconnecting with `Last-Event-ID` as SDK clients do, has one
