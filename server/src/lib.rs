@@ -427,14 +427,30 @@ async fn watchdog(state: Arc<AppState>, stop: CancellationToken) {
     let mut answered = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            // Answers first: one already in when the interval ticks must count before the
+            // decision below.
+            biased;
             () = stop.cancelled() => return,
-            Some(Ok(Some(sent))) = pings.join_next() => {
-                answered = answered.max(sent);
-                if state.shared_state_lost.swap(false, Ordering::SeqCst) {
-                    tracing::info!("shared state reachable again: accepting streams");
+            Some(ping) = pings.join_next() => {
+                if let Ok(Some(sent)) = ping {
+                    answered = answered.max(sent);
+                    // Back only when the answer is recent: a PING answered after longer than the
+                    // window says Redis is still too slow, and must not reopen streams that the
+                    // next tick would end again.
+                    if sent.elapsed() < lost_after
+                        && state.shared_state_lost.swap(false, Ordering::SeqCst)
+                    {
+                        tracing::info!("shared state reachable again: accepting streams");
+                    }
                 }
             }
             _ = every.tick() => {
+                // Answers that came in with the tick.
+                while let Some(ping) = pings.try_join_next() {
+                    if let Ok(Some(sent)) = ping {
+                        answered = answered.max(sent);
+                    }
+                }
                 let sent = tokio::time::Instant::now();
                 let backend = state.backend.clone();
                 pings.spawn(async move {

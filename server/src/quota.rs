@@ -420,7 +420,7 @@ impl Quotas {
     /// rate, as this replica last heard from the shared state: no round trip.
     pub fn refused_from_memory(&self, principal: &Principal) -> Option<Refusal> {
         let now = tokio::time::Instant::now();
-        let over = self.over_rate.lock().unwrap_or_else(|e| e.into_inner());
+        let mut over = self.over_rate.lock().unwrap_or_else(|e| e.into_inner());
         if over.is_empty() {
             return None;
         }
@@ -428,20 +428,38 @@ impl Quotas {
             (&*principal.id, "requests"),
             (QUOTA_CLUSTER, "global_requests"),
         ] {
-            if let Some(until) = over.get(subject).filter(|until| **until > now) {
-                self.metrics.quota_rejection(kind);
-                return Some(Refusal::Over {
-                    kind,
-                    retry_after: *until - now,
-                });
+            match over.get(subject).copied() {
+                Some(until) if until > now => {
+                    self.metrics.quota_rejection(kind);
+                    return Some(Refusal::Over {
+                        kind,
+                        retry_after: until - now,
+                    });
+                }
+                // Lapsed: forgotten, so that the map empties again and the check costs nothing.
+                Some(_) => {
+                    over.remove(subject);
+                }
+                None => {}
             }
         }
         None
     }
 
-    /// Remembers that `subject` is over its request rate for `retry_after`.
-    fn remember_over_rate(&self, subject: &str, retry_after: Duration) {
+    /// Remembers that `subject` is over its request rate for `retry_after` from `asked` (when the
+    /// decision was asked for: Redis's retry time runs from its own clock, and counting it from
+    /// the reply would refuse for one round trip too long).
+    fn remember_over_rate(
+        &self,
+        subject: &str,
+        asked: tokio::time::Instant,
+        retry_after: Duration,
+    ) {
         let now = tokio::time::Instant::now();
+        let until = asked + retry_after;
+        if until <= now {
+            return;
+        }
         let mut over = self.over_rate.lock().unwrap_or_else(|e| e.into_inner());
         if over.len() >= OVER_RATE_MEMORY && !over.contains_key(subject) {
             over.retain(|_, until| *until > now);
@@ -449,7 +467,7 @@ impl Quotas {
                 return;
             }
         }
-        over.insert(Arc::from(subject), now + retry_after);
+        over.insert(Arc::from(subject), until);
     }
 
     /// Admits a request of `principal` that asks for `demand`: `Ok(Some(lease))` when it holds a
@@ -494,6 +512,7 @@ impl Quotas {
         } else {
             Arc::from("")
         };
+        let asked = tokio::time::Instant::now();
         match self.backend.quota_admit(&checks, &member, LEASE).await {
             Ok(None) => {}
             Ok(Some(QuotaRefusal { index, retry_after })) => {
@@ -504,7 +523,7 @@ impl Quotas {
                 if refusing.kind == QuotaKind::Rate
                     && let Some(retry_after) = retry_after
                 {
-                    self.remember_over_rate(refusing.subject, retry_after);
+                    self.remember_over_rate(refusing.subject, asked, retry_after);
                 }
                 return Err(Refusal::Over {
                     kind,

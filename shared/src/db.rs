@@ -474,8 +474,8 @@ struct Checkout {
     busy: AtomicBool,
     /// A transaction is open: roll it back before the reset.
     in_transaction: AtomicBool,
-    /// The caller's share of the pool, given back with the connection.
-    _share: Option<crate::share::Share>,
+    /// The caller's share of the pool, given back with the connection (after its reset).
+    share: Option<crate::share::Share>,
 }
 
 impl Checkout {
@@ -527,7 +527,10 @@ impl Drop for Checkout {
             connection.poisoned = true;
             return;
         };
+        // The connection is not back in the pool until it is reset: neither is its share.
+        let share = self.share.take();
         runtime.spawn(async move {
+            let _share = share;
             if busy {
                 // Abandoned mid-statement: stop it on the server, never reuse the connection.
                 connection.poisoned = true;
@@ -709,7 +712,7 @@ impl Database {
                     dirty: AtomicBool::new(false),
                     busy: AtomicBool::new(false),
                     in_transaction: AtomicBool::new(false),
-                    _share: share,
+                    share,
                 })
             }
             // Busy, unless the connections it waited for could not be made.

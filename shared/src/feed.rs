@@ -24,6 +24,9 @@ use crate::{
     ids::EventId,
 };
 
+/// How long an ending stream waits for its final checkpoint before it closes anyway.
+const FINAL_CHECKPOINT_HOLD: Duration = Duration::from_millis(250);
+
 /// What a feed emits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FeedItem {
@@ -133,16 +136,24 @@ impl FeedTask {
 
     async fn run(mut self, start: FeedStart, fresh: bool) {
         let end = self.drive(start, fresh).await;
-        // The client's stream ends now: the final checkpoint below must not hold it open (when
-        // the replica lost Redis, it waits out a command timeout).
-        drop(self.out);
         if let End::Release = end {
-            // Record how far this stream got, so the client's next fresh stream continues there.
+            // Record how far this stream got, so the client's next fresh stream continues there,
+            // before the stream ends (a client reconnecting at once must find the checkpoint) -
+            // unless Redis does not answer soon: then the stream ends first, so that a replica
+            // that lost Redis does not hold its client for a command timeout.
             let claim = FeedClaim {
                 session: &self.session,
                 holder: &self.holder,
             };
-            let _ = self.backend.feed_checkpoint(claim, self.last, true).await;
+            let checkpoint = self.backend.feed_checkpoint(claim, self.last, true);
+            let mut checkpoint = std::pin::pin!(checkpoint);
+            if tokio::time::timeout(FINAL_CHECKPOINT_HOLD, &mut checkpoint)
+                .await
+                .is_err()
+            {
+                drop(self.out);
+                let _ = checkpoint.await;
+            }
         }
     }
 

@@ -66,9 +66,6 @@ impl std::fmt::Debug for ShoalHandler {
     }
 }
 
-/// The authenticated caller of the request behind `context` (put there by the HTTP layer; the
-/// anonymous principal when authentication is off).
-/// The principal a request was authenticated as (anonymous without authentication).
 /// Whose share of the replica's tool slots and database pools a call counts against: its
 /// principal, unless that is the anonymous principal of `SHOAL_AUTH=none` (every caller at once,
 /// which no share could be fair between).
@@ -80,6 +77,8 @@ pub(crate) fn share_holder(context: &RequestContext<RoleServer>) -> Option<Holde
     })
 }
 
+/// The authenticated caller of the request behind `context` (put there by the HTTP layer; the
+/// anonymous principal when authentication is off).
 pub(crate) fn caller(context: &RequestContext<RoleServer>) -> Principal {
     context
         .extensions

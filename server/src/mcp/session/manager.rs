@@ -410,7 +410,8 @@ impl SessionManager for ClusterSessionManager {
             if let Err(error) = self.backend.session_create(id, &params, &owner).await {
                 tracing::warn!(%error, "cannot record a new session");
                 self.owners().remove(id);
-                let _ = self.local.close_session(id).await;
+                // Through this manager, so that the worker's count is given back too.
+                let _ = self.close_session(id).await;
                 return Err(error.into());
             }
         }
