@@ -67,11 +67,12 @@ impl std::fmt::Debug for ShoalHandler {
 }
 
 /// Whose share of the replica's tool slots and database pools a call counts against: its
-/// principal, unless that is the anonymous principal of `SHOAL_AUTH=none` (every caller at once,
-/// which no share could be fair between).
+/// principal, unless its share is the whole (100 %: no share, as for the anonymous principal of
+/// `SHOAL_AUTH=none`, which is every caller at once). A share of the whole is no share at all,
+/// not a cap at capacity: its calls wait for a slot or a connection like anyone's.
 pub(crate) fn share_holder(context: &RequestContext<RoleServer>) -> Option<Holder> {
     let principal = caller(context);
-    (principal.id != Principal::anonymous().id).then_some(Holder {
+    (principal.limits.share_percent < 100).then_some(Holder {
         percent: principal.limits.share_percent,
         id: principal.id,
     })

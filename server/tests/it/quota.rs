@@ -350,6 +350,28 @@ async fn script_calls(topology: &Topology) -> u64 {
         .sum()
 }
 
+/// Sends 20 requests (`send`) of a principal with 3 requests of its burst left and a rate of 1/s:
+/// how many were answered `refused`, how many 429 for the request rate (every other answer must
+/// be that), and how many the rate allowed over the time taken (3 + the seconds, rounded up).
+async fn refused_then_over_rate(
+    refused: StatusCode,
+    mut send: impl AsyncFnMut() -> (StatusCode, reqwest::header::HeaderMap, String),
+) -> (u32, u32, u32) {
+    let started = std::time::Instant::now();
+    let (mut refusals, mut over) = (0u32, 0u32);
+    for _ in 0..20 {
+        let (status, headers, body) = send().await;
+        if status == refused {
+            refusals += 1;
+        } else {
+            assert_eq!(refused_quota(status, &headers, &body), "requests");
+            over += 1;
+        }
+    }
+    let allowed = 3 + started.elapsed().as_secs_f64().ceil() as u32;
+    (refusals, over, allowed)
+}
+
 /// Requests refused before admission for the caller's own fault are charged to its rate (issue
 /// 27, finding 7): naming random session ids (each a lookup and a 404) or calling a tool outside
 /// its scopes (a 403) soon gets 429 instead, so a principal cannot make unbounded free work. Over
@@ -374,20 +396,11 @@ async fn refused_requests_are_charged_and_an_exhausted_rate_costs_nothing() {
     let url = topology.replicas[0].mcp_url();
 
     // Random well-formed session ids: a few 404s (the burst, and what refills meanwhile), then 429.
-    let started = std::time::Instant::now();
-    let (mut unknown, mut over) = (0u32, 0u32);
-    for _ in 0..20 {
+    let (unknown, over, allowed) = refused_then_over_rate(StatusCode::NOT_FOUND, async || {
         let session = uuid::Uuid::new_v4().to_string();
-        let (status, headers, body) = post_raw(&url, Some(&session), Some(ALICE), &ping()).await;
-        match status {
-            StatusCode::NOT_FOUND => unknown += 1,
-            _ => {
-                assert_eq!(refused_quota(status, &headers, &body), "requests");
-                over += 1;
-            }
-        }
-    }
-    let allowed = 3 + started.elapsed().as_secs_f64().ceil() as u32;
+        post_raw(&url, Some(&session), Some(ALICE), &ping()).await
+    })
+    .await;
     assert!(
         unknown <= allowed && over >= 20 - allowed,
         "{unknown} answered 404 and {over} 429; the rate allows {allowed}"
@@ -398,20 +411,11 @@ async fn refused_requests_are_charged_and_an_exhausted_rate_costs_nothing() {
     let session = carol.session_id().expect("session").to_owned();
     let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
         "params": {"name": "kv_set", "arguments": {"key": "k", "value": "v"}}});
-    let started = std::time::Instant::now();
-    let (mut forbidden, mut over) = (0u32, 0u32);
-    for _ in 0..20 {
-        let (status, headers, body) = post_raw(&url, Some(&session), Some(CAROL), &call).await;
-        match status {
-            StatusCode::FORBIDDEN => forbidden += 1,
-            _ => {
-                assert_eq!(refused_quota(status, &headers, &body), "requests");
-                over += 1;
-            }
-        }
-    }
-    // Its burst of 5, less the initialize and the initialized notification.
-    let allowed = 3 + started.elapsed().as_secs_f64().ceil() as u32;
+    // Its burst of 5, less the initialize and the initialized notification: 3 left, as alice's.
+    let (forbidden, over, allowed) = refused_then_over_rate(StatusCode::FORBIDDEN, async || {
+        post_raw(&url, Some(&session), Some(CAROL), &call).await
+    })
+    .await;
     assert!(
         forbidden <= allowed && over >= 20 - allowed,
         "{forbidden} answered 403 and {over} 429; the rate allows {allowed}"

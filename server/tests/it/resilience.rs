@@ -4,7 +4,11 @@
 use std::{collections::HashSet, time::Duration};
 
 use serde_json::{Value, json};
-use shoal_testkit::{client::McpClient, fault::Fault};
+use shoal_testkit::{
+    client::{EventStream, McpClient},
+    fault::Fault,
+    topology::Topology,
+};
 
 use crate::helpers::*;
 
@@ -195,20 +199,27 @@ async fn sigterm_drains_streams_and_in_flight_calls() {
     .await;
 }
 
+/// Three replicas, the third reaching Redis through a fault proxy (`redis_proxies[&2]`), and a
+/// legacy client of that third replica subscribed to `uri` and following its GET stream.
+async fn following_on_the_replica_to_cut(uri: &str) -> (Topology, McpClient, EventStream) {
+    let topology = start(cluster_options(3).redis_through_proxy(2)).await;
+    let mut subscriber = McpClient::legacy(topology.replicas[2].mcp_url());
+    subscriber.initialize().await.expect("initialize");
+    subscribe(&subscriber, uri).await;
+    let stream = subscriber.open_get(None).await.expect("GET");
+    assert_eq!(stream.status, 200);
+    (topology, subscriber, stream)
+}
+
 /// A partition between one replica and Redis (a cut link: no connection error, only silence): the
 /// cut-off replica ends its GET stream within seconds and refuses new streams (503) and readiness,
 /// so its client resumes on a healthy replica with `Last-Event-ID` and receives every update raised
 /// during the partition, each once; when the link heals the replica serves again by itself.
 #[tokio::test]
 async fn a_replica_cut_off_from_redis_ends_its_streams_and_recovers() {
-    let topology = start(cluster_options(3).redis_through_proxy(2)).await;
+    let (topology, subscriber, mut stream) = following_on_the_replica_to_cut("kv://p").await;
     let cut = &topology.replicas[2];
     let healthy = topology.replicas[0].mcp_url();
-    let mut subscriber = McpClient::legacy(cut.mcp_url());
-    subscriber.initialize().await.expect("initialize");
-    subscribe(&subscriber, "kv://p").await;
-    let mut stream = subscriber.open_get(None).await.expect("GET");
-    assert_eq!(stream.status, 200);
     let writer = legacy_client(&healthy).await;
     call_ok(&writer, "kv_set", json!({"key": "p", "value": "0"})).await;
     let (before, _) = next_matching(&mut stream, "the update before the cut", |m| {
@@ -289,14 +300,8 @@ async fn a_replica_cut_off_from_redis_ends_its_streams_and_recovers() {
 /// write arrives, once.
 #[tokio::test]
 async fn a_partitioned_replicas_stream_is_silent_for_under_3s() {
-    let topology = start(cluster_options(3).redis_through_proxy(2)).await;
-    let cut = &topology.replicas[2];
+    let (topology, subscriber, mut stream) = following_on_the_replica_to_cut("kv://silence").await;
     let healthy = topology.replicas[0].mcp_url();
-    let mut subscriber = McpClient::legacy(cut.mcp_url());
-    subscriber.initialize().await.expect("initialize");
-    subscribe(&subscriber, "kv://silence").await;
-    let mut stream = subscriber.open_get(None).await.expect("GET");
-    assert_eq!(stream.status, 200);
 
     let stop = tokio_util::sync::CancellationToken::new();
     let writer = {
@@ -567,7 +572,7 @@ async fn a_frozen_redis_bounds_every_request_and_loses_nothing() {
 
 /// The upstream addresses nginx's passive health checks have ejected so far ("upstream server
 /// temporarily disabled" in its error log).
-fn ejected_upstreams(topology: &shoal_testkit::topology::Topology) -> HashSet<String> {
+fn ejected_upstreams(topology: &Topology) -> HashSet<String> {
     let log = topology
         .balancer
         .as_ref()
