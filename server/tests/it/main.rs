@@ -17,4 +17,5 @@ mod quota;
 mod resilience;
 mod rpc;
 mod session_security;
+mod stale_writes;
 mod telemetry;

@@ -109,6 +109,38 @@ struct Inner {
     /// When the last command succeeded, likewise.
     last_success_us: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
+    /// The best reading of Redis's clock so far (see [`RedisBackend::write_deadline`]).
+    clock: std::sync::Mutex<Option<ClockReading>>,
+}
+
+/// Redis's clock as this replica last read it, to give writes a deadline Redis checks itself.
+#[derive(Debug, Clone, Copy)]
+struct ClockReading {
+    /// Redis's clock less this host's, in microseconds.
+    offset_us: i64,
+    /// How far `offset_us` may be off when read: half the round trip of the `TIME` that gave it.
+    error_us: i64,
+    taken: std::time::Instant,
+}
+
+impl ClockReading {
+    /// How far the offset may be off now: two clocks drift apart by at most 100 ppm (a free
+    /// running quartz's worst case; NTP keeps them much closer). A clock that is *stepped* is not
+    /// covered (docs/operations.md).
+    fn error_now(&self) -> i64 {
+        let drift = self.taken.elapsed().as_micros() / 10_000;
+        self.error_us
+            .saturating_add(i64::try_from(drift).unwrap_or(i64::MAX))
+    }
+}
+
+/// Microseconds since the Unix epoch on this host's clock.
+fn unix_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
+        })
 }
 
 /// Shared state in Redis. Cheap to clone.
@@ -123,6 +155,14 @@ impl std::fmt::Debug for RedisBackend {
             .field("prefix", &self.inner.keys.prefix())
             .finish_non_exhaustive()
     }
+}
+
+/// A write Redis refused to run past its deadline: to the caller, a timeout like any other.
+fn too_late() -> BackendError {
+    BackendError::Redis(fred::error::Error::new(
+        fred::error::ErrorKind::Timeout,
+        "redis ran the write after its deadline and refused it",
+    ))
 }
 
 fn builder(url: &SecretString, config: &BackendConfig) -> BackendResult<Builder> {
@@ -176,6 +216,7 @@ impl RedisBackend {
             last_failure_us: std::sync::atomic::AtomicU64::new(0),
             last_success_us: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
+            clock: std::sync::Mutex::new(None),
             origin: bus.tag().clone(),
             pool,
             subscriber,
@@ -340,9 +381,82 @@ impl RedisBackend {
             .await?)
     }
 
+    /// A round trip to Redis: reads its clock (`TIME`), which also keeps the reading behind
+    /// [`Self::write_deadline`] fresh (the watchdog calls this four times a second).
     pub(super) async fn ping(&self) -> BackendResult<()> {
-        let _: Value = self.client().ping(None).await?;
+        self.read_clock().await
+    }
+
+    /// Reads Redis's clock and keeps the reading if it is at least as exact as the kept one.
+    async fn read_clock(&self) -> BackendResult<()> {
+        let started = std::time::Instant::now();
+        let local_us = unix_micros();
+        let time: Vec<String> = self
+            .client()
+            .custom(
+                fred::types::CustomCommand::new_static(
+                    "TIME",
+                    fred::types::ClusterHash::Random,
+                    false,
+                ),
+                Vec::<Value>::new(),
+            )
+            .await?;
+        let round_trip = i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX);
+        let (Some(secs), Some(micros)) = (
+            time.first().and_then(|s| s.parse::<i64>().ok()),
+            time.get(1).and_then(|s| s.parse::<i64>().ok()),
+        ) else {
+            return Err(BackendError::Protocol(format!("TIME answered {time:?}")));
+        };
+        let redis_us = secs.saturating_mul(1_000_000).saturating_add(micros);
+        // Redis read its clock somewhere within the round trip: the middle is at most half of it
+        // off (plus a microsecond of rounding on each side).
+        let reading = ClockReading {
+            offset_us: redis_us - (local_us + round_trip / 2),
+            error_us: round_trip / 2 + 2,
+            taken: std::time::Instant::now(),
+        };
+        let mut kept = self
+            .inner
+            .clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.is_none_or(|kept| reading.error_us <= kept.error_now()) {
+            *kept = Some(reading);
+        }
         Ok(())
+    }
+
+    /// The latest moment, on Redis's clock in microseconds since the Unix epoch, at which a write
+    /// sent now may still run: before this replica's command timeout can have expired. A write
+    /// carries it to its script, which refuses to run later, so a write this replica reported as
+    /// failed (timed out) never lands afterwards: not when a partition heals and TCP delivers the
+    /// bytes it held, not when a frozen Redis thaws and runs what queued up, not after a later
+    /// write another replica acknowledged (which it would silently undo).
+    async fn write_deadline(&self) -> BackendResult<i64> {
+        let kept = *self
+            .inner
+            .clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reading = match kept {
+            Some(reading) => reading,
+            None => {
+                self.read_clock().await?;
+                self.inner
+                    .clock
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .ok_or_else(|| BackendError::Protocol("no reading of Redis's clock".into()))?
+            }
+        };
+        let timeout =
+            i64::try_from(self.inner.config.redis_timeout.as_micros()).unwrap_or(i64::MAX);
+        Ok(unix_micros()
+            .saturating_add(reading.offset_us)
+            .saturating_add(timeout)
+            .saturating_sub(reading.error_now()))
     }
 
     fn ttl(&self) -> Value {
@@ -683,6 +797,7 @@ impl RedisBackend {
     }
 
     pub(super) async fn kv_set(&self, key: &str, value: &str) -> BackendResult<KvSetOutcome> {
+        let deadline = self.write_deadline().await?;
         let outcome: i64 = self
             .eval(
                 &self.inner.scripts.kv_set,
@@ -691,13 +806,15 @@ impl RedisBackend {
                     key.into(),
                     value.into(),
                     Value::from(self.inner.config.kv_max_keys as i64),
+                    Value::from(deadline),
                 ],
             )
             .await?;
         Ok(match outcome {
             1 => KvSetOutcome::Created,
             0 => KvSetOutcome::Updated,
-            _ => KvSetOutcome::Full,
+            -1 => KvSetOutcome::Full,
+            _ => return Err(too_late()),
         })
     }
 
@@ -706,14 +823,18 @@ impl RedisBackend {
     }
 
     pub(super) async fn kv_delete(&self, key: &str) -> BackendResult<bool> {
+        let deadline = self.write_deadline().await?;
         let existed: i64 = self
             .eval(
                 &self.inner.scripts.kv_delete,
                 vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
-                vec![key.into()],
+                vec![key.into(), Value::from(deadline)],
             )
             .await?;
-        Ok(existed == 1)
+        match existed {
+            -1 => Err(too_late()),
+            existed => Ok(existed == 1),
+        }
     }
 
     pub(super) async fn kv_list(

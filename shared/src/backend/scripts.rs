@@ -218,9 +218,12 @@ end
 return removed
 ";
 
-/// KEYS: kv hash, kv key index (sorted set). ARGV: key, value, max keys. Returns 1 (created),
-/// 0 (updated) or -1 (full).
+/// KEYS: kv hash, kv key index (sorted set). ARGV: key, value, max keys, deadline (µs since the
+/// Unix epoch on Redis's clock). Returns 1 (created), 0 (updated), -1 (full) or -2 (run after its
+/// deadline: nothing written).
 pub const KV_SET: &str = r"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[4]) then return -2 end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
   return -1
 end
@@ -228,8 +231,11 @@ redis.call('ZADD', KEYS[2], 0, ARGV[1])
 return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 ";
 
-/// KEYS: kv hash, kv key index. ARGV: key. Returns 1 when the key existed.
+/// KEYS: kv hash, kv key index. ARGV: key, deadline (as in [`KV_SET`]). Returns 1 when the key
+/// existed, 0 when not, -1 when run after its deadline (nothing deleted).
 pub const KV_DELETE: &str = r"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[2]) then return -1 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 return redis.call('HDEL', KEYS[1], ARGV[1])
 ";
