@@ -3,6 +3,7 @@
 
 mod admin_endpoints;
 mod auth;
+mod backend_contract;
 mod bad_input;
 mod bus_frames;
 mod cache;

@@ -5,110 +5,51 @@
 //! command has a timeout, and both the pool and the subscriber reconnect with capped exponential
 //! backoff for ever, so a replica recovers by itself when Redis returns. After the subscriber
 //! reconnects, every GET stream re-reads its event log, so nothing published meanwhile is lost.
+//!
+//! Lua scripts, each beside its operation in the concern modules, make multi-key operations
+//! atomic in a single round trip. Key names that depend on data (session ids read from a set, the holder of a
+//! feed) are rebuilt from prefixes passed in ARGV, matching [`crate::keys::Keys`]; this ties the
+//! deployment to a standalone (or Sentinel-managed) Redis, not Redis Cluster.
+//!
+//! Messages published here are frames of [`crate::bus::BusMessage`], built with the codec's Lua
+//! helper [`crate::bus::LUA_NETSTRING`] (`ns`); a test against a real Redis pins them to
+//! [`crate::bus::BusMessage::encode`].
 
 use std::{sync::Arc, time::Duration};
 
 use fred::{
     clients::{Pool, SubscriberClient},
-    interfaces::{
-        ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface,
-        StreamsInterface,
-    },
-    prelude::{Builder, Config as FredConfig, Expiration, ReconnectPolicy, SetOptions, Value},
-    types::{Limit, scripts::Script},
+    interfaces::{ClientLike, EventInterface, PubsubInterface},
+    prelude::{Builder, Config as FredConfig, ReconnectPolicy, Value},
+    types::scripts::Script,
 };
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{
-    BackendConfig, BackendError, BackendResult, CacheEntry, FeedClaim, FeedStart, KvSetOutcome,
-    LoggedEvent, QuotaCheck, QuotaKind, QuotaRefusal, SESSION_RECHECK, SubscribeOutcome, scripts,
-};
-use crate::{
-    bus::{Bus, BusMessage, ListKind},
-    ids::{EventId, ReplicaTag},
-    keys::Keys,
-    metrics::Metrics,
-};
+use super::{BackendConfig, BackendError, BackendResult};
+use crate::{bus::Bus, ids::ReplicaTag, keys::Keys, metrics::Metrics};
 
 /// Capacity of fred's broadcast channel of pub/sub messages; if the bus dispatcher falls this far
 /// behind, feeds re-read their logs.
 const SUBSCRIBER_BROADCAST_CAPACITY: usize = 16 * 1024;
 
-struct Scripts {
-    session_create: Script,
-    session_load: Script,
-    session_delete: Script,
-    session_set_field: Script,
-    subscribe: Script,
-    unsubscribe: Script,
-    event_append: Script,
-    feed_open: Script,
-    feed_checkpoint: Script,
-    resource_updated: Script,
-    prune_subscribers: Script,
-    kv_set: Script,
-    kv_delete: Script,
-    shared_secret: Script,
-    cache_release: Script,
-    cache_invalidate: Script,
-    lease: Script,
-    map_replace: Script,
-    quota_admit: Script,
-    quota_release: Script,
-    quota_renew: Script,
-    quota_bind_session: Script,
-    quota_prune_sessions: Script,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Self {
-            session_create: Script::from_lua(scripts::SESSION_CREATE),
-            session_load: Script::from_lua(scripts::SESSION_LOAD),
-            session_delete: Script::from_lua(scripts::SESSION_DELETE),
-            session_set_field: Script::from_lua(scripts::SESSION_SET_FIELD),
-            subscribe: Script::from_lua(scripts::SUBSCRIBE),
-            unsubscribe: Script::from_lua(scripts::UNSUBSCRIBE),
-            event_append: Script::from_lua(scripts::event_append()),
-            feed_open: Script::from_lua(scripts::feed_open()),
-            feed_checkpoint: Script::from_lua(scripts::FEED_CHECKPOINT),
-            resource_updated: Script::from_lua(scripts::resource_updated()),
-            prune_subscribers: Script::from_lua(scripts::PRUNE_SUBSCRIBERS),
-            kv_set: Script::from_lua(scripts::KV_SET),
-            kv_delete: Script::from_lua(scripts::KV_DELETE),
-            shared_secret: Script::from_lua(scripts::SHARED_SECRET),
-            cache_release: Script::from_lua(scripts::CACHE_RELEASE),
-            cache_invalidate: Script::from_lua(scripts::CACHE_INVALIDATE),
-            lease: Script::from_lua(scripts::LEASE),
-            map_replace: Script::from_lua(scripts::MAP_REPLACE),
-            quota_admit: Script::from_lua(scripts::quota_admit()),
-            quota_release: Script::from_lua(scripts::QUOTA_RELEASE),
-            quota_renew: Script::from_lua(scripts::QUOTA_RENEW),
-            quota_bind_session: Script::from_lua(scripts::QUOTA_BIND_SESSION),
-            quota_prune_sessions: Script::from_lua(scripts::quota_prune_sessions()),
-        }
-    }
-}
-
-struct Inner {
-    pool: Pool,
-    subscriber: SubscriberClient,
-    keys: Keys,
-    config: BackendConfig,
-    scripts: Scripts,
-    metrics: Metrics,
-    origin: ReplicaTag,
-    session_prefix: String,
-    log_prefix: String,
-    replica_prefix: String,
-    subscribers_prefix: String,
+pub(super) struct Inner {
+    pub(super) pool: Pool,
+    pub(super) subscriber: SubscriberClient,
+    pub(super) keys: Keys,
+    pub(super) config: BackendConfig,
+    pub(super) metrics: Metrics,
+    pub(super) origin: ReplicaTag,
+    pub(super) session_prefix: String,
+    pub(super) log_prefix: String,
+    pub(super) replica_prefix: String,
+    pub(super) subscribers_prefix: String,
     /// When the last command failed for want of Redis (connection, timeout), in microseconds
     /// after `epoch` (0: never).
-    last_failure_us: std::sync::atomic::AtomicU64,
+    pub(super) last_failure_us: std::sync::atomic::AtomicU64,
     /// When the last command succeeded, likewise.
-    last_success_us: std::sync::atomic::AtomicU64,
-    epoch: std::time::Instant,
+    pub(super) last_success_us: std::sync::atomic::AtomicU64,
+    pub(super) epoch: std::time::Instant,
     /// The best reading of Redis's clock so far (see [`RedisBackend::write_deadline`]).
     clock: std::sync::Mutex<Option<ClockReading>>,
 }
@@ -146,7 +87,7 @@ fn unix_micros() -> i64 {
 /// Shared state in Redis. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisBackend {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -155,14 +96,6 @@ impl std::fmt::Debug for RedisBackend {
             .field("prefix", &self.inner.keys.prefix())
             .finish_non_exhaustive()
     }
-}
-
-/// A write Redis refused to run past its deadline: to the caller, a timeout like any other.
-fn too_late() -> BackendError {
-    BackendError::Redis(fred::error::Error::new(
-        fred::error::ErrorKind::Timeout,
-        "redis ran the write after its deadline and refused it",
-    ))
 }
 
 fn builder(url: &SecretString, config: &BackendConfig) -> BackendResult<Builder> {
@@ -222,7 +155,6 @@ impl RedisBackend {
             subscriber,
             keys,
             config,
-            scripts: Scripts::new(),
             metrics,
         };
         let backend = Self {
@@ -314,7 +246,7 @@ impl RedisBackend {
 
     /// The pool's client for the next command: a connected one when there is one (round robin
     /// over those), so a connection still reconnecting after an outage fails no command.
-    fn client(&self) -> &fred::clients::Client {
+    pub(super) fn client(&self) -> &fred::clients::Client {
         self.inner.pool.next_connected()
     }
 
@@ -324,7 +256,7 @@ impl RedisBackend {
     }
 
     /// Microseconds from the backend's epoch to `at`.
-    fn micros(&self, at: std::time::Instant) -> u64 {
+    pub(super) fn micros(&self, at: std::time::Instant) -> u64 {
         at.saturating_duration_since(self.inner.epoch).as_micros() as u64
     }
 
@@ -370,7 +302,7 @@ impl RedisBackend {
                 >= since.max(self.inner.epoch)
     }
 
-    async fn eval<R: fred::types::FromValue>(
+    pub(super) async fn eval<R: fred::types::FromValue>(
         &self,
         script: &Script,
         keys: Vec<String>,
@@ -434,7 +366,7 @@ impl RedisBackend {
     /// failed (timed out) never lands afterwards: not when a partition heals and TCP delivers the
     /// bytes it held, not when a frozen Redis thaws and runs what queued up, not after a later
     /// write another replica acknowledged (which it would silently undo).
-    async fn write_deadline(&self) -> BackendResult<i64> {
+    pub(super) async fn write_deadline(&self) -> BackendResult<i64> {
         let kept = *self
             .inner
             .clock
@@ -459,699 +391,8 @@ impl RedisBackend {
             .saturating_sub(reading.error_now()))
     }
 
-    fn ttl(&self) -> Value {
-        Value::from(self.inner.config.session_ttl_secs() as i64)
-    }
-
-    pub(super) async fn session_create(
-        &self,
-        session: &str,
-        init: &str,
-        owner: &str,
-    ) -> BackendResult<()> {
-        let _: Value = self
-            .eval(
-                &self.inner.scripts.session_create,
-                vec![self.inner.keys.session(session)],
-                vec![init.into(), self.ttl(), owner.into()],
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn session_touch(&self, session: &str) -> BackendResult<bool> {
-        let ttl = self.inner.config.session_ttl_secs() as i64;
-        Ok(self
-            .client()
-            .expire(self.inner.keys.session(session), ttl, None)
-            .await?)
-    }
-
-    pub(super) async fn session_load(&self, session: &str) -> BackendResult<Option<String>> {
-        self.eval(
-            &self.inner.scripts.session_load,
-            vec![self.inner.keys.session(session)],
-            vec![self.ttl()],
-        )
-        .await
-    }
-
-    pub(super) async fn session_delete(&self, session: &str) -> BackendResult<bool> {
-        let existed: i64 = self
-            .eval(
-                &self.inner.scripts.session_delete,
-                vec![
-                    self.inner.keys.session(session),
-                    self.inner.keys.event_log(session),
-                ],
-                vec![
-                    self.inner.subscribers_prefix.as_str().into(),
-                    session.into(),
-                    self.inner.keys.control_channel().into(),
-                    BusMessage::SessionDeleted { session }.encode().into(),
-                ],
-            )
-            .await?;
-        Ok(existed == 1)
-    }
-
-    pub(super) async fn session_set_field(
-        &self,
-        session: &str,
-        field: &str,
-        value: &str,
-    ) -> BackendResult<bool> {
-        let set: i64 = self
-            .eval(
-                &self.inner.scripts.session_set_field,
-                vec![self.inner.keys.session(session)],
-                vec![field.into(), value.into(), self.ttl()],
-            )
-            .await?;
-        Ok(set == 1)
-    }
-
-    pub(super) async fn session_get_field(
-        &self,
-        session: &str,
-        field: &str,
-    ) -> BackendResult<Option<String>> {
-        Ok(self
-            .client()
-            .hget(self.inner.keys.session(session), field)
-            .await?)
-    }
-
-    pub(super) async fn subscribe(
-        &self,
-        session: &str,
-        uri: &str,
-    ) -> BackendResult<SubscribeOutcome> {
-        let outcome: i64 = self
-            .eval(
-                &self.inner.scripts.subscribe,
-                vec![
-                    self.inner.keys.session(session),
-                    self.inner.keys.subscribers(uri),
-                ],
-                vec![
-                    uri.into(),
-                    session.into(),
-                    self.ttl(),
-                    Value::from(self.inner.config.max_subscriptions_per_session as i64 + 4),
-                    Value::from(self.inner.config.max_subscribers_per_uri as i64),
-                ],
-            )
-            .await?;
-        match outcome {
-            1 => Ok(SubscribeOutcome::Subscribed),
-            -1 => Ok(SubscribeOutcome::SessionGone),
-            -2 => Ok(SubscribeOutcome::TooMany),
-            -3 => Ok(SubscribeOutcome::TooManySubscribers),
-            other => Err(BackendError::Protocol(format!(
-                "subscribe returned {other}"
-            ))),
-        }
-    }
-
-    pub(super) async fn unsubscribe(&self, session: &str, uri: &str) -> BackendResult<()> {
-        let _: Value = self
-            .eval(
-                &self.inner.scripts.unsubscribe,
-                vec![
-                    self.inner.keys.session(session),
-                    self.inner.keys.subscribers(uri),
-                ],
-                vec![uri.into(), session.into()],
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn event_append(
-        &self,
-        session: &str,
-        payload: &str,
-    ) -> BackendResult<Option<EventId>> {
-        let id: Option<String> = self
-            .eval(
-                &self.inner.scripts.event_append,
-                vec![
-                    self.inner.keys.session(session),
-                    self.inner.keys.event_log(session),
-                ],
-                vec![
-                    payload.into(),
-                    Value::from(self.inner.config.event_log_max_len as i64),
-                    Value::from(self.inner.config.retention_secs() as i64),
-                    self.inner.replica_prefix.as_str().into(),
-                    session.into(),
-                ],
-            )
-            .await?;
-        id.map(|id| parse_id(&id)).transpose()
-    }
-
-    pub(super) async fn feed_open(
-        &self,
-        FeedClaim { session, holder }: FeedClaim<'_>,
-        after: Option<EventId>,
-        limit: u64,
-    ) -> BackendResult<Option<FeedStart>> {
-        let reply: Option<Vec<Value>> = self
-            .eval(
-                &self.inner.scripts.feed_open,
-                vec![
-                    self.inner.keys.session(session),
-                    self.inner.keys.event_log(session),
-                ],
-                vec![
-                    holder.into(),
-                    after.map(|id| id.to_string()).unwrap_or_default().into(),
-                    Value::from(limit as i64),
-                    self.ttl(),
-                    self.inner.replica_prefix.as_str().into(),
-                    session.into(),
-                ],
-            )
-            .await?;
-        let Some(reply) = reply else {
-            return Ok(None);
-        };
-        let (from, rest) = reply
-            .split_first()
-            .ok_or_else(|| BackendError::Protocol("feed_open: empty reply".into()))?;
-        let from = parse_id(&from.as_str().unwrap_or_default())?;
-        let mut events = Vec::with_capacity(rest.len() / 2);
-        for pair in rest.chunks(2) {
-            let [id, payload] = pair else {
-                return Err(BackendError::Protocol("feed_open: odd reply".into()));
-            };
-            events.push(LoggedEvent {
-                id: parse_id(&id.as_str().unwrap_or_default())?,
-                payload: Arc::from(payload.as_str().unwrap_or_default().as_ref()),
-            });
-        }
-        Ok(Some(FeedStart { from, events }))
-    }
-
-    pub(super) async fn feed_checkpoint(
-        &self,
-        FeedClaim { session, holder }: FeedClaim<'_>,
-        last: EventId,
-        release: bool,
-    ) -> BackendResult<bool> {
-        let live: i64 = self
-            .eval(
-                &self.inner.scripts.feed_checkpoint,
-                vec![self.inner.keys.session(session)],
-                vec![
-                    holder.into(),
-                    last.to_string().into(),
-                    self.ttl(),
-                    if release { "1" } else { "0" }.into(),
-                ],
-            )
-            .await?;
-        Ok(live == 1)
-    }
-
-    pub(super) async fn events_after(
-        &self,
-        session: &str,
-        after: EventId,
-        limit: u64,
-    ) -> BackendResult<Vec<LoggedEvent>> {
-        let entries: Vec<(String, Vec<(String, String)>)> = self
-            .client()
-            .xrange(
-                self.inner.keys.event_log(session),
-                format!("({after}"),
-                "+",
-                Some(limit),
-            )
-            .await?;
-        entries
-            .into_iter()
-            .map(|(id, fields)| {
-                let payload = fields
-                    .into_iter()
-                    .find(|(name, _)| name == "m")
-                    .map(|(_, value)| value)
-                    .ok_or_else(|| BackendError::Protocol("event without payload".into()))?;
-                Ok(LoggedEvent {
-                    id: parse_id(&id)?,
-                    payload: Arc::from(payload),
-                })
-            })
-            .collect()
-    }
-
-    pub(super) async fn resource_updated(
-        &self,
-        uri: &str,
-        legacy_payload: &str,
-    ) -> BackendResult<u64> {
-        let delivered: i64 = self
-            .eval(
-                &self.inner.scripts.resource_updated,
-                vec![self.inner.keys.subscribers(uri)],
-                vec![
-                    self.inner.session_prefix.as_str().into(),
-                    self.inner.log_prefix.as_str().into(),
-                    legacy_payload.into(),
-                    Value::from(self.inner.config.event_log_max_len as i64),
-                    Value::from(self.inner.config.retention_secs() as i64),
-                    self.inner.replica_prefix.as_str().into(),
-                    self.inner.keys.resource_channel().into(),
-                    BusMessage::ResourceUpdated {
-                        uri,
-                        trace: crate::telemetry::current_traceparent().as_deref(),
-                    }
-                    .encode()
-                    .into(),
-                ],
-            )
-            .await?;
-        Ok(delivered.max(0) as u64)
-    }
-
-    pub(super) async fn list_changed(&self, list: ListKind) -> BackendResult<()> {
-        let _: i64 = self
-            .client()
-            .publish(
-                self.inner.keys.resource_channel(),
-                BusMessage::ListChanged(list).encode(),
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn publish_forward(
-        &self,
-        target: &ReplicaTag,
-        session: &str,
-        payload: &str,
-    ) -> BackendResult<bool> {
-        let receivers: i64 = self
-            .client()
-            .publish(
-                self.inner.keys.replica_channel(target.as_str()),
-                BusMessage::Forward {
-                    session,
-                    trace: crate::telemetry::current_traceparent().as_deref(),
-                    payload,
-                }
-                .encode(),
-            )
-            .await?;
-        Ok(receivers > 0)
-    }
-
-    pub(super) async fn publish_probe(&self, probe: &str) -> BackendResult<()> {
-        let _: i64 = self
-            .client()
-            .publish(
-                self.inner.keys.replica_channel(self.inner.origin.as_str()),
-                probe,
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn publish_cancel(&self, session: &str, payload: &str) -> BackendResult<()> {
-        let _: i64 = self
-            .client()
-            .publish(
-                self.inner.keys.control_channel(),
-                BusMessage::Cancel {
-                    origin: self.inner.origin.as_str(),
-                    session,
-                    trace: crate::telemetry::current_traceparent().as_deref(),
-                    payload,
-                }
-                .encode(),
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn kv_set(&self, key: &str, value: &str) -> BackendResult<KvSetOutcome> {
-        let deadline = self.write_deadline().await?;
-        let outcome: i64 = self
-            .eval(
-                &self.inner.scripts.kv_set,
-                vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
-                vec![
-                    key.into(),
-                    value.into(),
-                    Value::from(self.inner.config.kv_max_keys as i64),
-                    Value::from(deadline),
-                ],
-            )
-            .await?;
-        Ok(match outcome {
-            1 => KvSetOutcome::Created,
-            0 => KvSetOutcome::Updated,
-            -1 => KvSetOutcome::Full,
-            _ => return Err(too_late()),
-        })
-    }
-
-    pub(super) async fn kv_get(&self, key: &str) -> BackendResult<Option<String>> {
-        Ok(self.client().hget(self.inner.keys.kv(), key).await?)
-    }
-
-    pub(super) async fn kv_delete(&self, key: &str) -> BackendResult<bool> {
-        let deadline = self.write_deadline().await?;
-        let existed: i64 = self
-            .eval(
-                &self.inner.scripts.kv_delete,
-                vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
-                vec![key.into(), Value::from(deadline)],
-            )
-            .await?;
-        match existed {
-            -1 => Err(too_late()),
-            existed => Ok(existed == 1),
-        }
-    }
-
-    pub(super) async fn kv_list(
-        &self,
-        after: Option<&str>,
-        limit: u64,
-    ) -> BackendResult<Vec<String>> {
-        use fred::interfaces::SortedSetsInterface;
-        let min = match after {
-            Some(after) => format!("({after}"),
-            None => "-".to_owned(),
-        };
-        Ok(self
-            .client()
-            .zrange(
-                self.inner.keys.kv_index(),
-                min,
-                "+",
-                Some(fred::types::sorted_sets::ZSort::ByLex),
-                false,
-                Some(Limit::from((0, limit as i64))),
-                false,
-            )
-            .await?)
-    }
-
-    pub(super) async fn shared_secret(&self, name: &str, candidate: &str) -> BackendResult<String> {
-        self.eval(
-            &self.inner.scripts.shared_secret,
-            vec![self.inner.keys.secret(name)],
-            vec![candidate.into()],
-        )
-        .await
-    }
-
-    pub(super) async fn cache_get(&self, id: &str) -> BackendResult<Option<String>> {
-        Ok(self.client().get(self.inner.keys.cache_entry(id)).await?)
-    }
-
-    pub(super) async fn cache_lock(
-        &self,
-        id: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> BackendResult<bool> {
-        let taken: Option<String> = self
-            .client()
-            .set(
-                self.inner.keys.cache_lock(id),
-                owner,
-                Some(Expiration::PX(ttl.as_millis().max(1) as i64)),
-                Some(SetOptions::NX),
-                false,
-            )
-            .await?;
-        Ok(taken.is_some())
-    }
-
-    pub(super) async fn cache_release(
-        &self,
-        id: &str,
-        owner: &str,
-        entry: Option<CacheEntry<'_>>,
-    ) -> BackendResult<()> {
-        let mut args: Vec<Value> = vec![
-            owner.into(),
-            self.inner.keys.cache_channel().into(),
-            BusMessage::CacheFilled { id }.encode().into(),
-        ];
-        if let Some(entry) = entry {
-            args.extend([
-                "1".into(),
-                entry.value.into(),
-                Value::from(entry.ttl.as_millis().max(1) as i64),
-                self.inner.keys.cache_tag_prefix().into(),
-            ]);
-            args.extend(entry.tags.iter().map(|tag| Value::from(tag.as_str())));
-        } else {
-            args.push("0".into());
-        }
-        let _: i64 = self
-            .eval(
-                &self.inner.scripts.cache_release,
-                vec![
-                    self.inner.keys.cache_entry(id),
-                    self.inner.keys.cache_lock(id),
-                ],
-                args,
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn cache_invalidate(&self, tags: &[String]) -> BackendResult<u64> {
-        if tags.is_empty() {
-            return Ok(0);
-        }
-        let mut args: Vec<Value> = vec![self.inner.keys.cache_tag_prefix().into()];
-        args.extend(tags.iter().map(|tag| Value::from(tag.as_str())));
-        let deleted: i64 = self
-            .eval(&self.inner.scripts.cache_invalidate, vec![], args)
-            .await?;
-        Ok(deleted.max(0) as u64)
-    }
-
-    pub(super) async fn lease(
-        &self,
-        key: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> BackendResult<bool> {
-        let held: i64 = self
-            .eval(
-                &self.inner.scripts.lease,
-                vec![key.to_owned()],
-                vec![holder.into(), Value::from(ttl.as_millis().max(1) as i64)],
-            )
-            .await?;
-        Ok(held == 1)
-    }
-
-    pub(super) async fn map_get_all(
-        &self,
-        key: &str,
-    ) -> BackendResult<std::collections::BTreeMap<String, String>> {
-        let map: std::collections::HashMap<String, String> = self.client().hgetall(key).await?;
-        Ok(map.into_iter().collect())
-    }
-
-    pub(super) async fn map_replace(
-        &self,
-        key: &str,
-        entries: &std::collections::BTreeMap<String, String>,
-    ) -> BackendResult<()> {
-        let args: Vec<Value> = entries
-            .iter()
-            .flat_map(|(k, v)| [Value::from(k.as_str()), Value::from(v.as_str())])
-            .collect();
-        let _: i64 = self
-            .eval(&self.inner.scripts.map_replace, vec![key.to_owned()], args)
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn quota_admit(
-        &self,
-        checks: &[QuotaCheck<'_>],
-        member: &str,
-        lease: Duration,
-    ) -> BackendResult<Option<QuotaRefusal>> {
-        let keys = checks
-            .iter()
-            .map(|check| self.inner.keys.quota(check.kind.as_str(), check.subject))
-            .collect();
-        let mut args: Vec<Value> = vec![
-            member.into(),
-            Value::from(lease.as_millis().max(1) as i64),
-            self.inner.session_prefix.as_str().into(),
-            Value::from(SESSION_RECHECK.as_millis() as i64),
-        ];
-        for check in checks {
-            args.push(check.kind.as_str().into());
-            args.push(Value::from(i64::from(check.limit)));
-            args.push(Value::from(i64::from(check.burst.max(1))));
-        }
-        let (index, retry_ms): (i64, i64) = self
-            .eval(&self.inner.scripts.quota_admit, keys, args)
-            .await?;
-        Ok(refusal(checks, index, retry_ms))
-    }
-
-    pub(super) async fn quota_release(
-        &self,
-        releases: &[(QuotaKind, &str, &str)],
-    ) -> BackendResult<()> {
-        if releases.is_empty() {
-            return Ok(());
-        }
-        let keys = releases
-            .iter()
-            .map(|(kind, subject, _)| self.inner.keys.quota(kind.as_str(), subject))
-            .collect();
-        let members = releases
-            .iter()
-            .map(|(_, _, member)| Value::from(*member))
-            .collect();
-        let _: i64 = self
-            .eval(&self.inner.scripts.quota_release, keys, members)
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn quota_renew(
-        &self,
-        (kind, subject): (QuotaKind, &str),
-        members: &[String],
-        lease: Duration,
-    ) -> BackendResult<()> {
-        let mut args: Vec<Value> = Vec::with_capacity(members.len() + 1);
-        args.push(Value::from(lease.as_millis().max(1) as i64));
-        args.extend(members.iter().map(|member| Value::from(member.as_str())));
-        let _: i64 = self
-            .eval(
-                &self.inner.scripts.quota_renew,
-                vec![self.inner.keys.quota(kind.as_str(), subject)],
-                args,
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn quota_bind_session(
-        &self,
-        subjects: &[&str],
-        token: &str,
-        session: &str,
-    ) -> BackendResult<()> {
-        let keys = subjects
-            .iter()
-            .map(|subject| self.inner.keys.quota(QuotaKind::Sessions.as_str(), subject))
-            .collect();
-        let _: i64 = self
-            .eval(
-                &self.inner.scripts.quota_bind_session,
-                keys,
-                vec![
-                    token.into(),
-                    session.into(),
-                    Value::from(SESSION_RECHECK.as_millis() as i64),
-                ],
-            )
-            .await?;
-        Ok(())
-    }
-
-    pub(super) async fn janitor_pass(
-        &self,
-        lease_holder: &ReplicaTag,
-        lease: Duration,
-    ) -> BackendResult<u64> {
-        use futures::TryStreamExt;
-        let won: Option<String> = self
-            .client()
-            .set(
-                self.inner.keys.janitor_lease(),
-                lease_holder.as_str(),
-                Some(Expiration::EX(lease.as_secs().max(1) as i64)),
-                Some(SetOptions::NX),
-                false,
-            )
-            .await?;
-        if won.is_none() {
-            return Ok(0);
-        }
-        let client = self.client();
-        let sets: Vec<fred::types::Key> = client
-            .scan_buffered(self.inner.keys.subscribers_pattern(), Some(200), None)
-            .try_collect()
-            .await?;
-        let mut removed = 0;
-        for set in sets {
-            let Some(set) = set.as_str().map(str::to_owned) else {
-                continue;
-            };
-            let pruned: i64 = self
-                .eval(
-                    &self.inner.scripts.prune_subscribers,
-                    vec![set],
-                    vec![self.inner.session_prefix.as_str().into()],
-                )
-                .await?;
-            removed += pruned.max(0) as u64;
-        }
-        // Session quota indexes of principals that open no new session (their next initialize
-        // would prune them too): bounded by the sessions that still exist.
-        let indexes: Vec<fred::types::Key> = client
-            .scan_buffered(self.inner.keys.quota_sessions_pattern(), Some(200), None)
-            .try_collect()
-            .await?;
-        for index in indexes {
-            let Some(index) = index.as_str().map(str::to_owned) else {
-                continue;
-            };
-            let _: i64 = self
-                .eval(
-                    &self.inner.scripts.quota_prune_sessions,
-                    vec![index],
-                    vec![
-                        self.inner.session_prefix.as_str().into(),
-                        Value::from(SESSION_RECHECK.as_millis() as i64),
-                    ],
-                )
-                .await?;
-        }
-        Ok(removed)
-    }
-
     pub(super) async fn shutdown(&self) {
         let _ = self.inner.subscriber.quit().await;
         let _ = self.inner.pool.quit().await;
     }
-}
-
-/// The refusal a quota script's `{index, retry ms}` answer names (`index` 0: allowed).
-fn refusal(checks: &[QuotaCheck<'_>], index: i64, retry_ms: i64) -> Option<QuotaRefusal> {
-    let index = usize::try_from(index)
-        .ok()
-        .filter(|i| (1..=checks.len()).contains(i))?
-        - 1;
-    Some(QuotaRefusal {
-        index,
-        retry_after: (checks[index].kind == QuotaKind::Rate)
-            .then(|| Duration::from_millis(retry_ms.max(1) as u64)),
-    })
-}
-
-fn parse_id(id: &str) -> BackendResult<EventId> {
-    id.parse()
-        .map_err(|_| BackendError::Protocol(format!("malformed stream id {id:?}")))
 }

@@ -1,0 +1,194 @@
+//! The key-value scratchpad: bounded, listed in key order; writes carry a deadline Redis checks, so a write reported as failed never lands later.
+//!
+//! The operations of this concern: what [`Backend`] offers, the Redis implementation with its
+//! Lua scripts, and the in-memory twin, side by side.
+
+use std::sync::LazyLock;
+
+use fred::{
+    interfaces::HashesInterface,
+    prelude::Value,
+    types::{Limit, scripts::Script},
+};
+
+use super::{Backend, BackendError, BackendResult, memory::MemoryBackend, redis::RedisBackend};
+use crate::telemetry::attr;
+
+/// Outcome of a kv write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvSetOutcome {
+    /// A new key.
+    Created,
+    /// An existing key got a new value.
+    Updated,
+    /// The scratchpad is full.
+    Full,
+}
+
+impl Backend {
+    /// Writes a kv entry.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn kv_set(&self, key: &str, value: &str) -> BackendResult<KvSetOutcome> {
+        delegate!(self, "kv_set", kv_set(key, value))
+    }
+
+    /// Reads a kv entry.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn kv_get(&self, key: &str) -> BackendResult<Option<String>> {
+        delegate!(self, "kv_get", kv_get(key))
+    }
+
+    /// Deletes a kv entry; returns whether it existed.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn kv_delete(&self, key: &str) -> BackendResult<bool> {
+        delegate!(self, "kv_delete", kv_delete(key))
+    }
+
+    /// Lists up to `limit` kv keys in byte order, starting after `after`.
+    ///
+    /// # Errors
+    /// Fails when Redis is unreachable.
+    pub async fn kv_list(&self, after: Option<&str>, limit: u64) -> BackendResult<Vec<String>> {
+        delegate!(self, "kv_list", kv_list(after, limit))
+    }
+}
+
+impl RedisBackend {
+    pub(super) async fn kv_set(&self, key: &str, value: &str) -> BackendResult<KvSetOutcome> {
+        let deadline = self.write_deadline().await?;
+        let outcome: i64 = self
+            .eval(
+                &KV_SET_SCRIPT,
+                vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
+                vec![
+                    key.into(),
+                    value.into(),
+                    Value::from(self.inner.config.kv_max_keys as i64),
+                    Value::from(deadline),
+                ],
+            )
+            .await?;
+        Ok(match outcome {
+            1 => KvSetOutcome::Created,
+            0 => KvSetOutcome::Updated,
+            -1 => KvSetOutcome::Full,
+            _ => return Err(too_late()),
+        })
+    }
+
+    pub(super) async fn kv_get(&self, key: &str) -> BackendResult<Option<String>> {
+        Ok(self.client().hget(self.inner.keys.kv(), key).await?)
+    }
+
+    pub(super) async fn kv_delete(&self, key: &str) -> BackendResult<bool> {
+        let deadline = self.write_deadline().await?;
+        let existed: i64 = self
+            .eval(
+                &KV_DELETE_SCRIPT,
+                vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
+                vec![key.into(), Value::from(deadline)],
+            )
+            .await?;
+        match existed {
+            -1 => Err(too_late()),
+            existed => Ok(existed == 1),
+        }
+    }
+
+    pub(super) async fn kv_list(
+        &self,
+        after: Option<&str>,
+        limit: u64,
+    ) -> BackendResult<Vec<String>> {
+        use fred::interfaces::SortedSetsInterface;
+        let min = match after {
+            Some(after) => format!("({after}"),
+            None => "-".to_owned(),
+        };
+        Ok(self
+            .client()
+            .zrange(
+                self.inner.keys.kv_index(),
+                min,
+                "+",
+                Some(fred::types::sorted_sets::ZSort::ByLex),
+                false,
+                Some(Limit::from((0, limit as i64))),
+                false,
+            )
+            .await?)
+    }
+}
+
+/// A write Redis refused to run past its deadline: to the caller, a timeout like any other.
+fn too_late() -> BackendError {
+    BackendError::Redis(fred::error::Error::new(
+        fred::error::ErrorKind::Timeout,
+        "redis ran the write after its deadline and refused it",
+    ))
+}
+
+impl MemoryBackend {
+    pub(super) fn kv_set(&self, key: &str, value: &str) -> KvSetOutcome {
+        let mut state = self.state();
+        if !state.kv.contains_key(key) && state.kv.len() as u64 >= self.inner.config.kv_max_keys {
+            return KvSetOutcome::Full;
+        }
+        match state.kv.insert(key.to_owned(), value.to_owned()) {
+            None => KvSetOutcome::Created,
+            Some(_) => KvSetOutcome::Updated,
+        }
+    }
+
+    pub(super) fn kv_get(&self, key: &str) -> Option<String> {
+        self.state().kv.get(key).cloned()
+    }
+
+    pub(super) fn kv_delete(&self, key: &str) -> bool {
+        self.state().kv.remove(key).is_some()
+    }
+
+    pub(super) fn kv_list(&self, after: Option<&str>, limit: u64) -> Vec<String> {
+        use std::ops::Bound;
+        let state = self.state();
+        let lower = after.map_or(Bound::Unbounded, |after| Bound::Excluded(after.to_owned()));
+        state
+            .kv
+            .range((lower, Bound::Unbounded))
+            .take(limit as usize)
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+}
+
+/// KEYS: kv hash, kv key index (sorted set). ARGV: key, value, max keys, deadline (µs since the
+/// Unix epoch on Redis's clock). Returns 1 (created), 0 (updated), -1 (full) or -2 (run after its
+/// deadline: nothing written).
+pub const KV_SET: &str = r"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[4]) then return -2 end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return -1
+end
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+";
+
+/// KEYS: kv hash, kv key index. ARGV: key, deadline (as in [`KV_SET`]). Returns 1 when the key
+/// existed, 0 when not, -1 when run after its deadline (nothing deleted).
+pub const KV_DELETE: &str = r"
+local t = redis.call('TIME')
+if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[2]) then return -1 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+";
+
+pub(super) static KV_SET_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(KV_SET));
+pub(super) static KV_DELETE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(KV_DELETE));
