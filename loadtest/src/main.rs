@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use crate::{
     chaos::{Fault, Schedule},
-    run::{Pacing, RunConfig, parse_mix},
+    run::{MixEntry, Pacing, RunConfig, parse_mix},
 };
 
 /// Load generator for MCP servers (Streamable HTTP).
@@ -234,37 +234,19 @@ impl RunArgs {
             quiet,
         } = self;
         let baseline = matches!(scenario, Scenario::Baseline);
-        let mix = mix.unwrap_or_else(|| {
-            if baseline {
-                "kv_get=40,echo=30,kv_set=20,sleep=10"
-            } else {
-                "echo=1"
-            }
-            .to_owned()
-        });
-        let mix = match parse_mix(&mix) {
-            Ok(mix) if !mix.is_empty() => mix,
-            Ok(_) => return Err("the tool mix is empty".to_owned()),
-            Err(error) => return Err(error),
-        };
+        let mix = resolve_mix(mix, baseline)?;
         let (era, mixed_eras) = match era {
             EraArg::Legacy => (Era::Legacy, false),
             EraArg::Modern => (Era::Modern, false),
             EraArg::Both => (Era::Legacy, true),
         };
-        let mut schedule = match &chaos {
-            Some(path) => Schedule::load(path)?,
-            None => Schedule::default(),
-        };
-        if let (Some(run), Some(at)) = (chaos_cmd, chaos_at) {
-            schedule.push(Fault {
-                name: None,
-                at,
-                run,
-                heal: restart_cmd,
-                heal_after: restart_after,
-            });
-        }
+        let schedule = schedule(
+            chaos.as_deref(),
+            chaos_cmd,
+            chaos_at,
+            restart_cmd,
+            restart_after,
+        )?;
         let pacing = match scenario {
             Scenario::Open => Pacing::Open { rate },
             Scenario::Baseline => Pacing::Closed {
@@ -294,6 +276,47 @@ impl RunArgs {
         };
         run_scenario(config, json, plot, max_error_rate, max_lost, quiet).await
     }
+}
+
+/// The tool mix asked for, or the scenario's default (the baseline's, or echo only).
+fn resolve_mix(mix: Option<String>, baseline: bool) -> Result<Vec<MixEntry>, String> {
+    let mix = mix.unwrap_or_else(|| {
+        if baseline {
+            "kv_get=40,echo=30,kv_set=20,sleep=10"
+        } else {
+            "echo=1"
+        }
+        .to_owned()
+    });
+    match parse_mix(&mix) {
+        Ok(mix) if !mix.is_empty() => Ok(mix),
+        Ok(_) => Err("the tool mix is empty".to_owned()),
+        Err(error) => Err(error),
+    }
+}
+
+/// The chaos schedule: a file's, plus the one fault given on the command line.
+fn schedule(
+    file: Option<&std::path::Path>,
+    run: Option<String>,
+    at: Option<Duration>,
+    heal: Option<String>,
+    heal_after: Duration,
+) -> Result<Schedule, String> {
+    let mut schedule = match file {
+        Some(path) => Schedule::load(path)?,
+        None => Schedule::default(),
+    };
+    if let (Some(run), Some(at)) = (run, at) {
+        schedule.push(Fault {
+            name: None,
+            at,
+            run,
+            heal,
+            heal_after,
+        });
+    }
+    Ok(schedule)
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -563,36 +563,54 @@ impl Report {
             out.push_str(&format!("\nLOST WRITES: {:?}\n", self.lost_writes));
         }
         if self.faults.len() > 1 {
+            out.push_str(&self.fault_table());
+        }
+        out
+    }
+
+    /// The table of fault windows, with each one's last disturbance.
+    fn fault_table(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "\n{:<26} {:>6} {:>6} {:>7} {:>6} {:>7} {:>8} {:>8} {:>9} {:>5} {:>5} {:>7} {:>9}\n",
+            "fault",
+            "at s",
+            "end s",
+            "ok",
+            "failed",
+            "retried",
+            "recovered",
+            "reopened",
+            "delivered",
+            "lost",
+            "dupl",
+            "missed",
+            "recover s"
+        ));
+        for w in &self.faults {
             out.push_str(&format!(
-                "\n{:<26} {:>6} {:>6} {:>7} {:>6} {:>7} {:>8} {:>8} {:>9} {:>5} {:>5} {:>7} {:>9}\n",
-                "fault", "at s", "end s", "ok", "failed", "retried", "recovered", "reopened",
-                "delivered", "lost", "dupl", "missed", "recover s"
+                "{:<26} {:>6.1} {:>6} {:>7} {:>6} {:>7} {:>8} {:>8} {:>9} {:>5} {:>5} {:>7} {:>9}\n",
+                w.name.chars().take(26).collect::<String>(),
+                w.at_secs,
+                w.ended_secs.map_or("-".to_owned(), |s| format!("{s:.1}")),
+                w.ok,
+                w.failed,
+                w.retried,
+                w.recovered,
+                w.streams_reopened,
+                w.notifications_delivered,
+                w.notifications_lost,
+                w.notifications_duplicated,
+                w.notifications_missed_relistening,
+                w.time_to_recover_secs.map_or("-".to_owned(), |s| format!("{s:.1}")),
             ));
-            for w in &self.faults {
+        }
+        for w in &self.faults {
+            if let (Some((_, last)), Some(what)) = (w.disturbed, &w.last_disturbance) {
                 out.push_str(&format!(
-                    "{:<26} {:>6.1} {:>6} {:>7} {:>6} {:>7} {:>8} {:>8} {:>9} {:>5} {:>5} {:>7} {:>9}\n",
-                    w.name.chars().take(26).collect::<String>(),
-                    w.at_secs,
-                    w.ended_secs.map_or("-".to_owned(), |s| format!("{s:.1}")),
-                    w.ok,
-                    w.failed,
-                    w.retried,
-                    w.recovered,
-                    w.streams_reopened,
-                    w.notifications_delivered,
-                    w.notifications_lost,
-                    w.notifications_duplicated,
-                    w.notifications_missed_relistening,
-                    w.time_to_recover_secs.map_or("-".to_owned(), |s| format!("{s:.1}")),
+                    "last disturbance of \"{}\": {what} at {last:.2} s\n",
+                    w.name
                 ));
-            }
-            for w in &self.faults {
-                if let (Some((_, last)), Some(what)) = (w.disturbed, &w.last_disturbance) {
-                    out.push_str(&format!(
-                        "last disturbance of \"{}\": {what} at {last:.2} s\n",
-                        w.name
-                    ));
-                }
             }
         }
         out

@@ -12,9 +12,11 @@
 //! - [`state`]: the state every request shares.
 
 pub mod auth;
+pub mod background;
 pub mod cli;
 pub mod http;
 pub mod mcp;
+pub mod principal;
 pub mod quota;
 pub mod state;
 pub mod tools;
@@ -44,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use shoal_shared::{config, ids};
 
+use crate::background::Background;
 use crate::{
     auth::Authenticator,
     http::HttpService,
@@ -63,7 +66,7 @@ pub struct App {
     state: Arc<AppState>,
     http: HttpService,
     mcp_shutdown: CancellationToken,
-    background: CancellationToken,
+    background: Background,
 }
 
 impl App {
@@ -120,12 +123,13 @@ impl App {
             streams: state::StreamSlots::new(config.sessions.max_streams, metrics.clone()),
         });
 
+        let background = Background::default();
         let sessions = Arc::new(ClusterSessionManager::new(
             backend.clone(),
             bus.clone(),
             metrics.clone(),
             config.worker_idle(),
-            cluster_options(&config, &backend, &state),
+            cluster_options(&config, &backend, &state, background.clone()),
         ));
 
         let mcp_shutdown = CancellationToken::new();
@@ -137,11 +141,15 @@ impl App {
             mcp_shutdown.clone(),
         );
 
-        let background = CancellationToken::new();
         start_background(&state, &sessions, control, tag, &background).await;
-        auth.start(background.clone());
-        let quotas = quota::Quotas::new(backend.clone(), &config.quota, metrics.clone());
-        tokio::spawn(quotas.clone().run(background.clone()));
+        auth.start(&background);
+        let quotas = quota::Quotas::new(
+            backend.clone(),
+            &config.quota,
+            metrics.clone(),
+            background.tasks.clone(),
+        );
+        background.spawn(quotas.clone().run(background.stop.clone()));
 
         Ok(Self {
             http: HttpService::new(state.clone(), sessions, mcp, auth, toolbox, quotas),
@@ -207,7 +215,7 @@ impl App {
             let _ = admin.await;
         }
         self.mcp_shutdown.cancel();
-        self.background.cancel();
+        self.background.finish().await;
         self.state.backend.shutdown().await;
         tracing::info!("stopped");
         Ok(())
@@ -318,7 +326,12 @@ async fn connect_postgres(
 }
 
 /// The session manager's share of the configuration.
-fn cluster_options(config: &Config, backend: &Backend, state: &AppState) -> ClusterOptions {
+fn cluster_options(
+    config: &Config,
+    backend: &Backend,
+    state: &AppState,
+    background: Background,
+) -> ClusterOptions {
     ClusterOptions {
         feed: FeedOptions {
             touch_every: (config.session_idle_ttl() / 3).max(Duration::from_secs(1)),
@@ -328,6 +341,7 @@ fn cluster_options(config: &Config, backend: &Backend, state: &AppState) -> Clus
         sse_retry: Duration::from_millis(config.http.sse_retry_ms),
         max_local_sessions: config.sessions.max_local_sessions,
         streams: state.streams.clone(),
+        background,
         // Without Redis there is one replica and sliding the TTL costs no round trip.
         touch_interval: if backend.kind() == "redis" {
             config.session_touch_interval()
@@ -365,15 +379,16 @@ fn mcp_service(
     )
 }
 
-/// Starts the replica's background tasks, stopped by `stop`: the session-tag key loader, the bus
+/// Starts the replica's background tasks, tracked and stopped by `background`: the session-tag key loader, the bus
 /// control loop, the janitor, the bus probe and (with PostgreSQL) the change poller.
 async fn start_background(
     state: &Arc<AppState>,
     sessions: &Arc<ClusterSessionManager>,
     control: tokio::sync::mpsc::Receiver<shoal_shared::bus::ControlMessage>,
     tag: ReplicaTag,
-    stop: &CancellationToken,
+    background: &Background,
 ) {
+    let stop = &background.stop;
     // Usually at once; with the shared state down, spans carry no session tag until it is back.
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
@@ -382,14 +397,14 @@ async fn start_background(
     .await;
     {
         let (state, stop) = (state.clone(), stop.clone());
-        tokio::spawn(async move { state.load_session_tag_key(stop).await });
+        background.spawn(async move { state.load_session_tag_key(stop).await });
     }
-    tokio::spawn(sessions.clone().run_control(control));
-    tokio::spawn(janitor(state.backend.clone(), tag, stop.clone()));
-    tokio::spawn(probe(state.clone(), stop.clone()));
-    tokio::spawn(watchdog(state.clone(), stop.clone()));
+    background.spawn(sessions.clone().run_control(control, stop.clone()));
+    background.spawn(janitor(state.backend.clone(), tag, stop.clone()));
+    background.spawn(probe(state.clone(), stop.clone()));
+    background.spawn(watchdog(state.clone(), stop.clone()));
     if state.db.is_some() {
-        tokio::spawn(tools::postgres::run_change_poller(
+        background.spawn(tools::postgres::run_change_poller(
             state.clone(),
             stop.clone(),
         ));

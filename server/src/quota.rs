@@ -38,113 +38,10 @@ use shoal_shared::{
     metrics::Metrics,
 };
 
-use crate::auth::Principal;
+use crate::principal::{Limits, Overrides, Principal};
 
 /// How long a call or stream lease lasts unless its replica renews it (every third of it).
 pub const LEASE: Duration = Duration::from_secs(60);
-
-/// What one principal may use; 0 is unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Limits {
-    /// Sustained requests per second.
-    pub requests_per_sec: u32,
-    /// Requests at once above the rate (0: one second's worth).
-    pub burst: u32,
-    /// Tool calls running at once.
-    pub concurrent_calls: u32,
-    /// Legacy sessions open at once.
-    pub sessions: u32,
-    /// Long-lived streams open at once.
-    pub streams: u32,
-    /// The most of a replica's slots of a tool, and of each database pool, held at once, in
-    /// percent (per replica; not a cluster-wide quota).
-    pub share_percent: u8,
-}
-
-impl Limits {
-    /// No limit at all.
-    pub const UNLIMITED: Limits = Limits {
-        requests_per_sec: 0,
-        burst: 0,
-        concurrent_calls: 0,
-        sessions: 0,
-        streams: 0,
-        share_percent: 100,
-    };
-
-    /// The per-principal defaults of the configuration.
-    pub fn defaults(config: &QuotaConfig) -> Self {
-        Self {
-            requests_per_sec: config.requests_per_sec,
-            burst: config.burst,
-            concurrent_calls: config.concurrent_calls,
-            sessions: config.sessions,
-            streams: config.streams,
-            share_percent: config.principal_share_percent,
-        }
-    }
-
-    /// The cluster-wide limits of the configuration.
-    pub fn global(config: &QuotaConfig) -> Self {
-        Self {
-            requests_per_sec: config.global_requests_per_sec,
-            burst: config.global_burst,
-            concurrent_calls: config.global_concurrent_calls,
-            sessions: config.global_sessions,
-            streams: config.global_streams,
-            share_percent: 100,
-        }
-    }
-
-    /// These limits with `overrides` applied.
-    pub fn with(self, overrides: &Overrides) -> Self {
-        Self {
-            requests_per_sec: overrides.requests_per_sec.unwrap_or(self.requests_per_sec),
-            burst: overrides.burst.unwrap_or(self.burst),
-            concurrent_calls: overrides.concurrent_calls.unwrap_or(self.concurrent_calls),
-            sessions: overrides.sessions.unwrap_or(self.sessions),
-            streams: overrides.streams.unwrap_or(self.streams),
-            share_percent: overrides
-                .share_percent
-                .map_or(self.share_percent, |percent| percent.clamp(1, 100)),
-        }
-    }
-
-    fn cap(&self, kind: QuotaKind) -> u32 {
-        match kind {
-            QuotaKind::Rate => self.requests_per_sec,
-            QuotaKind::Calls => self.concurrent_calls,
-            QuotaKind::Streams => self.streams,
-            QuotaKind::Sessions => self.sessions,
-        }
-    }
-
-    fn burst(&self) -> u32 {
-        if self.burst == 0 {
-            self.requests_per_sec
-        } else {
-            self.burst
-        }
-    }
-}
-
-/// A `quota` table (in the API keys file or a tier): the limits it sets, the others inherited.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Overrides {
-    /// Sustained requests per second.
-    pub requests_per_sec: Option<u32>,
-    /// Requests at once above the rate.
-    pub burst: Option<u32>,
-    /// Tool calls running at once.
-    pub concurrent_calls: Option<u32>,
-    /// Legacy sessions open at once.
-    pub sessions: Option<u32>,
-    /// Long-lived streams open at once.
-    pub streams: Option<u32>,
-    /// Share of a replica's tool slots and database pools, in percent (1–100).
-    pub share_percent: Option<u8>,
-}
 
 /// A quota tier: who it applies to and the limits it sets.
 #[derive(Debug, Clone, Deserialize)]
@@ -390,6 +287,8 @@ pub struct Quotas {
     /// Ended leases, given back in batches by [`Quotas::run`] (one round trip for all the calls
     /// that ended while the previous batch was on its way).
     releases: tokio::sync::mpsc::Sender<Release>,
+    /// Where releases that find the queue full run, tracked, so shutdown waits for them.
+    tasks: tokio_util::task::TaskTracker,
     pending: Mutex<Option<tokio::sync::mpsc::Receiver<Release>>>,
 }
 
@@ -403,9 +302,15 @@ impl std::fmt::Debug for Quotas {
 
 impl Quotas {
     /// Quotas kept in `backend`, with the cluster-wide limits of `config`.
-    pub fn new(backend: Backend, config: &QuotaConfig, metrics: Metrics) -> Arc<Self> {
+    pub fn new(
+        backend: Backend,
+        config: &QuotaConfig,
+        metrics: Metrics,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Arc<Self> {
         let (releases, pending) = tokio::sync::mpsc::channel(RELEASE_QUEUE);
         Arc::new(Self {
+            tasks,
             backend,
             global: Limits::global(config),
             metrics,
@@ -470,17 +375,9 @@ impl Quotas {
         over.insert(Arc::from(subject), until);
     }
 
-    /// Admits a request of `principal` that asks for `demand`: `Ok(Some(lease))` when it holds a
-    /// call, stream or session slot until the lease is dropped (or bound to a session), `Ok(None)`
-    /// when nothing is held. No round trip when no limit applies.
-    ///
-    /// # Errors
-    /// A [`Refusal`] when a quota is exhausted or the shared state cannot decide.
-    pub async fn admit(
-        self: &Arc<Self>,
-        principal: &Principal,
-        demand: Demand,
-    ) -> Result<Option<Lease>, Refusal> {
+    /// The checks a request of `principal` asking for `demand` must pass: its own rate and cap,
+    /// then the cluster's, each only when set.
+    fn checks<'a>(&'a self, principal: &'a Principal, demand: Demand) -> Vec<QuotaCheck<'a>> {
         let own = &principal.limits;
         let mut checks: Vec<QuotaCheck<'_>> = Vec::with_capacity(4);
         for (limits, subject) in [(own, &*principal.id), (&self.global, QUOTA_CLUSTER)] {
@@ -503,6 +400,45 @@ impl Quotas {
                 });
             }
         }
+        checks
+    }
+
+    /// Counts and logs a refusal, remembers a rate refusal until it can pass (asked at `asked`),
+    /// and says what the client is told.
+    fn refused(
+        &self,
+        principal: &Principal,
+        checks: &[QuotaCheck<'_>],
+        QuotaRefusal { index, retry_after }: QuotaRefusal,
+        asked: tokio::time::Instant,
+    ) -> Refusal {
+        let refusing = &checks[index];
+        let kind = label(refusing.kind, refusing.subject == QUOTA_CLUSTER);
+        self.metrics.quota_rejection(kind);
+        tracing::info!(kind, principal = %principal.name, "refused request: quota");
+        if refusing.kind == QuotaKind::Rate
+            && let Some(retry_after) = retry_after
+        {
+            self.remember_over_rate(refusing.subject, asked, retry_after);
+        }
+        Refusal::Over {
+            kind,
+            retry_after: retry_after.unwrap_or(CAP_RETRY_AFTER),
+        }
+    }
+
+    /// Admits a request of `principal` that asks for `demand`: `Ok(Some(lease))` when it holds a
+    /// call, stream or session slot until the lease is dropped (or bound to a session), `Ok(None)`
+    /// when nothing is held. No round trip when no limit applies.
+    ///
+    /// # Errors
+    /// A [`Refusal`] when a quota is exhausted or the shared state cannot decide.
+    pub async fn admit(
+        self: &Arc<Self>,
+        principal: &Principal,
+        demand: Demand,
+    ) -> Result<Option<Lease>, Refusal> {
+        let checks = self.checks(principal, demand);
         if checks.is_empty() {
             return Ok(None);
         }
@@ -515,20 +451,8 @@ impl Quotas {
         let asked = tokio::time::Instant::now();
         match self.backend.quota_admit(&checks, &member, LEASE).await {
             Ok(None) => {}
-            Ok(Some(QuotaRefusal { index, retry_after })) => {
-                let refusing = &checks[index];
-                let kind = label(refusing.kind, refusing.subject == QUOTA_CLUSTER);
-                self.metrics.quota_rejection(kind);
-                tracing::info!(kind, principal = %principal.name, "refused request: quota");
-                if refusing.kind == QuotaKind::Rate
-                    && let Some(retry_after) = retry_after
-                {
-                    self.remember_over_rate(refusing.subject, asked, retry_after);
-                }
-                return Err(Refusal::Over {
-                    kind,
-                    retry_after: retry_after.unwrap_or(CAP_RETRY_AFTER),
-                });
+            Ok(Some(refusal)) => {
+                return Err(self.refused(principal, &checks, refusal, asked));
             }
             Err(error) => {
                 tracing::warn!(%error, "quota not checked: shared state unavailable");
@@ -576,7 +500,7 @@ impl Quotas {
     }
 
     /// Gives back ended leases in batches, and renews the leases this replica holds every third
-    /// of [`LEASE`], until `stop` fires.
+    /// of [`LEASE`], until `stop` fires; then gives back what is still queued.
     pub async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let Some(mut pending) = self
             .pending
@@ -591,7 +515,20 @@ impl Quotas {
         let mut batch = Vec::with_capacity(RELEASE_BATCH);
         loop {
             tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => {
+                    // Shutting down: give back what the ended requests held, not in a minute.
+                    while let Ok(ended) = pending.try_recv() {
+                        batch.push(ended);
+                        if batch.len() == RELEASE_BATCH {
+                            release(&self.backend, &batch).await;
+                            batch.clear();
+                        }
+                    }
+                    if !batch.is_empty() {
+                        release(&self.backend, &batch).await;
+                    }
+                    return;
+                }
                 _ = every.tick() => self.renew().await,
                 received = pending.recv_many(&mut batch, RELEASE_BATCH) => {
                     if received == 0 {
@@ -734,7 +671,9 @@ impl Drop for Held {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let backend = self.quotas.backend.clone();
-            runtime.spawn(async move { release(&backend, &[ended]).await });
+            self.quotas
+                .tasks
+                .spawn_on(async move { release(&backend, &[ended]).await }, &runtime);
         }
     }
 }

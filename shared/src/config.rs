@@ -1022,57 +1022,7 @@ impl Config {
     fn check_auth(&self) -> Result<(), ConfigError> {
         let auth = &self.auth;
         match auth.mode {
-            Some(AuthMode::Oauth) => {
-                if auth.oauth_issuers.is_empty()
-                    || !auth.oauth_issuers.iter().all(|i| is_http_url(i))
-                {
-                    return Err(ConfigError::rule(
-                        "SHOAL_OAUTH_ISSUERS",
-                        "must list at least one issuer, each an http(s) URL, when SHOAL_AUTH=oauth",
-                    ));
-                }
-                if !auth.oauth_allow_http
-                    && auth
-                        .oauth_issuers
-                        .iter()
-                        .any(|i| i.to_ascii_lowercase().starts_with("http://"))
-                {
-                    return Err(ConfigError::rule(
-                        "SHOAL_OAUTH_ISSUERS",
-                        "names an http:// issuer, whose keys anyone on the path could replace: use \
-                         https://, or set SHOAL_OAUTH_ALLOW_HTTP=true for development",
-                    ));
-                }
-                if auth.oauth_jwks_max_age_secs < auth.oauth_jwks_refresh_secs {
-                    return Err(ConfigError::rule(
-                        "SHOAL_OAUTH_JWKS_MAX_AGE_SECS",
-                        "must be at least SHOAL_OAUTH_JWKS_REFRESH_SECS",
-                    ));
-                }
-                if !auth
-                    .resource_url
-                    .as_deref()
-                    .is_some_and(|url| is_http_url(url) && !url.contains('#'))
-                {
-                    return Err(ConfigError::rule(
-                        "SHOAL_RESOURCE_URL",
-                        "must be this server's http(s) URL without a fragment (the token audience, \
-                         e.g. https://mcp.example.com/mcp) when SHOAL_AUTH=oauth",
-                    ));
-                }
-                if auth.oauth_algorithms.is_empty()
-                    || !auth
-                        .oauth_algorithms
-                        .iter()
-                        .all(|a| ALLOWED_ALGORITHMS.contains(&a.as_str()))
-                {
-                    return Err(ConfigError::rule(
-                        "SHOAL_OAUTH_ALGORITHMS",
-                        "must list asymmetric JWS algorithms (RS256, RS384, RS512, PS256, PS384, \
-                         PS512, ES256, ES384, EdDSA)",
-                    ));
-                }
-            }
+            Some(AuthMode::Oauth) => check_oauth(auth)?,
             Some(AuthMode::ApiKeys) if auth.api_keys_file.is_none() => {
                 return Err(ConfigError::rule(
                     "SHOAL_API_KEYS_FILE",
@@ -1248,6 +1198,59 @@ pub fn redact_url(url: &str) -> String {
         }
         None => url.to_owned(),
     }
+}
+
+/// The OAuth mode's rules: issuers over https (unless allowed), a JWKS that may not outlive its
+/// refresh, the resource URL tokens must name, asymmetric algorithms only.
+fn check_oauth(auth: &AuthConfig) -> Result<(), ConfigError> {
+    if auth.oauth_issuers.is_empty() || !auth.oauth_issuers.iter().all(|i| is_http_url(i)) {
+        return Err(ConfigError::rule(
+            "SHOAL_OAUTH_ISSUERS",
+            "must list at least one issuer, each an http(s) URL, when SHOAL_AUTH=oauth",
+        ));
+    }
+    if !auth.oauth_allow_http
+        && auth
+            .oauth_issuers
+            .iter()
+            .any(|i| i.to_ascii_lowercase().starts_with("http://"))
+    {
+        return Err(ConfigError::rule(
+            "SHOAL_OAUTH_ISSUERS",
+            "names an http:// issuer, whose keys anyone on the path could replace: use \
+                 https://, or set SHOAL_OAUTH_ALLOW_HTTP=true for development",
+        ));
+    }
+    if auth.oauth_jwks_max_age_secs < auth.oauth_jwks_refresh_secs {
+        return Err(ConfigError::rule(
+            "SHOAL_OAUTH_JWKS_MAX_AGE_SECS",
+            "must be at least SHOAL_OAUTH_JWKS_REFRESH_SECS",
+        ));
+    }
+    if !auth
+        .resource_url
+        .as_deref()
+        .is_some_and(|url| is_http_url(url) && !url.contains('#'))
+    {
+        return Err(ConfigError::rule(
+            "SHOAL_RESOURCE_URL",
+            "must be this server's http(s) URL without a fragment (the token audience, \
+                 e.g. https://mcp.example.com/mcp) when SHOAL_AUTH=oauth",
+        ));
+    }
+    if auth.oauth_algorithms.is_empty()
+        || !auth
+            .oauth_algorithms
+            .iter()
+            .all(|a| ALLOWED_ALGORITHMS.contains(&a.as_str()))
+    {
+        return Err(ConfigError::rule(
+            "SHOAL_OAUTH_ALGORITHMS",
+            "must list asymmetric JWS algorithms (RS256, RS384, RS512, PS256, PS384, \
+                 PS512, ES256, ES384, EdDSA)",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{Failure, Principal};
-use crate::quota::{Overrides, Policy};
+use crate::{principal::Overrides, quota::Policy};
 
 /// How often the file's modification time and size are checked for a change.
 const POLL_EVERY: Duration = Duration::from_secs(2);
@@ -117,12 +117,13 @@ impl ApiKeys {
     /// Re-reads the file when it changes (checked every [`POLL_EVERY`]) and on SIGHUP, until
     /// `stop` fires. A file that cannot be read or parsed leaves the keys in force, logged, and is
     /// not read again until it changes.
-    pub fn watch(&self, stop: tokio_util::sync::CancellationToken) {
+    pub(crate) fn watch(&self, background: &crate::background::Background) {
+        let stop = background.stop.clone();
         let path = self.path.clone();
         let keys = self.keys.clone();
         let policy = self.policy.clone();
         let mut seen = self.loaded;
-        tokio::spawn(async move {
+        background.spawn(async move {
             let mut hangup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
             let mut tick = tokio::time::interval(POLL_EVERY);

@@ -15,84 +15,9 @@ pub mod oauth;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use sha2::{Digest, Sha256};
 use shoal_shared::config::{AuthMode, Config};
 
-use crate::quota::{Limits, Policy};
-
-/// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// Stable opaque id (32 hex digits: a hash of the issuer and subject, or of the API key's
-    /// principal name): what sessions record as their owner. Names no secret.
-    pub id: Arc<str>,
-    /// The name telemetry shows as `enduser.id`: the token's subject or the key's principal.
-    pub name: Arc<str>,
-    /// What the caller was granted.
-    pub scopes: Arc<[String]>,
-    /// What the caller may use ([`crate::quota`]).
-    pub limits: Limits,
-}
-
-impl Principal {
-    /// The one principal of `SHOAL_AUTH=none`: every caller, granted everything (built once;
-    /// each request gets a clone of three `Arc`s).
-    pub fn anonymous() -> Self {
-        static ANONYMOUS: std::sync::LazyLock<Principal> = std::sync::LazyLock::new(|| Principal {
-            id: Arc::from("anonymous"),
-            name: Arc::from("anonymous"),
-            scopes: Arc::from(vec!["*".to_owned()]),
-            limits: Limits::UNLIMITED,
-        });
-        ANONYMOUS.clone()
-    }
-
-    /// A principal named `name` in the namespace `kind` (an issuer URL, or `api-key`), without
-    /// limits until [`Principal::with_limits`].
-    pub fn new(kind: &str, name: &str, scopes: Vec<String>) -> Self {
-        let mut hash = Sha256::new();
-        hash.update(kind.as_bytes());
-        hash.update([0]);
-        hash.update(name.as_bytes());
-        let id = hex::encode(&hash.finalize()[..16]);
-        Self {
-            id: Arc::from(id),
-            name: Arc::from(name),
-            scopes: Arc::from(scopes),
-            limits: Limits::UNLIMITED,
-        }
-    }
-
-    /// The same principal with `limits`.
-    #[must_use]
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    /// Whether the caller may use `toolset`: its read-only tools and resources, or with `write`
-    /// its other tools too. `<toolset>:write` implies `<toolset>`; `*` grants everything.
-    pub fn may(&self, toolset: &str, write: bool) -> bool {
-        self.scopes.iter().any(|scope| {
-            scope == "*"
-                || scope
-                    .strip_prefix(toolset)
-                    .is_some_and(|rest| rest == ":write" || (rest.is_empty() && !write))
-        })
-    }
-
-    /// Whether the caller is granted everything (`*`).
-    pub fn is_unrestricted(&self) -> bool {
-        self.scopes.iter().any(|scope| scope == "*")
-    }
-
-    /// Whether any of the caller's scopes is one of `supported` (or `*`).
-    pub fn has_any(&self, supported: &[String]) -> bool {
-        self.scopes
-            .iter()
-            .any(|scope| scope == "*" || supported.contains(scope))
-    }
-}
+use crate::{principal::Principal, quota::Policy};
 
 /// Why a request was not authenticated, and how to answer it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,11 +153,11 @@ impl Authenticator {
 
     /// Starts what the method runs in the background (API keys file reloads, JWKS warm-up) until
     /// `stop` fires.
-    pub fn start(&self, stop: tokio_util::sync::CancellationToken) {
+    pub(crate) fn start(&self, background: &crate::background::Background) {
         match &self.method {
             Method::None => {}
-            Method::ApiKeys(keys) => keys.watch(stop),
-            Method::Oauth(oauth) => oauth.warm_up(stop),
+            Method::ApiKeys(keys) => keys.watch(background),
+            Method::Oauth(oauth) => oauth.warm_up(background),
         }
     }
 

@@ -152,11 +152,11 @@ impl Oauth {
 
     /// Keeps every issuer's keys fresh in the background until `stop`: fetched at once (so the
     /// first token does not wait), then again on the issuer's schedule ([`Issuer::refresh_keys`]).
-    pub fn warm_up(&self, stop: tokio_util::sync::CancellationToken) {
+    pub(crate) fn warm_up(&self, background: &crate::background::Background) {
         for issuer in &self.issuers {
             let issuer = issuer.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
+            let stop = background.stop.clone();
+            background.spawn(async move {
                 tokio::select! {
                     () = stop.cancelled() => {}
                     () = issuer.refresh_keys() => {}

@@ -49,12 +49,13 @@ use shoal_shared::telemetry::Span;
 use tokio::time::Instant;
 
 use crate::{
-    auth::{Authenticator, Failure, Principal},
+    auth::{Authenticator, Failure},
     mcp::{
         error::{STATUS_OVERRIDE, StatusOverride},
         handler::ShoalHandler,
         session::ClusterSessionManager,
     },
+    principal::Principal,
     quota::{CallLease, Demand, Lease, Quotas, Refusal},
     state::AppState,
     tools::{Toolbox, toolset_of},
@@ -472,6 +473,10 @@ impl HttpService {
         }
     }
 
+    /// A POST, as a sequence of named checks, each of which may answer instead: a body that is
+    /// JSON-RPC ([`Self::read_envelope`]), a replica able to take it ([`Self::admissible`]), a
+    /// caller allowed to do what it asks ([`Self::authorized`]), its quotas, and for a listen, URIs
+    /// it may follow ([`Self::listenable`]); then rmcp answers it.
     async fn post(
         &self,
         request: Request<Incoming>,
@@ -486,112 +491,24 @@ impl HttpService {
                 .forward(Request::from_parts(parts, Full::new(Bytes::new())), None)
                 .await;
         }
-        let bytes = match self.read_body(body).await {
-            Ok(bytes) => bytes,
-            Err(rejected) => return self.charged(principal, rejected, None).await,
+        let (bytes, envelope) = match self.read_envelope(body, principal).await {
+            Ok(read) => read,
+            Err(refused) => return refused,
         };
-        let envelope = match Envelope::peek(&bytes) {
-            Ok(envelope) => envelope,
-            Err((code, message)) => {
-                tracing::info!(code, message, "rejected request: malformed JSON-RPC");
-                let reason = if code == -32700 {
-                    "parse_error"
-                } else {
-                    "invalid_request"
-                };
-                let rejected = self.reject(
-                    reason,
-                    jsonrpc_error(StatusCode::BAD_REQUEST, code, message),
-                );
-                return self.charged(principal, rejected, None).await;
-            }
-        };
-        if self.shared_state_in_trouble() {
-            // Fail closed at the door: a call let in now would wait for a Redis command to time
-            // out and end in a tool error; a 503 with Retry-After sends the client elsewhere.
-            return self.reject("backend_unavailable", unavailable(envelope.id.as_ref()));
+        let id = envelope.id.as_ref();
+        if let Err(refused) = self.admissible(&envelope, bytes.len(), principal).await {
+            return refused;
         }
-        if envelope.is_initialize && bytes.len() > self.state.config.http.max_initialize_bytes {
-            let limit = self.state.config.http.max_initialize_bytes;
-            tracing::info!(limit, "rejected request: initialize too large");
-            let rejected = self.reject(
-                "initialize_too_large",
-                jsonrpc_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    -32602,
-                    &format!("initialize request exceeds {limit} bytes"),
-                ),
-            );
-            return self
-                .charged(principal, rejected, envelope.id.as_ref())
-                .await;
+        if let Err(refused) = self.authorized(&envelope, principal).await {
+            return refused;
         }
-        if envelope.is_initialize && self.sessions.is_full().await {
-            return self.reject(
-                "sessions_full",
-                busy(envelope.id.as_ref(), "this replica holds too many sessions"),
-            );
-        }
-        if let Some(tool) = &envelope.tool
-            && let Some(grant) = self.tools.grants.get(tool)
-            && !principal.may(grant.toolset, grant.write)
-        {
-            let failure = Failure::new(
-                "insufficient_scope",
-                "the call needs a scope the token lacks",
-            );
-            let refused = self.refuse(&failure, Some(&grant.scope()));
-            return self.charged(principal, refused, envelope.id.as_ref()).await;
-        }
-        // A listen stream follows only resources the caller may read: one outside its grants is
-        // refused as a tool call outside them is, naming the scope it needs.
-        if let Some(toolset) = envelope
-            .listen_uris
-            .iter()
-            .find_map(|uri| toolset_of(uri).filter(|toolset| !principal.may(toolset, false)))
-        {
-            let failure = Failure::new(
-                "insufficient_scope",
-                "following this resource needs a scope the token lacks",
-            );
-            let refused = self.refuse(&failure, Some(toolset));
-            return self.charged(principal, refused, envelope.id.as_ref()).await;
-        }
-        let demand = if envelope.tool.is_some() {
-            Demand::ToolCall
-        } else if envelope.is_listen {
-            Demand::Stream
-        } else if envelope.is_initialize {
-            Demand::Session
-        } else {
-            Demand::Request
-        };
+        let demand = demand_of(&envelope);
         let lease = match self.quotas.admit(principal, demand).await {
             Ok(lease) => lease,
-            Err(refusal) => return self.over_quota(&refusal, envelope.id.as_ref()),
+            Err(refusal) => return self.over_quota(&refusal, id),
         };
-        // rmcp acknowledges a listen before the handler sees it, and the client then believes it
-        // listens: every bound is checked here, so a listen that will be refused is refused
-        // before any acknowledgment, naming the URI. After admission, so the check (a database
-        // query for table URIs) is charged to the caller's rate like any request.
-        if envelope.is_listen
-            && let Err(refusal) = self.check_listen(&envelope.listen_uris).await
-        {
-            tracing::info!(
-                reason = refusal.reason,
-                "refused subscriptions/listen: {}",
-                refusal.message
-            );
-            return self.reject(
-                "invalid_listen",
-                jsonrpc_error_with(
-                    envelope.id.as_ref(),
-                    StatusCode::OK,
-                    -32602,
-                    &refusal.message,
-                    refusal.data,
-                ),
-            );
+        if let Err(refused) = self.listenable(&envelope).await {
+            return refused;
         }
         if demand == Demand::ToolCall
             && let Some(lease) = &lease
@@ -601,10 +518,7 @@ impl HttpService {
         }
         *span = http_span(&mut parts, envelope.traceparent.as_deref());
         let response = span
-            .wrap(self.forward(
-                Request::from_parts(parts, Full::new(bytes)),
-                envelope.id.as_ref(),
-            ))
+            .wrap(self.forward(Request::from_parts(parts, Full::new(bytes)), id))
             .await;
         if demand == Demand::Session
             && let Some(lease) = &lease
@@ -617,6 +531,133 @@ impl HttpService {
             Box::pin(lease.bind_session(session)).await;
         }
         with_lease(response, lease)
+    }
+
+    /// Reads the body (bounded) and peeks at its JSON-RPC envelope; a body too large or not
+    /// JSON-RPC is refused, charged to the caller's rate.
+    async fn read_envelope(
+        &self,
+        body: Incoming,
+        principal: &Principal,
+    ) -> Result<(Bytes, Envelope), Response<Body>> {
+        let bytes = match self.read_body(body).await {
+            Ok(bytes) => bytes,
+            Err(rejected) => return Err(self.charged(principal, rejected, None).await),
+        };
+        match Envelope::peek(&bytes) {
+            Ok(envelope) => Ok((bytes, envelope)),
+            Err((code, message)) => {
+                tracing::info!(code, message, "rejected request: malformed JSON-RPC");
+                let reason = if code == -32700 {
+                    "parse_error"
+                } else {
+                    "invalid_request"
+                };
+                let rejected = self.reject(
+                    reason,
+                    jsonrpc_error(StatusCode::BAD_REQUEST, code, message),
+                );
+                Err(self.charged(principal, rejected, None).await)
+            }
+        }
+    }
+
+    /// Whether this replica can take the request now: the shared state reachable (else 503 at
+    /// the door, failing closed), an initialize within its size bound, a session table with room.
+    async fn admissible(
+        &self,
+        envelope: &Envelope,
+        len: usize,
+        principal: &Principal,
+    ) -> Result<(), Response<Body>> {
+        let id = envelope.id.as_ref();
+        if self.shared_state_in_trouble() {
+            // A call let in now would wait for a Redis command to time out and end in a tool
+            // error; a 503 with Retry-After sends the client elsewhere.
+            return Err(self.reject("backend_unavailable", unavailable(id)));
+        }
+        let limit = self.state.config.http.max_initialize_bytes;
+        if envelope.is_initialize && len > limit {
+            tracing::info!(limit, "rejected request: initialize too large");
+            let rejected = self.reject(
+                "initialize_too_large",
+                jsonrpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    -32602,
+                    &format!("initialize request exceeds {limit} bytes"),
+                ),
+            );
+            return Err(self.charged(principal, rejected, id).await);
+        }
+        if envelope.is_initialize && self.sessions.is_full().await {
+            return Err(self.reject(
+                "sessions_full",
+                busy(id, "this replica holds too many sessions"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the caller's grants cover what it asks: a tool call needs its toolset's scope
+    /// (write scope for a writing tool), a listen stream read scope for each resource it follows.
+    /// Refusals name the scope and are charged to the caller's rate.
+    async fn authorized(
+        &self,
+        envelope: &Envelope,
+        principal: &Principal,
+    ) -> Result<(), Response<Body>> {
+        let id = envelope.id.as_ref();
+        if let Some(tool) = &envelope.tool
+            && let Some(grant) = self.tools.grants.get(tool)
+            && !principal.may(grant.toolset, grant.write)
+        {
+            let failure = Failure::new(
+                "insufficient_scope",
+                "the call needs a scope the token lacks",
+            );
+            let refused = self.refuse(&failure, Some(&grant.scope()));
+            return Err(self.charged(principal, refused, id).await);
+        }
+        if let Some(toolset) = envelope
+            .listen_uris
+            .iter()
+            .find_map(|uri| toolset_of(uri).filter(|toolset| !principal.may(toolset, false)))
+        {
+            let failure = Failure::new(
+                "insufficient_scope",
+                "following this resource needs a scope the token lacks",
+            );
+            let refused = self.refuse(&failure, Some(toolset));
+            return Err(self.charged(principal, refused, id).await);
+        }
+        Ok(())
+    }
+
+    /// For a listen: every bound checked before rmcp acknowledges it (the client then believes
+    /// it listens), so a listen that will be refused is refused first, naming the URI. Runs after
+    /// admission, so the check (a database query for table URIs) is charged like any request.
+    async fn listenable(&self, envelope: &Envelope) -> Result<(), Response<Body>> {
+        if !envelope.is_listen {
+            return Ok(());
+        }
+        let Err(refusal) = self.check_listen(&envelope.listen_uris).await else {
+            return Ok(());
+        };
+        tracing::info!(
+            reason = refusal.reason,
+            "refused subscriptions/listen: {}",
+            refusal.message
+        );
+        Err(self.reject(
+            "invalid_listen",
+            jsonrpc_error_with(
+                envelope.id.as_ref(),
+                StatusCode::OK,
+                -32602,
+                &refusal.message,
+                refusal.data,
+            ),
+        ))
     }
 
     /// Whether a `subscriptions/listen` naming `uris` may be acknowledged: at most
@@ -871,4 +912,17 @@ fn busy(id: Option<&serde_json::Value>, message: &str) -> Response<Body> {
 
 fn unavailable(id: Option<&serde_json::Value>) -> Response<Body> {
     busy(id, "shared session state is unavailable")
+}
+
+/// What a request asks of the quotas besides its rate.
+fn demand_of(envelope: &Envelope) -> Demand {
+    if envelope.tool.is_some() {
+        Demand::ToolCall
+    } else if envelope.is_listen {
+        Demand::Stream
+    } else if envelope.is_initialize {
+        Demand::Session
+    } else {
+        Demand::Request
+    }
 }

@@ -19,11 +19,11 @@ use rmcp::{
     handler::server::tool::ToolCallContext,
     model::{
         CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams,
-        CompleteResult, CompletionInfo, ContentBlock, GetPromptRequestParams, GetPromptResponse,
-        Implementation, InitializeRequestParams, InitializeResult, ListPromptsResult,
-        ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
-        ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
-        ServerConfig, SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
+        CompleteResult, CompletionInfo, GetPromptRequestParams, GetPromptResponse, Implementation,
+        InitializeRequestParams, InitializeResult, ListPromptsResult, ListResourceTemplatesResult,
+        ListResourcesResult, ListToolsResult, PaginatedRequestParams, ProtocolVersion,
+        ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig,
+        SetLevelRequestParams, SubscribeRequestParams, SubscriptionFilter,
         UnsubscribeRequestParams,
     },
     service::{NotificationContext, RequestContext, SubscriptionContext},
@@ -38,12 +38,12 @@ use shoal_shared::{
 use shoal_shared::telemetry::Span;
 
 use crate::{
-    auth::Principal,
     mcp::{
         error::{During as _, Failure},
         listen::EarlyListeners,
         trace::{self, Target},
     },
+    principal::Principal,
     state::AppState,
     tools::{
         Toolbox, may_read,
@@ -90,7 +90,7 @@ pub(crate) fn caller(context: &RequestContext<RoleServer>) -> Principal {
 }
 
 fn tool_error(message: String) -> CallToolResponse {
-    CallToolResponse::Complete(CallToolResult::error(vec![ContentBlock::text(message)]))
+    CallToolResponse::Complete(crate::tools::failed(message))
 }
 
 /// The `Mcp-Session-Id` of the HTTP request behind `context`, if any (legacy sessions only).
@@ -555,15 +555,36 @@ impl ShoalHandler {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        let _admitted = match self.admit_call(policy, &context).await {
+            Ok(admitted) => admitted,
+            Err(refused) => return Ok(refused),
+        };
+        let ttl = policy
+            .ttl
+            .filter(|_| request.input_responses.is_none() && request.request_state.is_none());
+        let Some(ttl) = ttl else {
+            return self.run_tool(policy, request, context).await;
+        };
+        self.call_cached(policy, request, context, ttl).await
+    }
+
+    /// A call's admission on this replica: within its session's concurrent calls, within its
+    /// principal's share of the tool's slots, then one of the slots (waited for, boundedly).
+    /// Refused with the tool error the client is told.
+    async fn admit_call(
+        &self,
+        policy: &ToolPolicy,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<AdmittedCall, CallToolResponse> {
         let limit = self.state.config.sessions.max_calls_per_session;
-        let _session_call = match session_id(&context) {
+        let session_call = match session_id(context) {
             Some(session) => match self.state.session_calls.enter(&session, limit) {
                 Some(call) => Some(call),
                 None => {
                     self.state
                         .metrics
                         .tool_rejected(policy.name, "session_busy");
-                    return Ok(tool_error(format!(
+                    return Err(tool_error(format!(
                         "this session already runs {limit} tool calls on this replica; \
                          wait for one to finish"
                     )));
@@ -573,7 +594,7 @@ impl ShoalHandler {
         };
         // A principal's share of the tool's slots, before it waits for one: past it, refused at
         // once (its own calls will free them), so that another principal always finds a slot.
-        let _share = match share_holder(&context) {
+        let share = match share_holder(context) {
             Some(holder) => {
                 let max = shoal_shared::share::share_of(policy.limit, holder.percent);
                 match self.state.tool_shares.enter(policy.name, &holder.id, max) {
@@ -582,7 +603,7 @@ impl ShoalHandler {
                         self.state
                             .metrics
                             .tool_rejected(policy.name, "principal_share");
-                        return Ok(tool_error(format!(
+                        return Err(tool_error(format!(
                             "your calls already hold {held} of this replica's {} slots of {}, your \
                              share (SHOAL_PRINCIPAL_SHARE_PERCENT); retry when one of them ends",
                             policy.limit, policy.name
@@ -599,18 +620,27 @@ impl ShoalHandler {
         .await
         else {
             self.state.metrics.tool_rejected(policy.name, "busy");
-            return Ok(tool_error(format!(
+            return Err(tool_error(format!(
                 "{} is busy ({} calls already running on this replica); retry shortly",
                 policy.name, policy.limit
             )));
         };
-        let _slot = InFlight::new(slot, &self.state.metrics, policy.name);
-        let ttl = policy
-            .ttl
-            .filter(|_| request.input_responses.is_none() && request.request_state.is_none());
-        let Some(ttl) = ttl else {
-            return self.run_tool(policy, request, context).await;
-        };
+        Ok(AdmittedCall {
+            _slot: InFlight::new(slot, &self.state.metrics, policy.name),
+            _share: share,
+            _session_call: session_call,
+        })
+    }
+
+    /// A call through the shared result cache: one run per entry across the cluster, tool errors
+    /// not stored.
+    async fn call_cached(
+        &self,
+        policy: &ToolPolicy,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+        ttl: std::time::Duration,
+    ) -> Result<CallToolResponse, McpError> {
         let arguments = Value::Object(request.arguments.clone().unwrap_or_default());
         let partition = match policy.scope {
             Scope::Public => "public".to_owned(),
@@ -673,6 +703,14 @@ impl ShoalHandler {
 }
 
 /// A held concurrency slot, counted in `shoal_tool_calls_in_flight` while it lives.
+/// What an admitted call holds until it ends: its slot of the tool, its principal's share of the
+/// slots, its place among its session's calls.
+struct AdmittedCall {
+    _slot: InFlight,
+    _share: Option<shoal_shared::share::Share>,
+    _session_call: Option<crate::state::SessionCall>,
+}
+
 struct InFlight {
     _permit: tokio::sync::OwnedSemaphorePermit,
     metrics: shoal_shared::metrics::Metrics,

@@ -10,11 +10,8 @@ use std::{
 };
 
 use rmcp::{
-    ErrorData as McpError, RoleServer,
-    handler::server::wrapper::Parameters,
-    model::{CallToolResult, ContentBlock},
-    service::RequestContext,
-    tool, tool_router,
+    ErrorData as McpError, RoleServer, handler::server::wrapper::Parameters, model::CallToolResult,
+    service::RequestContext, tool, tool_router,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -72,9 +69,9 @@ impl ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
         if !(1..=MAX_ROUNDS).contains(&params.rounds) {
-            return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+            return Ok(crate::tools::failed(format!(
                 "rounds must be between 1 and {MAX_ROUNDS}"
-            ))]));
+            )));
         }
         let cancelled = Arc::new(AtomicBool::new(false));
         let flag = cancelled.clone();
@@ -91,7 +88,7 @@ impl ShoalHandler {
             Ok(Some(digest)) => Ok(CallToolResult::structured(
                 json!({"digest": hex::encode(digest), "rounds": params.rounds}),
             )),
-            Ok(None) => Ok(CallToolResult::error(vec![ContentBlock::text("cancelled")])),
+            Ok(None) => Ok(crate::tools::failed("cancelled")),
             Err(error) => {
                 Err(crate::mcp::error::Failure::internal("the hash worker", error).into())
             }

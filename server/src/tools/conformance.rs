@@ -330,9 +330,9 @@ impl ShoalHandler {
 
     #[tool(description = "Conformance fixture: always fails with a tool error.")]
     async fn test_error_handling(&self) -> Result<CallToolResult, McpError> {
-        Ok(CallToolResult::error(vec![ContentBlock::text(
+        Ok(crate::tools::failed(
             "This tool intentionally returns an error for testing",
-        )]))
+        ))
     }
 
     #[tool(
@@ -360,9 +360,7 @@ impl ShoalHandler {
                     "LLM response: {answer}"
                 ))]))
             }
-            Err(error) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
-                "sampling failed: {error}"
-            ))])),
+            Err(error) => Ok(crate::tools::failed(format!("sampling failed: {error}"))),
         }
     }
 
@@ -545,9 +543,7 @@ impl ShoalHandler {
                     "User response: {answer}"
                 ))]))
             }
-            Err(error) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
-                "elicitation failed: {error}"
-            ))])),
+            Err(error) => Ok(crate::tools::failed(format!("elicitation failed: {error}"))),
         }
     }
 }

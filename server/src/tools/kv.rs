@@ -202,20 +202,20 @@ impl ShoalHandler {
         Parameters(params): Parameters<KvSetParams>,
     ) -> Result<CallToolResult, McpError> {
         if let Err(message) = valid_key(&params.key) {
-            return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
+            return Ok(crate::tools::failed(message));
         }
         let limit = self.state.config.kv.max_value_bytes;
         if params.value.len() > limit {
-            return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+            return Ok(crate::tools::failed(format!(
                 "value is {} bytes; the limit is {limit} bytes",
                 params.value.len()
-            ))]));
+            )));
         }
         match self.state.backend.kv_set(&params.key, &params.value).await {
-            Ok(KvSetOutcome::Full) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+            Ok(KvSetOutcome::Full) => Ok(crate::tools::failed(format!(
                 "the scratchpad is full ({} keys); delete keys first",
                 self.state.config.kv.max_keys
-            ))])),
+            ))),
             Ok(outcome) => {
                 self.notify_changed(&params.key, outcome == KvSetOutcome::Created)
                     .await;
@@ -242,14 +242,14 @@ impl ShoalHandler {
         Parameters(params): Parameters<KvKeyParams>,
     ) -> Result<CallToolResult, McpError> {
         if let Err(message) = valid_key(&params.key) {
-            return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
+            return Ok(crate::tools::failed(message));
         }
         match self.state.backend.kv_get(&params.key).await {
             Ok(Some(value)) => Ok(CallToolResult::success(vec![ContentBlock::text(value)])),
-            Ok(None) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+            Ok(None) => Ok(crate::tools::failed(format!(
                 "no value is stored under {}",
                 params.key
-            ))])),
+            ))),
             Err(cause) => Ok(Failure::SharedState {
                 operation: "kv_get",
                 cause,
@@ -271,7 +271,7 @@ impl ShoalHandler {
         Parameters(params): Parameters<KvKeyParams>,
     ) -> Result<CallToolResult, McpError> {
         if let Err(message) = valid_key(&params.key) {
-            return Ok(CallToolResult::error(vec![ContentBlock::text(message)]));
+            return Ok(crate::tools::failed(message));
         }
         match self.state.backend.kv_delete(&params.key).await {
             Ok(existed) => {
@@ -319,9 +319,9 @@ impl ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
         if params.ms > MAX_SLEEP_MS {
-            return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+            return Ok(crate::tools::failed(format!(
                 "ms must be at most {MAX_SLEEP_MS}"
-            ))]));
+            )));
         }
         let total = Duration::from_millis(params.ms);
         let start = tokio::time::Instant::now();
@@ -332,7 +332,7 @@ impl ShoalHandler {
         loop {
             tokio::select! {
                 () = context.ct.cancelled() => {
-                    return Ok(CallToolResult::error(vec![ContentBlock::text("cancelled")]));
+                    return Ok(crate::tools::failed("cancelled"));
                 }
                 () = tokio::time::sleep_until(deadline) => break,
                 _ = tick.tick(), if token.is_some() => {

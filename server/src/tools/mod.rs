@@ -21,8 +21,8 @@ use rmcp::{
 };
 
 use crate::{
-    auth::Principal,
     mcp::{error::During as _, handler::ShoalHandler},
+    principal::Principal,
     state::AppState,
 };
 
@@ -444,6 +444,11 @@ pub fn resource_not_found(uri: &str) -> McpError {
         "resource not found",
         Some(serde_json::json!({ "uri": uri })),
     )
+}
+
+/// A tool's failure the model should see (`isError`), with `message` as its text.
+pub(crate) fn failed(message: impl Into<String>) -> rmcp::model::CallToolResult {
+    rmcp::model::CallToolResult::error(vec![rmcp::model::ContentBlock::text(message.into())])
 }
 
 /// Deserializes a model value from JSON built in code (static fixtures).

@@ -5,10 +5,8 @@
 use std::time::Duration;
 
 use rmcp::{
-    ErrorData as McpError,
-    handler::server::wrapper::Parameters,
-    model::{CallToolResult, ContentBlock},
-    tool, tool_router,
+    ErrorData as McpError, handler::server::wrapper::Parameters, model::CallToolResult, tool,
+    tool_router,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -86,9 +84,9 @@ impl ShoalHandler {
         Parameters(params): Parameters<BalanceParams>,
     ) -> Result<CallToolResult, McpError> {
         if !valid_address(&params.address) {
-            return Ok(CallToolResult::error(vec![ContentBlock::text(
+            return Ok(crate::tools::failed(
                 "address must be 32 to 44 base58 characters",
-            )]));
+            ));
         }
         self.upstream("getBalance", json!([params.address])).await
     }
@@ -117,11 +115,11 @@ impl ShoalHandler {
             .allowed_methods
             .contains(&params.method)
         {
-            return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+            return Ok(crate::tools::failed(format!(
                 "method {} is not allowed; allowed: {}",
                 params.method,
                 self.state.config.rpc.allowed_methods.join(", ")
-            ))]));
+            )));
         }
         self.upstream(&params.method, params.params.unwrap_or_else(|| json!([])))
             .await

@@ -1,4 +1,5 @@
-//! Small pieces replicas agree on: a secret every replica shares, leases (one holder at a time), and whole maps replaced at once.
+//! Small pieces replicas agree on: a secret every replica shares, leases (one holder at a time),
+//! and whole maps replaced at once.
 //!
 //! The operations of this concern: what [`Backend`] offers, the Redis implementation with its
 //! Lua scripts, and the in-memory twin, side by side.

@@ -1,4 +1,5 @@
-//! Per-session event logs and the GET stream (feed) that holds each session: appending, opening a feed where it must start, checkpointing where it stopped, reading after an id.
+//! Per-session event logs and the GET stream (feed) that holds each session: appending, opening a
+//! feed where it must start, checkpointing where it stopped, reading after an id.
 //!
 //! The operations of this concern: what [`Backend`] offers, the Redis implementation with its
 //! Lua scripts, and the in-memory twin, side by side.

@@ -1,4 +1,5 @@
-//! The periodic sweep one replica at a time runs (under a lease): expired subscribers and session quota entries.
+//! The periodic sweep one replica at a time runs (under a lease): expired subscribers and session
+//! quota entries.
 //!
 //! The operations of this concern: what [`Backend`] offers, the Redis implementation with its
 //! Lua scripts, and the in-memory twin, side by side.

@@ -1,4 +1,5 @@
-//! The key-value scratchpad: bounded, listed in key order; writes carry a deadline Redis checks, so a write reported as failed never lands later.
+//! The key-value scratchpad: bounded, listed in key order; writes carry a deadline Redis checks, so
+//! a write reported as failed never lands later.
 //!
 //! The operations of this concern: what [`Backend`] offers, the Redis implementation with its
 //! Lua scripts, and the in-memory twin, side by side.

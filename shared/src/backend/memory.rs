@@ -1,7 +1,8 @@
 //! The embedded default: the same operations as the Redis backend, on in-process maps.
 //!
 //! Expiry uses `tokio::time::Instant`, so tests can pause and advance time. Expired entries are
-//! invisible at once (every read checks the deadline) and are swept by [`MemoryBackend::janitor_pass`].
+//! invisible at once (every read checks the deadline) and are swept by
+//! [`MemoryBackend::janitor_pass`].
 //! Messages are published by calling [`Bus::dispatch`] with the exact wire formats Redis would
 //! carry, so the bus code is the same in both modes.
 

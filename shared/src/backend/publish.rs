@@ -1,4 +1,5 @@
-//! Messages on the cluster bus that need no stored state: list changes, forwarded client responses, probes, cancellations.
+//! Messages on the cluster bus that need no stored state: list changes, forwarded client responses,
+//! probes, cancellations.
 //!
 //! The operations of this concern: what [`Backend`] offers, the Redis implementation with its
 //! Lua scripts, and the in-memory twin, side by side.

@@ -1,4 +1,5 @@
-//! Cluster-wide quotas: GCRA rates and caps held by leases or sessions, admitted together or not at all.
+//! Cluster-wide quotas: GCRA rates and caps held by leases or sessions, admitted together or not at
+//! all.
 //!
 //! The operations of this concern: what [`Backend`] offers, the Redis implementation with its
 //! Lua scripts, and the in-memory twin, side by side.

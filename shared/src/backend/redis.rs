@@ -7,7 +7,8 @@
 //! reconnects, every GET stream re-reads its event log, so nothing published meanwhile is lost.
 //!
 //! Lua scripts, each beside its operation in the concern modules, make multi-key operations
-//! atomic in a single round trip. Key names that depend on data (session ids read from a set, the holder of a
+//! atomic in a single round trip. Key names that depend on data (session ids read from a set, the
+//! holder of a
 //! feed) are rebuilt from prefixes passed in ARGV, matching [`crate::keys::Keys`]; this ties the
 //! deployment to a standalone (or Sentinel-managed) Redis, not Redis Cluster.
 //!

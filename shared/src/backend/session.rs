@@ -1,4 +1,5 @@
-//! Legacy session records: created at initialize, their idle TTL sliding with use, their fields (owner, log level...), deleted with everything hanging off them.
+//! Legacy session records: created at initialize, their idle TTL sliding with use, their fields
+//! (owner, log level...), deleted with everything hanging off them.
 //!
 //! The operations of this concern: what [`Backend`] offers, the Redis implementation with its
 //! Lua scripts, and the in-memory twin, side by side.

@@ -1,4 +1,5 @@
-//! Resource subscriptions and their fanout: who follows a URI, and an update appended to the log of every live subscriber (and broadcast to `subscriptions/listen` streams).
+//! Resource subscriptions and their fanout: who follows a URI, and an update appended to the log of
+//! every live subscriber (and broadcast to `subscriptions/listen` streams).
 //!
 //! The operations of this concern: what [`Backend`] offers, the Redis implementation with its
 //! Lua scripts, and the in-memory twin, side by side.
@@ -218,8 +219,9 @@ impl MemoryBackend {
 }
 
 /// KEYS: session, subscriber set. ARGV: uri, session id, ttl, max subscriptions per session,
-/// max subscribers per URI. The session counts its subscriptions in its field `nsubs`. Returns 1 (subscribed), -1 (session gone), -2 (too many
-/// subscriptions) or -3 (too many subscribers of the URI).
+/// max subscribers per URI. The session counts its subscriptions in its field `nsubs`. Returns 1
+/// (subscribed), -1 (session gone), -2 (too many subscriptions) or -3 (too many subscribers of the
+/// URI).
 pub const SUBSCRIBE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local field = 'sub:' .. ARGV[1]

@@ -34,8 +34,8 @@ use std::{
 
 use crate::mcp::trace::{delivery_span, traceparent_in};
 use crate::{
-    auth::Principal,
     mcp::error::{ClusterError, StatusOverride, override_status},
+    principal::Principal,
     state::{StreamSlot, StreamSlots},
 };
 use futures::{Stream, StreamExt};
@@ -83,6 +83,9 @@ pub struct ClusterOptions {
     pub touch_interval: Duration,
     /// The replica's stream slots, shared with the handler.
     pub streams: StreamSlots,
+    /// Where the sessions' pumps run, and what stops them (the replica's background tasks:
+    /// shutdown stops them and waits for them).
+    pub(crate) background: crate::background::Background,
 }
 
 /// The session manager mounted in rmcp's `StreamableHttpService`.
@@ -191,8 +194,15 @@ impl ClusterSessionManager {
 
     /// Runs the control messages of the bus until the channel closes: session deletions from
     /// other replicas, and cancellations and client responses forwarded to this replica.
-    pub async fn run_control(self: Arc<Self>, mut control: mpsc::Receiver<ControlMessage>) {
-        while let Some(message) = control.recv().await {
+    pub async fn run_control(
+        self: Arc<Self>,
+        mut control: mpsc::Receiver<ControlMessage>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        while let Some(message) = tokio::select! {
+            () = stop.cancelled() => None,
+            message = control.recv() => message,
+        } {
             match message {
                 ControlMessage::SessionDeleted { session } => self.close_local(&session).await,
                 ControlMessage::Cancel {
@@ -287,9 +297,13 @@ impl ClusterSessionManager {
         let stream = self.local.create_standalone_stream(id).await?;
         let backend = self.backend.clone();
         let session = id.to_string();
-        tokio::spawn(async move {
+        let stop = self.options.background.stop.clone();
+        self.options.background.spawn(async move {
             let mut stream = std::pin::pin!(stream);
-            while let Some(event) = stream.next().await {
+            while let Some(event) = tokio::select! {
+                () = stop.cancelled() => None,
+                event = stream.next() => event,
+            } {
                 let Some(message) = event.message else {
                     continue;
                 };
