@@ -113,6 +113,17 @@ impl ShoalHandler {
         }
     }
 
+    /// [`Self::observe`] with the request span of `method` on `target`.
+    fn observe_request<'a, T: Send + 'a>(
+        &'a self,
+        method: &'static str,
+        target: Target<'_>,
+        context: &RequestContext<RoleServer>,
+        future: impl Future<Output = Result<T, McpError>> + Send + 'a,
+    ) -> BoxFuture<'a, Result<T, McpError>> {
+        self.observe(method, trace::request_span(method, target, context), future)
+    }
+
     /// Measures one request (duration and outcome by method) and traces it in `span` (see
     /// [`trace::request_span`]).
     ///
@@ -218,12 +229,8 @@ impl ServerHandler for ShoalHandler {
     async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {}
 
     async fn ping(&self, context: RequestContext<RoleServer>) -> Result<(), McpError> {
-        self.observe(
-            "ping",
-            trace::request_span("ping", Target::None, &context),
-            async { Ok(()) },
-        )
-        .await
+        self.observe_request("ping", Target::None, &context, async { Ok(()) })
+            .await
     }
 
     async fn list_tools(
@@ -231,32 +238,28 @@ impl ServerHandler for ShoalHandler {
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        self.observe(
-            "tools/list",
-            trace::request_span("tools/list", Target::None, &context),
-            async {
-                let caller = caller(&context);
-                let grants = &self.tools.grants;
-                let tools = self
-                    .tools
-                    .router
-                    .list_all()
-                    .into_iter()
-                    .filter(|tool| {
-                        grants
-                            .get(tool.name.as_ref())
-                            .is_some_and(|grant| caller.may(grant.toolset, grant.write))
-                    })
-                    .collect();
-                let mut result = ListToolsResult::with_all_items(tools);
-                self.tools.catalog.cache_hint_static(
-                    &mut result.ttl_ms,
-                    &mut result.cache_scope,
-                    &caller,
-                );
-                Ok(result)
-            },
-        )
+        self.observe_request("tools/list", Target::None, &context, async {
+            let caller = caller(&context);
+            let grants = &self.tools.grants;
+            let tools = self
+                .tools
+                .router
+                .list_all()
+                .into_iter()
+                .filter(|tool| {
+                    grants
+                        .get(tool.name.as_ref())
+                        .is_some_and(|grant| caller.may(grant.toolset, grant.write))
+                })
+                .collect();
+            let mut result = ListToolsResult::with_all_items(tools);
+            self.tools.catalog.cache_hint_static(
+                &mut result.ttl_ms,
+                &mut result.cache_scope,
+                &caller,
+            );
+            Ok(result)
+        })
         .await
     }
 
@@ -305,17 +308,13 @@ impl ServerHandler for ShoalHandler {
         request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, McpError> {
-        self.observe(
-            "resources/list",
-            trace::request_span("resources/list", Target::None, &context),
-            async {
-                let cursor = request.and_then(|r| r.cursor);
-                self.tools
-                    .catalog
-                    .list_resources(&self.state, cursor.as_deref(), &caller(&context))
-                    .await
-            },
-        )
+        self.observe_request("resources/list", Target::None, &context, async {
+            let cursor = request.and_then(|r| r.cursor);
+            self.tools
+                .catalog
+                .list_resources(&self.state, cursor.as_deref(), &caller(&context))
+                .await
+        })
         .await
     }
 
@@ -324,28 +323,24 @@ impl ServerHandler for ShoalHandler {
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, McpError> {
-        self.observe(
-            "resources/templates/list",
-            trace::request_span("resources/templates/list", Target::None, &context),
-            async {
-                let caller = caller(&context);
-                let templates = self
-                    .tools
-                    .catalog
-                    .templates
-                    .iter()
-                    .filter(|template| may_read(&caller, &template.uri_template))
-                    .cloned()
-                    .collect();
-                let mut result = ListResourceTemplatesResult::with_all_items(templates);
-                self.tools.catalog.cache_hint_static(
-                    &mut result.ttl_ms,
-                    &mut result.cache_scope,
-                    &caller,
-                );
-                Ok(result)
-            },
-        )
+        self.observe_request("resources/templates/list", Target::None, &context, async {
+            let caller = caller(&context);
+            let templates = self
+                .tools
+                .catalog
+                .templates
+                .iter()
+                .filter(|template| may_read(&caller, &template.uri_template))
+                .cloned()
+                .collect();
+            let mut result = ListResourceTemplatesResult::with_all_items(templates);
+            self.tools.catalog.cache_hint_static(
+                &mut result.ttl_ms,
+                &mut result.cache_scope,
+                &caller,
+            );
+            Ok(result)
+        })
         .await
     }
 
@@ -354,9 +349,10 @@ impl ServerHandler for ShoalHandler {
         request: ReadResourceRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, McpError> {
-        self.observe(
+        self.observe_request(
             "resources/read",
-            trace::request_span("resources/read", Target::Resource(&request.uri), &context),
+            Target::Resource(&request.uri),
+            &context,
             async {
                 // A resource outside the caller's grants does not exist for it.
                 if !may_read(&caller(&context), &request.uri) {
@@ -377,13 +373,10 @@ impl ServerHandler for ShoalHandler {
         request: SubscribeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.observe(
+        self.observe_request(
             "resources/subscribe",
-            trace::request_span(
-                "resources/subscribe",
-                Target::Resource(&request.uri),
-                &context,
-            ),
+            Target::Resource(&request.uri),
+            &context,
             self.subscribe_legacy(&request.uri, &context),
         )
         .await
@@ -394,13 +387,10 @@ impl ServerHandler for ShoalHandler {
         request: UnsubscribeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.observe(
+        self.observe_request(
             "resources/unsubscribe",
-            trace::request_span(
-                "resources/unsubscribe",
-                Target::Resource(&request.uri),
-                &context,
-            ),
+            Target::Resource(&request.uri),
+            &context,
             async {
                 let session = session_id(&context).ok_or_else(|| {
                     McpError::invalid_request("resources/unsubscribe needs a session", None)
@@ -452,25 +442,21 @@ impl ServerHandler for ShoalHandler {
         request: SetLevelRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), McpError> {
-        self.observe(
-            "logging/setLevel",
-            trace::request_span("logging/setLevel", Target::None, &context),
-            async {
-                let Some(session) = session_id(&context) else {
-                    return Ok(());
-                };
-                let level = serde_json::to_value(request.level)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "info".to_owned());
-                self.state
-                    .backend
-                    .session_set_field(&session, "log", &level)
-                    .await
-                    .during("set_level")?;
-                Ok(())
-            },
-        )
+        self.observe_request("logging/setLevel", Target::None, &context, async {
+            let Some(session) = session_id(&context) else {
+                return Ok(());
+            };
+            let level = serde_json::to_value(request.level)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "info".to_owned());
+            self.state
+                .backend
+                .session_set_field(&session, "log", &level)
+                .await
+                .during("set_level")?;
+            Ok(())
+        })
         .await
     }
 
@@ -479,16 +465,12 @@ impl ServerHandler for ShoalHandler {
         request: CompleteRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CompleteResult, McpError> {
-        self.observe(
-            "completion/complete",
-            trace::request_span("completion/complete", Target::None, &context),
-            async {
-                let values = self.tools.catalog.complete(&request);
-                let completion = CompletionInfo::with_all_values(values)
-                    .map_err(|message| Failure::internal("completion values", message))?;
-                Ok(CompleteResult::new(completion))
-            },
-        )
+        self.observe_request("completion/complete", Target::None, &context, async {
+            let values = self.tools.catalog.complete(&request);
+            let completion = CompletionInfo::with_all_values(values)
+                .map_err(|message| Failure::internal("completion values", message))?;
+            Ok(CompleteResult::new(completion))
+        })
         .await
     }
 
@@ -497,26 +479,22 @@ impl ServerHandler for ShoalHandler {
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
-        self.observe(
-            "prompts/list",
-            trace::request_span("prompts/list", Target::None, &context),
-            async {
-                // Every prompt belongs to the conformance toolset.
-                let caller = caller(&context);
-                let prompts = if caller.may("conformance", false) {
-                    self.tools.catalog.prompts.clone()
-                } else {
-                    Vec::new()
-                };
-                let mut result = ListPromptsResult::with_all_items(prompts);
-                self.tools.catalog.cache_hint_static(
-                    &mut result.ttl_ms,
-                    &mut result.cache_scope,
-                    &caller,
-                );
-                Ok(result)
-            },
-        )
+        self.observe_request("prompts/list", Target::None, &context, async {
+            // Every prompt belongs to the conformance toolset.
+            let caller = caller(&context);
+            let prompts = if caller.may("conformance", false) {
+                self.tools.catalog.prompts.clone()
+            } else {
+                Vec::new()
+            };
+            let mut result = ListPromptsResult::with_all_items(prompts);
+            self.tools.catalog.cache_hint_static(
+                &mut result.ttl_ms,
+                &mut result.cache_scope,
+                &caller,
+            );
+            Ok(result)
+        })
         .await
     }
 
@@ -525,9 +503,10 @@ impl ServerHandler for ShoalHandler {
         request: GetPromptRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<GetPromptResponse, McpError> {
-        self.observe(
+        self.observe_request(
             "prompts/get",
-            trace::request_span("prompts/get", Target::Prompt(&request.name), &context),
+            Target::Prompt(&request.name),
+            &context,
             async {
                 if !caller(&context).may("conformance", false) {
                     return Err(McpError::invalid_params("no such prompt", None));
