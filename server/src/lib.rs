@@ -8,6 +8,7 @@
 //! - [`auth`]: who is calling (OAuth bearer tokens, API keys), before MCP.
 //! - [`http`]: routing, pre-MCP checks, connection loop and graceful shutdown.
 //! - [`mcp`]: the MCP handler, the cluster-aware session manager and the session-store adapter.
+//! - [`toolbox`]: the toolset interface MCP code and the HTTP layer use.
 //! - [`tools`]: the toolsets.
 //! - [`state`]: the state every request shares.
 
@@ -19,6 +20,7 @@ pub mod mcp;
 pub mod principal;
 pub mod quota;
 pub mod state;
+pub mod toolbox;
 pub mod tools;
 
 use std::{
@@ -55,7 +57,7 @@ use crate::{
         session::{ClusterOptions, ClusterSessionManager, ClusterSessionStore},
     },
     state::AppState,
-    tools::{Toolbox, Toolsets},
+    toolbox::{ToolHost, Toolbox, Toolset},
 };
 
 /// How often the janitor sweeps expired entries.
@@ -76,9 +78,10 @@ impl App {
     /// # Errors
     /// Fails on configuration the server rejects (unknown toolsets, malformed Redis URL).
     pub async fn build(config: Config, tag: ReplicaTag) -> anyhow::Result<Self> {
-        let toolsets = Toolsets::parse(&config).map_err(anyhow::Error::msg)?;
+        let toolsets = tools::enabled(&config).map_err(anyhow::Error::msg)?;
+        let names: Vec<&'static str> = toolsets.iter().map(|t| t.name()).collect();
         let auth = Arc::new(
-            Authenticator::from_config(&config, auth::toolset_scopes(&toolsets.names()))
+            Authenticator::from_config(&config, auth::toolset_scopes(&names))
                 .context("configuring authentication")?,
         );
         let config = Arc::new(config);
@@ -94,18 +97,7 @@ impl App {
         .await
         .context("connecting the shared state backend")?;
         log_start(&config, &tag, &backend);
-        let db = connect_postgres(&config, toolsets, &metrics).await?;
-        let rpc = toolsets
-            .rpc
-            .then(|| RpcPool::new(RpcConfig::from(&config.rpc), metrics.clone()))
-            .transpose()
-            .context("configuring the JSON-RPC upstreams")?;
-        let cache = ResultCache::new(
-            backend.clone(),
-            bus.clone(),
-            metrics.clone(),
-            CacheOptions::from_config(&config.tools),
-        );
+        let (db, rpc, cache) = services(&config, &names, &backend, &bus, &metrics).await?;
         let state = Arc::new(AppState {
             cache,
             db,
@@ -133,7 +125,11 @@ impl App {
         ));
 
         let mcp_shutdown = CancellationToken::new();
-        let toolbox = Arc::new(Toolbox::new(&config, toolsets));
+        let toolbox = Arc::new(Toolbox::new(
+            &config,
+            &toolsets,
+            crate::mcp::handler::server_info(),
+        ));
         let mcp = mcp_service(
             &state,
             toolbox.clone(),
@@ -141,7 +137,7 @@ impl App {
             mcp_shutdown.clone(),
         );
 
-        start_background(&state, &sessions, control, tag, &background).await;
+        start_background(&state, &sessions, control, tag, &background, &toolsets).await;
         auth.start(&background);
         let quotas = quota::Quotas::new(
             backend.clone(),
@@ -294,17 +290,41 @@ async fn probe(state: Arc<AppState>, stop: CancellationToken) {
     }
 }
 
+/// The services the enabled toolsets use: the PostgreSQL pools, the JSON-RPC upstreams, and the
+/// shared result cache.
+async fn services(
+    config: &Config,
+    toolsets: &[&str],
+    backend: &Backend,
+    bus: &Bus,
+    metrics: &Metrics,
+) -> anyhow::Result<(Option<Database>, Option<RpcPool>, ResultCache)> {
+    let db = connect_postgres(config, toolsets.contains(&"postgres"), metrics).await?;
+    let rpc = toolsets
+        .contains(&"rpc")
+        .then(|| RpcPool::new(RpcConfig::from(&config.rpc), metrics.clone()))
+        .transpose()
+        .context("configuring the JSON-RPC upstreams")?;
+    let cache = ResultCache::new(
+        backend.clone(),
+        bus.clone(),
+        metrics.clone(),
+        CacheOptions::from_config(&config.tools),
+    );
+    Ok((db, rpc, cache))
+}
+
 /// The postgres toolset's pools, when it is on and configured; its roles checked at once.
 async fn connect_postgres(
     config: &Config,
-    toolsets: Toolsets,
+    postgres: bool,
     metrics: &Metrics,
 ) -> anyhow::Result<Option<Database>> {
-    let (Some(url), true) = (&config.postgres.url, toolsets.postgres) else {
+    let (Some(url), true) = (&config.postgres.url, postgres) else {
         return Ok(None);
     };
     let db = Database::connect(
-        DbConfig::from_config(&config.postgres, url.clone(), toolsets.postgres_writes),
+        DbConfig::from_config(&config.postgres, url.clone(), config.postgres.allow_writes),
         metrics.clone(),
     )
     .context("configuring PostgreSQL")?;
@@ -387,6 +407,7 @@ async fn start_background(
     control: tokio::sync::mpsc::Receiver<shoal_shared::bus::ControlMessage>,
     tag: ReplicaTag,
     background: &Background,
+    toolsets: &[Arc<dyn Toolset>],
 ) {
     let stop = &background.stop;
     // Usually at once; with the shared state down, spans carry no session tag until it is back.
@@ -403,11 +424,11 @@ async fn start_background(
     background.spawn(janitor(state.backend.clone(), tag, stop.clone()));
     background.spawn(probe(state.clone(), stop.clone()));
     background.spawn(watchdog(state.clone(), stop.clone()));
-    if state.db.is_some() {
-        background.spawn(tools::postgres::run_change_poller(
-            state.clone(),
-            stop.clone(),
-        ));
+    let host = ToolHost {
+        state: state.clone(),
+    };
+    for toolset in toolsets {
+        toolset.start(&host, background);
     }
 }
 

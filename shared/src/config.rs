@@ -479,7 +479,7 @@ pub struct SessionConfig {
 #[command(next_help_heading = "Tools: toolsets, timeouts, concurrency and the result cache")]
 pub struct ToolConfig {
     /// Comma-separated toolsets to serve: kv, postgres (needs SHOAL_DATABASE_URL), rpc (needs
-    /// SHOAL_RPC_ENDPOINTS), compute, conformance.
+    /// SHOAL_RPC_ENDPOINTS), compute, conformance, time.
     #[arg(
         long,
         env = "SHOAL_TOOLSETS",

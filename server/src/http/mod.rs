@@ -58,7 +58,7 @@ use crate::{
     principal::Principal,
     quota::{CallLease, Demand, Lease, Quotas, Refusal},
     state::AppState,
-    tools::{Toolbox, toolset_of},
+    toolbox::Toolbox,
 };
 
 /// Response body type shared with rmcp.
@@ -618,11 +618,12 @@ impl HttpService {
             let refused = self.refuse(&failure, Some(&grant.scope()));
             return Err(self.charged(principal, refused, id).await);
         }
-        if let Some(toolset) = envelope
-            .listen_uris
-            .iter()
-            .find_map(|uri| toolset_of(uri).filter(|toolset| !principal.may(toolset, false)))
-        {
+        if let Some(toolset) = envelope.listen_uris.iter().find_map(|uri| {
+            self.tools
+                .catalog
+                .toolset_of(uri)
+                .filter(|toolset| !principal.may(toolset, false))
+        }) {
             let failure = Failure::new(
                 "insufficient_scope",
                 "following this resource needs a scope the token lacks",
@@ -678,7 +679,7 @@ impl HttpService {
         }
         for uri in uris {
             if uri.len() > limits.max_uri_bytes {
-                let error = crate::tools::uri_too_long(uri, limits.max_uri_bytes);
+                let error = crate::toolbox::uri_too_long(uri, limits.max_uri_bytes);
                 return Err(ListenRefusal::of("uri_too_long", error));
             }
             if !self.tools.catalog.is_subscribable(uri) {
@@ -689,7 +690,13 @@ impl HttpService {
                 });
             }
         }
-        crate::tools::postgres::ensure_tables_exist(&self.state, uris.iter().map(String::as_str))
+        let host = crate::toolbox::ToolHost {
+            state: self.state.clone(),
+        };
+        let uris: Vec<&str> = uris.iter().map(String::as_str).collect();
+        self.tools
+            .catalog
+            .prepare_follow(&host, &uris)
             .await
             .map_err(|error| ListenRefusal::of("unknown_uri", error))
     }

@@ -3,7 +3,8 @@
 //!
 //! Every request method goes through [`ShoalHandler::observe`], the one place that measures MCP
 //! requests. Tools come from the enabled toolsets' routers; resources and prompts from
-//! [`crate::tools::Catalog`].
+//! [`crate::toolbox::Catalog`]. It names no toolset: tools run on the [`ToolHost`], and
+//! everything else a toolset offers is reached through the [`Toolbox`].
 
 #![allow(
     deprecated,
@@ -45,8 +46,8 @@ use crate::{
     },
     principal::Principal,
     state::AppState,
-    tools::{
-        Toolbox, may_read,
+    toolbox::{
+        ToolHost, Toolbox,
         policy::{Scope, ToolPolicy},
         resource_not_found,
     },
@@ -56,6 +57,8 @@ use crate::{
 pub struct ShoalHandler {
     pub(crate) state: Arc<AppState>,
     pub(crate) tools: Arc<Toolbox>,
+    /// What the tools run on.
+    host: ToolHost,
     /// Listeners registered before their acknowledgment (see [`crate::mcp::listen`]).
     pub(crate) early_listeners: EarlyListeners,
 }
@@ -90,7 +93,7 @@ pub(crate) fn caller(context: &RequestContext<RoleServer>) -> Principal {
 }
 
 fn tool_error(message: String) -> CallToolResponse {
-    CallToolResponse::Complete(crate::tools::failed(message))
+    CallToolResponse::Complete(crate::toolbox::failed(message))
 }
 
 /// The `Mcp-Session-Id` of the HTTP request behind `context`, if any (legacy sessions only).
@@ -107,6 +110,9 @@ impl ShoalHandler {
     /// A handler over the shared services and the enabled toolsets.
     pub fn new(state: Arc<AppState>, tools: Arc<Toolbox>) -> Self {
         Self {
+            host: ToolHost {
+                state: state.clone(),
+            },
             state,
             tools,
             early_listeners: EarlyListeners::default(),
@@ -159,9 +165,11 @@ impl ShoalHandler {
     ) -> Result<(), McpError> {
         let limit = self.state.config.sessions.max_uri_bytes;
         if uri.len() > limit {
-            return Err(crate::tools::uri_too_long(uri, limit));
+            return Err(crate::toolbox::uri_too_long(uri, limit));
         }
-        if !self.tools.catalog.is_subscribable(uri) || !may_read(&caller(context), uri) {
+        if !self.tools.catalog.is_subscribable(uri)
+            || !self.tools.catalog.may_read(&caller(context), uri)
+        {
             return Err(McpError::resource_not_found(
                 "no such resource to subscribe to",
                 Some(serde_json::json!({ "uri": uri })),
@@ -170,7 +178,10 @@ impl ShoalHandler {
         let session = session_id(context).ok_or_else(|| {
             McpError::invalid_request("resources/subscribe needs a session", None)
         })?;
-        crate::tools::postgres::ensure_tables_exist(&self.state, [uri]).await?;
+        self.tools
+            .catalog
+            .prepare_follow(&self.host, &[uri])
+            .await?;
         match self.state.backend.subscribe(&session, uri).await {
             Ok(SubscribeOutcome::Subscribed) => Ok(()),
             Ok(SubscribeOutcome::SessionGone) => {
@@ -312,7 +323,7 @@ impl ServerHandler for ShoalHandler {
             let cursor = request.and_then(|r| r.cursor);
             self.tools
                 .catalog
-                .list_resources(&self.state, cursor.as_deref(), &caller(&context))
+                .list_resources(&self.host, cursor.as_deref(), &caller(&context))
                 .await
         })
         .await
@@ -330,7 +341,7 @@ impl ServerHandler for ShoalHandler {
                 .catalog
                 .templates
                 .iter()
-                .filter(|template| may_read(&caller, &template.uri_template))
+                .filter(|template| self.tools.catalog.may_read(&caller, &template.uri_template))
                 .cloned()
                 .collect();
             let mut result = ListResourceTemplatesResult::with_all_items(templates);
@@ -355,12 +366,12 @@ impl ServerHandler for ShoalHandler {
             &context,
             async {
                 // A resource outside the caller's grants does not exist for it.
-                if !may_read(&caller(&context), &request.uri) {
+                if !self.tools.catalog.may_read(&caller(&context), &request.uri) {
                     return Err(resource_not_found(&request.uri));
                 }
                 self.tools
                     .catalog
-                    .read(&self.state, &request.uri)
+                    .read(&self.host, &request.uri)
                     .await
                     .map(ReadResourceResponse::Complete)
             },
@@ -480,13 +491,9 @@ impl ServerHandler for ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, McpError> {
         self.observe_request("prompts/list", Target::None, &context, async {
-            // Every prompt belongs to the conformance toolset.
+            // A prompt outside the caller's grants does not exist for it.
             let caller = caller(&context);
-            let prompts = if caller.may("conformance", false) {
-                self.tools.catalog.prompts.clone()
-            } else {
-                Vec::new()
-            };
+            let prompts = self.tools.catalog.prompts_for(&caller);
             let mut result = ListPromptsResult::with_all_items(prompts);
             self.tools.catalog.cache_hint_static(
                 &mut result.ttl_ms,
@@ -508,16 +515,10 @@ impl ServerHandler for ShoalHandler {
             Target::Prompt(&request.name),
             &context,
             async {
-                if !caller(&context).may("conformance", false) {
-                    return Err(McpError::invalid_params("no such prompt", None));
-                }
-                if self.tools.catalog.is_input_required_prompt(&request.name) {
-                    return self.input_required_prompt(&request).await;
-                }
                 self.tools
                     .catalog
-                    .get_prompt(&request)
-                    .map(GetPromptResponse::Complete)
+                    .get_prompt(&self.host, &request, &caller(&context))
+                    .await
             },
         )
         .await
@@ -666,7 +667,7 @@ impl ShoalHandler {
         let call = self
             .tools
             .router
-            .call(ToolCallContext::new(self, request, context));
+            .call(ToolCallContext::new(&self.host, request, context));
         match tokio::time::timeout(policy.timeout, call).await {
             Ok(result) => result,
             Err(_) => {

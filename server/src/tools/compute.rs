@@ -19,7 +19,25 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use shoal_shared::cache::Freshness;
 
-use crate::{mcp::handler::ShoalHandler, tools::policy::Declared};
+use crate::toolbox::{ToolHost, Toolset, policy::Declared};
+
+/// The toolset.
+#[derive(Debug)]
+pub struct Compute;
+
+impl Toolset for Compute {
+    fn name(&self) -> &'static str {
+        "compute"
+    }
+
+    fn router(&self) -> rmcp::handler::server::router::tool::ToolRouter<ToolHost> {
+        ToolHost::compute_tools()
+    }
+
+    fn policies(&self) -> Vec<(String, Declared)> {
+        policies()
+    }
+}
 
 /// Most rounds of `hash`.
 pub const MAX_ROUNDS: u32 = 5_000_000;
@@ -57,7 +75,7 @@ fn iterate(data: &str, rounds: u32, cancelled: &AtomicBool) -> Option<[u8; 32]> 
 }
 
 #[tool_router(router = compute_tools, vis = "pub(crate)")]
-impl ShoalHandler {
+impl ToolHost {
     #[tool(
         description = "Apply SHA-256 to the text the given number of times (1 to 5000000, about 1 µs each) and \
                        return the hex digest. CPU-bound: runs off the async workers with a small concurrency limit.",
@@ -69,7 +87,7 @@ impl ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
         if !(1..=MAX_ROUNDS).contains(&params.rounds) {
-            return Ok(crate::tools::failed(format!(
+            return Ok(crate::toolbox::failed(format!(
                 "rounds must be between 1 and {MAX_ROUNDS}"
             )));
         }
@@ -88,7 +106,7 @@ impl ShoalHandler {
             Ok(Some(digest)) => Ok(CallToolResult::structured(
                 json!({"digest": hex::encode(digest), "rounds": params.rounds}),
             )),
-            Ok(None) => Ok(crate::tools::failed("cancelled")),
+            Ok(None) => Ok(crate::toolbox::failed("cancelled")),
             Err(error) => {
                 Err(crate::mcp::error::Failure::internal("the hash worker", error).into())
             }

@@ -25,10 +25,81 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
+use futures::{FutureExt as _, future::BoxFuture};
+use rmcp::model::GetPromptResponse;
+
 use crate::{
-    mcp::handler::{ShoalHandler, session_id},
+    mcp::handler::session_id,
+    toolbox::{ToolHost, Toolset},
     tools::model,
 };
+
+/// The toolset: the fixtures of the MCP conformance suite (its tools, the multi round-trip ones of
+/// [`crate::tools::mrtr`] included, resources and prompts).
+#[derive(Debug)]
+pub struct Conformance;
+
+impl Toolset for Conformance {
+    fn name(&self) -> &'static str {
+        "conformance"
+    }
+
+    fn router(&self) -> rmcp::handler::server::router::tool::ToolRouter<ToolHost> {
+        let mut router = ToolHost::conformance_tools();
+        router += ToolHost::mrtr_tools();
+        router.add_route(json_schema_tool());
+        router.add_route(custom_header_tool());
+        router
+    }
+
+    fn resources(&self) -> Vec<Resource> {
+        resources()
+    }
+
+    fn templates(&self) -> Vec<ResourceTemplate> {
+        templates()
+    }
+
+    fn prompts(&self) -> Vec<Prompt> {
+        prompts()
+    }
+
+    fn owns(&self, uri: &str) -> bool {
+        uri.starts_with("test://")
+    }
+
+    fn subscribable(&self, uri: &str) -> bool {
+        is_resource(uri)
+    }
+
+    fn read<'a>(
+        &'a self,
+        _host: &'a ToolHost,
+        uri: &'a str,
+    ) -> BoxFuture<'a, Result<ReadResourceResult, McpError>> {
+        let result = read(uri).ok_or_else(|| crate::toolbox::resource_not_found(uri));
+        futures::future::ready(result).boxed()
+    }
+
+    fn complete(&self, request: &CompleteRequestParams) -> Vec<String> {
+        complete(request)
+    }
+
+    fn get_prompt<'a>(
+        &'a self,
+        host: &'a ToolHost,
+        request: &'a GetPromptRequestParams,
+    ) -> Option<BoxFuture<'a, Result<GetPromptResponse, McpError>>> {
+        if request.name == INPUT_REQUIRED_PROMPT {
+            return Some(host.input_required_prompt(request).boxed());
+        }
+        let answer = get_prompt(request).map(|mut result| {
+            result.result_type = Some(rmcp::model::ResultType::COMPLETE);
+            GetPromptResponse::Complete(result)
+        });
+        Some(futures::future::ready(answer).boxed())
+    }
+}
 
 /// A 1×1 transparent PNG.
 const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
@@ -224,7 +295,7 @@ fn level_rank(level: &str) -> u8 {
 }
 
 #[tool_router(router = conformance_tools, vis = "pub(crate)")]
-impl ShoalHandler {
+impl ToolHost {
     #[tool(description = "Conformance fixture: returns a simple text result.")]
     async fn test_simple_text(&self) -> Result<CallToolResult, McpError> {
         Ok(CallToolResult::success(vec![ContentBlock::text(
@@ -330,7 +401,7 @@ impl ShoalHandler {
 
     #[tool(description = "Conformance fixture: always fails with a tool error.")]
     async fn test_error_handling(&self) -> Result<CallToolResult, McpError> {
-        Ok(crate::tools::failed(
+        Ok(crate::toolbox::failed(
             "This tool intentionally returns an error for testing",
         ))
     }
@@ -360,7 +431,7 @@ impl ShoalHandler {
                     "LLM response: {answer}"
                 ))]))
             }
-            Err(error) => Ok(crate::tools::failed(format!("sampling failed: {error}"))),
+            Err(error) => Ok(crate::toolbox::failed(format!("sampling failed: {error}"))),
         }
     }
 
@@ -448,7 +519,7 @@ impl ShoalHandler {
 
 /// `json_schema_2020_12_tool`: a tool whose input schema uses JSON Schema 2020-12 features that
 /// must reach clients unchanged.
-pub fn json_schema_tool() -> rmcp::handler::server::router::tool::ToolRoute<ShoalHandler> {
+pub fn json_schema_tool() -> rmcp::handler::server::router::tool::ToolRoute<ToolHost> {
     let tool: rmcp::model::Tool = model(json!({
         "name": "json_schema_2020_12_tool",
         "description": "Conformance fixture: an input schema with $schema, $defs and additionalProperties.",
@@ -494,7 +565,7 @@ pub fn json_schema_tool() -> rmcp::handler::server::router::tool::ToolRoute<Shoa
 
 /// `test_custom_header`: a tool whose `region` argument is mirrored in the `Mcp-Param-Region`
 /// header (SEP-2243), which rmcp validates against the body.
-pub fn custom_header_tool() -> rmcp::handler::server::router::tool::ToolRoute<ShoalHandler> {
+pub fn custom_header_tool() -> rmcp::handler::server::router::tool::ToolRoute<ToolHost> {
     let tool: rmcp::model::Tool = model(json!({
         "name": "test_custom_header",
         "description": "Conformance fixture: its region argument travels in the Mcp-Param-Region header too.",
@@ -530,7 +601,7 @@ fn elicitation(params: serde_json::Value) -> Result<ElicitRequestParams, McpErro
     })
 }
 
-impl ShoalHandler {
+impl ToolHost {
     async fn run_elicitation(
         &self,
         request: ElicitRequestParams,
@@ -543,7 +614,9 @@ impl ShoalHandler {
                     "User response: {answer}"
                 ))]))
             }
-            Err(error) => Ok(crate::tools::failed(format!("elicitation failed: {error}"))),
+            Err(error) => Ok(crate::toolbox::failed(format!(
+                "elicitation failed: {error}"
+            ))),
         }
     }
 }

@@ -25,16 +25,93 @@ use rmcp::{
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
-use shoal_shared::{backend::KvSetOutcome, bus::ListKind};
+use shoal_shared::backend::{KvSetOutcome, ResourceChange};
+
+use futures::{FutureExt as _, future::BoxFuture};
 
 use crate::{
-    mcp::{
-        error::{During as _, Failure},
-        handler::ShoalHandler,
-    },
+    mcp::error::{During as _, Failure},
     state::AppState,
-    tools::{model, policy::Declared},
+    toolbox::{ResourcePage, ToolHost, Toolset, failed, policy::Declared},
+    tools::model,
 };
+
+/// Page size of `resources/list` (the kv keys after the fixed resources).
+const PAGE_SIZE: u64 = 100;
+
+/// The toolset.
+#[derive(Debug)]
+pub struct Kv;
+
+impl Toolset for Kv {
+    fn name(&self) -> &'static str {
+        "kv"
+    }
+
+    fn router(&self) -> rmcp::handler::server::router::tool::ToolRouter<ToolHost> {
+        ToolHost::kv_tools()
+    }
+
+    fn policies(&self) -> Vec<(String, Declared)> {
+        policies()
+    }
+
+    fn templates(&self) -> Vec<ResourceTemplate> {
+        vec![template()]
+    }
+
+    fn owns(&self, uri: &str) -> bool {
+        uri.starts_with(SCHEME)
+    }
+
+    fn subscribable(&self, uri: &str) -> bool {
+        key_of(uri).is_some()
+    }
+
+    fn read<'a>(
+        &'a self,
+        host: &'a ToolHost,
+        uri: &'a str,
+    ) -> BoxFuture<'a, Result<ReadResourceResult, McpError>> {
+        async move {
+            match key_of(uri) {
+                Some(key) => read(&host.state, uri, key).await,
+                None => Err(crate::toolbox::resource_not_found(uri)),
+            }
+        }
+        .boxed()
+    }
+
+    fn list_page<'a>(
+        &'a self,
+        host: &'a ToolHost,
+        cursor: Option<&'a str>,
+    ) -> Option<BoxFuture<'a, Result<ResourcePage, McpError>>> {
+        Some(async move { list_page(&host.state, cursor).await }.boxed())
+    }
+}
+
+/// The kv keys after the cursor (the last key of the previous page), as resources.
+async fn list_page(state: &AppState, cursor: Option<&str>) -> Result<ResourcePage, McpError> {
+    let after = match cursor {
+        Some(cursor) => Some(
+            decode_cursor(cursor)
+                .ok_or_else(|| McpError::invalid_params("invalid cursor", None))?,
+        ),
+        None => None,
+    };
+    let keys = state
+        .backend
+        .kv_list(after.as_deref(), PAGE_SIZE)
+        .await
+        .during("kv_list")?;
+    let next = if keys.len() as u64 == PAGE_SIZE {
+        keys.last().map(|key| encode_cursor(key))
+    } else {
+        None
+    };
+    Ok((keys.iter().map(|key| resource(key)).collect(), next))
+}
 
 /// Policies of the toolset's tools: nothing is cached (values change at any time and subscribers
 /// are told), `sleep` may run for its full ten minutes.
@@ -158,7 +235,7 @@ pub async fn read(state: &AppState, uri: &str, key: &str) -> Result<ReadResource
         .kv_get(key)
         .await
         .during("kv_get")?
-        .ok_or_else(|| super::resource_not_found(uri))?;
+        .ok_or_else(|| crate::toolbox::resource_not_found(uri))?;
     let mut result = ReadResourceResult::new(vec![ResourceContents::text(value, uri)]);
     // Values change at any time; subscribers are told when they do.
     result.ttl_ms = Some(0);
@@ -166,27 +243,16 @@ pub async fn read(state: &AppState, uri: &str, key: &str) -> Result<ReadResource
     Ok(result)
 }
 
-impl ShoalHandler {
-    async fn notify_changed(&self, key: &str, list_changed: bool) {
-        let uri = uri_of(key);
-        if let Err(error) = self
-            .state
-            .backend
-            .resource_updated(&uri, &super::updated_notification(&uri))
-            .await
-        {
-            tracing::warn!(%error, "resource update notification lost");
-        }
-        if list_changed
-            && let Err(error) = self.state.backend.list_changed(ListKind::Resources).await
-        {
-            tracing::warn!(%error, "list-changed notification lost");
-        }
+/// The change a write to `key` makes, told to its subscribers in the same step as the write.
+fn change_of<'a>(uri: &'a str, legacy_payload: &'a str) -> ResourceChange<'a> {
+    ResourceChange {
+        uri,
+        legacy_payload,
     }
 }
 
 #[tool_router(router = kv_tools, vis = "pub(crate)")]
-impl ShoalHandler {
+impl ToolHost {
     #[tool(
         description = "Store a text value under a key in the scratchpad shared by every replica of the cluster. \
                        Clients subscribed to the resource kv://{key} are notified. Keys: 1-256 characters from \
@@ -202,28 +268,32 @@ impl ShoalHandler {
         Parameters(params): Parameters<KvSetParams>,
     ) -> Result<CallToolResult, McpError> {
         if let Err(message) = valid_key(&params.key) {
-            return Ok(crate::tools::failed(message));
+            return Ok(failed(message));
         }
         let limit = self.state.config.kv.max_value_bytes;
         if params.value.len() > limit {
-            return Ok(crate::tools::failed(format!(
+            return Ok(failed(format!(
                 "value is {} bytes; the limit is {limit} bytes",
                 params.value.len()
             )));
         }
-        match self.state.backend.kv_set(&params.key, &params.value).await {
-            Ok(KvSetOutcome::Full) => Ok(crate::tools::failed(format!(
+        let uri = uri_of(&params.key);
+        let notification = super::updated_notification(&uri);
+        let change = change_of(&uri, &notification);
+        match self
+            .state
+            .backend
+            .kv_set(&params.key, &params.value, change)
+            .await
+        {
+            Ok(KvSetOutcome::Full) => Ok(failed(format!(
                 "the scratchpad is full ({} keys); delete keys first",
                 self.state.config.kv.max_keys
             ))),
-            Ok(outcome) => {
-                self.notify_changed(&params.key, outcome == KvSetOutcome::Created)
-                    .await;
-                Ok(CallToolResult::success(vec![ContentBlock::text(format!(
-                    "stored {}",
-                    params.key
-                ))]))
-            }
+            Ok(_) => Ok(CallToolResult::success(vec![ContentBlock::text(format!(
+                "stored {}",
+                params.key
+            ))])),
             Err(cause) => Ok(Failure::SharedState {
                 operation: "kv_set",
                 cause,
@@ -242,14 +312,11 @@ impl ShoalHandler {
         Parameters(params): Parameters<KvKeyParams>,
     ) -> Result<CallToolResult, McpError> {
         if let Err(message) = valid_key(&params.key) {
-            return Ok(crate::tools::failed(message));
+            return Ok(failed(message));
         }
         match self.state.backend.kv_get(&params.key).await {
             Ok(Some(value)) => Ok(CallToolResult::success(vec![ContentBlock::text(value)])),
-            Ok(None) => Ok(crate::tools::failed(format!(
-                "no value is stored under {}",
-                params.key
-            ))),
+            Ok(None) => Ok(failed(format!("no value is stored under {}", params.key))),
             Err(cause) => Ok(Failure::SharedState {
                 operation: "kv_get",
                 cause,
@@ -271,21 +338,23 @@ impl ShoalHandler {
         Parameters(params): Parameters<KvKeyParams>,
     ) -> Result<CallToolResult, McpError> {
         if let Err(message) = valid_key(&params.key) {
-            return Ok(crate::tools::failed(message));
+            return Ok(failed(message));
         }
-        match self.state.backend.kv_delete(&params.key).await {
-            Ok(existed) => {
+        let uri = uri_of(&params.key);
+        let notification = super::updated_notification(&uri);
+        match self
+            .state
+            .backend
+            .kv_delete(&params.key, change_of(&uri, &notification))
+            .await
+        {
+            Ok(existed) => Ok(CallToolResult::success(vec![ContentBlock::text(
                 if existed {
-                    self.notify_changed(&params.key, true).await;
-                }
-                Ok(CallToolResult::success(vec![ContentBlock::text(
-                    if existed {
-                        format!("deleted {}", params.key)
-                    } else {
-                        format!("{} did not exist", params.key)
-                    },
-                )]))
-            }
+                    format!("deleted {}", params.key)
+                } else {
+                    format!("{} did not exist", params.key)
+                },
+            )])),
             Err(cause) => Ok(Failure::SharedState {
                 operation: "kv_delete",
                 cause,
@@ -319,9 +388,7 @@ impl ShoalHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
         if params.ms > MAX_SLEEP_MS {
-            return Ok(crate::tools::failed(format!(
-                "ms must be at most {MAX_SLEEP_MS}"
-            )));
+            return Ok(failed(format!("ms must be at most {MAX_SLEEP_MS}")));
         }
         let total = Duration::from_millis(params.ms);
         let start = tokio::time::Instant::now();
@@ -332,7 +399,7 @@ impl ShoalHandler {
         loop {
             tokio::select! {
                 () = context.ct.cancelled() => {
-                    return Ok(crate::tools::failed("cancelled"));
+                    return Ok(failed("cancelled"));
                 }
                 () = tokio::time::sleep_until(deadline) => break,
                 _ = tick.tick(), if token.is_some() => {

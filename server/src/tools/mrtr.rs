@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use shoal_shared::bus::ListKind;
 
-use crate::mcp::{
-    error::{During as _, Failure},
-    handler::ShoalHandler,
+use crate::{
+    mcp::error::{During as _, Failure},
+    toolbox::ToolHost,
 };
 
 /// How long a sealed request state stays valid.
@@ -179,7 +179,7 @@ fn supports(capabilities: &Option<ClientCapabilities>, capability: &str) -> bool
         .is_some_and(|value| !value.is_null())
 }
 
-impl ShoalHandler {
+impl ToolHost {
     async fn codec(&self) -> Result<&RequestStateCodec, McpError> {
         Ok(self
             .state
@@ -278,7 +278,7 @@ impl ShoalHandler {
 }
 
 #[tool_router(router = mrtr_tools, vis = "pub(crate)")]
-impl ShoalHandler {
+impl ToolHost {
     #[tool(
         description = "Conformance fixture (MRTR): asks the user's name through an input request, then greets."
     )]
@@ -576,7 +576,7 @@ impl ShoalHandler {
     }
 }
 
-impl ShoalHandler {
+impl ToolHost {
     async fn announce(
         &self,
         list: ListKind,

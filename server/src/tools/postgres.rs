@@ -29,11 +29,107 @@ use shoal_shared::{
 };
 use tokio_util::sync::CancellationToken;
 
+use futures::{FutureExt as _, future::BoxFuture};
+
 use crate::{
-    mcp::{error::Failure, handler::ShoalHandler},
+    background::Background,
+    mcp::error::Failure,
     state::AppState,
-    tools::{model, policy::Declared},
+    toolbox::{ToolHost, Toolset, policy::Declared, resource_not_found},
+    tools::model,
 };
+
+/// The toolset, with its write tool when `SHOAL_POSTGRES_ALLOW_WRITES` is on.
+#[derive(Debug)]
+pub struct Postgres {
+    writes: bool,
+}
+
+impl Postgres {
+    /// The toolset as configured: off (logged) without `SHOAL_DATABASE_URL`.
+    ///
+    /// # Errors
+    /// Writes allowed without the database role they run as.
+    pub fn from_config(config: &shoal_shared::config::Config) -> Result<Option<Self>, String> {
+        if config.postgres.url.is_none() {
+            tracing::info!("toolset postgres is off: SHOAL_DATABASE_URL is not set");
+            return Ok(None);
+        }
+        if config.postgres.allow_writes && config.postgres.write_url.is_none() {
+            return Err(
+                "SHOAL_POSTGRES_ALLOW_WRITES=true needs SHOAL_DATABASE_WRITE_URL: \
+                        pg_execute runs as a database role of its own (docs/security.md)"
+                    .into(),
+            );
+        }
+        Ok(Some(Self {
+            writes: config.postgres.allow_writes,
+        }))
+    }
+}
+
+impl Toolset for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn router(&self) -> rmcp::handler::server::router::tool::ToolRouter<ToolHost> {
+        let mut router = ToolHost::postgres_tools();
+        if self.writes {
+            router += ToolHost::postgres_write_tools();
+        }
+        router
+    }
+
+    fn policies(&self) -> Vec<(String, Declared)> {
+        policies()
+    }
+
+    fn resources(&self) -> Vec<Resource> {
+        resources()
+    }
+
+    fn templates(&self) -> Vec<ResourceTemplate> {
+        templates()
+    }
+
+    fn owns(&self, uri: &str) -> bool {
+        uri.starts_with("postgres://")
+    }
+
+    fn subscribable(&self, uri: &str) -> bool {
+        is_resource(uri)
+    }
+
+    fn read<'a>(
+        &'a self,
+        host: &'a ToolHost,
+        uri: &'a str,
+    ) -> BoxFuture<'a, Result<ReadResourceResult, McpError>> {
+        async move {
+            if !is_resource(uri) {
+                return Err(resource_not_found(uri));
+            }
+            read(&host.state, uri).await
+        }
+        .boxed()
+    }
+
+    fn prepare_follow<'a>(
+        &'a self,
+        host: &'a ToolHost,
+        uris: Vec<&'a str>,
+    ) -> BoxFuture<'a, Result<(), McpError>> {
+        async move { ensure_tables_exist(&host.state, uris).await }.boxed()
+    }
+
+    fn start(&self, host: &ToolHost, background: &Background) {
+        background.spawn(run_change_poller(
+            host.state.clone(),
+            background.stop.clone(),
+        ));
+    }
+}
 
 /// The table-list resource.
 pub const TABLES_URI: &str = "postgres://tables";
@@ -96,10 +192,10 @@ pub async fn ensure_tables_exist<'a>(
     let db = state
         .db
         .as_ref()
-        .ok_or_else(|| crate::tools::resource_not_found(tables[0].0))?;
+        .ok_or_else(|| resource_not_found(tables[0].0))?;
     let known = db.list_tables().await.map_err(Failure::from)?;
     match tables.iter().find(|(_, table)| !known.contains(table)) {
-        Some((uri, _)) => Err(crate::tools::resource_not_found(uri)),
+        Some((uri, _)) => Err(resource_not_found(uri)),
         None => Ok(()),
     }
 }
@@ -157,7 +253,7 @@ fn failure(error: DbError) -> CallToolResult {
     Failure::Database(error).into_tool_result()
 }
 
-impl ShoalHandler {
+impl ToolHost {
     fn database(&self) -> Result<&Database, McpError> {
         self.state.db.as_ref().ok_or_else(|| {
             Failure::internal("the postgres toolset", "used while not configured").into()
@@ -186,7 +282,7 @@ impl ShoalHandler {
 }
 
 #[tool_router(router = postgres_tools, vis = "pub(crate)")]
-impl ShoalHandler {
+impl ToolHost {
     #[tool(
         description = "Run one read-only SQL query (SELECT, WITH, VALUES or TABLE) against the PostgreSQL database. \
                        It runs in a READ ONLY transaction under a statement timeout and returns at most the row cap \
@@ -258,7 +354,7 @@ impl ShoalHandler {
 }
 
 #[tool_router(router = postgres_write_tools, vis = "pub(crate)")]
-impl ShoalHandler {
+impl ToolHost {
     #[tool(
         description = "Run one data-changing SQL statement (INSERT, UPDATE, DELETE or MERGE, optionally after WITH) in \
                        its own transaction; any other statement (DDL, ALTER, SET, SELECT…) is refused. Never \
@@ -329,10 +425,7 @@ pub fn is_resource(uri: &str) -> bool {
 /// # Errors
 /// `resource_not_found` for a missing table; internal errors when the database is unavailable.
 pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult, McpError> {
-    let db = state
-        .db
-        .as_ref()
-        .ok_or_else(|| crate::tools::resource_not_found(uri))?;
+    let db = state.db.as_ref().ok_or_else(|| resource_not_found(uri))?;
     let table = uri.strip_prefix(TABLE_PREFIX).map(qualified);
     let mut tags = vec![ALL_TAG.to_owned()];
     if let Some(table) = &table {
@@ -359,7 +452,7 @@ pub async fn read(state: &Arc<AppState>, uri: &str) -> Result<ReadResourceResult
         .await
     {
         Ok(answer) => answer,
-        Err(DbError::NoSuchTable(_)) => return Err(crate::tools::resource_not_found(uri)),
+        Err(DbError::NoSuchTable(_)) => return Err(resource_not_found(uri)),
         Err(error) => return Err(Failure::from(error).into()),
     };
     if answer
@@ -443,7 +536,7 @@ pub async fn run_change_poller(state: Arc<AppState>, stop: CancellationToken) {
                 .collect();
             let list_changed = previous.keys().ne(current.keys());
             tracing::debug!(?changed, list_changed, "PostgreSQL tables changed");
-            ShoalHandler::tables_changed(&state, &changed, list_changed).await;
+            ToolHost::tables_changed(&state, &changed, list_changed).await;
         }
         if previous != current
             && let Err(error) = state.backend.map_replace(&signatures_key, &current).await

@@ -13,7 +13,25 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use shoal_shared::{cache::Freshness, rpc::RpcPool};
 
-use crate::{mcp::handler::ShoalHandler, tools::policy::Declared};
+use crate::toolbox::{ToolHost, Toolset, policy::Declared};
+
+/// The toolset (on only with `SHOAL_RPC_ENDPOINTS`).
+#[derive(Debug)]
+pub struct Rpc;
+
+impl Toolset for Rpc {
+    fn name(&self) -> &'static str {
+        "rpc"
+    }
+
+    fn router(&self) -> rmcp::handler::server::router::tool::ToolRouter<ToolHost> {
+        ToolHost::rpc_tools()
+    }
+
+    fn policies(&self) -> Vec<(String, Declared)> {
+        policies()
+    }
+}
 
 /// Policies of the toolset's tools.
 pub fn policies() -> Vec<(String, Declared)> {
@@ -56,7 +74,7 @@ fn valid_address(address: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() && !matches!(c, '0' | 'O' | 'I' | 'l'))
 }
 
-impl ShoalHandler {
+impl ToolHost {
     fn upstreams(&self) -> Result<&RpcPool, McpError> {
         self.state.rpc.as_ref().ok_or_else(|| {
             crate::mcp::error::Failure::internal("the rpc toolset", "used while not configured")
@@ -73,7 +91,7 @@ impl ShoalHandler {
 }
 
 #[tool_router(router = rpc_tools, vis = "pub(crate)")]
-impl ShoalHandler {
+impl ToolHost {
     #[tool(
         description = "Get the balance of an account, in lamports, from the configured JSON-RPC nodes (Solana \
                        getBalance). Cached for a few seconds and shared between callers.",
@@ -84,7 +102,7 @@ impl ShoalHandler {
         Parameters(params): Parameters<BalanceParams>,
     ) -> Result<CallToolResult, McpError> {
         if !valid_address(&params.address) {
-            return Ok(crate::tools::failed(
+            return Ok(crate::toolbox::failed(
                 "address must be 32 to 44 base58 characters",
             ));
         }
@@ -115,7 +133,7 @@ impl ShoalHandler {
             .allowed_methods
             .contains(&params.method)
         {
-            return Ok(crate::tools::failed(format!(
+            return Ok(crate::toolbox::failed(format!(
                 "method {} is not allowed; allowed: {}",
                 params.method,
                 self.state.config.rpc.allowed_methods.join(", ")

@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use shoal_shared::{
     backend::{
         Backend, BackendConfig, CacheEntry, FeedClaim, FeedStart, KvSetOutcome, QuotaCheck,
-        QuotaKind, SubscribeOutcome,
+        QuotaKind, ResourceChange, SubscribeOutcome,
     },
     bus::{self, Bus, ControlMessage, ListKind, ListenEvent},
     ids::{EventId, ReplicaTag},
@@ -330,33 +330,104 @@ async fn bus_messages_reach_the_replica_they_are_for() {
     .await;
 }
 
+/// The change a write to `key` makes (the payload names the key, to tell the writes apart).
+fn change(key: &str) -> (String, String) {
+    (format!("kv://{key}"), format!("{{\"updated\":\"{key}\"}}"))
+}
+
+async fn set(b: &Backend, key: &str, value: &str) -> KvSetOutcome {
+    let (uri, payload) = change(key);
+    let change = ResourceChange {
+        uri: &uri,
+        legacy_payload: &payload,
+    };
+    b.kv_set(key, value, change).await.expect("set")
+}
+
+async fn delete(b: &Backend, key: &str) -> bool {
+    let (uri, payload) = change(key);
+    let change = ResourceChange {
+        uri: &uri,
+        legacy_payload: &payload,
+    };
+    b.kv_delete(key, change).await.expect("delete")
+}
+
 #[tokio::test]
 async fn kv_is_bounded_and_listed_in_order() {
     on_both(|s| async move {
         let b = &s.backend;
-        assert_eq!(
-            b.kv_set("b", "1").await.expect("set"),
-            KvSetOutcome::Created
-        );
-        assert_eq!(
-            b.kv_set("a", "2").await.expect("set"),
-            KvSetOutcome::Created
-        );
-        assert_eq!(
-            b.kv_set("a", "3").await.expect("set"),
-            KvSetOutcome::Updated
-        );
-        assert_eq!(b.kv_set("c", "4").await.expect("set"), KvSetOutcome::Full);
+        assert_eq!(set(b, "b", "1").await, KvSetOutcome::Created);
+        assert_eq!(set(b, "a", "2").await, KvSetOutcome::Created);
+        assert_eq!(set(b, "a", "3").await, KvSetOutcome::Updated);
+        assert_eq!(set(b, "c", "4").await, KvSetOutcome::Full);
         assert_eq!(b.kv_list(None, 10).await.expect("list"), vec!["a", "b"]);
         assert_eq!(b.kv_list(None, 1).await.expect("list"), vec!["a"]);
         assert_eq!(b.kv_list(Some("a"), 10).await.expect("list"), vec!["b"]);
         assert_eq!(b.kv_get("a").await.expect("get").as_deref(), Some("3"));
-        assert!(b.kv_delete("a").await.expect("delete"));
-        assert!(!b.kv_delete("a").await.expect("delete"));
+        assert!(delete(b, "a").await);
+        assert!(!delete(b, "a").await);
         assert_eq!(b.kv_get("a").await.expect("get"), None);
+        assert_eq!(set(b, "c", "4").await, KvSetOutcome::Created);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kv_writes_tell_their_subscribers_in_the_same_step() {
+    on_both(|s| async move {
+        let b = &s.backend;
+        b.session_create("reader", "{}", "p").await.expect("create");
         assert_eq!(
-            b.kv_set("c", "4").await.expect("set"),
-            KvSetOutcome::Created
+            b.subscribe("reader", "kv://a").await.expect("sub"),
+            SubscribeOutcome::Subscribed
+        );
+        bus_ready(&s).await;
+        let mut listener = s
+            .bus
+            .register_listener(["kv://a".to_owned()], [ListKind::Resources])
+            .expect("listener");
+        let payloads = |events: Vec<shoal_shared::backend::LoggedEvent>| -> Vec<String> {
+            events.iter().map(|e| e.payload.to_string()).collect()
+        };
+        // A new key: its subscriber's log, the listeners of the URI and of the resource list.
+        assert_eq!(set(b, "a", "1").await, KvSetOutcome::Created);
+        let told = b
+            .events_after("reader", EventId::ZERO, 10)
+            .await
+            .expect("read");
+        assert_eq!(payloads(told), vec![change("a").1]);
+        let mut heard = Vec::new();
+        for _ in 0..2 {
+            heard.push(
+                tokio::time::timeout(Duration::from_secs(10), listener.events.recv())
+                    .await
+                    .expect("a listen event within 10 s")
+                    .expect("event"),
+            );
+        }
+        assert!(
+            heard
+                .iter()
+                .any(|e| matches!(e, ListenEvent::ResourceUpdated { uri, .. } if uri == "kv://a"))
+                && heard.contains(&ListenEvent::ListChanged(ListKind::Resources)),
+            "{heard:?}"
+        );
+        // An update and a delete are told; a write refused (full) and a delete of nothing are not.
+        assert_eq!(set(b, "a", "2").await, KvSetOutcome::Updated);
+        assert_eq!(set(b, "b", "x").await, KvSetOutcome::Created);
+        assert_eq!(set(b, "c", "x").await, KvSetOutcome::Full);
+        assert!(delete(b, "a").await);
+        assert!(!delete(b, "a").await);
+        let told = b
+            .events_after("reader", EventId::ZERO, 10)
+            .await
+            .expect("read");
+        assert_eq!(
+            told.len(),
+            3,
+            "created, updated, deleted: {:?}",
+            payloads(told)
         );
     })
     .await;

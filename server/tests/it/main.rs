@@ -20,3 +20,4 @@ mod rpc;
 mod session_security;
 mod stale_writes;
 mod telemetry;
+mod toolsets;

@@ -13,7 +13,7 @@ use fred::{
 };
 use secrecy::SecretString;
 use shoal_shared::{
-    backend::{Backend, BackendConfig},
+    backend::{Backend, BackendConfig, ResourceChange},
     bus::Bus,
     ids::ReplicaTag,
     keys::Keys,
@@ -25,6 +25,11 @@ use shoal_testkit::{
 };
 
 const PREFIX: &str = "stale";
+/// What the writes change (nobody follows it here).
+const CHANGE: ResourceChange<'static> = ResourceChange {
+    uri: "kv://k",
+    legacy_payload: "{}",
+};
 
 async fn backend(url: String, timeout: Duration) -> Backend {
     let keys = Keys::new(PREFIX);
@@ -94,17 +99,20 @@ async fn a_write_reported_as_failed_never_lands_later() {
     admin.init().await.expect("connect");
 
     cut_off
-        .kv_set("k", "first")
+        .kv_set("k", "first", CHANGE)
         .await
         .expect("set through the link");
 
     // A set the cut holds back fails (timeout); a later one through another replica lands.
     proxy.set(Fault::Blackhole);
     cut_off
-        .kv_set("k", "stale")
+        .kv_set("k", "stale", CHANGE)
         .await
         .expect_err("no answer through a cut link");
-    other.kv_set("k", "later").await.expect("set elsewhere");
+    other
+        .kv_set("k", "later", CHANGE)
+        .await
+        .expect("set elsewhere");
     heal_and_wait_for_the_held_script(&proxy, &admin).await;
     assert_eq!(
         other.kv_get("k").await.expect("get").as_deref(),
@@ -115,10 +123,13 @@ async fn a_write_reported_as_failed_never_lands_later() {
     // Likewise a delete.
     proxy.set(Fault::Blackhole);
     cut_off
-        .kv_delete("k")
+        .kv_delete("k", CHANGE)
         .await
         .expect_err("no answer through a cut link");
-    other.kv_set("k", "latest").await.expect("set elsewhere");
+    other
+        .kv_set("k", "latest", CHANGE)
+        .await
+        .expect("set elsewhere");
     heal_and_wait_for_the_held_script(&proxy, &admin).await;
     assert_eq!(
         other.kv_get("k").await.expect("get").as_deref(),
@@ -128,7 +139,7 @@ async fn a_write_reported_as_failed_never_lands_later() {
 
     // The link works again: writes through it land.
     tokio::time::timeout(Duration::from_secs(10), async {
-        while cut_off.kv_set("k", "after").await.is_err() {
+        while cut_off.kv_set("k", "after", CHANGE).await.is_err() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -142,7 +153,7 @@ async fn a_write_reported_as_failed_never_lands_later() {
     // A frozen Redis runs what queued up when it thaws: not a write already reported as failed.
     let before = scripts_run(&admin).await;
     redis.freeze();
-    let failed = cut_off.kv_set("k", "frozen").await;
+    let failed = cut_off.kv_set("k", "frozen", CHANGE).await;
     redis.thaw();
     failed.expect_err("no answer from a frozen Redis");
     tokio::time::timeout(Duration::from_secs(10), async {

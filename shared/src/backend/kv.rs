@@ -12,8 +12,17 @@ use fred::{
     types::{Limit, scripts::Script},
 };
 
-use super::{Backend, BackendError, BackendResult, memory::MemoryBackend, redis::RedisBackend};
-use crate::telemetry::attr;
+use super::{
+    Backend, BackendError, BackendResult,
+    events::APPEND_FN,
+    memory::MemoryBackend,
+    redis::RedisBackend,
+    subscriptions::{FANOUT_FN, ResourceChange},
+};
+use crate::{
+    bus::{BusMessage, LUA_NETSTRING, ListKind},
+    telemetry::attr,
+};
 
 /// Outcome of a kv write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,12 +36,18 @@ pub enum KvSetOutcome {
 }
 
 impl Backend {
-    /// Writes a kv entry.
+    /// Writes a kv entry and, in the same step, tells the subscribers of its resource (`change`),
+    /// and `subscriptions/listen` streams that the resource list changed when the key is new.
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
-    pub async fn kv_set(&self, key: &str, value: &str) -> BackendResult<KvSetOutcome> {
-        delegate!(self, "kv_set", kv_set(key, value))
+    pub async fn kv_set(
+        &self,
+        key: &str,
+        value: &str,
+        change: ResourceChange<'_>,
+    ) -> BackendResult<KvSetOutcome> {
+        delegate!(self, "kv_set", kv_set(key, value, change))
     }
 
     /// Reads a kv entry.
@@ -43,12 +58,13 @@ impl Backend {
         delegate!(self, "kv_get", kv_get(key))
     }
 
-    /// Deletes a kv entry; returns whether it existed.
+    /// Deletes a kv entry; returns whether it existed. When it did, tells the subscribers of its
+    /// resource (`change`) and that the resource list changed, in the same step.
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
-    pub async fn kv_delete(&self, key: &str) -> BackendResult<bool> {
-        delegate!(self, "kv_delete", kv_delete(key))
+    pub async fn kv_delete(&self, key: &str, change: ResourceChange<'_>) -> BackendResult<bool> {
+        delegate!(self, "kv_delete", kv_delete(key, change))
     }
 
     /// Lists up to `limit` kv keys in byte order, starting after `after`.
@@ -61,18 +77,30 @@ impl Backend {
 }
 
 impl RedisBackend {
-    pub(super) async fn kv_set(&self, key: &str, value: &str) -> BackendResult<KvSetOutcome> {
+    pub(super) async fn kv_set(
+        &self,
+        key: &str,
+        value: &str,
+        change: ResourceChange<'_>,
+    ) -> BackendResult<KvSetOutcome> {
         let deadline = self.write_deadline().await?;
+        let mut args = vec![
+            key.into(),
+            value.into(),
+            Value::from(self.inner.config.kv_max_keys as i64),
+            Value::from(deadline),
+            BusMessage::ListChanged(ListKind::Resources).encode().into(),
+        ];
+        args.extend(self.fanout_args(change.uri, change.legacy_payload));
         let outcome: i64 = self
             .eval(
                 &KV_SET_SCRIPT,
-                vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
                 vec![
-                    key.into(),
-                    value.into(),
-                    Value::from(self.inner.config.kv_max_keys as i64),
-                    Value::from(deadline),
+                    self.inner.keys.kv(),
+                    self.inner.keys.kv_index(),
+                    self.inner.keys.subscribers(change.uri),
                 ],
+                args,
             )
             .await?;
         Ok(match outcome {
@@ -87,13 +115,27 @@ impl RedisBackend {
         Ok(self.client().hget(self.inner.keys.kv(), key).await?)
     }
 
-    pub(super) async fn kv_delete(&self, key: &str) -> BackendResult<bool> {
+    pub(super) async fn kv_delete(
+        &self,
+        key: &str,
+        change: ResourceChange<'_>,
+    ) -> BackendResult<bool> {
         let deadline = self.write_deadline().await?;
+        let mut args = vec![
+            key.into(),
+            Value::from(deadline),
+            BusMessage::ListChanged(ListKind::Resources).encode().into(),
+        ];
+        args.extend(self.fanout_args(change.uri, change.legacy_payload));
         let existed: i64 = self
             .eval(
                 &KV_DELETE_SCRIPT,
-                vec![self.inner.keys.kv(), self.inner.keys.kv_index()],
-                vec![key.into(), Value::from(deadline)],
+                vec![
+                    self.inner.keys.kv(),
+                    self.inner.keys.kv_index(),
+                    self.inner.keys.subscribers(change.uri),
+                ],
+                args,
             )
             .await?;
         match existed {
@@ -136,23 +178,42 @@ fn too_late() -> BackendError {
 }
 
 impl MemoryBackend {
-    pub(super) fn kv_set(&self, key: &str, value: &str) -> KvSetOutcome {
-        let mut state = self.state();
-        if !state.kv.contains_key(key) && state.kv.len() as u64 >= self.inner.config.kv_max_keys {
-            return KvSetOutcome::Full;
+    pub(super) fn kv_set(
+        &self,
+        key: &str,
+        value: &str,
+        change: ResourceChange<'_>,
+    ) -> KvSetOutcome {
+        let outcome = {
+            let mut state = self.state();
+            if !state.kv.contains_key(key) && state.kv.len() as u64 >= self.inner.config.kv_max_keys
+            {
+                return KvSetOutcome::Full;
+            }
+            match state.kv.insert(key.to_owned(), value.to_owned()) {
+                None => KvSetOutcome::Created,
+                Some(_) => KvSetOutcome::Updated,
+            }
+        };
+        // In memory nothing can fail between the write and the telling.
+        self.resource_updated(change.uri, change.legacy_payload);
+        if outcome == KvSetOutcome::Created {
+            self.list_changed(ListKind::Resources);
         }
-        match state.kv.insert(key.to_owned(), value.to_owned()) {
-            None => KvSetOutcome::Created,
-            Some(_) => KvSetOutcome::Updated,
-        }
+        outcome
     }
 
     pub(super) fn kv_get(&self, key: &str) -> Option<String> {
         self.state().kv.get(key).cloned()
     }
 
-    pub(super) fn kv_delete(&self, key: &str) -> bool {
-        self.state().kv.remove(key).is_some()
+    pub(super) fn kv_delete(&self, key: &str, change: ResourceChange<'_>) -> bool {
+        let existed = self.state().kv.remove(key).is_some();
+        if existed {
+            self.resource_updated(change.uri, change.legacy_payload);
+            self.list_changed(ListKind::Resources);
+        }
+        existed
     }
 
     pub(super) fn kv_list(&self, after: Option<&str>, limit: u64) -> Vec<String> {
@@ -168,28 +229,47 @@ impl MemoryBackend {
     }
 }
 
-/// KEYS: kv hash, kv key index (sorted set). ARGV: key, value, max keys, deadline (µs since the
-/// Unix epoch on Redis's clock). Returns 1 (created), 0 (updated), -1 (full) or -2 (run after its
-/// deadline: nothing written).
-pub const KV_SET: &str = r"
+/// KEYS: kv hash, kv key index (sorted set), the resource's subscriber set. ARGV: key, value, max
+/// keys, deadline (µs since the Unix epoch on Redis's clock), the list-changed message, then the
+/// eight arguments of `fanout` (see [`super::subscriptions::FANOUT_FN`]). Writes and tells the
+/// subscribers (and, for a new key, the listeners of the resource list) in one step. Returns 1
+/// (created), 0 (updated), -1 (full) or -2 (run after its deadline: nothing written, nobody told).
+pub fn kv_set() -> String {
+    format!(
+        "{LUA_NETSTRING}{APPEND_FN}{FANOUT_FN}
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[4]) then return -2 end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
   return -1
 end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
-return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-";
+local created = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+fanout(KEYS[3], ARGV, 6)
+if created == 1 then redis.call('PUBLISH', ARGV[12], ARGV[5]) end
+return created
+"
+    )
+}
 
-/// KEYS: kv hash, kv key index. ARGV: key, deadline (as in [`KV_SET`]). Returns 1 when the key
-/// existed, 0 when not, -1 when run after its deadline (nothing deleted).
-pub const KV_DELETE: &str = r"
+/// KEYS: as [`kv_set`]. ARGV: key, deadline, the list-changed message, then the eight arguments of
+/// `fanout`. Deletes and, when the key existed, tells in one step. Returns 1 when the key existed,
+/// 0 when not, -1 when run after its deadline (nothing deleted, nobody told).
+pub fn kv_delete() -> String {
+    format!(
+        "{LUA_NETSTRING}{APPEND_FN}{FANOUT_FN}
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[2]) then return -1 end
 redis.call('ZREM', KEYS[2], ARGV[1])
-return redis.call('HDEL', KEYS[1], ARGV[1])
-";
+local existed = redis.call('HDEL', KEYS[1], ARGV[1])
+if existed == 1 then
+  fanout(KEYS[3], ARGV, 4)
+  redis.call('PUBLISH', ARGV[10], ARGV[3])
+end
+return existed
+"
+    )
+}
 
-pub(super) static KV_SET_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(KV_SET));
+pub(super) static KV_SET_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(kv_set()));
 pub(super) static KV_DELETE_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::from_lua(KV_DELETE));
+    LazyLock::new(|| Script::from_lua(kv_delete()));

@@ -71,7 +71,7 @@ pub use self::{
     quota::{QUOTA_CLUSTER, QuotaCheck, QuotaKind, QuotaRefusal, SESSION_RECHECK},
     redis::RedisBackend,
     session::OWNER_FIELD,
-    subscriptions::SubscribeOutcome,
+    subscriptions::{ResourceChange, SubscribeOutcome},
 };
 use crate::{bus::Bus, metrics::Metrics};
 

@@ -119,24 +119,30 @@ impl RedisBackend {
             .eval(
                 &RESOURCE_UPDATED_SCRIPT,
                 vec![self.inner.keys.subscribers(uri)],
-                vec![
-                    self.inner.session_prefix.as_str().into(),
-                    self.inner.log_prefix.as_str().into(),
-                    legacy_payload.into(),
-                    Value::from(self.inner.config.event_log_max_len as i64),
-                    Value::from(self.inner.config.retention_secs() as i64),
-                    self.inner.replica_prefix.as_str().into(),
-                    self.inner.keys.resource_channel().into(),
-                    BusMessage::ResourceUpdated {
-                        uri,
-                        trace: crate::telemetry::current_traceparent().as_deref(),
-                    }
-                    .encode()
-                    .into(),
-                ],
+                self.fanout_args(uri, legacy_payload),
             )
             .await?;
         Ok(delivered.max(0) as u64)
+    }
+
+    /// The eight arguments of the Lua `fanout` of `uri` with `legacy_payload` ([`FANOUT_FN`]);
+    /// its key is the URI's subscriber set.
+    pub(super) fn fanout_args(&self, uri: &str, legacy_payload: &str) -> Vec<Value> {
+        vec![
+            self.inner.session_prefix.as_str().into(),
+            self.inner.log_prefix.as_str().into(),
+            legacy_payload.into(),
+            Value::from(self.inner.config.event_log_max_len as i64),
+            Value::from(self.inner.config.retention_secs() as i64),
+            self.inner.replica_prefix.as_str().into(),
+            self.inner.keys.resource_channel().into(),
+            BusMessage::ResourceUpdated {
+                uri,
+                trace: crate::telemetry::current_traceparent().as_deref(),
+            }
+            .encode()
+            .into(),
+        ]
     }
 }
 
@@ -251,24 +257,40 @@ return 1
 /// of every live subscriber (dropping expired ones from the set) and broadcasts the change for
 /// `subscriptions/listen` streams. Returns the number of sessions notified.
 pub fn resource_updated() -> String {
-    format!(
-        "{LUA_NETSTRING}{APPEND_FN}
-local sids = redis.call('SMEMBERS', KEYS[1])
-local delivered = 0
-for _, sid in ipairs(sids) do
-  local skey = ARGV[1] .. sid
-  if redis.call('EXISTS', skey) == 1 then
-    append(skey, ARGV[2] .. sid, sid, ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-    delivered = delivered + 1
-  else
-    redis.call('SREM', KEYS[1], sid)
-  end
-end
-redis.call('PUBLISH', ARGV[7], ARGV[8])
-return delivered
-"
-    )
+    format!("{LUA_NETSTRING}{APPEND_FN}{FANOUT_FN}\nreturn fanout(KEYS[1], ARGV, 1)\n")
 }
+
+/// A resource change to tell the subscribers of `uri` about, in the same step as the change that
+/// makes it (a write that lands and whose subscribers are not told would be a lost notification).
+#[derive(Debug, Clone, Copy)]
+pub struct ResourceChange<'a> {
+    /// The resource.
+    pub uri: &'a str,
+    /// The `notifications/resources/updated` message appended to each legacy subscriber's log.
+    pub legacy_payload: &'a str,
+}
+
+/// Shared helper: the fanout of [`resource_updated`], for scripts that change a resource and tell
+/// its subscribers in the same step (so a change is never made without being told). `fanout(set,
+/// args, i)` reads its eight arguments from `args[i]` on, in the order of [`RedisBackend::fanout_args`].
+/// Needs [`LUA_NETSTRING`] and the events' `append`.
+pub(super) const FANOUT_FN: &str = r"
+local function fanout(set, a, i)
+  local sids = redis.call('SMEMBERS', set)
+  local delivered = 0
+  for _, sid in ipairs(sids) do
+    local skey = a[i] .. sid
+    if redis.call('EXISTS', skey) == 1 then
+      append(skey, a[i + 1] .. sid, sid, a[i + 2], a[i + 3], a[i + 4], a[i + 5])
+      delivered = delivered + 1
+    else
+      redis.call('SREM', set, sid)
+    end
+  end
+  redis.call('PUBLISH', a[i + 6], a[i + 7])
+  return delivered
+end
+";
 
 /// KEYS: subscriber set. ARGV: session prefix. Drops members whose session expired.
 pub const PRUNE_SUBSCRIBERS: &str = r"
