@@ -225,7 +225,7 @@ pub struct Catalog {
     /// Resource templates.
     pub templates: Vec<ResourceTemplate>,
     /// Prompts, with the toolset each belongs to.
-    prompts: Vec<(&'static str, Prompt)>,
+    prompts: Vec<(Arc<dyn Toolset>, Prompt)>,
 }
 
 impl Catalog {
@@ -237,7 +237,7 @@ impl Catalog {
             templates: toolsets.iter().flat_map(|t| t.templates()).collect(),
             prompts: toolsets
                 .iter()
-                .flat_map(|t| t.prompts().into_iter().map(|p| (t.name(), p)))
+                .flat_map(|t| t.prompts().into_iter().map(|p| (t.clone(), p)))
                 .collect(),
         }
     }
@@ -264,7 +264,7 @@ impl Catalog {
     pub fn prompts_for(&self, caller: &Principal) -> Vec<Prompt> {
         self.prompts
             .iter()
-            .filter(|(toolset, _)| caller.may(toolset, false))
+            .filter(|(toolset, _)| caller.may(toolset.name(), false))
             .map(|(_, prompt)| prompt.clone())
             .collect()
     }
@@ -384,16 +384,10 @@ impl Catalog {
         let Some((toolset, _)) = self.prompts.iter().find(|(_, p)| p.name == request.name) else {
             return Err(unknown());
         };
-        if !caller.may(toolset, false) {
+        if !caller.may(toolset.name(), false) {
             return Err(unknown());
         }
-        let answer = self
-            .toolsets
-            .iter()
-            .filter(|t| t.name() == *toolset)
-            .find_map(|t| t.get_prompt(host, request))
-            .ok_or_else(unknown)?;
-        answer.await
+        toolset.get_prompt(host, request).ok_or_else(unknown)?.await
     }
 }
 

@@ -11,7 +11,7 @@ use fred::{
 };
 use secrecy::SecretString;
 use shoal_shared::{
-    backend::{Backend, BackendConfig, FeedClaim},
+    backend::{Backend, FeedClaim},
     bus::{self, Bus, BusMessage, SessionEvent},
     ids::{EventId, ReplicaTag},
     keys::Keys,
@@ -41,16 +41,7 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
     // This replica's bus is never fed by the raw subscriber below; the backend's own subscriber
     // feeds it, as in a replica.
     let (bus, _control) = Bus::new(keys.clone(), tag.clone(), metrics.clone());
-    let config = BackendConfig {
-        session_ttl: Duration::from_secs(60),
-        event_log_max_len: 100,
-        event_retention: Duration::from_secs(60),
-        max_subscriptions_per_session: 10,
-        max_subscribers_per_uri: 10,
-        kv_max_keys: 10,
-        redis_timeout: Duration::from_secs(5),
-        redis_pool_size: 1,
-    };
+    let config = crate::helpers::backend_config(Duration::from_secs(5));
     let backend = Backend::connect(
         Some(&SecretString::from(redis.url())),
         config,

@@ -9,6 +9,21 @@ use shoal_testkit::{
     topology::{Topology, TopologyOptions},
 };
 
+/// Small limits for tests that drive a `Backend` directly, with one connection (every command
+/// travels in order on it) and Redis commands timing out after `redis_timeout`.
+pub fn backend_config(redis_timeout: Duration) -> shoal_shared::backend::BackendConfig {
+    shoal_shared::backend::BackendConfig {
+        session_ttl: Duration::from_secs(60),
+        event_log_max_len: 100,
+        event_retention: Duration::from_secs(60),
+        max_subscriptions_per_session: 10,
+        max_subscribers_per_uri: 10,
+        kv_max_keys: 10,
+        redis_timeout,
+        redis_pool_size: 1,
+    }
+}
+
 /// Generous upper bound for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(20);
 

@@ -13,7 +13,7 @@ use fred::{
 };
 use secrecy::SecretString;
 use shoal_shared::{
-    backend::{Backend, BackendConfig, ResourceChange},
+    backend::{Backend, ResourceChange},
     bus::Bus,
     ids::ReplicaTag,
     keys::Keys,
@@ -35,17 +35,7 @@ async fn backend(url: String, timeout: Duration) -> Backend {
     let keys = Keys::new(PREFIX);
     let metrics = Metrics::new();
     let (bus, _control) = Bus::new(keys, ReplicaTag::generate(), metrics.clone());
-    let config = BackendConfig {
-        session_ttl: Duration::from_secs(60),
-        event_log_max_len: 100,
-        event_retention: Duration::from_secs(60),
-        max_subscriptions_per_session: 10,
-        max_subscribers_per_uri: 10,
-        kv_max_keys: 10,
-        redis_timeout: timeout,
-        // One connection: every command of this backend travels in order on it.
-        redis_pool_size: 1,
-    };
+    let config = crate::helpers::backend_config(timeout);
     Backend::connect(Some(&SecretString::from(url)), config, bus, metrics)
         .await
         .expect("backend")

@@ -93,22 +93,25 @@ impl RedisBackend {
         ];
         args.extend(self.fanout_args(change.uri, change.legacy_payload));
         let outcome: i64 = self
-            .eval(
-                &KV_SET_SCRIPT,
-                vec![
-                    self.inner.keys.kv(),
-                    self.inner.keys.kv_index(),
-                    self.inner.keys.subscribers(change.uri),
-                ],
-                args,
-            )
+            .eval(&KV_SET_SCRIPT, self.write_keys(change.uri), args)
             .await?;
-        Ok(match outcome {
-            1 => KvSetOutcome::Created,
-            0 => KvSetOutcome::Updated,
-            -1 => KvSetOutcome::Full,
-            _ => return Err(too_late()),
-        })
+        match outcome {
+            1 => Ok(KvSetOutcome::Created),
+            0 => Ok(KvSetOutcome::Updated),
+            -1 => Ok(KvSetOutcome::Full),
+            -2 => Err(too_late()),
+            other => Err(BackendError::Protocol(format!("kv_set returned {other}"))),
+        }
+    }
+
+    /// The keys of a write's script: the kv hash, its key index, and the subscribers of the
+    /// resource it changes.
+    fn write_keys(&self, uri: &str) -> Vec<String> {
+        vec![
+            self.inner.keys.kv(),
+            self.inner.keys.kv_index(),
+            self.inner.keys.subscribers(uri),
+        ]
     }
 
     pub(super) async fn kv_get(&self, key: &str) -> BackendResult<Option<String>> {
@@ -128,19 +131,15 @@ impl RedisBackend {
         ];
         args.extend(self.fanout_args(change.uri, change.legacy_payload));
         let existed: i64 = self
-            .eval(
-                &KV_DELETE_SCRIPT,
-                vec![
-                    self.inner.keys.kv(),
-                    self.inner.keys.kv_index(),
-                    self.inner.keys.subscribers(change.uri),
-                ],
-                args,
-            )
+            .eval(&KV_DELETE_SCRIPT, self.write_keys(change.uri), args)
             .await?;
         match existed {
+            1 => Ok(true),
+            0 => Ok(false),
             -1 => Err(too_late()),
-            existed => Ok(existed == 1),
+            other => Err(BackendError::Protocol(format!(
+                "kv_delete returned {other}"
+            ))),
         }
     }
 
