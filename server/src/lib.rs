@@ -88,16 +88,20 @@ impl App {
         let metrics = Metrics::new();
         let keys = Keys::new(config.redis.key_prefix.clone());
         let (bus, control) = Bus::new(keys.clone(), tag.clone(), metrics.clone());
+        let background = Background::default();
         let backend = Backend::connect(
             config.redis.url.as_ref(),
             BackendConfig::from_config(&config),
             bus.clone(),
             metrics.clone(),
+            background.clone(),
         )
         .await
         .context("connecting the shared state backend")?;
         log_start(&config, &tag, &backend);
-        let (db, rpc, cache) = services(&config, &names, &backend, &bus, &metrics).await?;
+        let needs = toolbox::Needs::of(&toolsets);
+        let (db, rpc, cache) =
+            services(&config, needs, (&backend, &bus, &metrics), &background).await?;
         let state = Arc::new(AppState {
             cache,
             db,
@@ -115,7 +119,6 @@ impl App {
             streams: state::StreamSlots::new(config.sessions.max_streams, metrics.clone()),
         });
 
-        let background = Background::default();
         let sessions = Arc::new(ClusterSessionManager::new(
             backend.clone(),
             bus.clone(),
@@ -294,14 +297,13 @@ async fn probe(state: Arc<AppState>, stop: CancellationToken) {
 /// shared result cache.
 async fn services(
     config: &Config,
-    toolsets: &[&str],
-    backend: &Backend,
-    bus: &Bus,
-    metrics: &Metrics,
+    needs: toolbox::Needs,
+    (backend, bus, metrics): (&Backend, &Bus, &Metrics),
+    background: &Background,
 ) -> anyhow::Result<(Option<Database>, Option<RpcPool>, ResultCache)> {
-    let db = connect_postgres(config, toolsets.contains(&"postgres"), metrics).await?;
-    let rpc = toolsets
-        .contains(&"rpc")
+    let db = connect_postgres(config, needs.postgres, metrics, background).await?;
+    let rpc = needs
+        .rpc
         .then(|| RpcPool::new(RpcConfig::from(&config.rpc), metrics.clone()))
         .transpose()
         .context("configuring the JSON-RPC upstreams")?;
@@ -319,6 +321,7 @@ async fn connect_postgres(
     config: &Config,
     postgres: bool,
     metrics: &Metrics,
+    background: &Background,
 ) -> anyhow::Result<Option<Database>> {
     let (Some(url), true) = (&config.postgres.url, postgres) else {
         return Ok(None);
@@ -326,6 +329,7 @@ async fn connect_postgres(
     let db = Database::connect(
         DbConfig::from_config(&config.postgres, url.clone(), config.postgres.allow_writes),
         metrics.clone(),
+        background.clone(),
     )
     .context("configuring PostgreSQL")?;
     // A role that could reach the database host is refused now, not at the first call; a

@@ -452,7 +452,12 @@ mod tests {
             redis_timeout: Duration::from_secs(1),
             redis_pool_size: 1,
         };
-        let backend = Backend::Memory(MemoryBackend::new(config, bus.clone(), metrics.clone()));
+        let backend = Backend::Memory(MemoryBackend::new(
+            config,
+            bus.clone(),
+            metrics.clone(),
+            Default::default(),
+        ));
         ResultCache::new(
             backend,
             bus,

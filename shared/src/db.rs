@@ -459,6 +459,8 @@ pub struct Database {
     in_use: Arc<AtomicI64>,
     /// What each principal holds of each pool.
     shares: crate::share::Shares,
+    /// Where connection resets run: shutdown waits for them.
+    background: crate::background::Background,
 }
 
 /// A checked-out connection, counted in the in-use gauge until it goes back to the pool. When it
@@ -476,6 +478,8 @@ struct Checkout {
     in_transaction: AtomicBool,
     /// The caller's share of the pool, given back with the connection (after its reset).
     share: Option<crate::share::Share>,
+    /// Where the reset runs.
+    background: crate::background::Background,
 }
 
 impl Checkout {
@@ -529,7 +533,7 @@ impl Drop for Checkout {
         };
         // The connection is not back in the pool until it is reset: neither is its share.
         let share = self.share.take();
-        runtime.spawn(async move {
+        let reset = async move {
             let _share = share;
             if busy {
                 // Abandoned mid-statement: stop it on the server, never reuse the connection.
@@ -557,7 +561,8 @@ impl Drop for Checkout {
                 }
                 Err(_) => connection.poisoned = true,
             }
-        });
+        };
+        self.background.spawn_on(reset, &runtime);
     }
 }
 
@@ -584,7 +589,11 @@ impl Database {
     ///
     /// # Errors
     /// When a URL does not parse.
-    pub fn connect(config: DbConfig, metrics: Metrics) -> Result<Self, DbError> {
+    pub fn connect(
+        config: DbConfig,
+        metrics: Metrics,
+        background: crate::background::Background,
+    ) -> Result<Self, DbError> {
         let connect_errors = LastConnectError::default();
         let pool = Self::pool(
             &config,
@@ -611,6 +620,7 @@ impl Database {
             waiting: Arc::new(AtomicI64::new(0)),
             in_use: Arc::new(AtomicI64::new(0)),
             shares: crate::share::Shares::default(),
+            background,
         })
     }
 
@@ -713,6 +723,7 @@ impl Database {
                     busy: AtomicBool::new(false),
                     in_transaction: AtomicBool::new(false),
                     share,
+                    background: self.background.clone(),
                 })
             }
             // Busy, unless the connections it waited for could not be made.

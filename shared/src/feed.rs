@@ -99,7 +99,7 @@ pub async fn open(
         last: start.from,
         options,
     };
-    tokio::spawn(task.run(start, after.is_none()));
+    backend.background().spawn(task.run(start, after.is_none()));
     Ok(rx)
 }
 
@@ -306,7 +306,12 @@ mod tests {
             redis_pool_size: 1,
         };
         (
-            Backend::Memory(MemoryBackend::new(config, bus.clone(), metrics)),
+            Backend::Memory(MemoryBackend::new(
+                config,
+                bus.clone(),
+                metrics,
+                Default::default(),
+            )),
             bus,
         )
     }

@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod background;
 pub mod bus;
 pub mod cache;
 pub mod config;

@@ -39,6 +39,28 @@ impl std::fmt::Debug for ToolHost {
     }
 }
 
+/// The replica services a toolset uses (the shared result cache and the backend are always there).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// The PostgreSQL pools (`SHOAL_DATABASE_URL`).
+    pub postgres: bool,
+    /// The JSON-RPC upstreams (`SHOAL_RPC_*`).
+    pub rpc: bool,
+}
+
+impl Needs {
+    /// What any of `toolsets` needs.
+    pub fn of(toolsets: &[Arc<dyn Toolset>]) -> Self {
+        toolsets.iter().fold(Self::default(), |all, toolset| {
+            let needs = toolset.needs();
+            Self {
+                postgres: all.postgres || needs.postgres,
+                rpc: all.rpc || needs.rpc,
+            }
+        })
+    }
+}
+
 /// A page of resources a toolset lists after the fixed ones, with the cursor of the next page.
 pub type ResourcePage = (Vec<Resource>, Option<String>);
 
@@ -51,6 +73,11 @@ pub trait Toolset: Send + Sync + std::fmt::Debug {
 
     /// Its tools.
     fn router(&self) -> ToolRouter<ToolHost>;
+
+    /// The replica services its tools use, connected at start only when some toolset needs them.
+    fn needs(&self) -> Needs {
+        Needs::default()
+    }
 
     /// Its tools' declared policies (freshness class, timeout, concurrency).
     fn policies(&self) -> Vec<(String, policy::Declared)> {

@@ -73,6 +73,13 @@ impl Toolset for Postgres {
         "postgres"
     }
 
+    fn needs(&self) -> crate::toolbox::Needs {
+        crate::toolbox::Needs {
+            postgres: true,
+            ..Default::default()
+        }
+    }
+
     fn router(&self) -> rmcp::handler::server::router::tool::ToolRouter<ToolHost> {
         let mut router = ToolHost::postgres_tools();
         if self.writes {

@@ -24,6 +24,13 @@ impl Toolset for Rpc {
         "rpc"
     }
 
+    fn needs(&self) -> crate::toolbox::Needs {
+        crate::toolbox::Needs {
+            rpc: true,
+            ..Default::default()
+        }
+    }
+
     fn router(&self) -> rmcp::handler::server::router::tool::ToolRouter<ToolHost> {
         ToolHost::rpc_tools()
     }

@@ -51,6 +51,7 @@ async fn subject(redis_url: Option<String>) -> Subject {
         config(),
         bus.clone(),
         metrics,
+        Default::default(),
     )
     .await
     .expect("backend");

@@ -47,6 +47,7 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
         config,
         bus.clone(),
         metrics,
+        Default::default(),
     )
     .await
     .expect("backend");

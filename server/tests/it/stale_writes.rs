@@ -36,9 +36,15 @@ async fn backend(url: String, timeout: Duration) -> Backend {
     let metrics = Metrics::new();
     let (bus, _control) = Bus::new(keys, ReplicaTag::generate(), metrics.clone());
     let config = crate::helpers::backend_config(timeout);
-    Backend::connect(Some(&SecretString::from(url)), config, bus, metrics)
-        .await
-        .expect("backend")
+    Backend::connect(
+        Some(&SecretString::from(url)),
+        config,
+        bus,
+        metrics,
+        Default::default(),
+    )
+    .await
+    .expect("backend")
 }
 
 /// How many scripts Redis has run (`EVALSHA` calls, refused ones included).

@@ -15,7 +15,7 @@ use std::{
 use tokio::time::Instant;
 
 use super::{BackendConfig, LoggedEvent, QuotaKind};
-use crate::{bus::Bus, ids::EventId, metrics::Metrics};
+use crate::{background::Background, bus::Bus, ids::EventId, metrics::Metrics};
 
 #[derive(Debug)]
 pub(super) struct SessionRecord {
@@ -87,6 +87,8 @@ pub(super) struct Inner {
     pub(super) config: BackendConfig,
     pub(super) bus: Bus,
     pub(super) metrics: Metrics,
+    /// Where the GET-stream feeds run: shutdown waits for them.
+    pub(super) background: Background,
 }
 
 /// Shared state in process memory (one replica). Cheap to clone.
@@ -97,13 +99,14 @@ pub struct MemoryBackend {
 
 impl MemoryBackend {
     /// An empty in-memory backend publishing into `bus`.
-    pub fn new(config: BackendConfig, bus: Bus, metrics: Metrics) -> Self {
+    pub fn new(config: BackendConfig, bus: Bus, metrics: Metrics, background: Background) -> Self {
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::default(),
                 config,
                 bus,
                 metrics,
+                background,
             }),
         }
     }
@@ -148,7 +151,12 @@ mod tests {
     fn backend() -> (Backend, Bus, tokio::sync::mpsc::Receiver<ControlMessage>) {
         let metrics = Metrics::new();
         let (bus, control) = Bus::new(Keys::new("t"), ReplicaTag::generate(), metrics.clone());
-        let backend = Backend::Memory(MemoryBackend::new(config(), bus.clone(), metrics));
+        let backend = Backend::Memory(MemoryBackend::new(
+            config(),
+            bus.clone(),
+            metrics,
+            Background::default(),
+        ));
         (backend, bus, control)
     }
 

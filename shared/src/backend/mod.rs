@@ -73,7 +73,7 @@ pub use self::{
     session::OWNER_FIELD,
     subscriptions::{ResourceChange, SubscribeOutcome},
 };
-use crate::{bus::Bus, metrics::Metrics};
+use crate::{background::Background, bus::Bus, metrics::Metrics};
 
 /// Limits and lifetimes the backend enforces.
 #[derive(Debug, Clone)]
@@ -182,11 +182,22 @@ impl Backend {
         config: BackendConfig,
         bus: Bus,
         metrics: Metrics,
+        background: Background,
     ) -> BackendResult<Self> {
         Ok(match redis_url {
-            Some(url) => Backend::Redis(RedisBackend::connect(url, config, bus, metrics).await?),
-            None => Backend::Memory(MemoryBackend::new(config, bus, metrics)),
+            Some(url) => {
+                Backend::Redis(RedisBackend::connect(url, config, bus, metrics, background).await?)
+            }
+            None => Backend::Memory(MemoryBackend::new(config, bus, metrics, background)),
         })
+    }
+
+    /// The tracker the backend's own tasks (the bus subscriber, GET-stream feeds) run under.
+    pub fn background(&self) -> &Background {
+        match self {
+            Backend::Redis(backend) => &backend.inner.background,
+            Backend::Memory(backend) => &backend.inner.background,
+        }
     }
 
     /// `redis` or `memory`.

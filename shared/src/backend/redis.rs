@@ -28,7 +28,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{BackendConfig, BackendError, BackendResult};
-use crate::{bus::Bus, ids::ReplicaTag, keys::Keys, metrics::Metrics};
+use crate::{background::Background, bus::Bus, ids::ReplicaTag, keys::Keys, metrics::Metrics};
 
 /// Capacity of fred's broadcast channel of pub/sub messages; if the bus dispatcher falls this far
 /// behind, feeds re-read their logs.
@@ -40,6 +40,8 @@ pub(super) struct Inner {
     pub(super) keys: Keys,
     pub(super) config: BackendConfig,
     pub(super) metrics: Metrics,
+    /// Where the subscriber loop and the GET-stream feeds run: shutdown waits for them.
+    pub(super) background: Background,
     pub(super) origin: ReplicaTag,
     pub(super) session_prefix: String,
     pub(super) log_prefix: String,
@@ -127,6 +129,7 @@ impl RedisBackend {
         config: BackendConfig,
         bus: Bus,
         metrics: Metrics,
+        background: Background,
     ) -> BackendResult<Self> {
         let builder = builder(url, &config)?;
         let pool = builder.build_pool(config.redis_pool_size)?;
@@ -157,6 +160,7 @@ impl RedisBackend {
             keys,
             config,
             metrics,
+            background,
         };
         let backend = Self {
             inner: Arc::new(inner),
@@ -194,11 +198,16 @@ impl RedisBackend {
         let channels: Vec<String> = bus.channels().iter().map(|c| (*c).to_owned()).collect();
         let mut messages = subscriber.message_rx();
         let mut reconnects = subscriber.reconnect_rx();
-        tokio::spawn(async move {
+        let stop = self.inner.background.stop.clone();
+        self.inner.background.spawn(async move {
             // The first SUBSCRIBE may fail while Redis is down: keep trying until it is tracked.
-            resubscribe(&subscriber, &channels).await;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = resubscribe(&subscriber, &channels) => {}
+            }
             loop {
                 tokio::select! {
+                    () = stop.cancelled() => break,
                     message = messages.recv() => match message {
                         Ok(message) => {
                             let payload = match &message.value {
