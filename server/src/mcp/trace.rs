@@ -4,7 +4,14 @@
 //!
 //! Everything here returns [`Span::none`] while tracing is off, before computing anything.
 
-use rmcp::{ErrorData as McpError, RoleServer, service::RequestContext};
+use rmcp::{
+    ErrorData as McpError, RoleServer,
+    model::{
+        Notification, NotificationMetaObject, ResourceUpdatedNotificationParam,
+        ServerJsonRpcMessage, ServerNotification,
+    },
+    service::RequestContext,
+};
 use shoal_shared::telemetry::attr;
 use shoal_shared::telemetry::{self, Context, KeyValue, Parent, Span, SpanKind};
 
@@ -160,26 +167,34 @@ pub fn delivery_span(
     )
 }
 
-/// The `params._meta.traceparent` of a serialized JSON-RPC message, if any.
-pub fn traceparent_in(payload: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Message {
-        params: Option<Params>,
+/// The `notifications/resources/updated` message for `uri`, as logged for legacy sessions, typed.
+/// While tracing, `params._meta.traceparent` names the span that raised it, so the replica that
+/// delivers it (and the client) can link the delivery to the change.
+pub fn updated_message(uri: &str, traceparent: Option<String>) -> ServerJsonRpcMessage {
+    let mut notification = Notification::new(ResourceUpdatedNotificationParam::new(uri));
+    if let Some(traceparent) = traceparent {
+        // Where rmcp keeps a notification's `_meta` (and puts it when it reads one).
+        let mut meta = NotificationMetaObject::new();
+        meta.0.set_traceparent(traceparent);
+        notification.extensions.insert(meta);
     }
-    #[derive(serde::Deserialize)]
-    struct Params {
-        #[serde(rename = "_meta")]
-        meta: Option<Meta>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Meta {
-        traceparent: Option<String>,
-    }
-    serde_json::from_str::<Message>(payload)
-        .ok()?
-        .params?
-        .meta?
-        .traceparent
+    ServerJsonRpcMessage::notification(ServerNotification::ResourceUpdatedNotification(
+        notification,
+    ))
+}
+
+/// The URI and the `params._meta.traceparent` of a `notifications/resources/updated` message that
+/// carries one (the only logged message that names the span that raised it).
+pub fn traced_update(message: &ServerJsonRpcMessage) -> Option<(&str, &str)> {
+    let ServerJsonRpcMessage::Notification(notification) = message else {
+        return None;
+    };
+    let ServerNotification::ResourceUpdatedNotification(updated) = &notification.notification
+    else {
+        return None;
+    };
+    let meta = updated.extensions.get::<NotificationMetaObject>()?;
+    Some((updated.params.uri.as_str(), meta.get_traceparent()?))
 }
 
 #[cfg(test)]
@@ -187,16 +202,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traceparents_are_found_in_payloads() {
+    fn an_update_carries_its_traceparent_through_the_log() {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let payload = format!(
-            r#"{{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{{"uri":"kv://a","_meta":{{"traceparent":"{tp}"}}}}}}"#
-        );
-        assert_eq!(traceparent_in(&payload).as_deref(), Some(tp));
+        let logged =
+            serde_json::to_string(&updated_message("kv://a", Some(tp.into()))).expect("json");
         assert_eq!(
-            traceparent_in(r#"{"jsonrpc":"2.0","method":"x","params":{"uri":"kv://a"}}"#),
+            serde_json::from_str::<serde_json::Value>(&logged).expect("json"),
+            serde_json::json!({"jsonrpc": "2.0", "method": "notifications/resources/updated",
+                "params": {"uri": "kv://a", "_meta": {"traceparent": tp}}})
+        );
+        let read: ServerJsonRpcMessage = serde_json::from_str(&logged).expect("json");
+        assert_eq!(traced_update(&read), Some(("kv://a", tp)));
+        let untraced = serde_json::to_string(&updated_message("kv://a", None)).expect("json");
+        assert_eq!(
+            traced_update(&serde_json::from_str(&untraced).expect("json")),
             None
         );
-        assert_eq!(traceparent_in("not json"), None);
     }
 }

@@ -57,18 +57,10 @@ pub(crate) fn model<T: serde::de::DeserializeOwned>(value: serde_json::Value) ->
     serde_json::from_value(value).expect("static model value matches its schema")
 }
 
-/// The `notifications/resources/updated` message for `uri`, as logged for legacy sessions. While
-/// tracing, `params._meta.traceparent` names the span that raised it, so the replica that delivers
-/// it (and the client) can link the delivery to the change.
+/// The `notifications/resources/updated` message for `uri` as logged for legacy sessions, linked
+/// to the current span while tracing (see [`crate::mcp::trace::updated_message`]).
 pub(crate) fn updated_notification(uri: &str) -> String {
-    let mut params = serde_json::json!({ "uri": uri });
-    if let Some(traceparent) = shoal_shared::telemetry::current_traceparent() {
-        params["_meta"] = serde_json::json!({ "traceparent": traceparent });
-    }
-    serde_json::json!({
-        "jsonrpc": "2.0",
-        "method": "notifications/resources/updated",
-        "params": params,
-    })
-    .to_string()
+    let message =
+        crate::mcp::trace::updated_message(uri, shoal_shared::telemetry::current_traceparent());
+    serde_json::to_string(&message).expect("a notification serializes")
 }

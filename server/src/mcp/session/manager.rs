@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::mcp::trace::{delivery_span, traceparent_in};
+use crate::mcp::trace::{delivery_span, traced_update};
 use crate::{
     mcp::error::{ClusterError, StatusOverride, override_status},
     principal::Principal,
@@ -636,11 +636,11 @@ impl Stream for FeedStream {
                     return std::task::Poll::Ready(Some(ServerSseMessage::priming(id, self.retry)));
                 }
                 FeedItem::Event(event) => {
-                    if shoal_shared::telemetry::tracing_enabled() {
-                        trace_feed_delivery(&self.session, &event.payload);
-                    }
                     match serde_json::from_str::<ServerJsonRpcMessage>(&event.payload) {
                         Ok(message) => {
+                            if shoal_shared::telemetry::tracing_enabled() {
+                                trace_feed_delivery(&self.session, &message);
+                            }
                             let id = ClientEventId::format(&self.session, event.id);
                             return std::task::Poll::Ready(Some(ServerSseMessage::new(
                                 id, message,
@@ -656,40 +656,19 @@ impl Stream for FeedStream {
     }
 }
 
-/// Records the delivery of a logged message to the GET stream held here, as a child of the span
+/// Records the delivery of a logged update to the GET stream held here, as a child of the span
 /// that raised it on whichever replica (its `params._meta.traceparent`).
-fn trace_feed_delivery(session: &str, payload: &str) {
-    let Some(traceparent) = traceparent_in(payload) else {
+fn trace_feed_delivery(session: &str, message: &ServerJsonRpcMessage) {
+    let Some((uri, traceparent)) = traced_update(message) else {
         return;
     };
-    #[derive(serde::Deserialize)]
-    struct Head {
-        method: Option<String>,
-        params: Option<HeadParams>,
-    }
-    #[derive(serde::Deserialize)]
-    struct HeadParams {
-        uri: Option<String>,
-    }
-    let head = serde_json::from_str::<Head>(payload).ok();
-    let updated =
-        head.as_ref().and_then(|h| h.method.as_deref()) == Some("notifications/resources/updated");
-    let (name, method) = if updated {
-        (
-            "notifications/resources/updated deliver",
-            "notifications/resources/updated",
-        )
-    } else {
-        ("notification deliver", "notification")
-    };
-    let uri = head.and_then(|h| h.params).and_then(|p| p.uri);
     // Started and ended at once: the delivery is handing the message to the stream.
     drop(delivery_span(
-        name,
-        method,
+        "notifications/resources/updated deliver",
+        "notifications/resources/updated",
         Some(session),
-        uri.as_deref(),
-        Some(&traceparent),
+        Some(uri),
+        Some(traceparent),
     ));
 }
 
