@@ -23,7 +23,7 @@ use std::{
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{Failure, Principal};
+use super::{AuthRefusal, Principal};
 use crate::{principal::Overrides, quota::Policy};
 
 /// How often the file's modification time and size are checked for a change.
@@ -106,12 +106,12 @@ impl ApiKeys {
     ///
     /// # Errors
     /// `unknown_api_key` when no loaded key has its hash.
-    pub fn authenticate(&self, key: &str) -> Result<Principal, Failure> {
+    pub fn authenticate(&self, key: &str) -> Result<Principal, AuthRefusal> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
         keys.get(&hash)
             .cloned()
-            .ok_or(Failure::new("unknown_api_key", "unknown API key"))
+            .ok_or(AuthRefusal::new("unknown_api_key", "unknown API key"))
     }
 
     /// Re-reads the file when it changes (checked every [`POLL_EVERY`]) and on SIGHUP, until

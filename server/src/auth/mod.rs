@@ -4,7 +4,7 @@
 //! One [`Authenticator`] per replica, chosen by `SHOAL_AUTH`: [`oauth`] (bearer JWTs checked
 //! against each issuer's JWKS), [`api_keys`] (static keys, stored hashed) or none (one anonymous
 //! principal). The HTTP layer calls [`Authenticator::authenticate`] and answers a failure with
-//! [`Failure::response`]: `401` with a `WWW-Authenticate: Bearer` challenge that points at the
+//! [`AuthRefusal::response`]: `401` with a `WWW-Authenticate: Bearer` challenge that points at the
 //! protected resource metadata (RFC 9728, [`Authenticator::resource_metadata`]), `403
 //! insufficient_scope`, or `503` when an issuer cannot be reached. The principal travels on with
 //! the request (in its extensions) to the session manager, which binds each session to it.
@@ -19,9 +19,10 @@ use shoal_shared::config::{AuthMode, Config};
 
 use crate::{principal::Principal, quota::Policy};
 
-/// Why a request was not authenticated, and how to answer it.
+/// Why a request was refused at the door (not authenticated, or short of a scope), and how to
+/// answer it. Not a failure of the server: those are [`crate::mcp::error::Failure`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
+pub struct AuthRefusal {
     /// Metric and log label: `missing`, `malformed`, `invalid_token`, `expired`, `unknown_key`,
     /// `wrong_issuer`, `wrong_audience`, `unknown_api_key`, `insufficient_scope`,
     /// `issuer_unavailable`.
@@ -30,8 +31,8 @@ pub struct Failure {
     pub description: &'static str,
 }
 
-impl Failure {
-    /// A failure for `reason`, told to the client as `description`.
+impl AuthRefusal {
+    /// A refusal for `reason`, told to the client as `description`.
     pub const fn new(reason: &'static str, description: &'static str) -> Self {
         Self {
             reason,
@@ -164,16 +165,16 @@ impl Authenticator {
     /// The caller of a request with these headers.
     ///
     /// # Errors
-    /// A [`Failure`] when the request carries no credentials, bad ones, or ones that grant
+    /// A [`AuthRefusal`] when the request carries no credentials, bad ones, or ones that grant
     /// nothing on this server.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Failure> {
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, AuthRefusal> {
         let principal = match &self.method {
             Method::None => return Ok(Principal::anonymous()),
             Method::ApiKeys(keys) => keys.authenticate(bearer(headers)?)?,
             Method::Oauth(oauth) => oauth.authenticate(bearer(headers)?).await?,
         };
         if !principal.has_any(&self.scopes) {
-            return Err(Failure::new(
+            return Err(AuthRefusal::new(
                 "insufficient_scope",
                 "the token grants no scope of this server",
             ));
@@ -185,7 +186,7 @@ impl Authenticator {
     /// scopes one operation needs; without it the challenge lists every scope of the server.
     pub fn challenge(
         &self,
-        failure: &Failure,
+        failure: &AuthRefusal,
         scope: Option<&str>,
     ) -> (StatusCode, Option<HeaderValue>) {
         let status = failure.status();
@@ -234,12 +235,12 @@ pub(crate) fn well_known(url: &str, name: &str) -> Option<String> {
 
 /// The bearer token of `Authorization`, the only place credentials are read from (never the query
 /// string).
-fn bearer(headers: &HeaderMap) -> Result<&str, Failure> {
+fn bearer(headers: &HeaderMap) -> Result<&str, AuthRefusal> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
-        return Err(Failure::new("missing", "no credentials"));
+        return Err(AuthRefusal::new("missing", "no credentials"));
     };
-    let malformed = Failure::new(
+    let malformed = AuthRefusal::new(
         "malformed",
         "the Authorization header is not a bearer token",
     );

@@ -33,7 +33,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use shoal_shared::config::AuthConfig;
 
-use super::{Failure, Principal};
+use super::{AuthRefusal, Principal};
 use crate::quota::Policy;
 
 /// Largest metadata or JWKS document read from an issuer.
@@ -168,16 +168,16 @@ impl Oauth {
     /// The principal of access token `token`.
     ///
     /// # Errors
-    /// A [`Failure`] naming why the token is refused.
-    pub async fn authenticate(&self, token: &str) -> Result<Principal, Failure> {
+    /// A [`AuthRefusal`] naming why the token is refused.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthRefusal> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(principal) = self.remembered(&digest) {
             return Ok(principal);
         }
-        let invalid = Failure::new("invalid_token", "the access token is not valid");
+        let invalid = AuthRefusal::new("invalid_token", "the access token is not valid");
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid.clone())?;
         if !self.algorithms.contains(&header.alg) {
-            return Err(Failure::new(
+            return Err(AuthRefusal::new(
                 "invalid_token",
                 "the access token's algorithm is not accepted",
             ));
@@ -185,7 +185,7 @@ impl Oauth {
         if header.typ.as_deref().is_some_and(|typ| {
             !typ.eq_ignore_ascii_case("at+jwt") && !typ.eq_ignore_ascii_case("jwt")
         }) {
-            return Err(Failure::new(
+            return Err(AuthRefusal::new(
                 "invalid_token",
                 "the token is not an access token",
             ));
@@ -196,13 +196,13 @@ impl Oauth {
         let issuer = claimed
             .iss
             .and_then(|iss| self.issuers.iter().find(|issuer| issuer.url == iss))
-            .ok_or(Failure::new(
+            .ok_or(AuthRefusal::new(
                 "wrong_issuer",
                 "the token's issuer is not trusted",
             ))?;
         let (key, key_alg) = issuer.key(header.kid.as_deref()).await?;
         if key_alg.is_some_and(|alg| alg != header.alg) {
-            return Err(Failure::new(
+            return Err(AuthRefusal::new(
                 "invalid_token",
                 "the token's algorithm does not match its key",
             ));
@@ -221,7 +221,9 @@ impl Oauth {
         .map_err(|error| refusal(error.kind()))?
         .claims;
         let claims: Claims = serde_json::from_value(serde_json::Value::Object(all.clone()))
-            .map_err(|_| Failure::new("invalid_token", "the token's claims are not well-formed"))?;
+            .map_err(|_| {
+                AuthRefusal::new("invalid_token", "the token's claims are not well-formed")
+            })?;
         let exp = claims.exp;
         let principal = principal_of(claims, &all, &self.policy)?;
         self.remember(digest, &principal, exp, issuer, header.kid.as_deref());
@@ -270,12 +272,15 @@ fn principal_of(
     claims: Claims,
     all: &serde_json::Map<String, serde_json::Value>,
     policy: &Policy,
-) -> Result<Principal, Failure> {
+) -> Result<Principal, AuthRefusal> {
     let name = claims
         .sub
         .or(claims.client_id)
         .filter(|name| !name.is_empty() && name.len() <= 256)
-        .ok_or(Failure::new("invalid_token", "the token names no subject"))?;
+        .ok_or(AuthRefusal::new(
+            "invalid_token",
+            "the token names no subject",
+        ))?;
     let mut scopes: Vec<String> = claims
         .scope
         .as_deref()
@@ -289,30 +294,30 @@ fn principal_of(
 }
 
 /// The failure a rejected token is reported as.
-fn refusal(kind: &ErrorKind) -> Failure {
+fn refusal(kind: &ErrorKind) -> AuthRefusal {
     match kind {
-        ErrorKind::ExpiredSignature => Failure::new("expired", "the access token has expired"),
+        ErrorKind::ExpiredSignature => AuthRefusal::new("expired", "the access token has expired"),
         ErrorKind::ImmatureSignature => {
-            Failure::new("invalid_token", "the access token is not valid yet")
+            AuthRefusal::new("invalid_token", "the access token is not valid yet")
         }
-        ErrorKind::InvalidAudience => Failure::new(
+        ErrorKind::InvalidAudience => AuthRefusal::new(
             "wrong_audience",
             "the access token was not issued for this resource",
         ),
         ErrorKind::InvalidIssuer => {
-            Failure::new("wrong_issuer", "the token's issuer is not trusted")
+            AuthRefusal::new("wrong_issuer", "the token's issuer is not trusted")
         }
-        ErrorKind::MissingRequiredClaim(_) => Failure::new(
+        ErrorKind::MissingRequiredClaim(_) => AuthRefusal::new(
             "invalid_token",
             "the access token lacks a required claim (exp, iss, aud)",
         ),
-        _ => Failure::new("invalid_token", "the access token is not valid"),
+        _ => AuthRefusal::new("invalid_token", "the access token is not valid"),
     }
 }
 
 impl Issuer {
     /// The key `kid` names, fetching the JWKS again (rate-limited) when it is not known.
-    async fn key(&self, kid: Option<&str>) -> Result<Key, Failure> {
+    async fn key(&self, kid: Option<&str>) -> Result<Key, AuthRefusal> {
         if let Some(found) = self.lookup(kid) {
             return Ok(found);
         }
@@ -338,9 +343,9 @@ impl Issuer {
             .unwrap_or_else(|e| e.into_inner())
             .is_empty();
         Err(if never_loaded {
-            Failure::new("issuer_unavailable", "the token's issuer cannot be reached")
+            AuthRefusal::new("issuer_unavailable", "the token's issuer cannot be reached")
         } else {
-            Failure::new(
+            AuthRefusal::new(
                 "unknown_key",
                 "the access token is signed with an unknown key",
             )

@@ -49,7 +49,7 @@ use shoal_shared::telemetry::Span;
 use tokio::time::Instant;
 
 use crate::{
-    auth::{Authenticator, Failure},
+    auth::{AuthRefusal, Authenticator},
     mcp::{
         error::{STATUS_OVERRIDE, StatusOverride},
         handler::ShoalHandler,
@@ -260,7 +260,7 @@ impl HttpService {
     /// error body (RFC 6750 §3). `scope` names what one operation needs (a tool call outside the
     /// caller's grants, so a client may ask for it: step-up authorization); without it the
     /// challenge lists every scope of the server.
-    fn refuse(&self, failure: &Failure, scope: Option<&str>) -> Response<Body> {
+    fn refuse(&self, failure: &AuthRefusal, scope: Option<&str>) -> Response<Body> {
         self.state.metrics.auth_failure(failure.reason);
         tracing::info!(
             reason = failure.reason,
@@ -608,23 +608,20 @@ impl HttpService {
     ) -> Result<(), Response<Body>> {
         let id = envelope.id.as_ref();
         if let Some(tool) = &envelope.tool
-            && let Some(grant) = self.tools.grants.get(tool)
-            && !principal.may(grant.toolset, grant.write)
+            && let Some(scope) = self.tools.scope_lacking_for_call(principal, tool)
         {
-            let failure = Failure::new(
+            let failure = AuthRefusal::new(
                 "insufficient_scope",
                 "the call needs a scope the token lacks",
             );
-            let refused = self.refuse(&failure, Some(&grant.scope()));
+            let refused = self.refuse(&failure, Some(&scope));
             return Err(self.charged(principal, refused, id).await);
         }
-        if let Some(toolset) = envelope.listen_uris.iter().find_map(|uri| {
-            self.tools
-                .catalog
-                .toolset_of(uri)
-                .filter(|toolset| !principal.may(toolset, false))
-        }) {
-            let failure = Failure::new(
+        if let Some(toolset) = self
+            .tools
+            .scope_lacking_for_follow(principal, &envelope.listen_uris)
+        {
+            let failure = AuthRefusal::new(
                 "insufficient_scope",
                 "following this resource needs a scope the token lacks",
             );

@@ -251,18 +251,7 @@ impl ServerHandler for ShoalHandler {
     ) -> Result<ListToolsResult, McpError> {
         self.observe_request("tools/list", Target::None, &context, async {
             let caller = caller(&context);
-            let grants = &self.tools.grants;
-            let tools = self
-                .tools
-                .router
-                .list_all()
-                .into_iter()
-                .filter(|tool| {
-                    grants
-                        .get(tool.name.as_ref())
-                        .is_some_and(|grant| caller.may(grant.toolset, grant.write))
-                })
-                .collect();
+            let tools = self.tools.tools_for(&caller);
             let mut result = ListToolsResult::with_all_items(tools);
             self.tools.catalog.cache_hint_static(
                 &mut result.ttl_ms,

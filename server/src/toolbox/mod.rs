@@ -5,6 +5,7 @@
 //! `mcp` or in `http` names a toolset: the toolsets themselves live in [`crate::tools`], and
 //! adding one is a file there and one arm in [`crate::tools::enabled`].
 
+mod access;
 pub mod policy;
 
 use std::sync::Arc;
@@ -279,23 +280,6 @@ impl Catalog {
         self.owner(uri).map(|toolset| toolset.name())
     }
 
-    /// Whether `caller` may read (list, read, subscribe to) the resource `uri`.
-    pub fn may_read(&self, caller: &Principal, uri: &str) -> bool {
-        caller.is_unrestricted()
-            || self
-                .toolset_of(uri)
-                .is_some_and(|toolset| caller.may(toolset, false))
-    }
-
-    /// The prompts `caller` may get.
-    pub fn prompts_for(&self, caller: &Principal) -> Vec<Prompt> {
-        self.prompts
-            .iter()
-            .filter(|(toolset, _)| caller.may(toolset.name(), false))
-            .map(|(_, prompt)| prompt.clone())
-            .collect()
-    }
-
     /// Sets the cache hints of results that only change with a deployment (and, for a caller
     /// whose grants filter them, are its own: `private`).
     pub fn cache_hint_static(
@@ -338,7 +322,7 @@ impl Catalog {
         let paged = self
             .toolsets
             .iter()
-            .filter(|toolset| caller.may(toolset.name(), false))
+            .filter(|toolset| Self::may_use(caller, toolset.name()))
             .find_map(|toolset| toolset.list_page(host, cursor));
         match paged {
             Some(page) => {
@@ -411,7 +395,7 @@ impl Catalog {
         let Some((toolset, _)) = self.prompts.iter().find(|(_, p)| p.name == request.name) else {
             return Err(unknown());
         };
-        if !caller.may(toolset.name(), false) {
+        if !Self::may_use(caller, toolset.name()) {
             return Err(unknown());
         }
         toolset.get_prompt(host, request).ok_or_else(unknown)?.await
