@@ -348,8 +348,10 @@ pub struct QuotaConfig {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Shared state (Redis)")]
 pub struct RedisConfig {
-    /// Redis URL for the shared cluster state (redis://[user:password@]host:port[/db]). When unset
-    /// (and REDIS_URL is unset too) the replica runs alone on embedded in-memory backends.
+    /// Redis URL for the shared cluster state: one Redis (redis[s]://[user:password@]host:port[/db])
+    /// or a Sentinel set (redis[s]-sentinel://[user:password@]sentinel:port?node=sentinel:port&
+    /// sentinelServiceName=NAME). When unset (and REDIS_URL is unset too) the replica runs alone on
+    /// embedded in-memory backends.
     #[arg(
         long = "redis-url",
         id = "redis_url", env = "SHOAL_REDIS_URL", value_parser = parse_secret, hide_env_values = true)]
@@ -1006,12 +1008,14 @@ impl Config {
             ));
         }
         if let Some(url) = &self.redis.url
-            && !(url.expose_secret().starts_with("redis://")
-                || url.expose_secret().starts_with("rediss://"))
+            && !REDIS_SCHEMES
+                .iter()
+                .any(|scheme| url.expose_secret().starts_with(scheme))
         {
             return Err(ConfigError::rule(
                 "SHOAL_REDIS_URL",
-                "must start with redis:// or rediss://",
+                "must start with redis://, rediss:// (one Redis), redis-sentinel:// or \
+                 rediss-sentinel:// (a Sentinel set)",
             ));
         }
         self.check_auth()
@@ -1186,19 +1190,48 @@ fn host_without_port(host: &str) -> &str {
     }
 }
 
-/// Replaces the password of a URL (`scheme://user:password@host`) with `***`.
+/// Replaces the password of a URL (`scheme://user:password@host`, and a Sentinel URL's
+/// `sentinelPassword=` query value) with `***`.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.rsplit_once('@') {
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (rest, None),
+    };
+    let mut redacted = match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or_default();
             format!("{scheme}://{user}:***@{host}")
         }
-        None => url.to_owned(),
+        None => format!("{scheme}://{rest}"),
+    };
+    if let Some(query) = query {
+        // A Sentinel URL may carry the sentinels' own password in its query.
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("sentinelPassword") => {
+                    format!("{name}=***")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        redacted.push('?');
+        redacted.push_str(&pairs.join("&"));
     }
+    redacted
 }
+
+/// The `SHOAL_REDIS_URL` schemes shoal runs on (fred's syntax): one Redis, or the sentinels of a
+/// Sentinel set (`?node=host:port&sentinelServiceName=NAME`).
+const REDIS_SCHEMES: [&str; 4] = [
+    "redis://",
+    "rediss://",
+    "redis-sentinel://",
+    "rediss-sentinel://",
+];
 
 /// The OAuth mode's rules: issuers over https (unless allowed), a JWKS that may not outlive its
 /// refresh, the resource URL tokens must name, asymmetric algorithms only.
@@ -1463,6 +1496,16 @@ mod tests {
     #[test]
     fn redis_url_scheme_is_checked_and_redacted() {
         assert!(parse(&["--redis-url", "http://x"]).is_err());
+        let sentinel = "redis-sentinel://shoal:hunter2@s1:26379?node=s2:26379\
+            &sentinelServiceName=main&sentinelUsername=watch&sentinelPassword=hunter3";
+        let config = parse(&["--redis-url", sentinel]).expect("a Sentinel URL is accepted");
+        assert_eq!(
+            config.redis_url_redacted().as_deref(),
+            Some(
+                "redis-sentinel://shoal:***@s1:26379?node=s2:26379\
+                 &sentinelServiceName=main&sentinelUsername=watch&sentinelPassword=***"
+            )
+        );
         let config = parse(&["--redis-url", "redis://user:hunter2@db:6379/0"]).expect("parse");
         assert_eq!(
             config.redis_url_redacted().as_deref(),

@@ -8,5 +8,6 @@ pub mod fault;
 pub mod oidc;
 pub mod otlp;
 pub mod postgres;
+pub mod sentinel;
 pub mod topology;
 pub mod upstream;

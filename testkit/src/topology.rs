@@ -54,7 +54,7 @@ pub enum TopologyError {
 pub type TopologyResult<T> = Result<T, TopologyError>;
 
 /// How long processes get to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
@@ -71,7 +71,7 @@ fn signal(child: Option<&Child>, signal: Signal) {
     }
 }
 
-async fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> TopologyResult<()> {
+pub(crate) async fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> TopologyResult<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -152,16 +152,19 @@ pub struct RedisServer {
     dir: PathBuf,
     prefix: String,
     aof: bool,
+    /// More `redis-server` arguments (`--replicaof` for a Sentinel set's replica).
+    extra: Vec<String>,
 }
 
 /// The Redis ACL user replicas connect as, as in docker-compose.yml: its key and channel patterns
 /// are the key prefix's, its commands everything but `@dangerous` (KEYS, FLUSHALL, CONFIG, DEBUG,
-/// SHUTDOWN, MONITOR, CLIENT KILL…). The default user stays unrestricted and password-less here,
+/// SHUTDOWN, MONITOR, CLIENT KILL…) except `ROLE`, with which fred checks it reached the primary
+/// of a Sentinel set. The default user stays unrestricted and password-less here,
 /// for the tests' own `redis-cli` (in compose it can only PING, for the healthcheck).
 pub const REDIS_USER: &str = "shoal";
 /// The commands of [`REDIS_USER`] (the same rules as the compose file's).
-pub const REDIS_USER_COMMANDS: &[&str] = &["+@all", "-@dangerous"];
-const REDIS_TEST_PASSWORD: &str = "shoal-test-password";
+pub const REDIS_USER_COMMANDS: &[&str] = &["+@all", "-@dangerous", "+role"];
+pub(crate) const REDIS_TEST_PASSWORD: &str = "shoal-test-password";
 
 impl RedisServer {
     /// Starts `redis-server` on a free port with its files in `dir`, with the ACL user replicas
@@ -179,12 +182,26 @@ impl RedisServer {
     /// # Errors
     /// When the binary is missing or the server does not come up.
     pub async fn start_with(dir: &Path, prefix: &str, aof: bool) -> TopologyResult<Self> {
+        Self::start_in(dir.join("redis"), prefix, aof, Vec::new()).await
+    }
+
+    /// A server with its files in `dir` itself and `extra` arguments.
+    ///
+    /// # Errors
+    /// When the binary is missing or the server does not come up.
+    pub async fn start_in(
+        dir: PathBuf,
+        prefix: &str,
+        aof: bool,
+        extra: Vec<String>,
+    ) -> TopologyResult<Self> {
         let mut server = Self {
             child: None,
             port: free_port(),
-            dir: dir.join("redis"),
+            dir,
             prefix: prefix.to_owned(),
             aof,
+            extra,
         };
         std::fs::create_dir_all(&server.dir)?;
         server.spawn().await?;
@@ -218,6 +235,7 @@ impl RedisServer {
             .arg(format!("~{}:*", self.prefix))
             .arg(format!("&{}:*", self.prefix))
             .args(REDIS_USER_COMMANDS)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -607,6 +625,16 @@ impl Drop for Balancer {
     }
 }
 
+/// Which Redis the replicas share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RedisKind {
+    /// One `redis-server`.
+    #[default]
+    Standalone,
+    /// A Sentinel set ([`crate::sentinel::SentinelSet`]): a primary, a replica, three sentinels.
+    Sentinel,
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct TopologyOptions {
@@ -616,6 +644,8 @@ pub struct TopologyOptions {
     pub replicas: usize,
     /// Start Redis and point the replicas at it (otherwise they run embedded).
     pub redis: bool,
+    /// Which Redis, when [`TopologyOptions::redis`].
+    pub redis_kind: RedisKind,
     /// Start an nginx balancer in front.
     pub balancer: bool,
     /// Start PostgreSQL and point the replicas at it (`SHOAL_DATABASE_URL`).
@@ -641,6 +671,7 @@ impl TopologyOptions {
             server_bin: server_bin.into(),
             replicas,
             redis: true,
+            redis_kind: RedisKind::Standalone,
             balancer: true,
             postgres: false,
             env: Vec::new(),
@@ -658,6 +689,12 @@ impl TopologyOptions {
         self
     }
 
+    /// The replicas share `kind` of Redis.
+    pub fn on(mut self, kind: RedisKind) -> Self {
+        self.redis_kind = kind;
+        self
+    }
+
     /// Adds an environment variable for every replica.
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env.push((key.to_owned(), value.to_string()));
@@ -672,8 +709,10 @@ pub struct Topology {
     pub balancer: Option<Balancer>,
     /// The replicas.
     pub replicas: Vec<Replica>,
-    /// Redis, if started.
+    /// Redis, if started as one server.
     pub redis: Option<RedisServer>,
+    /// The Sentinel set, if started as one.
+    pub sentinel: Option<crate::sentinel::SentinelSet>,
     /// PostgreSQL, if started.
     pub postgres: Option<super::postgres::PostgresServer>,
     /// The key prefix shared by the replicas (unique per topology).
@@ -681,7 +720,8 @@ pub struct Topology {
     /// The fault proxies between replicas and Redis, by replica index
     /// ([`TopologyOptions::redis_through_proxy`]).
     pub redis_proxies: std::collections::BTreeMap<usize, crate::fault::FaultProxy>,
-    dir: Option<tempfile::TempDir>,
+    /// Removed when the topology is dropped (`None`: kept).
+    dir: Option<PathBuf>,
     path: PathBuf,
 }
 
@@ -695,9 +735,31 @@ impl Topology {
             .prefix("shoal-topology-")
             .tempdir()?;
         let path = dir.path().to_owned();
+        match Self::start_in(options, dir, path.clone()).await {
+            Ok(topology) => Ok(topology),
+            Err(error) => {
+                // The error names a log in the directory: keep it to be read.
+                eprintln!("topology files kept in {}", path.display());
+                Err(error)
+            }
+        }
+    }
+
+    async fn start_in(
+        options: TopologyOptions,
+        dir: tempfile::TempDir,
+        path: PathBuf,
+    ) -> TopologyResult<Self> {
+        // Until the topology is up, the files stay whatever happens (see `start`).
+        let dir = dir.keep();
         let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
-        let redis = if options.redis {
+        let redis = if options.redis && options.redis_kind == RedisKind::Standalone {
             Some(RedisServer::start_with(&path, &prefix, options.redis_aof).await?)
+        } else {
+            None
+        };
+        let sentinel = if options.redis && options.redis_kind == RedisKind::Sentinel {
+            Some(crate::sentinel::SentinelSet::start(&path, &prefix).await?)
         } else {
             None
         };
@@ -716,6 +778,9 @@ impl Topology {
         ]);
         if let Some(redis) = &redis {
             env.push(("SHOAL_REDIS_URL".to_owned(), redis.url()));
+        }
+        if let Some(sentinel) = &sentinel {
+            env.push(("SHOAL_REDIS_URL".to_owned(), sentinel.url()));
         }
         if let Some(postgres) = &postgres {
             env.push(("SHOAL_DATABASE_URL".to_owned(), postgres.reader_url()));
@@ -746,16 +811,12 @@ impl Topology {
         } else {
             None
         };
-        let dir = if options.keep_dir {
-            let _ = dir.keep();
-            None
-        } else {
-            Some(dir)
-        };
+        let dir = (!options.keep_dir).then_some(dir);
         Ok(Self {
             balancer,
             replicas,
             redis,
+            sentinel,
             postgres,
             prefix,
             redis_proxies,
@@ -769,6 +830,19 @@ impl Topology {
         match &self.balancer {
             Some(balancer) => balancer.mcp_url(),
             None => self.replicas[0].mcp_url(),
+        }
+    }
+
+    /// The port of the Redis primary the replicas use now (the one server, or the Sentinel set's
+    /// current primary), for looking inside from the tests.
+    ///
+    /// # Panics
+    /// When the topology was started without Redis.
+    pub fn redis_port(&self) -> u16 {
+        match (&self.redis, &self.sentinel) {
+            (Some(redis), _) => redis.port(),
+            (None, Some(sentinel)) => sentinel.primary().port(),
+            (None, None) => panic!("the topology was started without Redis"),
         }
     }
 
@@ -818,7 +892,17 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        // Replicas and Redis are killed by kill_on_drop, the balancer by its own Drop.
+        // Replicas and Redis are killed by kill_on_drop, the balancer by its own Drop: stop
+        // them before their files go.
+        self.balancer = None;
+        self.replicas.clear();
+        self.redis = None;
+        self.sentinel = None;
+        self.postgres = None;
+        self.redis_proxies.clear();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         if self.dir.is_none() {
             eprintln!("topology files kept in {}", self.path.display());
         }

@@ -8,11 +8,20 @@ use shoal_testkit::client::McpClient;
 
 use crate::helpers::*;
 
+on_each_redis!(
+    legacy_session_roams_across_all_replicas,
+    resource_update_reaches_the_get_stream_on_another_replica,
+    killed_replica_stream_resumes_without_loss_or_duplicates,
+    delete_ends_the_session_everywhere,
+    sampling_response_is_forwarded_to_the_waiting_replica,
+    cancellation_reaches_the_replica_running_the_tool,
+    listen_stream_receives_changes_from_other_replicas,
+);
+
 /// §3.1: a legacy session initialized on one replica is served by every replica, each restoring it
 /// from Redis the first time it sees it.
-#[tokio::test]
-async fn legacy_session_roams_across_all_replicas() {
-    let topology = cluster(3).await;
+async fn legacy_session_roams_across_all_replicas(redis: RedisKind) {
+    let topology = cluster_on(redis, 3).await;
     let client = legacy_client(&topology.mcp_url()).await;
     let mut served = HashSet::new();
     for n in 0..9 {
@@ -45,9 +54,8 @@ async fn legacy_session_roams_across_all_replicas() {
 }
 
 /// §3.2: a write on one replica reaches the subscriber's GET stream held by another, promptly.
-#[tokio::test]
-async fn resource_update_reaches_the_get_stream_on_another_replica() {
-    let topology = cluster(3).await;
+async fn resource_update_reaches_the_get_stream_on_another_replica(redis: RedisKind) {
+    let topology = cluster_on(redis, 3).await;
     let subscriber = legacy_client(&topology.mcp_url()).await;
     subscribe(&subscriber, "kv://fan").await;
     let mut stream = subscriber.open_get(None).await.expect("GET");
@@ -80,9 +88,8 @@ async fn resource_update_reaches_the_get_stream_on_another_replica() {
 
 /// §3.3: the replica holding the GET stream is killed with SIGKILL; the client reconnects with
 /// `Last-Event-ID` (landing elsewhere) and receives every event raised meanwhile, none twice.
-#[tokio::test]
-async fn killed_replica_stream_resumes_without_loss_or_duplicates() {
-    let mut topology = cluster(3).await;
+async fn killed_replica_stream_resumes_without_loss_or_duplicates(redis: RedisKind) {
+    let mut topology = cluster_on(redis, 3).await;
     let url = topology.mcp_url();
     let subscriber = legacy_client(&url).await;
     let keys: Vec<String> = (0..30).map(|n| format!("k{n:02}")).collect();
@@ -150,9 +157,8 @@ async fn receive(
 
 /// §3.4: DELETE on one replica ends the session everywhere: its GET stream closes, every replica
 /// answers 404, and its Redis keys are gone.
-#[tokio::test]
-async fn delete_ends_the_session_everywhere() {
-    let topology = cluster(3).await;
+async fn delete_ends_the_session_everywhere(redis: RedisKind) {
+    let topology = cluster_on(redis, 3).await;
     let client = legacy_client(&topology.mcp_url()).await;
     let session = client.session_id().expect("session").to_owned();
     for _ in 0..3 {
@@ -290,9 +296,8 @@ async fn idle_sessions_expire_everywhere() {
 
 /// §3.5: a tool on one replica asks the client for sampling; the client's response lands on
 /// another replica, which forwards it; the tool completes.
-#[tokio::test]
-async fn sampling_response_is_forwarded_to_the_waiting_replica() {
-    let topology = cluster(3).await;
+async fn sampling_response_is_forwarded_to_the_waiting_replica(redis: RedisKind) {
+    let topology = cluster_on(redis, 3).await;
     let client = legacy_client(&topology.mcp_url()).await;
     let (id, mut stream) = client
         .open_request(
@@ -344,9 +349,8 @@ async fn sampling_response_is_forwarded_to_the_waiting_replica() {
 }
 
 /// §3.6: `notifications/cancelled` posted to another replica cancels the tool where it runs.
-#[tokio::test]
-async fn cancellation_reaches_the_replica_running_the_tool() {
-    let topology = cluster(3).await;
+async fn cancellation_reaches_the_replica_running_the_tool(redis: RedisKind) {
+    let topology = cluster_on(redis, 3).await;
     let client = legacy_client(&topology.mcp_url()).await;
     let (id, mut stream) = client
         .open_request(
@@ -402,9 +406,8 @@ async fn cancellation_reaches_the_replica_running_the_tool() {
 
 /// §3.7: a 2026-07-28 `subscriptions/listen` stream on one replica receives a change raised on
 /// another, with its subscription id.
-#[tokio::test]
-async fn listen_stream_receives_changes_from_other_replicas() {
-    let topology = cluster(3).await;
+async fn listen_stream_receives_changes_from_other_replicas(redis: RedisKind) {
+    let topology = cluster_on(redis, 3).await;
     let listener = McpClient::modern(topology.mcp_url());
     let (id, mut stream) = listener
         .open_request("subscriptions/listen", listen_params("kv://listen"))

@@ -44,6 +44,30 @@ pub async fn cluster(replicas: usize) -> Topology {
     start(cluster_options(replicas)).await
 }
 
+/// [`cluster`] on `redis`.
+pub async fn cluster_on(redis: RedisKind, replicas: usize) -> Topology {
+    start(cluster_options(replicas).on(redis)).await
+}
+
+/// Runs each named `async fn(RedisKind)` as two tests, `<name>::standalone` and
+/// `<name>::sentinel`: the same body on one Redis and on a Sentinel set, by parameter.
+macro_rules! on_each_redis {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn standalone() {
+                super::$name(shoal_testkit::topology::RedisKind::Standalone).await
+            }
+            #[tokio::test]
+            async fn sentinel() {
+                super::$name(shoal_testkit::topology::RedisKind::Sentinel).await
+            }
+        }
+    )*};
+}
+pub(crate) use on_each_redis;
+pub use shoal_testkit::topology::RedisKind;
+
 pub async fn start(options: TopologyOptions) -> Topology {
     match Topology::start(options).await {
         Ok(topology) => topology,
@@ -139,12 +163,7 @@ pub async fn metric_sum(topology: &Topology, series: &str) -> f64 {
 
 /// Runs `redis-cli` against the topology's Redis.
 pub async fn redis_cli(topology: &Topology, args: &[&str]) -> String {
-    let port = topology
-        .redis
-        .as_ref()
-        .expect("topology has redis")
-        .port()
-        .to_string();
+    let port = topology.redis_port().to_string();
     let output = tokio::process::Command::new("redis-cli")
         .args(["-p", &port])
         .args(args)

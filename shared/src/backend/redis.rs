@@ -22,6 +22,7 @@ use fred::{
     clients::{Pool, SubscriberClient},
     interfaces::{ClientLike, EventInterface, PubsubInterface},
     prelude::{Builder, Config as FredConfig, ReconnectPolicy, Value},
+    types::config::ReconnectError,
     types::scripts::Script,
 };
 use secrecy::{ExposeSecret, SecretString};
@@ -103,8 +104,10 @@ impl std::fmt::Debug for RedisBackend {
 
 fn builder(url: &SecretString, config: &BackendConfig) -> BackendResult<Builder> {
     let mut fred_config = FredConfig::from_url(url.expose_secret())?;
-    // Fail commands at once while disconnected instead of queueing them without bound.
-    fred_config.fail_fast = true;
+    // Keep trying when the first connection fails (Redis, or every sentinel, down at start-up):
+    // with `true`, fred would give up for good after one attempt. A command sent while the client
+    // is disconnected waits for the reconnection at most its timeout.
+    fred_config.fail_fast = false;
     let timeout = config.redis_timeout;
     let mut builder = Builder::from_config(fred_config);
     builder
@@ -117,6 +120,14 @@ fn builder(url: &SecretString, config: &BackendConfig) -> BackendResult<Builder>
             connection.internal_command_timeout = timeout;
             connection.max_command_attempts = 1;
             connection.tcp.nodelay = Some(true);
+            // A primary demoted without dropping its connections (a Sentinel failover ordered by
+            // an operator, a replica promoted in its place) answers writes READONLY: reconnect,
+            // through the sentinels, to whichever node is the primary now.
+            connection.reconnect_errors = vec![
+                ReconnectError::Loading,
+                ReconnectError::ReadOnly,
+                ReconnectError::MasterDown,
+            ];
         })
         // Unlimited attempts, 50 ms doubling up to 2 s.
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
@@ -364,7 +375,13 @@ impl RedisBackend {
             .clock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if kept.is_none_or(|kept| reading.error_us <= kept.error_now()) {
+        // A reading that cannot be of the kept clock (the offsets differ by more than both
+        // errors) is of another one: a failover to a primary on another host, or a stepped
+        // clock. It replaces the kept reading however exact that was.
+        let other_clock = kept.is_some_and(|kept| {
+            (reading.offset_us - kept.offset_us).abs() > reading.error_us + kept.error_now()
+        });
+        if other_clock || kept.is_none_or(|kept| reading.error_us <= kept.error_now()) {
             *kept = Some(reading);
         }
         Ok(())
