@@ -160,6 +160,39 @@ impl SentinelSet {
         Ok(info.contains("role:slave") && info.contains("master_link_status:up"))
     }
 
+    /// Waits until the replica has everything the primary wrote so far (their replication
+    /// offsets meet), so a failover now loses nothing.
+    ///
+    /// # Errors
+    /// When it does not catch up in time.
+    pub async fn wait_replicated(&self) -> TopologyResult<()> {
+        let offset = |info: &str, field: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(field))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let primary = redis_cli(self.primary().port(), &["INFO", "replication"]).await?;
+            let replica = redis_cli(
+                self.servers[1 - self.primary].port(),
+                &["INFO", "replication"],
+            )
+            .await?;
+            let wrote = offset(&primary, "master_repl_offset:");
+            if wrote.is_some() && wrote == offset(&replica, "slave_repl_offset:") {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TopologyError::Broken(format!(
+                    "the replica did not catch up: primary at {wrote:?}, replica at {:?}",
+                    offset(&replica, "slave_repl_offset:")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The URL replicas connect with: the three sentinels, the service name, and the restricted
     /// ACL user of the data nodes (the sentinels themselves ask for no password).
     pub fn url(&self) -> String {

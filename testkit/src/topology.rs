@@ -71,7 +71,12 @@ fn signal(child: Option<&Child>, signal: Signal) {
     }
 }
 
-pub(crate) async fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> TopologyResult<()> {
+pub(crate) async fn wait_for_port(
+    port: u16,
+    child: &mut Child,
+    what: &str,
+    log: &Path,
+) -> TopologyResult<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -10,6 +10,7 @@ mod cache;
 mod cluster;
 mod database_security;
 mod embedded;
+mod failover;
 mod helpers;
 mod interop;
 mod isolation;
