@@ -14,6 +14,7 @@
 //! | `/redis/restart` | SIGTERM (with AOF: written out), start again on the same port |
 //! | `/redis/kill`, `/redis/start` | SIGKILL; start again |
 //! | `/redis/freeze`, `/redis/thaw` | SIGSTOP, SIGCONT |
+//! | `/redis/primary-kill` | on a Sentinel set: SIGKILL the primary, answer once the sentinels promoted the replica |
 //! | `/redis/partition/{name}` | blackhole the replica's link to Redis and drop its connections |
 //! | `/redis/latency/{name}/{ms}` | delay everything on the replica's link to Redis |
 //! | `/redis/heal/{name}` | the replica's link to Redis passes traffic again |
@@ -120,6 +121,18 @@ async fn act(topology: &SharedTopology, path: &str) -> Result<(), String> {
                 }
                 _ => Err(format!("unknown replica action {action}")),
             }
+        }
+        ["redis", "primary-kill"] => {
+            let sentinel = topology
+                .sentinel
+                .as_mut()
+                .ok_or("no Sentinel set in this topology (shoal-cluster --redis-sentinel)")?;
+            let took = sentinel
+                .kill_primary_and_wait_failover()
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(?took, "the sentinels promoted the replica");
+            Ok(())
         }
         ["redis", action] => {
             let redis = topology.redis.as_mut().ok_or("no Redis in this topology")?;

@@ -59,6 +59,10 @@ struct Args {
     /// survives `/redis/restart`.
     #[arg(long)]
     redis_aof: bool,
+    /// Run Redis as a Sentinel set (a primary, a replica, three sentinels) instead of one server;
+    /// `/redis/primary-kill` then fails the primary over.
+    #[arg(long, conflicts_with_all = ["redis_proxies", "redis_aof"])]
+    redis_sentinel: bool,
 }
 
 fn parse_env(value: &str) -> Result<(String, String), String> {
@@ -100,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
     options.keep_dir = args.keep_logs;
     options.env = args.env;
     options.redis_aof = args.redis_aof;
+    if args.redis_sentinel {
+        options.redis_kind = shoal_testkit::topology::RedisKind::Sentinel;
+    }
     if args.redis_proxies {
         options.redis_proxied = (0..options.replicas).collect();
     }
