@@ -8,6 +8,7 @@ pub mod fault;
 pub mod oidc;
 pub mod otlp;
 pub mod postgres;
+pub mod redis_cluster;
 pub mod sentinel;
 pub mod topology;
 pub mod upstream;

@@ -1,0 +1,168 @@
+//! A real Redis Cluster on free loopback ports: three primaries and three replicas by default,
+//! created with `redis-cli --cluster create` from the Debian `redis-server` binary. Nodes are
+//! declared failed after 1 s (`cluster-node-timeout`), so a killed primary's replica takes over
+//! within a few seconds; `cluster-require-full-coverage no` keeps the other shards serving
+//! meanwhile.
+
+use std::{path::Path, time::Duration};
+
+use crate::{
+    sentinel::redis_cli,
+    topology::{
+        READY_TIMEOUT, REDIS_TEST_PASSWORD, REDIS_USER, RedisServer, TopologyError, TopologyResult,
+    },
+};
+
+/// A running Redis Cluster; every node stops when it is dropped.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// Every node, primaries first as created (roles change with failovers).
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` primaries (at least 3, what `redis-cli --cluster create` accepts) with
+    /// one replica each, their files under `dir`, the replicas' ACL user limited to `prefix` on
+    /// every node (ACLs are per node), and waits until every node sees the cluster whole.
+    ///
+    /// # Errors
+    /// When a node cannot start or the cluster does not form.
+    pub async fn start(dir: &Path, prefix: &str, primaries: usize) -> TopologyResult<Self> {
+        let dir = dir.join("redis-cluster");
+        let mut nodes = Vec::with_capacity(primaries * 2);
+        for n in 1..=primaries * 2 {
+            let extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-require-full-coverage",
+                "no",
+            ];
+            nodes.push(
+                RedisServer::start_in(
+                    dir.join(format!("node-{n}")),
+                    prefix,
+                    false,
+                    extra.iter().map(|s| (*s).to_owned()).collect(),
+                )
+                .await?,
+            );
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addresses.iter().map(String::as_str));
+        create.extend(["--cluster-replicas", "1", "--cluster-yes"]);
+        let created = redis_cli(nodes[0].port(), &create).await?;
+        if !created.contains("All 16384 slots covered") {
+            return Err(TopologyError::Broken(format!(
+                "redis-cli --cluster create: {created}"
+            )));
+        }
+        let cluster = Self { nodes };
+        cluster.wait_whole().await?;
+        Ok(cluster)
+    }
+
+    /// Waits until every node reports the cluster `ok` with every slot served, and every replica
+    /// replicates with its link up.
+    async fn wait_whole(&self) -> TopologyResult<()> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let mut whole = true;
+            for node in &self.nodes {
+                let info = redis_cli(node.port(), &["CLUSTER", "INFO"]).await?;
+                whole &=
+                    info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384");
+                let replication = redis_cli(node.port(), &["INFO", "replication"]).await?;
+                whole &= replication.contains("role:master")
+                    || replication.contains("master_link_status:up");
+            }
+            if whole {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TopologyError::Broken(
+                    "the Redis Cluster did not become whole".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The URL replicas connect with: every node as a seed, and the restricted ACL user.
+    pub fn url(&self) -> String {
+        let mut ports = self.nodes.iter().map(RedisServer::port);
+        let first = ports.next().unwrap_or_default();
+        let seeds: Vec<String> = ports.map(|port| format!("node=127.0.0.1:{port}")).collect();
+        format!(
+            "redis-cluster://{REDIS_USER}:{REDIS_TEST_PASSWORD}@127.0.0.1:{first}?{}",
+            seeds.join("&")
+        )
+    }
+
+    /// The node that serves `slot` as primary now.
+    ///
+    /// # Errors
+    /// When no node claims it.
+    pub async fn primary_of(&self, slot: u16) -> TopologyResult<&RedisServer> {
+        for node in &self.nodes {
+            let myself = redis_cli(node.port(), &["CLUSTER", "MYID"]).await?;
+            let shards = redis_cli(node.port(), &["CLUSTER", "NODES"]).await?;
+            let mine = shards
+                .lines()
+                .find(|line| line.starts_with(myself.as_str()))
+                .unwrap_or_default();
+            if mine.contains("master") && serves(mine, slot) {
+                return Ok(node);
+            }
+        }
+        Err(TopologyError::Broken(format!(
+            "no primary serves slot {slot}"
+        )))
+    }
+}
+
+/// Whether a `CLUSTER NODES` line lists `slot` among its ranges (`0-5460`, `5461`…).
+fn serves(line: &str, slot: u16) -> bool {
+    line.split_whitespace().skip(8).any(|range| {
+        let mut bounds = range.split('-').map(|b| b.parse::<u16>().ok());
+        match (bounds.next().flatten(), bounds.next().flatten()) {
+            (Some(low), Some(high)) => (low..=high).contains(&slot),
+            (Some(only), None) => only == slot,
+            _ => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_ranges_are_read_from_cluster_nodes_lines() {
+        let line = "07c3 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460 9000";
+        assert!(serves(line, 0) && serves(line, 5460) && serves(line, 9000));
+        assert!(!serves(line, 5461) && !serves(line, 8999));
+    }
+
+    #[tokio::test]
+    async fn a_six_node_cluster_forms_and_names_the_primary_of_each_slot() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cluster = RedisCluster::start(dir.path(), "t", 3)
+            .await
+            .expect("the cluster forms");
+        assert_eq!(cluster.nodes.len(), 6);
+        let mut primaries = std::collections::HashSet::new();
+        for slot in [0, 8000, 16383] {
+            primaries.insert(cluster.primary_of(slot).await.expect("a primary").port());
+        }
+        assert_eq!(primaries.len(), 3, "three slots far apart, three shards");
+        assert!(cluster.url().starts_with("redis-cluster://shoal:"));
+    }
+}
