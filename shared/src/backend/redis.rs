@@ -129,8 +129,12 @@ fn builder(url: &SecretString, config: &BackendConfig) -> BackendResult<Builder>
                 ReconnectError::MasterDown,
             ];
         })
-        // Unlimited attempts, 50 ms doubling up to 2 s.
-        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+        // Unlimited attempts, 50 ms doubling up to 500 ms (plus fred's jitter of up to 100 ms):
+        // a replica is back within about half a second of Redis (or, on a Sentinel set, of the
+        // promotion of a new primary). fred cannot be woken from a backoff sleep, so the cap is
+        // what bounds that delay; an attempt costs one connection (and one question to a
+        // sentinel), nothing a Redis notices twice a second.
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 500, 2));
     Ok(builder)
 }
 
