@@ -10,8 +10,9 @@
 # workspace compiled inside the build stage, on a stand-in for the rust image), or, with
 # --prebuilt, from its `prebuilt` target over the release binaries in target/release (quicker).
 #
-# Usage: scripts/compose-test.sh [--prebuilt]   (after `cargo build --release --workspace`: the
-#        load generator runs on the host)
+# Usage: scripts/compose-test.sh [--prebuilt] [--sentinel]   (after `cargo build --release
+#        --workspace`: the load generator runs on the host). --sentinel runs the cluster on a Redis
+#        Sentinel set (deploy/compose/sentinel.yml) and adds a failover under load.
 # Needs: podman, runc, debootstrap and Docker Compose v2 (scripts/install-deps.sh --containers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +23,14 @@ demo_key=shoal-demo-key-change-me
 die() { echo "compose test FAILED: $*" >&2; exit 1; }
 
 prebuilt=false
-case "${1:-}" in
-  --prebuilt) prebuilt=true ;;
-  "") ;;
-  *) echo "unknown option $1" >&2; exit 2 ;;
-esac
+sentinel=false
+for option in "$@"; do
+  case "$option" in
+    --prebuilt) prebuilt=true ;;
+    --sentinel) sentinel=true ;;
+    *) echo "unknown option $option" >&2; exit 2 ;;
+  esac
+done
 
 DC=${DOCKER_COMPOSE:-$(ls /opt/compose/lib/python3*/site-packages/compose/docker-compose 2>/dev/null | head -1)}
 [ -x "${DC:-}" ] || die "Docker Compose v2 not found (run scripts/install-deps.sh --containers, or set DOCKER_COMPOSE)"
@@ -44,6 +48,8 @@ work=$(mktemp -d /tmp/shoal-compose.XXXXXX)
 service_pid=""
 health_pid=""
 compose_files=(-f docker-compose.yml -f scripts/compose/override.yml)
+# --sentinel: the cluster on a Redis Sentinel set (deploy/compose/sentinel.yml), and a failover.
+$sentinel && compose_files+=(-f deploy/compose/sentinel.yml)
 compose() { "$DC" "${compose_files[@]}" "$@"; }
 
 cleanup() {
@@ -262,6 +268,35 @@ for wanted in ("POST /mcp", "tools/call kv_set", "tools/call kv_get"):
     assert wanted in names, f"no {wanted!r} span among {sorted(names)[:20]}"
 assert len(replicas) >= 3, replicas
 EOF
+
+if $sentinel; then
+  step "Sentinel: the primary (shoal-redis-1) stopped at once under the baseline; the sentinels promote the replica"
+  # (stopped, not killed: a killed container would be restarted by its restart policy before the
+  # sentinels see it down, and no failover would happen)
+  # Sentinel declares the primary down after 5 s (down-after-milliseconds), then elects and
+  # promotes: the replicas fail closed meanwhile (503 + Retry-After, retried by the clients), and
+  # follow the new primary by themselves.
+  target/release/shoal-loadtest --token "$demo_key" run --url http://127.0.0.1:8080/mcp --scenario baseline --era both \
+    --sessions 30 --warmup 2s --duration 30s --retries 30 \
+    --chaos-cmd "podman stop -t 0 shoal-redis-1" --chaos-at 5s \
+    --quiet --json "$work/sentinel.json" || true
+  python3 - "$work/sentinel.json" <<'EOF' || die "the cluster did not come through the failover"
+import json, sys
+report = json.load(open(sys.argv[1]))
+n = report["notifications"]
+ok_after = sum(p["ok"] for p in report["timeline"] if p["second"] >= 20)
+kinds = set(report["errors_by_kind"])
+print(f"after the failover: {ok_after} successful calls; errors {report['errors_by_kind']}; "
+      f"recovered: {report['recovered_by_kind']}; notifications {n}")
+assert ok_after > 0, "nothing served after the failover"
+assert n["lost"] == 0 and n["duplicated"] == 0
+assert kinds <= {"tool_error_kv_get", "tool_error_kv_set"}, kinds
+EOF
+  primary=$(compose exec -T sentinel-1 redis-cli -p 26379 SENTINEL get-master-addr-by-name shoal | head -1)
+  replica_ip=$(podman inspect shoal-redis-replica-1 --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}')
+  [ "$primary" = "$replica_ip" ] || die "the sentinels name $primary as the primary, not the replica ($replica_ip)"
+  echo "the sentinels promoted shoal-redis-replica-1 ($primary)"
+fi
 
 step "graceful stop of the replicas"
 compose stop -t 30 shoal >/dev/null 2>&1
