@@ -1014,8 +1014,16 @@ impl Config {
         {
             return Err(ConfigError::rule(
                 "SHOAL_REDIS_URL",
-                "must start with redis://, rediss:// (one Redis), redis-sentinel:// or \
-                 rediss-sentinel:// (a Sentinel set)",
+                "must start with redis://, rediss:// (one Redis), redis-sentinel://, \
+                 rediss-sentinel:// (a Sentinel set), redis-cluster:// or rediss-cluster:// \
+                 (a Redis Cluster)",
+            ));
+        }
+        if self.redis_is_cluster() && hash_tag(&self.redis.key_prefix).is_none() {
+            return Err(ConfigError::rule(
+                "SHOAL_KEY_PREFIX",
+                "must carry a Redis hash tag on a Redis Cluster, e.g. {shoal}: every key shoal \
+                 writes must be in one slot (docs/operations.md, \"Redis Cluster\")",
             ));
         }
         self.check_auth()
@@ -1107,6 +1115,14 @@ impl Config {
     /// The idle time after which a replica drops a session's in-memory worker.
     pub fn worker_idle(&self) -> Duration {
         Duration::from_secs(self.sessions.worker_idle_secs)
+    }
+
+    /// Whether `SHOAL_REDIS_URL` names a Redis Cluster.
+    pub fn redis_is_cluster(&self) -> bool {
+        self.redis.url.as_ref().is_some_and(|url| {
+            let url = url.expose_secret();
+            url.starts_with("redis-cluster://") || url.starts_with("rediss-cluster://")
+        })
     }
 
     /// The Redis URL with any password replaced by `***`, for logs.
@@ -1224,14 +1240,26 @@ pub fn redact_url(url: &str) -> String {
     redacted
 }
 
-/// The `SHOAL_REDIS_URL` schemes shoal runs on (fred's syntax): one Redis, or the sentinels of a
-/// Sentinel set (`?node=host:port&sentinelServiceName=NAME`).
-const REDIS_SCHEMES: [&str; 4] = [
+/// The `SHOAL_REDIS_URL` schemes shoal runs on (fred's syntax): one Redis, the sentinels of a
+/// Sentinel set (`?node=host:port&sentinelServiceName=NAME`), or seed nodes of a Redis Cluster
+/// (`?node=host:port…`).
+const REDIS_SCHEMES: [&str; 6] = [
     "redis://",
     "rediss://",
     "redis-sentinel://",
     "rediss-sentinel://",
+    "redis-cluster://",
+    "rediss-cluster://",
 ];
+
+/// The hash tag of a Redis key name: what lies between its first `{` and the next `}`, when
+/// that is not empty (only that part decides the key's slot on a Redis Cluster).
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = &key[open + 1..];
+    let close = rest.find('}')?;
+    (close > 0).then(|| &rest[..close])
+}
 
 /// The OAuth mode's rules: issuers over https (unless allowed), a JWKS that may not outlive its
 /// refresh, the resource URL tokens must name, asymmetric algorithms only.
@@ -1506,6 +1534,14 @@ mod tests {
                  &sentinelServiceName=main&sentinelUsername=watch&sentinelPassword=***"
             )
         );
+        let cluster = "redis-cluster://shoal:x@n1:7000?node=n2:7000";
+        assert!(
+            parse(&["--redis-url", cluster]).is_err(),
+            "a cluster needs a hash-tagged prefix"
+        );
+        assert!(parse(&["--redis-url", cluster, "--key-prefix", "{shoal}"]).is_ok());
+        assert_eq!(hash_tag("{shoal}:sess:x"), Some("shoal"));
+        assert_eq!(hash_tag("a{}b{c}"), None, "an empty tag is no tag");
         let config = parse(&["--redis-url", "redis://user:hunter2@db:6379/0"]).expect("parse");
         assert_eq!(
             config.redis_url_redacted().as_deref(),

@@ -18,6 +18,9 @@ use crate::{
 pub struct RedisCluster {
     /// Every node, primaries first as created (roles change with failovers).
     pub nodes: Vec<RedisServer>,
+    /// The port of the primary serving the slot of the key prefix's hash tag (where every key of
+    /// the prefix lives), as of the start.
+    pub prefix_primary: u16,
 }
 
 impl RedisCluster {
@@ -64,8 +67,16 @@ impl RedisCluster {
                 "redis-cli --cluster create: {created}"
             )));
         }
-        let cluster = Self { nodes };
+        let mut cluster = Self {
+            nodes,
+            prefix_primary: 0,
+        };
         cluster.wait_whole().await?;
+        let slot = redis_cli(cluster.nodes[0].port(), &["CLUSTER", "KEYSLOT", prefix])
+            .await?
+            .parse::<u16>()
+            .map_err(|e| TopologyError::Broken(format!("CLUSTER KEYSLOT: {e}")))?;
+        cluster.prefix_primary = cluster.primary_of(slot).await?.port();
         Ok(cluster)
     }
 
@@ -104,6 +115,75 @@ impl RedisCluster {
             "redis-cluster://{REDIS_USER}:{REDIS_TEST_PASSWORD}@127.0.0.1:{first}?{}",
             seeds.join("&")
         )
+    }
+
+    /// Waits until the replica of the prefix's primary has everything the primary wrote so far
+    /// (the primary's `INFO replication` shows its replica at its own offset).
+    ///
+    /// # Errors
+    /// When it does not catch up in time.
+    pub async fn wait_replicated(&self) -> TopologyResult<()> {
+        crate::sentinel::wait_replica_caught_up(self.prefix_primary).await
+    }
+
+    /// Kills (SIGKILL) the primary serving the key prefix's slot and waits until its replica has
+    /// taken over: it answers as the slot's primary and the cluster is `ok` again. Returns how
+    /// long that took.
+    ///
+    /// # Errors
+    /// When no failover completes in time.
+    pub async fn kill_prefix_primary_and_wait_failover(
+        &mut self,
+        prefix: &str,
+    ) -> TopologyResult<Duration> {
+        let killed_at = tokio::time::Instant::now();
+        let old = self.prefix_primary;
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.port() == old) {
+            node.kill().await;
+        }
+        let survivor = self
+            .nodes
+            .iter()
+            .map(RedisServer::port)
+            .find(|port| *port != old)
+            .unwrap_or_default();
+        let slot = redis_cli(survivor, &["CLUSTER", "KEYSLOT", prefix])
+            .await?
+            .parse::<u16>()
+            .map_err(|e| TopologyError::Broken(format!("CLUSTER KEYSLOT: {e}")))?;
+        let deadline = killed_at + READY_TIMEOUT;
+        loop {
+            if let Ok(node) = self.primary_of_among_live(slot, old).await {
+                let info = redis_cli(node, &["CLUSTER", "INFO"]).await?;
+                if info.contains("cluster_state:ok") {
+                    self.prefix_primary = node;
+                    return Ok(killed_at.elapsed());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TopologyError::Broken(format!(
+                    "no replica took over slot {slot} from 127.0.0.1:{old}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The port of the live node (not `dead`) that says it is the primary of `slot`.
+    async fn primary_of_among_live(&self, slot: u16, dead: u16) -> TopologyResult<u16> {
+        for node in self.nodes.iter().filter(|n| n.port() != dead) {
+            let nodes = redis_cli(node.port(), &["CLUSTER", "NODES"]).await?;
+            let mine = nodes
+                .lines()
+                .find(|line| line.contains("myself"))
+                .unwrap_or_default();
+            if mine.contains("master") && serves(mine, slot) {
+                return Ok(node.port());
+            }
+        }
+        Err(TopologyError::Broken(format!(
+            "no live primary of slot {slot}"
+        )))
     }
 
     /// The node that serves `slot` as primary now.

@@ -37,6 +37,35 @@ pub async fn redis_cli(port: u16, args: &[&str]) -> TopologyResult<String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
+/// Waits until the replica of the primary on `port` has everything it wrote so far: the
+/// primary's `INFO replication` shows its first replica online at the primary's own offset.
+///
+/// # Errors
+/// When it does not catch up in time.
+pub async fn wait_replica_caught_up(port: u16) -> TopologyResult<()> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let info = redis_cli(port, &["INFO", "replication"]).await?;
+        let wrote = info
+            .lines()
+            .find_map(|l| l.strip_prefix("master_repl_offset:"))
+            .map(str::trim);
+        let replica = info
+            .lines()
+            .find_map(|l| l.strip_prefix("slave0:"))
+            .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("offset=")));
+        if wrote.is_some() && wrote == replica && info.contains("state=online") {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(TopologyError::Broken(format!(
+                "the replica did not catch up: primary at {wrote:?}, replica at {replica:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// One sentinel process.
 #[derive(Debug)]
 struct Sentinel {
@@ -166,31 +195,7 @@ impl SentinelSet {
     /// # Errors
     /// When it does not catch up in time.
     pub async fn wait_replicated(&self) -> TopologyResult<()> {
-        let offset = |info: &str, field: &str| {
-            info.lines()
-                .find_map(|line| line.strip_prefix(field))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            let primary = redis_cli(self.primary().port(), &["INFO", "replication"]).await?;
-            let replica = redis_cli(
-                self.servers[1 - self.primary].port(),
-                &["INFO", "replication"],
-            )
-            .await?;
-            let wrote = offset(&primary, "master_repl_offset:");
-            if wrote.is_some() && wrote == offset(&replica, "slave_repl_offset:") {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(TopologyError::Broken(format!(
-                    "the replica did not catch up: primary at {wrote:?}, replica at {:?}",
-                    offset(&replica, "slave_repl_offset:")
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_replica_caught_up(self.primary().port()).await
     }
 
     /// The URL replicas connect with: the three sentinels, the service name, and the restricted

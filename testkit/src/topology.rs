@@ -638,6 +638,9 @@ pub enum RedisKind {
     Standalone,
     /// A Sentinel set ([`crate::sentinel::SentinelSet`]): a primary, a replica, three sentinels.
     Sentinel,
+    /// A Redis Cluster ([`crate::redis_cluster::RedisCluster`]): three primaries, three replicas;
+    /// the key prefix carries a hash tag (`{t…}`), as shoal needs on a cluster for now.
+    Cluster,
 }
 
 /// What to start.
@@ -718,6 +721,8 @@ pub struct Topology {
     pub redis: Option<RedisServer>,
     /// The Sentinel set, if started as one.
     pub sentinel: Option<crate::sentinel::SentinelSet>,
+    /// The Redis Cluster, if started as one.
+    pub redis_cluster: Option<crate::redis_cluster::RedisCluster>,
     /// PostgreSQL, if started.
     pub postgres: Option<super::postgres::PostgresServer>,
     /// The key prefix shared by the replicas (unique per topology).
@@ -757,7 +762,11 @@ impl Topology {
     ) -> TopologyResult<Self> {
         // Until the topology is up, the files stay whatever happens (see `start`).
         let dir = dir.keep();
-        let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+        let prefix = match options.redis_kind {
+            // Every key in one slot of the cluster: its hash tag is the whole prefix.
+            RedisKind::Cluster => format!("{{t{}}}", uuid::Uuid::new_v4().simple()),
+            _ => format!("t{}", uuid::Uuid::new_v4().simple()),
+        };
         let redis = if options.redis && options.redis_kind == RedisKind::Standalone {
             Some(RedisServer::start_with(&path, &prefix, options.redis_aof).await?)
         } else {
@@ -765,6 +774,11 @@ impl Topology {
         };
         let sentinel = if options.redis && options.redis_kind == RedisKind::Sentinel {
             Some(crate::sentinel::SentinelSet::start(&path, &prefix).await?)
+        } else {
+            None
+        };
+        let redis_cluster = if options.redis && options.redis_kind == RedisKind::Cluster {
+            Some(crate::redis_cluster::RedisCluster::start(&path, &prefix, 3).await?)
         } else {
             None
         };
@@ -786,6 +800,9 @@ impl Topology {
         }
         if let Some(sentinel) = &sentinel {
             env.push(("SHOAL_REDIS_URL".to_owned(), sentinel.url()));
+        }
+        if let Some(cluster) = &redis_cluster {
+            env.push(("SHOAL_REDIS_URL".to_owned(), cluster.url()));
         }
         if let Some(postgres) = &postgres {
             env.push(("SHOAL_DATABASE_URL".to_owned(), postgres.reader_url()));
@@ -822,6 +839,7 @@ impl Topology {
             replicas,
             redis,
             sentinel,
+            redis_cluster,
             postgres,
             prefix,
             redis_proxies,
@@ -844,10 +862,39 @@ impl Topology {
     /// # Panics
     /// When the topology was started without Redis.
     pub fn redis_port(&self) -> u16 {
-        match (&self.redis, &self.sentinel) {
-            (Some(redis), _) => redis.port(),
-            (None, Some(sentinel)) => sentinel.primary().port(),
-            (None, None) => panic!("the topology was started without Redis"),
+        match (&self.redis, &self.sentinel, &self.redis_cluster) {
+            (Some(redis), _, _) => redis.port(),
+            (None, Some(sentinel), _) => sentinel.primary().port(),
+            (None, None, Some(cluster)) => cluster.prefix_primary,
+            (None, None, None) => panic!("the topology was started without Redis"),
+        }
+    }
+
+    /// Waits until the Redis primary's replica has everything written so far (on a Sentinel set
+    /// or a Redis Cluster), so that a failover now loses nothing.
+    ///
+    /// # Errors
+    /// When it does not catch up in time, or the topology has no replicated Redis.
+    pub async fn wait_redis_replicated(&self) -> TopologyResult<()> {
+        match (&self.sentinel, &self.redis_cluster) {
+            (Some(sentinel), _) => sentinel.wait_replicated().await,
+            (None, Some(cluster)) => cluster.wait_replicated().await,
+            (None, None) => Err(TopologyError::Broken("no replicated Redis".into())),
+        }
+    }
+
+    /// Kills the Redis primary the replicas use (SIGKILL) and waits until its replica has taken
+    /// over (a Sentinel set's promotion, or a Redis Cluster's failover of the prefix's slot);
+    /// returns how long that took.
+    ///
+    /// # Errors
+    /// When no failover completes in time, or the topology has no replicated Redis.
+    pub async fn kill_redis_primary_and_wait_failover(&mut self) -> TopologyResult<Duration> {
+        let prefix = self.prefix.clone();
+        match (&mut self.sentinel, &mut self.redis_cluster) {
+            (Some(sentinel), _) => sentinel.kill_primary_and_wait_failover().await,
+            (None, Some(cluster)) => cluster.kill_prefix_primary_and_wait_failover(&prefix).await,
+            (None, None) => Err(TopologyError::Broken("no replicated Redis".into())),
         }
     }
 
@@ -903,6 +950,7 @@ impl Drop for Topology {
         self.replicas.clear();
         self.redis = None;
         self.sentinel = None;
+        self.redis_cluster = None;
         self.postgres = None;
         self.redis_proxies.clear();
         if let Some(dir) = &self.dir {

@@ -1,5 +1,6 @@
-//! A Redis primary lost under load: on a Sentinel set, the sentinels promote the replica and the
-//! replicas follow it by themselves. While no primary answers they fail closed (a clear 503 or a
+//! A Redis primary lost under load: on a Sentinel set the sentinels promote the replica, on a
+//! Redis Cluster the primary's replica takes its slots over, and the shoal replicas follow by
+//! themselves. While no primary answers they fail closed (a clear 503 or a
 //! tool error naming the shared state, never a hang); afterwards sessions, subscriptions, the
 //! bus and every acknowledged write are there, and a GET stream resumes without loss.
 
@@ -85,11 +86,25 @@ async fn ready(base_url: &str) -> u16 {
         .map_or(0, |r| r.status().as_u16())
 }
 
-/// The Sentinel set's primary is killed (SIGKILL) while a client writes in a loop and another
-/// follows a key on a GET stream.
-#[tokio::test]
-async fn a_sentinel_failover_under_load_fails_closed_then_loses_nothing_acknowledged() {
-    let mut topology = cluster_on(RedisKind::Sentinel, 3).await;
+mod a_redis_primary_failover_under_load_fails_closed_then_loses_nothing_acknowledged {
+    use super::*;
+
+    #[tokio::test]
+    async fn sentinel() {
+        failover_under_load(RedisKind::Sentinel).await;
+    }
+
+    #[tokio::test]
+    async fn cluster() {
+        failover_under_load(RedisKind::Cluster).await;
+    }
+}
+
+/// The Redis primary the replicas use is killed (SIGKILL) while a client writes in a loop and
+/// another follows a key on a GET stream: on a Sentinel set the sentinels promote the replica, on
+/// a Redis Cluster the replica of the primary serving the keys' slot takes over.
+async fn failover_under_load(redis: RedisKind) {
+    let mut topology = cluster_on(redis, 3).await;
     let url = topology.mcp_url();
     let subscriber = legacy_client(&url).await;
     subscribe(&subscriber, "kv://followed").await;
@@ -112,14 +127,13 @@ async fn a_sentinel_failover_under_load_fails_closed_then_loses_nothing_acknowle
     // test is about: see docs/operations.md).
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(write_until(legacy_client(&url).await, stop.clone()));
-    let sentinel = topology.sentinel.as_mut().expect("a Sentinel set");
     tokio::time::sleep(Duration::from_millis(300)).await; // some load before the fault
-    sentinel.wait_replicated().await.expect("replicated");
+    topology.wait_redis_replicated().await.expect("replicated");
     let killed = Instant::now();
-    let failover = sentinel
-        .kill_primary_and_wait_failover()
+    let failover = topology
+        .kill_redis_primary_and_wait_failover()
         .await
-        .expect("the sentinels promote the replica");
+        .expect("the replica takes over");
     for replica in &topology.replicas {
         let base = replica.base_url();
         eventually("every replica ready on the new primary", WAIT, async || {

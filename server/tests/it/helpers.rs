@@ -49,8 +49,9 @@ pub async fn cluster_on(redis: RedisKind, replicas: usize) -> Topology {
     start(cluster_options(replicas).on(redis)).await
 }
 
-/// Runs each named `async fn(RedisKind)` as two tests, `<name>::standalone` and
-/// `<name>::sentinel`: the same body on one Redis and on a Sentinel set, by parameter.
+/// Runs each named `async fn(RedisKind)` as three tests, `<name>::standalone`,
+/// `<name>::sentinel` and `<name>::cluster`: the same body on one Redis, on a Sentinel set and on
+/// a Redis Cluster, by parameter.
 macro_rules! on_each_redis {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -61,6 +62,10 @@ macro_rules! on_each_redis {
             #[tokio::test]
             async fn sentinel() {
                 super::$name(shoal_testkit::topology::RedisKind::Sentinel).await
+            }
+            #[tokio::test]
+            async fn cluster() {
+                super::$name(shoal_testkit::topology::RedisKind::Cluster).await
             }
         }
     )*};

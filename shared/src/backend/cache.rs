@@ -130,9 +130,11 @@ impl RedisBackend {
         if tags.is_empty() {
             return Ok(0);
         }
-        let mut args: Vec<Value> = vec![self.inner.keys.cache_tag_prefix().into()];
-        args.extend(tags.iter().map(|tag| Value::from(tag.as_str())));
-        let deleted: i64 = self.eval(&CACHE_INVALIDATE_SCRIPT, vec![], args).await?;
+        // The tag sets are declared as the script's keys (a script without keys would run on a
+        // random node of a Redis Cluster).
+        let prefix = self.inner.keys.cache_tag_prefix();
+        let keys: Vec<String> = tags.iter().map(|tag| format!("{prefix}{tag}")).collect();
+        let deleted: i64 = self.eval(&CACHE_INVALIDATE_SCRIPT, keys, vec![]).await?;
         Ok(deleted.max(0) as u64)
     }
 }
@@ -226,8 +228,7 @@ return 1
 /// of entries deleted.
 pub const CACHE_INVALIDATE: &str = r"
 local deleted = 0
-for i = 2, #ARGV do
-  local tag = ARGV[1] .. ARGV[i]
+for _, tag in ipairs(KEYS) do
   local keys = redis.call('SMEMBERS', tag)
   for _, key in ipairs(keys) do deleted = deleted + redis.call('DEL', key) end
   redis.call('DEL', tag)

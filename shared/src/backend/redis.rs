@@ -56,6 +56,9 @@ pub(super) struct Inner {
     pub(super) epoch: std::time::Instant,
     /// The best reading of Redis's clock so far (see [`RedisBackend::write_deadline`]).
     clock: std::sync::Mutex<Option<ClockReading>>,
+    /// The hash slot of the key prefix: on a Redis Cluster, where `TIME` is read and the bus is
+    /// subscribed.
+    clock_slot: u16,
 }
 
 /// Redis's clock as this replica last read it, to give writes a deadline Redis checks itself.
@@ -151,8 +154,6 @@ impl RedisBackend {
         let subscriber = builder.build_subscriber_client()?;
         pool.connect();
         subscriber.connect();
-        // Resubscribes to the tracked channels after every reconnect.
-        subscriber.manage_subscriptions();
         let keys = bus.keys().clone();
         let [
             session_prefix,
@@ -169,6 +170,7 @@ impl RedisBackend {
             last_success_us: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             clock: std::sync::Mutex::new(None),
+            clock_slot: fred::util::redis_keyslot(keys.prefix().as_bytes()),
             origin: bus.tag().clone(),
             pool,
             subscriber,
@@ -194,10 +196,23 @@ impl RedisBackend {
     }
 
     fn spawn_subscriber(&self, bus: Bus) {
-        /// Subscribes to `channels` (again), retrying until Redis confirms.
-        async fn resubscribe(subscriber: &SubscriberClient, channels: &[String]) {
+        /// Subscribes to `channels` (again), retrying until Redis confirms. On a Redis Cluster
+        /// the subscription goes to the primary of the key prefix's slot, where every replica
+        /// subscribes and the bus channels (which carry the prefix's hash tag) are published:
+        /// a `PUBLISH` there counts every replica listening, which is how a forwarded response
+        /// learns that its replica is gone. (fred would pick a node from its client id, and its
+        /// own resubscription would follow that choice: the loop below resubscribes instead.)
+        async fn resubscribe(subscriber: &SubscriberClient, channels: &[String], slot: u16) {
+            let on_the_prefix_slot = fred::types::config::Options {
+                cluster_hash: Some(fred::types::ClusterHash::Custom(slot)),
+                ..Default::default()
+            };
             loop {
-                match subscriber.subscribe(channels.to_vec()).await {
+                match subscriber
+                    .with_options(&on_the_prefix_slot)
+                    .subscribe(channels.to_vec())
+                    .await
+                {
                     Ok(()) => return,
                     Err(error) => {
                         tracing::debug!(%error, "bus subscribe failed, retrying");
@@ -214,11 +229,12 @@ impl RedisBackend {
         let mut messages = subscriber.message_rx();
         let mut reconnects = subscriber.reconnect_rx();
         let stop = self.inner.background.stop.clone();
+        let slot = self.inner.clock_slot;
         self.inner.background.spawn(async move {
             // The first SUBSCRIBE may fail while Redis is down: keep trying until it is tracked.
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = resubscribe(&subscriber, &channels) => {}
+                () = resubscribe(&subscriber, &channels, slot) => {}
             }
             loop {
                 tokio::select! {
@@ -248,13 +264,13 @@ impl RedisBackend {
                             // Listen streams have no log: what was published while the subscriber
                             // was away is lost to them, so they end and their clients listen again
                             // (after the resubscription, so the new listens miss nothing).
-                            resubscribe(&subscriber, &channels).await;
+                            resubscribe(&subscriber, &channels, slot).await;
                             let listeners = bus.end_listeners();
                             tracing::info!(%server, listeners, "bus subscriber reconnected and resubscribed; GET streams re-read their logs, listen streams end");
                             bus.all_feeds_lagged();
                         }
                         Err(RecvError::Lagged(_)) => {
-                            resubscribe(&subscriber, &channels).await;
+                            resubscribe(&subscriber, &channels, slot).await;
                             bus.end_listeners();
                             bus.all_feeds_lagged();
                         }
@@ -353,7 +369,10 @@ impl RedisBackend {
             .custom(
                 fred::types::CustomCommand::new_static(
                     "TIME",
-                    fred::types::ClusterHash::Random,
+                    // On a Redis Cluster, the clock of the node serving the keys' slot (with the
+                    // hash-tagged prefix a cluster needs, every key is in that one slot): the
+                    // node whose scripts check write deadlines against it.
+                    fred::types::ClusterHash::Custom(self.inner.clock_slot),
                     false,
                 ),
                 Vec::<Value>::new(),
