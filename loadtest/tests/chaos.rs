@@ -239,15 +239,29 @@ async fn a_replica_killed_under_load_loses_no_call_and_no_notification() {
     assert!(fault["ok"].as_u64() > Some(1000), "{fault:#}");
 }
 
-/// The primary of a Sentinel set killed (SIGKILL) under the baseline: the sentinels promote the
-/// replica within a few seconds, the replicas follow it by themselves. In between they fail
-/// closed (503, retried by the clients; the calls already running end in tool errors); nothing
-/// acknowledged is lost (the primary dies with its replica in sync: what asynchronous
-/// replication can lose, the writes of the last instant before a crash, is in docs/operations.md),
-/// and every notification arrives once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sentinel_primary_killed_under_load_fails_over_and_loses_nothing() {
-    let chaos = chaos_on(TopologyOptions::cluster(server_bin(), 3).on(RedisKind::Sentinel)).await;
+/// The Redis primary the replicas use killed (SIGKILL) under the baseline: on a Sentinel set the
+/// sentinels promote the replica, on a Redis Cluster the replica of the primary serving the keys'
+/// slot takes over, within a few seconds; the shoal replicas follow by themselves. In between they
+/// fail closed (503, retried by the clients; the calls already running end in tool errors);
+/// nothing acknowledged is lost (the primary dies with its replica in sync: what asynchronous
+/// replication can lose, the writes of the last instant before a crash, is in
+/// docs/operations.md), and every notification arrives once.
+mod a_redis_primary_killed_under_load_fails_over_and_loses_nothing {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sentinel() {
+        primary_killed(RedisKind::Sentinel).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster() {
+        primary_killed(RedisKind::Cluster).await;
+    }
+}
+
+async fn primary_killed(redis: RedisKind) {
+    let chaos = chaos_on(TopologyOptions::cluster(server_bin(), 3).on(redis)).await;
     let (output, report) = chaos
         .run(
             &[Fault {

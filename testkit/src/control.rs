@@ -14,7 +14,7 @@
 //! | `/redis/restart` | SIGTERM (with AOF: written out), start again on the same port |
 //! | `/redis/kill`, `/redis/start` | SIGKILL; start again |
 //! | `/redis/freeze`, `/redis/thaw` | SIGSTOP, SIGCONT |
-//! | `/redis/primary-kill` | on a Sentinel set: SIGKILL the primary, answer once the sentinels promoted the replica |
+//! | `/redis/primary-kill` | on a Sentinel set or a Redis Cluster: SIGKILL the primary the replicas use, answer once its replica took over |
 //! | `/redis/partition/{name}` | blackhole the replica's link to Redis and drop its connections |
 //! | `/redis/latency/{name}/{ms}` | delay everything on the replica's link to Redis |
 //! | `/redis/heal/{name}` | the replica's link to Redis passes traffic again |
@@ -123,15 +123,13 @@ async fn act(topology: &SharedTopology, path: &str) -> Result<(), String> {
             }
         }
         ["redis", "primary-kill"] => {
-            let sentinel = topology
-                .sentinel
-                .as_mut()
-                .ok_or("no Sentinel set in this topology (shoal-cluster --redis-sentinel)")?;
-            let took = sentinel
-                .kill_primary_and_wait_failover()
+            let took = topology
+                .kill_redis_primary_and_wait_failover()
                 .await
-                .map_err(|e| e.to_string())?;
-            tracing::info!(?took, "the sentinels promoted the replica");
+                .map_err(|e| {
+                    format!("{e} (needs shoal-cluster --redis-sentinel or --redis-cluster)")
+                })?;
+            tracing::info!(?took, "the replica took over");
             Ok(())
         }
         ["redis", action] => {

@@ -63,6 +63,10 @@ struct Args {
     /// `/redis/primary-kill` then fails the primary over.
     #[arg(long, conflicts_with_all = ["redis_proxies", "redis_aof"])]
     redis_sentinel: bool,
+    /// Run Redis as a Redis Cluster (3 primaries, 3 replicas; the key prefix a hash tag) instead
+    /// of one server; `/redis/primary-kill` then fails over the primary of the prefix's slot.
+    #[arg(long, conflicts_with_all = ["redis_proxies", "redis_aof", "redis_sentinel"])]
+    redis_cluster: bool,
 }
 
 fn parse_env(value: &str) -> Result<(String, String), String> {
@@ -106,6 +110,9 @@ async fn main() -> anyhow::Result<()> {
     options.redis_aof = args.redis_aof;
     if args.redis_sentinel {
         options.redis_kind = shoal_testkit::topology::RedisKind::Sentinel;
+    }
+    if args.redis_cluster {
+        options.redis_kind = shoal_testkit::topology::RedisKind::Cluster;
     }
     if args.redis_proxies {
         options.redis_proxied = (0..options.replicas).collect();
