@@ -2,9 +2,10 @@
 # Runs the official MCP conformance suite against shoal:
 #   - 0.1.16, default "active" suite (2025-11-25 / 2025-06-18 era)
 #   - 0.2.0-alpha.12 with --requirements 2025-11-25 and --requirements 2026-07-28
-# each against one replica (on Redis) and through the nginx balancer in front of 3 replicas.
+# each against one replica (on Redis), through the nginx balancer in front of 3 replicas, and the
+# same 3 replicas on a 6-node Redis Cluster (the key prefix a hash tag).
 #
-# Usage: scripts/conformance.sh [--bin-dir DIR] [--only single|cluster] [--results DIR]
+# Usage: scripts/conformance.sh [--bin-dir DIR] [--only single|cluster|redis-cluster] [--results DIR]
 # Needs: node/npm (for the suite; Node 22 comes from the npm registry), redis-server, nginx,
 # and built binaries (cargo build --release --workspace).
 set -euo pipefail
@@ -77,6 +78,13 @@ run_against() {
   cluster_pid=""
 }
 
-[ "$ONLY" != cluster ] && run_against single --replicas 1 --no-balancer
-[ "$ONLY" != single ] && run_against cluster --replicas 3
+case "$ONLY" in
+  "") run_against single --replicas 1 --no-balancer
+      run_against cluster --replicas 3
+      run_against redis-cluster --replicas 3 --redis-cluster ;;
+  single) run_against single --replicas 1 --no-balancer ;;
+  cluster) run_against cluster --replicas 3 ;;
+  redis-cluster) run_against redis-cluster --replicas 3 --redis-cluster ;;
+  *) echo "unknown --only $ONLY (single, cluster, redis-cluster)" >&2; exit 2 ;;
+esac
 exit $status
