@@ -123,6 +123,12 @@ async fn act(topology: &SharedTopology, path: &str) -> Result<(), String> {
             }
         }
         ["redis", "primary-kill"] => {
+            // What asynchronous replication can lose (the last instant's writes) is not what a
+            // drill of this is about: the replica is in sync when the primary goes.
+            topology
+                .wait_redis_replicated()
+                .await
+                .map_err(|e| e.to_string())?;
             let took = topology
                 .kill_redis_primary_and_wait_failover()
                 .await

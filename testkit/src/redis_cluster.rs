@@ -34,7 +34,13 @@ impl RedisCluster {
         let dir = dir.join("redis-cluster");
         let mut nodes = Vec::with_capacity(primaries * 2);
         for n in 1..=primaries * 2 {
+            // The cluster bus port would be the client port + 10000: reserved by nothing, and past
+            // 65535 for a client port above 55535.
+            let [port, bus_port] = crate::topology::free_ports::<2>();
+            let bus_port = bus_port.to_string();
             let extra = [
+                "--cluster-port",
+                bus_port.as_str(),
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -45,7 +51,8 @@ impl RedisCluster {
                 "no",
             ];
             nodes.push(
-                RedisServer::start_in(
+                RedisServer::start_on(
+                    port,
                     dir.join(format!("node-{n}")),
                     prefix,
                     false,

@@ -37,29 +37,39 @@ pub async fn redis_cli(port: u16, args: &[&str]) -> TopologyResult<String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
-/// Waits until the replica of the primary on `port` has everything it wrote so far: the
-/// primary's `INFO replication` shows its first replica online at the primary's own offset.
+/// Waits until the replica of the primary on `port` has everything the primary had written when
+/// this was called: the primary's offset is read once, then the replica's own offset
+/// (`slave_repl_offset` in its `INFO replication`) polled until it reaches it. (The primary's view
+/// of its replica is the replica's last acknowledgment, sent once a second: under steady writes it
+/// may never equal the primary's moving offset.)
 ///
 /// # Errors
 /// When it does not catch up in time.
 pub async fn wait_replica_caught_up(port: u16) -> TopologyResult<()> {
+    let field = |info: &str, name: &str| -> Option<u64> {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|value| value.trim().parse().ok())
+    };
+    let primary = redis_cli(port, &["INFO", "replication"]).await?;
+    let wrote = field(&primary, "master_repl_offset:")
+        .ok_or_else(|| TopologyError::Broken(format!("no replication offset: {primary}")))?;
+    let replica = primary
+        .lines()
+        .find_map(|line| line.strip_prefix("slave0:"))
+        .and_then(|line| line.split(',').find_map(|f| f.strip_prefix("port=")))
+        .and_then(|p| p.parse::<u16>().ok())
+        .ok_or_else(|| TopologyError::Broken(format!("the primary has no replica: {primary}")))?;
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
-        let info = redis_cli(port, &["INFO", "replication"]).await?;
-        let wrote = info
-            .lines()
-            .find_map(|l| l.strip_prefix("master_repl_offset:"))
-            .map(str::trim);
-        let replica = info
-            .lines()
-            .find_map(|l| l.strip_prefix("slave0:"))
-            .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("offset=")));
-        if wrote.is_some() && wrote == replica && info.contains("state=online") {
+        let info = redis_cli(replica, &["INFO", "replication"]).await?;
+        let read = field(&info, "slave_repl_offset:");
+        if read.is_some_and(|read| read >= wrote) {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(TopologyError::Broken(format!(
-                "the replica did not catch up: primary at {wrote:?}, replica at {replica:?}"
+                "the replica did not catch up: primary at {wrote}, replica at {read:?}"
             )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -64,6 +64,20 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// `N` distinct free TCP ports on 127.0.0.1, held together while they are picked (two
+/// [`free_port`] calls in a row may return the same port, the first having been released).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<StdListener> = (0..N)
+        .map(|_| StdListener::bind("127.0.0.1:0").expect("a free loopback port"))
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .map(|a| a.port())
+            .expect("a bound port")
+    })
+}
+
 /// Sends `signal` to `child` if there is one and it runs.
 fn signal(child: Option<&Child>, signal: Signal) {
     if let Some(pid) = child.and_then(Child::id) {
@@ -200,9 +214,23 @@ impl RedisServer {
         aof: bool,
         extra: Vec<String>,
     ) -> TopologyResult<Self> {
+        Self::start_on(free_port(), dir, prefix, aof, extra).await
+    }
+
+    /// [`RedisServer::start_in`] on `port`.
+    ///
+    /// # Errors
+    /// When the binary is missing or the server does not come up.
+    pub async fn start_on(
+        port: u16,
+        dir: PathBuf,
+        prefix: &str,
+        aof: bool,
+        extra: Vec<String>,
+    ) -> TopologyResult<Self> {
         let mut server = Self {
             child: None,
-            port: free_port(),
+            port,
             dir,
             prefix: prefix.to_owned(),
             aof,

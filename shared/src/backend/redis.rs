@@ -264,13 +264,20 @@ impl RedisBackend {
                             // Listen streams have no log: what was published while the subscriber
                             // was away is lost to them, so they end and their clients listen again
                             // (after the resubscription, so the new listens miss nothing).
-                            resubscribe(&subscriber, &channels, slot).await;
+                            // Shutdown does not wait for a Redis that is down.
+                            tokio::select! {
+                                () = stop.cancelled() => break,
+                                () = resubscribe(&subscriber, &channels, slot) => {}
+                            }
                             let listeners = bus.end_listeners();
                             tracing::info!(%server, listeners, "bus subscriber reconnected and resubscribed; GET streams re-read their logs, listen streams end");
                             bus.all_feeds_lagged();
                         }
                         Err(RecvError::Lagged(_)) => {
-                            resubscribe(&subscriber, &channels, slot).await;
+                            tokio::select! {
+                                () = stop.cancelled() => break,
+                                () = resubscribe(&subscriber, &channels, slot) => {}
+                            }
                             bus.end_listeners();
                             bus.all_feeds_lagged();
                         }
