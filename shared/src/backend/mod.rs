@@ -173,7 +173,7 @@ pub enum Backend {
 
 impl Backend {
     /// Connects to Redis when `redis_url` is set (commands start working as soon as Redis is
-    /// reachable; until then they fail fast), or creates the in-memory backend.
+    /// reachable; until then each fails after its timeout), or creates the in-memory backend.
     ///
     /// # Errors
     /// Returns an error when the Redis URL is malformed.

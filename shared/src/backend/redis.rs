@@ -1,9 +1,11 @@
 //! The Redis backend: a small pool of auto-pipelining connections for commands, and one subscriber
 //! connection per replica for the bus.
 //!
-//! Connection policy: commands fail fast while Redis is unreachable (no unbounded queueing), every
-//! command has a timeout, and both the pool and the subscriber reconnect with capped exponential
-//! backoff for ever, so a replica recovers by itself when Redis returns. After the subscriber
+//! Connection policy: every command has a timeout (`SHOAL_REDIS_TIMEOUT_MS`: one sent while Redis
+//! is unreachable waits for the reconnection at most that long, and the HTTP door refuses new
+//! requests with 503 as soon as the replica knows), and both the pool and the subscriber
+//! reconnect with capped exponential backoff for ever, the first connection included, so a
+//! replica recovers by itself when Redis (or a new primary) is there. After the subscriber
 //! reconnects, every GET stream re-reads its event log, so nothing published meanwhile is lost.
 //!
 //! Lua scripts, each beside its operation in the concern modules, make multi-key operations
