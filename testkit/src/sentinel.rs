@@ -13,7 +13,7 @@ use tokio::process::{Child, Command};
 
 use crate::topology::{
     READY_TIMEOUT, REDIS_TEST_PASSWORD, REDIS_USER, RedisServer, TopologyError, TopologyResult,
-    free_port, wait_for_port,
+    free_port, spawn_listening,
 };
 
 /// The name the sentinels monitor the primary under (`sentinelServiceName`).
@@ -103,19 +103,16 @@ impl Sentinel {
                 log = log.display(),
             ),
         )?;
-        let mut child = Command::new("redis-server")
-            .arg(&config)
-            .arg("--sentinel")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| TopologyError::Spawn {
-                what: "redis-server --sentinel (install the redis-server package)".into(),
-                source,
-            })?;
-        wait_for_port(port, &mut child, "redis sentinel", &log).await?;
+        let mut command = Command::new("redis-server");
+        command.arg(&config).arg("--sentinel");
+        let child = spawn_listening(
+            command,
+            "redis-server --sentinel",
+            "redis-server",
+            port,
+            &log,
+        )
+        .await?;
         Ok(Self {
             child: Some(child),
             port,

@@ -107,6 +107,30 @@ pub(crate) async fn wait_for_port(
     Err(TopologyError::NotReady(what.to_owned(), log.to_owned()))
 }
 
+/// Starts `command` as a daemon of the topology (no standard streams, killed when dropped) and
+/// waits until it listens on `port`; `package` names what to install when it cannot start, `log`
+/// where to look when it does not come up.
+pub(crate) async fn spawn_listening(
+    mut command: Command,
+    what: &str,
+    package: &str,
+    port: u16,
+    log: &Path,
+) -> TopologyResult<Child> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| TopologyError::Spawn {
+            what: format!("{what} (install the {package} package)"),
+            source,
+        })?;
+    wait_for_port(port, &mut child, what, log).await?;
+    Ok(child)
+}
+
 /// Checks that the nginx answering on `port` is ours and reaches a replica: still running, and a
 /// request to `/mcp` through it gets an answer with the `x-shoal-replica` header every replica
 /// response carries (a 4xx for this bare GET; what matters is who answered).
@@ -243,7 +267,8 @@ impl RedisServer {
 
     async fn spawn(&mut self) -> TopologyResult<()> {
         let log = self.dir.join("redis.log");
-        let mut child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -268,17 +293,9 @@ impl RedisServer {
             .arg(format!("~{}:*", self.prefix))
             .arg(format!("&{}:*", self.prefix))
             .args(REDIS_USER_COMMANDS)
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| TopologyError::Spawn {
-                what: "redis-server (install the redis-server package)".into(),
-                source,
-            })?;
-        wait_for_port(self.port, &mut child, "redis-server", &log).await?;
+            .args(&self.extra);
+        let child =
+            spawn_listening(command, "redis-server", "redis-server", self.port, &log).await?;
         self.child = Some(child);
         Ok(())
     }
@@ -597,23 +614,14 @@ impl Balancer {
         let config_path = dir.join("nginx.conf");
         std::fs::write(&config_path, config)?;
         let log = dir.join("error.log");
-        let mut child = Command::new("nginx")
-            .args([
-                "-p",
-                &dir.to_string_lossy(),
-                "-c",
-                &config_path.to_string_lossy(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| TopologyError::Spawn {
-                what: "nginx (install the nginx package)".into(),
-                source,
-            })?;
-        wait_for_port(port, &mut child, "nginx", &log).await?;
+        let mut command = Command::new("nginx");
+        command.args([
+            "-p",
+            &dir.to_string_lossy(),
+            "-c",
+            &config_path.to_string_lossy(),
+        ]);
+        let mut child = spawn_listening(command, "nginx", "nginx", port, &log).await?;
         probe_balancer(port, &mut child, &log).await?;
         Ok(Self {
             child: Some(child),

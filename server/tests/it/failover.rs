@@ -80,12 +80,6 @@ async fn write_until(client: McpClient, stop: Arc<AtomicBool>) -> Vec<Write> {
     writes
 }
 
-async fn ready(base_url: &str) -> u16 {
-    reqwest::get(format!("{base_url}/readyz"))
-        .await
-        .map_or(0, |r| r.status().as_u16())
-}
-
 mod a_redis_primary_failover_under_load_fails_closed_then_loses_nothing_acknowledged {
     use super::*;
 

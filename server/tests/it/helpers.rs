@@ -24,6 +24,13 @@ pub fn backend_config(redis_timeout: Duration) -> shoal_shared::backend::Backend
     }
 }
 
+/// The status of the replica's `/readyz` at `base_url` (0 when it does not answer).
+pub async fn ready(base_url: &str) -> u16 {
+    reqwest::get(format!("{base_url}/readyz"))
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
 /// Generous upper bound for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(20);
 

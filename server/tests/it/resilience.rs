@@ -12,12 +12,6 @@ use shoal_testkit::{
 
 use crate::helpers::*;
 
-async fn ready(base_url: &str) -> u16 {
-    reqwest::get(format!("{base_url}/readyz"))
-        .await
-        .map_or(0, |r| r.status().as_u16())
-}
-
 /// Redis unreachable: clear 503s with Retry-After, `/readyz` fails, nothing hangs; when Redis is
 /// back every replica recovers by itself (commands and the bus).
 #[tokio::test]

@@ -60,7 +60,7 @@ pub(super) struct Inner {
     clock: std::sync::Mutex<Option<ClockReading>>,
     /// The hash slot of the key prefix: on a Redis Cluster, where `TIME` is read and the bus is
     /// subscribed.
-    clock_slot: u16,
+    prefix_slot: u16,
 }
 
 /// Redis's clock as this replica last read it, to give writes a deadline Redis checks itself.
@@ -172,7 +172,7 @@ impl RedisBackend {
             last_success_us: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             clock: std::sync::Mutex::new(None),
-            clock_slot: fred::util::redis_keyslot(keys.prefix().as_bytes()),
+            prefix_slot: fred::util::redis_keyslot(keys.prefix().as_bytes()),
             origin: bus.tag().clone(),
             pool,
             subscriber,
@@ -231,7 +231,7 @@ impl RedisBackend {
         let mut messages = subscriber.message_rx();
         let mut reconnects = subscriber.reconnect_rx();
         let stop = self.inner.background.stop.clone();
-        let slot = self.inner.clock_slot;
+        let slot = self.inner.prefix_slot;
         self.inner.background.spawn(async move {
             // The first SUBSCRIBE may fail while Redis is down: keep trying until it is tracked.
             tokio::select! {
@@ -381,7 +381,7 @@ impl RedisBackend {
                     // On a Redis Cluster, the clock of the node serving the keys' slot (with the
                     // hash-tagged prefix a cluster needs, every key is in that one slot): the
                     // node whose scripts check write deadlines against it.
-                    fred::types::ClusterHash::Custom(self.inner.clock_slot),
+                    fred::types::ClusterHash::Custom(self.inner.prefix_slot),
                     false,
                 ),
                 Vec::<Value>::new(),
