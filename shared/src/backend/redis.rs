@@ -143,6 +143,25 @@ fn builder(url: &SecretString, config: &BackendConfig) -> BackendResult<Builder>
     Ok(builder)
 }
 
+/// Whether `server`, just (re)connected, is where the bus subscription lives: on a Redis
+/// Cluster, the primary serving `slot` in fred's routing table (which a resynchronisation updates
+/// before it reports the nodes it connected); any server otherwise, or when the table is not
+/// known yet.
+fn holds_the_bus(
+    subscriber: &SubscriberClient,
+    slot: u16,
+    server: &fred::types::config::Server,
+) -> bool {
+    use fred::interfaces::ClusterInterface as _;
+    if !subscriber.is_clustered() {
+        return true;
+    }
+    subscriber
+        .cached_cluster_state()
+        .and_then(|routing| routing.get_server(slot).cloned())
+        .is_none_or(|owner| owner == *server)
+}
+
 impl RedisBackend {
     pub(super) async fn connect(
         url: &SecretString,
@@ -258,6 +277,12 @@ impl RedisBackend {
                         Err(RecvError::Closed) => break,
                     },
                     reconnect = reconnects.recv() => match reconnect {
+                        Ok(server) if !holds_the_bus(&subscriber, slot, &server) => {
+                            // On a Redis Cluster fred reports the (re)connection of every node;
+                            // the bus subscription lives on the one serving the prefix's slot,
+                            // and another node's connection changes nothing for it.
+                            tracing::debug!(%server, "a cluster node reconnected; the bus subscription is elsewhere");
+                        }
                         Ok(server) => {
                             // Catch up only once the channels are subscribed again: a read of the
                             // logs before that would miss what is published in between, for good.
