@@ -1019,11 +1019,13 @@ impl Config {
                  (a Redis Cluster)",
             ));
         }
-        if self.redis_is_cluster() && hash_tag(&self.redis.key_prefix).is_none() {
+        let prefix = &self.redis.key_prefix;
+        if (prefix.contains('{') || prefix.contains('}')) && hash_tag(prefix).is_none() {
             return Err(ConfigError::rule(
                 "SHOAL_KEY_PREFIX",
-                "must carry a Redis hash tag on a Redis Cluster, e.g. {shoal}: every key shoal \
-                 writes must be in one slot (docs/operations.md, \"Redis Cluster\")",
+                "may hold braces only as a Redis hash tag, e.g. {shoal} (which puts every key in \
+                 one slot of a Redis Cluster: docs/operations.md, \"Redis Cluster\"); a stray \
+                 brace would split one session's keys over several slots",
             ));
         }
         self.check_auth()
@@ -1536,10 +1538,14 @@ mod tests {
         );
         let cluster = "redis-cluster://shoal:x@n1:7000?node=n2:7000";
         assert!(
-            parse(&["--redis-url", cluster]).is_err(),
-            "a cluster needs a hash-tagged prefix"
+            parse(&["--redis-url", cluster]).is_ok(),
+            "keys spread over the shards"
         );
         assert!(parse(&["--redis-url", cluster, "--key-prefix", "{shoal}"]).is_ok());
+        assert!(
+            parse(&["--redis-url", cluster, "--key-prefix", "sh{oal"]).is_err(),
+            "a stray brace would split a session's keys"
+        );
         assert_eq!(hash_tag("{shoal}:sess:x"), Some("shoal"));
         assert_eq!(hash_tag("a{}b{c}"), None, "an empty tag is no tag");
         let config = parse(&["--redis-url", "redis://user:hunter2@db:6379/0"]).expect("parse");

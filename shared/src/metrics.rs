@@ -134,6 +134,8 @@ families! {
     listener_dropped: Counter = Default::default(), "shoal_listener_dropped", "Notifications dropped because a subscriptions/listen stream was full";
     backend_errors: Family<OperationLabel, Counter> = Default::default(), "shoal_backend_errors", "Failed operations on the shared state backend, by operation";
     events_appended: Counter = Default::default(), "shoal_events_appended", "Events appended to session event logs by this replica";
+    fanouts_unfinished: Counter = Default::default(), "shoal_fanouts_unfinished", "Resource changes this replica left pending for the janitor (an append or the last step failed)";
+    fanouts_finished_by_janitor: Counter = Default::default(), "shoal_fanouts_finished_by_janitor", "Pending resource changes the janitor on this replica finished";
     process_rss: Gauge = Default::default(), "shoal_process_resident_memory_bytes", "Resident set size of this replica's process";
     runtime_alive_tasks: Gauge = Default::default(), "shoal_runtime_alive_tasks", "Tasks alive in this replica's async runtime";
     tool_duration: Family<ToolOutcome, Histogram> = timed(), "shoal_tool_duration_seconds", "Time to run a tool call (cache included), by tool and outcome (ok|tool_error|error|cancelled)";
@@ -504,6 +506,16 @@ impl Metrics {
     /// An event was appended to a session log.
     pub fn event_appended(&self) {
         self.inner.events_appended.inc();
+    }
+
+    /// A resource change's fanout was left pending for the janitor.
+    pub fn fanout_unfinished(&self) {
+        self.inner.fanouts_unfinished.inc();
+    }
+
+    /// The janitor finished `changes` pending resource changes.
+    pub fn fanouts_finished_by_janitor(&self, changes: u64) {
+        self.inner.fanouts_finished_by_janitor.inc_by(changes);
     }
 
     /// A `tools/call` request finished: counted as an MCP request and as a call of `tool`.

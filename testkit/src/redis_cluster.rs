@@ -18,8 +18,8 @@ use crate::{
 pub struct RedisCluster {
     /// Every node, primaries first as created (roles change with failovers).
     pub nodes: Vec<RedisServer>,
-    /// The port of the primary serving the slot of the key prefix's hash tag (where every key of
-    /// the prefix lives), as of the start.
+    /// The port of the primary serving the slot of the key prefix (where the replicas' bus
+    /// subscription lives), as of the start.
     pub prefix_primary: u16,
 }
 
@@ -191,6 +191,22 @@ impl RedisCluster {
         Err(TopologyError::Broken(format!(
             "no live primary of slot {slot}"
         )))
+    }
+
+    /// The ports of the nodes that are primaries now.
+    ///
+    /// # Errors
+    /// When a node does not answer.
+    pub async fn primary_ports(&self) -> TopologyResult<Vec<u16>> {
+        let mut ports = Vec::new();
+        for node in &self.nodes {
+            if let Ok(replication) = redis_cli(node.port(), &["INFO", "replication"]).await
+                && replication.contains("role:master")
+            {
+                ports.push(node.port());
+            }
+        }
+        Ok(ports)
     }
 
     /// The node that serves `slot` as primary now.

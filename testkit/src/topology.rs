@@ -675,7 +675,7 @@ pub enum RedisKind {
     /// A Sentinel set ([`crate::sentinel::SentinelSet`]): a primary, a replica, three sentinels.
     Sentinel,
     /// A Redis Cluster ([`crate::redis_cluster::RedisCluster`]): three primaries, three replicas;
-    /// the key prefix carries a hash tag (`{t…}`), as shoal needs on a cluster for now.
+    /// the keys spread over the three shards.
     Cluster,
 }
 
@@ -798,11 +798,7 @@ impl Topology {
     ) -> TopologyResult<Self> {
         // Until the topology is up, the files stay whatever happens (see `start`).
         let dir = dir.keep();
-        let prefix = match options.redis_kind {
-            // Every key in one slot of the cluster: its hash tag is the whole prefix.
-            RedisKind::Cluster => format!("{{t{}}}", uuid::Uuid::new_v4().simple()),
-            _ => format!("t{}", uuid::Uuid::new_v4().simple()),
-        };
+        let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
         let redis = if options.redis && options.redis_kind == RedisKind::Standalone {
             Some(RedisServer::start_with(&path, &prefix, options.redis_aof).await?)
         } else {
@@ -903,6 +899,17 @@ impl Topology {
             (None, Some(sentinel), _) => sentinel.primary().port(),
             (None, None, Some(cluster)) => cluster.prefix_primary,
             (None, None, None) => panic!("the topology was started without Redis"),
+        }
+    }
+
+    /// The ports of every Redis primary now (one, unless this is a Redis Cluster).
+    ///
+    /// # Panics
+    /// When the topology was started without Redis.
+    pub async fn redis_primary_ports(&self) -> Vec<u16> {
+        match &self.redis_cluster {
+            Some(cluster) => cluster.primary_ports().await.unwrap_or_default(),
+            None => vec![self.redis_port()],
         }
     }
 

@@ -186,9 +186,9 @@ pub fn key_of(uri: &str) -> Option<&str> {
         .filter(|key| valid_key(key).is_ok())
 }
 
-/// The URI of `key`.
+/// The URI of `key` (the backend places the key's value by it).
 pub fn uri_of(key: &str) -> String {
-    format!("{SCHEME}{key}")
+    shoal_shared::backend::kv_uri(key)
 }
 
 /// The resource entry of a key.

@@ -1,5 +1,7 @@
 //! The backend's contract: every operation behaves the same on Redis and in memory. Each test body
-//! runs on both implementations ([`on_both`]), against a real Redis for the first.
+//! runs on both implementations ([`on_both`]): in memory, against a real Redis, and against a real
+//! 6-node Redis Cluster, where every script must touch the keys of one slot only (Redis refuses
+//! one that does not) and the keys spread over the shards.
 
 use std::{collections::BTreeMap, future::Future, time::Duration};
 
@@ -14,7 +16,7 @@ use shoal_shared::{
     keys::Keys,
     metrics::Metrics,
 };
-use shoal_testkit::topology::RedisServer;
+use shoal_testkit::{redis_cluster::RedisCluster, topology::RedisServer};
 use tokio::sync::mpsc;
 
 const PREFIX: &str = "contract";
@@ -38,6 +40,8 @@ fn config() -> BackendConfig {
 
 /// One implementation under test, with its bus and the bus's control channel.
 struct Subject {
+    /// The Redis URL (`None`: in memory).
+    url: Option<String>,
     backend: Backend,
     bus: Bus,
     control: mpsc::Receiver<ControlMessage>,
@@ -46,6 +50,7 @@ struct Subject {
 async fn subject(redis_url: Option<String>) -> Subject {
     let metrics = Metrics::new();
     let (bus, control) = Bus::new(Keys::new(PREFIX), ReplicaTag::generate(), metrics.clone());
+    let url = redis_url.clone();
     let backend = Backend::connect(
         redis_url.map(SecretString::from).as_ref(),
         config(),
@@ -56,25 +61,40 @@ async fn subject(redis_url: Option<String>) -> Subject {
     .await
     .expect("backend");
     Subject {
+        url,
         backend,
         bus,
         control,
     }
 }
 
-/// Runs `body` on the in-memory backend, then on a fresh Redis, naming the implementation in any
-/// failure.
+/// Runs `body` on the in-memory backend, then on a fresh Redis, then on a fresh Redis Cluster.
 async fn on_both<F, Fut>(body: F)
 where
     F: Fn(Subject) -> Fut,
     Fut: Future<Output = ()>,
 {
     body(subject(None).await).await;
+    on_redis(body).await;
+}
+
+/// Runs `body` on a fresh Redis, then on a fresh Redis Cluster (3 primaries, 3 replicas).
+async fn on_redis<F, Fut>(body: F)
+where
+    F: Fn(Subject) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = RedisServer::start(dir.path(), PREFIX).await.expect("redis");
-    let subject = subject(Some(redis.url())).await;
-    assert_eq!(subject.backend.kind(), "redis");
-    body(subject).await;
+    let one = subject(Some(redis.url())).await;
+    assert_eq!(one.backend.kind(), "redis");
+    body(one).await;
+    drop(redis);
+    let cluster = RedisCluster::start(dir.path(), PREFIX, 3)
+        .await
+        .expect("redis cluster");
+    let sharded = subject(Some(cluster.url())).await;
+    body(sharded).await;
 }
 
 /// Waits until this replica's bus hears its own probe back: its subscription is in place.
@@ -603,6 +623,86 @@ async fn quotas_admit_together_or_not_at_all() {
                 .await
                 .is_ok()
         );
+    })
+    .await;
+}
+
+/// A change whose fanout a replica left unfinished (it died between the change's first step and
+/// the appends, or Redis failed one) is finished by the janitor: each subscriber gets it once,
+/// also one that had it already, and a change still young (a fanout in progress) is left alone.
+#[tokio::test]
+async fn the_janitor_finishes_a_fanout_a_dead_replica_left() {
+    use fred::interfaces::SortedSetsInterface as _;
+    use fred::interfaces::{ClientLike as _, HashesInterface as _, KeysInterface as _};
+    on_redis(|s| async move {
+        let b = &s.backend;
+        let keys = Keys::new(PREFIX);
+        let uri = "kv://left";
+        for session in ["a1", "a2"] {
+            b.session_create(session, "{}", "p").await.expect("create");
+            assert_eq!(
+                b.subscribe(session, uri).await.expect("subscribe"),
+                SubscribeOutcome::Subscribed
+            );
+        }
+        // What a replica that died after the change's first step leaves: the change pending in the
+        // resource's slot; "a1" had got it already (its seen set says so), "a2" not.
+        let url = s.url.clone().expect("on Redis");
+        let raw = fred::prelude::Builder::from_config(
+            fred::prelude::Config::from_url(&url).expect("url"),
+        )
+        .build()
+        .expect("client");
+        raw.init().await.expect("connect");
+        let now: i64 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64;
+        let _: i64 = raw
+            .hset(
+                keys.pending_changes(uri),
+                [
+                    ("old", format!("{}:left-behind", now - 60)),
+                    ("young", format!("{now}:in-progress")),
+                ],
+            )
+            .await
+            .expect("HSET");
+        let _: i64 = raw
+            .zadd(keys.seen("a1"), None, None, false, false, (1.0, "old"))
+            .await
+            .expect("ZADD");
+
+        b.janitor_pass(&ReplicaTag::generate(), Duration::from_secs(60))
+            .await
+            .expect("janitor");
+        let payloads = |session: &'static str| async move {
+            b.events_after(session, EventId::ZERO, 100)
+                .await
+                .expect("events")
+                .into_iter()
+                .map(|event| event.payload.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(payloads("a1").await, Vec::<String>::new(), "a1 had it");
+        assert_eq!(payloads("a2").await, ["left-behind"]);
+        let pending: std::collections::HashMap<String, String> = raw
+            .hgetall(keys.pending_changes(uri))
+            .await
+            .expect("HGETALL");
+        assert_eq!(
+            pending.keys().collect::<Vec<_>>(),
+            ["young"],
+            "the finished change is no longer pending; the young one is left to its replica"
+        );
+
+        // A second pass (the lease taken again) changes nothing.
+        let _: i64 = raw.del(keys.janitor_lease()).await.expect("DEL");
+        b.janitor_pass(&ReplicaTag::generate(), Duration::from_secs(60))
+            .await
+            .expect("janitor");
+        assert_eq!(payloads("a2").await, ["left-behind"], "not twice");
+        let _ = raw.quit().await;
     })
     .await;
 }

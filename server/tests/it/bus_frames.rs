@@ -140,7 +140,8 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
         .into_bytes()
     );
 
-    // RESOURCE_UPDATED: an event for each subscriber's holder, then the broadcast for listeners.
+    // RESOURCE_UPDATED: the broadcast for listeners (the change's first step, in the resource's
+    // slot), then an event for each subscriber's holder (appended in the session's slot).
     backend
         .subscribe(&session, "kv://pinned")
         .await
@@ -149,6 +150,17 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
         .resource_updated("kv://pinned", "{}")
         .await
         .expect("updated");
+    let (channel, frame) = next_frame(&mut messages).await;
+    assert_eq!(channel, resource_channel);
+    assert_eq!(
+        frame,
+        BusMessage::ResourceUpdated {
+            uri: "kv://pinned",
+            trace: None
+        }
+        .encode()
+        .into_bytes()
+    );
     let (channel, frame) = next_frame(&mut messages).await;
     assert_eq!(channel, replica_channel);
     let (third, prev) = match BusMessage::decode(&frame).expect("a frame") {
@@ -165,17 +177,6 @@ async fn lua_scripts_publish_the_frames_of_the_codec() {
             prev: second,
             payload: "{}",
         })
-        .encode()
-        .into_bytes()
-    );
-    let (channel, frame) = next_frame(&mut messages).await;
-    assert_eq!(channel, resource_channel);
-    assert_eq!(
-        frame,
-        BusMessage::ResourceUpdated {
-            uri: "kv://pinned",
-            trace: None
-        }
         .encode()
         .into_bytes()
     );

@@ -198,7 +198,7 @@ async fn delete_ends_the_session_everywhere(redis: RedisKind) {
     assert_eq!(
         redis_cli(
             &topology,
-            &["SCARD", &format!("{}:subs:kv://del", topology.prefix)]
+            &["SCARD", &keys_of(&topology).subscribers("kv://del")]
         )
         .await,
         "0"
@@ -243,11 +243,7 @@ async fn busy_sessions_slide_their_ttl_once_per_interval() {
             &topology,
             &[
                 "TTL",
-                &format!(
-                    "{}:sess:{}",
-                    topology.prefix,
-                    client.session_id().expect("session")
-                ),
+                &keys_of(&topology).session(client.session_id().expect("session")),
             ],
         )
         .await

@@ -174,10 +174,18 @@ pub async fn metric_sum(topology: &Topology, series: &str) -> f64 {
 }
 
 /// Runs `redis-cli` against the topology's Redis.
+///
+/// On a Redis Cluster, a command on a key follows the redirection to the key's node (`-c`); other
+/// commands go to the primary of the key prefix's slot.
 pub async fn redis_cli(topology: &Topology, args: &[&str]) -> String {
-    let port = topology.redis_port().to_string();
+    redis_cli_on(topology.redis_port(), args).await
+}
+
+/// `redis-cli` against the node on `port` (redirections followed).
+pub async fn redis_cli_on(port: u16, args: &[&str]) -> String {
+    let port = port.to_string();
     let output = tokio::process::Command::new("redis-cli")
-        .args(["-p", &port])
+        .args(["-c", "-p", &port])
         .args(args)
         .output()
         .await
@@ -185,15 +193,25 @@ pub async fn redis_cli(topology: &Topology, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-/// The Redis keys of the topology that mention `needle`.
+/// The Redis keys of the topology that mention `needle` (on every primary of a Redis Cluster).
 pub async fn redis_keys_with(topology: &Topology, needle: &str) -> Vec<String> {
     let pattern = format!("{}:*{needle}*", topology.prefix);
-    redis_cli(topology, &["--scan", "--pattern", &pattern])
-        .await
-        .lines()
-        .map(str::to_owned)
-        .filter(|l| !l.is_empty())
-        .collect()
+    let mut keys = Vec::new();
+    for port in topology.redis_primary_ports().await {
+        keys.extend(
+            redis_cli_on(port, &["--scan", "--pattern", &pattern])
+                .await
+                .lines()
+                .map(str::to_owned)
+                .filter(|l| !l.is_empty()),
+        );
+    }
+    keys
+}
+
+/// The key names the replicas of `topology` use.
+pub fn keys_of(topology: &Topology) -> shoal_shared::keys::Keys {
+    shoal_shared::keys::Keys::new(topology.prefix.clone())
 }
 
 /// Reads messages from `stream` until one satisfies `matches`, failing after `WAIT`.

@@ -97,6 +97,7 @@ impl RedisBackend {
         owner: &str,
         entry: Option<CacheEntry<'_>>,
     ) -> BackendResult<()> {
+        let entry_key = self.inner.keys.cache_entry(id);
         let mut args: Vec<Value> = vec![
             owner.into(),
             self.inner.keys.cache_channel().into(),
@@ -107,35 +108,64 @@ impl RedisBackend {
                 "1".into(),
                 entry.value.into(),
                 Value::from(entry.ttl.as_millis().max(1) as i64),
-                self.inner.keys.cache_tag_prefix().into(),
             ]);
-            args.extend(entry.tags.iter().map(|tag| Value::from(tag.as_str())));
         } else {
             args.push("0".into());
         }
-        let _: i64 = self
-            .eval(
-                &CACHE_RELEASE_SCRIPT,
-                vec![
-                    self.inner.keys.cache_entry(id),
-                    self.inner.keys.cache_lock(id),
-                ],
-                args,
-            )
-            .await?;
+        // The entry and its lock share a slot; each tag's set is in the tag's. Recording the entry
+        // under its tags runs beside storing it: an invalidation between the two can only miss
+        // an entry filled from data read before the write that invalidates, which an invalidation
+        // racing a fill misses anyway (docs/architecture.md, "Result cache").
+        let tagging = entry.map(|entry| {
+            let ttl = entry.ttl.as_millis().max(1) as i64;
+            entry
+                .tags
+                .iter()
+                .map(|tag| {
+                    self.eval::<i64>(
+                        &CACHE_TAG_SCRIPT,
+                        vec![self.inner.keys.cache_tag(tag)],
+                        vec![entry_key.as_str().into(), Value::from(ttl)],
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        let store = self.eval::<i64>(
+            &CACHE_RELEASE_SCRIPT,
+            vec![entry_key.clone(), self.inner.keys.cache_lock(id)],
+            args,
+        );
+        let (stored, tagged) = futures::join!(
+            store,
+            futures::future::join_all(tagging.into_iter().flatten())
+        );
+        stored?;
+        for result in tagged {
+            result?;
+        }
         Ok(())
     }
 
     pub(super) async fn cache_invalidate(&self, tags: &[String]) -> BackendResult<u64> {
-        if tags.is_empty() {
-            return Ok(0);
+        // Each tag's set is taken (read and deleted) in its slot, then the entries it names are
+        // deleted, each in its own.
+        let taken = tags.iter().map(|tag| {
+            self.eval::<Vec<String>>(
+                &CACHE_TAKE_TAG_SCRIPT,
+                vec![self.inner.keys.cache_tag(tag)],
+                vec![],
+            )
+        });
+        let mut entries = std::collections::BTreeSet::new();
+        for result in futures::future::join_all(taken).await {
+            entries.extend(result?);
         }
-        // The tag sets are declared as the script's keys (a script without keys would run on a
-        // random node of a Redis Cluster).
-        let prefix = self.inner.keys.cache_tag_prefix();
-        let keys: Vec<String> = tags.iter().map(|tag| format!("{prefix}{tag}")).collect();
-        let deleted: i64 = self.eval(&CACHE_INVALIDATE_SCRIPT, keys, vec![]).await?;
-        Ok(deleted.max(0) as u64)
+        let deletions = entries.iter().map(|key| self.client().del::<i64, _>(key));
+        let mut deleted = 0;
+        for result in futures::future::join_all(deletions).await {
+            deleted += result?.max(0) as u64;
+        }
+        Ok(deleted)
     }
 }
 
@@ -206,37 +236,33 @@ impl MemoryBackend {
 }
 
 /// KEYS: cache entry, fill lock. ARGV: owner, cache channel, fill announcement, '1' to store or
-/// '0' not, value, ttl ms, tag-key prefix, tag... Ends a fill in one round trip: stores the entry
-/// (recorded under each tag, for invalidation; tag sets live as long as their longest entry) when
-/// asked, announces the fill so waiters look again, and releases the lock if `owner` still holds
-/// it.
+/// '0' not, value, ttl ms. Ends a fill in one round trip: stores the entry when asked, announces
+/// the fill so waiters look again, and releases the lock if `owner` still holds it.
 pub const CACHE_RELEASE: &str = r"
-if ARGV[4] == '1' then
-  redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6])
-  for i = 8, #ARGV do
-    local tag = ARGV[7] .. ARGV[i]
-    redis.call('SADD', tag, KEYS[1])
-    if redis.call('PTTL', tag) < tonumber(ARGV[6]) then redis.call('PEXPIRE', tag, ARGV[6]) end
-  end
-end
+if ARGV[4] == '1' then redis.call('SET', KEYS[1], ARGV[5], 'PX', ARGV[6]) end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 ";
 
-/// ARGV: tag-key prefix, tag... Deletes every entry recorded under the tags. Returns the number
-/// of entries deleted.
-pub const CACHE_INVALIDATE: &str = r"
-local deleted = 0
-for _, tag in ipairs(KEYS) do
-  local keys = redis.call('SMEMBERS', tag)
-  for _, key in ipairs(keys) do deleted = deleted + redis.call('DEL', key) end
-  redis.call('DEL', tag)
-end
-return deleted
+/// KEYS: a tag's set. ARGV: entry key, ttl ms. Records the entry under the tag, for invalidation;
+/// a tag set lives as long as its longest entry.
+pub const CACHE_TAG: &str = r"
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+";
+
+/// KEYS: a tag's set. Takes it: returns the entries recorded under the tag and deletes the set.
+pub const CACHE_TAKE_TAG: &str = r"
+local entries = redis.call('SMEMBERS', KEYS[1])
+redis.call('DEL', KEYS[1])
+return entries
 ";
 
 pub(super) static CACHE_RELEASE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(CACHE_RELEASE));
-pub(super) static CACHE_INVALIDATE_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::from_lua(CACHE_INVALIDATE));
+pub(super) static CACHE_TAG_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(CACHE_TAG));
+pub(super) static CACHE_TAKE_TAG_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(CACHE_TAKE_TAG));

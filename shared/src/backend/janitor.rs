@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use fred::{
     interfaces::KeysInterface,
-    prelude::{Expiration, SetOptions, Value},
+    prelude::{Expiration, SetOptions},
 };
 use tokio::time::Instant;
 
 use super::{
     Backend, BackendResult,
     memory::{MemoryBackend, State},
-    quota::{QuotaKind, SESSION_RECHECK},
+    quota::QuotaKind,
     redis::RedisBackend,
 };
 use crate::{ids::ReplicaTag, telemetry::attr};
@@ -42,7 +42,7 @@ impl RedisBackend {
         lease_holder: &ReplicaTag,
         lease: Duration,
     ) -> BackendResult<u64> {
-        use futures::TryStreamExt;
+        use fred::interfaces::SetsInterface as _;
         let won: Option<String> = self
             .client()
             .set(
@@ -56,46 +56,45 @@ impl RedisBackend {
         if won.is_none() {
             return Ok(0);
         }
-        let client = self.client();
-        let sets: Vec<fred::types::Key> = client
-            .scan_buffered(self.inner.keys.subscribers_pattern(), Some(200), None)
-            .try_collect()
-            .await?;
+        // Resource changes whose fanout a replica left unfinished (it died, or Redis failed it,
+        // between the steps): finished now, late but neither lost nor doubled. Two command
+        // timeouts (and a second) are more than any fanout in progress takes.
+        let age = self.inner.config.redis_timeout * 2 + Duration::from_secs(1);
+        let finished = self.finish_pending_changes(age).await?;
+        if finished > 0 {
+            tracing::info!(
+                finished,
+                "the janitor finished resource changes left pending"
+            );
+            self.inner.metrics.fanouts_finished_by_janitor(finished);
+        }
+        // Subscriber sets: members whose session expired (or was deleted by a replica that died
+        // before cleaning its sets) leave. The records live in the sessions' slots.
         let mut removed = 0;
-        for set in sets {
-            let Some(set) = set.as_str().map(str::to_owned) else {
-                continue;
-            };
-            let pruned: i64 = self
-                .eval(
-                    &super::subscriptions::PRUNE_SUBSCRIBERS_SCRIPT,
-                    vec![set],
-                    vec![self.inner.session_prefix.as_str().into()],
-                )
-                .await?;
-            removed += pruned.max(0) as u64;
+        for set in self.scan_all(self.inner.keys.subscribers_pattern()).await? {
+            let members: Vec<String> = self.client().smembers(&set).await?;
+            let alive = members.iter().map(|session| async move {
+                self.client()
+                    .exists::<i64, _>(self.inner.keys.session(session))
+                    .await
+            });
+            let gone: Vec<&String> = members
+                .iter()
+                .zip(futures::future::join_all(alive).await)
+                .filter_map(|(session, alive)| match alive {
+                    Ok(0) => Some(session),
+                    _ => None,
+                })
+                .collect();
+            if !gone.is_empty() {
+                let count = gone.len() as u64;
+                let _: i64 = self.client().srem(&set, gone).await?;
+                removed += count;
+            }
         }
-        // Session quota indexes of principals that open no new session (their next initialize
-        // would prune them too): bounded by the sessions that still exist.
-        let indexes: Vec<fred::types::Key> = client
-            .scan_buffered(self.inner.keys.quota_sessions_pattern(), Some(200), None)
-            .try_collect()
-            .await?;
-        for index in indexes {
-            let Some(index) = index.as_str().map(str::to_owned) else {
-                continue;
-            };
-            let _: i64 = self
-                .eval(
-                    &super::quota::QUOTA_PRUNE_SESSIONS_SCRIPT,
-                    vec![index],
-                    vec![
-                        self.inner.session_prefix.as_str().into(),
-                        Value::from(SESSION_RECHECK.as_millis() as i64),
-                    ],
-                )
-                .await?;
-        }
+        // Session quota indexes of principals that open no new session (a full cap rechecks its
+        // own): bounded by the sessions that still exist.
+        self.recheck_all_session_indexes().await?;
         Ok(removed)
     }
 }

@@ -7,20 +7,19 @@
 use std::sync::LazyLock;
 
 use fred::{
-    interfaces::HashesInterface,
+    interfaces::{KeysInterface, SortedSetsInterface},
     prelude::Value,
     types::{Limit, scripts::Script},
 };
 
 use super::{
     Backend, BackendError, BackendResult,
-    events::APPEND_FN,
     memory::MemoryBackend,
     redis::RedisBackend,
-    subscriptions::{FANOUT_FN, ResourceChange},
+    subscriptions::{Change, RECORD_CHANGE_FN, ResourceChange},
 };
 use crate::{
-    bus::{BusMessage, LUA_NETSTRING, ListKind},
+    bus::{BusMessage, ListKind},
     telemetry::attr,
 };
 
@@ -76,6 +75,12 @@ impl Backend {
     }
 }
 
+/// The resource URI of a kv key, whose hash tag places the key's value (with the resource's
+/// subscribers and pending changes) on a Redis Cluster.
+pub fn kv_uri(key: &str) -> String {
+    format!("kv://{key}")
+}
+
 impl RedisBackend {
     pub(super) async fn kv_set(
         &self,
@@ -83,39 +88,67 @@ impl RedisBackend {
         value: &str,
         change: ResourceChange<'_>,
     ) -> BackendResult<KvSetOutcome> {
-        let deadline = self.write_deadline().await?;
-        let mut args = vec![
-            key.into(),
-            value.into(),
-            Value::from(self.inner.config.kv_max_keys as i64),
-            Value::from(deadline),
-            BusMessage::ListChanged(ListKind::Resources).encode().into(),
-        ];
-        args.extend(self.fanout_args(change.uri, change.legacy_payload));
-        let outcome: i64 = self
-            .eval(&KV_SET_SCRIPT, self.write_keys(change.uri), args)
-            .await?;
-        match outcome {
-            1 => Ok(KvSetOutcome::Created),
-            0 => Ok(KvSetOutcome::Updated),
-            -1 => Ok(KvSetOutcome::Full),
-            -2 => Err(too_late()),
-            other => Err(BackendError::Protocol(format!("kv_set returned {other}"))),
+        // An update is one script in the resource's slot. A new key is first entered in the key
+        // index (another slot, where the scratchpad's bound is kept), then written.
+        let fresh = Change::new(change.uri, change.legacy_payload);
+        let mut indexed = false;
+        loop {
+            let value_key = self.inner.keys.kv(&kv_uri(key));
+            let deadline = self.write_deadline(&value_key).await?;
+            let mut args = vec![
+                value.into(),
+                Value::from(deadline),
+                if indexed { "1" } else { "0" }.into(),
+                BusMessage::ListChanged(ListKind::Resources).encode().into(),
+            ];
+            args.extend(self.change_args(&fresh));
+            let reply: Vec<Value> = self
+                .eval(&KV_SET_SCRIPT, self.write_keys(key, change.uri), args)
+                .await?;
+            let (outcome, sessions) = reply
+                .split_first()
+                .ok_or_else(|| BackendError::Protocol("kv_set: empty reply".into()))?;
+            let outcome = match outcome.as_i64() {
+                Some(1) => KvSetOutcome::Created,
+                Some(0) => KvSetOutcome::Updated,
+                Some(-2) => return Err(too_late()),
+                Some(-3) if !indexed => {
+                    let entered: i64 = self
+                        .eval(
+                            &KV_INDEX_ADD_SCRIPT,
+                            vec![self.inner.keys.kv_index()],
+                            vec![
+                                key.into(),
+                                Value::from(self.inner.config.kv_max_keys as i64),
+                            ],
+                        )
+                        .await?;
+                    if entered == -1 {
+                        return Ok(KvSetOutcome::Full);
+                    }
+                    indexed = true;
+                    continue;
+                }
+                other => {
+                    return Err(BackendError::Protocol(format!("kv_set returned {other:?}")));
+                }
+            };
+            let sessions = sessions.iter().filter_map(Value::as_string).collect();
+            self.fan_out(fresh, sessions).await;
+            return Ok(outcome);
         }
     }
 
-    /// The keys of a write's script: the kv hash, its key index, and the subscribers of the
-    /// resource it changes.
-    fn write_keys(&self, uri: &str) -> Vec<String> {
-        vec![
-            self.inner.keys.kv(),
-            self.inner.keys.kv_index(),
-            self.inner.keys.subscribers(uri),
-        ]
+    /// The keys of a write's script: the value, and the subscriber set and pending changes of the
+    /// resource it changes (one slot: the resource's).
+    fn write_keys(&self, key: &str, uri: &str) -> Vec<String> {
+        let mut keys = vec![self.inner.keys.kv(&kv_uri(key))];
+        keys.extend(self.change_keys(uri));
+        keys
     }
 
     pub(super) async fn kv_get(&self, key: &str) -> BackendResult<Option<String>> {
-        Ok(self.client().hget(self.inner.keys.kv(), key).await?)
+        Ok(self.client().get(self.inner.keys.kv(&kv_uri(key))).await?)
     }
 
     pub(super) async fn kv_delete(
@@ -123,24 +156,35 @@ impl RedisBackend {
         key: &str,
         change: ResourceChange<'_>,
     ) -> BackendResult<bool> {
-        let deadline = self.write_deadline().await?;
-        let mut args = vec![
-            key.into(),
-            Value::from(deadline),
-            BusMessage::ListChanged(ListKind::Resources).encode().into(),
-        ];
-        args.extend(self.fanout_args(change.uri, change.legacy_payload));
-        let existed: i64 = self
-            .eval(&KV_DELETE_SCRIPT, self.write_keys(change.uri), args)
+        let fresh = Change::new(change.uri, change.legacy_payload);
+        let deadline = self
+            .write_deadline(&self.inner.keys.kv(&kv_uri(key)))
             .await?;
-        match existed {
-            1 => Ok(true),
-            0 => Ok(false),
-            -1 => Err(too_late()),
-            other => Err(BackendError::Protocol(format!(
-                "kv_delete returned {other}"
-            ))),
+        let mut args = vec![Value::from(deadline)];
+        args.extend(self.change_args(&fresh));
+        let reply: Vec<Value> = self
+            .eval(&KV_DELETE_SCRIPT, self.write_keys(key, change.uri), args)
+            .await?;
+        let (existed, sessions) = reply
+            .split_first()
+            .ok_or_else(|| BackendError::Protocol("kv_delete: empty reply".into()))?;
+        match existed.as_i64() {
+            Some(1) => {}
+            Some(0) => return Ok(false),
+            Some(-1) => return Err(too_late()),
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "kv_delete returned {other:?}"
+                )));
+            }
         }
+        // The key leaves the index (in its own slot) before the listeners of the resource list
+        // hear of it, so a listing they make then no longer shows it.
+        let _: i64 = self.client().zrem(self.inner.keys.kv_index(), key).await?;
+        self.list_changed(ListKind::Resources).await?;
+        let sessions = sessions.iter().filter_map(Value::as_string).collect();
+        self.fan_out(fresh, sessions).await;
+        Ok(true)
     }
 
     pub(super) async fn kv_list(
@@ -148,7 +192,6 @@ impl RedisBackend {
         after: Option<&str>,
         limit: u64,
     ) -> BackendResult<Vec<String>> {
-        use fred::interfaces::SortedSetsInterface;
         let min = match after {
             Some(after) => format!("({after}"),
             None => "-".to_owned(),
@@ -228,43 +271,51 @@ impl MemoryBackend {
     }
 }
 
-/// KEYS: kv hash, kv key index (sorted set), the resource's subscriber set. ARGV: key, value, max
-/// keys, deadline (µs since the Unix epoch on Redis's clock), the list-changed message, then the
-/// eight arguments of `fanout` (see [`super::subscriptions::FANOUT_FN`]). Writes and tells the
-/// subscribers (and, for a new key, the listeners of the resource list) in one step. Returns 1
-/// (created), 0 (updated), -1 (full) or -2 (run after its deadline: nothing written, nobody told).
+/// KEYS: the value, the resource's subscriber set and pending changes. ARGV: value, deadline (µs
+/// since the Unix epoch on Redis's clock), '1' when the key is in the key index, the list-changed
+/// message, then the four arguments of `record_change` ([`RECORD_CHANGE_FN`]). Writes and
+/// records the change for the subscribers (and, for a new key, tells the listeners of the
+/// resource list) in one step. Returns `{1 (created) or 0 (updated), subscribed session...}`,
+/// `{-2}` (run after its deadline: nothing written, nobody told) or `{-3}` (a new key not in the
+/// index yet: nothing written).
 pub fn kv_set() -> String {
     format!(
-        "{LUA_NETSTRING}{APPEND_FN}{FANOUT_FN}
+        "{RECORD_CHANGE_FN}
 local t = redis.call('TIME')
-if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[4]) then return -2 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
-  return -1
-end
-redis.call('ZADD', KEYS[2], 0, ARGV[1])
-local created = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-fanout(KEYS[3], ARGV, 6)
-if created == 1 then redis.call('PUBLISH', ARGV[12], ARGV[5]) end
-return created
+if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[2]) then return {{-2}} end
+local existed = redis.call('EXISTS', KEYS[1])
+if existed == 0 and ARGV[3] ~= '1' then return {{-3}} end
+redis.call('SET', KEYS[1], ARGV[1])
+if existed == 0 then redis.call('PUBLISH', ARGV[7], ARGV[4]) end
+local out = record_change(KEYS[2], KEYS[3], ARGV, 5)
+table.insert(out, 1, 1 - existed)
+return out
 "
     )
 }
 
-/// KEYS: as [`kv_set`]. ARGV: key, deadline, the list-changed message, then the eight arguments of
-/// `fanout`. Deletes and, when the key existed, tells in one step. Returns 1 when the key existed,
-/// 0 when not, -1 when run after its deadline (nothing deleted, nobody told).
+/// KEYS: the kv key index. ARGV: key, max keys. Enters a key being created, within the bound.
+/// Returns 1 (entered), 0 (there already) or -1 (the scratchpad is full).
+pub const KV_INDEX_ADD: &str = r"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+return 1
+";
+
+/// KEYS: as [`kv_set`]. ARGV: deadline, then the four arguments of `record_change`. Deletes and,
+/// when the key existed, records the change for the subscribers in one step. Returns `{1,
+/// subscribed session...}` when the key existed, `{0}` when not, `{-1}` when run after its
+/// deadline (nothing deleted, nobody told).
 pub fn kv_delete() -> String {
     format!(
-        "{LUA_NETSTRING}{APPEND_FN}{FANOUT_FN}
+        "{RECORD_CHANGE_FN}
 local t = redis.call('TIME')
-if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[2]) then return -1 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-local existed = redis.call('HDEL', KEYS[1], ARGV[1])
-if existed == 1 then
-  fanout(KEYS[3], ARGV, 4)
-  redis.call('PUBLISH', ARGV[10], ARGV[3])
-end
-return existed
+if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[1]) then return {{-1}} end
+if redis.call('DEL', KEYS[1]) == 0 then return {{0}} end
+local out = record_change(KEYS[2], KEYS[3], ARGV, 2)
+table.insert(out, 1, 1)
+return out
 "
     )
 }
@@ -272,3 +323,5 @@ return existed
 pub(super) static KV_SET_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(kv_set()));
 pub(super) static KV_DELETE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(kv_delete()));
+pub(super) static KV_INDEX_ADD_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(KV_INDEX_ADD));

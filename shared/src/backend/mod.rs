@@ -66,7 +66,7 @@ use secrecy::SecretString;
 pub use self::{
     cache::CacheEntry,
     events::{FeedClaim, FeedStart, LoggedEvent},
-    kv::KvSetOutcome,
+    kv::{KvSetOutcome, kv_uri},
     memory::MemoryBackend,
     quota::{QUOTA_CLUSTER, QuotaCheck, QuotaKind, QuotaRefusal, SESSION_RECHECK},
     redis::RedisBackend,

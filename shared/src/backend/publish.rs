@@ -78,7 +78,7 @@ impl RedisBackend {
         payload: &str,
     ) -> BackendResult<bool> {
         let receivers: i64 = self
-            .client()
+            .bus_publisher()
             .publish(
                 self.inner.keys.replica_channel(target.as_str()),
                 BusMessage::Forward {
@@ -94,7 +94,7 @@ impl RedisBackend {
 
     pub(super) async fn publish_probe(&self, probe: &str) -> BackendResult<()> {
         let _: i64 = self
-            .client()
+            .bus_publisher()
             .publish(
                 self.inner.keys.replica_channel(self.inner.origin.as_str()),
                 probe,

@@ -135,41 +135,161 @@ impl RedisBackend {
         member: &str,
         lease: Duration,
     ) -> BackendResult<Option<QuotaRefusal>> {
-        let keys = checks
-            .iter()
-            .map(|check| self.inner.keys.quota(check.kind.as_str(), check.subject))
-            .collect();
-        let mut args: Vec<Value> = vec![
-            member.into(),
-            Value::from(lease.as_millis().max(1) as i64),
-            self.inner.session_prefix.as_str().into(),
-            Value::from(SESSION_RECHECK.as_millis() as i64),
-        ];
-        for check in checks {
-            args.push(check.kind.as_str().into());
-            args.push(Value::from(i64::from(check.limit)));
-            args.push(Value::from(i64::from(check.burst.max(1))));
+        // One script per subject (a subject's keys share a slot), in the order of the checks; a
+        // refusal by a later subject gives back what the earlier ones admitted, so a decision
+        // stays all or nothing.
+        let groups = by_subject(checks);
+        for (done, group) in groups.iter().enumerate() {
+            if let Some(index) = self.admit_group(checks, group, member, lease).await? {
+                for admitted in &groups[..done] {
+                    self.refund_group(checks, admitted, member).await?;
+                }
+                return Ok(Some(index));
+            }
         }
-        let (index, retry_ms): (i64, i64) = self.eval(&QUOTA_ADMIT_SCRIPT, keys, args).await?;
-        Ok(refusal(checks, index, retry_ms))
+        Ok(None)
+    }
+
+    /// Admits the checks `group` (indexes into `checks`, one subject), or returns the refusal.
+    async fn admit_group(
+        &self,
+        checks: &[QuotaCheck<'_>],
+        group: &[usize],
+        member: &str,
+        lease: Duration,
+    ) -> BackendResult<Option<QuotaRefusal>> {
+        let keys: Vec<String> = group
+            .iter()
+            .map(|&i| {
+                self.inner
+                    .keys
+                    .quota(checks[i].kind.as_str(), checks[i].subject)
+            })
+            .collect();
+        let mut args: Vec<Value> =
+            vec![member.into(), Value::from(lease.as_millis().max(1) as i64)];
+        for &i in group {
+            args.push(checks[i].kind.as_str().into());
+            args.push(Value::from(i64::from(checks[i].limit)));
+            args.push(Value::from(i64::from(checks[i].burst.max(1))));
+        }
+        let mut rechecked = false;
+        loop {
+            let reply: Vec<Value> = self
+                .eval(&QUOTA_ADMIT_SCRIPT, keys.clone(), args.clone())
+                .await?;
+            let index = reply.first().and_then(Value::as_i64).unwrap_or(0);
+            let retry_ms = reply.get(1).and_then(Value::as_i64).unwrap_or(0);
+            let due: Vec<String> = reply.iter().skip(2).filter_map(Value::as_string).collect();
+            // A full session cap whose entries are due for a recheck: drop the sessions that are
+            // gone (their records live in their own slots) and decide again, once.
+            if !due.is_empty() && !rechecked {
+                let slot = usize::try_from(index - 1).unwrap_or(0);
+                self.recheck_sessions(&keys[slot.min(keys.len() - 1)], due)
+                    .await?;
+                rechecked = true;
+                continue;
+            }
+            let local = usize::try_from(index)
+                .ok()
+                .filter(|i| (1..=group.len()).contains(i));
+            return Ok(local.map(|i| {
+                let index = group[i - 1];
+                QuotaRefusal {
+                    index,
+                    retry_after: (checks[index].kind == QuotaKind::Rate)
+                        .then(|| Duration::from_millis(retry_ms.max(1) as u64)),
+                }
+            }));
+        }
+    }
+
+    /// Gives back what [`Self::admit_group`] recorded for `member` in the checks `group`.
+    async fn refund_group(
+        &self,
+        checks: &[QuotaCheck<'_>],
+        group: &[usize],
+        member: &str,
+    ) -> BackendResult<()> {
+        let keys: Vec<String> = group
+            .iter()
+            .map(|&i| {
+                self.inner
+                    .keys
+                    .quota(checks[i].kind.as_str(), checks[i].subject)
+            })
+            .collect();
+        let mut args: Vec<Value> = vec![member.into()];
+        for &i in group {
+            args.push(checks[i].kind.as_str().into());
+            args.push(Value::from(i64::from(checks[i].limit)));
+        }
+        let _: i64 = self.eval(&QUOTA_REFUND_SCRIPT, keys, args).await?;
+        Ok(())
+    }
+
+    /// Checks the sessions `due` of the session quota index `index` against their records: the
+    /// gone leave the index, the live are rechecked after [`SESSION_RECHECK`].
+    pub(super) async fn recheck_sessions(
+        &self,
+        index: &str,
+        due: Vec<String>,
+    ) -> BackendResult<()> {
+        use fred::interfaces::KeysInterface as _;
+        let alive = due.iter().map(|session| async move {
+            self.client()
+                .exists::<i64, _>(self.inner.keys.session(session))
+                .await
+        });
+        let mut args: Vec<Value> = vec![Value::from(SESSION_RECHECK.as_millis() as i64)];
+        for (session, alive) in due.iter().zip(futures::future::join_all(alive).await) {
+            args.push(session.as_str().into());
+            args.push(if alive? > 0 { "1" } else { "0" }.into());
+        }
+        let _: i64 = self
+            .eval(&QUOTA_RECHECK_SESSIONS_SCRIPT, vec![index.to_owned()], args)
+            .await?;
+        Ok(())
+    }
+
+    /// The janitor's part: rechecks the due entries of every session quota index (those of
+    /// principals that open no new session, whose cap would otherwise never look at them).
+    pub(super) async fn recheck_all_session_indexes(&self) -> BackendResult<()> {
+        for index in self
+            .scan_all(self.inner.keys.quota_sessions_pattern())
+            .await?
+        {
+            let due: Vec<String> = self
+                .eval(&QUOTA_DUE_SESSIONS_SCRIPT, vec![index.clone()], vec![])
+                .await?;
+            if !due.is_empty() {
+                self.recheck_sessions(&index, due).await?;
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn quota_release(
         &self,
         releases: &[(QuotaKind, &str, &str)],
     ) -> BackendResult<()> {
-        if releases.is_empty() {
-            return Ok(());
+        let mut subjects: Vec<&str> = releases.iter().map(|(_, subject, _)| *subject).collect();
+        subjects.sort_unstable();
+        subjects.dedup();
+        let scripts = subjects.into_iter().map(|subject| {
+            let of_subject = releases.iter().filter(|(_, s, _)| *s == subject);
+            let keys = of_subject
+                .clone()
+                .map(|(kind, subject, _)| self.inner.keys.quota(kind.as_str(), subject))
+                .collect();
+            let members = of_subject
+                .map(|(_, _, member)| Value::from(*member))
+                .collect();
+            self.eval::<i64>(&QUOTA_RELEASE_SCRIPT, keys, members)
+        });
+        for result in futures::future::join_all(scripts).await {
+            result?;
         }
-        let keys = releases
-            .iter()
-            .map(|(kind, subject, _)| self.inner.keys.quota(kind.as_str(), subject))
-            .collect();
-        let members = releases
-            .iter()
-            .map(|(_, _, member)| Value::from(*member))
-            .collect();
-        let _: i64 = self.eval(&QUOTA_RELEASE_SCRIPT, keys, members).await?;
         Ok(())
     }
 
@@ -198,36 +318,38 @@ impl RedisBackend {
         token: &str,
         session: &str,
     ) -> BackendResult<()> {
-        let keys = subjects
-            .iter()
-            .map(|subject| self.inner.keys.quota(QuotaKind::Sessions.as_str(), subject))
-            .collect();
-        let _: i64 = self
-            .eval(
+        let scripts = subjects.iter().map(|subject| {
+            self.eval::<i64>(
                 &QUOTA_BIND_SESSION_SCRIPT,
-                keys,
+                vec![self.inner.keys.quota(QuotaKind::Sessions.as_str(), subject)],
                 vec![
                     token.into(),
                     session.into(),
                     Value::from(SESSION_RECHECK.as_millis() as i64),
                 ],
             )
-            .await?;
+        });
+        for result in futures::future::join_all(scripts).await {
+            result?;
+        }
         Ok(())
     }
 }
 
-/// The refusal a quota script's `{index, retry ms}` answer names (`index` 0: allowed).
-fn refusal(checks: &[QuotaCheck<'_>], index: i64, retry_ms: i64) -> Option<QuotaRefusal> {
-    let index = usize::try_from(index)
-        .ok()
-        .filter(|i| (1..=checks.len()).contains(i))?
-        - 1;
-    Some(QuotaRefusal {
-        index,
-        retry_after: (checks[index].kind == QuotaKind::Rate)
-            .then(|| Duration::from_millis(retry_ms.max(1) as u64)),
-    })
+/// The checks grouped by subject (indexes into `checks`), in the order their subjects first
+/// appear.
+fn by_subject(checks: &[QuotaCheck<'_>]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, check) in checks.iter().enumerate() {
+        match groups
+            .iter_mut()
+            .find(|(subject, _)| *subject == check.subject)
+        {
+            Some((_, group)) => group.push(i),
+            None => groups.push((check.subject, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
 }
 
 impl MemoryBackend {
@@ -342,43 +464,25 @@ impl MemoryBackend {
     }
 }
 
-/// Shared helper of the session-quota scripts: drops from the index `key` the sessions that are
-/// gone (their record `sprefix .. id` no longer exists) among those due for a recheck (score at or
-/// before `now` ms); pushes the recheck of the live ones to `now + recheck`.
-const PRUNE_SESSION_INDEX_FN: &str = r"
-local function prune_sessions(key, now, sprefix, recheck)
-  local due = redis.call('ZRANGEBYSCORE', key, '-inf', now)
-  for _, m in ipairs(due) do
-    if redis.call('EXISTS', sprefix .. m) == 1 then
-      redis.call('ZADD', key, now + recheck, m)
-    else
-      redis.call('ZREM', key, m)
-    end
-  end
-end
-";
-
-/// One quota decision (see [`crate::backend::QuotaCheck`]). KEYS: one per check. ARGV: member,
-/// lease ms, session key prefix, session recheck ms, then per check its kind (`rate`, `calls`,
-/// `streams`, `sessions`), its limit and its burst.
+/// One quota decision for the checks of one subject (see [`crate::backend::QuotaCheck`]). KEYS:
+/// one per check. ARGV: member, lease ms, then per check its kind (`rate`, `calls`, `streams`,
+/// `sessions`), its limit and its burst.
 ///
 /// Every check is decided before anything is recorded, so a refusal leaves every quota as it was.
 /// Rates are GCRA on Redis's clock: the key holds the theoretical arrival time (µs); a request is
 /// allowed when it is at most `burst` emission intervals ahead of now. Caps are sorted sets of
 /// leases scored by their expiry (ms; the holder renews them), except sessions, scored by their
-/// next recheck against the session records. Returns `{0, 0}` when allowed, else `{index of the
-/// refusing check, retry after ms}`.
-pub fn quota_admit() -> String {
-    format!(
-        "{PRUNE_SESSION_INDEX_FN}{}",
-        r"
+/// next recheck against the session records (which live in other slots: a full session cap
+/// answers the entries due for a recheck, and the caller rechecks them and asks again). Returns
+/// `{0, 0}` when allowed, else `{index of the refusing check, retry after ms, due session...}`.
+pub const QUOTA_ADMIT: &str = r"
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(now_us / 1000)
-local member, lease, sprefix, recheck = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local member, lease = ARGV[1], tonumber(ARGV[2])
 local tats = {}
 for i, key in ipairs(KEYS) do
-  local kind, limit, burst = ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3]), tonumber(ARGV[3 * i + 4])
+  local kind, limit, burst = ARGV[3 * i], tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
   if kind == 'rate' then
     local interval = 1000000 / limit
     local tat = tonumber(redis.call('GET', key) or '0')
@@ -387,12 +491,16 @@ for i, key in ipairs(KEYS) do
     local over = next - now_us - interval * burst
     if over > 0 then return {i, math.ceil(over / 1000)} end
     tats[i] = next
-  else
-    if kind == 'sessions' then
-      prune_sessions(key, now, sprefix, recheck)
-    else
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  elseif kind == 'sessions' then
+    if redis.call('ZCARD', key) >= limit then
+      local out = {i, 0}
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 100)) do
+        out[#out + 1] = m
+      end
+      return out
     end
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     if redis.call('ZCARD', key) >= limit then return {i, 0} end
   end
 end
@@ -401,16 +509,59 @@ for i, key in ipairs(KEYS) do
     redis.call('SET', key, string.format('%.0f', tats[i]), 'PX', math.ceil((tats[i] - now_us) / 1000) + 1)
   else
     redis.call('ZADD', key, now + lease, member)
-    if ARGV[3 * i + 2] ~= 'sessions' then redis.call('PEXPIRE', key, 2 * lease) end
+    if ARGV[3 * i] ~= 'sessions' then redis.call('PEXPIRE', key, 2 * lease) end
   end
 end
 return {0, 0}
-"
-    )
-}
+";
 
-/// KEYS: quota sorted sets. ARGV: one member per key. Drops each member (a lease or a session)
-/// from its set: the releases of many calls and streams in one round trip.
+/// KEYS: the quota keys of one subject that admitted `member`. ARGV: member, then per key its kind
+/// and limit. Gives the admission back (another subject refused the same decision): a lease or
+/// reservation leaves its cap, a rate's arrival time moves back one interval.
+pub const QUOTA_REFUND: &str = r"
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i, key in ipairs(KEYS) do
+  local kind, limit = ARGV[2 * i], tonumber(ARGV[2 * i + 1])
+  if kind == 'rate' then
+    local tat = tonumber(redis.call('GET', key) or '0')
+    local back = tat - 1000000 / limit
+    if back > now_us then
+      redis.call('SET', key, string.format('%.0f', back), 'PX', math.ceil((back - now_us) / 1000) + 1)
+    elseif tat > 0 then
+      redis.call('DEL', key)
+    end
+  else
+    redis.call('ZREM', key, ARGV[1])
+  end
+end
+return 1
+";
+
+/// KEYS: one session quota index. Returns the entries due for a recheck (at most 1000).
+pub const QUOTA_DUE_SESSIONS: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
+";
+
+/// KEYS: one session quota index. ARGV: recheck ms, then pairs of an entry and '1' (its session
+/// lives) or '0' (gone). The gone leave the index; the live are rechecked later.
+pub const QUOTA_RECHECK_SESSIONS: &str = r"
+local t = redis.call('TIME')
+local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  if ARGV[i + 1] == '1' then
+    redis.call('ZADD', KEYS[1], 'XX', at, ARGV[i])
+  else
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return 1
+";
+
+/// KEYS: quota sorted sets of one subject. ARGV: one member per key. Drops each member (a lease or
+/// a session) from its set: the releases of many calls and streams in one round trip.
 pub const QUOTA_RELEASE: &str = r"
 for i, key in ipairs(KEYS) do redis.call('ZREM', key, ARGV[i]) end
 return 1
@@ -425,37 +576,26 @@ redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
 return 1
 ";
 
-/// KEYS: session quota indexes. ARGV: reservation token, session id, recheck ms. Replaces the
+/// KEYS: one session quota index. ARGV: reservation token, session id, recheck ms. Replaces the
 /// reservation an `initialize` held with the session it created.
 pub const QUOTA_BIND_SESSION: &str = r"
 local t = redis.call('TIME')
 local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
-for _, key in ipairs(KEYS) do
-  if redis.call('ZREM', key, ARGV[1]) == 1 then redis.call('ZADD', key, at, ARGV[2]) end
-end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then redis.call('ZADD', KEYS[1], at, ARGV[2]) end
 return 1
 ";
 
-/// KEYS: one session quota index. ARGV: session key prefix, recheck ms. The janitor's pass over
-/// the indexes of principals that open no new sessions.
-pub fn quota_prune_sessions() -> String {
-    format!(
-        "{PRUNE_SESSION_INDEX_FN}{}",
-        r"
-local t = redis.call('TIME')
-prune_sessions(KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1], tonumber(ARGV[2]))
-return redis.call('ZCARD', KEYS[1])
-"
-    )
-}
-
 pub(super) static QUOTA_ADMIT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::from_lua(quota_admit()));
+    LazyLock::new(|| Script::from_lua(QUOTA_ADMIT));
+pub(super) static QUOTA_REFUND_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(QUOTA_REFUND));
+pub(super) static QUOTA_DUE_SESSIONS_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(QUOTA_DUE_SESSIONS));
+pub(super) static QUOTA_RECHECK_SESSIONS_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(QUOTA_RECHECK_SESSIONS));
 pub(super) static QUOTA_RELEASE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(QUOTA_RELEASE));
 pub(super) static QUOTA_RENEW_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(QUOTA_RENEW));
 pub(super) static QUOTA_BIND_SESSION_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(QUOTA_BIND_SESSION));
-pub(super) static QUOTA_PRUNE_SESSIONS_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::from_lua(quota_prune_sessions()));

@@ -9,10 +9,12 @@
 //! reconnects, every GET stream re-reads its event log, so nothing published meanwhile is lost.
 //!
 //! Lua scripts, each beside its operation in the concern modules, make multi-key operations
-//! atomic in a single round trip. Key names that depend on data (session ids read from a set, the
-//! holder of a
-//! feed) are rebuilt from prefixes passed in ARGV, matching [`crate::keys::Keys`]; this ties the
-//! deployment to a standalone (or Sentinel-managed) Redis, not Redis Cluster.
+//! atomic in a single round trip. Every script touches only the keys it declares, and those share
+//! one hash slot (the tag of the session, resource, principal or cache entry they belong to, see
+//! [`crate::keys::Keys`]); an operation that spans several things (a fanout to many sessions, a
+//! session's deletion from the subscriber sets of its resources) is several scripts, each in its
+//! slot (docs/architecture.md, "Redis Cluster"). The same layout serves a standalone Redis, a
+//! Sentinel set and a Redis Cluster: only fred's routing differs.
 //!
 //! Messages published here are frames of [`crate::bus::BusMessage`], built with the codec's Lua
 //! helper [`crate::bus::LUA_NETSTRING`] (`ns`); a test against a real Redis pins them to
@@ -24,7 +26,7 @@ use fred::{
     clients::{Pool, SubscriberClient},
     interfaces::{ClientLike, EventInterface, PubsubInterface},
     prelude::{Builder, Config as FredConfig, ReconnectPolicy, Value},
-    types::config::ReconnectError,
+    types::config::{ReconnectError, Server},
     types::scripts::Script,
 };
 use secrecy::{ExposeSecret, SecretString};
@@ -46,20 +48,20 @@ pub(super) struct Inner {
     /// Where the subscriber loop and the GET-stream feeds run: shutdown waits for them.
     pub(super) background: Background,
     pub(super) origin: ReplicaTag,
-    pub(super) session_prefix: String,
-    pub(super) log_prefix: String,
+    /// The replica-channel prefix the scripts complete with a replica tag.
     pub(super) replica_prefix: String,
-    pub(super) subscribers_prefix: String,
     /// When the last command failed for want of Redis (connection, timeout), in microseconds
     /// after `epoch` (0: never).
     pub(super) last_failure_us: std::sync::atomic::AtomicU64,
     /// When the last command succeeded, likewise.
     pub(super) last_success_us: std::sync::atomic::AtomicU64,
     pub(super) epoch: std::time::Instant,
-    /// The best reading of Redis's clock so far (see [`RedisBackend::write_deadline`]).
-    clock: std::sync::Mutex<Option<ClockReading>>,
-    /// The hash slot of the key prefix: on a Redis Cluster, where `TIME` is read and the bus is
-    /// subscribed.
+    /// The best reading of each Redis primary's clock so far (see
+    /// [`RedisBackend::write_deadline`]), by node (`None`: the one primary of a standalone or
+    /// Sentinel-managed Redis).
+    clocks: std::sync::Mutex<std::collections::HashMap<Option<Server>, ClockReading>>,
+    /// The hash slot of the key prefix: on a Redis Cluster, the node the bus subscription lives on
+    /// and its counted publishes go to.
     prefix_slot: u16,
 }
 
@@ -176,21 +178,12 @@ impl RedisBackend {
         pool.connect();
         subscriber.connect();
         let keys = bus.keys().clone();
-        let [
-            session_prefix,
-            log_prefix,
-            replica_prefix,
-            subscribers_prefix,
-        ] = keys.script_prefixes();
         let inner = Inner {
-            session_prefix,
-            log_prefix,
-            replica_prefix,
-            subscribers_prefix,
+            replica_prefix: keys.replica_channel_prefix(),
             last_failure_us: std::sync::atomic::AtomicU64::new(0),
             last_success_us: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
-            clock: std::sync::Mutex::new(None),
+            clocks: std::sync::Mutex::new(std::collections::HashMap::new()),
             prefix_slot: fred::util::redis_keyslot(keys.prefix().as_bytes()),
             origin: bus.tag().clone(),
             pool,
@@ -388,30 +381,66 @@ impl RedisBackend {
             .await?)
     }
 
-    /// A round trip to Redis: reads its clock (`TIME`), which also keeps the reading behind
-    /// [`Self::write_deadline`] fresh (the watchdog calls this four times a second).
+    /// A round trip to Redis: reads its clock (`TIME`; on a Redis Cluster, every primary's), which
+    /// also keeps the readings behind [`Self::write_deadline`] fresh (the watchdog calls this four
+    /// times a second).
     pub(super) async fn ping(&self) -> BackendResult<()> {
-        self.read_clock().await
+        let nodes = self.primaries();
+        let readings = nodes.iter().map(|node| self.read_clock(node.as_ref()));
+        for result in futures::future::join_all(readings).await {
+            result?;
+        }
+        Ok(())
     }
 
-    /// Reads Redis's clock and keeps the reading if it is at least as exact as the kept one.
-    async fn read_clock(&self) -> BackendResult<()> {
+    /// The primaries to read clocks from: `[None]` (whichever node the client talks to) unless
+    /// this is a Redis Cluster whose layout fred knows.
+    fn primaries(&self) -> Vec<Option<Server>> {
+        use fred::interfaces::ClusterInterface as _;
+        match self.client().cached_cluster_state() {
+            Some(routing) if self.client().is_clustered() => {
+                let nodes = routing.unique_primary_nodes();
+                if nodes.is_empty() {
+                    vec![None]
+                } else {
+                    nodes.into_iter().map(Some).collect()
+                }
+            }
+            _ => vec![None],
+        }
+    }
+
+    /// The node serving `key` on a Redis Cluster (`None` elsewhere, or before the layout is known).
+    fn node_of(&self, key: &str) -> Option<Server> {
+        use fred::interfaces::ClusterInterface as _;
+        if !self.client().is_clustered() {
+            return None;
+        }
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        self.client()
+            .cached_cluster_state()
+            .and_then(|routing| routing.get_server(slot).cloned())
+    }
+
+    /// Reads the clock of `node` (`None`: the only primary) and keeps the reading if it is at least
+    /// as exact as the kept one.
+    async fn read_clock(&self, node: Option<&Server>) -> BackendResult<()> {
         let started = std::time::Instant::now();
         let local_us = unix_micros();
-        let time: Vec<String> = self
-            .client()
-            .custom(
-                fred::types::CustomCommand::new_static(
-                    "TIME",
-                    // On a Redis Cluster, the clock of the node serving the keys' slot (with the
-                    // hash-tagged prefix a cluster needs, every key is in that one slot): the
-                    // node whose scripts check write deadlines against it.
-                    fred::types::ClusterHash::Custom(self.inner.prefix_slot),
-                    false,
-                ),
-                Vec::<Value>::new(),
-            )
-            .await?;
+        let command = fred::types::CustomCommand::new_static(
+            "TIME",
+            fred::types::ClusterHash::Custom(self.inner.prefix_slot),
+            false,
+        );
+        let time: Vec<String> = match node {
+            Some(node) => {
+                self.client()
+                    .with_cluster_node(node.clone())
+                    .custom(command, Vec::<Value>::new())
+                    .await?
+            }
+            None => self.client().custom(command, Vec::<Value>::new()).await?,
+        };
         let round_trip = i64::try_from(started.elapsed().as_micros()).unwrap_or(i64::MAX);
         let (Some(secs), Some(micros)) = (
             time.first().and_then(|s| s.parse::<i64>().ok()),
@@ -427,11 +456,12 @@ impl RedisBackend {
             error_us: round_trip / 2 + 2,
             taken: std::time::Instant::now(),
         };
-        let mut kept = self
+        let mut clocks = self
             .inner
-            .clock
+            .clocks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let kept = clocks.get(&node.cloned()).copied();
         // A reading that cannot be of the kept clock (the offsets differ by more than both
         // errors) is of another one: a failover to a primary on another host, or a stepped
         // clock. It replaces the kept reading however exact that was.
@@ -439,31 +469,33 @@ impl RedisBackend {
             (reading.offset_us - kept.offset_us).abs() > reading.error_us + kept.error_now()
         });
         if other_clock || kept.is_none_or(|kept| reading.error_us <= kept.error_now()) {
-            *kept = Some(reading);
+            clocks.insert(node.cloned(), reading);
         }
         Ok(())
     }
 
-    /// The latest moment, on Redis's clock in microseconds since the Unix epoch, at which a write
-    /// sent now may still run: before this replica's command timeout can have expired. A write
-    /// carries it to its script, which refuses to run later, so a write this replica reported as
-    /// failed (timed out) never lands afterwards: not when a partition heals and TCP delivers the
-    /// bytes it held, not when a frozen Redis thaws and runs what queued up, not after a later
-    /// write another replica acknowledged (which it would silently undo).
-    pub(super) async fn write_deadline(&self) -> BackendResult<i64> {
-        let kept = *self
-            .inner
-            .clock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let reading = match kept {
+    /// The latest moment, on the clock of the Redis node serving `key` in microseconds since the
+    /// Unix epoch, at which a write of `key` sent now may still run: before this replica's
+    /// command timeout can have expired. A write carries it to its script, which refuses to run
+    /// later, so a write this replica reported as failed (timed out) never lands afterwards: not
+    /// when a partition heals and TCP delivers the bytes it held, not when a frozen Redis thaws and
+    /// runs what queued up, not after a later write another replica acknowledged (which it would
+    /// silently undo).
+    pub(super) async fn write_deadline(&self, key: &str) -> BackendResult<i64> {
+        let node = self.node_of(key);
+        let kept = |this: &Self| {
+            this.inner
+                .clocks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&node)
+                .copied()
+        };
+        let reading = match kept(self) {
             Some(reading) => reading,
             None => {
-                self.read_clock().await?;
-                self.inner
-                    .clock
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                self.read_clock(node.as_ref()).await?;
+                kept(self)
                     .ok_or_else(|| BackendError::Protocol("no reading of Redis's clock".into()))?
             }
         };
@@ -473,6 +505,51 @@ impl RedisBackend {
             .saturating_add(reading.offset_us)
             .saturating_add(timeout)
             .saturating_sub(reading.error_now()))
+    }
+
+    /// Redis's clock now, in seconds since the Unix epoch, as far as the kept readings tell (this
+    /// host's clock before the first reading).
+    pub(super) fn redis_now_secs(&self) -> i64 {
+        let offset = self
+            .inner
+            .clocks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .next()
+            .map_or(0, |reading| reading.offset_us);
+        unix_micros().saturating_add(offset) / 1_000_000
+    }
+
+    /// The client for publishes whose receiver count matters (a forwarded response, the bus
+    /// probe): on a Redis Cluster they go to the node the bus subscription lives on (see
+    /// `spawn_subscriber`), whose count is of every replica; elsewhere, any connection.
+    pub(super) fn bus_publisher(&self) -> fred::clients::WithOptions<fred::clients::Client> {
+        self.client().with_options(&fred::types::config::Options {
+            cluster_hash: Some(fred::types::ClusterHash::Custom(self.inner.prefix_slot)),
+            ..Default::default()
+        })
+    }
+
+    /// Every key matching `pattern`: on a Redis Cluster, scanned on every primary.
+    pub(super) async fn scan_all(&self, pattern: String) -> BackendResult<Vec<String>> {
+        use futures::TryStreamExt;
+        let client = self.client();
+        let keys: Vec<fred::types::Key> = if client.is_clustered() {
+            client
+                .scan_cluster_buffered(pattern, Some(200), None)
+                .try_collect()
+                .await?
+        } else {
+            client
+                .scan_buffered(pattern, Some(200), None)
+                .try_collect()
+                .await?
+        };
+        Ok(keys
+            .into_iter()
+            .filter_map(|key| key.as_str().map(str::to_owned))
+            .collect())
     }
 
     pub(super) async fn shutdown(&self) {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use fred::{
-    interfaces::{HashesInterface, KeysInterface},
+    interfaces::{HashesInterface, KeysInterface, SetsInterface},
     prelude::Value,
     types::scripts::Script,
 };
@@ -145,22 +145,35 @@ impl RedisBackend {
     }
 
     pub(super) async fn session_delete(&self, session: &str) -> BackendResult<bool> {
-        let existed: i64 = self
+        // The session's keys first (one slot), then the subscriber sets of its resources, each in
+        // its resource's slot. One left behind (a crash in between, a failed SREM) names a session
+        // that is gone: the next fanout to that resource, or the janitor, drops it.
+        let reply: Vec<Value> = self
             .eval(
                 &SESSION_DELETE_SCRIPT,
                 vec![
                     self.inner.keys.session(session),
                     self.inner.keys.event_log(session),
+                    self.inner.keys.seen(session),
                 ],
                 vec![
-                    self.inner.subscribers_prefix.as_str().into(),
-                    session.into(),
                     self.inner.keys.control_channel().into(),
                     BusMessage::SessionDeleted { session }.encode().into(),
                 ],
             )
             .await?;
-        Ok(existed == 1)
+        let existed = reply.first().and_then(Value::as_i64) == Some(1);
+        let removals = reply.iter().skip(1).filter_map(Value::as_string).map(|uri| {
+            let key = self.inner.keys.subscribers(&uri);
+            async move {
+                let removed: Result<i64, _> = self.client().srem(key, session).await;
+                if let Err(error) = removed {
+                    tracing::debug!(%error, "a deleted session stays in a subscriber set until the next fanout prunes it");
+                }
+            }
+        });
+        futures::future::join_all(removals).await;
+        Ok(existed)
     }
 
     pub(super) async fn session_set_field(
@@ -290,20 +303,18 @@ if init then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return init
 ";
 
-/// KEYS: session, event log. ARGV: subscriber-set prefix, session id, control channel, message.
-/// Removes the session from every subscriber set, deletes its keys and, when it existed, tells
-/// every replica.
+/// KEYS: session, event log, seen changes. ARGV: control channel, message. Deletes the session's
+/// keys and, when it existed, tells every replica. Returns `{existed, uri...}`: the resources it
+/// was subscribed to, whose subscriber sets (in other slots) the caller cleans.
 pub const SESSION_DELETE: &str = r"
-local fields = redis.call('HKEYS', KEYS[1])
-for _, field in ipairs(fields) do
-  if string.sub(field, 1, 4) == 'sub:' then
-    redis.call('SREM', ARGV[1] .. string.sub(field, 5), ARGV[2])
-  end
+local out = {0}
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(field, 1, 4) == 'sub:' then out[#out + 1] = string.sub(field, 5) end
 end
-local existed = redis.call('DEL', KEYS[1])
-redis.call('DEL', KEYS[2])
-if existed == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
-return existed
+out[1] = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2], KEYS[3])
+if out[1] == 1 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return out
 ";
 
 /// KEYS: session. ARGV: field, value, ttl. Returns 0 when the session is gone.

@@ -6,7 +6,8 @@
 
 use std::sync::LazyLock;
 
-use fred::{prelude::Value, types::scripts::Script};
+use fred::{interfaces::SetsInterface, prelude::Value, types::scripts::Script};
+use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
@@ -69,43 +70,65 @@ impl RedisBackend {
         session: &str,
         uri: &str,
     ) -> BackendResult<SubscribeOutcome> {
-        let outcome: i64 = self
+        // The resource's subscriber set first (its bound), then the session's record (its own
+        // bound): two slots. A refusal of the second takes back what the first added. Between the
+        // two, a fanout may already tell the session about the resource it is subscribing to.
+        let added: i64 = self
             .eval(
-                &SUBSCRIBE_SCRIPT,
+                &SUBSCRIBERS_ADD_SCRIPT,
+                vec![self.inner.keys.subscribers(uri)],
                 vec![
-                    self.inner.keys.session(session),
-                    self.inner.keys.subscribers(uri),
-                ],
-                vec![
-                    uri.into(),
                     session.into(),
-                    self.ttl(),
-                    Value::from(self.inner.config.max_subscriptions_per_session as i64),
                     Value::from(self.inner.config.max_subscribers_per_uri as i64),
                 ],
             )
             .await?;
-        match outcome {
-            1 => Ok(SubscribeOutcome::Subscribed),
-            -1 => Ok(SubscribeOutcome::SessionGone),
-            -2 => Ok(SubscribeOutcome::TooMany),
-            -3 => Ok(SubscribeOutcome::TooManySubscribers),
-            other => Err(BackendError::Protocol(format!(
-                "subscribe returned {other}"
-            ))),
+        if added == -3 {
+            return Ok(SubscribeOutcome::TooManySubscribers);
         }
+        let outcome: i64 = self
+            .eval(
+                &SUBSCRIBE_SCRIPT,
+                vec![self.inner.keys.session(session)],
+                vec![
+                    uri.into(),
+                    self.ttl(),
+                    Value::from(self.inner.config.max_subscriptions_per_session as i64),
+                ],
+            )
+            .await?;
+        let outcome = match outcome {
+            1 => SubscribeOutcome::Subscribed,
+            -1 => SubscribeOutcome::SessionGone,
+            -2 => SubscribeOutcome::TooMany,
+            other => {
+                return Err(BackendError::Protocol(format!(
+                    "subscribe returned {other}"
+                )));
+            }
+        };
+        if outcome != SubscribeOutcome::Subscribed && added == 1 {
+            let _: i64 = self
+                .client()
+                .srem(self.inner.keys.subscribers(uri), session)
+                .await?;
+        }
+        Ok(outcome)
     }
 
     pub(super) async fn unsubscribe(&self, session: &str, uri: &str) -> BackendResult<()> {
-        let _: Value = self
+        // The session's record first, then the resource's set (an empty set is gone with its
+        // last member).
+        let _: i64 = self
             .eval(
                 &UNSUBSCRIBE_SCRIPT,
-                vec![
-                    self.inner.keys.session(session),
-                    self.inner.keys.subscribers(uri),
-                ],
-                vec![uri.into(), session.into()],
+                vec![self.inner.keys.session(session)],
+                vec![uri.into()],
             )
+            .await?;
+        let _: i64 = self
+            .client()
+            .srem(self.inner.keys.subscribers(uri), session)
             .await?;
         Ok(())
     }
@@ -115,34 +138,219 @@ impl RedisBackend {
         uri: &str,
         legacy_payload: &str,
     ) -> BackendResult<u64> {
-        let delivered: i64 = self
+        let change = Change::new(uri, legacy_payload);
+        let reply: Vec<Value> = self
             .eval(
                 &RESOURCE_UPDATED_SCRIPT,
-                vec![self.inner.keys.subscribers(uri)],
-                self.fanout_args(uri, legacy_payload),
+                self.change_keys(uri),
+                self.change_args(&change),
             )
             .await?;
-        Ok(delivered.max(0) as u64)
+        let sessions = reply.iter().filter_map(Value::as_string).collect();
+        Ok(self.fan_out(change, sessions).await)
     }
 
-    /// The eight arguments of the Lua `fanout` of `uri` with `legacy_payload` ([`FANOUT_FN`]);
-    /// its key is the URI's subscriber set.
-    pub(super) fn fanout_args(&self, uri: &str, legacy_payload: &str) -> Vec<Value> {
+    /// The keys of a change's first step ([`RECORD_CHANGE_FN`]): the resource's subscriber set
+    /// and its pending changes.
+    pub(super) fn change_keys(&self, uri: &str) -> Vec<String> {
         vec![
-            self.inner.session_prefix.as_str().into(),
-            self.inner.log_prefix.as_str().into(),
-            legacy_payload.into(),
-            Value::from(self.inner.config.event_log_max_len as i64),
-            Value::from(self.inner.config.retention_secs() as i64),
-            self.inner.replica_prefix.as_str().into(),
+            self.inner.keys.subscribers(uri),
+            self.inner.keys.pending_changes(uri),
+        ]
+    }
+
+    /// The four arguments of the Lua `record_change` ([`RECORD_CHANGE_FN`]).
+    pub(super) fn change_args(&self, change: &Change) -> Vec<Value> {
+        vec![
+            change.id.as_str().into(),
+            change.payload.as_str().into(),
             self.inner.keys.resource_channel().into(),
             BusMessage::ResourceUpdated {
-                uri,
+                uri: &change.uri,
                 trace: crate::telemetry::current_traceparent().as_deref(),
             }
             .encode()
             .into(),
         ]
+    }
+
+    /// The second and third steps of a change whose first step recorded it as pending and named
+    /// `sessions`: appends it to each session's log (concurrently, each in its session's slot,
+    /// idempotently), then drops the pending mark and the sessions found gone, in the resource's
+    /// slot. Returns the number of sessions told. A step that fails (Redis failing over, a node
+    /// unreachable) leaves the change pending, and this replica tries again in the background
+    /// until it is done (or shuts down); the janitor finishes what a dead replica left. Either way
+    /// the notification is late, never lost or doubled, and the write it belongs to stands.
+    pub(super) async fn fan_out(&self, change: Change, sessions: Vec<String>) -> u64 {
+        if sessions.is_empty() {
+            return 0;
+        }
+        let (told, finished) = self.fan_out_once(&change, sessions.clone()).await;
+        if !finished {
+            self.inner.metrics.fanout_unfinished();
+            let backend = self.clone();
+            let stop = self.inner.background.stop.clone();
+            self.inner.background.spawn(async move {
+                let mut pause = Duration::from_millis(100);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    if backend.fan_out_once(&change, sessions.clone()).await.1 {
+                        return;
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            });
+        }
+        told
+    }
+
+    /// One attempt at the second and third steps: the sessions told, and whether the change is
+    /// no longer pending.
+    async fn fan_out_once(&self, change: &Change, sessions: Vec<String>) -> (u64, bool) {
+        use futures::StreamExt;
+        let results: Vec<(String, BackendResult<i64>)> = futures::stream::iter(sessions)
+            .map(|sid| async move {
+                let result = self.deliver(change, &sid).await;
+                (sid, result)
+            })
+            .buffer_unordered(FANOUT_CONCURRENCY)
+            .collect()
+            .await;
+        let mut told = 0;
+        let mut gone = Vec::new();
+        let mut failed = 0;
+        for (sid, result) in results {
+            match result {
+                Ok(1) => told += 1,
+                Ok(0) => gone.push(sid),
+                Ok(_) => {}
+                Err(error) => {
+                    failed += 1;
+                    tracing::debug!(%error, "a fanout append failed");
+                }
+            }
+        }
+        if failed > 0 {
+            tracing::debug!(
+                failed,
+                uri = change.uri,
+                "a resource change reached some subscribers only; trying again"
+            );
+            return (told, false);
+        }
+        let mut args: Vec<Value> = vec![change.id.as_str().into()];
+        args.extend(gone.into_iter().map(Value::from));
+        let done: BackendResult<i64> = self
+            .eval(&CHANGE_DONE_SCRIPT, self.change_keys(&change.uri), args)
+            .await;
+        if let Err(error) = &done {
+            tracing::debug!(%error, uri = change.uri, "a resource change stays pending; trying again");
+        }
+        (told, done.is_ok())
+    }
+
+    /// Appends `change` to one session's log unless it is there already: 1 appended, 2 already
+    /// there, 0 the session is gone.
+    async fn deliver(&self, change: &Change, session: &str) -> BackendResult<i64> {
+        self.eval(
+            &DELIVER_SCRIPT,
+            vec![
+                self.inner.keys.session(session),
+                self.inner.keys.event_log(session),
+                self.inner.keys.seen(session),
+            ],
+            vec![
+                change.id.as_str().into(),
+                change.payload.as_str().into(),
+                Value::from(self.inner.config.event_log_max_len as i64),
+                Value::from(self.inner.config.retention_secs() as i64),
+                self.inner.replica_prefix.as_str().into(),
+                session.into(),
+            ],
+        )
+        .await
+    }
+
+    /// The janitor's part: finishes the changes of every resource left pending for longer than
+    /// `age` (their replica died, or Redis failed it, between the steps). Returns how many.
+    pub(super) async fn finish_pending_changes(
+        &self,
+        age: std::time::Duration,
+    ) -> BackendResult<u64> {
+        use fred::interfaces::{HashesInterface as _, SetsInterface as _};
+        let prefix = format!("{}:pend:", self.inner.keys.prefix());
+        let mut finished = 0;
+        for key in self
+            .scan_all(self.inner.keys.pending_changes_pattern())
+            .await?
+        {
+            // `{p}:pend:{u:<h>}:<uri>`: the URI follows the tag.
+            let Some(uri) = key
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once("}:"))
+                .map(|(_, uri)| uri.to_owned())
+            else {
+                continue;
+            };
+            let pending: std::collections::HashMap<String, String> =
+                self.client().hgetall(&key).await?;
+            let now = self.redis_now_secs();
+            for (id, record) in pending {
+                let Some((at, payload)) = record.split_once(':') else {
+                    continue;
+                };
+                let at: i64 = at.parse().unwrap_or(0);
+                if now - at < age.as_secs() as i64 {
+                    continue;
+                }
+                let sessions: Vec<String> = self
+                    .client()
+                    .smembers(self.inner.keys.subscribers(&uri))
+                    .await?;
+                let change = Change {
+                    id,
+                    uri: uri.clone(),
+                    payload: payload.to_owned(),
+                };
+                if sessions.is_empty() {
+                    let _: i64 = self
+                        .eval(
+                            &CHANGE_DONE_SCRIPT,
+                            self.change_keys(&uri),
+                            vec![change.id.as_str().into()],
+                        )
+                        .await?;
+                } else if !self.fan_out_once(&change, sessions).await.1 {
+                    continue;
+                }
+                finished += 1;
+            }
+        }
+        Ok(finished)
+    }
+}
+
+/// How many appends of one fanout are in flight at once (fred pipelines those that share a node).
+const FANOUT_CONCURRENCY: usize = 64;
+
+/// One resource change on its way to the subscribers: its identity (a fresh UUID, so a fanout run
+/// again appends nothing twice), the resource, and the notification appended to each log.
+pub(super) struct Change {
+    pub(super) id: String,
+    pub(super) uri: String,
+    pub(super) payload: String,
+}
+
+impl Change {
+    pub(super) fn new(uri: &str, payload: &str) -> Self {
+        Self {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            uri: uri.to_owned(),
+            payload: payload.to_owned(),
+        }
     }
 }
 
@@ -224,40 +432,43 @@ impl MemoryBackend {
     }
 }
 
-/// KEYS: session, subscriber set. ARGV: uri, session id, ttl, max subscriptions per session,
-/// max subscribers per URI. The session counts its subscriptions in its field `nsubs`. Returns 1
-/// (subscribed), -1 (session gone), -2 (too many subscriptions) or -3 (too many subscribers of the
-/// URI).
+/// KEYS: a resource's subscriber set. ARGV: session id, max subscribers. Returns 1 (added), 0
+/// (already there) or -3 (the URI reached its subscriber limit).
+pub const SUBSCRIBERS_ADD: &str = r"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return -3 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+";
+
+/// KEYS: session. ARGV: uri, ttl, max subscriptions per session. The session counts its
+/// subscriptions in its field `nsubs`. Returns 1 (subscribed), -1 (session gone) or -2 (too many
+/// subscriptions).
 pub const SUBSCRIBE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local field = 'sub:' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[1], field) == 0 then
-  if tonumber(redis.call('HGET', KEYS[1], 'nsubs') or '0') >= tonumber(ARGV[4]) then return -2 end
-  if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[5]) then return -3 end
+  if tonumber(redis.call('HGET', KEYS[1], 'nsubs') or '0') >= tonumber(ARGV[3]) then return -2 end
   redis.call('HINCRBY', KEYS[1], 'nsubs', 1)
+  redis.call('HSET', KEYS[1], field, '1')
 end
-redis.call('HSET', KEYS[1], field, '1')
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 ";
 
-/// KEYS: session, subscriber set. ARGV: uri, session id.
+/// KEYS: session. ARGV: uri.
 pub const UNSUBSCRIBE: &str = r"
 if redis.call('HDEL', KEYS[1], 'sub:' .. ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'nsubs', -1)
 end
-redis.call('SREM', KEYS[2], ARGV[2])
-if redis.call('SCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[2]) end
 return 1
 ";
 
-/// KEYS: subscriber set. ARGV: session prefix, event-log prefix, payload, max length, retention,
-/// replica-channel prefix, resource channel, resource message. Appends the notification to the log
-/// of every live subscriber (dropping expired ones from the set) and broadcasts the change for
-/// `subscriptions/listen` streams. Returns the number of sessions notified.
+/// KEYS: subscriber set, pending changes. ARGV: the four arguments of `record_change`. The first
+/// step of telling a resource's subscribers about a change with no write attached (the PostgreSQL
+/// change poller): returns the subscribed sessions.
 pub fn resource_updated() -> String {
-    format!("{LUA_NETSTRING}{APPEND_FN}{FANOUT_FN}\nreturn fanout(KEYS[1], ARGV, 1)\n")
+    format!("{RECORD_CHANGE_FN}\nreturn record_change(KEYS[1], KEYS[2], ARGV, 1)\n")
 }
 
 /// A resource change to tell the subscribers of `uri` about, in the same step as the change that
@@ -270,46 +481,59 @@ pub struct ResourceChange<'a> {
     pub legacy_payload: &'a str,
 }
 
-/// Shared helper: the fanout of [`resource_updated`], for scripts that change a resource and tell
-/// its subscribers in the same step (so a change is never made without being told). `fanout(set,
-/// args, i)` reads its eight arguments from `args[i]` on, in the order of [`RedisBackend::fanout_args`].
-/// Needs [`LUA_NETSTRING`] and the events' `append`.
-pub(super) const FANOUT_FN: &str = r"
-local function fanout(set, a, i)
+/// Shared helper, the first step of every fanout, in the resource's slot and in the same script as
+/// the write it tells about (so a change is never made without being recorded): broadcasts the
+/// change to `subscriptions/listen` streams, reads the subscribers and, when there are any, records
+/// the change as pending (`id` → `<Redis seconds>:<payload>`) until the appends to their logs are
+/// done ([`RedisBackend::fan_out`]; the janitor finishes one a dead replica left).
+/// `record_change(set, pending, args, i)` reads its four arguments from `args[i]` on: change id,
+/// payload, resource channel, resource message. Returns the subscribed session ids.
+pub(super) const RECORD_CHANGE_FN: &str = r"
+local function record_change(set, pending, a, i)
+  redis.call('PUBLISH', a[i + 2], a[i + 3])
   local sids = redis.call('SMEMBERS', set)
-  local delivered = 0
-  for _, sid in ipairs(sids) do
-    local skey = a[i] .. sid
-    if redis.call('EXISTS', skey) == 1 then
-      append(skey, a[i + 1] .. sid, sid, a[i + 2], a[i + 3], a[i + 4], a[i + 5])
-      delivered = delivered + 1
-    else
-      redis.call('SREM', set, sid)
-    end
+  if #sids > 0 then
+    local t = redis.call('TIME')
+    redis.call('HSET', pending, a[i], t[1] .. ':' .. a[i + 1])
   end
-  redis.call('PUBLISH', a[i + 6], a[i + 7])
-  return delivered
+  return sids
 end
 ";
 
-/// KEYS: subscriber set. ARGV: session prefix. Drops members whose session expired.
-pub const PRUNE_SUBSCRIBERS: &str = r"
-local sids = redis.call('SMEMBERS', KEYS[1])
-local removed = 0
-for _, sid in ipairs(sids) do
-  if redis.call('EXISTS', ARGV[1] .. sid) == 0 then
-    redis.call('SREM', KEYS[1], sid)
-    removed = removed + 1
-  end
-end
-return removed
+/// KEYS: session, event log, seen changes. ARGV: change id, payload, max length, retention,
+/// replica-channel prefix, session id. Appends a resource change to the session's log unless it
+/// was appended before. Returns 1 (appended), 2 (there already) or 0 (the session is gone). The
+/// seen set keeps as many change ids as the log keeps events, for as long.
+pub fn deliver() -> String {
+    format!(
+        "{LUA_NETSTRING}{APPEND_FN}
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 2 end
+local id = append(KEYS[1], KEYS[2], ARGV[6], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+redis.call('ZADD', KEYS[3], tonumber(string.match(id, '^(%d+)')), ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -1 - tonumber(ARGV[3]))
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return 1
+"
+    )
+}
+
+/// KEYS: subscriber set, pending changes. ARGV: change id, then the sessions found gone. The last
+/// step of a fanout: the change is no longer pending; the gone sessions leave the set.
+pub const CHANGE_DONE: &str = r"
+redis.call('HDEL', KEYS[2], ARGV[1])
+for i = 2, #ARGV do redis.call('SREM', KEYS[1], ARGV[i]) end
+return 1
 ";
 
+pub(super) static SUBSCRIBERS_ADD_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(SUBSCRIBERS_ADD));
 pub(super) static SUBSCRIBE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(SUBSCRIBE));
 pub(super) static UNSUBSCRIBE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(UNSUBSCRIBE));
 pub(super) static RESOURCE_UPDATED_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::from_lua(resource_updated()));
-pub(super) static PRUNE_SUBSCRIBERS_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::from_lua(PRUNE_SUBSCRIBERS));
+pub(super) static DELIVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::from_lua(deliver()));
+pub(super) static CHANGE_DONE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::from_lua(CHANGE_DONE));
