@@ -706,6 +706,9 @@ pub struct TopologyOptions {
     /// Redis keeps an append-only file (`appendfsync everysec`, as in compose): its data
     /// survives [`RedisServer::restart_gracefully`].
     pub redis_aof: bool,
+    /// The key prefix is a hash tag (`{t…}`): on a Redis Cluster every key lands in one slot, so
+    /// one shard does all the work (to compare with the keys spread over every shard).
+    pub redis_one_slot: bool,
 }
 
 impl TopologyOptions {
@@ -716,6 +719,7 @@ impl TopologyOptions {
             replicas,
             redis: true,
             redis_kind: RedisKind::Standalone,
+            redis_one_slot: false,
             balancer: true,
             postgres: false,
             env: Vec::new(),
@@ -798,7 +802,11 @@ impl Topology {
     ) -> TopologyResult<Self> {
         // Until the topology is up, the files stay whatever happens (see `start`).
         let dir = dir.keep();
-        let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+        let prefix = if options.redis_one_slot {
+            format!("{{t{}}}", uuid::Uuid::new_v4().simple())
+        } else {
+            format!("t{}", uuid::Uuid::new_v4().simple())
+        };
         let redis = if options.redis && options.redis_kind == RedisKind::Standalone {
             Some(RedisServer::start_with(&path, &prefix, options.redis_aof).await?)
         } else {

@@ -63,10 +63,15 @@ struct Args {
     /// `/redis/primary-kill` then fails the primary over.
     #[arg(long, conflicts_with_all = ["redis_proxies", "redis_aof"])]
     redis_sentinel: bool,
-    /// Run Redis as a Redis Cluster (3 primaries, 3 replicas; the key prefix a hash tag) instead
-    /// of one server; `/redis/primary-kill` then fails over the primary of the prefix's slot.
+    /// Run Redis as a Redis Cluster (3 primaries, 3 replicas; the keys spread over the shards)
+    /// instead of one server; `/redis/primary-kill` then fails over the primary of the prefix's
+    /// slot.
     #[arg(long, conflicts_with_all = ["redis_proxies", "redis_aof", "redis_sentinel"])]
     redis_cluster: bool,
+    /// With --redis-cluster: the key prefix a hash tag, so every key lands in one slot (one shard
+    /// does all the work; to measure what spreading the keys buys, `scripts/shard-scaling.sh`).
+    #[arg(long, requires = "redis_cluster")]
+    redis_one_slot: bool,
 }
 
 fn parse_env(value: &str) -> Result<(String, String), String> {
@@ -113,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.redis_cluster {
         options.redis_kind = shoal_testkit::topology::RedisKind::Cluster;
+        options.redis_one_slot = args.redis_one_slot;
     }
     if args.redis_proxies {
         options.redis_proxied = (0..options.replicas).collect();
@@ -134,8 +140,20 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let redis_primaries = {
+        let topology = topology.lock().await;
+        if topology.redis.is_some()
+            || topology.sentinel.is_some()
+            || topology.redis_cluster.is_some()
+        {
+            topology.redis_primary_ports().await
+        } else {
+            Vec::new()
+        }
+    };
     announce(
         &*topology.lock().await,
+        &redis_primaries,
         args.ready_file.as_deref(),
         control.as_ref().map(|(addr, _)| *addr),
     )?;
@@ -177,6 +195,7 @@ async fn load_schema(postgres: &PostgresServer, schema: Option<PathBuf>) -> anyh
 /// Prints the endpoints, and writes them as JSON to `ready_file` when asked.
 fn announce(
     topology: &Topology,
+    redis_primaries: &[u16],
     ready_file: Option<&std::path::Path>,
     control: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
@@ -208,6 +227,7 @@ fn announce(
             "redis_admin_url": topology.redis.as_ref().map(|r| r.admin_url()),
             "database_url": topology.postgres.as_ref().map(|p| p.url()),
             "prefix": topology.prefix,
+            "redis_primary_ports": redis_primaries,
             "replicas": topology.replicas.iter().map(|r| serde_json::json!({
                 "name": r.name, "mcp_url": r.mcp_url(), "base_url": r.base_url(), "log": r.log(), "pid": r.pid(),
             })).collect::<Vec<_>>(),

@@ -178,12 +178,16 @@ impl RedisBackend {
                 )));
             }
         }
-        // The key leaves the index (in its own slot) before the listeners of the resource list
-        // hear of it, so a listing they make then no longer shows it.
-        let _: i64 = self.client().zrem(self.inner.keys.kv_index(), key).await?;
-        self.list_changed(ListKind::Resources).await?;
         let sessions = sessions.iter().filter_map(Value::as_string).collect();
         self.fan_out(fresh, sessions).await;
+        // The key leaves the index (in its own slot) before the listeners of the resource list
+        // hear of it, so a listing they make then no longer shows it. The delete stands if this
+        // fails: the key stays listed (read as missing) until it is written or deleted again.
+        let unlisted: Result<i64, _> = self.client().zrem(self.inner.keys.kv_index(), key).await;
+        match unlisted {
+            Ok(_) => self.list_changed(ListKind::Resources).await?,
+            Err(error) => tracing::warn!(%error, "a deleted kv key stays in the key index"),
+        }
         Ok(true)
     }
 

@@ -86,7 +86,7 @@ impl RedisBackend {
         if added == -3 {
             return Ok(SubscribeOutcome::TooManySubscribers);
         }
-        let outcome: i64 = self
+        let outcome: BackendResult<i64> = self
             .eval(
                 &SUBSCRIBE_SCRIPT,
                 vec![self.inner.keys.session(session)],
@@ -96,7 +96,22 @@ impl RedisBackend {
                     Value::from(self.inner.config.max_subscriptions_per_session as i64),
                 ],
             )
-            .await?;
+            .await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                // The client hears of a failure: take back what the first step added, as far as
+                // Redis lets us now (a member left behind is told about the resource until its
+                // session ends, when the next fanout drops it).
+                if added == 1 {
+                    let _: Result<i64, _> = self
+                        .client()
+                        .srem(self.inner.keys.subscribers(uri), session)
+                        .await;
+                }
+                return Err(error);
+            }
+        };
         let outcome = match outcome {
             1 => SubscribeOutcome::Subscribed,
             -1 => SubscribeOutcome::SessionGone,
