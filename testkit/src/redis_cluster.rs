@@ -176,6 +176,50 @@ impl RedisCluster {
         }
     }
 
+    /// A planned failover of the primary serving the prefix's slot: its replica takes the slot
+    /// over with `CLUSTER FAILOVER` (the old primary becomes its replica, and nobody's connection
+    /// breaks). Returns once the replica is the slot's primary and the cluster is `ok`.
+    ///
+    /// # Errors
+    /// When the primary has no replica or the failover does not complete in time.
+    pub async fn planned_failover_of_prefix_primary(&mut self, prefix: &str) -> TopologyResult<()> {
+        let old = self.prefix_primary;
+        let old_id = redis_cli(old, &["CLUSTER", "MYID"]).await?;
+        let nodes = redis_cli(old, &["CLUSTER", "NODES"]).await?;
+        let replica = nodes
+            .lines()
+            .find(|line| line.contains("slave") && line.contains(old_id.as_str()))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|address| address.split('@').next())
+            .and_then(|address| address.rsplit(':').next())
+            .and_then(|port| port.parse::<u16>().ok())
+            .ok_or_else(|| TopologyError::Broken(format!("no replica of 127.0.0.1:{old}")))?;
+        let answer = redis_cli(replica, &["CLUSTER", "FAILOVER"]).await?;
+        if answer != "OK" {
+            return Err(TopologyError::Broken(format!("CLUSTER FAILOVER: {answer}")));
+        }
+        let slot = redis_cli(replica, &["CLUSTER", "KEYSLOT", prefix])
+            .await?
+            .parse::<u16>()
+            .map_err(|e| TopologyError::Broken(format!("CLUSTER KEYSLOT: {e}")))?;
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if self.primary_of_among_live(slot, old).await.ok() == Some(replica) {
+                let info = redis_cli(replica, &["CLUSTER", "INFO"]).await?;
+                if info.contains("cluster_state:ok") {
+                    self.prefix_primary = replica;
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TopologyError::Broken(format!(
+                    "127.0.0.1:{replica} did not take slot {slot} over"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The port of the live node (not `dead`) that says it is the primary of `slot`.
     async fn primary_of_among_live(&self, slot: u16, dead: u16) -> TopologyResult<u16> {
         for node in self.nodes.iter().filter(|n| n.port() != dead) {

@@ -706,3 +706,72 @@ async fn the_janitor_finishes_a_fanout_a_dead_replica_left() {
     })
     .await;
 }
+
+/// A planned failover of the prefix's slot (`CLUSTER FAILOVER`, or a slot migration) breaks no
+/// connection, so the bus subscription stays on the demoted node, which still receives every
+/// message (a cluster relays `PUBLISH`) while a publish counted on the slot's new primary reaches
+/// nobody (a forwarded response would be answered 410). Once the replica's commands meet the new
+/// layout, its probe finds nobody listening and the subscription follows the slot.
+#[tokio::test]
+async fn the_bus_subscription_follows_a_planned_failover_of_its_slot() {
+    use shoal_testkit::sentinel::redis_cli;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = RedisCluster::start(dir.path(), PREFIX, 3)
+        .await
+        .expect("redis cluster");
+    let s = subject(Some(cluster.url())).await;
+    bus_ready(&s).await;
+    let me = s.bus.tag().clone();
+    let channel = Keys::new(PREFIX).replica_channel(me.as_str());
+    let listening = |port: u16| {
+        let channel = channel.clone();
+        async move {
+            let reply = redis_cli(port, &["PUBSUB", "NUMSUB", &channel])
+                .await
+                .expect("PUBSUB NUMSUB");
+            reply.lines().nth(1).unwrap_or_default().trim().to_owned()
+        }
+    };
+    let old = cluster.prefix_primary;
+    assert_eq!(
+        listening(old).await,
+        "1",
+        "subscribed on the prefix's primary"
+    );
+    assert!(
+        s.backend
+            .publish_forward(&me, "s", "{}")
+            .await
+            .expect("forward")
+    );
+
+    cluster
+        .planned_failover_of_prefix_primary(PREFIX)
+        .await
+        .expect("planned failover");
+    let new = cluster.prefix_primary;
+    assert_ne!(new, old);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            // Keyed commands over many slots: those of the moved shard are answered MOVED, and
+            // fred learns the new layout.
+            for n in 0..32 {
+                let _ = s.backend.session_load(&format!("probe{n}")).await;
+            }
+            let _ = s.backend.publish_probe(&s.bus.probe()).await;
+            if listening(new).await == "1" && listening(old).await == "0" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the bus subscription moved to the slot's new primary within 20 s");
+    assert!(
+        s.backend
+            .publish_forward(&me, "s", "{}")
+            .await
+            .expect("forward"),
+        "a publish counted on the new primary reaches this replica"
+    );
+}

@@ -93,13 +93,19 @@ impl RedisBackend {
     }
 
     pub(super) async fn publish_probe(&self, probe: &str) -> BackendResult<()> {
-        let _: i64 = self
+        let receivers: i64 = self
             .bus_publisher()
             .publish(
                 self.inner.keys.replica_channel(self.inner.origin.as_str()),
                 probe,
             )
             .await?;
+        if receivers == 0 {
+            // Not even this replica heard it where it was published: on a Redis Cluster, the
+            // prefix's slot moved (a planned failover, a migration) and the bus subscription is
+            // still on the node that had it.
+            self.bus_misplaced();
+        }
         Ok(())
     }
 

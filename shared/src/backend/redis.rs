@@ -63,6 +63,10 @@ pub(super) struct Inner {
     /// The hash slot of the key prefix: on a Redis Cluster, the node the bus subscription lives on
     /// and its counted publishes go to.
     prefix_slot: u16,
+    /// On a Redis Cluster, the node the bus subscription was last made on.
+    bus_node: std::sync::Mutex<Option<Server>>,
+    /// Woken when a probe found the bus subscription away from the prefix slot's node.
+    bus_misplaced: tokio::sync::Notify,
 }
 
 /// Redis's clock as this replica last read it, to give writes a deadline Redis checks itself.
@@ -185,6 +189,8 @@ impl RedisBackend {
             epoch: std::time::Instant::now(),
             clocks: std::sync::Mutex::new(std::collections::HashMap::new()),
             prefix_slot: fred::util::redis_keyslot(keys.prefix().as_bytes()),
+            bus_node: std::sync::Mutex::new(None),
+            bus_misplaced: tokio::sync::Notify::new(),
             origin: bus.tag().clone(),
             pool,
             subscriber,
@@ -238,21 +244,63 @@ impl RedisBackend {
                 }
             }
         }
+        /// The node serving `slot` in the subscriber's routing table (`None` off a cluster).
+        fn owner(subscriber: &SubscriberClient, slot: u16) -> Option<Server> {
+            use fred::interfaces::ClusterInterface as _;
+            subscriber
+                .cached_cluster_state()
+                .and_then(|routing| routing.get_server(slot).cloned())
+        }
         let subscriber = self.inner.subscriber.clone();
         let channels: Vec<String> = bus.channels().iter().map(|c| (*c).to_owned()).collect();
         let mut messages = subscriber.message_rx();
         let mut reconnects = subscriber.reconnect_rx();
         let stop = self.inner.background.stop.clone();
         let slot = self.inner.prefix_slot;
+        let backend = self.clone();
         self.inner.background.spawn(async move {
             // The first SUBSCRIBE may fail while Redis is down: keep trying until it is tracked.
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = resubscribe(&subscriber, &channels, slot) => {}
             }
+            backend.set_bus_node(owner(&subscriber, slot));
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
+                    () = backend.inner.bus_misplaced.notified() => {
+                        // A planned failover or a migration moved the prefix's slot without
+                        // breaking the subscriber's connection: learn the new layout, subscribe
+                        // on the slot's new node, then leave the old one. Messages reached the
+                        // old node meanwhile (a cluster relays PUBLISH to every node); the GET
+                        // streams re-read their logs and listen streams end anyway, as after a
+                        // reconnection, for what the switch itself may drop or double.
+                        use fred::interfaces::ClusterInterface as _;
+                        let wait = backend.inner.config.redis_timeout;
+                        if let Err(error) = tokio::time::timeout(wait, subscriber.sync_cluster()).await.unwrap_or_else(|_| Err(fred::error::Error::new(fred::error::ErrorKind::Timeout, "sync_cluster"))) {
+                            tracing::debug!(%error, "the bus subscriber could not read the cluster layout");
+                            continue;
+                        }
+                        let old = backend.bus_node();
+                        let new = owner(&subscriber, slot);
+                        if new == old {
+                            continue;
+                        }
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            () = resubscribe(&subscriber, &channels, slot) => {}
+                        }
+                        backend.set_bus_node(new.clone());
+                        if let Some(old) = &old {
+                            let left = tokio::time::timeout(wait, subscriber.with_options(&fred::types::config::Options { cluster_node: Some(old.clone()), ..Default::default() }).unsubscribe(channels.clone())).await;
+                            if !matches!(left, Ok(Ok(()))) {
+                                tracing::debug!(%old, "the bus subscription on the former node could not be ended; it ends with the connection");
+                            }
+                        }
+                        let listeners = bus.end_listeners();
+                        tracing::info!(?old, ?new, listeners, "the prefix's slot moved; the bus subscription followed it");
+                        bus.all_feeds_lagged();
+                    }
                     message = messages.recv() => match message {
                         Ok(message) => {
                             let payload = match &message.value {
@@ -289,6 +337,7 @@ impl RedisBackend {
                                 () = stop.cancelled() => break,
                                 () = resubscribe(&subscriber, &channels, slot) => {}
                             }
+                            backend.set_bus_node(owner(&subscriber, slot));
                             let listeners = bus.end_listeners();
                             tracing::info!(%server, listeners, "bus subscriber reconnected and resubscribed; GET streams re-read their logs, listen streams end");
                             bus.all_feeds_lagged();
@@ -310,6 +359,31 @@ impl RedisBackend {
 
     pub(super) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    fn bus_node(&self) -> Option<Server> {
+        self.inner
+            .bus_node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_bus_node(&self, node: Option<Server>) {
+        *self
+            .inner
+            .bus_node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = node;
+    }
+
+    /// A probe published on the prefix slot's node reached nobody: on a Redis Cluster, the bus
+    /// subscription must follow the slot (see `spawn_subscriber`).
+    pub(super) fn bus_misplaced(&self) {
+        use fred::interfaces::ClientLike as _;
+        if self.inner.subscriber.is_clustered() {
+            self.inner.bus_misplaced.notify_one();
+        }
     }
 
     /// The pool's client for the next command: a connected one when there is one (round robin
