@@ -485,7 +485,7 @@ impl RedisBackend {
     }
 
     /// The node serving `key` on a Redis Cluster (`None` elsewhere, or before the layout is known).
-    fn node_of(&self, key: &str) -> Option<Server> {
+    pub(super) fn node_of(&self, key: &str) -> Option<Server> {
         use fred::interfaces::ClusterInterface as _;
         if !self.client().is_clustered() {
             return None;

@@ -226,10 +226,11 @@ impl RedisBackend {
     /// no longer pending.
     async fn fan_out_once(&self, change: &Change, sessions: Vec<String>) -> (u64, bool) {
         use futures::StreamExt;
-        let results: Vec<(String, BackendResult<i64>)> = futures::stream::iter(sessions)
-            .map(|sid| async move {
-                let result = self.deliver(change, &sid).await;
-                (sid, result)
+        let batches = self.batches_by_node(sessions);
+        let results: Vec<(Vec<String>, BackendResult<Vec<i64>>)> = futures::stream::iter(batches)
+            .map(|batch| async move {
+                let result = self.deliver(change, &batch).await;
+                (batch, result)
             })
             .buffer_unordered(FANOUT_CONCURRENCY)
             .collect()
@@ -237,13 +238,19 @@ impl RedisBackend {
         let mut told = 0;
         let mut gone = Vec::new();
         let mut failed = 0;
-        for (sid, result) in results {
+        for (batch, result) in results {
             match result {
-                Ok(1) => told += 1,
-                Ok(0) => gone.push(sid),
-                Ok(_) => {}
+                Ok(outcomes) => {
+                    for (sid, outcome) in batch.into_iter().zip(outcomes) {
+                        match outcome {
+                            1 => told += 1,
+                            0 => gone.push(sid),
+                            _ => {}
+                        }
+                    }
+                }
                 Err(error) => {
-                    failed += 1;
+                    failed += batch.len();
                     tracing::debug!(%error, "a fanout append failed");
                 }
             }
@@ -267,26 +274,64 @@ impl RedisBackend {
         (told, done.is_ok())
     }
 
-    /// Appends `change` to one session's log unless it is there already: 1 appended, 2 already
-    /// there, 0 the session is gone.
-    async fn deliver(&self, change: &Change, session: &str) -> BackendResult<i64> {
-        self.eval(
-            &DELIVER_SCRIPT,
-            vec![
-                self.inner.keys.session(session),
-                self.inner.keys.event_log(session),
-                self.inner.keys.seen(session),
-            ],
-            vec![
-                change.id.as_str().into(),
-                change.payload.as_str().into(),
-                Value::from(self.inner.config.event_log_max_len as i64),
-                Value::from(self.inner.config.retention_secs() as i64),
-                self.inner.replica_prefix.as_str().into(),
-                session.into(),
-            ],
-        )
-        .await
+    /// `sessions` in batches of at most [`FANOUT_BATCH`] whose records live on one Redis node (all
+    /// of them on one Redis; by fred's slot map on a Redis Cluster), each batch one script.
+    fn batches_by_node(&self, sessions: Vec<String>) -> Vec<Vec<String>> {
+        let mut by_node: std::collections::HashMap<
+            Option<fred::types::config::Server>,
+            Vec<String>,
+        > = std::collections::HashMap::new();
+        for sid in sessions {
+            let node = self.node_of(&self.inner.keys.session(&sid));
+            by_node.entry(node).or_default().push(sid);
+        }
+        by_node
+            .into_values()
+            .flat_map(|group| {
+                group
+                    .chunks(FANOUT_BATCH)
+                    .map(<[String]>::to_vec)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Appends `change` to the log of each session of `batch` (one node's) unless it is there
+    /// already: per session, 1 appended, 2 already there, 0 the session is gone.
+    async fn deliver(&self, change: &Change, batch: &[String]) -> BackendResult<Vec<i64>> {
+        let Some(first) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let mut args: Vec<Value> = vec![
+            change.id.as_str().into(),
+            change.payload.as_str().into(),
+            Value::from(self.inner.config.event_log_max_len as i64),
+            Value::from(self.inner.config.retention_secs() as i64),
+            self.inner.replica_prefix.as_str().into(),
+        ];
+        for sid in batch {
+            args.push(sid.as_str().into());
+            args.push(self.inner.keys.session(sid).into());
+            args.push(self.inner.keys.event_log(sid).into());
+            args.push(self.inner.keys.seen(sid).into());
+        }
+        // The first session's keys route the script to the batch's node (a Redis Cluster refuses
+        // declared keys of several slots, whatever the script's flags).
+        let keys = vec![
+            self.inner.keys.session(first),
+            self.inner.keys.event_log(first),
+            self.inner.keys.seen(first),
+        ];
+        let result = self.eval(&DELIVER_SCRIPT, keys, args).await;
+        if let Err(BackendError::Redis(error)) = &result
+            && error.details().contains("non local key")
+        {
+            // A session's slot moved off the node fred's map names: read the map again before
+            // the next attempt.
+            use fred::interfaces::ClusterInterface as _;
+            let _ = self.client().sync_cluster().await;
+        }
+        result
     }
 
     /// The janitor's part: finishes the changes of every resource left pending for longer than
@@ -348,8 +393,10 @@ impl RedisBackend {
     }
 }
 
-/// How many appends of one fanout are in flight at once (fred pipelines those that share a node).
-const FANOUT_CONCURRENCY: usize = 64;
+/// How many append scripts of one fanout are in flight at once.
+const FANOUT_CONCURRENCY: usize = 16;
+/// Most sessions one append script serves (it runs alone on its node while it runs).
+const FANOUT_BATCH: usize = 100;
 
 /// One resource change on its way to the subscribers: its identity (a fresh UUID, so a fanout run
 /// again appends nothing twice), the resource, and the notification appended to each log.
@@ -515,20 +562,34 @@ local function record_change(set, pending, a, i)
 end
 ";
 
-/// KEYS: session, event log, seen changes. ARGV: change id, payload, max length, retention,
-/// replica-channel prefix, session id. Appends a resource change to the session's log unless it
-/// was appended before. Returns 1 (appended), 2 (there already) or 0 (the session is gone). The
-/// seen set keeps as many change ids as the log keeps events, for as long.
+/// KEYS: the first session's record, event log and seen changes (they route the script). ARGV:
+/// change id, payload, max length, retention, replica-channel prefix, then per session (all of
+/// one Redis node) its id, record, event log and seen changes. Appends a resource change to each
+/// session's log unless it was appended before. Returns per session 1 (appended), 2 (there
+/// already) or 0 (the session is gone). The seen set keeps as many change ids as the log keeps
+/// events, for as long. On a Redis Cluster the other sessions' keys are in other slots of the same
+/// node: the script says it may reach them (`allow-cross-slot-keys`, Redis 7), which a node
+/// allows for keys it serves.
 pub fn deliver() -> String {
     format!(
-        "{LUA_NETSTRING}{APPEND_FN}
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 2 end
-local id = append(KEYS[1], KEYS[2], ARGV[6], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-redis.call('ZADD', KEYS[3], tonumber(string.match(id, '^(%d+)')), ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -1 - tonumber(ARGV[3]))
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return 1
+        "#!lua flags=allow-cross-slot-keys
+{LUA_NETSTRING}{APPEND_FN}
+local out = {{}}
+for i = 6, #ARGV, 4 do
+  local sid, skey, lkey, seen = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if redis.call('EXISTS', skey) == 0 then
+    out[#out + 1] = 0
+  elseif redis.call('ZSCORE', seen, ARGV[1]) then
+    out[#out + 1] = 2
+  else
+    local id = append(skey, lkey, sid, ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+    redis.call('ZADD', seen, tonumber(string.match(id, '^(%d+)')), ARGV[1])
+    redis.call('ZREMRANGEBYRANK', seen, 0, -1 - tonumber(ARGV[3]))
+    redis.call('EXPIRE', seen, ARGV[4])
+    out[#out + 1] = 1
+  end
+end
+return out
 "
     )
 }
