@@ -1,7 +1,7 @@
 //! Quotas: how much one principal, and everyone together, may use of the cluster.
 //!
-//! Every decision is one script in the shared state ([`Backend::quota_admit`]), so a quota holds
-//! across replicas, survives a replica's restart and is the same whichever replica a balancer
+//! Every decision is made in the shared state ([`Backend::quota_admit`]: one script per subject,
+//! the principal's then the cluster-wide one, all or nothing), so a quota holds across replicas, survives a replica's restart and is the same whichever replica a balancer
 //! picks. Four kinds, each per principal and cluster-wide (`SHOAL_QUOTA_*`, 0 = unlimited):
 //!
 //! - **requests per second with a burst**, on every `/mcp` request (GCRA on Redis's clock);

@@ -134,7 +134,7 @@ families! {
     listener_dropped: Counter = Default::default(), "shoal_listener_dropped", "Notifications dropped because a subscriptions/listen stream was full";
     backend_errors: Family<OperationLabel, Counter> = Default::default(), "shoal_backend_errors", "Failed operations on the shared state backend, by operation";
     events_appended: Counter = Default::default(), "shoal_events_appended", "Events appended to session event logs by this replica";
-    fanouts_unfinished: Counter = Default::default(), "shoal_fanouts_unfinished", "Resource changes this replica left pending for the janitor (an append or the last step failed)";
+    fanouts_unfinished: Counter = Default::default(), "shoal_fanouts_unfinished", "Resource changes whose fanout failed a first time on this replica (an append or the last step; it tries again, then leaves them to the janitor)";
     fanouts_finished_by_janitor: Counter = Default::default(), "shoal_fanouts_finished_by_janitor", "Pending resource changes the janitor on this replica finished";
     process_rss: Gauge = Default::default(), "shoal_process_resident_memory_bytes", "Resident set size of this replica's process";
     runtime_alive_tasks: Gauge = Default::default(), "shoal_runtime_alive_tasks", "Tasks alive in this replica's async runtime";

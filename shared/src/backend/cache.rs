@@ -112,37 +112,45 @@ impl RedisBackend {
         } else {
             args.push("0".into());
         }
-        // The entry and its lock share a slot; each tag's set is in the tag's. Recording the entry
-        // under its tags runs beside storing it: an invalidation between the two can only miss
-        // an entry filled from data read before the write that invalidates, which an invalidation
-        // racing a fill misses anyway (docs/architecture.md, "Result cache").
-        let tagging = entry.map(|entry| {
+        // The entry and its lock share a slot; each tag's set is in the tag's. The entry is
+        // recorded under its tags first and stored only when every tag took it, so no stored
+        // entry escapes an invalidation of its tags. (An invalidation between the two can only
+        // miss an entry filled from data read before the write that invalidates, which an
+        // invalidation racing a fill misses anyway: docs/architecture.md.)
+        if let Some(entry) = entry {
             let ttl = entry.ttl.as_millis().max(1) as i64;
-            entry
-                .tags
-                .iter()
-                .map(|tag| {
-                    self.eval::<i64>(
-                        &CACHE_TAG_SCRIPT,
-                        vec![self.inner.keys.cache_tag(tag)],
-                        vec![entry_key.as_str().into(), Value::from(ttl)],
+            let tagging = entry.tags.iter().map(|tag| {
+                self.eval::<i64>(
+                    &CACHE_TAG_SCRIPT,
+                    vec![self.inner.keys.cache_tag(tag)],
+                    vec![entry_key.as_str().into(), Value::from(ttl)],
+                )
+            });
+            let tagged = futures::future::join_all(tagging)
+                .await
+                .into_iter()
+                .collect::<BackendResult<Vec<i64>>>();
+            if let Err(error) = tagged {
+                // Not stored: end the fill without the entry (waiters look again and fill).
+                args.truncate(3);
+                args.push("0".into());
+                let _: BackendResult<i64> = self
+                    .eval(
+                        &CACHE_RELEASE_SCRIPT,
+                        vec![entry_key.clone(), self.inner.keys.cache_lock(id)],
+                        args,
                     )
-                })
-                .collect::<Vec<_>>()
-        });
-        let store = self.eval::<i64>(
-            &CACHE_RELEASE_SCRIPT,
-            vec![entry_key.clone(), self.inner.keys.cache_lock(id)],
-            args,
-        );
-        let (stored, tagged) = futures::join!(
-            store,
-            futures::future::join_all(tagging.into_iter().flatten())
-        );
-        stored?;
-        for result in tagged {
-            result?;
+                    .await;
+                return Err(error);
+            }
         }
+        let _: i64 = self
+            .eval(
+                &CACHE_RELEASE_SCRIPT,
+                vec![entry_key, self.inner.keys.cache_lock(id)],
+                args,
+            )
+            .await?;
         Ok(())
     }
 
@@ -156,16 +164,28 @@ impl RedisBackend {
                 vec![],
             )
         });
+        // Every entry of a set that was taken is deleted, whatever happened to the other sets
+        // (a taken set is gone: its entries would escape a later invalidation).
         let mut entries = std::collections::BTreeSet::new();
+        let mut failure = None;
         for result in futures::future::join_all(taken).await {
-            entries.extend(result?);
+            match result {
+                Ok(taken) => entries.extend(taken),
+                Err(error) => failure = Some(error),
+            }
         }
         let deletions = entries.iter().map(|key| self.client().del::<i64, _>(key));
         let mut deleted = 0;
         for result in futures::future::join_all(deletions).await {
-            deleted += result?.max(0) as u64;
+            match result {
+                Ok(count) => deleted += count.max(0) as u64,
+                Err(error) => failure = Some(error.into()),
+            }
         }
-        Ok(deleted)
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(deleted),
+        }
     }
 }
 

@@ -91,29 +91,13 @@ impl RedisBackend {
         // An update is one script in the resource's slot. A new key is first entered in the key
         // index (another slot, where the scratchpad's bound is kept), then written.
         let fresh = Change::new(change.uri, change.legacy_payload);
-        let mut indexed = false;
+        let mut entered = false;
         loop {
-            let value_key = self.inner.keys.kv(&kv_uri(key));
-            let deadline = self.write_deadline(&value_key).await?;
-            let mut args = vec![
-                value.into(),
-                Value::from(deadline),
-                if indexed { "1" } else { "0" }.into(),
-                BusMessage::ListChanged(ListKind::Resources).encode().into(),
-            ];
-            args.extend(self.change_args(&fresh));
-            let reply: Vec<Value> = self
-                .eval(&KV_SET_SCRIPT, self.write_keys(key, change.uri), args)
-                .await?;
-            let (outcome, sessions) = reply
-                .split_first()
-                .ok_or_else(|| BackendError::Protocol("kv_set: empty reply".into()))?;
-            let outcome = match outcome.as_i64() {
-                Some(1) => KvSetOutcome::Created,
-                Some(0) => KvSetOutcome::Updated,
-                Some(-2) => return Err(too_late()),
-                Some(-3) if !indexed => {
-                    let entered: i64 = self
+            let written = self.kv_write(key, value, change.uri, &fresh, entered).await;
+            let (outcome, sessions) = match written {
+                Ok(Some(written)) => written,
+                Ok(None) if !entered => {
+                    let added: i64 = self
                         .eval(
                             &KV_INDEX_ADD_SCRIPT,
                             vec![self.inner.keys.kv_index()],
@@ -123,19 +107,108 @@ impl RedisBackend {
                             ],
                         )
                         .await?;
-                    if entered == -1 {
+                    if added == -1 {
                         return Ok(KvSetOutcome::Full);
                     }
-                    indexed = true;
+                    entered = true;
                     continue;
                 }
-                other => {
-                    return Err(BackendError::Protocol(format!("kv_set returned {other:?}")));
+                Ok(None) => {
+                    return Err(BackendError::Protocol(
+                        "kv_set: an indexed key was refused as not indexed".into(),
+                    ));
+                }
+                Err(error) => {
+                    if entered {
+                        // The first write of a key failed: its index entry goes, unless another
+                        // writer's value is there by now.
+                        self.unindex_unless_present(key).await;
+                    }
+                    return Err(error);
                 }
             };
-            let sessions = sessions.iter().filter_map(Value::as_string).collect();
+            if outcome == KvSetOutcome::Created {
+                // A delete of the same key may have removed the index entry this write relied on
+                // (between its write and its unindexing): enter it again. Together with the
+                // delete's own check, every interleaving ends with the key indexed.
+                let reentered: Result<i64, _> = self
+                    .client()
+                    .zadd(
+                        self.inner.keys.kv_index(),
+                        None,
+                        None,
+                        false,
+                        false,
+                        (0.0, key),
+                    )
+                    .await;
+                if let Err(error) = reentered {
+                    tracing::warn!(%error, "a created kv key may be missing from the key index");
+                }
+            }
             self.fan_out(fresh, sessions).await;
             return Ok(outcome);
+        }
+    }
+
+    /// The write script of [`Self::kv_set`]: the outcome and the subscribers to tell, or `None`
+    /// when the key is new and not indexed yet (nothing written).
+    async fn kv_write(
+        &self,
+        key: &str,
+        value: &str,
+        uri: &str,
+        change: &Change,
+        indexed: bool,
+    ) -> BackendResult<Option<(KvSetOutcome, Vec<String>)>> {
+        let value_key = self.inner.keys.kv(&kv_uri(key));
+        let deadline = self.write_deadline(&value_key).await?;
+        let mut args = vec![
+            value.into(),
+            Value::from(deadline),
+            if indexed { "1" } else { "0" }.into(),
+            BusMessage::ListChanged(ListKind::Resources).encode().into(),
+        ];
+        args.extend(self.change_args(change));
+        let reply: Vec<Value> = self
+            .eval(&KV_SET_SCRIPT, self.write_keys(key, uri), args)
+            .await?;
+        let (outcome, sessions) = reply
+            .split_first()
+            .ok_or_else(|| BackendError::Protocol("kv_set: empty reply".into()))?;
+        let outcome = match outcome.as_i64() {
+            Some(1) => KvSetOutcome::Created,
+            Some(0) => KvSetOutcome::Updated,
+            Some(-2) => return Err(too_late()),
+            Some(-3) => return Ok(None),
+            other => {
+                return Err(BackendError::Protocol(format!("kv_set returned {other:?}")));
+            }
+        };
+        let sessions = sessions.iter().filter_map(Value::as_string).collect();
+        Ok(Some((outcome, sessions)))
+    }
+
+    /// Removes `key` from the key index, then enters it again if its value exists (a writer
+    /// created it meanwhile). Best effort: a failure leaves the index as it was.
+    async fn unindex_unless_present(&self, key: &str) {
+        let index = self.inner.keys.kv_index();
+        let removed: Result<i64, _> = self.client().zrem(&index, key).await;
+        let present: Result<i64, _> = match removed {
+            Ok(_) => self.client().exists(self.inner.keys.kv(&kv_uri(key))).await,
+            Err(error) => Err(error),
+        };
+        let restored: Result<i64, fred::error::Error> = match present {
+            Ok(0) => Ok(0),
+            Ok(_) => {
+                self.client()
+                    .zadd(&index, None, None, false, false, (0.0, key))
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        if let Err(error) = restored {
+            tracing::warn!(%error, "the kv key index may be out of step with the values");
         }
     }
 
@@ -170,7 +243,11 @@ impl RedisBackend {
             .ok_or_else(|| BackendError::Protocol("kv_delete: empty reply".into()))?;
         match existed.as_i64() {
             Some(1) => {}
-            Some(0) => return Ok(false),
+            Some(0) => {
+                // No value: an index entry left by a crash between a first write's steps goes.
+                self.unindex_unless_present(key).await;
+                return Ok(false);
+            }
             Some(-1) => return Err(too_late()),
             other => {
                 return Err(BackendError::Protocol(format!(
@@ -181,12 +258,11 @@ impl RedisBackend {
         let sessions = sessions.iter().filter_map(Value::as_string).collect();
         self.fan_out(fresh, sessions).await;
         // The key leaves the index (in its own slot) before the listeners of the resource list
-        // hear of it, so a listing they make then no longer shows it. The delete stands if this
-        // fails: the key stays listed (read as missing) until it is written or deleted again.
-        let unlisted: Result<i64, _> = self.client().zrem(self.inner.keys.kv_index(), key).await;
-        match unlisted {
-            Ok(_) => self.list_changed(ListKind::Resources).await?,
-            Err(error) => tracing::warn!(%error, "a deleted kv key stays in the key index"),
+        // hear of it, so a listing they make then no longer shows it; a writer that created the
+        // key again meanwhile keeps it indexed. The delete stands whatever happens here.
+        self.unindex_unless_present(key).await;
+        if let Err(error) = self.list_changed(ListKind::Resources).await {
+            tracing::warn!(%error, "the resource list change of a kv delete was not announced");
         }
         Ok(true)
     }

@@ -73,8 +73,10 @@ pub struct QuotaRefusal {
 impl Backend {
     /// One quota decision: every check passes and `member` is recorded in each cap (a lease
     /// expiring after `lease` unless renewed, or for sessions a reservation until
-    /// [`Backend::quota_bind_session`]), or nothing is recorded and the first refusing check is
-    /// returned.
+    /// [`Backend::quota_bind_session`]), or nothing stays recorded and a refusing check is
+    /// returned. The checks are decided per subject (on Redis, one script per subject, whose keys
+    /// share a slot), in the order their subjects first appear; within a subject the first
+    /// refusing check is returned.
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
@@ -140,11 +142,19 @@ impl RedisBackend {
         // stays all or nothing.
         let groups = by_subject(checks);
         for (done, group) in groups.iter().enumerate() {
-            if let Some(index) = self.admit_group(checks, group, member, lease).await? {
-                for admitted in &groups[..done] {
-                    self.refund_group(checks, admitted, member).await?;
+            let decided = self.admit_group(checks, group, member, lease).await;
+            if !matches!(decided, Ok(None)) {
+                // Refused, or failed: what the earlier subjects admitted goes back (best effort:
+                // a lease not given back lapses after `lease`).
+                let refunds = groups[..done]
+                    .iter()
+                    .map(|admitted| self.refund_group(checks, admitted, member));
+                for refunded in futures::future::join_all(refunds).await {
+                    if let Err(error) = refunded {
+                        tracing::warn!(%error, "a quota admission was not given back; it lapses with its lease");
+                    }
                 }
-                return Ok(Some(index));
+                return decided;
             }
         }
         Ok(None)

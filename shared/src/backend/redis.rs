@@ -203,6 +203,7 @@ impl RedisBackend {
             inner: Arc::new(inner),
         };
         backend.spawn_subscriber(bus);
+        backend.spawn_error_log();
         // Give a reachable Redis a moment so the first requests find it connected; an unreachable
         // one does not block start-up (the replica reports not-ready until it is back).
         let wait = backend.inner.config.redis_timeout;
@@ -355,6 +356,45 @@ impl RedisBackend {
                 }
             }
         });
+    }
+
+    /// Logs why fred's connections fail (refused, reset, authentication, a node that left the
+    /// cluster…), which commands only report as unreachable: at most one line every 10 s, with the
+    /// number of errors it stands for.
+    fn spawn_error_log(&self) {
+        const EVERY: Duration = Duration::from_secs(10);
+        let last = Arc::new(std::sync::Mutex::new((None::<std::time::Instant>, 0u64)));
+        let receivers = self
+            .inner
+            .pool
+            .clients()
+            .iter()
+            .map(EventInterface::error_rx)
+            .chain(std::iter::once(self.inner.subscriber.error_rx()));
+        for mut errors in receivers {
+            let last = last.clone();
+            let stop = self.inner.background.stop.clone();
+            self.inner.background.spawn(async move {
+                loop {
+                    let (error, server) = tokio::select! {
+                        () = stop.cancelled() => return,
+                        received = errors.recv() => match received {
+                            Ok(received) => received,
+                            Err(RecvError::Lagged(_)) => continue,
+                            Err(RecvError::Closed) => return,
+                        },
+                    };
+                    let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    last.1 += 1;
+                    if last.0.is_none_or(|at| at.elapsed() >= EVERY) {
+                        let errors = std::mem::take(&mut last.1);
+                        last.0 = Some(std::time::Instant::now());
+                        let server = server.map(|server| server.to_string()).unwrap_or_default();
+                        tracing::warn!(%error, server, errors, "redis connection error (at most one line every 10 s; errors counts those since the last)");
+                    }
+                }
+            });
+        }
     }
 
     pub(super) fn metrics(&self) -> &Metrics {

@@ -193,8 +193,8 @@ impl RedisBackend {
     /// `sessions`: appends it to each session's log (concurrently, each in its session's slot,
     /// idempotently), then drops the pending mark and the sessions found gone, in the resource's
     /// slot. Returns the number of sessions told. A step that fails (Redis failing over, a node
-    /// unreachable) leaves the change pending, and this replica tries again in the background
-    /// until it is done (or shuts down); the janitor finishes what a dead replica left. Either way
+    /// unreachable) leaves the change pending, and this replica tries again in the background for
+    /// up to [`FANOUT_RETRY_FOR`] (or until it shuts down); the janitor finishes what is left. Either way
     /// the notification is late, never lost or doubled, and the write it belongs to stands.
     pub(super) async fn fan_out(&self, change: Change, sessions: Vec<String>) -> u64 {
         if sessions.is_empty() {
@@ -207,7 +207,8 @@ impl RedisBackend {
             let stop = self.inner.background.stop.clone();
             self.inner.background.spawn(async move {
                 let mut pause = Duration::from_millis(100);
-                loop {
+                let give_up = tokio::time::Instant::now() + FANOUT_RETRY_FOR;
+                while tokio::time::Instant::now() < give_up {
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(pause) => {}
@@ -217,6 +218,7 @@ impl RedisBackend {
                     }
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
+                tracing::warn!(uri = change.uri, "a resource change is still pending after a minute of attempts; the janitor takes it over");
             });
         }
         told
@@ -356,7 +358,13 @@ impl RedisBackend {
                 continue;
             };
             let pending: std::collections::HashMap<String, String> =
-                self.client().hgetall(&key).await?;
+                match self.client().hgetall(&key).await {
+                    Ok(pending) => pending,
+                    Err(error) => {
+                        tracing::debug!(%error, key, "pending changes not readable now");
+                        continue;
+                    }
+                };
             let now = self.redis_now_secs();
             for (id, record) in pending {
                 let Some((at, payload)) = record.split_once(':') else {
@@ -366,23 +374,29 @@ impl RedisBackend {
                 if now - at < age.as_secs() as i64 {
                     continue;
                 }
-                let sessions: Vec<String> = self
+                let Ok(sessions) = self
                     .client()
-                    .smembers(self.inner.keys.subscribers(&uri))
-                    .await?;
+                    .smembers::<Vec<String>, _>(self.inner.keys.subscribers(&uri))
+                    .await
+                else {
+                    continue;
+                };
                 let change = Change {
                     id,
                     uri: uri.clone(),
                     payload: payload.to_owned(),
                 };
                 if sessions.is_empty() {
-                    let _: i64 = self
+                    let done: BackendResult<i64> = self
                         .eval(
                             &CHANGE_DONE_SCRIPT,
                             self.change_keys(&uri),
                             vec![change.id.as_str().into()],
                         )
-                        .await?;
+                        .await;
+                    if done.is_err() {
+                        continue;
+                    }
                 } else if !self.fan_out_once(&change, sessions).await.1 {
                     continue;
                 }
@@ -393,6 +407,9 @@ impl RedisBackend {
     }
 }
 
+/// How long a replica keeps trying to finish a fanout of its own before it leaves it to the
+/// janitor (which finishes it at its next pass, however long a node is away).
+const FANOUT_RETRY_FOR: Duration = Duration::from_secs(60);
 /// How many append scripts of one fanout are in flight at once.
 const FANOUT_CONCURRENCY: usize = 16;
 /// Most sessions one append script serves (it runs alone on its node while it runs).
