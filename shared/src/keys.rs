@@ -50,6 +50,16 @@ impl Keys {
         format!("{}:seen:{{s:{sid}}}", self.prefix)
     }
 
+    /// What the fanout's Lua completes with `<sid>}` to name a session's record, event log and seen
+    /// changes, on a Redis where it may reach any key (one node).
+    pub fn session_name_prefixes(&self) -> [String; 3] {
+        [
+            format!("{}:sess:{{s:", self.prefix),
+            format!("{}:ev:{{s:", self.prefix),
+            format!("{}:seen:{{s:", self.prefix),
+        ]
+    }
+
     /// Set of session ids subscribed (legacy `resources/subscribe`) to one resource URI.
     pub fn subscribers(&self, uri: &str) -> String {
         format!("{}:subs:{{{}}}:{uri}", self.prefix, uri_tag(uri))
@@ -166,6 +176,10 @@ mod tests {
         assert_eq!(keys.session("abc"), "t1:sess:{s:abc}");
         assert_eq!(keys.event_log("abc"), "t1:ev:{s:abc}");
         assert_eq!(keys.seen("abc"), "t1:seen:{s:abc}");
+        let [sess, ev, seen] = keys.session_name_prefixes();
+        assert_eq!(format!("{sess}abc}}"), keys.session("abc"));
+        assert_eq!(format!("{ev}abc}}"), keys.event_log("abc"));
+        assert_eq!(format!("{seen}abc}}"), keys.seen("abc"));
         assert_eq!(
             keys.subscribers("kv://a"),
             format!("t1:subs:{{{u}}}:kv://a")

@@ -14,12 +14,13 @@ use fred::{
 
 use super::{
     Backend, BackendError, BackendResult,
+    events::APPEND_FN,
     memory::MemoryBackend,
     redis::RedisBackend,
-    subscriptions::{Change, RECORD_CHANGE_FN, ResourceChange},
+    subscriptions::{Change, DELIVER_ONE_FN, RECORD_CHANGE_FN, ResourceChange, told_and_sessions},
 };
 use crate::{
-    bus::{BusMessage, ListKind},
+    bus::{BusMessage, LUA_NETSTRING, ListKind},
     telemetry::attr,
 };
 
@@ -185,7 +186,7 @@ impl RedisBackend {
                 return Err(BackendError::Protocol(format!("kv_set returned {other:?}")));
             }
         };
-        let sessions = sessions.iter().filter_map(Value::as_string).collect();
+        let (_, sessions) = told_and_sessions(sessions);
         Ok(Some((outcome, sessions)))
     }
 
@@ -255,7 +256,7 @@ impl RedisBackend {
                 )));
             }
         }
-        let sessions = sessions.iter().filter_map(Value::as_string).collect();
+        let (_, sessions) = told_and_sessions(sessions);
         self.fan_out(fresh, sessions).await;
         // The key leaves the index (in its own slot) before the listeners of the resource list
         // hear of it, so a listing they make then no longer shows it; a writer that created the
@@ -353,14 +354,14 @@ impl MemoryBackend {
 
 /// KEYS: the value, the resource's subscriber set and pending changes. ARGV: value, deadline (µs
 /// since the Unix epoch on Redis's clock), '1' when the key is in the key index, the list-changed
-/// message, then the four arguments of `record_change` ([`RECORD_CHANGE_FN`]). Writes and
+/// message, then the eleven arguments of `record_change` ([`RECORD_CHANGE_FN`]). Writes and
 /// records the change for the subscribers (and, for a new key, tells the listeners of the
-/// resource list) in one step. Returns `{1 (created) or 0 (updated), subscribed session...}`,
+/// resource list) in one step. Returns `{1 (created) or 0 (updated), told, session left to tell...}`,
 /// `{-2}` (run after its deadline: nothing written, nobody told) or `{-3}` (a new key not in the
 /// index yet: nothing written).
 pub fn kv_set() -> String {
     format!(
-        "{RECORD_CHANGE_FN}
+        "{LUA_NETSTRING}{APPEND_FN}{DELIVER_ONE_FN}{RECORD_CHANGE_FN}
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[2]) then return {{-2}} end
 local existed = redis.call('EXISTS', KEYS[1])
@@ -383,13 +384,13 @@ redis.call('ZADD', KEYS[1], 0, ARGV[1])
 return 1
 ";
 
-/// KEYS: as [`kv_set`]. ARGV: deadline, then the four arguments of `record_change`. Deletes and,
-/// when the key existed, records the change for the subscribers in one step. Returns `{1,
-/// subscribed session...}` when the key existed, `{0}` when not, `{-1}` when run after its
+/// KEYS: as [`kv_set`]. ARGV: deadline, then the eleven arguments of `record_change`. Deletes and,
+/// when the key existed, records the change for the subscribers in one step. Returns `{1, told,
+/// session left to tell...}` when the key existed, `{0}` when not, `{-1}` when run after its
 /// deadline (nothing deleted, nobody told).
 pub fn kv_delete() -> String {
     format!(
-        "{RECORD_CHANGE_FN}
+        "{LUA_NETSTRING}{APPEND_FN}{DELIVER_ONE_FN}{RECORD_CHANGE_FN}
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[1]) then return {{-1}} end
 if redis.call('DEL', KEYS[1]) == 0 then return {{0}} end

@@ -161,8 +161,8 @@ impl RedisBackend {
                 self.change_args(&change),
             )
             .await?;
-        let sessions = reply.iter().filter_map(Value::as_string).collect();
-        Ok(self.fan_out(change, sessions).await)
+        let (told, sessions) = told_and_sessions(&reply);
+        Ok(told + self.fan_out(change, sessions).await)
     }
 
     /// The keys of a change's first step ([`RECORD_CHANGE_FN`]): the resource's subscriber set
@@ -176,6 +176,8 @@ impl RedisBackend {
 
     /// The four arguments of the Lua `record_change` ([`RECORD_CHANGE_FN`]).
     pub(super) fn change_args(&self, change: &Change) -> Vec<Value> {
+        use fred::interfaces::ClientLike as _;
+        let [sessions, logs, seen] = self.inner.keys.session_name_prefixes();
         vec![
             change.id.as_str().into(),
             change.payload.as_str().into(),
@@ -186,6 +188,20 @@ impl RedisBackend {
             }
             .encode()
             .into(),
+            // On one Redis (standalone or Sentinel-managed) every key is on the node that runs the
+            // script: the change reaches its subscribers in the same script, as one step.
+            if self.client().is_clustered() {
+                "0"
+            } else {
+                "1"
+            }
+            .into(),
+            Value::from(self.inner.config.event_log_max_len as i64),
+            Value::from(self.inner.config.retention_secs() as i64),
+            self.inner.replica_prefix.as_str().into(),
+            sessions.into(),
+            logs.into(),
+            seen.into(),
         ]
     }
 
@@ -407,6 +423,14 @@ impl RedisBackend {
     }
 }
 
+/// A first step's reply, `{told, session...}`: the sessions it told itself (on one Redis) and
+/// those left to tell.
+pub(super) fn told_and_sessions(reply: &[Value]) -> (u64, Vec<String>) {
+    let told = reply.first().and_then(Value::as_i64).unwrap_or(0).max(0) as u64;
+    let sessions = reply.iter().skip(1).filter_map(Value::as_string).collect();
+    (told, sessions)
+}
+
 /// How long a replica keeps trying to finish a fanout of its own before it leaves it to the
 /// janitor (which finishes it at its next pass, however long a node is away).
 const FANOUT_RETRY_FOR: Duration = Duration::from_secs(60);
@@ -543,11 +567,13 @@ end
 return 1
 ";
 
-/// KEYS: subscriber set, pending changes. ARGV: the four arguments of `record_change`. The first
+/// KEYS: subscriber set, pending changes. ARGV: the eleven arguments of `record_change`. The first
 /// step of telling a resource's subscribers about a change with no write attached (the PostgreSQL
-/// change poller): returns the subscribed sessions.
+/// change poller): returns `{told, session left to tell...}`.
 pub fn resource_updated() -> String {
-    format!("{RECORD_CHANGE_FN}\nreturn record_change(KEYS[1], KEYS[2], ARGV, 1)\n")
+    format!(
+        "{LUA_NETSTRING}{APPEND_FN}{DELIVER_ONE_FN}{RECORD_CHANGE_FN}\nreturn record_change(KEYS[1], KEYS[2], ARGV, 1)\n"
+    )
 }
 
 /// A resource change to tell the subscribers of `uri` about, in the same step as the change that
@@ -560,21 +586,49 @@ pub struct ResourceChange<'a> {
     pub legacy_payload: &'a str,
 }
 
+/// Shared helper: append a resource change (id `cid`) to one session's log, unless the session is
+/// gone (0) or, with `seen` (the session's seen-changes key, or false), it was appended before
+/// (2); 1 when appended. Needs [`LUA_NETSTRING`] and the events' `append`.
+pub(super) const DELIVER_ONE_FN: &str = r"
+local function deliver_one(skey, lkey, seen, sid, cid, payload, maxlen, retention, rprefix)
+  if redis.call('EXISTS', skey) == 0 then return 0 end
+  if seen and redis.call('ZSCORE', seen, cid) then return 2 end
+  local id = append(skey, lkey, sid, payload, maxlen, retention, rprefix)
+  if seen then
+    redis.call('ZADD', seen, tonumber(string.match(id, '^(%d+)')), cid)
+    redis.call('ZREMRANGEBYRANK', seen, 0, -1 - tonumber(maxlen))
+    redis.call('EXPIRE', seen, retention)
+  end
+  return 1
+end
+";
+
 /// Shared helper, the first step of every fanout, in the resource's slot and in the same script as
 /// the write it tells about (so a change is never made without being recorded): broadcasts the
-/// change to `subscriptions/listen` streams, reads the subscribers and, when there are any, records
-/// the change as pending (`id` → `<Redis seconds>:<payload>`) until the appends to their logs are
-/// done ([`RedisBackend::fan_out`]; the janitor finishes one a dead replica left).
-/// `record_change(set, pending, args, i)` reads its four arguments from `args[i]` on: change id,
-/// payload, resource channel, resource message. Returns the subscribed session ids.
+/// change to `subscriptions/listen` streams and reads the subscribers. On one Redis (`inline`) it
+/// appends the change to each subscriber's log itself, as one atomic step, and drops the gone;
+/// on a Redis Cluster it records the change as pending (`id` → `<Redis seconds>:<payload>`)
+/// until the appends in the sessions' slots are done ([`RedisBackend::fan_out`]; the janitor
+/// finishes one a dead replica left). `record_change(set, pending, args, i)` reads its eleven
+/// arguments from `args[i]` on, in the order of [`RedisBackend::change_args`]. Returns `{told,
+/// session...}`: the sessions told here, and those left to tell. Needs `deliver_one`.
 pub(super) const RECORD_CHANGE_FN: &str = r"
 local function record_change(set, pending, a, i)
   redis.call('PUBLISH', a[i + 2], a[i + 3])
   local sids = redis.call('SMEMBERS', set)
-  if #sids > 0 then
-    local t = redis.call('TIME')
-    redis.call('HSET', pending, a[i], t[1] .. ':' .. a[i + 1])
+  if #sids == 0 then return {0} end
+  if a[i + 4] == '1' then
+    local told = 0
+    for _, sid in ipairs(sids) do
+      local r = deliver_one(a[i + 8] .. sid .. '}', a[i + 9] .. sid .. '}', false, sid,
+        a[i], a[i + 1], a[i + 5], a[i + 6], a[i + 7])
+      if r == 0 then redis.call('SREM', set, sid) else told = told + 1 end
+    end
+    return {told}
   end
+  local t = redis.call('TIME')
+  redis.call('HSET', pending, a[i], t[1] .. ':' .. a[i + 1])
+  table.insert(sids, 1, 0)
   return sids
 end
 ";
@@ -590,21 +644,11 @@ end
 pub fn deliver() -> String {
     format!(
         "#!lua flags=allow-cross-slot-keys
-{LUA_NETSTRING}{APPEND_FN}
+{LUA_NETSTRING}{APPEND_FN}{DELIVER_ONE_FN}
 local out = {{}}
 for i = 6, #ARGV, 4 do
-  local sid, skey, lkey, seen = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if redis.call('EXISTS', skey) == 0 then
-    out[#out + 1] = 0
-  elseif redis.call('ZSCORE', seen, ARGV[1]) then
-    out[#out + 1] = 2
-  else
-    local id = append(skey, lkey, sid, ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-    redis.call('ZADD', seen, tonumber(string.match(id, '^(%d+)')), ARGV[1])
-    redis.call('ZREMRANGEBYRANK', seen, 0, -1 - tonumber(ARGV[3]))
-    redis.call('EXPIRE', seen, ARGV[4])
-    out[#out + 1] = 1
-  end
+  out[#out + 1] = deliver_one(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i],
+    ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 end
 return out
 "
