@@ -81,12 +81,16 @@ wrk_options() {
 # scripts/wrk/call.lua (tools/call echo; a legacy session of its own, TOKEN as bearer when set)
 # against URL; CPU-COMMAND prints the server's CPU seconds before and after. Appends
 # "label calls/s us-cpu/call p50 p99 failed" to $WORK/results.txt and prints it.
+# With WRK_CONNECTIONS set, that many connections instead of CONNECTIONS (1: latency at one request
+# in flight, one wrk thread).
 wrk_measure() {
   local label=$1 era=$2 url=$3 session="" before after line; shift 3
+  local connections=${WRK_CONNECTIONS:-$CONNECTIONS} threads=2
+  [ "$connections" -lt 2 ] && threads=1
   [ "$era" = legacy ] && session=$(open_session "$url")
-  ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d2s -s scripts/wrk/call.lua "$url" > /dev/null
+  ERA=$era SESSION=$session wrk -t"$threads" -c"$connections" -d2s -s scripts/wrk/call.lua "$url" > /dev/null
   before=$("$@")
-  line=$(ERA=$era SESSION=$session wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s scripts/wrk/call.lua "$url" | grep '^WRK')
+  line=$(ERA=$era SESSION=$session wrk -t"$threads" -c"$connections" -d"$DURATION" -s scripts/wrk/call.lua "$url" | grep '^WRK')
   after=$("$@")
   python3 - "$label" "$before" "$after" "$line" >> "$WORK/results.txt" <<'PY'
 import sys
@@ -99,7 +103,8 @@ PY
 }
 
 # wrk_summary "TITLE=LABEL/BASE"...: the medians of every label in $WORK/results.txt (over the rounds),
-# then for each argument the ratio of LABEL's medians to BASE's (calls/s and CPU per call).
+# then for each argument the ratio of LABEL's medians to BASE's (calls/s and CPU per call, and the
+# p50 and p99 latencies).
 wrk_summary() {
   python3 - "$WORK/results.txt" "$@" <<'PY'
 import statistics, sys
@@ -108,14 +113,16 @@ med = {}
 for label in dict.fromkeys(r[0] for r in rows):
     mine = [r for r in rows if r[0] == label]
     med[label] = (statistics.median(float(r[1]) for r in mine), statistics.median(float(r[2]) for r in mine),
-                  sum(int(r[5]) for r in mine))
+                  sum(int(r[5]) for r in mine), statistics.median(float(r[3]) for r in mine),
+                  statistics.median(float(r[4]) for r in mine))
 print("\nmedians")
-for label, (rate, cpu, failed) in med.items():
-    print(f"  {label:<24} {rate:8.0f} calls/s {cpu:7.1f} us CPU/call  failed {failed}")
+for label, (rate, cpu, failed, p50, p99) in med.items():
+    print(f"  {label:<28} {rate:8.0f} calls/s {cpu:7.1f} us CPU/call  p50 {p50:.3f} ms  p99 {p99:.3f} ms  failed {failed}")
 print("\nratios")
 for spec in sys.argv[2:]:
     title, pair = spec.split("=", 1)
     a, b = (med[label] for label in pair.split("/", 1))
-    print(f"  {title:<38} {a[0] / b[0]:.3f}x calls/s, {a[1] / b[1]:.3f}x CPU/call")
+    print(f"  {title:<42} {a[0] / b[0]:.3f}x calls/s, {a[1] / b[1]:.3f}x CPU/call, "
+          f"{a[3] / b[3]:.3f}x p50, {a[4] / b[4]:.3f}x p99")
 PY
 }

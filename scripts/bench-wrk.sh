@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 11, acceptance 6: shoal against stock rmcp 3.11, measured from outside with wrk (a Lua
-# script, 32 connections), side by side in one run, in both protocol eras:
+# shoal against stock rmcp 3.11, measured from outside with wrk, side by side in one run, in both
+# protocol eras, for throughput (--connections, 32, two wrk threads) and for latency at one
+# request in flight (one connection):
 #
 #   legacy     tools/call echo on one legacy session (Mcp-Session-Id), shoal on Redis vs stock rmcp
 #              (LocalSessionManager, rmcp's defaults: SSE responses) and stock rmcp in JSON-response
@@ -8,6 +9,10 @@
 #   2026-07-28 the stateless tools/call (per-request _meta), shoal on Redis vs stock rmcp in
 #              JSON-response mode;
 #   traced     shoal with every request traced (OTLP over HTTP to shoal-otlp-sink, 100% sampling).
+#
+# Every request carries a JSON-RPC id of its own (scripts/wrk/call.lua): until 2026-12-07 they all
+# had id 1, and the 32 connections' requests on one legacy session, all pending with one id, were
+# served one at a time, so the legacy figures measured a queue (docs/benchmarks.md).
 #
 # Each server's CPU per call comes from its own process (shoal: /metrics; stock: /proc/PID/stat).
 # Rounds alternate nothing but are repeated; medians are printed. wrk shares the 2 cores with the
@@ -29,6 +34,10 @@ shoal_run() { # $1 = label suffix, rest = extra --env
   start_replica --env SHOAL_TOOLSETS=kv "$@"
   wrk_measure "shoal$suffix legacy" legacy "$url" cpu_of "$base"
   wrk_measure "shoal$suffix 2026" modern "$url" cpu_of "$base"
+  if [ -z "$suffix" ]; then
+    WRK_CONNECTIONS=1 wrk_measure "shoal legacy c1" legacy "$url" cpu_of "$base"
+    WRK_CONNECTIONS=1 wrk_measure "shoal 2026 c1" modern "$url" cpu_of "$base"
+  fi
   stop_replica
 }
 
@@ -36,13 +45,15 @@ stock_run() { # $1 = label, rest = extra arguments of bench-rmcp-stock
   local label=$1; shift
   start_stock "$@"
   wrk_measure "$label legacy" legacy "$stock_url" proc_cpu "$stock"
+  WRK_CONNECTIONS=1 wrk_measure "$label legacy c1" legacy "$stock_url" proc_cpu "$stock"
   if [ "${1:-}" = --json-response ]; then
     wrk_measure "$label 2026" modern "$stock_url" proc_cpu "$stock"
+    WRK_CONNECTIONS=1 wrk_measure "$label 2026 c1" modern "$stock_url" proc_cpu "$stock"
   fi
   stop_stock
 }
 
-echo "wrk -t2 -c$CONNECTIONS, $DURATION per run, $ROUNDS rounds; tools/call echo"
+echo "wrk -t2 -c$CONNECTIONS and -t1 -c1 (c1), $DURATION per run, $ROUNDS rounds; tools/call echo, an id per request"
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round"
   shoal_run ""
@@ -54,5 +65,7 @@ wrk_summary \
   "legacy: shoal / stock rmcp=shoal legacy/rmcp legacy" \
   "legacy: shoal / rmcp JSON-response=shoal legacy/rmcp-json legacy" \
   "2026:   shoal / rmcp JSON-response=shoal 2026/rmcp-json 2026" \
+  "legacy, one in flight: shoal / stock rmcp=shoal legacy c1/rmcp legacy c1" \
+  "2026, one in flight: shoal / rmcp JSON-response=shoal 2026 c1/rmcp-json 2026 c1" \
   "traced / untraced, legacy=shoal traced legacy/shoal legacy" \
   "traced / untraced, 2026=shoal traced 2026/shoal 2026"

@@ -1,21 +1,27 @@
 -- wrk script: one MCP tools/call (echo) per request, on one connection after another.
 -- Environment: ERA (legacy | modern), SESSION (the Mcp-Session-Id of a legacy session), TOKEN (sent
 -- as `Authorization: Bearer`, when set).
+-- Every request has a JSON-RPC id of its own ("<thread>-<n>"): many connections share one legacy
+-- session, and a request id must not be reused within a session while it is pending (JSON-RPC,
+-- MCP); with one id for all, a server may only serve them one after another, and the benchmark
+-- would measure that queue, not the server.
 -- Counts the responses that are not 200 or carry no result (errors), and prints them at the end.
 local era = os.getenv("ERA") or "legacy"
 local session = os.getenv("SESSION")
 local token = os.getenv("TOKEN")
 local body
+-- The body around the id.
+local head = '{"jsonrpc":"2.0","id":"'
+local tail
 if era == "modern" then
-  body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"},'
+  tail = '","method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"},'
     .. '"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28",'
     .. '"io.modelcontextprotocol/clientInfo":{"name":"wrk","version":"1"},'
     .. '"io.modelcontextprotocol/clientCapabilities":{}}}}'
 else
-  body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}'
+  tail = '","method":"tools/call","params":{"name":"echo","arguments":{"text":"hello"}}}'
 end
 wrk.method = "POST"
-wrk.body = body
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Accept"] = "application/json, text/event-stream"
 if token and token ~= "" then
@@ -33,10 +39,17 @@ end
 local threads = {}
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("tid", #threads)
 end
 
 function init(args)
   bad = 0
+  sent = 0
+end
+
+function request()
+  sent = sent + 1
+  return wrk.format(nil, nil, nil, head .. tid .. "-" .. sent .. tail)
 end
 
 function response(status, headers, body)

@@ -24,6 +24,8 @@ pub(super) fn is_json(headers: &HeaderMap) -> bool {
 #[derive(Debug, Default)]
 pub(super) struct Envelope {
     pub(super) is_initialize: bool,
+    /// A request (a method and an id), as opposed to a notification or a response.
+    pub(super) is_request: bool,
     pub(super) id: Option<serde_json::Value>,
     /// `params._meta.traceparent` (2026-07-28 trace context propagation).
     pub(super) traceparent: Option<String>,
@@ -119,6 +121,7 @@ impl Envelope {
             .unwrap_or_default();
         Ok(Envelope {
             is_initialize: raw.method.as_deref() == Some("initialize"),
+            is_request: raw.method.is_some() && raw.id.is_some(),
             is_listen,
             listen_uris,
             id: raw.id,
@@ -401,5 +404,52 @@ mod tests {
                 .map_err(|e| e.reason),
             Err("origin")
         );
+    }
+}
+
+/// The ids of the legacy-session requests pending on this replica: a request id must not be reused
+/// within a session while its request is pending (JSON-RPC, MCP), and a second one would be
+/// answered only after the first (the session's responses are matched by id). Per replica: two
+/// requests with one id sent to two replicas are served by two workers, each answering on its own
+/// response, so nothing waits there.
+#[derive(Debug, Default)]
+pub(super) struct PendingIds {
+    ids: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+impl PendingIds {
+    /// Records `id` as pending in `session`, or `None` when it is pending already. The id is free
+    /// again when the guard drops (with the response's body).
+    pub(super) fn claim(
+        self: &std::sync::Arc<Self>,
+        session: &str,
+        id: &serde_json::Value,
+    ) -> Option<PendingId> {
+        let key = (session.to_owned(), id.to_string());
+        let mut ids = self
+            .ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        ids.insert(key.clone()).then(|| PendingId {
+            ids: self.clone(),
+            key,
+        })
+    }
+}
+
+/// A request id held pending until its response has been sent.
+#[derive(Debug)]
+pub(crate) struct PendingId {
+    ids: std::sync::Arc<PendingIds>,
+    key: (String, String),
+}
+
+impl Drop for PendingId {
+    fn drop(&mut self) {
+        self.ids
+            .ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
     }
 }

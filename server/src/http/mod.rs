@@ -91,6 +91,8 @@ pub struct HttpService {
     admin: bool,
     /// Whether the last readiness check passed (its failures are logged once, on the change).
     ready: Arc<AtomicBool>,
+    /// The legacy-session request ids pending on this replica.
+    pending: Arc<guard::PendingIds>,
 }
 
 impl HttpService {
@@ -121,6 +123,7 @@ impl HttpService {
             replica,
             admin: false,
             ready: Arc::new(AtomicBool::new(true)),
+            pending: Arc::default(),
         }
     }
 
@@ -144,6 +147,7 @@ impl HttpService {
             .headers_mut()
             .insert("x-shoal-replica", self.replica.clone());
         let lease = response.extensions_mut().remove::<Lease>();
+        let pending = response.extensions_mut().remove::<Arc<guard::PendingId>>();
         let status = response.status().as_u16();
         if span.is_recording() {
             span.set(attr::HTTP_RESPONSE_STATUS_CODE, i64::from(status));
@@ -159,6 +163,7 @@ impl HttpService {
             start,
             _span: span,
             _lease: lease,
+            _pending: pending,
         };
         response.map(|body| {
             ObservedBody {
@@ -499,6 +504,10 @@ impl HttpService {
         if let Err(refused) = self.admissible(&envelope, bytes.len(), principal).await {
             return refused;
         }
+        let pending = match self.unique_id(&parts.headers, &envelope) {
+            Ok(pending) => pending,
+            Err(refused) => return self.charged(principal, *refused, id).await,
+        };
         if let Err(refused) = self.authorized(&envelope, principal).await {
             return refused;
         }
@@ -530,7 +539,48 @@ impl HttpService {
             // Boxed: a rare path (one per session).
             Box::pin(lease.bind_session(session)).await;
         }
-        with_lease(response, lease)
+        let mut response = with_lease(response, lease);
+        if let Some(pending) = pending {
+            response.extensions_mut().insert(Arc::new(pending));
+        }
+        response
+    }
+
+    /// A legacy-session request whose id is not pending in its session on this replica holds
+    /// the id until its response ends; one whose id is pending is refused (400, -32600) naming
+    /// the id, rather than queued behind the other.
+    fn unique_id(
+        &self,
+        headers: &hyper::HeaderMap,
+        envelope: &Envelope,
+    ) -> Result<Option<guard::PendingId>, Box<Response<Body>>> {
+        let (Some(id), Some(session)) = (
+            envelope.id.as_ref().filter(|_| envelope.is_request),
+            headers
+                .get("mcp-session-id")
+                .and_then(|value| value.to_str().ok()),
+        ) else {
+            return Ok(None);
+        };
+        match self.pending.claim(session, id) {
+            Some(pending) => Ok(Some(pending)),
+            None => {
+                tracing::info!(%id, "rejected request: its id is pending in the session");
+                // The error carries no id: one naming it would answer the pending request.
+                Err(Box::new(self.reject(
+                    "duplicate_request_id",
+                    jsonrpc_error(
+                        StatusCode::BAD_REQUEST,
+                        -32600,
+                        &format!(
+                            "Invalid Request: request id {id} is already in use by a pending \
+                             request of this session (an id must not be reused until its \
+                             response has been received)"
+                        ),
+                    ),
+                )))
+            }
+        }
     }
 
     /// Reads the body (bounded) and peeks at its JSON-RPC envelope; a body too large or not

@@ -110,6 +110,8 @@ pub(super) struct Finish {
     pub(super) _span: Span,
     /// The quota lease of a tool call or stream, given back when the response ends.
     pub(super) _lease: Option<crate::quota::Lease>,
+    /// The request id held pending in its legacy session until the response ends.
+    pub(super) _pending: Option<std::sync::Arc<super::guard::PendingId>>,
 }
 
 impl Drop for Finish {
@@ -134,7 +136,15 @@ impl http_body::Body for ObservedBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(None) = polled {
+        // Done at the end of the body, or with its last frame when the body says so (hyper then
+        // writes the end without polling again): what the finish holds (a quota lease, a pending
+        // request id) is free before the client can have read the end.
+        let ended = match &polled {
+            std::task::Poll::Ready(None) => true,
+            std::task::Poll::Ready(Some(_)) => self.inner.is_end_stream(),
+            std::task::Poll::Pending => false,
+        };
+        if ended {
             self.finish.take();
         }
         polled

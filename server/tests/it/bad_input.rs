@@ -433,3 +433,45 @@ async fn connections_are_capped_and_idle_h2c_connections_are_closed() {
         .expect("healthz");
     assert_eq!(alive.status(), StatusCode::OK);
 }
+
+/// A request id reused within a legacy session while its request is pending is refused (400,
+/// -32600, the id named, no id on the error: it would answer the pending request) instead of
+/// waiting behind the first; other ids are served meanwhile, and once the first is answered its id
+/// may be used again.
+#[tokio::test]
+async fn a_request_id_pending_in_its_session_is_refused_when_reused() {
+    let topology = cluster(1).await;
+    let client = legacy_client(&topology.mcp_url()).await;
+    let call = |ms: u64| {
+        json!({"jsonrpc": "2.0", "id": "dup", "method": "tools/call",
+               "params": {"name": "sleep", "arguments": {"ms": ms}}})
+    };
+    let first = client
+        .post_message(&call(1500))
+        .send()
+        .await
+        .expect("first");
+    assert_eq!(first.status(), 200);
+
+    let second = client.post_message(&call(0)).send().await.expect("second");
+    assert_eq!(second.status(), 400);
+    let refusal: Value = second.json().await.expect("a JSON-RPC error");
+    assert_eq!(refusal["error"]["code"], -32600, "{refusal}");
+    let message = refusal["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("\"dup\""), "{message}");
+    assert!(refusal["id"].is_null(), "{refusal}");
+
+    call_ok(&client, "echo", json!({"text": "meanwhile"})).await;
+    let answered = first.text().await.expect("the first answer");
+    assert!(answered.contains("\"id\":\"dup\""), "{answered}");
+    assert!(answered.contains("\"result\""), "{answered}");
+
+    let again = client.post_message(&call(0)).send().await.expect("again");
+    assert_eq!(
+        again.status(),
+        200,
+        "the id is free once its request was answered"
+    );
+    let answered = again.text().await.expect("answer");
+    assert!(answered.contains("\"result\""), "{answered}");
+}
