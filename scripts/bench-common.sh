@@ -83,14 +83,20 @@ wrk_options() {
 # "label calls/s us-cpu/call p50 p99 failed" to $WORK/results.txt and prints it.
 # With WRK_CONNECTIONS set, that many connections instead of CONNECTIONS (1: latency at one request
 # in flight, one wrk thread).
+# With WRK_SESSION_PER_CONNECTION=1 (legacy), a session of its own for each connection (wrk runs
+# one thread per connection then).
 wrk_measure() {
-  local label=$1 era=$2 url=$3 session="" before after line; shift 3
+  local label=$1 era=$2 url=$3 session="" sessions="" before after line; shift 3
   local connections=${WRK_CONNECTIONS:-$CONNECTIONS} threads=2
   [ "$connections" -lt 2 ] && threads=1
   [ "$era" = legacy ] && session=$(open_session "$url")
-  ERA=$era SESSION=$session wrk -t"$threads" -c"$connections" -d2s -s scripts/wrk/call.lua "$url" > /dev/null
+  if [ "$era" = legacy ] && [ "${WRK_SESSION_PER_CONNECTION:-0}" = 1 ]; then
+    threads=$connections
+    for _ in $(seq 1 "$connections"); do sessions="$sessions$(open_session "$url"),"; done
+  fi
+  ERA=$era SESSION=$session SESSIONS=$sessions wrk -t"$threads" -c"$connections" -d2s -s scripts/wrk/call.lua "$url" > /dev/null
   before=$("$@")
-  line=$(ERA=$era SESSION=$session wrk -t"$threads" -c"$connections" -d"$DURATION" -s scripts/wrk/call.lua "$url" | grep '^WRK')
+  line=$(ERA=$era SESSION=$session SESSIONS=$sessions wrk -t"$threads" -c"$connections" -d"$DURATION" -s scripts/wrk/call.lua "$url" | grep '^WRK')
   after=$("$@")
   python3 - "$label" "$before" "$after" "$line" >> "$WORK/results.txt" <<'PY'
 import sys

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # shoal against stock rmcp 3.11, measured from outside with wrk, side by side in one run, in both
 # protocol eras, for throughput (--connections, 32, two wrk threads) and for latency at one
-# request in flight (one connection):
+# request in flight (one connection), and in the legacy era with a session per connection:
 #
 #   legacy     tools/call echo on one legacy session (Mcp-Session-Id), shoal on Redis vs stock rmcp
 #              (LocalSessionManager, rmcp's defaults: SSE responses) and stock rmcp in JSON-response
@@ -37,6 +37,7 @@ shoal_run() { # $1 = label suffix, rest = extra --env
   if [ -z "$suffix" ]; then
     WRK_CONNECTIONS=1 wrk_measure "shoal legacy c1" legacy "$url" cpu_of "$base"
     WRK_CONNECTIONS=1 wrk_measure "shoal 2026 c1" modern "$url" cpu_of "$base"
+    WRK_SESSION_PER_CONNECTION=1 wrk_measure "shoal legacy per-conn" legacy "$url" cpu_of "$base"
   fi
   stop_replica
 }
@@ -46,6 +47,7 @@ stock_run() { # $1 = label, rest = extra arguments of bench-rmcp-stock
   start_stock "$@"
   wrk_measure "$label legacy" legacy "$stock_url" proc_cpu "$stock"
   WRK_CONNECTIONS=1 wrk_measure "$label legacy c1" legacy "$stock_url" proc_cpu "$stock"
+  WRK_SESSION_PER_CONNECTION=1 wrk_measure "$label legacy per-conn" legacy "$stock_url" proc_cpu "$stock"
   if [ "${1:-}" = --json-response ]; then
     wrk_measure "$label 2026" modern "$stock_url" proc_cpu "$stock"
     WRK_CONNECTIONS=1 wrk_measure "$label 2026 c1" modern "$stock_url" proc_cpu "$stock"
@@ -66,6 +68,7 @@ wrk_summary \
   "legacy: shoal / rmcp JSON-response=shoal legacy/rmcp-json legacy" \
   "2026:   shoal / rmcp JSON-response=shoal 2026/rmcp-json 2026" \
   "legacy, one in flight: shoal / stock rmcp=shoal legacy c1/rmcp legacy c1" \
+  "legacy, a session per connection: shoal / rmcp=shoal legacy per-conn/rmcp legacy per-conn" \
   "2026, one in flight: shoal / rmcp JSON-response=shoal 2026 c1/rmcp-json 2026 c1" \
   "traced / untraced, legacy=shoal traced legacy/shoal legacy" \
   "traced / untraced, 2026=shoal traced 2026/shoal 2026"

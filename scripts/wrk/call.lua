@@ -1,6 +1,7 @@
 -- wrk script: one MCP tools/call (echo) per request, on one connection after another.
 -- Environment: ERA (legacy | modern), SESSION (the Mcp-Session-Id of a legacy session), TOKEN (sent
--- as `Authorization: Bearer`, when set).
+-- as `Authorization: Bearer`, when set); SESSIONS (comma-separated session ids, one per wrk thread:
+-- run it with as many threads as connections for one session per connection).
 -- Every request has a JSON-RPC id of its own ("<thread>-<n>"): many connections share one legacy
 -- session, and a request id must not be reused within a session while it is pending (JSON-RPC,
 -- MCP); with one id for all, a server may only serve them one after another, and the benchmark
@@ -45,6 +46,14 @@ end
 function init(args)
   bad = 0
   sent = 0
+  local list = os.getenv("SESSIONS")
+  if list and list ~= "" and era ~= "modern" then
+    local n = 0
+    for id in string.gmatch(list, "[^,]+") do
+      n = n + 1
+      if n == tid then wrk.headers["Mcp-Session-Id"] = id end
+    end
+  end
 end
 
 function request()
