@@ -168,14 +168,7 @@ impl RedisBackend {
         member: &str,
         lease: Duration,
     ) -> BackendResult<Option<QuotaRefusal>> {
-        let keys: Vec<String> = group
-            .iter()
-            .map(|&i| {
-                self.inner
-                    .keys
-                    .quota(checks[i].kind.as_str(), checks[i].subject)
-            })
-            .collect();
+        let keys = self.group_keys(checks, group);
         let mut args: Vec<Value> =
             vec![member.into(), Value::from(lease.as_millis().max(1) as i64)];
         for &i in group {
@@ -214,6 +207,18 @@ impl RedisBackend {
         }
     }
 
+    /// The quota keys of the checks `group` (indexes into `checks`).
+    fn group_keys(&self, checks: &[QuotaCheck<'_>], group: &[usize]) -> Vec<String> {
+        group
+            .iter()
+            .map(|&i| {
+                self.inner
+                    .keys
+                    .quota(checks[i].kind.as_str(), checks[i].subject)
+            })
+            .collect()
+    }
+
     /// Gives back what [`Self::admit_group`] recorded for `member` in the checks `group`.
     async fn refund_group(
         &self,
@@ -221,14 +226,7 @@ impl RedisBackend {
         group: &[usize],
         member: &str,
     ) -> BackendResult<()> {
-        let keys: Vec<String> = group
-            .iter()
-            .map(|&i| {
-                self.inner
-                    .keys
-                    .quota(checks[i].kind.as_str(), checks[i].subject)
-            })
-            .collect();
+        let keys = self.group_keys(checks, group);
         let mut args: Vec<Value> = vec![member.into()];
         for &i in group {
             args.push(checks[i].kind.as_str().into());
