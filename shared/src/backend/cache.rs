@@ -98,20 +98,24 @@ impl RedisBackend {
         entry: Option<CacheEntry<'_>>,
     ) -> BackendResult<()> {
         let entry_key = self.inner.keys.cache_entry(id);
-        let mut args: Vec<Value> = vec![
-            owner.into(),
-            self.inner.keys.cache_channel().into(),
-            BusMessage::CacheFilled { id }.encode().into(),
-        ];
-        if let Some(entry) = entry {
-            args.extend([
-                "1".into(),
-                entry.value.into(),
-                Value::from(entry.ttl.as_millis().max(1) as i64),
-            ]);
-        } else {
-            args.push("0".into());
-        }
+        let keys = vec![entry_key.clone(), self.inner.keys.cache_lock(id)];
+        // The release script's arguments, storing `entry` or not.
+        let args = |entry: Option<CacheEntry<'_>>| {
+            let mut args: Vec<Value> = vec![
+                owner.into(),
+                self.inner.keys.cache_channel().into(),
+                BusMessage::CacheFilled { id }.encode().into(),
+            ];
+            match entry {
+                Some(entry) => args.extend([
+                    "1".into(),
+                    entry.value.into(),
+                    Value::from(entry.ttl.as_millis().max(1) as i64),
+                ]),
+                None => args.push("0".into()),
+            }
+            args
+        };
         // The entry and its lock share a slot; each tag's set is in the tag's. The entry is
         // recorded under its tags first and stored only when every tag took it, so no stored
         // entry escapes an invalidation of its tags. (An invalidation between the two can only
@@ -132,25 +136,12 @@ impl RedisBackend {
                 .collect::<BackendResult<Vec<i64>>>();
             if let Err(error) = tagged {
                 // Not stored: end the fill without the entry (waiters look again and fill).
-                args.truncate(3);
-                args.push("0".into());
-                let _: BackendResult<i64> = self
-                    .eval(
-                        &CACHE_RELEASE_SCRIPT,
-                        vec![entry_key.clone(), self.inner.keys.cache_lock(id)],
-                        args,
-                    )
-                    .await;
+                let _: BackendResult<i64> =
+                    self.eval(&CACHE_RELEASE_SCRIPT, keys, args(None)).await;
                 return Err(error);
             }
         }
-        let _: i64 = self
-            .eval(
-                &CACHE_RELEASE_SCRIPT,
-                vec![entry_key, self.inner.keys.cache_lock(id)],
-                args,
-            )
-            .await?;
+        let _: i64 = self.eval(&CACHE_RELEASE_SCRIPT, keys, args(entry)).await?;
         Ok(())
     }
 

@@ -73,18 +73,10 @@ impl RedisBackend {
         let mut removed = 0;
         for set in self.scan_all(self.inner.keys.subscribers_pattern()).await? {
             let members: Vec<String> = self.client().smembers(&set).await?;
-            let alive = members.iter().map(|session| async move {
-                self.client()
-                    .exists::<i64, _>(self.inner.keys.session(session))
-                    .await
-            });
             let gone: Vec<&String> = members
                 .iter()
-                .zip(futures::future::join_all(alive).await)
-                .filter_map(|(session, alive)| match alive {
-                    Ok(0) => Some(session),
-                    _ => None,
-                })
+                .zip(self.sessions_exist(&members).await)
+                .filter_map(|(session, exists)| matches!(exists, Ok(false)).then_some(session))
                 .collect();
             if !gone.is_empty() {
                 let count = gone.len() as u64;

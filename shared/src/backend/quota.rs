@@ -243,16 +243,10 @@ impl RedisBackend {
         index: &str,
         due: Vec<String>,
     ) -> BackendResult<()> {
-        use fred::interfaces::KeysInterface as _;
-        let alive = due.iter().map(|session| async move {
-            self.client()
-                .exists::<i64, _>(self.inner.keys.session(session))
-                .await
-        });
         let mut args: Vec<Value> = vec![Value::from(SESSION_RECHECK.as_millis() as i64)];
-        for (session, alive) in due.iter().zip(futures::future::join_all(alive).await) {
+        for (session, exists) in due.iter().zip(self.sessions_exist(&due).await) {
             args.push(session.as_str().into());
-            args.push(if alive? > 0 { "1" } else { "0" }.into());
+            args.push(if exists? { "1" } else { "0" }.into());
         }
         let _: i64 = self
             .eval(&QUOTA_RECHECK_SESSIONS_SCRIPT, vec![index.to_owned()], args)

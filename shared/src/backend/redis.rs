@@ -149,23 +149,23 @@ fn builder(url: &SecretString, config: &BackendConfig) -> BackendResult<Builder>
     Ok(builder)
 }
 
+/// The primary serving `slot` in `client`'s routing table: `None` off a Redis Cluster, or before
+/// the table is known.
+fn slot_owner(client: &impl fred::interfaces::ClusterInterface, slot: u16) -> Option<Server> {
+    if !client.is_clustered() {
+        return None;
+    }
+    client
+        .cached_cluster_state()
+        .and_then(|routing| routing.get_server(slot).cloned())
+}
+
 /// Whether `server`, just (re)connected, is where the bus subscription lives: on a Redis
 /// Cluster, the primary serving `slot` in fred's routing table (which a resynchronisation updates
 /// before it reports the nodes it connected); any server otherwise, or when the table is not
 /// known yet.
-fn holds_the_bus(
-    subscriber: &SubscriberClient,
-    slot: u16,
-    server: &fred::types::config::Server,
-) -> bool {
-    use fred::interfaces::ClusterInterface as _;
-    if !subscriber.is_clustered() {
-        return true;
-    }
-    subscriber
-        .cached_cluster_state()
-        .and_then(|routing| routing.get_server(slot).cloned())
-        .is_none_or(|owner| owner == *server)
+fn holds_the_bus(subscriber: &SubscriberClient, slot: u16, server: &Server) -> bool {
+    slot_owner(subscriber, slot).is_none_or(|owner| owner == *server)
 }
 
 impl RedisBackend {
@@ -245,13 +245,6 @@ impl RedisBackend {
                 }
             }
         }
-        /// The node serving `slot` in the subscriber's routing table (`None` off a cluster).
-        fn owner(subscriber: &SubscriberClient, slot: u16) -> Option<Server> {
-            use fred::interfaces::ClusterInterface as _;
-            subscriber
-                .cached_cluster_state()
-                .and_then(|routing| routing.get_server(slot).cloned())
-        }
         let subscriber = self.inner.subscriber.clone();
         let channels: Vec<String> = bus.channels().iter().map(|c| (*c).to_owned()).collect();
         let mut messages = subscriber.message_rx();
@@ -265,7 +258,7 @@ impl RedisBackend {
                 () = stop.cancelled() => return,
                 () = resubscribe(&subscriber, &channels, slot) => {}
             }
-            backend.set_bus_node(owner(&subscriber, slot));
+            backend.set_bus_node(slot_owner(&subscriber, slot));
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
@@ -276,27 +269,16 @@ impl RedisBackend {
                         // old node meanwhile (a cluster relays PUBLISH to every node); the GET
                         // streams re-read their logs and listen streams end anyway, as after a
                         // reconnection, for what the switch itself may drop or double.
-                        use fred::interfaces::ClusterInterface as _;
-                        let wait = backend.inner.config.redis_timeout;
-                        if let Err(error) = tokio::time::timeout(wait, subscriber.sync_cluster()).await.unwrap_or_else(|_| Err(fred::error::Error::new(fred::error::ErrorKind::Timeout, "sync_cluster"))) {
-                            tracing::debug!(%error, "the bus subscriber could not read the cluster layout");
+                        let Some((old, new)) = backend.bus_move(&subscriber).await else {
                             continue;
-                        }
-                        let old = backend.bus_node();
-                        let new = owner(&subscriber, slot);
-                        if new == old {
-                            continue;
-                        }
+                        };
                         tokio::select! {
                             () = stop.cancelled() => break,
                             () = resubscribe(&subscriber, &channels, slot) => {}
                         }
                         backend.set_bus_node(new.clone());
                         if let Some(old) = &old {
-                            let left = tokio::time::timeout(wait, subscriber.with_options(&fred::types::config::Options { cluster_node: Some(old.clone()), ..Default::default() }).unsubscribe(channels.clone())).await;
-                            if !matches!(left, Ok(Ok(()))) {
-                                tracing::debug!(%old, "the bus subscription on the former node could not be ended; it ends with the connection");
-                            }
+                            backend.leave_bus_node(&subscriber, old, &channels).await;
                         }
                         let listeners = bus.end_listeners();
                         tracing::info!(?old, ?new, listeners, "the prefix's slot moved; the bus subscription followed it");
@@ -338,7 +320,7 @@ impl RedisBackend {
                                 () = stop.cancelled() => break,
                                 () = resubscribe(&subscriber, &channels, slot) => {}
                             }
-                            backend.set_bus_node(owner(&subscriber, slot));
+                            backend.set_bus_node(slot_owner(&subscriber, slot));
                             let listeners = bus.end_listeners();
                             tracing::info!(%server, listeners, "bus subscriber reconnected and resubscribed; GET streams re-read their logs, listen streams end");
                             bus.all_feeds_lagged();
@@ -399,6 +381,54 @@ impl RedisBackend {
 
     pub(super) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// After a probe found the bus subscription misplaced: reads the cluster layout again and
+    /// answers where the subscription is and where the prefix's slot is now, when they differ.
+    async fn bus_move(
+        &self,
+        subscriber: &SubscriberClient,
+    ) -> Option<(Option<Server>, Option<Server>)> {
+        use fred::interfaces::ClusterInterface as _;
+        match tokio::time::timeout(self.inner.config.redis_timeout, subscriber.sync_cluster()).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "the bus subscriber could not read the cluster layout");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!("the bus subscriber timed out reading the cluster layout");
+                return None;
+            }
+        }
+        let old = self.bus_node();
+        let new = slot_owner(subscriber, self.inner.prefix_slot);
+        (new != old).then_some((old, new))
+    }
+
+    /// Ends the bus subscription on the node `old` (best effort: it ends with its connection
+    /// anyway).
+    async fn leave_bus_node(
+        &self,
+        subscriber: &SubscriberClient,
+        old: &Server,
+        channels: &[String],
+    ) {
+        let on_old = fred::types::config::Options {
+            cluster_node: Some(old.clone()),
+            ..Default::default()
+        };
+        let left = tokio::time::timeout(
+            self.inner.config.redis_timeout,
+            subscriber
+                .with_options(&on_old)
+                .unsubscribe(channels.to_vec()),
+        )
+        .await;
+        if !matches!(left, Ok(Ok(()))) {
+            tracing::debug!(%old, "the bus subscription on the former node could not be ended; it ends with the connection");
+        }
     }
 
     fn bus_node(&self) -> Option<Server> {
@@ -526,14 +556,7 @@ impl RedisBackend {
 
     /// The node serving `key` on a Redis Cluster (`None` elsewhere, or before the layout is known).
     pub(super) fn node_of(&self, key: &str) -> Option<Server> {
-        use fred::interfaces::ClusterInterface as _;
-        if !self.client().is_clustered() {
-            return None;
-        }
-        let slot = fred::util::redis_keyslot(key.as_bytes());
-        self.client()
-            .cached_cluster_state()
-            .and_then(|routing| routing.get_server(slot).cloned())
+        slot_owner(self.client(), fred::util::redis_keyslot(key.as_bytes()))
     }
 
     /// Reads the clock of `node` (`None`: the only primary) and keeps the reading if it is at least

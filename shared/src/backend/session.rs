@@ -17,7 +17,7 @@ use fred::{
 use tokio::time::Instant;
 
 use super::{
-    Backend, BackendResult,
+    Backend, BackendError, BackendResult,
     memory::{MemoryBackend, SessionRecord},
     redis::RedisBackend,
 };
@@ -107,6 +107,19 @@ impl Backend {
 }
 
 impl RedisBackend {
+    /// Whether each of `sessions` still exists, asked concurrently (each record in its own slot):
+    /// one answer per session, in order.
+    pub(super) async fn sessions_exist(&self, sessions: &[String]) -> Vec<BackendResult<bool>> {
+        let asked = sessions.iter().map(|session| async move {
+            self.client()
+                .exists::<i64, _>(self.inner.keys.session(session))
+                .await
+                .map(|count| count > 0)
+                .map_err(BackendError::from)
+        });
+        futures::future::join_all(asked).await
+    }
+
     pub(super) fn ttl(&self) -> Value {
         Value::from(self.inner.config.session_ttl_secs() as i64)
     }
