@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::{
-    backend::{Backend, BackendResult, FeedClaim, FeedStart, LoggedEvent},
+    backend::{Backend, BackendResult, FeedClaim, FeedHold, FeedStart, LoggedEvent},
     bus::{self, Bus, FeedRegistration},
     ids::EventId,
 };
@@ -116,6 +116,20 @@ struct FeedTask {
 /// The feed's consumer is gone.
 struct Closed;
 
+/// Why a feed stops between two events.
+enum Stop {
+    /// The consumer is gone.
+    Closed,
+    /// Another GET stream of the session holds it.
+    Superseded,
+}
+
+impl From<Closed> for Stop {
+    fn from(Closed: Closed) -> Self {
+        Self::Closed
+    }
+}
+
 /// Why a feed stopped.
 enum End {
     /// The consumer went away, or the replica shuts its streams down: release the session.
@@ -172,7 +186,7 @@ impl FeedTask {
         touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         touch.tick().await; // the first tick is immediate; the open itself just touched
         loop {
-            let step: Result<(), Closed> = tokio::select! {
+            let step: Result<(), Stop> = tokio::select! {
                 biased;
                 () = self.registration.gone.cancelled() => {
                     // Deleted (nothing to release) or shutting down (release for the next stream).
@@ -180,22 +194,15 @@ impl FeedTask {
                 }
                 () = self.out.closed() => return End::Release,
                 _ = touch.tick() => {
-                    let gone = self.registration.gone.clone();
-                    tokio::select! {
-                        biased;
-                        // Ended meanwhile: the next turn says how.
-                        () = gone.cancelled() => Ok(()),
-                        checkpoint = self.backend.feed_checkpoint(self.claim(), self.last, false) => {
-                            match checkpoint {
-                                Ok(false) => return End::SessionGone, // expired or deleted
-                                _ => Ok(()),
-                            }
-                        }
+                    match self.checkpoint().await {
+                        Some(FeedHold::Gone) => return End::SessionGone, // expired or deleted
+                        Some(FeedHold::Superseded) => Err(Stop::Superseded),
+                        _ => Ok(()),
                     }
                 }
                 () = self.registration.lagged.raised() => {
                     self.registration.lagged.take();
-                    self.catch_up().await
+                    self.resync().await
                 }
                 event = self.registration.events.recv() => match event {
                     Some(event) => {
@@ -204,30 +211,56 @@ impl FeedTask {
                             // An event before this one never arrived live (lost across a bus
                             // reconnect): the log has both, in order.
                             self.backend.metrics().feed_lagged();
-                            step = self.catch_up().await;
+                            step = self.resync().await;
                         } else if event.id > self.last {
                             self.last = event.id;
-                            step = self.send(FeedItem::Event(LoggedEvent { id: event.id, payload: event.payload })).await;
+                            step = self.send(FeedItem::Event(LoggedEvent { id: event.id, payload: event.payload })).await.map_err(Stop::from);
                         }
                         if step.is_ok() && self.registration.lagged.take() {
-                            step = self.catch_up().await;
+                            step = self.resync().await;
                         }
                         step
                     }
                     // A newer GET stream of the session took over (here or on another replica): one
                     // live GET stream per session, so this one ends. The newer stream holds the
                     // session now: nothing to release.
-                    None => return End::Superseded,
+                    None => Err(Stop::Superseded),
                 },
             };
-            if step.is_err() {
+            match step {
+                Ok(()) => {}
+                Err(Stop::Superseded) => return End::Superseded,
                 // A deleted session has nothing to release (a checkpoint would write to it again).
-                return if self.registration.session_deleted() {
-                    End::SessionGone
-                } else {
-                    End::Release
-                };
+                Err(Stop::Closed) if self.registration.session_deleted() => {
+                    return End::SessionGone;
+                }
+                Err(Stop::Closed) => return End::Release,
             }
+        }
+    }
+
+    /// Records how far the feed got and learns whether it still holds the session; `None` when
+    /// the feed ended meanwhile (the next turn says how) or the backend did not answer (the next
+    /// touch asks again).
+    async fn checkpoint(&self) -> Option<FeedHold> {
+        let gone = self.registration.gone.clone();
+        tokio::select! {
+            biased;
+            () = gone.cancelled() => None,
+            checkpoint = self.backend.feed_checkpoint(self.claim(), self.last, false) => checkpoint.ok(),
+        }
+    }
+
+    /// After live messages may have been lost (the bus reconnected or fell behind, or an event
+    /// arrived without its predecessor): re-reads the log, then asks whether this stream still
+    /// holds the session, since the message ending it when a newer stream opened may have been
+    /// lost too. Without that a replaced stream would stay open, receiving nothing, until its
+    /// client left.
+    async fn resync(&mut self) -> Result<(), Stop> {
+        self.catch_up().await?;
+        match self.checkpoint().await {
+            Some(FeedHold::Superseded) => Err(Stop::Superseded),
+            _ => Ok(()),
         }
     }
 
@@ -488,5 +521,59 @@ mod tests {
             open(&backend, &bus, "s", None, options()).await,
             Err(FeedError::SessionGone)
         ));
+    }
+
+    /// A newer GET stream opened on another replica, and the bus message telling this one to end
+    /// was lost (the replica's bus connection was away): the claim is all that is left of it.
+    async fn claimed_elsewhere(backend: &Backend) {
+        backend
+            .feed_open(
+                FeedClaim {
+                    session: "s",
+                    holder: "another-replica:1",
+                },
+                None,
+                1,
+            )
+            .await
+            .expect("claim")
+            .expect("live");
+    }
+
+    /// What a feed that must end yields within a bound: `None` when it ended.
+    async fn ended(rx: &mut mpsc::Receiver<FeedItem>) -> Option<FeedItem> {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the replaced feed ended within 5 s")
+    }
+
+    #[tokio::test]
+    async fn a_replaced_feed_that_missed_its_end_ends_when_it_resyncs() {
+        let (backend, bus) = setup(1000);
+        let mut rx = fresh_feed(&backend, &bus).await;
+        claimed_elsewhere(&backend).await;
+        // The bus came back: every feed re-reads its log, and learns it no longer holds its session.
+        bus.all_feeds_lagged();
+        assert_eq!(ended(&mut rx).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_replaced_feed_that_missed_its_end_ends_at_its_next_touch() {
+        let (backend, bus) = setup(1000);
+        backend
+            .session_create("s", "{}", "p")
+            .await
+            .expect("create");
+        let options = FeedOptions {
+            touch_every: Duration::from_millis(50),
+            ..options()
+        };
+        let mut rx = open(&backend, &bus, "s", None, options)
+            .await
+            .expect("open");
+        assert_eq!(rx.recv().await, Some(FeedItem::Start(EventId::ZERO)));
+        // Nothing tells this feed anything was lost: its periodic checkpoint finds out.
+        claimed_elsewhere(&backend).await;
+        assert_eq!(ended(&mut rx).await, None);
     }
 }

@@ -3,12 +3,17 @@
 //! link: nothing arrives, nothing is closed, as when a cable or a firewall drops packets), cutting
 //! one direction, adding latency, or dropping every connection.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{Notify, watch},
     task::JoinSet,
 };
 
@@ -33,6 +38,8 @@ pub struct FaultProxy {
     mode: watch::Sender<Fault>,
     /// Bumped by [`FaultProxy::drop_connections`]: connections of an older generation close.
     generation: watch::Sender<u64>,
+    /// Open connections by the generation they were born in.
+    open: Arc<OpenConnections>,
     _accept: tokio::task::JoinHandle<()>,
 }
 
@@ -48,6 +55,8 @@ impl FaultProxy {
         let (generation, _) = watch::channel(0u64);
         let modes = mode.clone();
         let generations = generation.clone();
+        let open = Arc::new(OpenConnections::default());
+        let counted = open.clone();
         let accept = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             loop {
@@ -57,7 +66,9 @@ impl FaultProxy {
                 let mode = modes.subscribe();
                 let mut generation = generations.subscribe();
                 let born = *generation.borrow_and_update();
+                let guard = counted.opened(born);
                 connections.spawn(async move {
+                    let _guard = guard;
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
                     };
@@ -79,6 +90,7 @@ impl FaultProxy {
             addr,
             mode,
             generation,
+            open,
             _accept: accept,
         })
     }
@@ -96,6 +108,78 @@ impl FaultProxy {
     /// Closes every open connection (new ones are accepted).
     pub fn drop_connections(&self) {
         self.generation.send_modify(|n| *n += 1);
+    }
+
+    /// Closes every open connection and returns once each is closed: what either side had sent
+    /// and the proxy held back is gone with them.
+    pub async fn close_connections(&self) {
+        let mut current = 0;
+        self.generation.send_modify(|n| {
+            *n += 1;
+            current = *n;
+        });
+        loop {
+            let closed = self.open.closed.notified();
+            if self.open.older_than(current) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// The proxy's open connections by generation, and a signal when one closes.
+#[derive(Debug, Default)]
+struct OpenConnections {
+    by_generation: Mutex<BTreeMap<u64, usize>>,
+    closed: Notify,
+}
+
+impl OpenConnections {
+    fn opened(self: &Arc<Self>, generation: u64) -> OpenGuard {
+        *self
+            .by_generation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(generation)
+            .or_default() += 1;
+        OpenGuard {
+            open: self.clone(),
+            generation,
+        }
+    }
+
+    fn older_than(&self, generation: u64) -> usize {
+        self.by_generation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .range(..generation)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Counts one connection as open until dropped.
+struct OpenGuard {
+    open: Arc<OpenConnections>,
+    generation: u64,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let mut by_generation = self
+            .open
+            .by_generation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_generation.get_mut(&self.generation) {
+            *n -= 1;
+            if *n == 0 {
+                by_generation.remove(&self.generation);
+            }
+        }
+        drop(by_generation);
+        self.open.closed.notify_waiters();
     }
 }
 

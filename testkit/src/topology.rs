@@ -993,8 +993,46 @@ impl Topology {
     }
 }
 
+/// Lines of each log a failing test prints.
+const FAILURE_LOG_LINES: usize = 40;
+
+/// The last `lines` lines of a log file, each cut to a bounded width (a log line can carry a
+/// payload).
+fn log_tail(path: &Path, lines: usize) -> String {
+    const WIDTH: usize = 400;
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return format!("(no log at {})\n", path.display());
+    };
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|line| match line.char_indices().nth(WIDTH) {
+            Some((cut, _)) => format!("{}…\n", &line[..cut]),
+            None => format!("{line}\n"),
+        })
+        .collect()
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test: what its processes said last goes with its report (CI keeps only
+            // the test's output), before the files are removed.
+            let mut logs: Vec<(String, PathBuf)> = self
+                .replicas
+                .iter()
+                .map(|r| (format!("replica {} ({})", r.name, r.port), r.log.clone()))
+                .collect();
+            if let Some(balancer) = &self.balancer {
+                logs.push(("balancer".into(), balancer.dir.join("error.log")));
+            }
+            for (what, path) in logs {
+                eprintln!(
+                    "--- last {FAILURE_LOG_LINES} lines of the {what} log ---\n{}",
+                    log_tail(&path, FAILURE_LOG_LINES)
+                );
+            }
+        }
         // Replicas and Redis are killed by kill_on_drop, the balancer by its own Drop: stop
         // them before their files go.
         self.balancer = None;

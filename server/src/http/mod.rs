@@ -220,6 +220,9 @@ impl HttpService {
     async fn readyz(&self) -> Response<Body> {
         let reason = if self.state.draining.load(Ordering::SeqCst) {
             Some("draining")
+        } else if !self.state.bus.has_subscribed() {
+            // Starting: what is published to this replica would not reach it yet.
+            Some("cluster bus not subscribed yet")
         } else if self.state.bus.since_last_roundtrip() > BUS_SILENCE_LIMIT {
             // The bus probe (every 5 s) has not come back: this replica would miss notifications.
             Some("cluster bus silent")

@@ -8,8 +8,8 @@ use std::{collections::BTreeMap, future::Future, time::Duration};
 use secrecy::SecretString;
 use shoal_shared::{
     backend::{
-        Backend, BackendConfig, CacheEntry, FeedClaim, FeedStart, KvSetOutcome, QuotaCheck,
-        QuotaKind, ResourceChange, SubscribeOutcome,
+        Backend, BackendConfig, CacheEntry, FeedClaim, FeedHold, FeedStart, KvSetOutcome,
+        QuotaCheck, QuotaKind, ResourceChange, SubscribeOutcome,
     },
     bus::{self, Bus, ControlMessage, ListKind, ListenEvent},
     ids::{EventId, ReplicaTag},
@@ -229,10 +229,22 @@ async fn events_reach_the_feed_holder_and_are_bounded() {
             vec![ids[4]]
         );
         // A checkpoint records where the stream stopped; a fresh stream starts there.
-        assert!(
+        // Another stream's claim is not recorded over this one's, and tells it that it was replaced.
+        let other = FeedClaim {
+            session: "s1",
+            holder: "another-replica:7",
+        };
+        assert_eq!(
+            b.feed_checkpoint(other, ids[0], false)
+                .await
+                .expect("checkpoint"),
+            FeedHold::Superseded
+        );
+        assert_eq!(
             b.feed_checkpoint(claim, ids[3], true)
                 .await
-                .expect("checkpoint")
+                .expect("checkpoint"),
+            FeedHold::Held
         );
         let fresh = b
             .feed_open(claim, None, 10)
@@ -262,6 +274,19 @@ async fn events_reach_the_feed_holder_and_are_bounded() {
             .await
             .expect("open")
             .is_none()
+        );
+        assert_eq!(
+            b.feed_checkpoint(
+                FeedClaim {
+                    session: "gone",
+                    holder: &holder
+                },
+                EventId::ZERO,
+                false
+            )
+            .await
+            .expect("checkpoint"),
+            FeedHold::Gone
         );
     })
     .await;

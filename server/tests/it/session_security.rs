@@ -5,7 +5,7 @@
 
 use serde_json::json;
 
-use shoal_testkit::client::McpClient;
+use shoal_testkit::{client::McpClient, fault::Fault};
 
 use crate::helpers::*;
 
@@ -383,6 +383,54 @@ async fn bus_reconnects_lose_no_event() {
         })
         .await;
     }
+}
+
+/// One live GET stream per session even when the message that ends the older one is lost: a
+/// newer stream opens on another replica while the older one's replica cannot hear the bus (its
+/// Redis connections are cut; nothing it held back arrives), and the older stream ends once that
+/// replica is connected again, instead of staying open with nothing ever reaching it.
+#[tokio::test]
+async fn a_replaced_stream_ends_even_when_its_end_message_was_lost() {
+    // The cut below is short; the replica must not take Redis for lost meanwhile (that ends its
+    // streams anyway, for another reason).
+    let topology = start(
+        cluster_options(2)
+            .redis_through_proxy(1)
+            .env("SHOAL_REDIS_LOST_AFTER_MS", 30_000),
+    )
+    .await;
+    let cut = &topology.redis_proxies[&1];
+    let client = subscribed_client(&topology.replicas[1].mcp_url(), "kv://lost-end").await;
+    let mut older = client.open_get(None).await.expect("GET");
+    assert_eq!(older.status, 200);
+
+    cut.set(Fault::CutReplies);
+    let mut newer = client
+        .fork_at(&topology.replicas[0].mcp_url())
+        .open_get(None)
+        .await
+        .expect("GET");
+    assert_eq!(newer.status, 200);
+    // The end message the newer stream's open published is held by the proxy: drop it.
+    cut.close_connections().await;
+    cut.set(Fault::Pass);
+
+    assert!(
+        matches!(older.next_message(WAIT).await, Ok(None)),
+        "the replaced GET stream ended"
+    );
+    let log = std::fs::read_to_string(topology.replicas[1].log()).expect("log");
+    assert!(
+        !log.contains("shared state unreachable"),
+        "ended because it was replaced, not because Redis was taken for lost"
+    );
+    // The newer stream is the session's one: it receives what follows.
+    let writer = legacy_client(&topology.replicas[0].mcp_url()).await;
+    call_ok(&writer, "kv_set", json!({"key": "lost-end", "value": "x"})).await;
+    next_matching(&mut newer, "the update on the newer stream", |m| {
+        is_update_of(m, "kv://lost-end")
+    })
+    .await;
 }
 
 /// `SHOAL_MAX_STREAMS` bounds the long-lived streams a replica holds, GET and

@@ -39,6 +39,20 @@ pub struct FeedClaim<'a> {
     pub holder: &'a str,
 }
 
+/// What a feed's checkpoint found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeedHold {
+    /// The feed still holds the session's GET stream (or no stream does): the checkpoint was
+    /// recorded.
+    Held,
+    /// A newer GET stream of the session holds it: the feed must end. Normally the newer stream's
+    /// open tells the holder over the bus; this is how a holder that missed that message (its
+    /// bus connection was away) learns it.
+    Superseded,
+    /// The session is gone (expired or deleted).
+    Gone,
+}
+
 /// Where a GET stream starts, as read atomically with claiming the stream: every event after
 /// `from` is either in `events` (up to the read limit) or will be published to the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +97,7 @@ impl Backend {
     }
 
     /// Records how far the feed `holder` got, and with `release` that it no longer holds the
-    /// session; slides the session TTL. Returns `false` when the session is gone.
+    /// session; slides the session TTL. Says whether `holder` still holds the session's stream.
     ///
     /// # Errors
     /// Fails when Redis is unreachable.
@@ -92,7 +106,7 @@ impl Backend {
         feed: FeedClaim<'_>,
         last: EventId,
         release: bool,
-    ) -> BackendResult<bool> {
+    ) -> BackendResult<FeedHold> {
         delegate!(
             self,
             "feed_checkpoint",
@@ -187,8 +201,8 @@ impl RedisBackend {
         FeedClaim { session, holder }: FeedClaim<'_>,
         last: EventId,
         release: bool,
-    ) -> BackendResult<bool> {
-        let live: i64 = self
+    ) -> BackendResult<FeedHold> {
+        let hold: i64 = self
             .eval(
                 &FEED_CHECKPOINT_SCRIPT,
                 vec![self.inner.keys.session(session)],
@@ -200,7 +214,11 @@ impl RedisBackend {
                 ],
             )
             .await?;
-        Ok(live == 1)
+        Ok(match hold {
+            0 => FeedHold::Gone,
+            2 => FeedHold::Superseded,
+            _ => FeedHold::Held,
+        })
     }
 
     pub(super) async fn events_after(
@@ -357,21 +375,25 @@ impl MemoryBackend {
         FeedClaim { session, holder }: FeedClaim<'_>,
         last: EventId,
         release: bool,
-    ) -> bool {
+    ) -> FeedHold {
         let now = Instant::now();
         let ttl = self.inner.config.session_ttl;
         let mut state = self.state();
         let Some(record) = state.live_session(session, now) else {
-            return false;
+            return FeedHold::Gone;
         };
-        if record.feed.as_deref() == Some(holder) {
-            record.cursor = Some(last);
-            if release {
-                record.feed = None;
-            }
-        }
         record.expires_at = now + ttl;
-        true
+        match record.feed.as_deref() {
+            Some(current) if current == holder => {
+                record.cursor = Some(last);
+                if release {
+                    record.feed = None;
+                }
+                FeedHold::Held
+            }
+            Some(_) => FeedHold::Superseded,
+            None => FeedHold::Held,
+        }
     }
 
     pub(super) fn events_after(
@@ -497,15 +519,20 @@ return out
 /// KEYS: session. ARGV: feed holder, last delivered id, session ttl, '1' to release the session.
 /// While `holder` holds the session's GET stream, records how far it got (and, when releasing,
 /// that no stream holds it any more). Slides the session TTL: an open GET stream keeps its
-/// session alive. Returns 0 when the session is gone.
+/// session alive. Returns 0 when the session is gone, 2 when another stream holds it (a newer
+/// one opened: the caller ends), else 1.
 pub const FEED_CHECKPOINT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[1], 'feed') == ARGV[1] then
+local holder = redis.call('HGET', KEYS[1], 'feed')
+local result = 1
+if holder == ARGV[1] then
   redis.call('HSET', KEYS[1], 'cursor', ARGV[2])
   if ARGV[4] == '1' then redis.call('HDEL', KEYS[1], 'feed') end
+elseif holder then
+  result = 2
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
+return result
 ";
 
 pub(super) static EVENT_APPEND_SCRIPT: LazyLock<Script> =

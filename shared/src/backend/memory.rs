@@ -100,6 +100,8 @@ pub struct MemoryBackend {
 impl MemoryBackend {
     /// An empty in-memory backend publishing into `bus`.
     pub fn new(config: BackendConfig, bus: Bus, metrics: Metrics, background: Background) -> Self {
+        // In one process the bus hears everything from the start.
+        bus.mark_subscribed();
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::default(),

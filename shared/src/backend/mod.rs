@@ -65,7 +65,7 @@ use secrecy::SecretString;
 
 pub use self::{
     cache::CacheEntry,
-    events::{FeedClaim, FeedStart, LoggedEvent},
+    events::{FeedClaim, FeedHold, FeedStart, LoggedEvent},
     kv::{KvSetOutcome, kv_uri},
     memory::MemoryBackend,
     quota::{QUOTA_CLUSTER, QuotaCheck, QuotaKind, QuotaRefusal, SESSION_RECHECK},

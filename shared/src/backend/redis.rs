@@ -259,6 +259,7 @@ impl RedisBackend {
                 () = resubscribe(&subscriber, &channels, slot) => {}
             }
             backend.set_bus_node(slot_owner(&subscriber, slot));
+            bus.mark_subscribed();
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,

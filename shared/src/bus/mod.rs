@@ -300,6 +300,9 @@ struct BusInner {
     epoch: Instant,
     /// When (nanoseconds after `epoch`) the last probe came back: the bus is live.
     last_roundtrip: AtomicU64,
+    /// The replica's channels were subscribed at least once: until then nothing published to it
+    /// arrives (a replica starting up is not ready before).
+    subscribed: AtomicBool,
 }
 
 /// The replica's message demultiplexer. Cheap to clone.
@@ -334,6 +337,7 @@ impl Bus {
             metrics,
             epoch: Instant::now(),
             last_roundtrip: AtomicU64::new(0),
+            subscribed: AtomicBool::new(false),
         };
         (
             Self {
@@ -357,6 +361,21 @@ impl Bus {
     pub fn since_last_roundtrip(&self) -> Duration {
         let last = Duration::from_nanos(self.inner.last_roundtrip.load(Ordering::Relaxed));
         self.inner.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// The replica's channels are subscribed (for the first time: later reconnections are
+    /// noticed by the probe, [`Bus::since_last_roundtrip`]). Feeds opened before re-read their
+    /// logs and check that they still hold their sessions: what was published to this replica
+    /// before did not reach it.
+    pub fn mark_subscribed(&self) {
+        if !self.inner.subscribed.swap(true, Ordering::SeqCst) {
+            self.all_feeds_lagged();
+        }
+    }
+
+    /// Whether the replica's channels were ever subscribed ([`Bus::mark_subscribed`]).
+    pub fn has_subscribed(&self) -> bool {
+        self.inner.subscribed.load(Ordering::SeqCst)
     }
 
     /// This replica's tag.
@@ -1014,5 +1033,21 @@ mod tests {
         assert!(feed.gone.is_cancelled());
         assert!(bus.register_feed("s2").is_none());
         assert!(bus.register_listener([], []).is_none());
+    }
+
+    #[tokio::test]
+    async fn feeds_opened_before_the_first_subscription_resync_once_it_is_confirmed() {
+        let (bus, _control) = bus();
+        assert!(!bus.has_subscribed(), "a new bus hears nothing yet");
+        let early = bus.register_feed("s1").expect("register");
+        bus.mark_subscribed();
+        assert!(bus.has_subscribed());
+        assert!(
+            early.lagged.take(),
+            "what was published before may be missing"
+        );
+        // Later confirmations (reconnections raise lag by themselves) change nothing.
+        bus.mark_subscribed();
+        assert!(!early.lagged.take());
     }
 }
