@@ -219,6 +219,12 @@ for _ in $(seq 60); do
 done
 [ "$up" -ge 3 ] || die "Prometheus has $up healthy shoal targets, expected 3"
 echo "Prometheus: $up shoal targets up"
+rules=$(curl -fsS 'http://127.0.0.1:9090/api/v1/rules?type=alert' \
+  | python3 -c 'import json,sys; g=json.load(sys.stdin)["data"]["groups"]; print(sum(len(x["rules"]) for x in g if x["name"].startswith("shoal.")))' \
+  2>/dev/null || echo 0)
+expected=$(grep -c '^      - alert: ' deploy/prometheus/alerts.yml)
+[ "$rules" = "$expected" ] || die "Prometheus loaded $rules shoal alert rules, expected $expected (deploy/prometheus/alerts.yml)"
+echo "Prometheus: $rules alert rules loaded"
 
 step "legacy-era baseline through the balancer; replica shoal-shoal-2 killed after 8 s, started again 6 s later"
 # Clients retry a request whose replica died under it (at most 3 times) and resume their GET

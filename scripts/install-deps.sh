@@ -17,9 +17,10 @@
 set -euo pipefail
 
 # The cluster and the tests: Redis, nginx, PostgreSQL, curl, python3 with venv (Docker Compose's
-# virtualenv, the test scripts), fonts for the load generator's plots.
+# virtualenv, the test scripts), fonts for the load generator's plots, Prometheus for `promtool`
+# (the alert rules' unit tests; the package's service is not started here).
 base=(redis-server redis-tools nginx-light postgresql curl ca-certificates python3 python3-venv
-  fonts-dejavu-core procps iproute2)
+  fonts-dejavu-core procps iproute2 prometheus)
 # The compose test. podman on Debian 12 uses CNI: the bridge and portmap plugins
 # (containernetworking-plugins, iptables for published ports) and the dnsname plugin (with
 # dnsmasq-base), without which containers cannot resolve each other's service names. The DNS
@@ -73,8 +74,9 @@ echo "installing: ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# Debian starts the services it installs; shoal starts its own on free ports.
-for service in redis-server nginx postgresql; do
+# Debian starts the services it installs; shoal starts its own on free ports (and Prometheus's
+# 9090 is the compose file's).
+for service in redis-server nginx postgresql prometheus; do
   (command -v systemctl >/dev/null && systemctl stop "$service" 2>/dev/null) || service "$service" stop 2>/dev/null || true
 done
 echo "OS packages installed"

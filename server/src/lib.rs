@@ -285,6 +285,9 @@ async fn probe(state: Arc<AppState>, stop: CancellationToken) {
             last_cpu = cpu;
         }
         metrics.sample_process();
+        metrics.set_ready(
+            state.readiness_blocker().is_none() && !state.shared_state_lost.load(Ordering::SeqCst),
+        );
         if round % BUS_PROBE_EVERY == 0
             && let Err(error) = state.backend.publish_probe(&state.bus.probe()).await
         {

@@ -142,7 +142,27 @@ impl Drop for SessionCall {
     }
 }
 
+/// How long the bus may go without a probe coming back before the replica reports not ready (three
+/// probe intervals).
+const BUS_SILENCE_LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+
 impl AppState {
+    /// Why the replica is not ready, as far as it knows without asking Redis (`/readyz` then
+    /// pings it; the `shoal_ready` gauge takes the watchdog's view instead).
+    pub fn readiness_blocker(&self) -> Option<&'static str> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            Some("draining")
+        } else if !self.bus.has_subscribed() {
+            // Starting: what is published to this replica would not reach it yet.
+            Some("cluster bus not subscribed yet")
+        } else if self.bus.since_last_roundtrip() > BUS_SILENCE_LIMIT {
+            // The bus probe (every 5 s) has not come back: this replica would miss notifications.
+            Some("cluster bus silent")
+        } else {
+            None
+        }
+    }
+
     /// Loads the key of the session tags telemetry carries instead of session ids
     /// ([`telemetry::session_tag`]) from the shared backend, where the first replica created it,
     /// so every replica tags a session alike; retries every second until the backend answers or

@@ -18,8 +18,9 @@ use std::{
 use opentelemetry::KeyValue;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, text::encode},
     metrics::{
+        MetricType,
         counter::Counter,
         family::Family,
         gauge::Gauge,
@@ -97,6 +98,22 @@ struct HttpLabels {
 type FloatGauge = Gauge<f64, AtomicU64>;
 type FloatCounter = Counter<f64, AtomicU64>;
 
+/// A family that `/metrics` declares (`# HELP`, `# TYPE`) even before its first sample: the
+/// catalogue is the same on every replica from its start, so dashboards and alert rules can be
+/// checked against it, and a family whose labels have not occurred yet shows as known, not absent.
+#[derive(Debug)]
+struct Declared<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Declared<M> {
+    fn encode(&self, encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+}
+
 /// Declares the Prometheus families, one line each: field, type, constructor, name, help. They are
 /// registered in declaration order (the order of `/metrics`).
 macro_rules! families {
@@ -109,7 +126,7 @@ macro_rules! families {
             fn register(registry: &mut Registry) -> Self {
                 $(
                     let $field: $ty = $make;
-                    registry.register($name, $help, $field.clone());
+                    registry.register($name, $help, Declared($field.clone()));
                 )*
                 Self { $($field,)* }
             }
@@ -119,6 +136,7 @@ macro_rules! families {
 
 #[rustfmt::skip]
 families! {
+    ready: Gauge = Default::default(), "shoal_ready", "1 while this replica is ready (not draining, its cluster bus subscribed and round-tripping, Redis answering its watchdog), else 0; sampled every second";
     sessions_active: Gauge = Default::default(), "shoal_sessions_active", "Legacy sessions with an in-memory worker on this replica";
     streams_active: Family<KindLabel, Gauge> = Default::default(), "shoal_streams_active", "Open server-to-client streams on this replica (kind=get|listen)";
     mcp_requests: Family<RequestLabels, Counter> = Default::default(), "shoal_mcp_requests", "MCP requests handled, by JSON-RPC method and outcome (ok|error|tool_error|cancelled)";
@@ -292,6 +310,11 @@ impl Metrics {
         if seconds > 0.0 {
             self.inner.process_cpu.inc_by(seconds);
         }
+    }
+
+    /// Whether the replica is ready (the `shoal_ready` gauge).
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.set(i64::from(ready));
     }
 
     /// The runtime's busy ratio over the last sampling interval and its worker count.

@@ -66,10 +66,6 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 type McpService = StreamableHttpService<ShoalHandler, ClusterSessionManager>;
 
-/// How long the bus may go without a probe coming back before the replica reports not ready (three
-/// probe intervals).
-const BUS_SILENCE_LIMIT: Duration = Duration::from_secs(15);
-
 /// How long a client may take to send a request body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -218,14 +214,8 @@ impl HttpService {
     /// Ready or not, and nothing more on the serving port; the reason on the admin listener and
     /// in the log (once, when readiness is lost).
     async fn readyz(&self) -> Response<Body> {
-        let reason = if self.state.draining.load(Ordering::SeqCst) {
-            Some("draining")
-        } else if !self.state.bus.has_subscribed() {
-            // Starting: what is published to this replica would not reach it yet.
-            Some("cluster bus not subscribed yet")
-        } else if self.state.bus.since_last_roundtrip() > BUS_SILENCE_LIMIT {
-            // The bus probe (every 5 s) has not come back: this replica would miss notifications.
-            Some("cluster bus silent")
+        let reason = if let Some(reason) = self.state.readiness_blocker() {
+            Some(reason)
         } else {
             match tokio::time::timeout(Duration::from_secs(2), self.state.backend.ping()).await {
                 Ok(Ok(())) => None,

@@ -9,6 +9,7 @@ mod bus_frames;
 mod cache;
 mod cluster;
 mod database_security;
+mod deploy_assets;
 mod embedded;
 mod failover;
 mod helpers;

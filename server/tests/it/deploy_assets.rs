@@ -1,0 +1,167 @@
+//! The operations assets shipped under `deploy/` are tested, not just YAML: the Prometheus alert
+//! rules pass `promtool`'s checks and their unit tests, and every metric that the alert rules and
+//! the Grafana dashboard name is one a running replica really exports.
+
+use std::{collections::BTreeSet, process::Command};
+
+use shoal_testkit::topology::repo_root;
+
+use crate::helpers::*;
+
+const ALERTS: &str = "deploy/prometheus/alerts.yml";
+const ALERT_TESTS: &str = "deploy/prometheus/alerts.test.yml";
+const DASHBOARD: &str = "deploy/grafana/shoal.json";
+
+/// Runs `promtool` with `args` in the repository; its output when it fails.
+fn promtool(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("promtool")
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .map_err(|e| {
+            format!("promtool could not run ({e}): scripts/install-deps.sh installs it (Debian's prometheus)")
+        })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+#[test]
+fn the_alert_rules_are_valid_and_pass_their_unit_tests() {
+    let checked = promtool(&["check", "rules", ALERTS]).unwrap_or_else(|e| panic!("{e}"));
+    let rules = std::fs::read_to_string(repo_root().join(ALERTS)).expect("alerts");
+    let names: Vec<&str> = rules
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(
+        checked.contains(&format!("SUCCESS: {} rules found", names.len())),
+        "{checked}"
+    );
+    // Every rule has a test that shows it firing (its name as an `alertname` with an expected
+    // alert) and one that shows it quiet.
+    let tests = std::fs::read_to_string(repo_root().join(ALERT_TESTS)).expect("alert tests");
+    for name in &names {
+        assert!(
+            tests.contains(&format!(
+                "alertname: {name}\n        exp_alerts:\n          - "
+            )),
+            "no test shows {name} firing"
+        );
+        assert!(
+            tests.contains(&format!("alertname: {name}\n        exp_alerts: []")),
+            "no test shows {name} quiet"
+        );
+    }
+    let tested = promtool(&["test", "rules", ALERT_TESTS]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(tested.contains("SUCCESS"), "{tested}");
+}
+
+/// Every `shoal_…` name in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("shoal_") {
+        let preceded_by_word = rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        if !preceded_by_word {
+            names.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The series names a `/metrics` page can carry: each family's samples (a counter's `_total`, a
+/// histogram's `_bucket`, `_sum` and `_count`), whether or not it has samples yet.
+fn exported_series(page: &str) -> BTreeSet<String> {
+    let mut series = BTreeSet::new();
+    for line in page.lines() {
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            let mut parts = declared.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            match kind {
+                "counter" => {
+                    series.insert(format!("{}_total", name.trim_end_matches("_total")));
+                }
+                "histogram" => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        series.insert(format!("{name}{suffix}"));
+                    }
+                }
+                _ => {
+                    series.insert(name.to_owned());
+                }
+            }
+        } else if !line.starts_with('#')
+            && let Some(name) = line.split(['{', ' ']).next()
+            && !name.is_empty()
+        {
+            series.insert(name.to_owned());
+        }
+    }
+    series
+}
+
+#[tokio::test]
+async fn every_metric_the_dashboard_and_alerts_name_is_exported() {
+    let mut wanted = BTreeSet::new();
+    for file in [ALERTS, DASHBOARD] {
+        let text = std::fs::read_to_string(repo_root().join(file)).expect(file);
+        let names = metric_names(&text);
+        assert!(!names.is_empty(), "{file} names no shoal metric");
+        wanted.extend(names.into_iter().map(|name| (name, file)));
+    }
+    let topology = start(cluster_options(1)).await;
+    let page = reqwest::get(format!("{}/metrics", topology.replicas[0].base_url()))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let exported = exported_series(&page);
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|(name, _)| !exported.contains(name))
+        .map(|(name, file)| format!("{name} ({file})"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "named but not exported by a running replica: {missing:?}"
+    );
+}
+
+#[test]
+fn metric_names_are_read_whole() {
+    assert_eq!(
+        metric_names("rate(shoal_a_total[5m]) / x_shoal_b + {{shoal_c}}"),
+        BTreeSet::from(["shoal_a_total".to_owned(), "shoal_c".to_owned()])
+    );
+    let page = "# HELP shoal_x X.\n# TYPE shoal_x counter\n# TYPE shoal_h histogram\n# TYPE shoal_g gauge\nshoal_g 1\n# EOF\n";
+    let series = exported_series(page);
+    for name in [
+        "shoal_x_total",
+        "shoal_h_bucket",
+        "shoal_h_sum",
+        "shoal_h_count",
+        "shoal_g",
+    ] {
+        assert!(series.contains(name), "{name} in {series:?}");
+    }
+    assert!(!series.contains("shoal_x"));
+}
