@@ -2,8 +2,10 @@
 # The docker-compose test: brings up the real docker-compose.yml (Docker Compose v2 driving podman
 # through its Docker-compatible API), sends MCP traffic through the balancer's published port, kills
 # one replica container mid-run and checks that the clients carry on with nothing lost, checks that
-# spans reached the trace backend and that Prometheus scrapes every replica, stops the replicas
-# gracefully and tears everything down.
+# spans reached the trace backend and that Prometheus scrapes every replica and loaded the alert
+# rules, stops the replicas gracefully and tears everything down; then plays the replica pod
+# rendered from deploy/kubernetes with `podman kube play` on the same image
+# (scripts/kube-play-test.sh).
 #
 # The images the compose file names are stood in for by local builds (scripts/compose/README.md).
 # The shoal image is built from the Dockerfile exactly as users build it (target `runtime`: the
@@ -321,4 +323,7 @@ compose down -v --remove-orphans -t 30 2>&1 | while read -r line; do echo "$(dat
 left=$(podman ps -a --filter label=com.docker.compose.project=shoal -q | wc -l)
 volumes=$(podman volume ls --filter label=com.docker.compose.project=shoal -q | wc -l)
 [ "$left" -eq 0 ] && [ "$volumes" -eq 0 ] || die "$left containers and $volumes volumes left after down"
+
+step "kubernetes: the rendered replica pod on podman kube play"
+scripts/kube-play-test.sh || die "the replica pod rendered from deploy/kubernetes did not serve"
 echo "compose test passed"

@@ -24,18 +24,25 @@ base=(redis-server redis-tools nginx-light postgresql curl ca-certificates pytho
 # The compose test. podman on Debian 12 uses CNI: the bridge and portmap plugins
 # (containernetworking-plugins, iptables for published ports) and the dnsname plugin (with
 # dnsmasq-base), without which containers cannot resolve each other's service names. The DNS
-# plugin is only a Recommends of podman's dependencies: a fresh machine does not have it.
+# plugin is only a Recommends of podman's dependencies: a fresh machine does not have it. catatonit
+# is the pause process of the pods `podman kube play` makes (scripts/kube-play-test.sh): podman
+# builds its pause image from it locally, no registry needed.
 containers=(podman runc conmon containernetworking-plugins golang-github-containernetworking-plugin-dnsname
-  dnsmasq-base iptables debootstrap)
+  dnsmasq-base iptables debootstrap catatonit)
 bench=(wrk linux-perf valgrind)
 
 want=("${base[@]}")
+# kubectl, for rendering the Kubernetes manifests (scripts/check-kubernetes.sh): Debian's
+# kubernetes-client, unless another package already provides /usr/bin/kubectl (Google Cloud's
+# `kubectl` package, on some machines: the two conflict on that file). Both render the manifests
+# alike (their `bases:` keep the kustomize of kubectl 1.20 working).
+installed_kubectl() { installed kubectl || installed kubernetes-client; }
 with_containers=false
 for arg in "$@"; do
   case $arg in
     --containers) with_containers=true; want+=("${containers[@]}") ;;
     --bench) want+=("${bench[@]}") ;;
-    --list) printf '%s\n' "${base[@]}" "${containers[@]}" "${bench[@]}"; exit 0 ;;
+    --list) printf '%s\n' "${base[@]}" kubernetes-client kubectl "${containers[@]}" "${bench[@]}"; exit 0 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -43,6 +50,7 @@ done
 installed() { [ "$(dpkg-query -W -f '${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
 need=()
 for package in "${want[@]}"; do installed "$package" || need+=("$package"); done
+installed_kubectl || need+=(kubernetes-client)
 
 # Docker Compose v2 drives podman here: podman's default runtime (crun) cannot set rlimits or
 # cgroups in this sandbox, runc with cgroupfs can. Without netavark installed, podman uses CNI,

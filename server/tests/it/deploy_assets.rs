@@ -1,6 +1,7 @@
 //! The operations assets shipped under `deploy/` are tested, not just YAML: the Prometheus alert
 //! rules pass `promtool`'s checks and their unit tests, and every metric that the alert rules and
-//! the Grafana dashboard name is one a running replica really exports.
+//! the Grafana dashboard and the Kubernetes autoscaler name is one a running replica really exports;
+//! the Kubernetes manifests render, validate and keep their promises.
 
 use std::{collections::BTreeSet, process::Command};
 
@@ -11,6 +12,12 @@ use crate::helpers::*;
 const ALERTS: &str = "deploy/prometheus/alerts.yml";
 const ALERT_TESTS: &str = "deploy/prometheus/alerts.test.yml";
 const DASHBOARD: &str = "deploy/grafana/shoal.json";
+/// The Kubernetes files naming metrics: the autoscaler, the adapter's rules, the PrometheusRule.
+const KUBERNETES_METRICS: [&str; 3] = [
+    "deploy/kubernetes/base/horizontalpodautoscaler.yaml",
+    "deploy/kubernetes/monitoring/prometheus-adapter-rules.yaml",
+    "deploy/kubernetes/monitoring/prometheusrule.yaml",
+];
 
 /// Runs `promtool` with `args` in the repository; its output when it fails.
 fn promtool(args: &[&str]) -> Result<String, String> {
@@ -121,7 +128,7 @@ fn exported_series(page: &str) -> BTreeSet<String> {
 #[tokio::test]
 async fn every_metric_the_dashboard_and_alerts_name_is_exported() {
     let mut wanted = BTreeSet::new();
-    for file in [ALERTS, DASHBOARD] {
+    for file in [ALERTS, DASHBOARD].into_iter().chain(KUBERNETES_METRICS) {
         let text = std::fs::read_to_string(repo_root().join(file)).expect(file);
         let names = metric_names(&text);
         assert!(!names.is_empty(), "{file} names no shoal metric");
@@ -144,6 +151,24 @@ async fn every_metric_the_dashboard_and_alerts_name_is_exported() {
         missing.is_empty(),
         "named but not exported by a running replica: {missing:?}"
     );
+}
+
+/// Every overlay renders and validates strictly, and keeps the deployment's promises
+/// (`scripts/check-kubernetes.sh` says which).
+#[test]
+fn the_kubernetes_manifests_render_validate_and_keep_their_promises() {
+    let output = Command::new("bash")
+        .arg("scripts/check-kubernetes.sh")
+        .current_dir(repo_root())
+        .output()
+        .expect("bash");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("checked 3 overlays"), "{text}");
 }
 
 #[test]
