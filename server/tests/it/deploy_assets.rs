@@ -153,6 +153,93 @@ async fn every_metric_the_dashboard_and_alerts_name_is_exported() {
     );
 }
 
+/// The dashboard is one Grafana imports: an input for its Prometheus data source and a
+/// `datasource` variable every query uses, unique panel ids, panels inside the 24-column grid and
+/// not overlapping, each query with an expression and a unique reference in its panel.
+#[test]
+fn the_dashboard_is_well_formed() {
+    let text = std::fs::read_to_string(repo_root().join(DASHBOARD)).expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(dashboard["__inputs"][0]["pluginId"], "prometheus");
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables");
+    assert!(
+        variables
+            .iter()
+            .any(|v| v["name"] == "datasource" && v["type"] == "datasource"),
+        "no datasource variable"
+    );
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeSet::new();
+    let mut queries = 0;
+    for panel in panels {
+        let id = panel["id"].as_u64().expect("panel id");
+        assert!(ids.insert(id), "panel id {id} twice");
+        let grid = &panel["gridPos"];
+        let [x, y, w, h] = ["x", "y", "w", "h"].map(|k| grid[k].as_u64().expect("gridPos"));
+        assert!(x + w <= 24, "panel {id} leaves the grid");
+        for column in x..x + w {
+            for row in y..y + h {
+                assert!(cells.insert((column, row)), "panel {id} overlaps another");
+            }
+        }
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "panel {id}");
+        let mut refs = BTreeSet::new();
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            assert!(
+                expr.contains("shoal_") || expr.contains("up{"),
+                "panel {id}: {expr}"
+            );
+            assert!(
+                refs.insert(target["refId"].to_string()),
+                "panel {id}: refId twice"
+            );
+            assert_eq!(target["datasource"]["uid"], "${datasource}", "panel {id}");
+            queries += 1;
+        }
+    }
+    assert!(queries >= 30, "{queries} queries");
+}
+
+/// Every dashboard query is valid PromQL: with Grafana's variables given values, each becomes a
+/// recording rule that `promtool check rules` parses.
+#[test]
+fn the_dashboard_queries_are_valid_promql() {
+    let text = std::fs::read_to_string(repo_root().join(DASHBOARD)).expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut count = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .expect("expr")
+                .replace("$__rate_interval", "5m")
+                .replace("$instance", ".*");
+            rules.push_str(&format!(
+                "      - record: dashboard:query{count}\n        expr: {}\n",
+                serde_json::Value::String(expr)
+            ));
+            count += 1;
+        }
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&path, rules).expect("write");
+    let checked =
+        promtool(&["check", "rules", &path.to_string_lossy()]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        checked.contains(&format!("SUCCESS: {count} rules found")),
+        "{checked}"
+    );
+}
+
 /// Every overlay renders and validates strictly, and keeps the deployment's promises
 /// (`scripts/check-kubernetes.sh` says which).
 #[test]
