@@ -604,7 +604,7 @@ impl Balancer {
              http {{\n    access_log off;\n\
              client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n\
              uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
-             upstream shoal {{\n{servers}        keepalive 64;\n    }}\n\
+             upstream shoal {{\n{servers}        keepalive 64;\n        keepalive_timeout 20s;\n    }}\n\
              server {{\n        listen 127.0.0.1:{port};\n\
              location = /mcp {{\n            include {include};\n        }}\n\
              location ^~ /.well-known/oauth-protected-resource {{\n            include {include};\n        }}\n\
