@@ -119,9 +119,22 @@ pub struct HttpConfig {
     pub max_initialize_bytes: usize,
 
     /// Milliseconds a client has to send a request's headers, counted from the connection's start
-    /// or the end of its previous request; a connection that sends nothing is then closed.
+    /// or, on a kept-alive connection, from the first byte of the request; a connection that has
+    /// not sent them by then is closed.
     #[arg(long, env = "SHOAL_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000)]
     pub header_read_timeout_ms: u64,
+
+    /// Seconds a kept-alive connection may stay idle (no request open, none begun) before the
+    /// replica closes it. Longer than the idle timeout of the balancers in front (nginx, AWS ALB,
+    /// ingress-nginx: 60 s; Google Cloud's load balancers: 600 s), so that the balancer, not the
+    /// replica, closes an idle connection: a request a balancer sends on a connection the replica is
+    /// closing fails (502), and balancers do not resend a POST.
+    #[arg(
+        long = "http-idle-timeout-secs",
+        env = "SHOAL_HTTP_IDLE_TIMEOUT_SECS",
+        default_value_t = 620
+    )]
+    pub idle_timeout_secs: u64,
 
     /// Connections a replica holds at once (HTTP/1 and h2c, the balancer's included); one more is
     /// answered `503 Service Unavailable` with `Retry-After: 1` and closed. Each connection also
@@ -879,7 +892,7 @@ impl Config {
     }
 
     /// The settings that must be greater than zero, by environment name.
-    fn nonzero_settings(&self) -> [(&'static str, u64); 31] {
+    fn nonzero_settings(&self) -> [(&'static str, u64); 32] {
         [
             ("SHOAL_MAX_CONNECTIONS", self.http.max_connections as u64),
             (
@@ -903,6 +916,7 @@ impl Config {
                 "SHOAL_HEADER_READ_TIMEOUT_MS",
                 self.http.header_read_timeout_ms,
             ),
+            ("SHOAL_HTTP_IDLE_TIMEOUT_SECS", self.http.idle_timeout_secs),
             (
                 "SHOAL_MAX_CALLS_PER_SESSION",
                 self.sessions.max_calls_per_session as u64,
@@ -1349,7 +1363,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(seen.len(), 81, "settings in the tree");
+        assert_eq!(seen.len(), 82, "settings in the tree");
     }
 
     /// No listener that is not loopback serves without authentication unless asked twice, and each

@@ -459,6 +459,29 @@ impl Replica {
             .ok_or_else(|| TopologyError::Broken(format!("{} does not say who it is", self.name)))
     }
 
+    /// Waits until the replica answers `/readyz` with 200: its cluster bus is subscribed and its
+    /// shared state answers. Until then, what other replicas publish to it does not reach it.
+    ///
+    /// # Errors
+    /// When it is not ready within [`READY_TIMEOUT`].
+    pub async fn wait_ready(&self) -> TopologyResult<()> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| TopologyError::Broken(format!("HTTP client: {e}")))?;
+        let url = format!("{}/readyz", self.base_url());
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(response) = client.get(&url).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(TopologyError::NotReady(self.name.clone(), self.log.clone()))
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -604,7 +627,7 @@ impl Balancer {
              http {{\n    access_log off;\n\
              client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n\
              uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
-             upstream shoal {{\n{servers}        keepalive 64;\n        keepalive_timeout 20s;\n    }}\n\
+             upstream shoal {{\n{servers}        keepalive 64;\n        keepalive_timeout 60s;\n    }}\n\
              server {{\n        listen 127.0.0.1:{port};\n\
              location = /mcp {{\n            include {include};\n        }}\n\
              location ^~ /.well-known/oauth-protected-resource {{\n            include {include};\n        }}\n\
@@ -866,6 +889,14 @@ impl Topology {
             }
             replicas
                 .push(Replica::start(&options.server_bin, &format!("r{n}"), &path, &own).await?);
+        }
+        // A replica serves as soon as it listens, but until its bus subscription is confirmed
+        // nothing published to it arrives (a GET stream's end, its events): tests start once every
+        // replica is ready, as a balancer that follows readiness would send them traffic.
+        if options.redis {
+            for replica in &replicas {
+                replica.wait_ready().await?;
+            }
         }
         let balancer = if options.balancer {
             let ports: Vec<u16> = replicas.iter().map(Replica::port).collect();

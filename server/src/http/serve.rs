@@ -6,7 +6,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -44,14 +44,19 @@ pub async fn serve(
     grace: Duration,
     on_drain: impl FnOnce(),
 ) {
-    let header_read_timeout =
-        Duration::from_millis(service.state.config.http.header_read_timeout_ms);
+    let timeouts = Timeouts {
+        header_read: Duration::from_millis(service.state.config.http.header_read_timeout_ms),
+        idle: Duration::from_secs(service.state.config.http.idle_timeout_secs),
+    };
     let slots = Arc::new(Semaphore::new(service.state.config.http.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's own header read timeout runs from the end of the previous request, so it would close
+    // idle keep-alive connections after it: the connection loop below times idleness and header
+    // reading apart instead.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
+        .header_read_timeout(None)
         .keep_alive(true);
     // h2c: pings find peers that vanished without closing (no FIN), so their streams end.
     builder
@@ -75,7 +80,7 @@ pub async fn serve(
                     let builder = builder.clone();
                     let draining = draining.clone();
                     connections.spawn(async move {
-                        connection(stream, service, builder, header_read_timeout, draining).await;
+                        connection(stream, service, builder, timeouts, draining).await;
                         drop(slot);
                     });
                 }
@@ -110,14 +115,22 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
+/// How long a connection may take to send a request's headers, and how long it may stay idle.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    header_read: Duration,
+    idle: Duration,
+}
+
 /// Serves one connection until it ends, the replica drains (a graceful shutdown: in-flight
-/// requests finish), or it has had no open request for `idle_timeout`. HTTP/1 bounds its idle
-/// keep-alive time itself (its header read timeout); an h2c connection is closed with a GOAWAY.
+/// requests finish), it has had no open request for the idle timeout, or (HTTP/1) a request it
+/// began has not brought its headers within the header read timeout. An h2c connection is closed
+/// with a GOAWAY.
 async fn connection(
     stream: TcpStream,
     service: HttpService,
     builder: auto::Builder<TokioExecutor>,
-    idle_timeout: Duration,
+    timeouts: Timeouts,
     draining: CancellationToken,
 ) {
     // rmcp writes an SSE reply in several small writes: without NODELAY, Nagle's algorithm holds
@@ -125,18 +138,25 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     // Protocol detection (HTTP/1 or h2c) waits for the first bytes without a limit: a connection
     // that sends nothing is closed after the header read timeout instead of being held forever.
-    let mut first = [0_u8; 1];
-    match tokio::time::timeout(idle_timeout, stream.peek(&mut first)).await {
-        Ok(Ok(read)) if read > 0 => {}
+    // h2c (prior knowledge) begins with its preface, `PRI * HTTP/2.0`; an h2c connection has no
+    // request headers to time between its requests (its frames arrive while idle).
+    let mut first = [0_u8; 3];
+    let h2 = match tokio::time::timeout(timeouts.header_read, stream.peek(&mut first)).await {
+        Ok(Ok(read)) if read > 0 => read == 3 && first == *b"PRI",
         _ => return,
-    }
+    };
     let open = Arc::new(AtomicUsize::new(0));
     let activity = Arc::new(tokio::sync::Notify::new());
+    // Set when bytes arrive, cleared when a request starts: bytes that have not (yet) become a
+    // request, such as a request's first byte (the peek above) or headers still coming.
+    let begun = Arc::new(AtomicBool::new(true));
     let handler = {
         let open = open.clone();
         let activity = activity.clone();
+        let begun = begun.clone();
         hyper::service::service_fn(move |request| {
             let service = service.clone();
+            begun.store(false, Ordering::Release);
             let guard = OpenRequest::new(&open, &activity);
             async move {
                 let response = service.handle(request).await;
@@ -145,7 +165,12 @@ async fn connection(
             }
         })
     };
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), handler);
+    let io = TokioIo::new(Watched {
+        inner: stream,
+        begun: begun.clone(),
+        open: open.clone(),
+    });
+    let connection = builder.serve_connection_with_upgrades(io, handler);
     let mut connection = std::pin::pin!(connection);
     let mut closing = false;
     // Armed when an idle connection was told to close: an h2 GOAWAY waits for the peer to answer
@@ -154,17 +179,36 @@ async fn connection(
     let close_by = tokio::time::sleep(Duration::from_secs(86_400));
     let mut close_by = std::pin::pin!(close_by);
     loop {
-        let idle = async {
+        // Ends when the connection should close: idle for the idle timeout, or (HTTP/1) bytes of a
+        // new request arrived but not the request within the header read timeout. Reads only set
+        // a flag (no wake-up per request): an idle connection looks at it every half header read
+        // timeout, and closes one whose request has not started for three looks in a row (its
+        // first byte came between 1 and 1.5 header read timeouts before).
+        let quiet = async {
+            let tick = (timeouts.header_read / 2).max(Duration::from_millis(1));
             loop {
                 // Woken by every request that starts or ends after this point (a `Notified`
                 // receives `notify_waiters` from its creation on, polled or not).
                 let changed = activity.notified();
-                if open.load(Ordering::Acquire) == 0 {
-                    if tokio::time::timeout(idle_timeout, changed).await.is_err() {
-                        return;
-                    }
-                } else {
+                if open.load(Ordering::Acquire) > 0 {
                     changed.await;
+                    continue;
+                }
+                let mut changed = std::pin::pin!(changed);
+                let idle_since = tokio::time::Instant::now();
+                let mut looks = 0;
+                loop {
+                    if tokio::time::timeout(tick, changed.as_mut()).await.is_ok() {
+                        break;
+                    }
+                    if !h2 && begun.load(Ordering::Acquire) {
+                        looks += 1;
+                        if looks == 3 {
+                            return Quiet::SlowHeaders;
+                        }
+                    } else if idle_since.elapsed() >= timeouts.idle {
+                        return Quiet::Idle;
+                    }
                 }
             }
         };
@@ -179,17 +223,92 @@ async fn connection(
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
-            () = idle, if !closing => {
-                connection.as_mut().graceful_shutdown();
-                closing = true;
-                told_to_close = true;
-                close_by.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-            }
+            why = quiet, if !closing => match why {
+                Quiet::Idle => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                    told_to_close = true;
+                    close_by.as_mut().reset(tokio::time::Instant::now() + timeouts.header_read);
+                }
+                Quiet::SlowHeaders => {
+                    tracing::debug!("request headers not received in time: connection closed");
+                    return;
+                }
+            },
             () = close_by.as_mut(), if told_to_close => {
                 tracing::debug!("idle connection did not close after its GOAWAY: dropped");
                 return;
             }
         }
+    }
+}
+
+/// Why a connection with no open request is closed.
+enum Quiet {
+    /// Nothing for the idle timeout.
+    Idle,
+    /// A request began but its headers did not arrive within the header read timeout.
+    SlowHeaders,
+}
+
+/// The connection's socket, noting when bytes arrive while no request is open (a request beginning
+/// on an idle kept-alive connection).
+struct Watched {
+    inner: TcpStream,
+    begun: Arc<AtomicBool>,
+    /// Requests open: bytes read while one is (its body, or the next request's start read
+    /// with it) do not start the header clock.
+    open: Arc<AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before && self.open.load(Ordering::Acquire) == 0 {
+            self.begun.store(true, Ordering::Release);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

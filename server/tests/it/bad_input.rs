@@ -350,15 +350,16 @@ async fn stateless_requests_are_validated() {
 
 /// Second review, finding 9: a replica holds at most `SHOAL_MAX_CONNECTIONS` connections; one more
 /// is told `503` with `Retry-After` and closed. An h2c connection with no open request is closed
-/// (GOAWAY) after the header read timeout, as an idle HTTP/1 connection is: before, an h2c peer
-/// that sent its preface held its connection for as long as it answered pings.
+/// (GOAWAY) after the idle timeout, as an idle HTTP/1 connection is: before, an h2c peer that sent
+/// its preface held its connection for as long as it answered pings.
 #[tokio::test]
 async fn connections_are_capped_and_idle_h2c_connections_are_closed() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let topology = start(
         cluster_options(1)
             .env("SHOAL_MAX_CONNECTIONS", 4)
-            .env("SHOAL_HEADER_READ_TIMEOUT_MS", 2000),
+            .env("SHOAL_HEADER_READ_TIMEOUT_MS", 2000)
+            .env("SHOAL_HTTP_IDLE_TIMEOUT_SECS", 2),
     )
     .await;
     let base = topology.replicas[0].base_url();
@@ -432,6 +433,118 @@ async fn connections_are_capped_and_idle_h2c_connections_are_closed() {
         .await
         .expect("healthz");
     assert_eq!(alive.status(), StatusCode::OK);
+}
+
+/// Reads one HTTP/1.1 response (head, then a `Content-Length` or chunked body) from `stream`.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut data = Vec::new();
+    let mut byte = [0_u8; 1];
+    while !data.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(WAIT, stream.read(&mut byte))
+            .await
+            .expect("a response in time")
+            .expect("read");
+        assert_eq!(read, 1, "closed after {:?}", String::from_utf8_lossy(&data));
+        data.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&data).into_owned();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        // Chunks until the last, empty one.
+        let mut rest = Vec::new();
+        while !rest.ends_with(b"\r\n0\r\n\r\n") && !rest.starts_with(b"0\r\n\r\n") {
+            let read = tokio::time::timeout(WAIT, stream.read(&mut byte))
+                .await
+                .expect("a body in time")
+                .expect("read");
+            assert_eq!(read, 1, "closed in the body");
+            rest.push(byte[0]);
+        }
+        return head + &String::from_utf8_lossy(&rest);
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0_u8; length];
+    stream.read_exact(&mut body).await.expect("body");
+    head + &String::from_utf8_lossy(&body)
+}
+
+/// How long `stream` stays open (reading nothing) before the replica closes it.
+async fn time_until_closed(stream: &mut tokio::net::TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt as _;
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed by the replica");
+    assert!(
+        matches!(read, Ok(0)) || read.is_err(),
+        "sent {rest:?} before closing"
+    );
+    started.elapsed()
+}
+
+/// A kept-alive connection stays open between requests for `SHOAL_HTTP_IDLE_TIMEOUT_SECS`, longer
+/// than the header read timeout: a balancer in front keeps idle connections to the replicas up to
+/// its own idle timeout (60 s for nginx and an AWS ALB), and a request it sent on a connection the
+/// replica was closing would fail. Before, an idle connection was closed after the header read
+/// timeout. The header read timeout still bounds a request that began: its headers must follow in
+/// time.
+#[tokio::test]
+async fn kept_alive_connections_idle_longer_than_headers_may_take() {
+    use tokio::io::AsyncWriteExt as _;
+    let topology = start(
+        cluster_options(1)
+            .env("SHOAL_HEADER_READ_TIMEOUT_MS", 500)
+            .env("SHOAL_HTTP_IDLE_TIMEOUT_SECS", 3),
+    )
+    .await;
+    let addr = topology.replicas[0]
+        .base_url()
+        .trim_start_matches("http://")
+        .to_owned();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    stream.write_all(request).await.expect("write");
+    assert!(read_response(&mut stream).await.starts_with("HTTP/1.1 200"));
+    // Idle for three header read timeouts: still open, and it serves the next request.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream.write_all(request).await.expect("write");
+    let second = read_response(&mut stream).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    // Then closed once idle for the idle timeout.
+    let open_for = time_until_closed(&mut stream).await;
+    assert!(
+        open_for >= Duration::from_millis(2500) && open_for < Duration::from_secs(10),
+        "an idle connection closed after {open_for:?}, the idle timeout is 3 s"
+    );
+
+    // A request begun on a kept-alive connection whose headers stop coming: closed after the
+    // header read timeout, not the idle timeout.
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(request).await.expect("write");
+    assert!(read_response(&mut slow).await.starts_with("HTTP/1.1 200"));
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .expect("write");
+    let open_for = time_until_closed(&mut slow).await;
+    assert!(
+        open_for < Duration::from_millis(2500),
+        "a request whose headers stopped was held {open_for:?}"
+    );
 }
 
 /// A request id reused within a legacy session while its request is pending is refused (400,
