@@ -288,7 +288,8 @@ async fn probe(state: Arc<AppState>, stop: CancellationToken) {
         metrics.set_ready(
             state.readiness_blocker().is_none() && !state.shared_state_lost.load(Ordering::SeqCst),
         );
-        if round % BUS_PROBE_EVERY == 0
+        // Every second until the first probe comes back (readiness waits for it), then every few.
+        if (round % BUS_PROBE_EVERY == 0 || !state.bus.has_round_tripped())
             && let Err(error) = state.backend.publish_probe(&state.bus.probe()).await
         {
             tracing::debug!(%error, "bus probe not sent");

@@ -152,9 +152,10 @@ impl AppState {
     pub fn readiness_blocker(&self) -> Option<&'static str> {
         if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
             Some("draining")
-        } else if !self.bus.has_subscribed() {
-            // Starting: what is published to this replica would not reach it yet.
-            Some("cluster bus not subscribed yet")
+        } else if !self.bus.has_round_tripped() {
+            // Starting: until a probe it published comes back, what is published to this replica
+            // may not reach it (not subscribed yet, or a subscription that delivers nothing).
+            Some("cluster bus not confirmed yet")
         } else if self.bus.since_last_roundtrip() > BUS_SILENCE_LIMIT {
             // The bus probe (every 5 s) has not come back: this replica would miss notifications.
             Some("cluster bus silent")

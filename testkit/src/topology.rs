@@ -732,6 +732,9 @@ pub struct TopologyOptions {
     /// The key prefix is a hash tag (`{t…}`): on a Redis Cluster every key lands in one slot, so
     /// one shard does all the work (to compare with the keys spread over every shard).
     pub redis_one_slot: bool,
+    /// Start returns once every replica on Redis is ready (on by default); off for a test of a
+    /// replica that must not become ready.
+    pub wait_ready: bool,
 }
 
 impl TopologyOptions {
@@ -750,7 +753,14 @@ impl TopologyOptions {
             balancer_port: None,
             redis_proxied: Vec::new(),
             redis_aof: false,
+            wait_ready: true,
         }
+    }
+
+    /// Start returns as soon as the replicas listen, ready or not.
+    pub fn without_waiting_for_readiness(mut self) -> Self {
+        self.wait_ready = false;
+        self
     }
 
     /// Replica `index` (0-based) reaches Redis through a fault proxy
@@ -893,7 +903,7 @@ impl Topology {
         // A replica serves as soon as it listens, but until its bus subscription is confirmed
         // nothing published to it arrives (a GET stream's end, its events): tests start once every
         // replica is ready, as a balancer that follows readiness would send them traffic.
-        if options.redis {
+        if options.redis && options.wait_ready {
             for replica in &replicas {
                 replica.wait_ready().await?;
             }

@@ -69,6 +69,40 @@ async fn metrics_move_to_the_admin_listener() {
     assert_eq!((status, body.as_str()), (200, "ready\n"));
 }
 
+/// A replica is ready only once a probe it published on the cluster bus has come back: before
+/// that, what other replicas publish to it (a GET stream's end, its events) may not reach it. Here
+/// its Redis user may not use the channels of the key prefix it was given: Redis refuses the
+/// subscription (fred reports it done all the same) and the probe, though it answers PING. Before,
+/// such a replica reported ready for the first 15 s.
+#[tokio::test]
+async fn a_replica_whose_bus_does_not_deliver_is_not_ready() {
+    let admin = free_port();
+    let options = cluster_options(1)
+        .env("SHOAL_KEY_PREFIX", "not-granted")
+        .env("SHOAL_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .without_waiting_for_readiness();
+    let _topology = start(options).await;
+    let admin_url = format!("http://127.0.0.1:{admin}");
+    // It probes every second until a probe comes back: none does (each is refused).
+    eventually("two probes refused", WAIT, async || {
+        let refused = metric(
+            &admin_url,
+            "shoal_backend_errors_total{operation=\"publish_probe\"}",
+        )
+        .await;
+        (refused >= 2.0).then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        let (status, body) = get(&format!("{admin_url}/readyz"), None).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "not ready: cluster bus not confirmed yet\n")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Finding 14: an empty SHOAL_ALLOWED_HOSTS is refused at start instead of accepting any Host.
 #[tokio::test]
 async fn an_empty_host_allow_list_is_refused_at_start() {

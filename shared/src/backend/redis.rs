@@ -260,6 +260,10 @@ impl RedisBackend {
             }
             backend.set_bus_node(slot_owner(&subscriber, slot));
             bus.mark_subscribed();
+            // A first probe at once: readiness waits for one to come back.
+            if let Err(error) = backend.publish_probe(&bus.probe()).await {
+                tracing::debug!(%error, "first bus probe not sent");
+            }
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,

@@ -378,6 +378,13 @@ impl Bus {
         self.inner.subscribed.load(Ordering::SeqCst)
     }
 
+    /// Whether a probe this replica published ever came back to it: its subscription is in place
+    /// and delivers (a `SUBSCRIBE` reported done is not proof: fred reports one refused by the
+    /// server's ACL as done).
+    pub fn has_round_tripped(&self) -> bool {
+        self.inner.last_roundtrip.load(Ordering::Relaxed) > 0
+    }
+
     /// This replica's tag.
     pub fn tag(&self) -> &ReplicaTag {
         &self.inner.tag
