@@ -376,13 +376,20 @@ mod tests {
     }
 
     async fn fresh_feed(backend: &Backend, bus: &Bus) -> mpsc::Receiver<FeedItem> {
+        fresh_feed_with(backend, bus, options()).await
+    }
+
+    /// [`fresh_feed`] with `options`.
+    async fn fresh_feed_with(
+        backend: &Backend,
+        bus: &Bus,
+        options: FeedOptions,
+    ) -> mpsc::Receiver<FeedItem> {
         backend
             .session_create("s", "{}", "p")
             .await
             .expect("create");
-        let mut rx = open(backend, bus, "s", None, options())
-            .await
-            .expect("open");
+        let mut rx = open(backend, bus, "s", None, options).await.expect("open");
         assert_eq!(rx.recv().await, Some(FeedItem::Start(EventId::ZERO)));
         rx
     }
@@ -560,18 +567,11 @@ mod tests {
     #[tokio::test]
     async fn a_replaced_feed_that_missed_its_end_ends_at_its_next_touch() {
         let (backend, bus) = setup(1000);
-        backend
-            .session_create("s", "{}", "p")
-            .await
-            .expect("create");
         let options = FeedOptions {
             touch_every: Duration::from_millis(50),
             ..options()
         };
-        let mut rx = open(&backend, &bus, "s", None, options)
-            .await
-            .expect("open");
-        assert_eq!(rx.recv().await, Some(FeedItem::Start(EventId::ZERO)));
+        let mut rx = fresh_feed_with(&backend, &bus, options).await;
         // Nothing tells this feed anything was lost: its periodic checkpoint finds out.
         claimed_elsewhere(&backend).await;
         assert_eq!(ended(&mut rx).await, None);

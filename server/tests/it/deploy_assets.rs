@@ -19,15 +19,13 @@ const KUBERNETES_METRICS: [&str; 3] = [
     "deploy/kubernetes/monitoring/prometheusrule.yaml",
 ];
 
-/// Runs `promtool` with `args` in the repository; its output when it fails.
-fn promtool(args: &[&str]) -> Result<String, String> {
-    let output = Command::new("promtool")
+/// Runs `program` with `args` in the repository: its output, as an error when it fails.
+fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(program)
         .args(args)
         .current_dir(repo_root())
         .output()
-        .map_err(|e| {
-            format!("promtool could not run ({e}): scripts/install-deps.sh installs it (Debian's prometheus)")
-        })?;
+        .map_err(|e| format!("{program} could not run ({e})"))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -38,6 +36,13 @@ fn promtool(args: &[&str]) -> Result<String, String> {
     } else {
         Err(text)
     }
+}
+
+/// Runs `promtool` with `args` in the repository; its output when it fails.
+fn promtool(args: &[&str]) -> Result<String, String> {
+    run("promtool", args).map_err(|e| {
+        format!("{e}\n(promtool: scripts/install-deps.sh installs it, Debian's prometheus)")
+    })
 }
 
 #[test]
@@ -244,17 +249,7 @@ fn the_dashboard_queries_are_valid_promql() {
 /// (`scripts/check-kubernetes.sh` says which).
 #[test]
 fn the_kubernetes_manifests_render_validate_and_keep_their_promises() {
-    let output = Command::new("bash")
-        .arg("scripts/check-kubernetes.sh")
-        .current_dir(repo_root())
-        .output()
-        .expect("bash");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{text}");
+    let text = run("bash", &["scripts/check-kubernetes.sh"]).unwrap_or_else(|e| panic!("{e}"));
     assert!(text.contains("checked 3 overlays"), "{text}");
 }
 
