@@ -459,8 +459,9 @@ impl Replica {
             .ok_or_else(|| TopologyError::Broken(format!("{} does not say who it is", self.name)))
     }
 
-    /// Waits until the replica answers `/readyz` with 200: its cluster bus is subscribed and its
-    /// shared state answers. Until then, what other replicas publish to it does not reach it.
+    /// Waits until the replica answers `/readyz` with 200: a probe it published on the cluster bus
+    /// came back and its shared state answers. Until then, what other replicas publish to it may
+    /// not reach it.
     ///
     /// # Errors
     /// When it is not ready within [`READY_TIMEOUT`].
@@ -900,7 +901,7 @@ impl Topology {
             replicas
                 .push(Replica::start(&options.server_bin, &format!("r{n}"), &path, &own).await?);
         }
-        // A replica serves as soon as it listens, but until its bus subscription is confirmed
+        // A replica serves as soon as it listens, but until its bus subscription is in place
         // nothing published to it arrives (a GET stream's end, its events): tests start once every
         // replica is ready, as a balancer that follows readiness would send them traffic.
         if options.redis && options.wait_ready {
